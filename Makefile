@@ -1,0 +1,41 @@
+# sasha — the two set-up commands are `make demo` and `make test`; each builds .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo-run
+
+.PHONY: install demo test test-all bench lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch first: an unpinned torch pulled by a dependency would be a multi-GB CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sasha demo $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) experiments/bench_extract.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests experiments
+	$(VENV)/bin/ruff check --fix src tests experiments
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

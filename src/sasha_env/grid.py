@@ -1,0 +1,185 @@
+"""Tissue segmentation on a thumbnail and the two-level patch grid.
+
+A low-resolution patch is ``patch_px`` pixels at downsample ``lo_ds = hi_ds * zoom``; it
+covers ``zoom x zoom = k`` high-resolution sub-patches of ``patch_px`` pixels at ``hi_ds``.
+In level-0 pixels a low-res cell is ``cell = patch_px * lo_ds`` wide and a sub-patch
+``patch_px * hi_ds``. Coordinates are always level-0 pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+
+from .config import dataclass_from_dict
+from .slide import Slide, SlideError
+
+__all__ = ["GridConfig", "PatchGrid", "segment_tissue", "build_grid", "GridError"]
+
+
+class GridError(SlideError):
+    """The slide has no usable patch grid (no tissue, too small, ...)."""
+
+
+@dataclass
+class GridConfig:
+    """Where and how a slide is cut into patches (see the presets for values)."""
+
+    hi_downsample: float = 1.0
+    """Resolution of high-res sub-patches relative to level 0 (used when mpp is unknown)."""
+    hi_mpp: float | None = None
+    """Resolution of high-res sub-patches in microns/pixel; wins over hi_downsample when the slide has an mpp."""
+    patch_px: int = 32
+    """Side, in pixels at their own resolution, of a low-res patch and of a high-res sub-patch."""
+    zoom: int = 4
+    """Low-res downsample = zoom x high-res downsample; k = zoom**2 sub-patches per patch."""
+    min_tissue: float = 0.25
+    """Minimum tissue fraction of a low-res patch's area for it to enter the grid."""
+    thumbnail_px: int = 1024
+    """Longest side of the segmentation thumbnail."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GridConfig:
+        return dataclass_from_dict(cls, d, "grid")
+
+    @property
+    def k(self) -> int:
+        return self.zoom * self.zoom
+
+
+@dataclass
+class PatchGrid:
+    """The patch grid of one slide.
+
+    Attributes:
+        coords: ``(N, 2)`` int64 level-0 ``(x, y)`` of each low-res patch's top-left corner.
+        cells: ``(N, 2)`` int64 ``(row, col)`` of each patch in the cell lattice.
+        tissue: ``(N,)`` float32 tissue fraction of each patch.
+        shape: ``(rows, cols)`` of the full lattice over the slide.
+        hi_downsample, lo_downsample: resolutions actually used for this slide.
+        cell_px: side of a low-res cell in level-0 pixels.
+        sub_px: side of a high-res sub-patch in level-0 pixels.
+    """
+
+    coords: np.ndarray
+    cells: np.ndarray
+    tissue: np.ndarray
+    shape: tuple[int, int]
+    hi_downsample: float
+    lo_downsample: float
+    patch_px: int
+    zoom: int
+
+    @property
+    def n(self) -> int:
+        return len(self.coords)
+
+    @property
+    def cell_px(self) -> float:
+        return self.patch_px * self.lo_downsample
+
+    @property
+    def sub_px(self) -> float:
+        return self.patch_px * self.hi_downsample
+
+    def sub_coords(self, i: int) -> np.ndarray:
+        """``(k, 2)`` level-0 ``(x, y)`` of patch i's high-res sub-patches, row-major."""
+        x0, y0 = self.coords[i]
+        r, c = np.divmod(np.arange(self.zoom * self.zoom), self.zoom)
+        return (
+            np.stack([x0 + c * self.sub_px, y0 + r * self.sub_px], axis=1).round().astype(np.int64)
+        )
+
+    def grid_positions(self) -> np.ndarray:
+        """``(N, 2)`` float32 ``(row, col)`` scaled to [0, 1] by the lattice shape."""
+        denom = np.maximum(np.array(self.shape, dtype=np.float32) - 1, 1)
+        return (self.cells / denom).astype(np.float32)
+
+    def meta(self) -> dict:
+        d = asdict(self)
+        for key in ("coords", "cells", "tissue"):
+            d.pop(key)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def segment_tissue(thumb: np.ndarray) -> np.ndarray:
+    """Tissue mask of an RGB thumbnail: Otsu on HSV saturation, then morphology.
+
+    Args:
+        thumb: ``(h, w, 3)`` uint8 RGB.
+
+    Returns:
+        ``(h, w)`` bool, True on tissue.
+    """
+    sat = rgb2hsv(thumb)[..., 1]
+    sat = ndimage.median_filter(sat, size=3)
+    if float(sat.max() - sat.min()) < 0.02:
+        return np.zeros(sat.shape, dtype=bool)
+    thr = max(threshold_otsu(sat), 0.05)  # glass is grey: never call low saturation tissue
+    mask = sat > thr
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
+    mask = ndimage.binary_opening(mask, structure=np.ones((3, 3)), iterations=1)
+    mask = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[1:] = sizes >= max(16, 0.001 * mask.size)
+        mask = keep[labels]
+    return mask
+
+
+def build_grid(slide: Slide, cfg: GridConfig) -> tuple[PatchGrid, np.ndarray, np.ndarray, float]:
+    """Segment tissue and lay the low-res patch grid over it.
+
+    Returns:
+        ``(grid, thumbnail (h, w, 3) uint8, tissue mask (h, w) bool, thumbnail downsample)``.
+
+    Raises:
+        GridError: the slide is smaller than one low-res patch, or no patch has enough tissue.
+    """
+    hi_ds = slide.resolve_downsample(cfg.hi_downsample, cfg.hi_mpp)
+    lo_ds = hi_ds * cfg.zoom
+    cell = cfg.patch_px * lo_ds
+    width, height = slide.dimensions
+    cols, rows = int(width // cell), int(height // cell)
+    if rows < 1 or cols < 1:
+        raise GridError(
+            f"{slide.path}: slide is {width}x{height} px at level 0, smaller than one low-res patch "
+            f"({cell:g} px = {cfg.patch_px} px at downsample {lo_ds:g}); use a smaller patch_px or zoom"
+        )
+    thumb, thumb_ds = slide.thumbnail(cfg.thumbnail_px)
+    mask = segment_tissue(thumb)
+    # Fraction of tissue in each cell, by integrating the thumbnail mask over the cell's footprint.
+    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    y0 = np.clip(np.floor(rr * cell / thumb_ds).astype(int), 0, mask.shape[0])
+    y1 = np.clip(np.ceil((rr + 1) * cell / thumb_ds).astype(int), 0, mask.shape[0])
+    x0 = np.clip(np.floor(cc * cell / thumb_ds).astype(int), 0, mask.shape[1])
+    x1 = np.clip(np.ceil((cc + 1) * cell / thumb_ds).astype(int), 0, mask.shape[1])
+    area = np.maximum((y1 - y0) * (x1 - x0), 1)
+    tissue = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+    keep = tissue >= cfg.min_tissue
+    if not keep.any():
+        raise GridError(
+            f"{slide.path}: no tissue found (no low-res patch has >= {cfg.min_tissue:.0%} tissue); "
+            "check the slide, or lower grid.min_tissue"
+        )
+    cells = np.stack([rr[keep], cc[keep]], axis=1).astype(np.int64)
+    coords = np.stack([cells[:, 1] * cell, cells[:, 0] * cell], axis=1).round().astype(np.int64)
+    grid = PatchGrid(
+        coords=coords,
+        cells=cells,
+        tissue=tissue[keep].astype(np.float32),
+        shape=(rows, cols),
+        hi_downsample=hi_ds,
+        lo_downsample=lo_ds,
+        patch_px=cfg.patch_px,
+        zoom=cfg.zoom,
+    )
+    return grid, thumb, mask, thumb_ds

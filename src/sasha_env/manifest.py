@@ -1,0 +1,208 @@
+"""The cohort manifest: a CSV with ``slide_id,path,label`` and an optional ``split``.
+
+``path`` is absolute or relative to the CSV's folder. ``label`` is a class name or an
+integer. Without ``split``, a stratified train/val/test split is drawn from a seed (and
+the caller writes it next to its outputs). Slide ids must be unique, safe file names.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Manifest",
+    "SlideRecord",
+    "ManifestError",
+    "ParsedManifest",
+    "read_manifest",
+    "read_manifest_lenient",
+    "stratified_split",
+]
+
+SPLITS = ("train", "val", "test")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed; the message names the file, the row and the fix."""
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    slide_id: str
+    path: Path
+    label: str
+    split: str | None
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest.
+
+    Attributes:
+        path: the CSV file.
+        records: one per slide, in file order.
+        class_names: sorted label names (integers sort numerically); a label's index is its class.
+    """
+
+    path: Path
+    records: list[SlideRecord]
+    class_names: list[str]
+
+    def label_index(self, label: str) -> int:
+        return self.class_names.index(label)
+
+    def by_id(self) -> dict[str, SlideRecord]:
+        return {r.slide_id: r for r in self.records}
+
+    def with_split(
+        self, seed: int = 0, shares: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    ) -> Manifest:
+        """This manifest, with a stratified split drawn from ``seed`` where the CSV had none."""
+        if all(r.split for r in self.records):
+            return self
+        labels = [r.label for r in self.records]
+        splits = stratified_split(labels, shares, seed)
+        records = [
+            SlideRecord(r.slide_id, r.path, r.label, r.split or s)
+            for r, s in zip(self.records, splits, strict=True)
+        ]
+        return Manifest(self.path, records, self.class_names)
+
+    def write(self, path: str | Path) -> None:
+        """Write as CSV with absolute paths and the split column."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "path", "label", "split"])
+            for r in self.records:
+                w.writerow([r.slide_id, str(r.path), r.label, r.split or ""])
+        tmp.replace(path)
+
+
+def stratified_split(
+    labels: list[str], shares: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> list[str]:
+    """Assign train/val/test per label class so every split gets its share of each class."""
+    rng = np.random.default_rng(seed)
+    out = [""] * len(labels)
+    total = sum(shares)
+    for cls in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == cls]
+        rng.shuffle(idx)
+        n = len(idx)
+        n_val = round(n * shares[1] / total)
+        n_test = round(n * shares[2] / total)
+        if n >= 3:  # every split gets at least one slide of each class when possible
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+        for j, i in enumerate(idx):
+            out[i] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+    return out
+
+
+@dataclass
+class ParsedManifest:
+    """A manifest read leniently: the good rows, and an error per bad slide id or row."""
+
+    manifest: Manifest | None
+    errors: dict[str, str]
+
+
+def read_manifest(path: str | Path, check_files: bool = False) -> Manifest:
+    """Parse and validate a manifest CSV, failing on the first bad row.
+
+    Args:
+        path: the CSV.
+        check_files: also require every slide file to exist.
+
+    Raises:
+        ManifestError: missing columns, empty file, duplicate or unsafe ids, bad splits,
+            missing files (with ``check_files``).
+    """
+    parsed = read_manifest_lenient(path, check_files=check_files)
+    if parsed.errors:
+        raise ManifestError(next(iter(parsed.errors.values())))
+    assert parsed.manifest is not None
+    return parsed.manifest
+
+
+def read_manifest_lenient(path: str | Path, check_files: bool = False) -> ParsedManifest:
+    """Parse a manifest, keeping the good rows and naming each bad one.
+
+    A row with an unsafe id, an empty path or label, or a bad split is reported under its id
+    (or ``line N``); every row of a duplicated id is rejected, since which one is right is
+    unknown. Used by extraction, so that one bad row never stops a cohort.
+
+    Raises:
+        ManifestError: the file itself is unusable (missing, no header columns, no rows).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} not found")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = {"slide_id", "path", "label"} - set(columns)
+        if missing:
+            raise ManifestError(
+                f"{path}: missing column(s) {sorted(missing)}; the header must be "
+                "'slide_id,path,label' with an optional 'split'"
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise ManifestError(f"{path}: no slides listed")
+    errors: dict[str, str] = {}
+    lines_of: dict[str, list[int]] = {}
+    for line, row in enumerate(rows, start=2):
+        lines_of.setdefault(row["slide_id"], []).append(line)
+    records: list[SlideRecord] = []
+    for line, row in enumerate(rows, start=2):
+        sid = row["slide_id"]
+        where = f"{path}, line {line}"
+        if not _SAFE_ID.match(sid) or sid in (".", ".."):
+            errors[sid or f"line {line}"] = (
+                f"{where}: slide_id {sid!r} is not a safe file name "
+                "(letters, digits, '.', '_', '-'; no slashes; at most 128 characters)"
+            )
+            continue
+        if len(lines_of[sid]) > 1:
+            errors[sid] = (
+                f"{path}: duplicate slide_id {sid!r} on lines {lines_of[sid]}; ids must be "
+                "unique, so none of these rows was used"
+            )
+            continue
+        split = row.get("split") or None
+        problem = (
+            f"empty path for slide {sid!r}"
+            if not row["path"]
+            else f"empty label for slide {sid!r}"
+            if not row["label"]
+            else f"split {split!r} for slide {sid!r}; use one of {', '.join(SPLITS)}"
+            if split is not None and split not in SPLITS
+            else None
+        )
+        if problem:
+            errors[sid] = f"{where}: {problem}"
+            continue
+        slide_path = Path(row["path"]).expanduser()
+        if not slide_path.is_absolute():
+            slide_path = (path.parent / slide_path).resolve()
+        if check_files and not slide_path.is_file():
+            errors[sid] = f"{where}: slide file {slide_path} not found"
+            continue
+        records.append(SlideRecord(sid, slide_path, row["label"], split))
+    if not records:
+        return ParsedManifest(None, errors)
+    labels = {r.label for r in records}
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        class_names = sorted(labels, key=int)
+    else:
+        class_names = sorted(labels)
+    return ParsedManifest(Manifest(path, records, class_names), errors)

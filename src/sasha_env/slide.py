@@ -1,0 +1,142 @@
+"""Reading whole-slide images through tiffslide, at a resolution chosen by downsample or mpp.
+
+Levels are never addressed by index: a request names the downsample (relative to level 0)
+it wants, the reader takes the finest pyramid level that is at least as fine, and resizes
+the rest of the way. Single-level TIFFs therefore work (every resolution is made by
+downsampling level 0 on read), and so do pyramids written by other tools with other
+level spacings.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["Slide", "SlideError"]
+
+
+class SlideError(RuntimeError):
+    """A slide cannot be opened or read; the message names the file and the fix."""
+
+
+class Slide:
+    """A whole-slide image opened with tiffslide.
+
+    Args:
+        path: any file tiffslide opens (generic tiled pyramidal TIFF, Aperio SVS, ...).
+
+    Attributes:
+        dimensions: level-0 ``(width, height)`` in pixels.
+        level_downsamples: downsample factor of each pyramid level relative to level 0.
+        mpp: microns per level-0 pixel, or ``None`` when the file does not say.
+    """
+
+    def __init__(self, path: str | Path):
+        import tiffslide
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideError(f"{self.path}: file not found")
+        try:
+            self._slide = tiffslide.TiffSlide(str(self.path))
+            self.dimensions: tuple[int, int] = tuple(self._slide.dimensions)  # type: ignore[assignment]
+            self.level_downsamples: tuple[float, ...] = tuple(
+                float(d) for d in self._slide.level_downsamples
+            )
+            self.level_dimensions = tuple(tuple(d) for d in self._slide.level_dimensions)
+        except Exception as exc:  # tiffslide raises many types for broken files
+            raise SlideError(
+                f"{self.path}: not a readable whole-slide image ({type(exc).__name__}: {exc}). "
+                "Check that the file is a complete TIFF/SVS (re-copy it if it was truncated)."
+            ) from exc
+        mpp = self._slide.properties.get("tiffslide.mpp-x")
+        self.mpp: float | None = float(mpp) if mpp else None
+        if self.dimensions[0] <= 0 or self.dimensions[1] <= 0:
+            raise SlideError(f"{self.path}: slide has empty dimensions {self.dimensions}")
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, dimensions={self.dimensions}, mpp={self.mpp})"
+
+    def resolve_downsample(self, downsample: float, mpp: float | None = None) -> float:
+        """The level-0 downsample for a target: ``mpp / self.mpp`` when both are known, else ``downsample``."""
+        if mpp is not None and self.mpp is not None:
+            return mpp / self.mpp
+        return float(downsample)
+
+    def best_level(self, downsample: float) -> int:
+        """Index of the coarsest level that is still at least as fine as ``downsample``."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3) and ds >= self.level_downsamples[best]:
+                best = i
+        return best
+
+    def read(self, x: int, y: int, size_px: int, downsample: float) -> np.ndarray:
+        """Read a square region.
+
+        Args:
+            x, y: top-left corner in level-0 pixels.
+            size_px: side of the returned image in pixels at ``downsample``.
+            downsample: resolution relative to level 0 (1 = full resolution).
+
+        Returns:
+            ``(size_px, size_px, 3)`` uint8 RGB. Area outside the slide reads as white.
+        """
+        return self.read_rect(x, y, size_px, size_px, downsample)
+
+    def read_rect(self, x: int, y: int, w_px: int, h_px: int, downsample: float) -> np.ndarray:
+        """Read a ``(h_px, w_px, 3)`` uint8 RGB region whose top-left is level-0 ``(x, y)``."""
+        level = self.best_level(downsample)
+        level_ds = self.level_downsamples[level]
+        scale = downsample / level_ds
+        lw, lh = max(1, round(w_px * scale)), max(1, round(h_px * scale))
+        try:
+            region = self._slide.read_region((int(x), int(y)), level, (lw, lh), as_array=True)
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: cannot read region at level-0 ({x}, {y}), level {level} "
+                f"({type(exc).__name__}: {exc}); the file may be truncated or corrupt."
+            ) from exc
+        region = _to_rgb(np.asarray(region))
+        if (lw, lh) != (w_px, h_px):
+            region = np.asarray(
+                Image.fromarray(region).resize((w_px, h_px), Image.Resampling.BILINEAR)
+            )
+        return region
+
+    def thumbnail(self, max_side_px: int) -> tuple[np.ndarray, float]:
+        """Whole-slide thumbnail whose longest side is at most ``max_side_px``.
+
+        Returns:
+            ``(image (h, w, 3) uint8, downsample)`` where ``downsample`` is the thumbnail's
+            resolution relative to level 0 (thumbnail pixel = ``downsample`` level-0 pixels).
+        """
+        width, height = self.dimensions
+        downsample = max(1.0, max(width, height) / max_side_px)
+        tw, th = max(1, math.floor(width / downsample)), max(1, math.floor(height / downsample))
+        return self.read_rect(0, 0, tw, th, downsample), downsample
+
+
+def _to_rgb(region: np.ndarray) -> np.ndarray:
+    """RGBA/grey/uint16 → uint8 RGB (transparent pixels become white, like glass)."""
+    if region.dtype != np.uint8:
+        region = np.clip(region / max(1, region.max()) * 255, 0, 255).astype(np.uint8)
+    if region.ndim == 2:
+        region = np.repeat(region[..., None], 3, axis=2)
+    if region.shape[2] == 4:
+        alpha = region[..., 3:4].astype(np.float32) / 255.0
+        rgb = region[..., :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)
+        region = rgb.round().astype(np.uint8)
+    return np.ascontiguousarray(region[..., :3])

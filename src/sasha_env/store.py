@@ -1,0 +1,238 @@
+"""The feature store: one zarr (v3) directory store per (cohort, backbone, grid).
+
+Layout::
+
+    STORE/
+      zarr.json                 root attributes: backbone name, dim and weights hash, grid
+                                settings (patch_px, zoom, hi_downsample/hi_mpp), input_px, format
+      slides/<slide_id>/        one group per slide; attributes: label, path, n_patches, k,
+                                level-0 dimensions, mpp, hi/lo downsample, lattice shape
+        lowres     (N, d)    float32  low-res patch features z
+        highres    (N, k, d) float32  high-res sub-patch features, row-major within a patch
+        coords     (N, 2)    int64    level-0 (x, y) of each low-res patch's top-left
+        cells      (N, 2)    int64    (row, col) in the patch lattice
+        tissue     (N,)      float32  tissue fraction of each patch
+        distilled  (N, d)    float32  HAFED's level-1 vectors v (written by the distillation stage)
+      qc/<slide_id>.png         tissue mask and grid over the thumbnail
+      _staging/                 work in progress (never read)
+
+A slide group is either complete or absent to readers: it is written under ``_staging`` and
+moved into ``slides/`` with one atomic rename. Arrays added later (``distilled``) are written
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+__all__ = ["FeatureStore", "StoreError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_KEYS_THAT_MUST_MATCH = (
+    "backbone",
+    "backbone_weights_sha256",
+    "backbone_dim",
+    "input_px",
+    "patch_px",
+    "zoom",
+    "hi_downsample",
+    "hi_mpp",
+)
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incompatible, or lacks a stage's output."""
+
+
+class FeatureStore:
+    """Read and write a feature store.
+
+    Args:
+        path: the store directory (``*.zarr``).
+        mode: ``"r"`` to read an existing store, ``"a"`` to write slides into it.
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(
+                f"{self.path}: not a sasha feature store (no zarr.json); create it with 'sasha extract'"
+            )
+        self.mode = mode
+        self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        self.attrs: dict = dict(self._root.attrs)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, path: str | Path, attrs: dict) -> FeatureStore:
+        """Open ``path`` for writing, creating it with ``attrs`` if new.
+
+        Raises:
+            StoreError: the existing store was made with another backbone or grid.
+        """
+        path = Path(path)
+        attrs = {**attrs, "format_version": FORMAT_VERSION}
+        if (path / "zarr.json").is_file():
+            store = cls(path, mode="a")
+            diffs = {
+                k: (store.attrs.get(k), attrs.get(k))
+                for k in _KEYS_THAT_MUST_MATCH
+                if _jsonable(store.attrs.get(k)) != _jsonable(attrs.get(k))
+            }
+            if diffs:
+                detail = "; ".join(
+                    f"{k}: store has {a!r}, run asks {b!r}" for k, (a, b) in diffs.items()
+                )
+                raise StoreError(
+                    f"{path}: existing store was made with other settings ({detail}). "
+                    "Use a new --out path, or delete the store to rebuild it."
+                )
+            return store
+        path.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(path), mode="w")
+        root.attrs.update(_jsonable(attrs))
+        zarr.open_group(str(path / "slides"), mode="w")
+        return cls(path, mode="a")
+
+    # ------------------------------------------------------------------ reading
+    def slide_ids(self) -> list[str]:
+        """Ids of the complete slides, sorted."""
+        slides = self.path / "slides"
+        if not slides.is_dir():
+            return []
+        return sorted(p.name for p in slides.iterdir() if (p / "zarr.json").is_file())
+
+    def __contains__(self, slide_id: str) -> bool:
+        return (self.path / "slides" / slide_id / "zarr.json").is_file()
+
+    def __len__(self) -> int:
+        return len(self.slide_ids())
+
+    def _group(self, slide_id: str) -> zarr.Group:
+        if slide_id not in self:
+            raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store")
+        return zarr.open_group(str(self.path / "slides" / slide_id), mode="r")
+
+    def slide_attrs(self, slide_id: str) -> dict:
+        return dict(self._group(slide_id).attrs)
+
+    def read(self, slide_id: str, name: str) -> np.ndarray:
+        """One array of a slide (``lowres``, ``highres``, ``coords``, ``cells``, ``tissue``, ``distilled``)."""
+        group = self._group(slide_id)
+        if name not in group:
+            hint = (
+                " — distilled features are written by the HAFED stage ('sasha pipeline' or 'sasha train-hafed')"
+                if name == "distilled"
+                else ""
+            )
+            raise StoreError(f"{self.path}: slide {slide_id!r} has no {name!r} array{hint}")
+        return np.asarray(group[name][...])
+
+    def has_array(self, slide_id: str, name: str) -> bool:
+        return (self.path / "slides" / slide_id / name / "zarr.json").is_file()
+
+    def array_attrs(self, slide_id: str, name: str) -> dict:
+        return dict(self._group(slide_id)[name].attrs)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.attrs["backbone_dim"])
+
+    # ------------------------------------------------------------------ writing
+    def _staging(self, name: str) -> Path:
+        staging = self.path / "_staging"
+        staging.mkdir(exist_ok=True)
+        return staging / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+    def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        """Write a whole slide group atomically (replacing an existing one)."""
+        self._check_writable()
+        tmp = self._staging(slide_id)
+        group = zarr.open_group(str(tmp), mode="w")
+        group.attrs.update(_jsonable(attrs))
+        for name, arr in arrays.items():
+            _write_array(group, name, arr)
+        final = self.path / "slides" / slide_id
+        if final.exists():
+            old = self._staging(slide_id + ".old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    def write_array(
+        self, slide_id: str, name: str, arr: np.ndarray, attrs: dict | None = None
+    ) -> None:
+        """Add (or atomically replace) one array of an existing slide."""
+        self._check_writable()
+        if slide_id not in self:
+            raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store")
+        tmp = self._staging(f"{slide_id}-{name}")
+        z = zarr.create_array(str(tmp), data=np.ascontiguousarray(arr), chunks=_chunks(arr))
+        if attrs:
+            z.attrs.update(_jsonable(attrs))
+        final = self.path / "slides" / slide_id / name
+        if final.exists():
+            old = self._staging(f"{slide_id}-{name}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    def clean_staging(self) -> None:
+        """Remove leftovers of killed writers (entries whose writer process is gone)."""
+        staging = self.path / "_staging"
+        if not staging.is_dir():
+            return
+        for entry in staging.iterdir():
+            parts = entry.name.rsplit(".", 2)
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            if pid is None or not _pid_alive(pid):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def qc_path(self, slide_id: str) -> Path:
+        qc = self.path / "qc"
+        qc.mkdir(exist_ok=True)
+        return qc / f"{slide_id}.png"
+
+    def _check_writable(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: store opened read-only")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _chunks(arr: np.ndarray) -> tuple[int, ...]:
+    """About 32 MiB per chunk along the patch axis."""
+    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    rows = max(1, min(arr.shape[0], (32 << 20) // row_bytes))
+    return (rows, *arr.shape[1:]) if arr.ndim else ()
+
+
+def _write_array(group: zarr.Group, name: str, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    group.create_array(name, data=arr, chunks=_chunks(arr))
+
+
+def _jsonable(value):
+    """Plain JSON types (tuples → lists, numpy scalars → Python) for zarr attributes."""
+    return json.loads(
+        json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    )

@@ -1,0 +1,76 @@
+"""Shared fixtures: small slides written by hand, and the tiny synthetic cohort."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+DATA = Path(__file__).parent / "data"
+CMU_SVS = DATA / "cmu_small_region.svs"
+
+
+def tissue_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An RGB image with a pink-purple tissue blob on white glass, (h, w, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = ((yy - h / 2) / (0.4 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
+    img = np.full((h, w, 3), 240, np.uint8)
+    tissue = np.stack([200 + 30 * rng.random((h, w)), 110 + 40 * rng.random((h, w)), 170 + 30 * rng.random((h, w))], -1)
+    img[blob] = tissue[blob].astype(np.uint8)
+    return img
+
+
+def write_single_level_tiff(path: Path, image: np.ndarray, mpp: float | None = 0.5) -> Path:
+    """A tiled, single-level TIFF (no pyramid), as some scanners' exports are."""
+    kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    tifffile.imwrite(path, image, tile=(64, 64), photometric="rgb", compression="zlib", **kw)
+    return path
+
+
+def write_ome_pyramid(path: Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float = 0.5) -> Path:
+    """An OME-TIFF pyramid with sub-IFDs, written the way bfconvert/tifffile users write them."""
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        opts = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+        tif.write(
+            image,
+            subifds=len(downsamples) - 1,
+            metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp},
+            **opts,
+        )
+        for ds in downsamples[1:]:
+            tif.write(image[::ds, ::ds], subfiletype=1, **opts)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """The tiny synthetic cohort (12 slides); returns its manifest."""
+    from sasha_env.config import load_config
+    from sasha_env.synth import SynthConfig, synthesize_cohort
+
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    cfg = SynthConfig.from_dict(load_config("tiny")["synth"])
+    return synthesize_cohort(out, cfg, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_cohort, tmp_path_factory) -> Path:
+    """The tiny cohort extracted with the tiny preset."""
+    from sasha_env.config import load_config
+    from sasha_env.extract import ExtractConfig, extract_cohort
+    from sasha_env.grid import GridConfig
+
+    cfg = load_config("tiny")
+    out = tmp_path_factory.mktemp("tiny_store") / "features.zarr"
+    report = extract_cohort(
+        tiny_cohort, out, GridConfig.from_dict(cfg["grid"]), ExtractConfig.from_dict(cfg["extract"]), progress=False
+    )
+    assert report.ok, report.summary()
+    return out
