@@ -1,0 +1,199 @@
+"""MIL baselines on bags of instance features, and the registry the benchmark uses.
+
+Every model takes a single bag ``(n, d)`` or a padded batch ``(B, n, d)`` with a bool mask
+``(B, n)`` (True = real instance) and returns slide logits ``(C,)`` / ``(B, C)``.
+
+Widths follow the official SASHA benchmark (``D_inner: 128`` in ``config/camelyon_config.yml``
+used by ``step8_wsi_classification_maxmil_abmil_clam_transmil.py``):
+
+- :class:`ABMIL` — Ilse et al. 2018, gated attention pooling (``Linear+ReLU -> gated attention
+  -> linear``).
+- :class:`MeanMIL` / :class:`MaxMIL` — an instance-level MLP (``Linear, ReLU, Dropout(0.25),
+  Linear``) whose instance logits are mean- / max-pooled.
+- :class:`TransMIL` — Shao et al. 2021: projection, CLS token, two pre-norm self-attention
+  layers with a PPEG depthwise-convolution positional encoding between them on the
+  square-padded sequence. Standard ``nn.MultiheadAttention`` replaces the Nyström
+  approximation, so memory grows as n²: fine for the demo's bags, not for 10⁵ instances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .attention import GatedAttention, masked_softmax
+from .hafed import AttentionMILClassifier
+
+__all__ = [
+    "ABMIL",
+    "BASELINES",
+    "MIL_MODELS",
+    "MaxMIL",
+    "MeanMIL",
+    "TransMIL",
+    "build_baseline",
+]
+
+
+class ABMIL(nn.Module):
+    """Gated attention-based MIL (Ilse et al., 2018).
+
+    Shapes: ``forward(x: (..., n, d_in), mask: (..., n) | None) -> logits (..., C)``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_classes: int,
+        d_model: int = 128,
+        d_hidden: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.d_in, self.n_classes = d_in, n_classes
+        self.proj = nn.Sequential(nn.Linear(d_in, d_model), nn.ReLU(), nn.Dropout(dropout))
+        self.attention = GatedAttention(d_model, d_hidden, 1, dropout)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = self.proj(x)
+        logits = self.attention(h).squeeze(-1)  # (..., n)
+        attn = masked_softmax(logits, mask, dim=-1)
+        return self.head((attn.unsqueeze(-2) @ h).squeeze(-2))
+
+
+class _InstanceMLP(nn.Module):
+    """Instance classifier shared by Mean/MaxMIL: per-instance logits ``(..., n, C)``."""
+
+    def __init__(self, d_in: int, n_classes: int, d_model: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.d_in, self.n_classes = d_in, n_classes
+        self.head = nn.Sequential(
+            nn.Linear(d_in, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, n_classes)
+        )
+        for layer in self.head:
+            if isinstance(layer, nn.Linear):  # official mean_max.py initialisation
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+
+class MeanMIL(_InstanceMLP):
+    """Mean of instance logits. ``forward(x: (..., n, d), mask) -> (..., C)``."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        logits = self.head(x)
+        if mask is None:
+            return logits.mean(-2)
+        w = mask.to(logits.dtype).unsqueeze(-1)
+        return (logits * w).sum(-2) / w.sum(-2).clamp_min(1.0)
+
+
+class MaxMIL(_InstanceMLP):
+    """Per-class max of instance logits. ``forward(x: (..., n, d), mask) -> (..., C)``."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        logits = self.head(x)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.to(torch.bool).unsqueeze(-1), -1e9)
+        return logits.amax(-2)
+
+
+class _PPEG(nn.Module):
+    """Pyramid position encoding generator: identity + depthwise 7×7, 5×5 and 3×3 convs."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, tokens: Tensor, side: int) -> Tensor:
+        """``tokens (B, side², D) -> (B, side², D)``."""
+        b, n, dim = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(b, dim, side, side)
+        grid = grid + sum(conv(grid) for conv in self.convs)
+        return grid.flatten(2).transpose(1, 2)
+
+
+class _TransLayer(nn.Module):
+    """Pre-norm residual multi-head self-attention (TransMIL's ``TransLayer``)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x: Tensor, pad: Tensor) -> Tensor:
+        h = self.norm(x)
+        return x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+
+
+class TransMIL(nn.Module):
+    """TransMIL-style transformer MIL (Shao et al., 2021) with exact multi-head attention.
+
+    Shapes: ``forward(x: (n, d_in) | (B, n, d_in), mask: (B, n) | None) -> (C,) | (B, C)``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_classes: int,
+        d_model: int = 128,
+        n_heads: int = 8,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.d_in, self.n_classes = d_in, n_classes
+        self.proj = nn.Sequential(nn.Linear(d_in, d_model), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.layer1 = _TransLayer(d_model, n_heads, dropout)
+        self.ppeg = _PPEG(d_model)
+        self.layer2 = _TransLayer(d_model, n_heads, dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        single = x.ndim == 2
+        if single:
+            x = x.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        b, n, _ = x.shape
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+        valid = valid.to(torch.bool)
+        side = max(1, math.ceil(math.sqrt(n)))
+        extra = side * side - n
+        h = self.proj(x) * valid.unsqueeze(-1)
+        h = nn.functional.pad(h, (0, 0, 0, extra))
+        valid = nn.functional.pad(valid, (0, extra), value=False)
+        valid_cls = torch.cat([valid.new_ones(b, 1), valid], dim=1)
+        h = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)
+        h = self.layer1(h, ~valid_cls)
+        feat = self.ppeg(h[:, 1:] * valid.unsqueeze(-1), side)
+        h = torch.cat([h[:, :1], feat], dim=1)
+        h = self.layer2(h, ~valid_cls)
+        logits = self.head(self.norm(h[:, 0]))
+        return logits.squeeze(0) if single else logits
+
+
+#: Every MIL model :func:`build_baseline` can build. ``attention_mil`` is HAFED's level 2
+#: (:class:`~sasha_models.hafed.AttentionMILClassifier`), the ``lowres_only`` classifier.
+MIL_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "abmil": ABMIL,
+    "meanmil": MeanMIL,
+    "maxmil": MaxMIL,
+    "transmil": TransMIL,
+    "attention_mil": AttentionMILClassifier,
+}
+
+#: The benchmark's MIL baselines (run on full high-resolution features).
+BASELINES: tuple[str, ...] = ("abmil", "meanmil", "maxmil", "transmil")
+
+
+def build_baseline(name: str, d_in: int, n_classes: int, **kw) -> nn.Module:
+    """Build a MIL model by name (one of :data:`MIL_MODELS`) for ``d_in``-dim instances."""
+    try:
+        cls = MIL_MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown MIL model {name!r}; choose from {sorted(MIL_MODELS)}") from None
+    return cls(d_in, n_classes, **kw)

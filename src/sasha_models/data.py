@@ -1,0 +1,306 @@
+"""The bag-dataset interface the models train on, and its torch / Lightning adapters.
+
+The feature store (in ``sasha_env``) implements :class:`BagSource`; :class:`InMemoryBags`
+implements it from dicts for tests and toy problems. Slides are bags of different sizes, so
+loaders yield one slide at a time by default and :func:`pad_collate` pads larger batches.
+
+A batch from :class:`BagDataModule` is ``(x, mask, y)``:
+``x (B, N, d)`` or ``(B, N, k, d)``, ``mask (B, N)`` bool (True = real patch), ``y (B,)``.
+A batch from :class:`TSUPairDataModule` is ``(v_a, z_a, z_j, v_j)``, each ``(P, d)``: the
+pairs of all the batch's slides concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .tsu import sample_tsu_pairs
+
+__all__ = [
+    "FEATURE_KINDS",
+    "SPLITS",
+    "BagDataModule",
+    "BagDataset",
+    "BagSource",
+    "InMemoryBags",
+    "TSUPairDataModule",
+    "TSUPairDataset",
+    "pad_collate",
+    "pairs_collate",
+]
+
+FEATURE_KINDS = ("lowres", "highres", "distilled")
+SPLITS = ("train", "val", "test")
+
+
+@runtime_checkable
+class BagSource(Protocol):
+    """A labelled collection of slides, each a bag of patch features.
+
+    ``features(slide_id, kind)`` returns ``'lowres'`` ``(N, d)``, ``'highres'`` ``(N, k, d)``
+    or ``'distilled'`` ``(N, d)`` float arrays; ``label`` an index into ``class_names``.
+    """
+
+    class_names: list[str]
+
+    def slide_ids(self, split: str | None = None) -> list[str]: ...
+
+    def label(self, slide_id: str) -> int: ...
+
+    def features(self, slide_id: str, kind: str) -> np.ndarray: ...
+
+    @property
+    def feature_dim(self) -> int: ...
+
+
+class InMemoryBags:
+    """A :class:`BagSource` held in dicts.
+
+    Args:
+        labels: slide id -> class index.
+        lowres, highres, distilled: slide id -> array (``(N, d)``, ``(N, k, d)``,
+            ``(N, d)``); any may be omitted.
+        splits: slide id -> ``'train' | 'val' | 'test'``; ``None`` puts every slide in train.
+        class_names: defaults to ``['0', '1', ...]``.
+    """
+
+    def __init__(
+        self,
+        labels: Mapping[str, int],
+        lowres: Mapping[str, np.ndarray] | None = None,
+        highres: Mapping[str, np.ndarray] | None = None,
+        distilled: Mapping[str, np.ndarray] | None = None,
+        splits: Mapping[str, str] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self._labels = {k: int(v) for k, v in labels.items()}
+        self._features = {
+            kind: dict(arrays)
+            for kind, arrays in (("lowres", lowres), ("highres", highres), ("distilled", distilled))
+            if arrays is not None
+        }
+        self._splits = dict(splits) if splits is not None else dict.fromkeys(self._labels, "train")
+        n_classes = max(self._labels.values(), default=-1) + 1
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
+        )
+
+    def slide_ids(self, split: str | None = None) -> list[str]:
+        return [s for s in self._labels if split is None or self._splits.get(s) == split]
+
+    def label(self, slide_id: str) -> int:
+        return self._labels[slide_id]
+
+    def features(self, slide_id: str, kind: str) -> np.ndarray:
+        if kind not in self._features:
+            raise KeyError(f"no {kind!r} features; have {sorted(self._features)}")
+        return self._features[kind][slide_id]
+
+    def add_features(self, kind: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Add or replace a feature kind (e.g. distilled features computed by HAFED)."""
+        self._features[kind] = dict(arrays)
+
+    @property
+    def feature_dim(self) -> int:
+        for arrays in self._features.values():
+            for a in arrays.values():
+                return int(a.shape[-1])
+        raise ValueError("InMemoryBags holds no features")
+
+
+class BagDataset(Dataset):
+    """One slide per item: ``(features float32 tensor, label long scalar)``.
+
+    Args:
+        source: a :class:`BagSource`.
+        split: ``'train' | 'val' | 'test'`` or ``None`` for all slides.
+        kind: ``'lowres' | 'highres' | 'distilled'``.
+        flatten_highres: turn ``(N, k, d)`` into ``(N·k, d)`` (MIL baselines on all
+            high-resolution sub-patches).
+    """
+
+    def __init__(
+        self, source: BagSource, split: str | None, kind: str, flatten_highres: bool = False
+    ) -> None:
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
+        self.source, self.split, self.kind = source, split, kind
+        self.flatten_highres = flatten_highres
+        self.slide_ids = list(source.slide_ids(split))
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        sid = self.slide_ids[i]
+        x = torch.as_tensor(np.asarray(self.source.features(sid, self.kind)), dtype=torch.float32)
+        if self.flatten_highres and x.ndim == 3:
+            x = x.reshape(-1, x.shape[-1])
+        return x, torch.tensor(self.source.label(sid), dtype=torch.long)
+
+
+def pad_collate(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad bags along their first axis: ``-> (x (B, N_max, ...), mask (B, N_max), y (B,))``."""
+    n_max = max(x.shape[0] for x, _ in batch)
+    xs = torch.zeros((len(batch), n_max, *batch[0][0].shape[1:]), dtype=batch[0][0].dtype)
+    mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
+    for i, (x, _) in enumerate(batch):
+        xs[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = True
+    return xs, mask, torch.stack([y for _, y in batch])
+
+
+class TSUPairDataset(Dataset):
+    """TSU training pairs drawn from each slide's low-res and distilled features.
+
+    Item i = :func:`~sasha_models.tsu.sample_tsu_pairs` on slide i: ``(v_a, z_a, z_j, v_j)``,
+    each ``(P, d)`` (P may be 0).
+
+    Args:
+        source: a :class:`BagSource` with ``'lowres'`` and ``'distilled'`` features.
+        split: which slides.
+        tau, n_anchors: see :func:`sample_tsu_pairs`.
+        resample: True draws new anchors every time (training; uses torch's global RNG, so
+            ``seed_everything`` makes it reproducible); False draws a fixed set per slide from
+            ``seed`` (validation).
+        seed: seed for the fixed draws.
+    """
+
+    def __init__(
+        self,
+        source: BagSource,
+        split: str | None,
+        tau: float,
+        n_anchors: int = 1,
+        resample: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.source, self.split = source, split
+        self.tau, self.n_anchors, self.resample, self.seed = tau, n_anchors, resample, seed
+        self.slide_ids = list(source.slide_ids(split))
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sid = self.slide_ids[i]
+        z = torch.as_tensor(np.asarray(self.source.features(sid, "lowres")), dtype=torch.float32)
+        v = torch.as_tensor(np.asarray(self.source.features(sid, "distilled")), dtype=torch.float32)
+        seed = int(torch.randint(2**62, ())) if self.resample else self.seed * 1_000_003 + i
+        gen = torch.Generator().manual_seed(seed)
+        return sample_tsu_pairs(z, v, self.tau, generator=gen, n_anchors=self.n_anchors)
+
+
+def pairs_collate(batch: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Concatenate the pairs of several slides: ``-> (v_a, z_a, z_j, v_j)``, each ``(P, d)``."""
+    return tuple(torch.cat(parts, dim=0) for parts in zip(*batch, strict=True))
+
+
+class _SplitDataModule(L.LightningDataModule):
+    """Train/val/test loaders over a source's splits; subclasses build the datasets."""
+
+    collate_fn = staticmethod(pad_collate)
+
+    def __init__(self, source: BagSource, batch_size: int = 1, num_workers: int = 0) -> None:
+        super().__init__()
+        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def make_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.make_dataset(split)
+
+    def has_split(self, split: str) -> bool:
+        """Whether the source has any slide in ``split``."""
+        return len(self.source.slide_ids(split)) > 0
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class BagDataModule(_SplitDataModule):
+    """Lightning loaders of :class:`BagDataset` per split, batches from :func:`pad_collate`.
+
+    Args:
+        source: a :class:`BagSource` with ``'train'``, ``'val'``, ``'test'`` splits.
+        kind: feature kind to load.
+        batch_size: slides per batch (paper: 1).
+        num_workers: DataLoader workers.
+        flatten_highres: see :class:`BagDataset`.
+    """
+
+    def __init__(
+        self,
+        source: BagSource,
+        kind: str,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        flatten_highres: bool = False,
+    ) -> None:
+        super().__init__(source, batch_size, num_workers)
+        self.kind, self.flatten_highres = kind, flatten_highres
+
+    def make_dataset(self, split: str) -> Dataset:
+        return BagDataset(self.source, split, self.kind, self.flatten_highres)
+
+
+class TSUPairDataModule(_SplitDataModule):
+    """Lightning loaders of :class:`TSUPairDataset`: fresh pairs in train, fixed in val/test.
+
+    Args:
+        source: a :class:`BagSource` with ``'lowres'`` and ``'distilled'`` features.
+        tau, n_anchors: see :func:`~sasha_models.tsu.sample_tsu_pairs` (training draws).
+        eval_anchors: anchors per slide of the fixed val/test draws (more than one steadies
+            the validation loss).
+        batch_size: slides per batch (official: 1).
+        num_workers: DataLoader workers.
+        seed: seed of the fixed val/test draws.
+    """
+
+    collate_fn = staticmethod(pairs_collate)
+
+    def __init__(
+        self,
+        source: BagSource,
+        tau: float = 0.95,
+        n_anchors: int = 1,
+        eval_anchors: int = 8,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source, batch_size, num_workers)
+        self.tau, self.n_anchors, self.eval_anchors, self.seed = tau, n_anchors, eval_anchors, seed
+
+    def make_dataset(self, split: str) -> Dataset:
+        train = split == "train"
+        anchors = self.n_anchors if train else self.eval_anchors
+        return TSUPairDataset(self.source, split, self.tau, anchors, resample=train, seed=self.seed)

@@ -1,0 +1,621 @@
+"""Lightning modules, the training entry point and the checkpoint format.
+
+- :class:`HAFEDModule`, :class:`MILModule`, :class:`TSUModule` — LightningModules: AdamW with a
+  per-step half-cycle cosine schedule to 0 (as the official ``adjust_learning_rate``).
+  Classifiers log ``val/auc``, ``val/f1``, ``val/acc``, ``val/ece``, ``val/loss`` and
+  ``val/score = auc + f1`` (the official checkpoint-selection rule); the TSU logs ``val/loss``
+  (MSE) and ``val/identity_loss`` (MSE of predicting ``z_j`` itself).
+- :func:`train_model` — seeded fit with CSV (and optional offline W&B) logging, best-checkpoint
+  selection, single process or DDP; exports ``model.pt``.
+- ``model.pt`` is a plain dict ``{'state_dict', 'config', 'kind', 'meta'}`` of tensors and
+  Python scalars/containers, read back with ``torch.load(weights_only=True)`` by
+  :func:`load_model` — no pickled objects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import Tensor, nn
+
+from .baselines import MIL_MODELS, build_baseline
+from .data import BagDataset, BagSource
+from .hafed import HAFED, HAFEDConfig, acmil_loss, hafed_loss
+from .metrics import classification_metrics
+from .tsu import TSU, TSUConfig
+
+__all__ = [
+    "HAFEDModule",
+    "MILModule",
+    "TSUModule",
+    "build_model",
+    "check_feature_dim",
+    "load_checkpoint",
+    "load_model",
+    "predict_probs",
+    "slide_logits",
+    "train_model",
+]
+
+#: Official baseline learning rate (``step8_wsi_classification_maxmil_abmil_clam_transmil.py``
+#: ``--lr`` default 0.0001); weight decay and epochs from ``config/camelyon_config.yml``.
+BASELINE_LR, BASELINE_WD, BASELINE_EPOCHS = 1e-4, 1e-5, 50
+
+
+# ----------------------------------------------------------------------------- helpers
+def slide_logits(
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, kind: str = "highres"
+) -> Tensor:
+    """Slide logits of any classifier of the zoo, in its current train/eval mode.
+
+    Args:
+        model: :class:`~sasha_models.hafed.HAFED` or a MIL model from
+            :data:`~sasha_models.baselines.MIL_MODELS`.
+        x: one bag ``(N, ...)`` or a padded batch ``(B, N, ...)``.
+        mask: ``(B, N)`` bool padding mask, or ``None``.
+        kind: for HAFED, ``'highres'`` means ``x`` holds sub-patch features ``(…, N, k, d)``
+            (distil, then classify); anything else means ``x`` is a state ``(…, N, d)``.
+
+    Returns:
+        ``(C,)`` or ``(B, C)`` logits.
+    """
+    if isinstance(model, HAFED):
+        if kind == "highres":
+            return model(x, mask)["slide_logits"]
+        return model.classify(x, mask)
+    out = model(x, mask)
+    return out["slide_logits"] if isinstance(out, dict) else out
+
+
+class _SashaModule(L.LightningModule):
+    """Shared optimiser/schedule and export logic."""
+
+    monitor: str = "val/score"
+    monitor_mode: str = "max"
+
+    def __init__(self, lr: float, weight_decay: float, max_epochs: int) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.max_epochs = (
+            float(lr),
+            float(weight_decay),
+            int(max_epochs),
+        )
+        self.model: nn.Module
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def model_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def export(self) -> dict[str, Any]:
+        """``{'state_dict', 'config', 'kind'}`` of the wrapped model (CPU tensors)."""
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {"state_dict": state, "config": self.model_config(), "kind": self.kind}
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(
+            (p for p in self.parameters() if p.requires_grad),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _gather_cat(self, t: Tensor) -> Tensor:
+        """Concatenate ``t`` (first axis) across DDP ranks; sizes may differ."""
+        if self.trainer.world_size <= 1:
+            return t
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = self.all_gather(n).reshape(-1).tolist()
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        gathered = self.all_gather(padded)  # (world, max, ...)
+        return torch.cat([gathered[r, :s] for r, s in enumerate(sizes)])
+
+
+class _ClassifierModule(_SashaModule):
+    """Trains on ``(x, mask, y)`` batches; validation computes the slide metrics."""
+
+    def __init__(self, lr: float, weight_decay: float, max_epochs: int) -> None:
+        super().__init__(lr, weight_decay, max_epochs)
+        self._val_probs: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    def training_loss(self, x: Tensor, mask: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def slide_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, mask, y = batch
+        loss, parts = self.training_loss(x, mask, y)
+        self.log("train/loss", loss, batch_size=len(y), prog_bar=True)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        x, mask, y = batch
+        self._val_probs.append(torch.softmax(self.slide_logits(x, mask).float(), -1).detach())
+        self._val_labels.append(y.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_probs:
+            return
+        probs = self._gather_cat(torch.cat(self._val_probs))
+        labels = self._gather_cat(torch.cat(self._val_labels))
+        self._val_probs.clear()
+        self._val_labels.clear()
+        m = classification_metrics(probs, labels)
+        nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels.long()).item()
+        auc = m["auc"] if math.isfinite(m["auc"]) else 0.5  # single-class val: chance
+        # Every rank holds the same gathered values; sync_dist just averages equal numbers.
+        for name, value in {
+            "val/auc": m["auc"],
+            "val/f1": m["f1"],
+            "val/acc": m["accuracy"],
+            "val/ece": m["ece"],
+            "val/loss": nll,
+            "val/score": auc + m["f1"],
+        }.items():
+            self.log(name, value, prog_bar=name == "val/score", sync_dist=True)
+
+
+class HAFEDModule(_ClassifierModule):
+    """Trains :class:`~sasha_models.hafed.HAFED` on high-resolution features ``(N, k, d)``.
+
+    Args:
+        cfg: :class:`HAFEDConfig` (or its dict); ``None`` = paper defaults.
+        lr, weight_decay, max_epochs: ``None`` takes the value from ``cfg``.
+        seed: seed of the initial weights; ``None`` draws them from torch's global RNG.
+    """
+
+    def __init__(
+        self,
+        cfg: HAFEDConfig | Mapping[str, Any] | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        max_epochs: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        cfg = _as_config(HAFEDConfig, cfg)
+        super().__init__(
+            cfg.lr if lr is None else lr,
+            cfg.weight_decay if weight_decay is None else weight_decay,
+            cfg.max_epochs if max_epochs is None else max_epochs,
+        )
+        self.cfg = cfg
+        self.seed = seed
+        self.model = _seeded(seed, lambda: HAFED(cfg))
+        self.save_hyperparameters(
+            {"cfg": cfg.to_dict(), "lr": self.lr, "weight_decay": self.weight_decay}
+        )
+
+    kind = "hafed"  # type: ignore[assignment]
+
+    def model_config(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def training_loss(self, x, mask, y):
+        return hafed_loss(self.model(x, mask), y, self.cfg)
+
+    def slide_logits(self, x, mask=None):
+        return self.model(x, mask)["slide_logits"]
+
+
+class MILModule(_ClassifierModule):
+    """Trains a MIL model of :data:`~sasha_models.baselines.MIL_MODELS` on bags ``(N, d)``.
+
+    ``attention_mil`` (HAFED's level 2 — the ``lowres_only`` classifier) is trained with the
+    ACMIL loss and HAFED's optimiser defaults; the baselines with cross-entropy and the
+    official baseline defaults (lr 1e-4, weight decay 1e-5, 50 epochs).
+
+    Args:
+        model_name: key of ``MIL_MODELS``.
+        d_in, n_classes: instance feature size and number of classes.
+        lr, weight_decay, max_epochs: ``None`` = defaults above.
+        seed: seed of the initial weights; ``None`` draws them from torch's global RNG.
+        **model_kw: passed to the model's constructor (stored in the checkpoint's config).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        d_in: int,
+        n_classes: int,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        max_epochs: int | None = None,
+        seed: int | None = None,
+        **model_kw: Any,
+    ) -> None:
+        attention = model_name == "attention_mil"
+        defaults = HAFEDConfig() if attention else None
+        super().__init__(
+            lr if lr is not None else (defaults.lr if defaults else BASELINE_LR),
+            weight_decay
+            if weight_decay is not None
+            else (defaults.weight_decay if defaults else BASELINE_WD),
+            max_epochs
+            if max_epochs is not None
+            else (defaults.max_epochs if defaults else BASELINE_EPOCHS),
+        )
+        self.model_name = model_name
+        self._config = {"d_in": int(d_in), "n_classes": int(n_classes), **model_kw}
+        self.seed = seed
+        self.model = _seeded(seed, lambda: build_baseline(model_name, d_in, n_classes, **model_kw))
+        self.save_hyperparameters({"model_name": model_name, "config": self._config, "lr": self.lr})
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return f"mil:{self.model_name}"
+
+    def model_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def training_loss(self, x, mask, y):
+        out = self.model(x, mask)
+        if isinstance(out, dict):
+            return acmil_loss(out, y)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return loss, {}
+
+    def slide_logits(self, x, mask=None):
+        return slide_logits(self.model, x, mask)
+
+
+class TSUModule(_SashaModule):
+    """Trains the :class:`~sasha_models.tsu.TSU` on ``(v_a, z_a, z_j, v_j)`` pair batches.
+
+    Args:
+        cfg: :class:`TSUConfig` (or its dict); ``None`` = paper defaults.
+        lr, weight_decay, max_epochs: ``None`` takes the value from ``cfg``.
+        seed: seed of the initial weights; ``None`` draws them from torch's global RNG.
+    """
+
+    monitor = "val/loss"
+    monitor_mode = "min"
+    kind = "tsu"  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        cfg: TSUConfig | Mapping[str, Any] | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        max_epochs: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        cfg = _as_config(TSUConfig, cfg)
+        super().__init__(
+            cfg.lr if lr is None else lr,
+            cfg.weight_decay if weight_decay is None else weight_decay,
+            cfg.max_epochs if max_epochs is None else max_epochs,
+        )
+        self.cfg = cfg
+        self.seed = seed
+        self.model = _seeded(seed, lambda: TSU(cfg))
+        self.save_hyperparameters(
+            {"cfg": cfg.to_dict(), "lr": self.lr, "weight_decay": self.weight_decay}
+        )
+        self._val_sums = torch.zeros(3, dtype=torch.float64)  # sse, identity sse, count
+
+    def model_config(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        v_a, z_a, z_j, v_j = batch
+        if v_j.shape[0] == 0:  # no similar patch: a zero loss that still touches every weight
+            loss = sum(p.sum() for p in self.parameters()) * 0.0
+        else:
+            loss = F.mse_loss(self.model(v_a, z_a, z_j), v_j)
+        self.log("train/loss", loss, batch_size=max(1, v_j.shape[0]), prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        v_a, z_a, z_j, v_j = batch
+        if v_j.shape[0] == 0:
+            return
+        sse = (self.model(v_a, z_a, z_j) - v_j).pow(2).sum().double()
+        identity = (z_j - v_j).pow(2).sum().double()
+        self._val_sums += torch.stack([sse, identity, sse.new_tensor(float(v_j.numel()))])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        count = sums[2].item()
+        loss = sums[0].item() / count if count else float("nan")
+        identity = sums[1].item() / count if count else float("nan")
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/identity_loss", identity, sync_dist=True)
+
+
+def _seeded(seed: int | None, build: Any) -> nn.Module:
+    """``build()`` with its random initialisation drawn from ``seed`` (global RNG untouched)."""
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _as_config(cls: type, cfg: Any) -> Any:
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    return cls(**dict(cfg))
+
+
+# ------------------------------------------------------------------------ training
+def train_model(
+    module: _SashaModule,
+    datamodule: L.LightningDataModule,
+    out_dir: str | os.PathLike,
+    max_epochs: int | None = None,
+    seed: int = 0,
+    devices: int | str = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
+    wandb: dict[str, Any] | None = None,
+    monitor: str | None = None,
+    mode: str | None = None,
+    progress: bool = True,
+    cpu_threads: int | None = None,
+    **trainer_kw: Any,
+) -> Path:
+    """Fit ``module`` and export its best weights to ``out_dir/model.pt``.
+
+    Args:
+        module: :class:`HAFEDModule`, :class:`MILModule` or :class:`TSUModule`.
+        datamodule: a :class:`~sasha_models.data.BagDataModule` /
+            :class:`~sasha_models.data.TSUPairDataModule` (or any datamodule with the same
+            batches). Without validation slides the last epoch is exported.
+        out_dir: CSV logs (``logs/``), checkpoints (``checkpoints/``), W&B files (``wandb/``)
+            and ``model.pt`` go here.
+        max_epochs: ``None`` = ``module.max_epochs`` (the paper's value).
+        seed: passed to ``seed_everything`` (workers too): data order, masking, dropout.
+            The initial weights were drawn when the module was built — give the module a
+            ``seed`` too for a bit-reproducible run.
+        devices, strategy, accelerator: Lightning's; ``devices=2, strategy='ddp'`` on CPU uses
+            gloo. Lightning re-launches the calling script for DDP, so call this under
+            ``if __name__ == "__main__":``.
+        wandb: ``None`` = no W&B. Otherwise ``WandbLogger`` keyword arguments; ``mode``
+            defaults to ``'offline'`` (no network), ``project`` to ``'sasha'``, ``name`` to the
+            folder name.
+        monitor, mode: checkpoint selection; ``None`` = the module's (``val/score``/max for
+            classifiers, ``val/loss``/min for the TSU).
+        progress: show the progress bar and model summary.
+        cpu_threads: torch intra-op threads during the fit (restored afterwards); ``1`` is
+            much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
+        **trainer_kw: extra ``lightning.Trainer`` arguments.
+
+    Returns:
+        Path of ``model.pt`` (written by global rank 0 only; every rank returns after it exists).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    max_epochs = int(module.max_epochs if max_epochs is None else max_epochs)
+    monitor = monitor or module.monitor
+    mode = mode or module.monitor_mode
+    has_val = getattr(datamodule, "has_split", lambda s: True)("val")
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="logs")]
+    if wandb is not None:
+        kw = dict(wandb)
+        kw.setdefault("mode", "offline")
+        kw.setdefault("project", "sasha")
+        kw.setdefault("name", out_dir.name)
+        (out_dir / "wandb").mkdir(exist_ok=True)
+        loggers.append(WandbLogger(save_dir=str(out_dir), **kw))
+    ckpt = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best",
+        monitor=monitor if has_val else None,
+        mode=mode,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    trainer_args: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+        "logger": loggers,
+        "callbacks": [ckpt],
+        "deterministic": "warn",
+        "enable_progress_bar": progress,
+        "enable_model_summary": progress,
+        "log_every_n_steps": _log_interval(datamodule, devices),
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 1.0 if has_val else 0,
+        "default_root_dir": str(out_dir),
+    }
+    trainer_args.update(trainer_kw)
+    det_state = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    threads = torch.get_num_threads()
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    t0 = time.time()
+    try:
+        trainer = L.Trainer(**trainer_args)
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        torch.use_deterministic_algorithms(det_state[0], warn_only=det_state[1])
+        torch.set_num_threads(threads)
+
+    path = out_dir / "model.pt"
+    if trainer.is_global_zero:
+        best = ckpt.best_model_path
+        if best and Path(best).exists():
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state)
+        blob = module.export()
+        score = ckpt.best_model_score
+        blob["meta"] = {
+            "monitor": monitor if has_val else None,
+            "mode": mode,
+            "best_score": None if score is None else float(score),
+            "best_checkpoint": str(best) if best else None,
+            "seed": int(seed),
+            "init_seed": getattr(module, "seed", None),
+            "max_epochs": max_epochs,
+            "epochs_trained": int(trainer.current_epoch),
+            "train_seconds": round(time.time() - t0, 3),
+            "world_size": int(trainer.world_size),
+            "class_names": _class_names(datamodule),
+            "feature_kind": getattr(datamodule, "kind", None),
+            "flatten_highres": getattr(datamodule, "flatten_highres", None),
+            "feature_dim": _expected_dim(module),
+            "torch_version": str(torch.__version__),
+            "lightning_version": str(L.__version__),
+        }
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        if wandb is not None:
+            import wandb as wandb_lib
+
+            wandb_lib.finish()
+    trainer.strategy.barrier()
+    return path
+
+
+def _log_interval(datamodule: Any, devices: Any) -> int:
+    """Log every 50 steps, or once per epoch when an epoch has fewer training batches."""
+    try:
+        n = len(datamodule.source.slide_ids("train"))
+        per_device = math.ceil(n / max(1, int(datamodule.batch_size)) / max(1, int(devices)))
+    except (AttributeError, TypeError, ValueError):
+        return 50
+    return max(1, min(50, per_device))
+
+
+def _class_names(datamodule: Any) -> list[str] | None:
+    names = getattr(getattr(datamodule, "source", None), "class_names", None)
+    return [str(n) for n in names] if names is not None else None
+
+
+# ------------------------------------------------------------------------ loading
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an exported ``model.pt`` (``weights_only=True``: tensors and plain containers)."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or not {"state_dict", "config", "kind"} <= set(blob):
+        raise ValueError(f"{path} is not a sasha model export (need state_dict, config, kind)")
+    return blob
+
+
+def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
+    """An untrained model from an export's ``kind`` and ``config``."""
+    if kind == "hafed":
+        return HAFED(HAFEDConfig(**config))
+    if kind == "tsu":
+        return TSU(TSUConfig(**config))
+    if kind.startswith("mil:") and kind[4:] in MIL_MODELS:
+        cfg = dict(config)
+        return build_baseline(kind[4:], cfg.pop("d_in"), cfg.pop("n_classes"), **cfg)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild an exported model from ``model.pt``, in eval mode on the CPU."""
+    blob = load_checkpoint(path)
+    model = build_model(blob["kind"], blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def _expected_dim(obj: Any) -> int:
+    if isinstance(obj, HAFEDConfig):
+        return obj.d_in
+    if isinstance(obj, TSUConfig):
+        return obj.d
+    if isinstance(obj, Mapping):
+        for key in ("d_in", "d"):
+            if key in obj:
+                return int(obj[key])
+    if isinstance(obj, _SashaModule):
+        return _expected_dim(obj.model)
+    d = getattr(obj, "d_in", None)
+    if d is None:
+        raise TypeError(f"cannot tell the feature size expected by {type(obj).__name__}")
+    return int(d)
+
+
+def check_feature_dim(
+    model_or_cfg: nn.Module | HAFEDConfig | TSUConfig | Mapping[str, Any] | str | os.PathLike,
+    d: int,
+    name: str | None = None,
+) -> None:
+    """Raise ``ValueError`` when features of size ``d`` do not fit a model / checkpoint.
+
+    Args:
+        model_or_cfg: a model of the zoo, its config (dataclass or dict), or the path of an
+            exported ``model.pt``.
+        d: the feature size of the store.
+        name: how to name the checkpoint in the message (default: the path or class name).
+    """
+    if isinstance(model_or_cfg, (str, os.PathLike)):
+        name = name or str(model_or_cfg)
+        model_or_cfg = load_checkpoint(model_or_cfg)["config"]
+    expected = _expected_dim(model_or_cfg)
+    if int(d) != expected:
+        name = name or type(model_or_cfg).__name__
+        raise ValueError(
+            f"feature store has d={int(d)} but checkpoint {name} expects d={expected}; "
+            "re-extract with the checkpoint's backbone or retrain"
+        )
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module, source: BagSource, split: str | None, kind: str
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class probabilities of every slide of a split.
+
+    HAFED with ``kind='highres'`` distils then classifies; with another kind it classifies the
+    features as a state. Other MIL models given ``'highres'`` features see all ``N·k``
+    sub-patches as one bag.
+
+    Returns:
+        ``(slide_ids, probs (n, C) float32, labels (n,) int64)``.
+    """
+    if isinstance(model, _SashaModule):
+        model = model.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    flatten = kind == "highres" and not isinstance(model, HAFED)
+    ds = BagDataset(source, split, kind, flatten_highres=flatten)
+    probs, labels = [], []
+    for x, y in ds:
+        logits = slide_logits(model, x.to(device), None, kind)
+        probs.append(torch.softmax(logits.float(), -1).cpu())
+        labels.append(int(y))
+    model.train(was_training)
+    n_classes = len(getattr(source, "class_names", [])) or 2
+    p = torch.stack(probs).numpy() if probs else np.zeros((0, n_classes), np.float32)
+    return list(ds.slide_ids), p.astype(np.float32), np.asarray(labels, dtype=np.int64)

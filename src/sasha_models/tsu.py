@@ -1,0 +1,139 @@
+"""TSU — the targeted state updater.
+
+When the agent zooms into patch ``a`` it learns ``v_a``; every not-yet-updated patch ``j``
+whose low-resolution feature is nearly collinear with ``z_a`` (``|cos(z_j, z_a)| >= tau``) is
+given ``TSU([v_a, z_a, z_j])`` as its new state row. The TSU is an MLP
+``3d -> 2d -> d`` with GELU and an output LayerNorm, trained with MSE to predict ``v_j``
+(official code: ``modules/fglobal_mlp.py`` ``FGlobal(ip_dim=3*384, hidden_dim=768,
+op_dim=384)`` and ``step5_tsu_training.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TSU", "TSUConfig", "similar_mask", "sample_tsu_pairs"]
+
+
+@dataclass
+class TSUConfig:
+    """TSU architecture and training settings.
+
+    Defaults are the official CAMELYON16 settings (``config/camelyon_tsu_config.yml``,
+    ``modules/fglobal_mlp.py``):
+
+    Attributes:
+        d: feature size d (ViT-S/16: 384).
+        d_hidden: hidden width; ``None`` = 2d (official 768 = 2 × 384).
+        tau: cosine threshold for "similar" patches (``cosine_threshold: 0.95``; TCGA 0.92).
+        n_anchors: anchor patches sampled per slide per training step (official: 1).
+        lr: AdamW learning rate after the per-iteration cosine schedule overrides the
+            optimiser's initial value (``lr: 0.00004``; TCGA 0.0003).
+        weight_decay: AdamW weight decay (``reg: 0.0004``; TCGA 0.005).
+        max_epochs: epochs over the training slides (``train_epoch: 100``; TCGA 500).
+    """
+
+    d: int = 384
+    d_hidden: int | None = None
+    tau: float = 0.95
+    n_anchors: int = 1
+    lr: float = 4e-5
+    weight_decay: float = 4e-4
+    max_epochs: int = 100
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of the fields (what checkpoints store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TSUConfig:
+        return cls(**d)
+
+
+class TSU(nn.Module):
+    """MLP ``[v_a, z_a, z_j] (3d) -> 2d -> d``, GELU, output LayerNorm.
+
+    Shapes:
+        ``forward(v_a: (..., d), z_a: (..., d), z_j: (..., d)) -> (..., d)``; the three inputs
+        broadcast against each other, e.g. one anchor ``(d,)`` with many targets ``(n, d)``.
+    """
+
+    def __init__(self, cfg: TSUConfig | int | None = None) -> None:
+        super().__init__()
+        if cfg is None or isinstance(cfg, int):
+            cfg = TSUConfig() if cfg is None else TSUConfig(d=cfg)
+        self.cfg = cfg
+        d, hidden = cfg.d, cfg.d_hidden or 2 * cfg.d
+        self.net = nn.Sequential(
+            nn.Linear(3 * d, hidden), nn.GELU(), nn.Linear(hidden, d), nn.LayerNorm(d)
+        )
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d
+
+    def forward(self, v_a: Tensor, z_a: Tensor, z_j: Tensor) -> Tensor:
+        v_a, z_a, z_j = torch.broadcast_tensors(v_a, z_a, z_j)
+        return self.net(torch.cat([v_a, z_a, z_j], dim=-1))
+
+
+def similar_mask(z: Tensor, anchor: int | Tensor, tau: float) -> Tensor:
+    """Rows similar to the anchor row: ``|cos(z_j, z_anchor)| >= tau``.
+
+    Args:
+        z: low-resolution features ``(N, d)``.
+        anchor: an index into the rows of ``z``.
+        tau: cosine threshold.
+
+    Returns:
+        bool ``(N,)``; the anchor itself is included (the caller excludes it if needed).
+    """
+    cos = F.cosine_similarity(z, z[anchor].unsqueeze(0), dim=-1)
+    return cos.abs() >= tau
+
+
+def sample_tsu_pairs(
+    z: Tensor,
+    v: Tensor,
+    tau: float,
+    generator: torch.Generator | None = None,
+    n_anchors: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draw TSU training pairs from one slide.
+
+    Picks ``min(n_anchors, N)`` distinct random anchors ``a``; for each, every ``j != a`` with
+    ``|cos(z_j, z_a)| >= tau`` gives one pair.
+
+    Args:
+        z: low-resolution features ``(N, d)``.
+        v: distilled features ``(N, d)``.
+        tau: cosine threshold.
+        generator: optional torch RNG.
+        n_anchors: anchors per call.
+
+    Returns:
+        ``(v_a, z_a, z_j, v_j)``, each ``(P, d)``; P may be 0 when no patch is similar enough.
+    """
+    if z.shape != v.shape or z.ndim != 2:
+        raise ValueError(f"z and v must both be (N, d), got {tuple(z.shape)}, {tuple(v.shape)}")
+    n = z.shape[0]
+    anchors = torch.randperm(n, generator=generator)[: max(0, min(n_anchors, n))]
+    idx_a, idx_j = [], []
+    for a in anchors.tolist():
+        sim = similar_mask(z, a, tau)
+        sim[a] = False
+        targets = sim.nonzero().squeeze(-1)
+        idx_a.append(torch.full_like(targets, a))
+        idx_j.append(targets)
+    if idx_a:
+        ia, ij = torch.cat(idx_a), torch.cat(idx_j)
+    else:
+        ia = ij = torch.zeros(0, dtype=torch.long)
+    ia, ij = ia.to(z.device), ij.to(z.device)
+    return v[ia], z[ia], z[ij], v[ij]

@@ -1,0 +1,158 @@
+"""HAFED and its level-2 classifier: shapes, masking, the incremental decomposition, losses."""
+
+import pytest
+import torch
+
+from sasha_models.hafed import (
+    HAFED,
+    AttentionMILClassifier,
+    HAFEDConfig,
+    acmil_loss,
+    diversity_loss,
+    hafed_loss,
+)
+
+D = 16
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return HAFED(HAFEDConfig(d_in=D, d_hidden=8, n_branches=3, top_k=4, top_k_l1=4, mask_drop=0.5))
+
+
+def test_paper_defaults():
+    cfg = HAFEDConfig()
+    assert (cfg.d_in, cfg.d_hidden, cfg.n_branches, cfg.n_branches_l1) == (384, 128, 5, 1)
+    assert (cfg.top_k, cfg.top_k_l1, cfg.mask_drop) == (20, 10, 0.24)
+    assert (cfg.lr, cfg.weight_decay, cfg.max_epochs) == (4.14e-4, 1e-5, 50)
+    assert HAFEDConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        HAFEDConfig(n_classes=1)
+
+
+def test_shapes_single_and_batched(model):
+    model.eval()
+    hi = torch.randn(12, 4, D)
+    out = model(hi)
+    assert out["v"].shape == (12, D) and out["attention_l1"].shape == (12, 1, 4)
+    assert out["slide_logits"].shape == (2,) and out["branch_logits"].shape == (3, 2)
+    assert out["attention"].shape == (3, 12)
+    assert all(t.dtype == torch.float32 for t in out.values())
+    torch.testing.assert_close(out["attention"].sum(-1), torch.ones(3))
+
+    batch = torch.zeros(2, 15, 4, D)
+    batch[0, :12] = hi
+    batch[1] = torch.randn(15, 4, D)
+    valid = torch.zeros(2, 15, dtype=torch.bool)
+    valid[0, :12] = True
+    valid[1] = True
+    bout = model(batch, valid)
+    assert bout["slide_logits"].shape == (2, 2) and bout["attention"].shape == (2, 3, 15)
+    # Padding changes nothing and gets exactly zero attention.
+    torch.testing.assert_close(bout["slide_logits"][0], out["slide_logits"])
+    assert torch.equal(bout["attention"][0, :, 12:], torch.zeros(3, 3))
+
+
+def test_distilled_vector_is_convex_combination_of_raw_subpatches(model):
+    model.eval()
+    hi = torch.randn(5, 4, D)
+    v, attn = model.distill_with_attention(hi)
+    torch.testing.assert_close(v, torch.einsum("nk,nkd->nd", attn.mean(1), hi))
+    sub_mask = torch.ones(5, 4, dtype=torch.bool)
+    sub_mask[0, 1:] = False
+    v2 = model.distill(hi, sub_mask)
+    torch.testing.assert_close(v2[0], hi[0, 0])  # only one valid sub-patch
+    assert model.distill(hi).shape == (5, D)
+
+
+def test_classify_equals_pool_of_instance_scores_and_rows_are_local(model):
+    model.eval()
+    S = torch.randn(20, D)
+    valid = torch.rand(20) > 0.2
+    a, h = model.instance_scores(S)
+    assert a.shape == (20, 3) and h.shape == (20, D)
+    torch.testing.assert_close(model.classify(S, valid), model.pool(a, h, valid)[0])
+    # Changing one row changes only that row's instance scores.
+    S2 = S.clone()
+    S2[7] = torch.randn(D)
+    a2, h2 = model.instance_scores(S2)
+    rows = torch.arange(20) != 7
+    assert torch.equal(a2[rows], a[rows]) and torch.equal(h2[rows], h[rows])
+    assert not torch.equal(a2[7], a[7])
+    # Re-scoring only the changed row reproduces the full evaluation.
+    a_inc, h_inc = a.clone(), h.clone()
+    a_inc[7:8], h_inc[7:8] = model.instance_scores(S2[7:8])
+    torch.testing.assert_close(model.pool(a_inc, h_inc, valid)[0], model.classify(S2, valid))
+
+
+def test_masked_rows_get_zero_attention(model):
+    model.eval()
+    S = torch.randn(10, D)
+    valid = torch.ones(10, dtype=torch.bool)
+    valid[[2, 5]] = False
+    _, _, attn = model.pool(*model.instance_scores(S), valid)
+    assert torch.equal(attn[:, [2, 5]], torch.zeros(3, 2))
+    # Masked rows do not influence the prediction at all.
+    S2 = S.clone()
+    S2[[2, 5]] = 1e3
+    torch.testing.assert_close(model.classify(S2, valid), model.classify(S, valid))
+
+
+def test_eval_deterministic_train_masks_topk(model):
+    hi = torch.randn(30, 4, D)
+    model.eval()
+    first = model(hi)
+    second = model(hi)
+    for key in first:
+        assert torch.equal(first[key], second[key])
+    assert (first["attention"] > 0).all()
+    model.train()
+    torch.manual_seed(3)
+    out = model(hi)
+    zeros = (out["attention"] == 0).sum(-1)
+    assert (zeros == 2).all()  # floor(top_k 4 * mask_drop 0.5) per branch
+    assert ((out["attention_l1"] == 0).sum(-1) == 2).all()
+    # The dropped rows are among the top-4 of each branch's logits.
+    a, _ = model.instance_scores(out["v"])
+    top4 = a.detach().T.topk(4, dim=-1).indices
+    for m in range(3):
+        dropped = (out["attention"][m] == 0).nonzero().squeeze(-1)
+        assert set(dropped.tolist()) <= set(top4[m].tolist())
+
+
+def test_losses(model):
+    model.train()
+    hi = torch.randn(25, 4, D, requires_grad=False)
+    out = model(hi)
+    total, parts = hafed_loss(out, torch.tensor(1), model.cfg)
+    assert total.ndim == 0 and set(parts) == {"slide_ce", "branch_ce", "diversity"}
+    expected = parts["slide_ce"] + parts["branch_ce"] + parts["diversity"]
+    torch.testing.assert_close(total.detach(), expected)
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_diversity_loss():
+    same = torch.softmax(torch.randn(1, 10), -1).repeat(3, 1)
+    torch.testing.assert_close(diversity_loss(same), torch.tensor(1.0))
+    disjoint = torch.eye(4)[:3]
+    assert diversity_loss(disjoint) == 0
+    assert diversity_loss(torch.rand(1, 9)) == 0  # M = 1
+
+
+def test_single_branch_uses_slide_head_only():
+    clf = AttentionMILClassifier(D, 3, d_hidden=8, n_branches=1).eval()
+    out = clf(torch.randn(9, D))
+    assert len(clf.branch_heads) == 0
+    torch.testing.assert_close(out["branch_logits"][0], out["slide_logits"])
+    loss, parts = acmil_loss(out, torch.tensor([2]))
+    assert parts["branch_ce"] == 0 and torch.isfinite(loss)
+
+
+def test_three_classes_batched_loss():
+    model = HAFED(HAFEDConfig(d_in=D, n_classes=3, d_hidden=8, n_branches=2))
+    out = model(torch.randn(4, 10, 4, D), torch.ones(4, 10, dtype=torch.bool))
+    assert out["slide_logits"].shape == (4, 3) and out["branch_logits"].shape == (4, 2, 3)
+    loss, _ = hafed_loss(out, torch.tensor([0, 1, 2, 1]), model.cfg)
+    assert torch.isfinite(loss)
