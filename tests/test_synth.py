@@ -1,0 +1,237 @@
+"""The synthetic cohort: determinism, file formats, manifest, masks, resumability and the
+low-resolution tumour/mimic look-alike property."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import tiffslide
+from PIL import Image
+from scipy import ndimage as ndi
+
+from sasha_env.synth import (
+    MASK_DOWNSAMPLE,
+    SynthConfig,
+    block_mean,
+    plan_cohort,
+    render_layers,
+    render_slide,
+    synthesize_cohort,
+    write_pyramid_tiff,
+)
+
+CFG = SynthConfig(
+    n_slides=4,
+    positive_fraction=0.5,
+    size_px=(512, 512),
+    downsamples=(1, 2, 4),
+    tile_px=128,
+    n_foci=(1, 2),
+    focus_radius_px=(30, 40),
+    n_mimics=(1, 2),
+    mimic_radius_px=(30, 40),
+)
+LOW_RES_TOLERANCE = 5.0  # max per-channel gap of mean RGB at downsample 4, tumour vs mimic
+
+
+def slide_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def read_level0(path: Path) -> np.ndarray:
+    with tiffslide.TiffSlide(path) as slide:
+        return slide.read_region((0, 0), 0, slide.dimensions, as_array=True)
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A 4-slide cohort from seed 0; returns its manifest."""
+    return synthesize_cohort(tmp_path_factory.mktemp("cohort"), CFG, seed=0, progress=False)
+
+
+def test_render_is_deterministic_and_shaped():
+    image, mask = render_slide(CFG, 1, slide_rng(0, 1))
+    again, mask_again = render_slide(CFG, 1, slide_rng(0, 1))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert mask.dtype == bool and mask.shape == image.shape[:2]
+    assert np.array_equal(image, again) and np.array_equal(mask, mask_again)
+    assert mask.shape == (512, 512)
+    assert (image[:8, :8] > 225).all(), "the slide corner is glass"
+
+
+def test_same_seed_same_cohort_other_seed_differs(cohort, tmp_path):
+    again = synthesize_cohort(tmp_path / "again", CFG, seed=0, progress=False)
+    other = synthesize_cohort(tmp_path / "other", CFG, seed=1, progress=False)
+    assert again.read_bytes() == cohort.read_bytes()
+    for row in read_manifest(cohort):
+        a, b = read_level0(cohort.parent / row["path"]), read_level0(again.parent / row["path"])
+        assert np.array_equal(a, b), row["slide_id"]
+        mask = Path("masks") / f"{row['slide_id']}.png"
+        assert (cohort.parent / mask).read_bytes() == (again.parent / mask).read_bytes()
+    first = read_level0(other.parent / "slides/syn_000.tiff")
+    reference = read_level0(cohort.parent / "slides/syn_000.tiff")
+    assert first.shape != reference.shape or not np.array_equal(first, reference)
+
+
+def test_tiffslide_reads_the_pyramid(cohort):
+    path = cohort.parent / "slides" / "syn_000.tiff"
+    with tiffslide.TiffSlide(path) as slide:
+        assert slide.level_downsamples == pytest.approx(CFG.downsamples)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(CFG.mpp)
+        assert float(slide.properties["tiffslide.mpp-y"]) == pytest.approx(CFG.mpp)
+        for level, (w, h) in enumerate(slide.level_dimensions):
+            region = slide.read_region((0, 0), level, (min(w, 100), min(h, 80)), as_array=True)
+            assert region.shape == (min(h, 80), min(w, 100), 3)
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == len(CFG.downsamples)
+        for page in (level.pages[0] for level in levels):
+            assert page.compression == tifffile.COMPRESSION.JPEG
+            assert page.is_tiled and (page.tilewidth, page.tilelength) == (128, 128)
+
+
+def test_pyramid_of_odd_size_ceil_divides_levels(tmp_path):
+    yy, xx = np.mgrid[0:301, 0:250]
+    image = np.stack([xx * 255 / 249, yy * 255 / 300, 128 + 60 * np.sin(xx / 9)], -1).astype(
+        np.uint8
+    )
+    path = tmp_path / "odd.tiff"
+    write_pyramid_tiff(path, image, (1, 4, 16), mpp=0.25, tile_px=64)
+    with tiffslide.TiffSlide(path) as slide:
+        assert slide.level_dimensions == ((250, 301), (63, 76), (16, 19))
+        assert slide.level_downsamples == pytest.approx((1, 4, 16), rel=0.03)
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.25)
+        low = slide.read_region((0, 0), 1, (63, 76), as_array=True).astype(float)
+    assert np.abs(low - block_mean(image, 4)).mean() < 3  # area average, through JPEG
+    assert [p.name for p in tmp_path.iterdir()] == ["odd.tiff"], "no temp file left behind"
+
+
+def test_level_spacing_tifffile_cannot_group_is_rejected(tmp_path):
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="pyramid"):
+        write_pyramid_tiff(tmp_path / "x.tiff", image, (1, 2, 8), mpp=0.5, tile_px=16)
+    with pytest.raises(ValueError, match="downsamples"):
+        SynthConfig(downsamples=(1, 2, 8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_manifest(cohort):
+    with cohort.open(newline="") as f:
+        assert f.readline().rstrip("\r\n") == "slide_id,path,label,split"
+    rows = read_manifest(cohort)
+    assert [r["slide_id"] for r in rows] == [f"syn_{i:03d}" for i in range(4)]
+    for r in rows:
+        assert not Path(r["path"]).is_absolute()
+        assert (cohort.parent / r["path"]).is_file()
+    assert Counter(r["label"] for r in rows) == {"normal": 2, "tumor": 2}
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert {r["label"] for r in rows if r["split"] == "train"} == {"normal", "tumor"}
+    record = json.loads((cohort.parent / "cohort.json").read_text())
+    assert record["seed"] == 0 and record["config"]["size_px"] == [512, 512]
+    assert set(record["slides"]) == {r["slide_id"] for r in rows}
+
+
+def test_plan_is_stratified_and_seeded():
+    cfg = SynthConfig(n_slides=40, positive_fraction=0.3, split=(0.5, 0.2, 0.3))
+    plan = plan_cohort(cfg, seed=3)
+    assert plan == plan_cohort(cfg, seed=3)
+    assert [p.label for p in plan] != [p.label for p in plan_cohort(cfg, seed=4)]
+    counts = Counter((p.label, p.split) for p in plan)
+    n_label = Counter(p.label for p in plan)
+    assert n_label == {"tumor": 12, "normal": 28}
+    for label, n in n_label.items():
+        for split, share in zip(("train", "val", "test"), cfg.split, strict=True):
+            assert abs(counts[label, split] - n * share) <= 1, (label, split, counts)
+
+
+def test_masks(cohort):
+    record = json.loads((cohort.parent / "cohort.json").read_text())
+    for row in read_manifest(cohort):
+        sid = row["slide_id"]
+        mask = np.asarray(Image.open(cohort.parent / "masks" / f"{sid}.png"))
+        with tiffslide.TiffSlide(cohort.parent / row["path"]) as slide:
+            w, h = slide.dimensions
+        assert mask.shape == (-(-h // MASK_DOWNSAMPLE), -(-w // MASK_DOWNSAMPLE))
+        assert set(np.unique(mask)) <= {0, 255}
+        stats = record["slides"][sid]
+        if row["label"] == "normal":
+            assert not mask.any() and stats["n_foci"] == 0 and stats["tumour_share"] == 0
+        else:
+            assert mask.any() and stats["n_foci"] >= 1
+            assert 0 < stats["tumour_share"] < 0.15
+
+
+def test_tumour_looks_like_a_mimic_at_low_res_but_not_at_full_res(cohort):
+    """At downsample 4 tumour foci and lymphoid aggregates have about the same mean colour;
+    at level 0 the dark nuclear blobs of tumour are several times larger."""
+    low = {"tumour": [], "mimic": []}
+    blob_area = {"tumour": [], "mimic": []}
+    for index, row in enumerate(read_manifest(cohort)):
+        if row["label"] != "tumor":
+            continue
+        layers = render_layers(CFG, 1, slide_rng(0, index))
+        image = read_level0(cohort.parent / row["path"])  # as written: through JPEG
+        low_image = block_mean(image, 4)
+        grey = image.astype(np.float32).mean(axis=2)
+        for name, region in (("tumour", layers.tumour), ("mimic", layers.mimic)):
+            low[name].append(low_image[block_mean(region, 4) >= 0.5])
+            core = ndi.binary_erosion(region, iterations=6)
+            dark = ndi.binary_opening((grey < np.median(grey[core])) & core)
+            labels, n = ndi.label(dark)
+            blob_area[name].append(np.bincount(labels.ravel())[1:])
+    gap = np.concatenate(low["tumour"]).mean(0) - np.concatenate(low["mimic"]).mean(0)
+    assert np.abs(gap).max() < LOW_RES_TOLERANCE, gap
+    tumour_area = np.concatenate(blob_area["tumour"]).mean()
+    mimic_area = np.concatenate(blob_area["mimic"]).mean()
+    assert tumour_area > 1.5 * mimic_area, (tumour_area, mimic_area)
+
+
+def test_resume_skips_done_slides_and_ignores_temp_files(tmp_path):
+    manifest = synthesize_cohort(tmp_path, CFG, seed=5, progress=False)
+    slides = sorted((tmp_path / "slides").glob("*.tiff"))
+    before = {p.name: p.stat().st_mtime_ns for p in slides}
+    pixels = read_level0(tmp_path / "slides" / "syn_001.tiff")
+
+    # A run killed while writing syn_001 leaves only a temp file behind.
+    (tmp_path / "slides" / "syn_001.tiff").unlink()
+    leftover = tmp_path / "slides" / ".syn_001.tiff.999.dead.tmp"
+    leftover.write_bytes(b"half a slide")
+
+    assert synthesize_cohort(tmp_path, CFG, seed=5, progress=False) == manifest
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "slides").glob("*.tiff")}
+    assert set(after) == set(before)
+    for name in before:
+        if name != "syn_001.tiff":
+            assert after[name] == before[name], f"{name} was rewritten"
+    assert np.array_equal(read_level0(tmp_path / "slides" / "syn_001.tiff"), pixels)
+    assert not leftover.exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resume_refuses_another_config(tmp_path):
+    synthesize_cohort(tmp_path, SynthConfig(n_slides=1, size_px=(256, 256)), progress=False)
+    with pytest.raises(ValueError, match="another folder"):
+        synthesize_cohort(tmp_path, SynthConfig(n_slides=1, size_px=(256, 300)), progress=False)
+
+
+def test_from_dict():
+    cfg = SynthConfig.from_dict({"n_slides": 3, "size_px": [256, 320], "split": [0.6, 0.2, 0.2]})
+    assert cfg.size_px == (256, 320) and cfg.split == (0.6, 0.2, 0.2) and cfg.n_slides == 3
+    with pytest.raises(ValueError, match="n_slide") as err:
+        SynthConfig.from_dict({"n_slide": 3})
+    assert "n_slides" in str(err.value), "the message lists the valid keys"
+    with pytest.raises(ValueError, match="downsamples"):
+        SynthConfig(downsamples=(1, 3))
+    with pytest.raises(ValueError, match="n_foci"):
+        SynthConfig(n_foci=(0, 2))
