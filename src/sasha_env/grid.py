@@ -40,7 +40,7 @@ class GridConfig:
     min_tissue: float = 0.25
     """Minimum tissue fraction of a low-res patch's area for it to enter the grid."""
     thumbnail_px: int = 1024
-    """Longest side of the segmentation thumbnail."""
+    """Longest side of the segmentation thumbnail (at most; coarser when 16 px per cell allow)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> GridConfig:
@@ -153,7 +153,8 @@ def build_grid(slide: Slide, cfg: GridConfig) -> tuple[PatchGrid, np.ndarray, np
             f"{slide.path}: slide is {width}x{height} px at level 0, smaller than one low-res patch "
             f"({cell:g} px = {cfg.patch_px} px at downsample {lo_ds:g}); use a smaller patch_px or zoom"
         )
-    thumb, thumb_ds = slide.thumbnail(cfg.thumbnail_px)
+    # The mask needs ~16 thumbnail pixels across a cell, not more: read as coarse as that allows.
+    thumb, thumb_ds = slide.thumbnail(cfg.thumbnail_px, min_downsample=cell / 16)
     mask = segment_tissue(thumb)
     # Fraction of tissue in each cell, by integrating the thumbnail mask over the cell's footprint.
     integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))

@@ -116,15 +116,17 @@ class Slide:
             )
         return region
 
-    def thumbnail(self, max_side_px: int) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_side_px: int, min_downsample: float = 1.0) -> tuple[np.ndarray, float]:
         """Whole-slide thumbnail whose longest side is at most ``max_side_px``.
+
+        ``min_downsample`` makes it coarser still when the caller needs no more detail.
 
         Returns:
             ``(image (h, w, 3) uint8, downsample)`` where ``downsample`` is the thumbnail's
             resolution relative to level 0 (thumbnail pixel = ``downsample`` level-0 pixels).
         """
         width, height = self.dimensions
-        downsample = max(1.0, max(width, height) / max_side_px)
+        downsample = max(1.0, min_downsample, max(width, height) / max_side_px)
         tw, th = max(1, math.floor(width / downsample)), max(1, math.floor(height / downsample))
         return self.read_rect(0, 0, tw, th, downsample), downsample
 
