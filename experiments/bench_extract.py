@@ -14,6 +14,7 @@ Prints both and their ratio; the target is >= 0.80 (reading and decoding hidden 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -63,11 +64,21 @@ def bare_forward_rate(store: FeatureStore, extract_cfg: ExtractConfig) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slides", type=int, default=8)
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sasha-bench-extract")
-    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sasha-bench-extract"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="DataLoader worker counts to time (default: 0 1)",
+    )
     args = parser.parse_args()
 
     cfg = load_config(args.preset)
@@ -78,27 +89,39 @@ def main() -> None:
     extract_cfg = ExtractConfig.from_dict(cfg["extract"])
     if args.num_workers is not None:
         extract_cfg.num_workers = args.num_workers
-    out = args.workdir / "features.zarr"
-    shutil.rmtree(out, ignore_errors=True)
-    build_backbone(extract_cfg.backbone)  # load once so both runs find the weights in the page cache
+    build_backbone(
+        extract_cfg.backbone
+    )  # load once so every run finds the weights in the page cache
 
-    t0 = time.perf_counter()
-    report = extract_cohort(manifest, out, grid_cfg, extract_cfg, progress=False)
-    pipeline_s = time.perf_counter() - t0
-    assert report.ok, report.summary()
-    n_images = report.n_patches * (1 + grid_cfg.k)
-    pipeline_rate = n_images / pipeline_s
+    rates: dict[int, float] = {}
+    for workers in args.workers:
+        extract_cfg.num_workers = workers
+        out = args.workdir / f"features-w{workers}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        report = extract_cohort(manifest, out, grid_cfg, extract_cfg, progress=False)
+        seconds = time.perf_counter() - t0
+        assert report.ok, report.summary()
+        n_images = report.n_patches * (1 + grid_cfg.k)
+        rates[workers] = n_images / seconds
     bare_rate, n_bare = bare_forward_rate(FeatureStore(out), extract_cfg)
     assert n_bare == n_images
 
-    print(f"preset={args.preset} slides={args.slides} patches={report.n_patches} images={n_images} "
-          f"batch={extract_cfg.batch_size} workers={extract_cfg.num_workers} threads={torch.get_num_threads()}")
-    print("| measure | images/s |")
-    print("|---|---|")
-    print(f"| extraction pipeline (read + decode + grid + backbone + write) | {pipeline_rate:.0f} |")
-    print(f"| backbone bare forward on the same images | {bare_rate:.0f} |")
-    ratio = pipeline_rate / bare_rate
-    print(f"ratio pipeline/bare = {ratio:.2f} (target >= 0.80) -> {'PASS' if ratio >= 0.8 else 'MISS'}")
+    print(
+        f"preset={args.preset} slides={args.slides} patches={report.n_patches} images={n_images} "
+        f"batch={extract_cfg.batch_size} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}"
+    )
+    print("| measure | images/s | vs bare |")
+    print("|---|---|---|")
+    for workers, rate in rates.items():
+        print(
+            f"| extraction pipeline, {workers} DataLoader worker(s) (read, decode, grid, embed, write) | {rate:.0f} | {rate / bare_rate:.2f} |"
+        )
+    print(f"| backbone bare forward on the same images, in memory | {bare_rate:.0f} | 1.00 |")
+    best = max(rates.values()) / bare_rate
+    print(
+        f"best pipeline/bare = {best:.2f} (target >= 0.80) -> {'PASS' if best >= 0.8 else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,14 @@ def tissue_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     blob = ((yy - h / 2) / (0.4 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 < 1
     img = np.full((h, w, 3), 240, np.uint8)
-    tissue = np.stack([200 + 30 * rng.random((h, w)), 110 + 40 * rng.random((h, w)), 170 + 30 * rng.random((h, w))], -1)
+    tissue = np.stack(
+        [
+            200 + 30 * rng.random((h, w)),
+            110 + 40 * rng.random((h, w)),
+            170 + 30 * rng.random((h, w)),
+        ],
+        -1,
+    )
     img[blob] = tissue[blob].astype(np.uint8)
     return img
 
@@ -34,7 +41,9 @@ def write_single_level_tiff(path: Path, image: np.ndarray, mpp: float | None = 0
     return path
 
 
-def write_ome_pyramid(path: Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float = 0.5) -> Path:
+def write_ome_pyramid(
+    path: Path, image: np.ndarray, downsamples=(1, 2, 4), mpp: float = 0.5
+) -> Path:
     """An OME-TIFF pyramid with sub-IFDs, written the way bfconvert/tifffile users write them."""
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         opts = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
@@ -70,7 +79,11 @@ def tiny_store(tiny_cohort, tmp_path_factory) -> Path:
     cfg = load_config("tiny")
     out = tmp_path_factory.mktemp("tiny_store") / "features.zarr"
     report = extract_cohort(
-        tiny_cohort, out, GridConfig.from_dict(cfg["grid"]), ExtractConfig.from_dict(cfg["extract"]), progress=False
+        tiny_cohort,
+        out,
+        GridConfig.from_dict(cfg["grid"]),
+        ExtractConfig.from_dict(cfg["extract"]),
+        progress=False,
     )
     assert report.ok, report.summary()
     return out

@@ -82,7 +82,9 @@ def test_stored_features_equal_backbone_on_patches_read_directly(tiny_store):
             sub_x, sub_y = x, y + p * attrs["hi_downsample"]
             direct_hi = slide.read(int(sub_x), int(sub_y), p, attrs["hi_downsample"])
             feats = embed_patches(
-                backbone, torch.from_numpy(np.stack([direct_lo, direct_hi])), store.attrs["input_px"]
+                backbone,
+                torch.from_numpy(np.stack([direct_lo, direct_hi])),
+                store.attrs["input_px"],
             ).numpy()
             np.testing.assert_allclose(feats[0], lo[i], rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(feats[1], hi[i, zoom], rtol=1e-4, atol=1e-4)
@@ -125,10 +127,21 @@ def test_bad_slides_are_named_and_the_rest_extracted(tmp_path, tiny_cohort):
         ("../escape", good[0].path, "tumor"),
         ("missing", tmp_path / "nope.tiff", "normal"),
     ]
-    (tmp_path / "m.csv").write_text("slide_id,path,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    (tmp_path / "m.csv").write_text(
+        "slide_id,path,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    )
     out = tmp_path / "f.zarr"
     proc = subprocess.run(
-        [*SASHA, "extract", str(tmp_path / "m.csv"), "--out", str(out), "--preset", "tiny", "--quiet"],
+        [
+            *SASHA,
+            "extract",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -137,9 +150,15 @@ def test_bad_slides_are_named_and_the_rest_extracted(tmp_path, tiny_cohort):
     assert FeatureStore(out).slide_ids() == ["good0", "good1"]
     failed = json.loads((out / "extract_report.json").read_text())["failed"]
     assert set(failed) == {"truncated", "textfile", "blank", "small", "dup", "../escape", "missing"}
-    assert "not a readable whole-slide image" in failed["textfile"] and "text.svs" in failed["textfile"]
+    assert (
+        "not a readable whole-slide image" in failed["textfile"]
+        and "text.svs" in failed["textfile"]
+    )
     assert "no tissue" in failed["blank"] and "smaller than one low-res patch" in failed["small"]
-    assert "duplicate slide_id 'dup'" in failed["dup"] and "not a safe file name" in failed["../escape"]
+    assert (
+        "duplicate slide_id 'dup'" in failed["dup"]
+        and "not a safe file name" in failed["../escape"]
+    )
     assert "not found" in failed["missing"] and "truncated.tiff" in failed["truncated"]
     for sid in failed:
         assert f"FAILED {sid}:" in proc.stdout
@@ -149,8 +168,21 @@ def test_bad_slides_are_named_and_the_rest_extracted(tmp_path, tiny_cohort):
 def test_resume_after_killed_run(tmp_path, tiny_cohort):
     manifest = _subset_manifest(tiny_cohort, tmp_path / "m.csv", 6)
     out = tmp_path / "f.zarr"
-    cmd = [*SASHA, "extract", str(manifest), "--out", str(out), "--preset", "tiny", "--quiet", "--batch-size", "20"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        *SASHA,
+        "extract",
+        str(manifest),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--quiet",
+        "--batch-size",
+        "20",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 120
     while not ((out / "zarr.json").is_file() and FeatureStore(out).slide_ids()):
         assert time.time() < deadline, "extraction never wrote a slide"
@@ -160,7 +192,10 @@ def test_resume_after_killed_run(tmp_path, tiny_cohort):
     done_before = FeatureStore(out).slide_ids()
     assert 1 <= len(done_before) < 6
     for sid in done_before:  # whatever is visible is complete
-        assert FeatureStore(out).read(sid, "highres").shape[0] == FeatureStore(out).slide_attrs(sid)["n_patches"]
+        assert (
+            FeatureStore(out).read(sid, "highres").shape[0]
+            == FeatureStore(out).slide_attrs(sid)["n_patches"]
+        )
     report = extract_cohort(manifest, out, GRID, EXTRACT, progress=False)
     assert report.ok
     assert sorted(report.skipped) == done_before
@@ -179,9 +214,25 @@ def test_ddp_extraction_with_two_cpu_processes(tmp_path, tiny_cohort):
     manifest = _subset_manifest(tiny_cohort, tmp_path / "m.csv", 4)
     out = tmp_path / "f.zarr"
     proc = subprocess.run(
-        [*SASHA, "extract", str(manifest), "--out", str(out), "--preset", "tiny", "--quiet",
-         "--devices", "2", "--strategy", "ddp", "--num-workers", "0"],
-        capture_output=True, text=True, timeout=300,
+        [
+            *SASHA,
+            "extract",
+            str(manifest),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--quiet",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--num-workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(FeatureStore(out).slide_ids()) == 4

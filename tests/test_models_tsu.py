@@ -70,3 +70,12 @@ def test_tsu_beats_identity_on_held_out_pairs(tmp_path):
     assert mse < 0.5 * identity, (mse, identity)
     rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "val/identity_loss" in rows and "val/loss" in rows
+
+
+def test_residual_tsu_starts_at_identity_and_has_no_output_norm():
+    cfg = TSUConfig(d=6, residual=True)
+    tsu = TSU(cfg)
+    z_j = torch.randn(5, 6) * 3 + 1
+    out = tsu(torch.randn(6), torch.randn(6), z_j)
+    torch.testing.assert_close(out, z_j)  # zero-initialised correction
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in tsu.modules())

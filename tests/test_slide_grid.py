@@ -94,7 +94,9 @@ def test_grid_uses_mpp_when_the_slide_has_one(tmp_path):
 
 
 def test_no_tissue_and_too_small_slides_are_named(tmp_path):
-    blank = Slide(write_single_level_tiff(tmp_path / "blank.tif", np.full((256, 256, 3), 242, np.uint8)))
+    blank = Slide(
+        write_single_level_tiff(tmp_path / "blank.tif", np.full((256, 256, 3), 242, np.uint8))
+    )
     with pytest.raises(GridError, match="blank.tif: no tissue"):
         build_grid(blank, GridConfig(patch_px=16, zoom=2))
     small = Slide(write_single_level_tiff(tmp_path / "small.tif", tissue_image(40, 40)))

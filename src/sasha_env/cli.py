@@ -71,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     _add_preset(p)
-    p.add_argument("--slides", type=int, default=None, metavar="N", help="number of slides (default: the preset's)")
+    p.add_argument(
+        "--slides",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of slides (default: the preset's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
@@ -84,13 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
         "group per slide). Finished slides are skipped, so a killed run resumes; a slide "
         "that fails is named and skipped, the others are kept, and the exit status is 1.",
     )
-    p.add_argument("manifest", type=Path, metavar="CSV", help="manifest: slide_id,path,label[,split]")
-    p.add_argument("--out", type=Path, required=True, metavar="STORE", help="feature store directory (e.g. features.zarr)")
+    p.add_argument(
+        "manifest", type=Path, metavar="CSV", help="manifest: slide_id,path,label[,split]"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="STORE",
+        help="feature store directory (e.g. features.zarr)",
+    )
     _add_preset(p)
-    p.add_argument("--backbone", default=None, help="backbone name, e.g. efficientnet-lite0 or timm:NAME (default: the preset's)")
-    p.add_argument("--backbone-checkpoint", type=Path, default=None, metavar="PATH", help="local weights for the backbone (.safetensors or a state_dict .pt)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the preset's)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers decoding patches (default: the preset's)")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone name, e.g. efficientnet-lite0 or timm:NAME (default: the preset's)",
+    )
+    p.add_argument(
+        "--backbone-checkpoint",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="local weights for the backbone (.safetensors or a state_dict .pt)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: the preset's)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding patches (default: the preset's)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_scaleout(p)
     p.set_defaults(func=_cmd_extract)
@@ -103,12 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
         "WORKDIR/results.json. A stage whose outputs are complete (same configuration) is "
         "skipped, so a killed run resumes where it stopped.",
     )
-    p.add_argument("--manifest", type=Path, default=None, metavar="CSV", help="cohort manifest (optional when WORKDIR already has one)")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="cohort manifest (optional when WORKDIR already has one)",
+    )
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR", help="output folder")
     _add_preset(p)
-    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE", help="only these stages (default: all)")
-    p.add_argument("--force", nargs="+", default=(), metavar="STAGE", help="re-run these stages even if cached")
-    p.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None, help="log training to Weights & Biases (offline needs no network)")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        metavar="STAGE",
+        help="only these stages (default: all)",
+    )
+    p.add_argument(
+        "--force", nargs="+", default=(), metavar="STAGE", help="re-run these stages even if cached"
+    )
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default=None,
+        help="log training to Weights & Biases (offline needs no network)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_scaleout(p)
     p.set_defaults(func=_cmd_pipeline)
@@ -120,10 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         "exist). 'distill' rewrites the distilled features after a new HAFED. Use --devices 2 "
         "--strategy ddp for data-parallel training (gloo on CPU, NCCL on GPUs).",
     )
-    p.add_argument("stage", choices=("hafed", "distill", "tsu", "lowres", "abmil", "meanmil", "maxmil", "transmil"))
+    p.add_argument(
+        "stage",
+        choices=("hafed", "distill", "tsu", "lowres", "abmil", "meanmil", "maxmil", "transmil"),
+    )
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR")
     _add_preset(p)
-    p.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None, help="log to Weights & Biases")
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default=None,
+        help="log to Weights & Biases",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_scaleout(p)
     p.set_defaults(func=_cmd_train)
@@ -135,9 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline with DIR as its workdir, then print results.json as a Markdown table. "
         "Re-running resumes.",
     )
-    p.add_argument("dir", type=Path, nargs="?", default=Path("demo-run"), metavar="DIR", help="(default: demo-run)")
+    p.add_argument(
+        "dir",
+        type=Path,
+        nargs="?",
+        default=Path("demo-run"),
+        metavar="DIR",
+        help="(default: demo-run)",
+    )
     _add_preset(p)
-    p.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None, help="log to Weights & Biases")
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default=None,
+        help="log to Weights & Biases",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -169,7 +242,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args, args.workdir, args.manifest)
     pipe.run(args.stages, force=tuple(args.force))
-    if _is_rank_zero() and pipe.wd.results.is_file() and (args.stages is None or "evaluate" in args.stages):
+    if (
+        _is_rank_zero()
+        and pipe.wd.results.is_file()
+        and (args.stages is None or "evaluate" in args.stages)
+    ):
         print(format_table(pipe.wd.results))
     return 0
 
@@ -188,7 +265,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = load_config(args.preset, args.config)
-    manifest = synthesize_cohort(args.dir / "cohort", SynthConfig.from_dict(cfg["synth"]), seed=int(cfg.get("seed", 0)), progress=not args.quiet)
+    manifest = synthesize_cohort(
+        args.dir / "cohort",
+        SynthConfig.from_dict(cfg["synth"]),
+        seed=int(cfg.get("seed", 0)),
+        progress=not args.quiet,
+    )
     pipe = _pipeline(args, args.dir, manifest)
     pipe.run()
     if _is_rank_zero():
@@ -220,7 +302,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         k: v
         for k, v in {
             "backbone": args.backbone,
-            "backbone_checkpoint": str(args.backbone_checkpoint) if args.backbone_checkpoint else None,
+            "backbone_checkpoint": str(args.backbone_checkpoint)
+            if args.backbone_checkpoint
+            else None,
             "batch_size": args.batch_size,
             "num_workers": args.num_workers,
         }.items()

@@ -27,6 +27,8 @@ def quiet_lightning() -> None:
     import logging
     import warnings
 
+    import lightning  # noqa: F401  (it sets its loggers' levels on import: import first)
+
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

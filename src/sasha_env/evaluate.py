@@ -29,7 +29,9 @@ FULL_RES_METHODS = (
 )
 
 
-def evaluate_workdir(wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = print) -> dict:
+def evaluate_workdir(
+    wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = print
+) -> dict:
     """Metrics of every method whose model exists in ``wd``, written to ``wd.results``."""
     from sasha_models.lit import load_model, predict_probs
     from sasha_models.metrics import classification_metrics
@@ -62,7 +64,10 @@ def evaluate_workdir(wd: Workdir, cfg: dict, split: str = "test", log: Callable[
 
 
 def _clean(metrics: dict) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else float(v)) for k, v in metrics.items()}
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else float(v))
+        for k, v in metrics.items()
+    }
 
 
 def format_table(results: dict | str | Path) -> str:
@@ -74,6 +79,8 @@ def format_table(results: dict | str | Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for m in results["methods"]:
-        cells = ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("auc", "accuracy", "f1", "ece")]
+        cells = [
+            "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("auc", "accuracy", "f1", "ece")
+        ]
         lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -95,11 +95,12 @@ class Pipeline:
         self.wd.root.mkdir(parents=True, exist_ok=True)
         self.cfg = load_config(self.preset, self.config_path, self.overrides)
         self.seed = int(self.cfg.get("seed", 0))
-        self._keys: dict[str, str] = {}
         quiet_lightning()
 
     # ------------------------------------------------------------------ plumbing
-    def run(self, stages: tuple[str, ...] | list[str] | None = None, force: tuple[str, ...] = ()) -> dict:
+    def run(
+        self, stages: tuple[str, ...] | list[str] | None = None, force: tuple[str, ...] = ()
+    ) -> dict:
         """Run ``stages`` (default: all) in order; ``force`` re-runs those even when cached.
 
         Returns:
@@ -122,7 +123,9 @@ class Pipeline:
         if self.manifest is not None:
             parsed = read_manifest_lenient(self.manifest)
             if parsed.manifest is None:
-                raise ManifestError(f"{self.manifest}: no usable rows: " + "; ".join(parsed.errors.values()))
+                raise ManifestError(
+                    f"{self.manifest}: no usable rows: " + "; ".join(parsed.errors.values())
+                )
             for sid, msg in parsed.errors.items():
                 self.log(f"[manifest] skipping {sid}: {msg}")
             fresh = parsed.manifest
@@ -130,7 +133,10 @@ class Pipeline:
                 old = {r.slide_id: r.split for r in read_manifest(self.wd.manifest).records}
                 fresh = Manifest(
                     fresh.path,
-                    [type(r)(r.slide_id, r.path, r.label, r.split or old.get(r.slide_id)) for r in fresh.records],
+                    [
+                        type(r)(r.slide_id, r.path, r.label, r.split or old.get(r.slide_id))
+                        for r in fresh.records
+                    ],
                     fresh.class_names,
                 )
             split_cfg = self.cfg.get("split", {})
@@ -140,16 +146,29 @@ class Pipeline:
             raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
 
     def _key(self, stage: str) -> str:
-        if stage not in self._keys:
-            own = {"section": self.cfg.get(_SECTION.get(stage, stage)), "seed": self.seed}
-            if stage == "extract":
-                own = {"grid": self.cfg.get("grid"), "extract": self.cfg.get("extract")}
-            upstream = [self._key(u) for u in UPSTREAM[stage]]
-            self._keys[stage] = _hash([stage, own, upstream])
-        return self._keys[stage]
+        """Hash of the stage's configuration and of its upstream stages' outputs (model hashes...)."""
+        own = {"section": self._section(stage), "seed": self.seed}
+        if stage == "extract":
+            own = {"grid": self.cfg.get("grid"), "extract": self.cfg.get("extract")}
+        upstream = []
+        for u in UPSTREAM[stage]:
+            marker = self.wd.marker(u)
+            upstream.append(json.loads(marker.read_text())["outputs"] if marker.is_file() else None)
+        return _hash([stage, own, upstream])
+
+    def _section(self, stage: str) -> dict:
+        """The stage's effective config: its section, with per-model overrides applied."""
+        section = dict(self.cfg.get(_SECTION.get(stage, stage)) or {})
+        per_model = dict(section.pop("models", None) or {}).get(stage, {})
+        return {**section, **per_model}
 
     def _run_stage(self, stage: str, force: bool = False) -> dict:
         marker_path = self.wd.marker(stage)
+        for upstream in UPSTREAM[stage]:
+            if not self.wd.marker(upstream).is_file():
+                raise FileNotFoundError(
+                    f"stage '{stage}' needs stage '{upstream}' first (no {self.wd.marker(upstream)})"
+                )
         key = self._key(stage)
         if marker_path.is_file() and not force:
             marker = json.loads(marker_path.read_text())
@@ -157,15 +176,15 @@ class Pipeline:
                 self.log(f"[{stage}] done earlier, skipped ({marker_path})")
                 return marker
             self.log(f"[{stage}] configuration or upstream changed: running again")
-        for upstream in UPSTREAM[stage]:
-            if not self.wd.marker(upstream).is_file():
-                raise FileNotFoundError(
-                    f"stage '{stage}' needs stage '{upstream}' first (no {self.wd.marker(upstream)})"
-                )
         self.log(f"[{stage}] running")
         t0 = time.perf_counter()
         outputs = getattr(self, f"_stage_{_METHOD.get(stage, stage)}")(stage)
-        marker = {"stage": stage, "key": key, "seconds": round(time.perf_counter() - t0, 2), "outputs": outputs}
+        marker = {
+            "stage": stage,
+            "key": key,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "outputs": outputs,
+        }
         if _is_global_zero():
             marker_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker_path.with_suffix(".tmp")
@@ -213,7 +232,7 @@ class Pipeline:
         n = len(FeatureStore(self.wd.store))
         if n == 0:
             raise RuntimeError("extraction produced no slide; see the errors above")
-        return {"slides": n, "failed": report.failed, "n_patches_new": report.n_patches}
+        return {"slides": n, "failed": report.failed}
 
     def _stage_hafed(self, stage: str) -> dict:
         from sasha_models.data import BagDataModule
@@ -221,11 +240,16 @@ class Pipeline:
         from sasha_models.lit import HAFEDModule, train_model
 
         bags = self.bags()
-        section = dict(self.cfg.get("hafed", {}))
+        section = self._section("hafed")
         cfg = HAFEDConfig(d_in=bags.feature_dim, n_classes=len(bags.class_names), **section)
         module = HAFEDModule(cfg, seed=self.seed)
-        path = train_model(module, BagDataModule(bags, "highres"), self.wd.model_dir("hafed"), **self._train_kwargs())
-        return {"model": str(path)}
+        path = train_model(
+            module,
+            BagDataModule(bags, "highres"),
+            self.wd.model_dir("hafed"),
+            **self._train_kwargs(),
+        )
+        return {"model": str(path), "sha256": file_sha256(path)}
 
     def _stage_distill(self, stage: str) -> dict:
         from sasha_models.lit import check_feature_dim, load_model
@@ -244,11 +268,16 @@ class Pipeline:
             iterator = tqdm(ids, desc="distill", unit="slide")
         with torch.inference_mode():
             for sid in iterator:
-                if store.has_array(sid, "distilled") and store.array_attrs(sid, "distilled").get("hafed_sha256") == digest:
+                if (
+                    store.has_array(sid, "distilled")
+                    and store.array_attrs(sid, "distilled").get("hafed_sha256") == digest
+                ):
                     continue
                 hi = torch.from_numpy(store.read(sid, "highres"))
                 v = hafed.distill(hi).float().numpy()
-                store.write_array(sid, "distilled", v, {"hafed_sha256": digest, "hafed": str(model_path)})
+                store.write_array(
+                    sid, "distilled", v, {"hafed_sha256": digest, "hafed": str(model_path)}
+                )
                 n_new += 1
         return {"slides": len(ids), "distilled_now": n_new, "hafed_sha256": digest}
 
@@ -258,7 +287,7 @@ class Pipeline:
         from sasha_models.tsu import TSUConfig
 
         bags = self.bags()
-        section = dict(self.cfg.get("tsu", {}))
+        section = self._section("tsu")
         tau = section.pop("tau", 0.95)
         if tau == "auto":
             tau = calibrate_tau(bags, float(section.pop("tau_quantile", 0.98)), self.seed)
@@ -268,32 +297,40 @@ class Pipeline:
         module = TSUModule(cfg, seed=self.seed)
         data = TSUPairDataModule(bags, tau=cfg.tau, n_anchors=cfg.n_anchors, seed=self.seed)
         path = train_model(module, data, self.wd.model_dir("tsu"), **self._train_kwargs())
-        return {"model": str(path), "tau": float(cfg.tau)}
+        return {"model": str(path), "sha256": file_sha256(path), "tau": float(cfg.tau)}
 
     def _stage_mil(self, stage: str) -> dict:
         from sasha_models.data import BagDataModule
         from sasha_models.lit import MILModule, train_model
 
         bags = self.bags()
-        section = dict(self.cfg.get(_SECTION.get(stage, stage), {}) or {})
-        per_model = dict(section.pop("models", {}) or {}).get(stage, {})
-        section.update(per_model)
+        section = self._section(stage)
+        train_kwargs = self._train_kwargs()
+        if "cpu_threads" in section:  # e.g. a transformer wants every core, small bags one
+            train_kwargs["cpu_threads"] = section.pop("cpu_threads")
         name = "attention_mil" if stage == "lowres" else stage
         kind = "lowres" if stage == "lowres" else "highres"
         module = MILModule(name, bags.feature_dim, len(bags.class_names), seed=self.seed, **section)
         data = BagDataModule(bags, kind, flatten_highres=kind == "highres")
-        path = train_model(module, data, self.wd.model_dir(stage), **self._train_kwargs())
-        return {"model": str(path)}
+        path = train_model(module, data, self.wd.model_dir(stage), **train_kwargs)
+        return {"model": str(path), "sha256": file_sha256(path)}
 
     def _stage_evaluate(self, stage: str) -> dict:
         from .evaluate import evaluate_workdir
 
         results = evaluate_workdir(self.wd, self.cfg, log=self.log)
-        return {"results": str(self.wd.results), "methods": [m["method"] for m in results["methods"]]}
+        return {
+            "results": str(self.wd.results),
+            "methods": [m["method"] for m in results["methods"]],
+        }
 
 
 #: config section of each stage, where it is not the stage's own name
-_SECTION = {"lowres": "lowres", **{name: "baselines" for name in BASELINE_STAGES}, "distill": "hafed"}
+_SECTION = {
+    "lowres": "lowres",
+    **{name: "baselines" for name in BASELINE_STAGES},
+    "distill": "hafed",
+}
 #: method implementing each stage, where it is not _stage_<name>
 _METHOD = {"lowres": "mil", **{name: "mil" for name in BASELINE_STAGES}}
 
@@ -321,4 +358,7 @@ def calibrate_tau(bags: StoreBags, quantile: float, seed: int, n_slides: int = 3
 def _is_global_zero() -> bool:
     import os
 
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return (
+        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+        and int(os.environ.get("NODE_RANK", 0)) == 0
+    )

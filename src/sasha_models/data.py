@@ -12,6 +12,7 @@ pairs of all the batch's slides concatenated.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -203,7 +204,7 @@ def pairs_collate(batch: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     return tuple(torch.cat(parts, dim=0) for parts in zip(*batch, strict=True))
 
 
-class _SplitDataModule(L.LightningDataModule):
+class _SplitDataModule(L.LightningDataModule, abc.ABC):
     """Train/val/test loaders over a source's splits; subclasses build the datasets."""
 
     collate_fn = staticmethod(pad_collate)
@@ -213,8 +214,9 @@ class _SplitDataModule(L.LightningDataModule):
         self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
         self.datasets: dict[str, Dataset] = {}
 
+    @abc.abstractmethod
     def make_dataset(self, split: str) -> Dataset:
-        raise NotImplementedError
+        """The dataset of one split."""
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import time
@@ -78,7 +79,7 @@ def slide_logits(
     return out["slide_logits"] if isinstance(out, dict) else out
 
 
-class _SashaModule(L.LightningModule):
+class _SashaModule(L.LightningModule, abc.ABC):
     """Shared optimiser/schedule and export logic."""
 
     monitor: str = "val/score"
@@ -93,12 +94,12 @@ class _SashaModule(L.LightningModule):
         )
         self.model: nn.Module
 
-    @property
-    def kind(self) -> str:
-        raise NotImplementedError
+    kind: str
+    """Checkpoint kind: ``'hafed'``, ``'tsu'`` or ``'mil:<name>'`` (set by each subclass)."""
 
+    @abc.abstractmethod
     def model_config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Plain-dict configuration that rebuilds the wrapped model."""
 
     def export(self) -> dict[str, Any]:
         """``{'state_dict', 'config', 'kind'}`` of the wrapped model (CPU tensors)."""
@@ -135,11 +136,13 @@ class _ClassifierModule(_SashaModule):
         self._val_probs: list[Tensor] = []
         self._val_labels: list[Tensor] = []
 
+    @abc.abstractmethod
     def training_loss(self, x: Tensor, mask: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        """``(total loss, named parts)`` of a batch."""
 
+    @abc.abstractmethod
     def slide_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Slide logits ``(B, C)`` of a batch."""
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, mask, y = batch
@@ -435,6 +438,7 @@ def train_model(
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
+        save_weights_only=True,  # model.pt is exported from it; optimizer state would triple the I/O
     )
     trainer_args: dict[str, Any] = {
         "max_epochs": max_epochs,

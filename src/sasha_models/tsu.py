@@ -37,6 +37,11 @@ class TSUConfig:
             optimiser's initial value (``lr: 0.00004``; TCGA 0.0003).
         weight_decay: AdamW weight decay (``reg: 0.0004``; TCGA 0.005).
         max_epochs: epochs over the training slides (``train_epoch: 100``; TCGA 500).
+        residual: ``False`` (paper): ``LayerNorm(MLP([v_a, z_a, z_j]))``, which suits
+            layer-normalised ViT features. ``True``: ``z_j + MLP([v_a, z_a, z_j])`` without the
+            output LayerNorm, last layer zero-initialised so training starts at the identity
+            baseline — for features that are not layer-normalised (e.g. pooled CNN features,
+            whose rows differ in scale, which an output LayerNorm cannot reproduce).
     """
 
     d: int = 384
@@ -46,6 +51,7 @@ class TSUConfig:
     lr: float = 4e-5
     weight_decay: float = 4e-4
     max_epochs: int = 100
+    residual: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of the fields (what checkpoints store)."""
@@ -57,7 +63,7 @@ class TSUConfig:
 
 
 class TSU(nn.Module):
-    """MLP ``[v_a, z_a, z_j] (3d) -> 2d -> d``, GELU, output LayerNorm.
+    """MLP ``[v_a, z_a, z_j] (3d) -> 2d -> d``, GELU, output LayerNorm (or residual, see config).
 
     Shapes:
         ``forward(v_a: (..., d), z_a: (..., d), z_j: (..., d)) -> (..., d)``; the three inputs
@@ -70,9 +76,12 @@ class TSU(nn.Module):
             cfg = TSUConfig() if cfg is None else TSUConfig(d=cfg)
         self.cfg = cfg
         d, hidden = cfg.d, cfg.d_hidden or 2 * cfg.d
-        self.net = nn.Sequential(
-            nn.Linear(3 * d, hidden), nn.GELU(), nn.Linear(hidden, d), nn.LayerNorm(d)
-        )
+        head = nn.Linear(hidden, d)
+        if cfg.residual:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        out_norm = nn.Identity() if cfg.residual else nn.LayerNorm(d)
+        self.net = nn.Sequential(nn.Linear(3 * d, hidden), nn.GELU(), head, out_norm)
 
     @property
     def d_in(self) -> int:
@@ -80,7 +89,8 @@ class TSU(nn.Module):
 
     def forward(self, v_a: Tensor, z_a: Tensor, z_j: Tensor) -> Tensor:
         v_a, z_a, z_j = torch.broadcast_tensors(v_a, z_a, z_j)
-        return self.net(torch.cat([v_a, z_a, z_j], dim=-1))
+        out = self.net(torch.cat([v_a, z_a, z_j], dim=-1))
+        return z_j + out if self.cfg.residual else out
 
 
 def similar_mask(z: Tensor, anchor: int | Tensor, tau: float) -> Tensor:

@@ -1,0 +1,248 @@
+"""Sasha-WSI-v0: step rate with and without incremental evaluation, and PPO's memory.
+
+    python experiments/bench_env.py [--sizes 512 2048 8192] [--d 384] [--steps 200]
+                                    [--skip-speed] [--skip-memory]
+
+1. **Step rate.** For each N, a slide of N random clustered features (d = 384; clusters of
+   ~32 patches with |cos| ≈ 0.98 inside, so the TSU updates whole clusters) and random-init
+   HAFED (paper config: 5 branches, hidden 128) and TSU (τ = 0.95) built in memory and
+   written to a temporary store. Two environments on the same data, ``incremental=True``
+   and ``incremental=False`` (full re-scoring of all N rows each step), take the same random
+   legal actions, alternating blocks of episodes so both see the same machine state. Prints
+   steps/s of each and their ratio (target >= 10x at N = 8192).
+2. **Memory.** A demo-sized cohort (16 slides, N ≈ 150, d = 1280, like the embedded demo
+   with efficientnet-lite0 features) written as a workdir; SB3 PPO (``MultiInputPolicy``,
+   ``n_steps=128``) learns for 2 rollouts on 4 ``SubprocVecEnv`` workers. Prints the peak
+   resident set size (``VmHWM``) of the main process and of every descendant (forkserver and
+   workers) and their sum (target < 4 GiB). One observation is
+   ``max_patches·(4d + 10)`` bytes; the rollout buffer holds ``n_steps × n_envs`` of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sasha_env.env import SashaWSIEnv, observation_nbytes
+from sasha_env.store import FeatureStore
+from sasha_models.hafed import HAFED, HAFEDConfig
+from sasha_models.tsu import TSU, TSUConfig
+
+
+# ------------------------------------------------------------------ synthetic data
+def clustered_features(n: int, d: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``z, v (n, d)`` float32: clusters of ~32 rows, |cos| ≈ 0.98 within, ≈ 0 across."""
+    n_clusters = max(1, n // 32)
+    centres = rng.normal(size=(n_clusters, d))
+    z = centres[rng.integers(0, n_clusters, n)] + 0.15 * rng.normal(size=(n, d))
+    v = z + 0.3 * rng.normal(size=(n, d))
+    return z.astype(np.float32), v.astype(np.float32)
+
+
+def write_store(path: Path, d: int, slides: dict[str, tuple[np.ndarray, np.ndarray, str]]) -> None:
+    """A feature store with ``slides[id] = (z, v, label)``; the lattice is 64 columns wide."""
+    store = FeatureStore.create(
+        path,
+        {"backbone": "bench", "backbone_dim": d, "patch_px": 32, "zoom": 4, "hi_downsample": 1.0},
+    )
+    for sid, (z, v, label) in slides.items():
+        n = len(z)
+        cells = np.stack([np.arange(n) // 64, np.arange(n) % 64], 1).astype(np.int64)
+        attrs = {
+            "label": label,
+            "path": f"/nonexistent/{sid}.tiff",
+            "dimensions": [64 * 128, int(cells[-1, 0] + 1) * 128],
+            "n_patches": n,
+            "shape": [int(cells[-1, 0]) + 1, 64],
+            "patch_px": 32,
+            "lo_downsample": 4.0,
+        }
+        arrays = {"lowres": z, "coords": cells[:, ::-1] * 128, "cells": cells}
+        store.write_slide(sid, arrays, attrs)
+        store.write_array(sid, "distilled", v)
+
+
+def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide_id", "path", "label", "split"])
+        for sid, label, split in rows:
+            w.writerow([sid, f"/nonexistent/{sid}.tiff", label, split])
+
+
+# ------------------------------------------------------------------ 1. step rate
+def run_steps(env: SashaWSIEnv, seed: int, n_steps: int) -> float:
+    """Seconds spent in ``step`` over ``n_steps`` random legal steps (resets not counted)."""
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    spent, done = 0.0, 0
+    while done < n_steps:
+        legal = np.flatnonzero(env.action_masks())
+        action = int(rng.choice(legal))
+        t0 = time.perf_counter()
+        _, _, terminated, _, _ = env.step(action)
+        spent += time.perf_counter() - t0
+        done += 1
+        if terminated:
+            env.reset()
+    return spent
+
+
+def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
+    torch.manual_seed(0)
+    hafed = HAFED(HAFEDConfig(d_in=d)).eval()
+    tsu = TSU(TSUConfig(d=d, tau=0.95)).eval()
+    rng = np.random.default_rng(0)
+    slides = {f"n{n}": (*clustered_features(n, d, rng), "1") for n in sizes}
+    write_store(root / "speed.zarr", d, slides)
+    print(f"step rate, d = {d}, HAFED 5 branches x hidden 128, TSU tau 0.95, frac 0.1")
+    print(f"{'N':>6} {'incremental/s':>14} {'full/s':>10} {'ratio':>7} {'rows/step':>10}")
+    for n in sizes:
+        manifest = root / f"manifest_n{n}.csv"
+        write_manifest(manifest, [(f"n{n}", "1", "train"), ("other0", "0", "test")])
+        kw = dict(store=root / "speed.zarr", manifest=manifest, hafed=hafed, tsu=tsu, frac=0.1)
+        envs = {flag: SashaWSIEnv(**kw, incremental=flag) for flag in (True, False)}
+        for env in envs.values():  # warm-up: load the slide, touch the buffers
+            run_steps(env, 0, 5)
+        spent = dict.fromkeys(envs, 0.0)
+        block = max(1, steps // 4)
+        for rep in range(4):  # alternate blocks: both see the same machine state
+            for flag, env in envs.items():
+                spent[flag] += run_steps(env, rep + 1, block)
+        inc, full = 4 * block / spent[True], 4 * block / spent[False]
+        env = envs[True]
+        env.reset(seed=0)
+        for _ in range(env.budget):
+            env.step(int(np.flatnonzero(env.action_masks())[0]))
+        changed = (env.budget + int(env._updated.sum())) / env.budget  # zoomed + TSU rows
+        print(f"{n:>6} {inc:>14.1f} {full:>10.1f} {inc / full:>6.1f}x {changed:>10.1f}")
+
+
+# ------------------------------------------------------------------ 2. memory
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _make_env(workdir: str, rank: int):
+    def thunk():
+        torch.set_num_threads(1)  # 4 workers on a small CPU: one thread each
+        import gymnasium as gym
+
+        import sasha_env  # noqa: F401 - registers Sasha-WSI-v0 in the worker
+
+        return gym.make("Sasha-WSI-v0", workdir=workdir, split="train", frac=0.1)
+
+    return thunk
+
+
+def bench_memory(root: Path, n_slides: int = 16, d: int = 1280, n_envs: int = 4) -> None:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    from sasha_models.lit import HAFEDModule, TSUModule
+
+    wd = root / "demo_like"
+    rng = np.random.default_rng(1)
+    slides = {}
+    for i in range(n_slides):
+        z, v = clustered_features(int(rng.integers(130, 171)), d, rng)
+        slides[f"s{i:02d}"] = (z, v, str(i % 2))
+    write_store(wd / "features.zarr", d, slides)
+    write_manifest(wd / "manifest.csv", [(s, lab, "train") for s, (_, _, lab) in slides.items()])
+    for name, module in (
+        ("hafed", HAFEDModule({"d_in": d}, seed=0)),
+        ("tsu", TSUModule({"d": d, "tau": 0.95}, seed=0)),
+    ):
+        (wd / "models" / name).mkdir(parents=True)
+        torch.save({**module.export(), "meta": {}}, wd / "models" / name / "model.pt")
+
+    max_n = max(len(z) for z, _, _ in slides.values())
+    obs_b = observation_nbytes(max_n, d)
+    n_steps = 128
+    print(
+        f"\nmemory: PPO MultiInputPolicy, {n_envs} SubprocVecEnv workers, {n_slides} slides, "
+        f"N <= {max_n}, d = {d}; observation {obs_b / 1e6:.2f} MB, "
+        f"rollout buffer {n_steps * n_envs * obs_b / 2**20:.0f} MiB"
+    )
+    vec = SubprocVecEnv([_make_env(str(wd), i) for i in range(n_envs)])
+    t0 = time.perf_counter()
+    model = PPO("MultiInputPolicy", vec, n_steps=n_steps, batch_size=64, n_epochs=2, seed=0)
+    model.learn(total_timesteps=2 * n_steps * n_envs)
+    seconds = time.perf_counter() - t0
+    me = os.getpid()
+    peaks = {pid: _vm_hwm_kib(pid) for pid in [me, *_descendants(me)]}
+    vec.close()
+    total = sum(peaks.values())
+    print(f"  main process   {peaks[me] / 2**20:6.2f} GiB")
+    others = sorted((p for p in peaks if p != me), key=lambda p: -peaks[p])
+    for pid in others:
+        print(f"  child {pid:<8} {peaks[pid] / 2**20:6.2f} GiB")
+    verdict = "below" if total < 4 * 2**20 else "ABOVE"
+    print(
+        f"  sum of peaks   {total / 2**20:6.2f} GiB ({verdict} the 4 GiB target); "
+        f"{2 * n_steps * n_envs} steps in {seconds:.1f} s"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--steps", type=int, default=200, help="timed steps per mode and N")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the step-rate part (0: leave torch's default). One "
+        "thread is the fair setting for per-step work on a small or shared CPU, where a second "
+        "thread waiting on a busy core slows small ops down by 10-30x",
+    )
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_env_") as tmp:
+        if not args.skip_speed:
+            default_threads = torch.get_num_threads()
+            if args.threads > 0:
+                torch.set_num_threads(args.threads)
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs")
+            bench_speed(args.sizes, args.d, args.steps, Path(tmp))
+            torch.set_num_threads(default_threads)
+        if not args.skip_memory:
+            bench_memory(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""``Sasha-WSI-v0``: SASHA's zoom-in environment over a whole-slide image's feature state."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+from sasha_models.incremental import IncrementalClassifier
+
+from .env_data import SlideCache, SlideData, episode_budget, resolve_sources
+from .manifest import Manifest
+from .render import ThumbnailCache, draw_patches
+from .store import FeatureStore
+
+__all__ = ["SashaWSIEnv", "observation_nbytes"]
+
+PathLike = str | os.PathLike
+_EPS = 1e-8
+
+
+def observation_nbytes(max_patches: int, d: int) -> int:
+    """Bytes of one observation: ``max_patches · (4·d + 1 + 1 + 2·4)``.
+
+    ``features`` float32 (4·d per row), ``visited`` and ``valid`` int8 (1 + 1), ``coords``
+    float32 (2·4). E.g. 150 patches × d = 1280: 769,500 B; 8192 × 384: 12.7 MB.
+    """
+    return int(max_patches) * (4 * int(d) + 1 + 1 + 2 * 4)
+
+
+class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
+    """Zoom into a whole-slide image, a patch at a time, under a budget (SASHA, NeurIPS 2025).
+
+    A slide is a set of N low-resolution patch features ``z (N, d)``. The state ``S (N, d)``
+    starts as ``z``. Each step the agent names a patch ``a`` to read at high resolution:
+
+    1. every patch ``j`` that is neither zoomed nor already TSU-updated, ``j ≠ a``, with
+       ``|cos(S[j], S[a])| ≥ τ`` gets ``S[j] ← TSU([v_a, S[a], S[j]])`` and is marked updated
+       (``S`` is the state *before* this step; such a ``j`` always still holds ``z_j``);
+    2. ``S[a] ← v_a``, the distilled high-resolution vector (HAFED level 1, store array
+       ``distilled``). Zoomed rows always hold their true ``v`` (no later update touches them).
+
+    This is the official code's training environment (``envs/WSI_cosine_env.py``,
+    ``WSICosineObservationEnv.step``): the cosine and the TSU's anchor input use the current
+    state row ``S[a]``, which is ``z_a`` unless ``a`` was TSU-updated earlier (the agent may
+    zoom an updated patch; only zoomed patches are masked). The paper's text and the TSU's
+    training pairs use ``z_a``; ``anchor="lowres"`` gives that variant (``cos(z_j, z_a)``,
+    ``TSU([v_a, z_a, z_j])``). The two differ only when an updated patch is zoomed. Unlike the
+    official code, zooming continues to work after every patch is zoomed or updated.
+
+    Episodes last ``⌈frac·N⌉`` steps; ``terminated`` is set at the budget (``truncated`` comes
+    only from wrappers such as ``TimeLimit``). The reward uses the frozen HAFED slide classifier
+    on the new state, ``CE_t = −log p(label | S_t)``:
+
+    * ``reward="ce"`` (the paper's default): ``r_t = −CE_t``;
+    * ``reward="delta"``: ``r_t = CE_{t−1} − CE_t`` with ``CE_0`` on ``S_0 = z``, so the
+      rewards of an episode sum to ``CE_0 − CE_T`` (the official code gives ``−CE_1`` at t = 1);
+    * plus ``correct_bonus`` on the last step when the final prediction is right.
+
+    **Illegal actions** (a zoomed patch, a padding index ``≥ N``, or out of range) from agents
+    that ignore :meth:`action_masks` never raise: the step is consumed without a zoom (it
+    counts toward the budget), the state is unchanged, the reward is ``illegal_penalty``
+    (plus ``correct_bonus`` if it is the last step) and ``info["illegal_action"]`` is True.
+
+    Args:
+        workdir: a pipeline workdir (``features.zarr``, ``manifest.csv``,
+            ``models/hafed/model.pt``, ``models/tsu/model.pt``). Explicit arguments below
+            override its files; without a workdir, ``store``, ``manifest``, ``hafed`` and
+            ``tsu`` are all required.
+        split: the manifest split to draw slides from (``"train"``, ``"val"``, ``"test"``), or
+            ``None`` for every slide.
+        frac: fraction f of a slide's patches zoomed per episode, in (0, 1].
+        store: a :class:`~sasha_env.store.FeatureStore` or its path.
+        manifest: a :class:`~sasha_env.manifest.Manifest` or its path (labels and splits).
+        hafed: HAFED (or its level-2 ``AttentionMILClassifier``) or an exported ``model.pt``.
+        tsu: the TSU or its ``model.pt``.
+        reward: ``"ce"`` or ``"delta"`` (above).
+        correct_bonus: added to the last reward when the final prediction is correct.
+        illegal_penalty: reward of an illegal step.
+        tau: cosine threshold τ; ``None`` takes the TSU checkpoint's ``cfg.tau``.
+        anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above.
+        max_patches: padded size P of the observation and action space; ``None`` = the
+            largest N of the split. Slides with N > P cannot be loaded.
+        incremental: re-score only the rows a step changed (``False``: re-run the classifier
+            over all N rows every step; same results to float rounding).
+        cache_mb: MiB of per-slide arrays kept in memory (LRU).
+        render_mode: ``None`` or ``"rgb_array"``.
+        render_px: longest side of the rendered thumbnail in pixels.
+
+    Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
+        ``features`` ``Box(-inf, inf, (P, d), float32)`` — the state S;
+        ``visited`` ``Box(0, 1, (P,), int8)`` — 1 on zoomed patches;
+        ``valid`` ``Box(0, 1, (P,), int8)`` — 1 on the slide's N real patches;
+        ``coords`` ``Box(0, 1, (P, 2), float32)`` — lattice (row, col) / (shape − 1).
+        One observation is :func:`observation_nbytes` ``= P·(4d + 10)`` bytes; arrays are
+        fresh copies every step.
+
+    Action: ``Discrete(P)``, the patch to zoom. :meth:`action_masks` gives the legal ones.
+
+    Info: every step has ``illegal_action``; ``reset`` gives ``slide_id``, ``label``,
+    ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
+    ``prediction``, ``label``, ``correct``, ``slide_id``, ``zoomed`` (patch indices in zoom
+    order), ``zoomed_coords`` (their level-0 ``[x, y]``), ``updated`` (TSU-updated patches
+    not zoomed later), ``n_patches`` and ``frac_read``. Lists, not arrays, for the
+    variable-length entries, so that Gymnasium's vector envs can batch infos.
+
+    The models run under ``torch.inference_mode()`` in eval mode (modules passed in are put
+    in eval mode); ``torch.set_num_threads`` is left alone.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        workdir: PathLike | None = None,
+        split: str | None = "train",
+        frac: float = 0.1,
+        *,
+        store: FeatureStore | PathLike | None = None,
+        manifest: Manifest | PathLike | None = None,
+        hafed: nn.Module | PathLike | None = None,
+        tsu: nn.Module | PathLike | None = None,
+        reward: Literal["ce", "delta"] = "ce",
+        correct_bonus: float = 0.0,
+        illegal_penalty: float = -1.0,
+        tau: float | None = None,
+        anchor: Literal["state", "lowres"] = "state",
+        max_patches: int | None = None,
+        incremental: bool = True,
+        cache_mb: float = 1024,
+        render_mode: str | None = None,
+        render_px: int = 512,
+    ) -> None:
+        if not 0.0 < float(frac) <= 1.0:
+            raise ValueError(f"frac must be in (0, 1], got {frac}")
+        if reward not in ("ce", "delta"):
+            raise ValueError(f"reward must be 'ce' or 'delta', got {reward!r}")
+        if anchor not in ("state", "lowres"):
+            raise ValueError(f"anchor must be 'state' or 'lowres', got {anchor!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        src = resolve_sources(workdir, split, store, manifest, hafed, tsu)
+        self.split, self.frac = split, float(frac)
+        self.reward_mode, self.anchor = reward, anchor
+        self.correct_bonus, self.illegal_penalty = float(correct_bonus), float(illegal_penalty)
+        self.render_mode = render_mode
+        self.store, self.manifest = src.store, src.manifest
+        self.class_names: list[str] = src.class_names
+        self.slide_ids: list[str] = list(src.slide_ids)
+        self.hafed, self.tsu = src.hafed, src.tsu
+        if tau is None:
+            cfg = getattr(self.tsu, "cfg", None)
+            if cfg is None or not hasattr(cfg, "tau"):
+                raise ValueError("the TSU has no cfg.tau; pass tau=")
+            tau = cfg.tau
+        self.tau = float(tau)
+        self.d = int(self.store.feature_dim)
+        largest = max(src.n_patches.values())
+        self.max_patches = int(max_patches) if max_patches is not None else largest
+        too_big = [s for s, n in src.n_patches.items() if n > self.max_patches]
+        if too_big:
+            raise ValueError(
+                f"max_patches={self.max_patches} is smaller than {len(too_big)} slide(s) of the "
+                f"split (largest N = {largest}, e.g. {too_big[0]!r})"
+            )
+        self._n_patches = src.n_patches
+        self._slides = SlideCache(self.store, src.labels, cache_mb)
+        self._clf = IncrementalClassifier(self.hafed, incremental=incremental)
+        self._thumbs = ThumbnailCache(render_px)
+
+        P, d = self.max_patches, self.d
+        self.observation_space = spaces.Dict(
+            {
+                "features": spaces.Box(-np.inf, np.inf, (P, d), np.float32),
+                "visited": spaces.Box(0, 1, (P,), np.int8),
+                "valid": spaces.Box(0, 1, (P,), np.int8),
+                "coords": spaces.Box(0.0, 1.0, (P, 2), np.float32),
+            }
+        )
+        self.action_space = spaces.Discrete(P)
+
+        # Episode state. ``_features`` is the padded observation buffer; ``_S`` views its
+        # first N rows and is what the models read and write.
+        self._features = np.zeros((P, d), np.float32)
+        self._visited = np.zeros(P, np.int8)
+        self._valid = np.zeros(P, np.int8)
+        self._coords = np.zeros((P, 2), np.float32)
+        self._slide: SlideData | None = None
+        self._S: Tensor | None = None
+        self._free: Tensor | None = None  # (N,) bool: neither zoomed nor TSU-updated
+        self._updated: Tensor | None = None  # (N,) bool: ever TSU-updated
+        self._zoomed: list[int] = []
+        self._t = 0
+        self._budget = 0
+        self._ce = 0.0
+        self._probs = np.zeros(len(self.class_names), np.float32)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def incremental(self) -> bool:
+        return self._clf.incremental
+
+    @property
+    def slide(self) -> SlideData | None:
+        """The current slide's arrays (``None`` before the first reset)."""
+        return self._slide
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """HAFED's class probabilities ``(C,)`` on the current state."""
+        return self._probs.copy()
+
+    @property
+    def zoomed(self) -> list[int]:
+        """Patches zoomed so far, in order."""
+        return list(self._zoomed)
+
+    @property
+    def updated(self) -> list[int]:
+        """Patches whose row came from the TSU and that were not zoomed afterwards."""
+        if self._updated is None:
+            return []
+        mask = self._updated.numpy() & (self._visited[: self._updated.shape[0]] == 0)
+        return np.flatnonzero(mask).tolist()
+
+    @property
+    def budget(self) -> int:
+        """Steps of the current episode, ``⌈frac·N⌉``."""
+        return self._budget
+
+    def state(self) -> np.ndarray:
+        """A copy of the current state ``S (N, d)`` (no padding)."""
+        n = 0 if self._slide is None else self._slide.n
+        return self._features[:n].copy()
+
+    # ------------------------------------------------------------------ gym API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start an episode on a slide drawn from the split with ``self.np_random``.
+
+        ``options={"slide_id": ID}`` picks the slide instead (any slide of the manifest that
+        is in the store and has at most ``max_patches`` patches).
+        """
+        super().reset(seed=seed)
+        sid = (options or {}).get("slide_id")
+        if sid is None:
+            sid = self.slide_ids[int(self.np_random.integers(len(self.slide_ids)))]
+        data = self._slides.get(str(sid))
+        n = data.n
+        if n > self.max_patches:
+            raise ValueError(f"slide {sid!r} has {n} patches > max_patches={self.max_patches}")
+        self._slide = data
+        self._features[:n] = data.z.numpy()
+        self._features[n:] = 0.0
+        self._visited[:] = 0
+        self._valid[:] = 0
+        self._valid[:n] = 1
+        self._coords[:n] = data.grid
+        self._coords[n:] = 0.0
+        self._zoomed = []
+        self._t, self._budget = 0, episode_budget(self.frac, n)
+        with torch.inference_mode():
+            self._S = torch.from_numpy(self._features)[:n]
+            self._free = torch.ones(n, dtype=torch.bool)
+            self._updated = torch.zeros(n, dtype=torch.bool)
+            self._set_prediction(self._clf.reset(self._S))
+        info = {
+            "slide_id": data.slide_id,
+            "label": data.label,
+            "n_patches": n,
+            "budget": self._budget,
+        }
+        return self._obs(), info
+
+    def step(
+        self, action: int | np.integer
+    ) -> tuple[dict[str, np.ndarray], SupportsFloat, bool, bool, dict[str, Any]]:
+        """Zoom into patch ``action``; see the class docstring for dynamics and rewards."""
+        if self._slide is None:
+            raise RuntimeError("call reset() before step()")
+        if self._t >= self._budget:
+            raise RuntimeError("the episode has terminated; call reset()")
+        a = int(action)
+        n = self._slide.n
+        self._t += 1
+        legal = 0 <= a < n and self._visited[a] == 0
+        if legal:
+            ce_before = self._ce
+            with torch.inference_mode():
+                rows = self._zoom(a)
+                self._set_prediction(self._clf.update(self._S, rows))
+            reward = -self._ce if self.reward_mode == "ce" else ce_before - self._ce
+        else:
+            reward = self.illegal_penalty
+        terminated = self._t >= self._budget
+        info: dict[str, Any] = {"illegal_action": not legal}
+        if terminated:
+            info.update(self._final_info())
+            if info["correct"]:
+                reward += self.correct_bonus
+        return self._obs(), float(reward), terminated, False, info
+
+    def action_masks(self) -> np.ndarray:
+        """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention)."""
+        return (self._valid == 1) & (self._visited == 0)
+
+    def render(self) -> np.ndarray | None:
+        """``(h, w, 3)`` uint8: thumbnail, patch grid, TSU-updated and zoomed patches.
+
+        Colours are :data:`~sasha_env.render.GRID_RGB`, :data:`~sasha_env.render.UPDATED_RGB`
+        and :data:`~sasha_env.render.ZOOMED_RGB`.
+        """
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; pass render_mode='rgb_array'")
+            return None
+        if self._slide is None:
+            raise RuntimeError("call reset() before render()")
+        data = self._slide
+        thumb, ds = self._thumbs.get(data.path, data.dimensions)
+        return draw_patches(thumb, ds, data.coords, data.cell_px, self._zoomed, self.updated)
+
+    # ------------------------------------------------------------------ internals
+    def _zoom(self, a: int) -> Tensor:
+        """Apply one zoom to ``_S`` in place; returns the changed rows ``(1 + n_updated,)``."""
+        data, S = self._slide, self._S
+        assert data is not None and S is not None
+        assert self._free is not None and self._updated is not None
+        anchor = (S[a] if self.anchor == "state" else data.z[a]).clone()  # (d,)
+        # Candidates (neither zoomed nor updated) still hold z_j, so cos(S_j, anchor) is
+        # cos(z_j, anchor): one (N, d) @ (d,) product with the cached norms.
+        cos = (data.z @ anchor) / (data.z_norm * anchor.norm()).clamp_min(_EPS)
+        free = self._free
+        free[a] = False
+        targets = torch.nonzero(free & (cos.abs() >= self.tau)).squeeze(1)
+        v_a = data.v[a]
+        if targets.numel():
+            S[targets] = self.tsu(v_a, anchor, data.z[targets])
+            free[targets] = False
+            self._updated[targets] = True
+        S[a] = v_a
+        self._visited[a] = 1
+        self._zoomed.append(a)
+        return torch.cat([torch.tensor([a]), targets])
+
+    def _set_prediction(self, logits: Tensor) -> None:
+        assert self._slide is not None
+        log_p = torch.log_softmax(logits.float().reshape(-1), dim=-1)
+        self._ce = float(-log_p[self._slide.label])
+        self._probs = log_p.exp().numpy().astype(np.float32)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {
+            "features": self._features.copy(),
+            "visited": self._visited.copy(),
+            "valid": self._valid.copy(),
+            "coords": self._coords.copy(),
+        }
+
+    def _final_info(self) -> dict[str, Any]:
+        data = self._slide
+        assert data is not None
+        prediction = int(np.argmax(self._probs))
+        zoomed = list(self._zoomed)
+        return {
+            "probabilities": self._probs.copy(),
+            "prediction": prediction,
+            "label": data.label,
+            "correct": prediction == data.label,
+            "slide_id": data.slide_id,
+            "zoomed": zoomed,
+            "zoomed_coords": data.coords[zoomed].tolist(),
+            "updated": self.updated,
+            "n_patches": data.n,
+            "frac_read": len(zoomed) / data.n,
+        }

@@ -1,0 +1,280 @@
+"""What the environment reads: models and per-slide arrays, resolved from a workdir or given.
+
+:func:`resolve_sources` turns the ``Sasha-WSI-v0`` constructor's arguments (a pipeline
+workdir, or explicit ``store=``/``manifest=``/``hafed=``/``tsu=``) into loaded objects, with an
+error that names the missing stage when something is not there. :class:`SlideCache` reads a
+slide's arrays once and keeps them in a bytes-bounded LRU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sasha_models.lit import build_model, check_feature_dim, load_checkpoint
+
+from .manifest import Manifest, read_manifest
+from .store import FeatureStore, StoreError
+from .workdir import Workdir
+
+__all__ = ["SlideData", "SlideCache", "Sources", "episode_budget", "resolve_sources"]
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class SlideData:
+    """One slide's arrays, as the environment uses them.
+
+    Attributes:
+        slide_id: the id.
+        label: class index (into the manifest's ``class_names``).
+        z: low-resolution features ``(N, d)`` float32.
+        v: distilled high-resolution features ``(N, d)`` float32 (HAFED level 1).
+        z_norm: ``‖z_j‖`` ``(N,)``, for cosine similarities in O(N·d).
+        coords: level-0 ``(x, y)`` top-left of each patch ``(N, 2)`` int64.
+        grid: lattice ``(row, col)`` scaled to [0, 1] ``(N, 2)`` float32.
+        path: the slide file (from the store's slide attributes).
+        dimensions: level-0 ``(width, height)`` in pixels.
+        cell_px: side of a patch in level-0 pixels (``patch_px * lo_downsample``).
+    """
+
+    slide_id: str
+    label: int
+    z: Tensor
+    v: Tensor
+    z_norm: Tensor
+    coords: np.ndarray
+    grid: np.ndarray
+    path: str
+    dimensions: tuple[int, int]
+    cell_px: float
+
+    @property
+    def n(self) -> int:
+        return int(self.z.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            (self.z.numel() + self.v.numel() + self.z_norm.numel()) * 4
+            + self.coords.nbytes
+            + self.grid.nbytes
+        )
+
+
+class SlideCache:
+    """Per-slide arrays read from the store on first use and kept in a bytes-bounded LRU.
+
+    Args:
+        store: the feature store.
+        labels: class index of every slide the cache may serve.
+        cache_mb: keep at most this many MiB of slides (the current one is always kept).
+    """
+
+    def __init__(self, store: FeatureStore, labels: dict[str, int], cache_mb: float = 1024) -> None:
+        self.store, self.labels = store, labels
+        self.limit = int(cache_mb * (1 << 20))
+        self._cache: OrderedDict[str, SlideData] = OrderedDict()
+        self._bytes = 0
+
+    def __contains__(self, slide_id: str) -> bool:
+        return slide_id in self.labels
+
+    def get(self, slide_id: str) -> SlideData:
+        if slide_id in self._cache:
+            self._cache.move_to_end(slide_id)
+            return self._cache[slide_id]
+        if slide_id not in self.labels:
+            raise KeyError(
+                f"slide {slide_id!r} is not one this environment can load "
+                "(it must be in both the manifest and the feature store)"
+            )
+        data = self._load(slide_id)
+        self._cache[slide_id] = data
+        self._bytes += data.nbytes
+        while self._bytes > self.limit and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
+        return data
+
+    def _load(self, sid: str) -> SlideData:
+        store = self.store
+        attrs = store.slide_attrs(sid)
+        if not store.has_array(sid, "distilled"):
+            raise StoreError(_no_distilled(store, [sid]))
+        z = np.ascontiguousarray(store.read(sid, "lowres"), dtype=np.float32)
+        v = np.ascontiguousarray(store.read(sid, "distilled"), dtype=np.float32)
+        if z.ndim != 2 or v.shape != z.shape:
+            raise StoreError(
+                f"{store.path}: slide {sid!r} has lowres {z.shape} but distilled {v.shape}; "
+                "re-run the 'distill' stage"
+            )
+        coords = np.asarray(store.read(sid, "coords"), dtype=np.int64).reshape(-1, 2)
+        cells = np.asarray(store.read(sid, "cells"), dtype=np.int64).reshape(-1, 2)
+        shape = attrs.get("shape") or (cells.max(0) + 1 if len(cells) else (1, 1))
+        denom = np.maximum(np.asarray(shape, np.float32) - 1, 1)
+        patch_px = attrs.get("patch_px", store.attrs.get("patch_px", 1))
+        lo_ds = attrs.get("lo_downsample")
+        if lo_ds is None:
+            lo_ds = float(store.attrs.get("hi_downsample") or 1.0) * int(store.attrs.get("zoom", 1))
+        zt = torch.from_numpy(z)
+        return SlideData(
+            slide_id=sid,
+            label=self.labels[sid],
+            z=zt,
+            v=torch.from_numpy(v),
+            z_norm=zt.norm(dim=1),
+            coords=coords,
+            grid=np.clip(cells / denom, 0.0, 1.0).astype(np.float32),
+            path=str(attrs.get("path", "")),
+            dimensions=tuple(int(x) for x in attrs.get("dimensions", (1, 1))),  # type: ignore[arg-type]
+            cell_px=float(patch_px) * float(lo_ds),
+        )
+
+
+def _no_distilled(store: FeatureStore, missing: list[str]) -> str:
+    shown = ", ".join(repr(s) for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
+    return (
+        f"{store.path}: {len(missing)} slide(s) ({shown}) have no 'distilled' array: "
+        "run the 'distill' stage first (sasha pipeline --workdir DIR), which writes HAFED's "
+        "level-1 vectors v into the store"
+    )
+
+
+@dataclass
+class Sources:
+    """Everything :class:`~sasha_env.env.SashaWSIEnv` reads, resolved and checked."""
+
+    store: FeatureStore
+    manifest: Manifest
+    hafed: nn.Module
+    tsu: nn.Module
+    slide_ids: list[str]
+    labels: dict[str, int]
+    n_patches: dict[str, int]
+    class_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_export(path: Path, expected: tuple[str, ...], what: str) -> tuple[nn.Module, dict]:
+    blob = load_checkpoint(path)
+    if not any(blob["kind"] == k or blob["kind"].startswith(k) for k in expected):
+        raise ValueError(f"{path} holds a {blob['kind']!r} model, not a {what}")
+    model = build_model(blob["kind"], blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), dict(blob.get("meta") or {})
+
+
+def resolve_sources(
+    workdir: PathLike | None,
+    split: str | None,
+    store: FeatureStore | PathLike | None = None,
+    manifest: Manifest | PathLike | None = None,
+    hafed: nn.Module | PathLike | None = None,
+    tsu: nn.Module | PathLike | None = None,
+) -> Sources:
+    """Load and cross-check the store, manifest and checkpoints.
+
+    Explicit arguments win over the workdir's files. Raises ``FileNotFoundError`` naming the
+    stage to run when a workdir lacks an output, :class:`~sasha_env.store.StoreError` when
+    the store lacks distilled features, and ``ValueError`` for mismatched feature sizes or
+    class names.
+    """
+    wd = Workdir(workdir) if workdir is not None else None
+    if wd is not None and not wd.root.is_dir():
+        raise FileNotFoundError(f"workdir {wd.root} does not exist; run 'sasha pipeline' first")
+
+    def need(given: Any, path_of: Any, stage: str, what: str) -> Any:
+        if given is not None:
+            return given
+        if wd is None:
+            raise ValueError(f"pass workdir= or {what}=")
+        return wd.require(path_of, stage)
+
+    store_obj = need(store, wd.store if wd else None, "extract", "store")
+    if not isinstance(store_obj, FeatureStore):
+        store_obj = FeatureStore(store_obj)
+    man = need(manifest, wd.manifest if wd else None, "extract", "manifest")
+    if not isinstance(man, Manifest):
+        man = read_manifest(man)
+
+    meta: dict[str, Any] = {}
+    models: dict[str, nn.Module] = {}
+    for name, given, kinds, label in (
+        ("hafed", hafed, ("hafed", "mil:attention_mil"), "HAFED classifier"),
+        ("tsu", tsu, ("tsu",), "TSU"),
+    ):
+        obj = need(given, wd.model(name) if wd else None, name, name)
+        if isinstance(obj, nn.Module):
+            models[name] = obj.eval()
+            check_feature_dim(obj, store_obj.feature_dim, name=f"{name} ({type(obj).__name__})")
+        else:
+            path = Path(obj)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the '{name}' stage first")
+            models[name], meta[name] = _load_export(path, kinds, label)
+            check_feature_dim(models[name], store_obj.feature_dim, name=str(path))
+
+    class_names = [str(c) for c in man.class_names]
+    ckpt_names = meta.get("hafed", {}).get("class_names")
+    if ckpt_names and [str(c) for c in ckpt_names] != class_names:
+        raise ValueError(
+            f"the HAFED checkpoint was trained with classes {ckpt_names} but the manifest "
+            f"{man.path} has {class_names}"
+        )
+    clf = getattr(models["hafed"], "level2", models["hafed"])
+    n_classes = getattr(clf, "n_classes", None)
+    if n_classes is not None and n_classes != len(class_names):
+        raise ValueError(
+            f"the HAFED classifier has {n_classes} classes but the manifest {man.path} "
+            f"has {len(class_names)} ({class_names})"
+        )
+
+    if split is not None and any(r.split is None for r in man.records):
+        raise ValueError(
+            f"{man.path} has no split for some slides; pass the workdir's manifest.csv "
+            "(written with a split for every slide) or split=None for every slide"
+        )
+    present = set(store_obj.slide_ids())
+    labels = {r.slide_id: man.label_index(r.label) for r in man.records if r.slide_id in present}
+    slide_ids = [
+        r.slide_id
+        for r in man.records
+        if r.slide_id in present and (split is None or r.split == split)
+    ]
+    if not slide_ids:
+        raise ValueError(
+            f"no slide of split {split!r} of {man.path} is in the store {store_obj.path}"
+        )
+    missing = [s for s in slide_ids if not store_obj.has_array(s, "distilled")]
+    if missing:
+        raise StoreError(_no_distilled(store_obj, missing))
+    n_patches = {s: _n_patches(store_obj, s) for s in slide_ids}
+    return Sources(
+        store_obj, man, models["hafed"], models["tsu"], slide_ids, labels, n_patches, class_names, meta
+    )
+
+
+def _n_patches(store: FeatureStore, sid: str) -> int:
+    n = store.slide_attrs(sid).get("n_patches")
+    if n is None:
+        n = store.read(sid, "coords").shape[0]
+    return int(n)
+
+
+def episode_budget(frac: float, n: int) -> int:
+    """Zooms per episode, ``⌈frac·N⌉`` (at least 1, at most N).
+
+    ``frac·N`` is rounded to 9 decimals first, so that 0.1 × 150 gives 15, not the 16 that
+    ``math.ceil(15.000000000000002)`` would.
+    """
+    return max(1, min(n, math.ceil(round(frac * n, 9))))

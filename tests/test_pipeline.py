@@ -1,0 +1,145 @@
+"""The cached, resumable pipeline on the tiny cohort, and results.json's contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sasha_env.pipeline import STAGES, Pipeline
+from sasha_env.store import FeatureStore
+from sasha_env.workdir import Workdir
+
+SASHA = [sys.executable, "-m", "sasha_env.cli"]
+CONTRACT_KEYS = {"method", "frac", "accuracy", "auc", "f1", "ece"}
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tiny_cohort, tiny_store, tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("workdir")
+    shutil.copytree(
+        tiny_store, wd / "features.zarr"
+    )  # the extract stage then finds every slide done
+    Pipeline(wd, manifest=tiny_cohort, preset="tiny", progress=False, log=lambda m: None).run()
+    return wd
+
+
+def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
+    wd = Workdir(tiny_workdir)
+    for stage in STAGES:
+        assert wd.marker(stage).is_file(), stage
+    for name in ("hafed", "tsu", "lowres", "abmil", "meanmil", "maxmil", "transmil"):
+        assert wd.model(name).is_file()
+    store = FeatureStore(wd.store)
+    sid = store.slide_ids()[0]
+    v = store.read(sid, "distilled")
+    assert v.shape == store.read(sid, "lowres").shape
+    results = json.loads(wd.results.read_text())
+    methods = {m["method"]: m for m in results["methods"]}
+    assert {"hafed", "lowres_only", "abmil", "meanmil", "maxmil", "transmil"} <= set(methods)
+    for m in results["methods"]:
+        assert CONTRACT_KEYS <= set(m)
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+    assert methods["hafed"]["frac"] == 1.0 and methods["lowres_only"]["frac"] == 0.0
+    tsu_marker = json.loads(wd.marker("tsu").read_text())
+    assert 0.0 < tsu_marker["outputs"]["tau"] < 1.0
+
+
+def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir):
+    messages: list[str] = []
+    Pipeline(tiny_workdir, preset="tiny", progress=False, log=messages.append).run()
+    assert all(any(f"[{s}] done earlier, skipped" in m for m in messages) for s in STAGES)
+    before = Workdir(tiny_workdir).model("abmil").stat().st_mtime
+    messages.clear()
+    Pipeline(
+        tiny_workdir,
+        preset="tiny",
+        overrides={"baselines": {"max_epochs": 2}},
+        progress=False,
+        log=messages.append,
+    ).run(["abmil"])
+    assert any("[abmil] configuration or upstream changed" in m for m in messages)
+    assert Workdir(tiny_workdir).model("abmil").stat().st_mtime > before
+
+
+def test_unknown_config_key_and_missing_upstream_are_clear(tiny_cohort, tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        Pipeline(tmp_path / "w", manifest=tiny_cohort, preset="tiny", log=lambda m: None).run(
+            ["nope"]
+        )
+    with pytest.raises(FileNotFoundError, match="needs stage 'hafed' first"):
+        Pipeline(tmp_path / "w2", manifest=tiny_cohort, preset="tiny", log=lambda m: None).run(
+            ["distill"]
+        )
+
+
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tiny_cohort, tiny_store, tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    wd.root.mkdir()
+    shutil.copytree(tiny_store, wd.store)
+    cmd = [
+        *SASHA,
+        "pipeline",
+        "--manifest",
+        str(tiny_cohort),
+        "--workdir",
+        str(wd.root),
+        "--preset",
+        "tiny",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while not wd.marker("hafed").is_file():
+        assert proc.poll() is None, "pipeline ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    hafed_marker = wd.marker("hafed").read_text()
+    assert not wd.results.exists()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[hafed] done earlier, skipped" in out.stdout
+    assert wd.marker("hafed").read_text() == hafed_marker
+    assert wd.results.is_file() and "| hafed | 1.00 |" in out.stdout
+
+
+def test_ddp_training_with_two_cpu_processes(tiny_workdir, tmp_path):
+    wd = tmp_path / "ddp"
+    shutil.copytree(tiny_workdir, wd)
+    proc = subprocess.run(
+        [
+            *SASHA,
+            "train",
+            "hafed",
+            "--workdir",
+            str(wd),
+            "--preset",
+            "tiny",
+            "--quiet",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marker = json.loads(Workdir(wd).marker("hafed").read_text())
+    import torch
+
+    blob = torch.load(Workdir(wd).model("hafed"), map_location="cpu", weights_only=True)
+    assert blob["meta"]["world_size"] == 2
+    assert marker["stage"] == "hafed"
