@@ -117,16 +117,33 @@ class _PPEG(nn.Module):
 
 
 class _TransLayer(nn.Module):
-    """Pre-norm residual multi-head self-attention (TransMIL's ``TransLayer``)."""
+    """Pre-norm residual multi-head self-attention (TransMIL's ``TransLayer``).
+
+    Uses ``scaled_dot_product_attention`` (fused kernels, no materialised N×N dropout mask),
+    which makes bags of thousands of instances trainable on a CPU.
+    """
 
     def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
         super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"d_model={dim} must be divisible by n_heads={n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
         self.norm = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, pad: Tensor) -> Tensor:
-        h = self.norm(x)
-        return x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        """``x (B, n, D)``, ``pad (B, n)`` True on padding → ``(B, n, D)``."""
+        b, n, dim = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.n_heads, dim // self.n_heads).unbind(2)
+        attn_mask = None if not pad.any() else (~pad)[:, None, None, :]
+        h = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        )
+        h = self.out(h.transpose(1, 2).reshape(b, n, dim))
+        # Dropout on the layer's output, not on the n×n attention map (that would force the
+        # slow unfused attention path and an n² random mask per step).
+        return x + nn.functional.dropout(h, self.dropout, self.training)
 
 
 class TransMIL(nn.Module):
