@@ -128,7 +128,7 @@ def test_level_spacing_tifffile_cannot_group_is_rejected(tmp_path):
 
 def test_manifest(cohort):
     with cohort.open(newline="") as f:
-        assert f.readline().rstrip("\r\n") == "slide_id,path,label,split"
+        assert f.readline().rstrip("\r\n") == "slide_id,path,label,split,mask"
     rows = read_manifest(cohort)
     assert [r["slide_id"] for r in rows] == [f"syn_{i:03d}" for i in range(4)]
     for r in rows:
@@ -235,3 +235,26 @@ def test_from_dict():
         SynthConfig(downsamples=(1, 3))
     with pytest.raises(ValueError, match="n_foci"):
         SynthConfig(n_foci=(0, 2))
+
+
+def test_tumour_masks_map_onto_patches(tmp_path):
+    """The manifest's mask column locates tumour on the patch grid (used for hit rates)."""
+    from sasha_env.grid import GridConfig, build_grid
+    from sasha_env.manifest import read_manifest
+    from sasha_env.slide import Slide
+    from sasha_env.tumour import hit_rate, patch_tumour_fraction
+
+    cfg = SynthConfig(n_slides=2, size_px=(512, 512), split=(1.0, 0.0, 0.0), positive_fraction=0.5)
+    manifest = read_manifest(synthesize_cohort(tmp_path, cfg, seed=3, progress=False))
+    for record in manifest.records:
+        with Slide(record.path) as slide:
+            grid, *_ = build_grid(slide, GridConfig(patch_px=16, zoom=2, min_tissue=0.1))
+            frac = patch_tumour_fraction(record.mask, slide.dimensions, grid.coords, grid.cell_px)
+        assert frac.shape == (grid.n,) and frac.min() >= 0 and frac.max() <= 1
+        if record.label == "tumor":
+            assert (frac > 0).any() and (frac > 0).mean() < 0.5
+            tumour = frac > 0
+            on = np.flatnonzero(tumour)[:2]
+            assert hit_rate([on], [tumour]) == (1.0, pytest.approx(tumour.mean()))
+        else:
+            assert not (frac > 0).any()

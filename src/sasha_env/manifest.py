@@ -1,4 +1,7 @@
-"""The cohort manifest: a CSV with ``slide_id,path,label`` and an optional ``split``.
+"""The cohort manifest: a CSV with ``slide_id,path,label`` and optional ``split`` and ``mask``.
+
+``mask`` (optional) names a tumour mask image (PNG/TIFF, any downsample of the slide, nonzero =
+tumour), used only for analysis (tumour-hit rates), never for training.
 
 ``path`` is absolute or relative to the CSV's folder. ``label`` is a class name or an
 integer. Without ``split``, a stratified train/val/test split is drawn from a seed (and
@@ -8,6 +11,7 @@ the caller writes it next to its outputs). Slide ids must be unique, safe file n
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ class SlideRecord:
     path: Path
     label: str
     split: str | None
+    mask: Path | None = None
 
 
 @dataclass
@@ -69,7 +74,7 @@ class Manifest:
         labels = [r.label for r in self.records]
         splits = stratified_split(labels, shares, seed)
         records = [
-            SlideRecord(r.slide_id, r.path, r.label, r.split or s)
+            dataclasses.replace(r, split=r.split or s)
             for r, s in zip(self.records, splits, strict=True)
         ]
         return Manifest(self.path, records, self.class_names)
@@ -81,10 +86,16 @@ class Manifest:
         tmp = path.with_suffix(path.suffix + ".tmp")
         with tmp.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["slide_id", "path", "label", "split"])
+            w.writerow(["slide_id", "path", "label", "split", "mask"])
             for r in self.records:
-                w.writerow([r.slide_id, str(r.path), r.label, r.split or ""])
+                w.writerow([r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")])
         tmp.replace(path)
+
+
+def _resolve(manifest: Path, value: str) -> Path:
+    """A path from the CSV: absolute, or relative to the CSV's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (manifest.parent / p).resolve()
 
 
 def stratified_split(
@@ -191,13 +202,12 @@ def read_manifest_lenient(path: str | Path, check_files: bool = False) -> Parsed
         if problem:
             errors[sid] = f"{where}: {problem}"
             continue
-        slide_path = Path(row["path"]).expanduser()
-        if not slide_path.is_absolute():
-            slide_path = (path.parent / slide_path).resolve()
+        slide_path = _resolve(path, row["path"])
+        mask_path = _resolve(path, row["mask"]) if row.get("mask") else None
         if check_files and not slide_path.is_file():
             errors[sid] = f"{where}: slide file {slide_path} not found"
             continue
-        records.append(SlideRecord(sid, slide_path, row["label"], split))
+        records.append(SlideRecord(sid, slide_path, row["label"], split, mask_path))
     if not records:
         return ParsedManifest(None, errors)
     labels = {r.label for r in records}

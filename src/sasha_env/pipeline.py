@@ -19,6 +19,7 @@ at the stage it was in (and extraction resumes at the slide it was on).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -131,14 +132,11 @@ class Pipeline:
             fresh = parsed.manifest
             if self.wd.manifest.is_file():  # keep the splits already drawn for this workdir
                 old = {r.slide_id: r.split for r in read_manifest(self.wd.manifest).records}
-                fresh = Manifest(
-                    fresh.path,
-                    [
-                        type(r)(r.slide_id, r.path, r.label, r.split or old.get(r.slide_id))
-                        for r in fresh.records
-                    ],
-                    fresh.class_names,
-                )
+                records = [
+                    dataclasses.replace(r, split=r.split or old.get(r.slide_id))
+                    for r in fresh.records
+                ]
+                fresh = Manifest(fresh.path, records, fresh.class_names)
             split_cfg = self.cfg.get("split", {})
             shares = tuple(split_cfg.get("shares", (0.6, 0.2, 0.2)))
             fresh.with_split(seed=self.seed, shares=shares).write(self.wd.manifest)

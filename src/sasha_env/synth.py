@@ -828,7 +828,7 @@ def synthesize_cohort(
     """Write a synthetic cohort, resuming where an earlier run of the same seed and config stopped.
 
     Writes ``slides/<id>.tiff`` (pyramidal TIFF), ``masks/<id>.png`` (tumour mask at
-    ``MASK_DOWNSAMPLE``, 255 = tumour), ``manifest.csv`` (``slide_id,path,label,split`` with
+    ``MASK_DOWNSAMPLE``, 255 = tumour), ``manifest.csv`` (``slide_id,path,label,split,mask`` with
     paths relative to ``out_dir``) and ``cohort.json`` (seed, config, per-slide statistics;
     updated after every slide). A slide counts as done when its TIFF and mask exist and
     ``cohort.json`` lists it; done slides are not rewritten.
@@ -896,10 +896,11 @@ def synthesize_cohort(
     def write_manifest(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
-            w.writerow(["slide_id", "path", "label", "split"])
+            w.writerow(["slide_id", "path", "label", "split", "mask"])
             for slide in plan:
+                sid = slide.slide_id
                 w.writerow(
-                    [slide.slide_id, f"slides/{slide.slide_id}.tiff", slide.label, slide.split]
+                    [sid, f"slides/{sid}.tiff", slide.label, slide.split, f"masks/{sid}.png"]
                 )
 
     _replace_atomically(manifest, write_manifest)

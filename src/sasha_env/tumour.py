@@ -1,0 +1,58 @@
+"""Tumour annotations for analysis: which patches overlap tumour, and tumour-hit rates.
+
+Masks are images (any downsample of level 0; nonzero = tumour) named in the manifest's
+optional ``mask`` column. They are used to *measure* where an agent looks — never to train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["patch_tumour_fraction", "hit_rate"]
+
+
+def patch_tumour_fraction(
+    mask_path: str | Path, slide_dimensions: tuple[int, int], coords: np.ndarray, cell_px: float
+) -> np.ndarray:
+    """Fraction of each low-res patch's area that the mask marks as tumour.
+
+    Args:
+        mask_path: mask image; its scale is inferred from ``slide_dimensions``.
+        slide_dimensions: level-0 ``(width, height)`` of the slide.
+        coords: ``(N, 2)`` level-0 ``(x, y)`` of the patches' top-left corners.
+        cell_px: side of a low-res patch in level-0 pixels.
+
+    Returns:
+        ``(N,)`` float32 in [0, 1].
+    """
+    mask = np.asarray(Image.open(mask_path).convert("L")) > 0
+    scale = mask.shape[1] / slide_dimensions[0]
+    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    x0 = np.clip(np.floor(coords[:, 0] * scale).astype(int), 0, mask.shape[1])
+    y0 = np.clip(np.floor(coords[:, 1] * scale).astype(int), 0, mask.shape[0])
+    x1 = np.clip(np.ceil((coords[:, 0] + cell_px) * scale).astype(int), 0, mask.shape[1])
+    y1 = np.clip(np.ceil((coords[:, 1] + cell_px) * scale).astype(int), 0, mask.shape[0])
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (inside / area).astype(np.float32)
+
+
+def hit_rate(zoomed: list[np.ndarray], tumour: list[np.ndarray]) -> tuple[float, float]:
+    """Share of zooms that landed on tumour, and the share uniform random zooms would get.
+
+    Args:
+        zoomed: per slide, the indices of the zoomed patches.
+        tumour: per slide, ``(N,)`` bool — the patch overlaps tumour.
+
+    Returns:
+        ``(hit_rate, chance)`` over all zooms of the given slides (use positive slides).
+    """
+    n_zooms = sum(len(z) for z in zoomed)
+    if n_zooms == 0:
+        return float("nan"), float("nan")
+    hits = sum(int(t[np.asarray(z, dtype=int)].sum()) for z, t in zip(zoomed, tumour, strict=True))
+    chance = sum(len(z) * float(t.mean()) for z, t in zip(zoomed, tumour, strict=True))
+    return hits / n_zooms, chance / n_zooms
