@@ -44,6 +44,14 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     results = json.loads(wd.results.read_text())
     methods = {m["method"]: m for m in results["methods"]}
     assert {"hafed", "lowres_only", "abmil", "meanmil", "maxmil", "transmil"} <= set(methods)
+    by_frac = {(m["method"], m["frac"]) for m in results["methods"]}
+    for frac in (0.1, 0.2):
+        assert {("sasha", frac), ("random", frac), ("attention_topk", frac)} <= by_frac
+    for m in results["methods"]:
+        if m["method"] in ("sasha", "random", "attention_topk"):  # synthetic cohort: masks known
+            assert 0.0 <= m["tumour_hit_rate"] <= 1.0 and 0.0 < m["chance_hit_rate"] < 1.0
+    assert (wd.root / "figures" / "learning_curves.png").is_file()
+    assert list((wd.root / "figures" / "paths").glob("*-sasha-0.1.png"))
     for m in results["methods"]:
         assert CONTRACT_KEYS <= set(m)
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0

@@ -11,9 +11,12 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from .bags import StoreBags
 from .manifest import read_manifest
 from .store import FeatureStore
+from .tumour import hit_rate
 from .workdir import Workdir
 
 __all__ = ["evaluate_workdir", "format_table", "FULL_RES_METHODS"]
@@ -50,6 +53,7 @@ def evaluate_workdir(
         metrics = classification_metrics(probs, labels)
         rows.append({"method": method, "frac": frac, **_clean(metrics), "n_slides": len(ids)})
         log(f"[evaluate] {method}: AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}")
+    rows += evaluate_sampling(wd, cfg, bags, split, log)
     results = {
         "split": split,
         "class_names": bags.class_names,
@@ -61,6 +65,113 @@ def evaluate_workdir(
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(wd.results)
     return results
+
+
+def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
+    """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
+    from .tumour import patch_tumour_fraction
+
+    masks = {r.slide_id: r.mask for r in read_manifest(wd.manifest).records if r.mask}
+    out = {}
+    for sid in slide_ids:
+        if sid in masks and Path(masks[sid]).is_file():
+            attrs = store.slide_attrs(sid)
+            cell = attrs["patch_px"] * attrs["lo_downsample"]
+            frac = patch_tumour_fraction(
+                masks[sid], attrs["dimensions"], store.read(sid, "coords"), cell
+            )
+            out[sid] = frac > 0
+    return out
+
+
+def evaluate_sampling(
+    wd: Workdir, cfg: dict, bags: StoreBags, split: str, log: Callable[[str], None] = print
+) -> list[dict]:
+    """Rows for ``sasha`` (trained agents, argmax), ``random`` and ``attention_topk`` per budget.
+
+    Episodes are saved to ``WORKDIR/episodes/<method>-<f>.json`` (zoomed patches, probabilities)
+    for figures and analysis. Tumour-hit rates are added when the manifest has masks.
+    """
+    from sasha_models.metrics import classification_metrics
+
+    from .agents import (
+        AgentConfig,
+        agent_name,
+        agent_policy,
+        attention_topk_policy,
+        load_agent,
+        make_env,
+        random_policy,
+        run_episodes,
+    )
+
+    acfg = AgentConfig.from_dict(cfg.get("agents"))
+    ids = bags.slide_ids(split)
+    tumour = tumour_patches(wd, bags.store, ids)
+    positive = bags.class_names[-1]
+    rows: list[dict] = []
+    (wd.root / "episodes").mkdir(exist_ok=True)
+    for frac in acfg.fracs:
+        env = make_env(wd, split, frac, acfg)
+        methods: list[tuple[str, list]] = []
+        agent_path = wd.agent_dir(agent_name(frac, acfg.algo)) / "agent.zip"
+        if agent_path.is_file():
+            agent = load_agent(agent_path, acfg.algo)
+            methods.append(("sasha", [agent_policy(agent)]))
+        methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
+        methods.append(("attention_topk", [attention_topk_policy()]))
+        for method, policies in methods:
+            runs = [run_episodes(env, policy, ids) for policy in policies]
+            per_run = []
+            for episodes in runs:
+                probs = np.stack([e["probabilities"] for e in episodes])
+                labels = np.array([e["label"] for e in episodes])
+                per_run.append(_clean(classification_metrics(probs, labels)))
+            metrics = {k: _mean([m[k] for m in per_run]) for k in per_run[0]}
+            row = {"method": method, "frac": float(frac), **metrics, "n_slides": len(ids)}
+            if len(runs) > 1:
+                row["n_seeds"] = len(runs)
+                row["auc_sd"] = float(np.std([m["auc"] for m in per_run if m["auc"] is not None]))
+            if tumour:
+                pos = [
+                    e
+                    for run in runs
+                    for e in run
+                    if e["slide_id"] in tumour and bags.class_names[e["label"]] == positive
+                ]
+                hit, chance = hit_rate(
+                    [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
+                )
+                row["tumour_hit_rate"], row["chance_hit_rate"] = _nan_none(hit), _nan_none(chance)
+            rows.append(row)
+            _save_episodes(wd.root / "episodes" / f"{method}-{frac:g}.json", runs[0])
+            log(
+                f"[evaluate] {method} f={frac:g}: AUC {_fmt(row['auc'])}, hit rate {_fmt(row.get('tumour_hit_rate'))}"
+            )
+    return rows
+
+
+def _save_episodes(path: Path, episodes: list[dict]) -> None:
+    keep = ("slide_id", "label", "prediction", "zoomed", "updated", "return", "frac_read")
+    data = [
+        {k: e[k] for k in keep if k in e}
+        | {"probabilities": [float(p) for p in e["probabilities"]]}
+        for e in episodes
+    ]
+    path.write_text(json.dumps(data))
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _nan_none(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _clean(metrics: dict) -> dict:
@@ -75,12 +186,14 @@ def format_table(results: dict | str | Path) -> str:
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
     lines = [
-        "| method | frac | AUC | accuracy | F1 | ECE |",
-        "|---|---|---|---|---|---|",
+        "| method | frac | AUC | accuracy | F1 | ECE | tumour-hit rate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in results["methods"]:
         cells = [
             "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("auc", "accuracy", "f1", "ece")
         ]
-        lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + " |")
+        hit = m.get("tumour_hit_rate")
+        hits = "" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"
+        lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + f" | {hits} |")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ from .workdir import Workdir
 __all__ = ["Pipeline", "STAGES", "BASELINE_STAGES"]
 
 BASELINE_STAGES = ("abmil", "meanmil", "maxmil", "transmil")
-STAGES = ("extract", "hafed", "distill", "tsu", "lowres", *BASELINE_STAGES, "evaluate")
+STAGES = ("extract", "hafed", "distill", "tsu", "lowres", *BASELINE_STAGES, "agents", "evaluate")
 #: what each stage reads (its key includes theirs)
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "extract": (),
@@ -50,7 +50,8 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "tsu": ("distill",),
     "lowres": ("extract",),
     **{name: ("extract",) for name in BASELINE_STAGES},
-    "evaluate": ("hafed", "lowres", *BASELINE_STAGES),
+    "agents": ("distill", "tsu"),
+    "evaluate": ("hafed", "lowres", *BASELINE_STAGES, "agents"),
 }
 
 
@@ -313,10 +314,49 @@ class Pipeline:
         path = train_model(module, data, self.wd.model_dir(stage), **train_kwargs)
         return {"model": str(path), "sha256": file_sha256(path)}
 
+    def _stage_agents(self, stage: str) -> dict:
+        from .agents import AgentConfig, agent_name, train_agent
+
+        cfg = AgentConfig.from_dict(self._section("agents"))
+        wandb = self._train_kwargs()["wandb"]
+        device = "cuda" if self.accelerator == "gpu" else "cpu"
+        agents = {}
+        for frac in cfg.fracs:
+            out = self.wd.agent_dir(agent_name(frac, cfg.algo))
+            done = out / "agent.json"
+            if done.is_file() and json.loads(done.read_text()).get("key") == self._key(stage):
+                self.log(f"[agents] f={frac:g}: trained earlier, kept")
+            else:
+                self.log(
+                    f"[agents] f={frac:g}: training {cfg.algo} for {cfg.total_timesteps} steps"
+                )
+                train_agent(
+                    self.wd,
+                    frac,
+                    cfg,
+                    seed=self.seed,
+                    out_dir=out,
+                    wandb=wandb,
+                    progress=self.progress,
+                    device=device,
+                )
+                meta = json.loads(done.read_text())
+                done.write_text(json.dumps({**meta, "key": self._key(stage)}, indent=2))
+            agents[f"{frac:g}"] = {
+                "agent": str(out / "agent.zip"),
+                "sha256": file_sha256(out / "agent.zip"),
+            }
+        return {"agents": agents, "algo": cfg.algo}
+
     def _stage_evaluate(self, stage: str) -> dict:
         from .evaluate import evaluate_workdir
 
         results = evaluate_workdir(self.wd, self.cfg, log=self.log)
+        if _is_global_zero():
+            from .figures import write_figures
+
+            for path in write_figures(self.wd):
+                self.log(f"[evaluate] figure {path}")
         return {
             "results": str(self.wd.results),
             "methods": [m["method"] for m in results["methods"]],

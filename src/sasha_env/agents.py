@@ -1,0 +1,336 @@
+"""Training SB3 agents on ``Sasha-WSI-v0`` and running zoom policies over a split.
+
+The default agent is sb3-contrib's ``MaskablePPO`` with the SASHA actor-critic
+(:class:`sasha_models.policy.SashaActorCriticPolicy`); ``ppo``, ``a2c`` and ``dqn`` (SB3,
+``MultiInputPolicy``-style) are there for the algorithm benchmark.
+
+Policies for evaluation all have the signature ``policy(env) -> action`` and see only what an
+agent may see: the observation state, the legal-action mask, and (for ``attention_topk``)
+the frozen HAFED classifier's attention on the current state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
+from .config import dataclass_from_dict
+from .env import SashaWSIEnv
+from .workdir import Workdir
+
+__all__ = [
+    "AgentConfig",
+    "ALGORITHMS",
+    "agent_name",
+    "make_env",
+    "train_agent",
+    "load_agent",
+    "run_episodes",
+    "agent_policy",
+    "random_policy",
+    "attention_topk_policy",
+]
+
+ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn")
+
+
+@dataclass
+class AgentConfig:
+    """How agents are trained (config section ``agents``)."""
+
+    fracs: tuple[float, ...] = (0.1, 0.2)
+    """Zoom budgets f: one agent per f, episodes of ⌈f·N⌉ zooms."""
+    algo: str = "maskable_ppo"
+    total_timesteps: int = 20_000
+    n_envs: int = 4
+    vec_env: str = "dummy"
+    """``dummy`` (one process) or ``subproc`` (a process per env)."""
+    reward: str = "ce"
+    correct_bonus: float = 0.0
+    learning_rate: float = 3e-4
+    n_steps: int = 64
+    """Steps per env per rollout (PPO/A2C)."""
+    batch_size: int = 64
+    n_epochs: int = 4
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.01
+    d_hidden: int = 128
+    cpu_threads: int | None = 1
+    """torch threads while training; the policy's small matrices run fastest on one."""
+    random_seeds: int = 5
+    """Seeds the ``random`` baseline is averaged over."""
+    extra: dict = field(default_factory=dict)
+    """Further keyword arguments for the SB3 algorithm."""
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AgentConfig:
+        cfg = dataclass_from_dict(cls, d, "agents")
+        if cfg.algo not in ALGORITHMS:
+            raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+        return cfg
+
+
+def agent_name(frac: float, algo: str = "maskable_ppo") -> str:
+    """Folder name of an agent: ``sasha-0.1`` for the default algorithm, else ``ppo-0.1``..."""
+    prefix = "sasha" if algo == "maskable_ppo" else algo
+    return f"{prefix}-{frac:g}"
+
+
+def cohort_max_patches(wd: Workdir) -> int:
+    """The largest N in the store, so one agent serves every split."""
+    from .store import FeatureStore
+
+    store = FeatureStore(wd.store)
+    return max(int(store.slide_attrs(s)["n_patches"]) for s in store.slide_ids())
+
+
+def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+    return SashaWSIEnv(
+        wd.root,
+        split=split,
+        frac=frac,
+        reward=cfg.reward,
+        correct_bonus=cfg.correct_bonus,
+        max_patches=kw.pop("max_patches", None) or cohort_max_patches(wd),
+        **kw,
+    )
+
+
+def _algorithm(cfg: AgentConfig, env, seed: int, device: str):
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import A2C, DQN, PPO
+
+    from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+
+    policy_kwargs = {"d_hidden": cfg.d_hidden}
+    common = {
+        "learning_rate": cfg.learning_rate,
+        "gamma": cfg.gamma,
+        "seed": seed,
+        "device": device,
+        "verbose": 0,
+    }
+    if cfg.algo in ("maskable_ppo", "ppo"):
+        kwargs = {
+            **common,
+            "n_steps": cfg.n_steps,
+            "batch_size": cfg.batch_size,
+            "n_epochs": cfg.n_epochs,
+            "gae_lambda": cfg.gae_lambda,
+            "clip_range": cfg.clip_range,
+            "ent_coef": cfg.ent_coef,
+            "policy_kwargs": policy_kwargs,
+            **cfg.extra,
+        }
+        if cfg.algo == "maskable_ppo":
+            return MaskablePPO(SashaActorCriticPolicy, env, **kwargs)
+        return PPO(SashaPPOPolicy, env, **kwargs)
+    if cfg.algo == "a2c":
+        kwargs = {
+            **common,
+            "n_steps": cfg.n_steps,
+            "gae_lambda": cfg.gae_lambda,
+            "ent_coef": cfg.ent_coef,
+        }
+        return A2C(SashaPPOPolicy, env, policy_kwargs=policy_kwargs, **{**kwargs, **cfg.extra})
+    # DQN has no masks: it learns from the illegal-action penalty (see the env's docstring).
+    kwargs = {**common, "buffer_size": 20_000, "learning_starts": 500, "batch_size": cfg.batch_size}
+    return DQN("MultiInputPolicy", env, **{**kwargs, **cfg.extra})
+
+
+class EpisodeLog(BaseCallback):
+    """SB3 callback: one CSV row per finished episode (the learning curve), W&B if given."""
+
+    def __init__(self, path: Path, wandb_run: Any = None, progress: bool = True, total: int = 0):
+        super().__init__()
+        self.path, self.wandb_run, self.progress, self.total = path, wandb_run, progress, total
+
+    def _on_training_start(self) -> None:
+        self.file = self.path.open("w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["timestep", "episode_return", "correct", "slide_id", "wall_s"])
+        self.returns = np.zeros(self.training_env.num_envs)
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.path.parent.name, unit="step")
+
+    def _on_step(self) -> bool:
+        self.returns += self.locals["rewards"]
+        for i, done in enumerate(self.locals["dones"]):
+            if not done:
+                continue
+            info = self.locals["infos"][i]
+            ret, correct = float(self.returns[i]), int(bool(info.get("correct")))
+            wall = round(time.perf_counter() - self.t0, 2)
+            self.writer.writerow([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
+            if self.wandb_run is not None:
+                self.wandb_run.log(
+                    {"episode/return": ret, "episode/correct": correct}, step=self.num_timesteps
+                )
+            self.returns[i] = 0.0
+        if self.bar is not None:
+            self.bar.update(self.training_env.num_envs)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_agent(
+    wd: Workdir,
+    frac: float,
+    cfg: AgentConfig,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    wandb: dict | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Path:
+    """Train one agent for zoom budget ``frac`` on the train split.
+
+    Writes ``out_dir/agent.zip`` (SB3 format), ``out_dir/episodes.csv`` (the learning curve)
+    and ``out_dir/agent.json`` (config, seconds). Returns the zip's path.
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    out_dir = Path(out_dir or wd.agent_dir(agent_name(frac, cfg.algo)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    max_patches = cohort_max_patches(wd)
+
+    def factory(rank: int) -> Callable[[], SashaWSIEnv]:
+        def make() -> SashaWSIEnv:
+            env = make_env(wd, "train", frac, cfg, max_patches=max_patches)
+            env.reset(seed=seed + rank)
+            return env
+
+        return make
+
+    vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
+    env = vec_cls([factory(i) for i in range(cfg.n_envs)])
+    wandb_run = None
+    if wandb is not None:
+        import wandb as wandb_lib
+
+        kw = {"mode": "offline", "project": "sasha", **wandb}
+        wandb_run = wandb_lib.init(
+            name=out_dir.name,
+            dir=str(out_dir),
+            config=asdict(cfg) | {"frac": frac},
+            reinit=True,
+            **kw,
+        )
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    t0 = time.perf_counter()
+    try:
+        model = _algorithm(cfg, env, seed, device)
+        log = EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, cfg.total_timesteps)
+        model.learn(total_timesteps=cfg.total_timesteps, callback=log)
+    finally:
+        torch.set_num_threads(threads)
+        env.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    path = out_dir / "agent.zip"
+    tmp = out_dir / "agent.tmp.zip"
+    model.save(tmp)
+    tmp.replace(path)
+    meta = {
+        "frac": frac,
+        "seed": seed,
+        "config": asdict(cfg),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "max_patches": max_patches,
+    }
+    (out_dir / "agent.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_agent(path: Path, algo: str = "maskable_ppo", device: str = "cpu"):
+    """Load an agent saved by :func:`train_agent`."""
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import A2C, DQN, PPO
+
+    cls = {"maskable_ppo": MaskablePPO, "ppo": PPO, "a2c": A2C, "dqn": DQN}[algo]
+    return cls.load(path, device=device)
+
+
+# --------------------------------------------------------------------------- policies
+
+Policy = Callable[[SashaWSIEnv, dict], int]
+
+
+def agent_policy(model, deterministic: bool = True) -> Policy:
+    """The trained agent's action (argmax by default), with the env's legal-action mask."""
+    from sb3_contrib import MaskablePPO
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        if isinstance(model, MaskablePPO):
+            action, _ = model.predict(
+                obs, action_masks=env.action_masks(), deterministic=deterministic
+            )
+        else:
+            action, _ = model.predict(obs, deterministic=deterministic)
+        return int(action)
+
+    return act
+
+
+def random_policy(seed: int) -> Policy:
+    """A uniformly random legal patch."""
+    rng = np.random.default_rng(seed)
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        return int(rng.choice(np.flatnonzero(env.action_masks())))
+
+    return act
+
+
+def attention_topk_policy() -> Policy:
+    """Zoom the legal patch that HAFED's level-2 attention weights most on the current state.
+
+    Attention is softmaxed per branch over the slide's patches and averaged over branches.
+    """
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        clf = getattr(env.hafed, "level2", env.hafed)
+        with torch.inference_mode():
+            a, h = clf.instance_scores(torch.from_numpy(env.state()))
+            attention = torch.softmax(a.float(), dim=0).mean(dim=1).numpy()  # (N,)
+        legal = env.action_masks()[: len(attention)]
+        attention = np.where(legal, attention, -np.inf)
+        return int(np.argmax(attention))
+
+    return act
+
+
+def run_episodes(env: SashaWSIEnv, policy: Policy, slide_ids: list[str]) -> list[dict]:
+    """One episode per slide; returns each episode's final ``info`` plus its return."""
+    out = []
+    for sid in slide_ids:
+        obs, _ = env.reset(options={"slide_id": sid})
+        total, done = 0.0, False
+        info: dict = {}
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(policy(env, obs))
+            total += float(reward)
+            done = terminated or truncated
+        out.append({**info, "return": total})
+    return out

@@ -1,0 +1,129 @@
+"""Pictures of a pipeline run: agents' learning curves and zoom paths over slide thumbnails."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .manifest import read_manifest  # noqa: E402
+from .render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
+from .store import FeatureStore  # noqa: E402
+from .workdir import Workdir  # noqa: E402
+
+__all__ = ["learning_curves", "zoom_paths", "write_figures"]
+
+
+def _rolling(x: np.ndarray, window: int) -> np.ndarray:
+    if len(x) < window:
+        return x
+    kernel = np.ones(window) / window
+    return np.convolve(x, kernel, mode="valid")
+
+
+def learning_curves(episode_csvs: dict[str, Path], out: Path, window: int = 50) -> Path:
+    """Episode return and training accuracy against environment steps, one line per agent."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, path in sorted(episode_csvs.items()):
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        t = np.array([int(r["timestep"]) for r in rows])
+        ret = np.array([float(r["episode_return"]) for r in rows])
+        acc = np.array([int(r["correct"]) for r in rows], dtype=float)
+        w = max(1, min(window, len(rows) // 5))
+        axes[0].plot(t[w - 1 :], _rolling(ret, w), label=name)
+        axes[1].plot(t[w - 1 :], _rolling(acc, w), label=name)
+    axes[0].set(
+        xlabel="environment steps", ylabel=f"episode return (mean of {window})", title="return"
+    )
+    axes[1].set(
+        xlabel="environment steps", ylabel="final prediction correct", title="training accuracy"
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def zoom_paths(
+    wd: Workdir, episodes_json: Path, out_dir: Path, n_slides: int = 4, px: int = 480
+) -> list[Path]:
+    """For a few test slides: thumbnail, zoomed patches numbered in order, TSU-updated patches,
+    and (synthetic cohorts) the true tumour outline. Positive slides first."""
+    store = FeatureStore(wd.store)
+    records = read_manifest(wd.manifest).by_id()
+    episodes = json.loads(episodes_json.read_text())
+    episodes.sort(key=lambda e: -e["label"])
+    thumbs = ThumbnailCache(px)
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for ep in episodes[:n_slides]:
+        sid = ep["slide_id"]
+        attrs = store.slide_attrs(sid)
+        coords = store.read(sid, "coords")
+        cell = attrs["patch_px"] * attrs["lo_downsample"]
+        thumb, ds = thumbs.get(attrs["path"], attrs["dimensions"])
+        img = draw_patches(thumb, ds, coords, cell, ep["zoomed"], ep["updated"], grid=False)
+        fig, ax = plt.subplots(figsize=(5.2, 5.2 * img.shape[0] / img.shape[1] + 0.5))
+        ax.imshow(img)
+        record = records.get(sid)
+        if record is not None and record.mask and Path(record.mask).is_file():
+            mask = np.asarray(Image.open(record.mask).convert("L")) > 0
+            if mask.any():
+                scale = mask.shape[1] / attrs["dimensions"][0]
+                ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+                ax.contour(
+                    xs / scale / ds,
+                    ys / scale / ds,
+                    mask,
+                    levels=[0.5],
+                    colors="yellow",
+                    linewidths=1.2,
+                )
+        for order, i in enumerate(ep["zoomed"], start=1):
+            x, y = (coords[i] + cell / 2) / ds
+            ax.text(
+                x, y, str(order), color="white", fontsize=6, ha="center", va="center", weight="bold"
+            )
+        p = ep["probabilities"]
+        ax.set_title(
+            f"{sid}: label {ep['label']}, p(class 1) = {p[-1]:.2f}, read {ep['frac_read']:.0%}",
+            fontsize=8,
+        )
+        ax.axis("off")
+        handles = [
+            plt.Line2D([], [], color=np.array(ZOOMED_RGB) / 255, lw=4, label="zoomed (order)"),
+            plt.Line2D([], [], color=np.array(UPDATED_RGB) / 255, lw=4, label="TSU-updated"),
+            plt.Line2D([], [], color="yellow", lw=1.5, label="tumour (mask)"),
+        ]
+        ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.8)
+        fig.tight_layout()
+        path = out_dir / f"{sid}-{episodes_json.stem}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_figures(wd: Workdir) -> list[Path]:
+    """Learning curves of every agent and zoom paths of the SASHA agents, under ``WORKDIR/figures``."""
+    figs = wd.root / "figures"
+    written = []
+    csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
+    if csvs:
+        written.append(learning_curves(csvs, figs / "learning_curves.png"))
+    for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
+        written += zoom_paths(wd, episodes, figs / "paths")
+    return written
