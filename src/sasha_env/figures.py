@@ -79,6 +79,10 @@ def zoom_paths(
         fig, ax = plt.subplots(figsize=(5.2, 5.2 * img.shape[0] / img.shape[1] + 0.5))
         ax.imshow(img)
         record = records.get(sid)
+        handles = [
+            plt.Line2D([], [], color=np.array(ZOOMED_RGB) / 255, lw=4, label="zoomed (order)"),
+            plt.Line2D([], [], color=np.array(UPDATED_RGB) / 255, lw=4, label="TSU-updated"),
+        ]
         if record is not None and record.mask and Path(record.mask).is_file():
             mask = np.asarray(Image.open(record.mask).convert("L")) > 0
             if mask.any():
@@ -103,11 +107,6 @@ def zoom_paths(
             fontsize=8,
         )
         ax.axis("off")
-        handles = [
-            plt.Line2D([], [], color=np.array(ZOOMED_RGB) / 255, lw=4, label="zoomed (order)"),
-            plt.Line2D([], [], color=np.array(UPDATED_RGB) / 255, lw=4, label="TSU-updated"),
-            plt.Line2D([], [], color="yellow", lw=1.5, label="tumour (mask)"),
-        ]
         ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.8)
         fig.tight_layout()
         path = out_dir / f"{sid}-{episodes_json.stem}.png"
