@@ -1,21 +1,24 @@
 """Sasha-WSI-v0: step rate with and without incremental evaluation, and PPO's memory.
 
     python experiments/bench_env.py [--sizes 512 2048 8192] [--d 384] [--steps 200]
-                                    [--skip-speed] [--skip-memory]
+                                    [--threads 1] [--skip-speed] [--skip-memory]
 
 1. **Step rate.** For each N, a slide of N random clustered features (d = 384; clusters of
    ~32 patches with |cos| ≈ 0.98 inside, so the TSU updates whole clusters) and random-init
-   HAFED (paper config: 5 branches, hidden 128) and TSU (τ = 0.95) built in memory and
-   written to a temporary store. Two environments on the same data, ``incremental=True``
-   and ``incremental=False`` (full re-scoring of all N rows each step), take the same random
-   legal actions, alternating blocks of episodes so both see the same machine state. Prints
-   steps/s of each and their ratio (target >= 10x at N = 8192).
-2. **Memory.** A demo-sized cohort (16 slides, N ≈ 150, d = 1280, like the embedded demo
-   with efficientnet-lite0 features) written as a workdir; SB3 PPO (``MultiInputPolicy``,
-   ``n_steps=128``) learns for 2 rollouts on 4 ``SubprocVecEnv`` workers. Prints the peak
-   resident set size (``VmHWM``) of the main process and of every descendant (forkserver and
-   workers) and their sum (target < 4 GiB). One observation is
-   ``max_patches·(4d + 10)`` bytes; the rollout buffer holds ``n_steps × n_envs`` of them.
+   HAFED (paper config: 5 branches, hidden 128) and TSU (τ = 0.95), written to a temporary
+   store. Two environments on the same data, ``incremental=True`` and ``incremental=False``
+   (all N rows re-scored every step), take the same random legal actions for at least one
+   whole episode (f = 0.1), in alternating blocks so both see the same machine state.
+   Prints steps per CPU-second of each, their ratio (target >= 10x at N = 8192) and the
+   rows changed per step (zoomed + TSU-updated). One torch thread by default (``--threads``).
+2. **Memory.** In a fresh process: a demo-sized cohort (16 slides, N ≈ 150, d = 1280, like
+   the embedded demo's efficientnet-lite0 features) written as a workdir with random-init
+   HAFED and TSU checkpoints; SB3 PPO (``MultiInputPolicy``, ``n_steps=128``, batch 64)
+   learns for 2 rollouts on 4 ``SubprocVecEnv`` workers (one torch thread each). Prints the
+   peak resident set size (``VmHWM``) of the main process and of every descendant
+   (forkserver and workers), their sum (target < 4 GiB), and the summed ``Pss`` at the end
+   (shared pages counted once). One observation is ``max_patches·(4d + 10)`` bytes; the
+   rollout buffer holds ``n_steps × n_envs`` of them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,21 +83,28 @@ def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> None:
 
 
 # ------------------------------------------------------------------ 1. step rate
-def run_steps(env: SashaWSIEnv, seed: int, n_steps: int) -> float:
-    """Seconds spent in ``step`` over ``n_steps`` random legal steps (resets not counted)."""
-    rng = np.random.default_rng(seed)
-    env.reset(seed=seed)
-    spent, done = 0.0, 0
-    while done < n_steps:
-        legal = np.flatnonzero(env.action_masks())
-        action = int(rng.choice(legal))
-        t0 = time.perf_counter()
-        _, _, terminated, _, _ = env.step(action)
-        spent += time.perf_counter() - t0
-        done += 1
-        if terminated:
-            env.reset()
-    return spent
+class Runner:
+    """Random legal steps on an env, continuing its episode from one call to the next."""
+
+    def __init__(self, env: SashaWSIEnv, seed: int) -> None:
+        self.env, self.rng = env, np.random.default_rng(seed)
+        env.reset(seed=seed)
+
+    def run(self, n_steps: int) -> float:
+        """CPU seconds spent in ``step`` over ``n_steps`` steps (resets not counted).
+
+        Process CPU time, not wall time: on a shared machine wall time mostly measures the
+        neighbours' load. With one torch thread the two agree on an idle machine.
+        """
+        spent = 0.0
+        for _ in range(n_steps):
+            action = int(self.rng.choice(np.flatnonzero(self.env.action_masks())))
+            t0 = time.process_time()
+            _, _, terminated, _, _ = self.env.step(action)
+            spent += time.process_time() - t0
+            if terminated:
+                self.env.reset()
+        return spent
 
 
 def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
@@ -110,13 +122,16 @@ def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
         kw = dict(store=root / "speed.zarr", manifest=manifest, hafed=hafed, tsu=tsu, frac=0.1)
         envs = {flag: SashaWSIEnv(**kw, incremental=flag) for flag in (True, False)}
         for env in envs.values():  # warm-up: load the slide, touch the buffers
-            run_steps(env, 0, 5)
+            Runner(env, 0).run(3)
+        runners = {flag: Runner(env, 1) for flag, env in envs.items()}  # same actions
+        total = max(steps, envs[True].budget)  # at least one whole episode
+        blocks = 8
+        block = -(-total // blocks)
         spent = dict.fromkeys(envs, 0.0)
-        block = max(1, steps // 4)
-        for rep in range(4):  # alternate blocks: both see the same machine state
-            for flag, env in envs.items():
-                spent[flag] += run_steps(env, rep + 1, block)
-        inc, full = 4 * block / spent[True], 4 * block / spent[False]
+        for _ in range(blocks):  # alternate blocks: both see the same machine state
+            for flag, runner in runners.items():
+                spent[flag] += runner.run(block)
+        inc, full = blocks * block / spent[True], blocks * block / spent[False]
         env = envs[True]
         env.reset(seed=0)
         for _ in range(env.budget):
@@ -131,6 +146,17 @@ def _vm_hwm_kib(pid: int) -> int:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -202,7 +228,9 @@ def bench_memory(root: Path, n_slides: int = 16, d: int = 1280, n_envs: int = 4)
     model.learn(total_timesteps=2 * n_steps * n_envs)
     seconds = time.perf_counter() - t0
     me = os.getpid()
-    peaks = {pid: _vm_hwm_kib(pid) for pid in [me, *_descendants(me)]}
+    pids = [me, *_descendants(me)]
+    peaks = {pid: _vm_hwm_kib(pid) for pid in pids}
+    pss = sum(_pss_kib(pid) for pid in pids)
     vec.close()
     total = sum(peaks.values())
     print(f"  main process   {peaks[me] / 2**20:6.2f} GiB")
@@ -214,10 +242,16 @@ def bench_memory(root: Path, n_slides: int = 16, d: int = 1280, n_envs: int = 4)
         f"  sum of peaks   {total / 2**20:6.2f} GiB ({verdict} the 4 GiB target); "
         f"{2 * n_steps * n_envs} steps in {seconds:.1f} s"
     )
+    print(
+        f"  sum of Pss now {pss / 2**20:6.2f} GiB (shared library pages counted once; "
+        "RSS counts torch's in every process)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--steps", type=int, default=200, help="timed steps per mode and N")
@@ -237,11 +271,15 @@ def main() -> None:
             default_threads = torch.get_num_threads()
             if args.threads > 0:
                 torch.set_num_threads(args.threads)
-            print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs")
+            print(
+                f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs"
+            )
             bench_speed(args.sizes, args.d, args.steps, Path(tmp))
             torch.set_num_threads(default_threads)
-        if not args.skip_memory:
+        if not args.skip_memory and args.skip_speed:
             bench_memory(Path(tmp))
+        elif not args.skip_memory:  # a fresh process, so its peak RSS is PPO's alone
+            subprocess.run([sys.executable, __file__, "--skip-speed"], check=True)
 
 
 if __name__ == "__main__":

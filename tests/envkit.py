@@ -90,7 +90,9 @@ def random_slides(
     return out
 
 
-def random_models(d: int, tau: float = 0.9, seed: int = 0, n_branches: int = 2) -> tuple[HAFED, TSU]:
+def random_models(
+    d: int, tau: float = 0.9, seed: int = 0, n_branches: int = 2
+) -> tuple[HAFED, TSU]:
     """Random-init HAFED (2 classes, small hidden size) and TSU, in eval mode."""
     torch.manual_seed(seed)
     hafed = HAFED(HAFEDConfig(d_in=d, n_classes=2, d_hidden=8, n_branches=n_branches))
@@ -229,13 +231,17 @@ def reference_classifier(hafed: HAFED, S: np.ndarray) -> np.ndarray:
 
 def reference_tsu(tsu: TSU, v_a: np.ndarray, anchor: np.ndarray, z_j: np.ndarray) -> np.ndarray:
     """``TSU([v_a, anchor, z_j])`` for rows ``z_j (n, d)``, in float64 NumPy."""
-    lin1, _, lin2, ln = tsu.net
-    x = np.concatenate([np.broadcast_to(v_a, z_j.shape), np.broadcast_to(anchor, z_j.shape), z_j], 1)
+    lin1, _, lin2, out_norm = tsu.net
+    x = np.concatenate(
+        [np.broadcast_to(v_a, z_j.shape), np.broadcast_to(anchor, z_j.shape), z_j], 1
+    )
     h = x @ _np(lin1.weight).T + _np(lin1.bias)
     h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
     y = h @ _np(lin2.weight).T + _np(lin2.bias)
-    y = (y - y.mean(1, keepdims=True)) / np.sqrt(y.var(1, keepdims=True) + ln.eps)
-    return y * _np(ln.weight) + _np(ln.bias)
+    if isinstance(out_norm, nn.LayerNorm):
+        y = (y - y.mean(1, keepdims=True)) / np.sqrt(y.var(1, keepdims=True) + out_norm.eps)
+        y = y * _np(out_norm.weight) + _np(out_norm.bias)
+    return z_j + y if getattr(tsu.cfg, "residual", False) else y
 
 
 def reference_episode(

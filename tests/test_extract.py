@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CMU_SVS, tissue_image, write_single_level_tiff
 
+from conftest import CMU_SVS, tissue_image, write_single_level_tiff
 from sasha_env.backbones import build_backbone
 from sasha_env.config import load_config
 from sasha_env.extract import ExtractConfig, embed_patches, extract_cohort

@@ -53,7 +53,7 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     assert (wd.root / "figures" / "learning_curves.png").is_file()
     assert list((wd.root / "figures" / "paths").glob("*-sasha-0.1.png"))
     for m in results["methods"]:
-        assert CONTRACT_KEYS <= set(m)
+        assert set(m) >= CONTRACT_KEYS
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
     assert methods["hafed"]["frac"] == 1.0 and methods["lowres_only"]["frac"] == 0.0
     tsu_marker = json.loads(wd.marker("tsu").read_text())
@@ -159,16 +159,31 @@ def test_wandb_sweep_trial_runs_offline(tiny_workdir, tmp_path, monkeypatch):
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("sweep_agent", root / "experiments" / "sweep_agent.py")
+    spec = importlib.util.spec_from_file_location(
+        "sweep_agent", root / "experiments" / "sweep_agent.py"
+    )
     sweep_agent = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep_agent)
     sweep = yaml.safe_load((root / "experiments" / "sweep.yaml").read_text())
-    assert set(sweep["parameters"]) <= set(sweep_agent.TUNABLE) | {"frac"}  # every swept name is accepted
+    assert set(sweep["parameters"]) <= set(sweep_agent.TUNABLE) | {
+        "frac"
+    }  # every swept name is accepted
     wd = tmp_path / "wd"
     shutil.copytree(tiny_workdir, wd)
     monkeypatch.setenv("WANDB_MODE", "offline")
     metrics = sweep_agent.main(
-        ["--workdir", str(wd), "--preset", "tiny", "--learning_rate", "0.001", "--total_timesteps", "64", "--reward", "delta"]
+        [
+            "--workdir",
+            str(wd),
+            "--preset",
+            "tiny",
+            "--learning_rate",
+            "0.001",
+            "--total_timesteps",
+            "64",
+            "--reward",
+            "delta",
+        ]
     )
     assert set(metrics) == {"val/accuracy", "val/auc", "val/f1", "val/ece"}
     assert list((wd / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CMU_SVS, tissue_image, write_ome_pyramid, write_single_level_tiff
 
+from conftest import CMU_SVS, tissue_image, write_ome_pyramid, write_single_level_tiff
 from sasha_env.grid import GridConfig, GridError, build_grid, segment_tissue
 from sasha_env.slide import Slide, SlideError
 

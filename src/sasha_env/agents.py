@@ -87,14 +87,6 @@ def agent_name(frac: float, algo: str = "maskable_ppo") -> str:
     return f"{prefix}-{frac:g}"
 
 
-def cohort_max_patches(wd: Workdir) -> int:
-    """The largest N in the store, so one agent serves every split."""
-    from .store import FeatureStore
-
-    store = FeatureStore(wd.store)
-    return max(int(store.slide_attrs(s)["n_patches"]) for s in store.slide_ids())
-
-
 def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
     return SashaWSIEnv(
         wd.root,
@@ -102,7 +94,7 @@ def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) 
         frac=frac,
         reward=cfg.reward,
         correct_bonus=cfg.correct_bonus,
-        max_patches=kw.pop("max_patches", None) or cohort_max_patches(wd),
+        max_patches=kw.pop("max_patches", "cohort"),  # one agent serves every split
         **kw,
     )
 
@@ -211,11 +203,10 @@ def train_agent(
 
     out_dir = Path(out_dir or wd.agent_dir(agent_name(frac, cfg.algo)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    max_patches = cohort_max_patches(wd)
 
     def factory(rank: int) -> Callable[[], SashaWSIEnv]:
         def make() -> SashaWSIEnv:
-            env = make_env(wd, "train", frac, cfg, max_patches=max_patches)
+            env = make_env(wd, "train", frac, cfg)
             env.reset(seed=seed + rank)
             return env
 
@@ -257,7 +248,7 @@ def train_agent(
         "seed": seed,
         "config": asdict(cfg),
         "train_seconds": round(time.perf_counter() - t0, 2),
-        "max_patches": max_patches,
+        "max_patches": int(model.observation_space["features"].shape[0]),
     }
     (out_dir / "agent.json").write_text(json.dumps(meta, indent=2))
     return path

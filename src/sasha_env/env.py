@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
 
-from .env_data import SlideCache, SlideData, episode_budget, resolve_sources
+from .env_data import SlideCache, SlideData, episode_budget, n_patches_of, resolve_sources
 from .manifest import Manifest
 from .render import ThumbnailCache, draw_patches
 from .store import FeatureStore
@@ -53,6 +53,12 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     ``TSU([v_a, z_a, z_j])``). The two differ only when an updated patch is zoomed. Unlike the
     official code, zooming continues to work after every patch is zoomed or updated.
 
+    Cost of a step: the similarity test is one ``(n_cand, d) @ (d,)`` product over the rows
+    still eligible (a compacted copy of their ``z``), the TSU runs on the r updated rows, and
+    HAFED's classifier re-scores only the ``1 + r`` changed rows and updates its pooled sums
+    (:class:`~sasha_models.incremental.IncrementalClassifier`): ``O(N·d + r·d·h)`` instead of
+    the ``O(N·d·h)`` of re-running the classifier (``incremental=False``).
+
     Episodes last ``⌈frac·N⌉`` steps; ``terminated`` is set at the budget (``truncated`` comes
     only from wrappers such as ``TimeLimit``). The reward uses the frozen HAFED slide classifier
     on the new state, ``CE_t = −log p(label | S_t)``:
@@ -84,12 +90,16 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         illegal_penalty: reward of an illegal step.
         tau: cosine threshold τ; ``None`` takes the TSU checkpoint's ``cfg.tau``.
         anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above.
-        max_patches: padded size P of the observation and action space; ``None`` = the
-            largest N of the split. Slides with N > P cannot be loaded.
+        max_patches: padded size P of the observation and action space: an int, ``None`` or
+            ``"split"`` (the largest N of the split), or ``"cohort"`` (the largest N of every
+            slide of the manifest in the store — use it, or the same int, for the train and
+            the evaluation envs, so that an agent trained on one runs on the other). Slides
+            with N > P cannot be loaded.
         incremental: re-score only the rows a step changed (``False``: re-run the classifier
             over all N rows every step; same results to float rounding).
         cache_mb: MiB of per-slide arrays kept in memory (LRU).
-        render_mode: ``None`` or ``"rgb_array"``.
+        render_mode: ``None`` or ``"rgb_array"``: :meth:`render` draws the slide thumbnail
+            (read once per slide) with the patch grid, TSU-updated and zoomed patches.
         render_px: longest side of the rendered thumbnail in pixels.
 
     Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
@@ -130,7 +140,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         illegal_penalty: float = -1.0,
         tau: float | None = None,
         anchor: Literal["state", "lowres"] = "state",
-        max_patches: int | None = None,
+        max_patches: int | Literal["split", "cohort"] | None = None,
         incremental: bool = True,
         cache_mb: float = 1024,
         render_mode: str | None = None,
@@ -161,14 +171,19 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self.tau = float(tau)
         self.d = int(self.store.feature_dim)
         largest = max(src.n_patches.values())
-        self.max_patches = int(max_patches) if max_patches is not None else largest
+        if max_patches is None or max_patches == "split":
+            self.max_patches = largest
+        elif max_patches == "cohort":
+            self.max_patches = max(n_patches_of(self.store, s) for s in src.labels)
+        else:
+            self.max_patches = int(max_patches)
         too_big = [s for s, n in src.n_patches.items() if n > self.max_patches]
         if too_big:
             raise ValueError(
                 f"max_patches={self.max_patches} is smaller than {len(too_big)} slide(s) of the "
-                f"split (largest N = {largest}, e.g. {too_big[0]!r})"
+                f"split (largest N = {largest}, e.g. {too_big[0]!r}); max_patches='cohort' "
+                "fits every slide"
             )
-        self._n_patches = src.n_patches
         self._slides = SlideCache(self.store, src.labels, cache_mb)
         self._clf = IncrementalClassifier(self.hafed, incremental=incremental)
         self._thumbs = ThumbnailCache(render_px)
@@ -194,6 +209,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._S: Tensor | None = None
         self._free: Tensor | None = None  # (N,) bool: neither zoomed nor TSU-updated
         self._updated: Tensor | None = None  # (N,) bool: ever TSU-updated
+        # Similarity candidates: row indices (a superset of the free rows), their z rows
+        # (contiguous) and norms; compacted when most have become stale.
+        self._cand: tuple[Tensor, Tensor, Tensor] = (torch.empty(0, dtype=torch.long),) * 3
+        self._n_free = 0
         self._zoomed: list[int] = []
         self._t = 0
         self._budget = 0
@@ -254,7 +273,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         data = self._slides.get(str(sid))
         n = data.n
         if n > self.max_patches:
-            raise ValueError(f"slide {sid!r} has {n} patches > max_patches={self.max_patches}")
+            raise ValueError(
+                f"slide {sid!r} has {n} patches > max_patches={self.max_patches}; build the "
+                "env with max_patches='cohort' to fit every slide"
+            )
         self._slide = data
         self._features[:n] = data.z.numpy()
         self._features[n:] = 0.0
@@ -268,6 +290,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         with torch.inference_mode():
             self._S = torch.from_numpy(self._features)[:n]
             self._free = torch.ones(n, dtype=torch.bool)
+            self._cand = (torch.arange(n), data.z, data.z_norm)
+            self._n_free = n
             self._updated = torch.zeros(n, dtype=torch.bool)
             self._set_prediction(self._clf.reset(self._S))
         info = {
@@ -328,16 +352,18 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     # ------------------------------------------------------------------ internals
     def _zoom(self, a: int) -> Tensor:
         """Apply one zoom to ``_S`` in place; returns the changed rows ``(1 + n_updated,)``."""
-        data, S = self._slide, self._S
-        assert data is not None and S is not None
-        assert self._free is not None and self._updated is not None
+        data, S, free = self._slide, self._S, self._free
+        assert data is not None and S is not None and free is not None
+        assert self._updated is not None
         anchor = (S[a] if self.anchor == "state" else data.z[a]).clone()  # (d,)
-        # Candidates (neither zoomed nor updated) still hold z_j, so cos(S_j, anchor) is
-        # cos(z_j, anchor): one (N, d) @ (d,) product with the cached norms.
-        cos = (data.z @ anchor) / (data.z_norm * anchor.norm()).clamp_min(_EPS)
-        free = self._free
         free[a] = False
-        targets = torch.nonzero(free & (cos.abs() >= self.tau)).squeeze(1)
+        # Candidates (neither zoomed nor updated) still hold z_j, so cos(S_j, anchor) is
+        # cos(z_j, anchor): one (n_cand, d) @ (d,) product over a compacted copy of the
+        # candidates' z rows, with their cached norms.
+        idx, zc, norm = self._cand
+        dots = zc @ anchor
+        hit = dots.abs_() >= norm * (self.tau * float(anchor.norm()))
+        targets = idx[hit & free[idx]]
         v_a = data.v[a]
         if targets.numel():
             S[targets] = self.tsu(v_a, anchor, data.z[targets])
@@ -346,6 +372,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         S[a] = v_a
         self._visited[a] = 1
         self._zoomed.append(a)
+        self._n_free -= 1 + targets.numel()
+        if len(idx) > 2 * self._n_free + 256:  # most candidates are stale: compact
+            keep = torch.nonzero(free).squeeze(1)
+            self._cand = (keep, data.z[keep], data.z_norm[keep])
         return torch.cat([torch.tensor([a]), targets])
 
     def _set_prediction(self, logits: Tensor) -> None:

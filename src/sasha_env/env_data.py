@@ -25,7 +25,14 @@ from .manifest import Manifest, read_manifest
 from .store import FeatureStore, StoreError
 from .workdir import Workdir
 
-__all__ = ["SlideData", "SlideCache", "Sources", "episode_budget", "resolve_sources"]
+__all__ = [
+    "SlideData",
+    "SlideCache",
+    "Sources",
+    "episode_budget",
+    "n_patches_of",
+    "resolve_sources",
+]
 
 PathLike = str | os.PathLike
 
@@ -258,13 +265,22 @@ def resolve_sources(
     missing = [s for s in slide_ids if not store_obj.has_array(s, "distilled")]
     if missing:
         raise StoreError(_no_distilled(store_obj, missing))
-    n_patches = {s: _n_patches(store_obj, s) for s in slide_ids}
+    n_patches = {s: n_patches_of(store_obj, s) for s in slide_ids}
     return Sources(
-        store_obj, man, models["hafed"], models["tsu"], slide_ids, labels, n_patches, class_names, meta
+        store_obj,
+        man,
+        models["hafed"],
+        models["tsu"],
+        slide_ids,
+        labels,
+        n_patches,
+        class_names,
+        meta,
     )
 
 
-def _n_patches(store: FeatureStore, sid: str) -> int:
+def n_patches_of(store: FeatureStore, sid: str) -> int:
+    """N of a slide, from its attributes (or its ``coords`` array)."""
     n = store.slide_attrs(sid).get("n_patches")
     if n is None:
         n = store.read(sid, "coords").shape[0]

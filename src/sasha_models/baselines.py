@@ -135,7 +135,9 @@ class _TransLayer(nn.Module):
     def forward(self, x: Tensor, pad: Tensor) -> Tensor:
         """``x (B, n, D)``, ``pad (B, n)`` True on padding → ``(B, n, D)``."""
         b, n, dim = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.n_heads, dim // self.n_heads).unbind(2)
+        q, k, v = (
+            self.qkv(self.norm(x)).reshape(b, n, 3, self.n_heads, dim // self.n_heads).unbind(2)
+        )
         attn_mask = None if not pad.any() else (~pad)[:, None, None, :]
         h = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
