@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test test-all bench lint format clean
+.PHONY: install demo test test-all bench bench-agents lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_extract.py
+	$(PY) experiments/bench_env.py
+
+bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
+	$(PY) experiments/bench_agents.py --workdir $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments

@@ -84,14 +84,11 @@ def main() -> None:
     cfg = load_config(args.preset)
     synth = SynthConfig.from_dict(cfg["synth"])
     synth.n_slides = args.slides
-    manifest = synthesize_cohort(args.workdir / "cohort", synth, seed=0, progress=False)
+    cohort = args.workdir / f"cohort-{args.preset}-{args.slides}"
+    manifest = synthesize_cohort(cohort, synth, seed=0, progress=False)
     grid_cfg = GridConfig.from_dict(cfg["grid"])
     extract_cfg = ExtractConfig.from_dict(cfg["extract"])
-    if args.num_workers is not None:
-        extract_cfg.num_workers = args.num_workers
-    build_backbone(
-        extract_cfg.backbone
-    )  # load once so every run finds the weights in the page cache
+    build_backbone(extract_cfg.backbone)  # load once: every run then finds the weights cached
 
     rates: dict[int, float] = {}
     for workers in args.workers:

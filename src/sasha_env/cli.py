@@ -45,6 +45,18 @@ def _add_scaleout(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_options(p: argparse.ArgumentParser, scaleout: bool = True) -> None:
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default=None,
+        help="log training to Weights & Biases (offline needs no network; online needs `wandb login`)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if scaleout:
+        _add_scaleout(p)
+
+
 def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
@@ -156,14 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", nargs="+", default=(), metavar="STAGE", help="re-run these stages even if cached"
     )
-    p.add_argument(
-        "--wandb",
-        choices=("offline", "online", "disabled"),
-        default=None,
-        help="log training to Weights & Biases (offline needs no network)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_scaleout(p)
+    _add_run_options(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser(
@@ -179,14 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR")
     _add_preset(p)
-    p.add_argument(
-        "--wandb",
-        choices=("offline", "online", "disabled"),
-        default=None,
-        help="log to Weights & Biases",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_scaleout(p)
+    _add_run_options(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -205,13 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default: demo-run)",
     )
     _add_preset(p)
-    p.add_argument(
-        "--wandb",
-        choices=("offline", "online", "disabled"),
-        default=None,
-        help="log to Weights & Biases",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(p, scaleout=False)
     p.set_defaults(func=_cmd_demo)
 
     return parser

@@ -16,10 +16,15 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["PRESETS", "load_config", "dataclass_from_dict", "deep_merge"]
+__all__ = ["PRESETS", "load_config", "dataclass_from_dict", "deep_merge", "say", "quiet_lightning"]
 
 PRESETS = ("tiny", "demo", "paper")
 T = TypeVar("T")
+
+
+def say(message: str) -> None:
+    """Print a progress line at once (stdout may be a file or a pipe)."""
+    print(message, flush=True)
 
 
 def quiet_lightning() -> None:

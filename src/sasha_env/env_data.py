@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sasha_models.lit import build_model, check_feature_dim, load_checkpoint
+from sasha_models.checkpoint import build_model, check_feature_dim, load_checkpoint
 
 from .manifest import Manifest, read_manifest
 from .store import FeatureStore, StoreError

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bags import StoreBags
+from .config import say
 from .manifest import read_manifest
 from .store import FeatureStore
 from .tumour import hit_rate
@@ -33,7 +34,7 @@ FULL_RES_METHODS = (
 
 
 def evaluate_workdir(
-    wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = print
+    wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = say
 ) -> dict:
     """Metrics of every method whose model exists in ``wd``, written to ``wd.results``."""
     from sasha_models.lit import load_model, predict_probs
@@ -85,7 +86,7 @@ def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> di
 
 
 def evaluate_sampling(
-    wd: Workdir, cfg: dict, bags: StoreBags, split: str, log: Callable[[str], None] = print
+    wd: Workdir, cfg: dict, bags: StoreBags, split: str, log: Callable[[str], None] = say
 ) -> list[dict]:
     """Rows for ``sasha`` (trained agents, argmax), ``random`` and ``attention_topk`` per budget.
 

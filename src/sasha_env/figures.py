@@ -96,6 +96,7 @@ def zoom_paths(
                     colors="yellow",
                     linewidths=1.2,
                 )
+                handles.append(plt.Line2D([], [], color="yellow", lw=1.5, label="tumour (mask)"))
         for order, i in enumerate(ep["zoomed"], start=1):
             x, y = (coords[i] + cell / 2) / ds
             ax.text(

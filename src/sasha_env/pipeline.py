@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from .bags import StoreBags
-from .config import load_config, quiet_lightning
+from .config import load_config, quiet_lightning, say
 from .manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
 from .store import FeatureStore
 from .workdir import Workdir
@@ -90,7 +90,7 @@ class Pipeline:
     accelerator: str = "cpu"
     num_nodes: int = 1
     progress: bool = True
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = say
 
     def __post_init__(self) -> None:
         self.wd = Workdir(self.workdir)

@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 
-from .baselines import MIL_MODELS, build_baseline
+from .baselines import build_baseline
+from .checkpoint import _expected_dim, build_model, check_feature_dim, load_checkpoint, load_model  # noqa: F401  (re-exported)
 from .data import BagDataset, BagSource
 from .hafed import HAFED, HAFEDConfig, acmil_loss, hafed_loss
 from .metrics import classification_metrics
@@ -100,6 +101,14 @@ class _SashaModule(L.LightningModule, abc.ABC):
     @abc.abstractmethod
     def model_config(self) -> dict[str, Any]:
         """Plain-dict configuration that rebuilds the wrapped model."""
+
+    def _set_model(self, cfg: Any, seed: int | None, model_cls: type[nn.Module]) -> None:
+        """Build ``model_cls(cfg)`` with seeded initial weights; record the hyper-parameters."""
+        self.cfg, self.seed = cfg, seed
+        self.model = _seeded(seed, lambda: model_cls(cfg))
+        self.save_hyperparameters(
+            {"cfg": cfg.to_dict(), "lr": self.lr, "weight_decay": self.weight_decay}
+        )
 
     def export(self) -> dict[str, Any]:
         """``{'state_dict', 'config', 'kind'}`` of the wrapped model (CPU tensors)."""
@@ -197,17 +206,8 @@ class HAFEDModule(_ClassifierModule):
         seed: int | None = None,
     ) -> None:
         cfg = _as_config(HAFEDConfig, cfg)
-        super().__init__(
-            cfg.lr if lr is None else lr,
-            cfg.weight_decay if weight_decay is None else weight_decay,
-            cfg.max_epochs if max_epochs is None else max_epochs,
-        )
-        self.cfg = cfg
-        self.seed = seed
-        self.model = _seeded(seed, lambda: HAFED(cfg))
-        self.save_hyperparameters(
-            {"cfg": cfg.to_dict(), "lr": self.lr, "weight_decay": self.weight_decay}
-        )
+        super().__init__(*_optimiser_settings(cfg, lr, weight_decay, max_epochs))
+        self._set_model(cfg, seed, HAFED)
 
     kind = "hafed"  # type: ignore[assignment]
 
@@ -304,17 +304,8 @@ class TSUModule(_SashaModule):
         seed: int | None = None,
     ) -> None:
         cfg = _as_config(TSUConfig, cfg)
-        super().__init__(
-            cfg.lr if lr is None else lr,
-            cfg.weight_decay if weight_decay is None else weight_decay,
-            cfg.max_epochs if max_epochs is None else max_epochs,
-        )
-        self.cfg = cfg
-        self.seed = seed
-        self.model = _seeded(seed, lambda: TSU(cfg))
-        self.save_hyperparameters(
-            {"cfg": cfg.to_dict(), "lr": self.lr, "weight_decay": self.weight_decay}
-        )
+        super().__init__(*_optimiser_settings(cfg, lr, weight_decay, max_epochs))
+        self._set_model(cfg, seed, TSU)
         self._val_sums = torch.zeros(3, dtype=torch.float64)  # sse, identity sse, count
 
     def model_config(self) -> dict[str, Any]:
@@ -358,6 +349,17 @@ def _seeded(seed: int | None, build: Any) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def _optimiser_settings(
+    cfg: Any, lr: float | None, weight_decay: float | None, max_epochs: int | None
+) -> tuple[float, float, int]:
+    """``(lr, weight_decay, max_epochs)``: the arguments given, else the config's."""
+    return (
+        cfg.lr if lr is None else lr,
+        cfg.weight_decay if weight_decay is None else weight_decay,
+        cfg.max_epochs if max_epochs is None else max_epochs,
+    )
 
 
 def _as_config(cls: type, cfg: Any) -> Any:
@@ -524,76 +526,6 @@ def _class_names(datamodule: Any) -> list[str] | None:
 
 
 # ------------------------------------------------------------------------ loading
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an exported ``model.pt`` (``weights_only=True``: tensors and plain containers)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or not {"state_dict", "config", "kind"} <= set(blob):
-        raise ValueError(f"{path} is not a sasha model export (need state_dict, config, kind)")
-    return blob
-
-
-def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
-    """An untrained model from an export's ``kind`` and ``config``."""
-    if kind == "hafed":
-        return HAFED(HAFEDConfig(**config))
-    if kind == "tsu":
-        return TSU(TSUConfig(**config))
-    if kind.startswith("mil:") and kind[4:] in MIL_MODELS:
-        cfg = dict(config)
-        return build_baseline(kind[4:], cfg.pop("d_in"), cfg.pop("n_classes"), **cfg)
-    raise ValueError(f"unknown model kind {kind!r}")
-
-
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """Rebuild an exported model from ``model.pt``, in eval mode on the CPU."""
-    blob = load_checkpoint(path)
-    model = build_model(blob["kind"], blob["config"])
-    model.load_state_dict(blob["state_dict"])
-    return model.eval()
-
-
-def _expected_dim(obj: Any) -> int:
-    if isinstance(obj, HAFEDConfig):
-        return obj.d_in
-    if isinstance(obj, TSUConfig):
-        return obj.d
-    if isinstance(obj, Mapping):
-        for key in ("d_in", "d"):
-            if key in obj:
-                return int(obj[key])
-    if isinstance(obj, _SashaModule):
-        return _expected_dim(obj.model)
-    d = getattr(obj, "d_in", None)
-    if d is None:
-        raise TypeError(f"cannot tell the feature size expected by {type(obj).__name__}")
-    return int(d)
-
-
-def check_feature_dim(
-    model_or_cfg: nn.Module | HAFEDConfig | TSUConfig | Mapping[str, Any] | str | os.PathLike,
-    d: int,
-    name: str | None = None,
-) -> None:
-    """Raise ``ValueError`` when features of size ``d`` do not fit a model / checkpoint.
-
-    Args:
-        model_or_cfg: a model of the zoo, its config (dataclass or dict), or the path of an
-            exported ``model.pt``.
-        d: the feature size of the store.
-        name: how to name the checkpoint in the message (default: the path or class name).
-    """
-    if isinstance(model_or_cfg, (str, os.PathLike)):
-        name = name or str(model_or_cfg)
-        model_or_cfg = load_checkpoint(model_or_cfg)["config"]
-    expected = _expected_dim(model_or_cfg)
-    if int(d) != expected:
-        name = name or type(model_or_cfg).__name__
-        raise ValueError(
-            f"feature store has d={int(d)} but checkpoint {name} expects d={expected}; "
-            "re-extract with the checkpoint's backbone or retrain"
-        )
-
-
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, source: BagSource, split: str | None, kind: str
