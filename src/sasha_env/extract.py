@@ -160,12 +160,24 @@ class _SlidePatches(IterableDataset):
         self.qc_dir = qc_dir
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches are filled across slide boundaries, so every forward pass is full size."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        pending: list[tuple[str, int, np.ndarray, np.ndarray]] = []
         for record in self.records[wid::nw]:
-            yield from self._slide_items(record)
+            for item in self._slide_items(record):
+                if isinstance(item, tuple):
+                    pending.append(item)
+                    if len(pending) == self.patches_per_batch:
+                        yield _batch(pending)
+                        pending = []
+                else:
+                    yield item
+        if pending:
+            yield _batch(pending)
 
-    def _slide_items(self, record: SlideRecord) -> Iterator[dict]:
+    def _slide_items(self, record: SlideRecord) -> Iterator[dict | tuple]:
+        """A ``"slide"`` header, then ``(slide_id, i, lo, hi)`` per patch; or an ``"error"``."""
         try:
             slide = Slide(record.path)
             grid, thumb, mask, thumb_ds = build_grid(slide, self.grid_cfg)
@@ -189,20 +201,23 @@ class _SlidePatches(IterableDataset):
             },
         }
         try:
-            for start in range(0, grid.n, self.patches_per_batch):
-                idx = range(start, min(grid.n, start + self.patches_per_batch))
-                pairs = [read_patch(slide, grid, i) for i in idx]
-                yield {
-                    "type": "batch",
-                    "slide_id": record.slide_id,
-                    "start": start,
-                    "lo": torch.from_numpy(np.stack([p[0] for p in pairs])),
-                    "hi": torch.from_numpy(np.stack([p[1] for p in pairs])),
-                }
+            for i in range(grid.n):
+                yield (record.slide_id, i, *read_patch(slide, grid, i))
         except Exception as exc:
             yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
         finally:
             slide.close()
+
+
+def _batch(patches: list[tuple[str, int, np.ndarray, np.ndarray]]) -> dict:
+    """Stack patches (of one or more slides) into a ``"batch"`` item."""
+    return {
+        "type": "batch",
+        "slide_ids": [p[0] for p in patches],
+        "index": [p[1] for p in patches],
+        "lo": torch.from_numpy(np.stack([p[2] for p in patches])),
+        "hi": torch.from_numpy(np.stack([p[3] for p in patches])),
+    }
 
 
 def _message(exc: Exception) -> str:
@@ -245,8 +260,8 @@ class _Extractor(L.LightningModule):
         feats = embed_patches(self.backbone, images, self.input_px).cpu()
         return {
             "type": "features",
-            "slide_id": item["slide_id"],
-            "start": item["start"],
+            "slide_ids": item["slide_ids"],
+            "index": item["index"],
             "lo": feats[:b].numpy(),
             "hi": feats[b:].reshape(b, k, -1).numpy(),
         }
@@ -277,6 +292,17 @@ class _SlideWriter(L.Callback):
     def on_predict_batch_end(
         self, trainer, pl_module, out: dict, batch, batch_idx, dataloader_idx=0
     ):
+        if out["type"] == "features":
+            for j, (sid, i) in enumerate(zip(out["slide_ids"], out["index"], strict=True)):
+                slot = self.open.get(sid)
+                if slot is None:  # the slide failed after these patches were read
+                    continue
+                slot["lo"][i], slot["hi"][i] = out["lo"][j], out["hi"][j]
+                slot["left"] -= 1
+                if slot["left"] == 0:
+                    self._finish(sid, self.open.pop(sid))
+                    self._tick(trainer)
+            return
         sid = out["slide_id"]
         if out["type"] == "error":
             self.open.pop(sid, None)
@@ -291,15 +317,6 @@ class _SlideWriter(L.Callback):
                 "hi": [None] * grid.n,
                 "left": grid.n,
             }
-        elif sid in self.open:
-            slot = self.open[sid]
-            for j in range(len(out["lo"])):
-                slot["lo"][out["start"] + j] = out["lo"][j]
-                slot["hi"][out["start"] + j] = out["hi"][j]
-            slot["left"] -= len(out["lo"])
-            if slot["left"] == 0:
-                self._finish(sid, self.open.pop(sid))
-                self._tick(trainer)
 
     def _finish(self, sid: str, slot: dict) -> None:
         grid: PatchGrid = slot["grid"]
