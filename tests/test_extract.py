@@ -237,3 +237,18 @@ def test_ddp_extraction_with_two_cpu_processes(tmp_path, tiny_cohort):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(FeatureStore(out).slide_ids()) == 4
     assert "extracted 4 slide(s)" in proc.stdout
+
+
+def test_prefetch_thread_keeps_order_and_raises_reader_errors():
+    from sasha_env.extract import _prefetched
+
+    assert list(_prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    it = _prefetched(broken(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)

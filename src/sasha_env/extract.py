@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -160,6 +162,11 @@ class _SlidePatches(IterableDataset):
         self.qc_dir = qc_dir
 
     def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is None:  # no DataLoader workers: read in a thread instead
+            return _prefetched(self._items(), depth=4)
+        return self._items()
+
+    def _items(self) -> Iterator[dict]:
         """Batches are filled across slide boundaries, so every forward pass is full size."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -207,6 +214,44 @@ class _SlidePatches(IterableDataset):
             yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
         finally:
             slide.close()
+
+
+def _prefetched(items: Iterator[dict], depth: int) -> Iterator[dict]:
+    """Run ``items`` in a background thread, ``depth`` items ahead.
+
+    Without DataLoader worker processes this still overlaps reading and JPEG decoding (which
+    release the GIL) with the backbone's forward pass; errors surface in the consumer.
+    """
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x: object) -> bool:
+        while not stop.is_set():  # never block forever once the consumer has gone
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # re-raised in the consumer
+            put(exc)
+        put(done)
+
+    threading.Thread(target=produce, daemon=True, name="sasha-read").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _batch(patches: list[tuple[str, int, np.ndarray, np.ndarray]]) -> dict:
