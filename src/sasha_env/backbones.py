@@ -135,7 +135,12 @@ def _timm(
         )
     net = timm.create_model(model_name, pretrained=pretrained and checkpoint is None, num_classes=0)
     if checkpoint is not None:
-        net.load_state_dict(load_state_dict_file(checkpoint), strict=False)
+        result = net.load_state_dict(load_state_dict_file(checkpoint), strict=False)
+        if result.missing_keys:  # extra keys (a classifier head, say) are fine; missing are not
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit timm model {model_name!r}: "
+                f"{len(result.missing_keys)} weight(s) missing, e.g. {result.missing_keys[:3]}"
+            )
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     mean = tuple(cfg.get("mean", IMAGENET_MEAN))
