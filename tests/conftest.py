@@ -87,3 +87,16 @@ def tiny_store(tiny_cohort, tmp_path_factory) -> Path:
     )
     assert report.ok, report.summary()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_cohort, tiny_store, tmp_path_factory) -> Path:
+    """A finished tiny pipeline run (every stage, agents included)."""
+    import shutil
+
+    from sasha_env.pipeline import Pipeline
+
+    wd = tmp_path_factory.mktemp("workdir")
+    shutil.copytree(tiny_store, wd / "features.zarr")  # extraction then finds every slide done
+    Pipeline(wd, manifest=tiny_cohort, preset="tiny", progress=False, log=lambda m: None).run()
+    return wd

@@ -21,16 +21,6 @@ SASHA = [sys.executable, "-m", "sasha_env.cli"]
 CONTRACT_KEYS = {"method", "frac", "accuracy", "auc", "f1", "ece"}
 
 
-@pytest.fixture(scope="module")
-def tiny_workdir(tiny_cohort, tiny_store, tmp_path_factory) -> Path:
-    wd = tmp_path_factory.mktemp("workdir")
-    shutil.copytree(
-        tiny_store, wd / "features.zarr"
-    )  # the extract stage then finds every slide done
-    Pipeline(wd, manifest=tiny_cohort, preset="tiny", progress=False, log=lambda m: None).run()
-    return wd
-
-
 def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     wd = Workdir(tiny_workdir)
     for stage in STAGES:

@@ -188,6 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
+        "predict",
+        help="diagnose new slides from disk, zooming only where the agent chooses",
+        description="For each slide: segment tissue, embed the low-res patches, then let the "
+        "trained agent zoom: only the chosen patches' high-res regions are read, embedded and "
+        "distilled, and the TSU updates similar patches. Prints one JSON record per line "
+        "(probabilities, predicted label, zoomed patch coordinates in level-0 pixels with their "
+        "side, fraction of high-res sub-patches read, seconds per phase). --full reads every "
+        "high-res sub-patch instead (the baseline). A slide that fails gets a record with "
+        "'error' and the others go on; the exit status is then 1.",
+    )
+    p.add_argument("slides", type=Path, nargs="*", metavar="SLIDE", help="slide files")
+    p.add_argument(
+        "--workdir", type=Path, required=True, metavar="DIR", help="a finished pipeline workdir"
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="predict every slide of a manifest",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--frac", type=float, default=0.1, help="zoom budget f; its agent must exist (default: 0.1)"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
+    )
+    p.add_argument(
+        "--pictures",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each slide's zoom path as PNG here",
+    )
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
         "demo",
         help="synth + pipeline on the embedded default cohort; prints the results table",
         description="Write the embedded synthetic cohort into DIR/cohort and run the whole "
@@ -270,6 +308,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(format_table(pipe.wd.results))
         print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.dir}/")
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .manifest import read_manifest
+    from .predict import Predictor
+
+    slides = list(args.slides)
+    if args.manifest is not None:
+        slides += [r.path for r in read_manifest(args.manifest).records]
+    if not slides:
+        raise ValueError("give slide files or --manifest CSV")
+    predictor = Predictor(args.workdir, frac=args.frac, full=args.full)
+    failed = 0
+    for path in slides:
+        picture = args.pictures / f"{Path(path).stem}.png" if args.pictures else None
+        try:
+            record = predictor.predict(path, picture=picture)
+        except Exception as exc:  # one bad slide never stops the batch
+            failed += 1
+            record = {"slide": str(path), "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

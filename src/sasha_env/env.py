@@ -264,17 +264,23 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """Start an episode on a slide drawn from the split with ``self.np_random``.
 
         ``options={"slide_id": ID}`` picks the slide instead (any slide of the manifest that
-        is in the store and has at most ``max_patches`` patches).
+        is in the store and has at most ``max_patches`` patches). ``options={"slide_data":
+        SlideData}`` runs on arrays given directly; its ``v`` only needs ``v[a]`` for an int
+        ``a``, so it may compute rows lazily (how ``sasha predict`` reads only zoomed patches).
         """
         super().reset(seed=seed)
-        sid = (options or {}).get("slide_id")
-        if sid is None:
-            sid = self.slide_ids[int(self.np_random.integers(len(self.slide_ids)))]
-        data = self._slides.get(str(sid))
+        options = options or {}
+        if "slide_data" in options:  # arrays given directly (sasha predict: a slide outside the store)
+            data = options["slide_data"]
+        else:
+            sid = options.get("slide_id")
+            if sid is None:
+                sid = self.slide_ids[int(self.np_random.integers(len(self.slide_ids)))]
+            data = self._slides.get(str(sid))
         n = data.n
         if n > self.max_patches:
             raise ValueError(
-                f"slide {sid!r} has {n} patches > max_patches={self.max_patches}; build the "
+                f"slide {data.slide_id!r} has {n} patches > max_patches={self.max_patches}; build the "
                 "env with max_patches='cohort' to fit every slide"
             )
         self._slide = data

@@ -103,16 +103,19 @@ def store_attrs(backbone: Backbone, grid_cfg: GridConfig, input_px: int) -> dict
     }
 
 
-def read_patch(slide: Slide, grid: PatchGrid, i: int) -> tuple[np.ndarray, np.ndarray]:
+def read_patch(
+    slide: Slide, grid: PatchGrid, i: int, low: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Pixels of patch ``i``: its low-res view and its k high-res sub-patches.
 
     Returns:
         ``lo (P, P, 3)`` uint8 at the low-res downsample and ``hi (k, P, P, 3)`` uint8 at the
         high-res downsample, sub-patches in row-major order (see ``PatchGrid.sub_coords``).
+        ``lo`` is ``None`` with ``low=False`` (only the high-res region is read).
     """
     p, z = grid.patch_px, grid.zoom
     x, y = (int(v) for v in grid.coords[i])
-    lo = slide.read(x, y, p, grid.lo_downsample)
+    lo = slide.read(x, y, p, grid.lo_downsample) if low else None
     region = slide.read(x, y, p * z, grid.hi_downsample)
     hi = region.reshape(z, p, z, p, 3).transpose(0, 2, 1, 3, 4).reshape(z * z, p, p, 3)
     return lo, np.ascontiguousarray(hi)

@@ -1,0 +1,243 @@
+"""``sasha predict``: diagnose new slides straight from disk, reading only where the agent zooms.
+
+Per slide: segment tissue, embed every low-res patch, then run the trained agent. At each
+zoom only the chosen patch's high-resolution region is read (tiffslide), its k sub-patches
+are embedded and distilled by HAFED level 1, and the TSU updates similar patches — the
+environment's own dynamics (``SashaWSIEnv`` with a slide whose ``v`` rows are computed on
+demand). ``full=True`` is the baseline SASHA is measured against: every high-res sub-patch
+read and embedded, then HAFED.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .backbones import build_backbone
+from .env import SashaWSIEnv
+from .env_data import SlideData
+from .extract import embed_patches, read_patch
+from .grid import GridConfig, build_grid
+from .manifest import read_manifest
+from .render import ThumbnailCache, draw_patches
+from .slide import Slide
+from .store import FeatureStore
+from .workdir import Workdir
+
+__all__ = ["Predictor"]
+
+#: a slide whose mpp differs from the cohort's by more than this is read at the cohort's mpp
+MPP_TOLERANCE = 0.1
+
+
+class _Timer(defaultdict):
+    """Seconds per phase."""
+
+    def __init__(self) -> None:
+        super().__init__(float)
+
+    def add(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self[phase] += now - t0
+        return now
+
+
+class _LazyDistilled:
+    """``v[a]`` for one patch: read its high-res region, embed k sub-patches, HAFED level 1."""
+
+    def __init__(self, predictor: Predictor, slide: Slide, grid, timer: _Timer):
+        self.p, self.slide, self.grid, self.timer = predictor, slide, grid, timer
+        self.n_read = 0
+        self.seconds = 0.0
+
+    def __getitem__(self, a: int) -> torch.Tensor:
+        start = t0 = time.perf_counter()
+        _, hi = read_patch(self.slide, self.grid, int(a), low=False)
+        t0 = self.timer.add("read_highres", t0)
+        feats = embed_patches(self.p.backbone, torch.from_numpy(hi), self.p.input_px)
+        t0 = self.timer.add("embed_highres", t0)
+        with torch.inference_mode():
+            v = self.p.hafed.distill(feats.unsqueeze(0))[0]
+        self.seconds += self.timer.add("distill", t0) - start
+        self.n_read += 1
+        return v
+
+
+class Predictor:
+    """Loads a pipeline workdir's backbone, HAFED, TSU and agent once; predicts slide by slide.
+
+    Args:
+        workdir: a finished pipeline workdir.
+        frac: zoom budget f; its agent (``agents/sasha-<f>``) must exist. Ignored with ``full``.
+        full: read every high-res sub-patch instead (the baseline).
+        batch_size: images per backbone forward for the low-res pass and ``full``.
+    """
+
+    def __init__(
+        self, workdir: str | Path, frac: float = 0.1, full: bool = False, batch_size: int = 256
+    ):
+        from sasha_models.checkpoint import load_model
+
+        from .agents import agent_name, load_agent
+
+        self.wd = Workdir(workdir)
+        self.full, self.frac, self.batch_size = full, float(frac), batch_size
+        cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
+        self.store = FeatureStore(self.wd.require(self.wd.store, "extract"))
+        attrs = self.store.attrs
+        self.backbone = build_backbone(
+            attrs["backbone"], (cfg.get("extract") or {}).get("backbone_checkpoint")
+        )
+        if self.backbone.weights_sha256 != attrs["backbone_weights_sha256"]:
+            raise ValueError(
+                f"backbone {attrs['backbone']} here has other weights than the one that made "
+                f"{self.store.path}; predictions would not match the trained models"
+            )
+        self.input_px = int(attrs["input_px"])
+        self.grid_cfg = GridConfig(**attrs["grid"])
+        slide_attrs = [self.store.slide_attrs(s) for s in self.store.slide_ids()]
+        self.cohort_max_patches = max(int(a["n_patches"]) for a in slide_attrs)
+        mpps = [a.get("mpp") for a in slide_attrs]
+        mpps = [m for m in mpps if m]
+        self.cohort_mpp = float(np.median(mpps)) if mpps else None
+        self.manifest = read_manifest(self.wd.manifest)
+        self.class_names = self.manifest.class_names
+        self.hafed = load_model(self.wd.require(self.wd.model("hafed"), "hafed")).eval()
+        self.tsu = load_model(self.wd.require(self.wd.model("tsu"), "tsu")).eval()
+        self.policy = None
+        if not full:
+            path = self.wd.require(self.wd.agent_dir(agent_name(self.frac)) / "agent.zip", "agents")
+            self.policy = load_agent(path).policy.net.eval()
+
+    # ------------------------------------------------------------------ geometry
+    def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:
+        """The grid for this slide: the cohort's, at the cohort's mpp when the slide differs."""
+        cfg = self.grid_cfg
+        differs = (
+            self.cohort_mpp and slide.mpp and abs(slide.mpp / self.cohort_mpp - 1) > MPP_TOLERANCE
+        )
+        if cfg.hi_mpp is None and differs:
+            target = self.cohort_mpp * cfg.hi_downsample
+            note = f"slide mpp {slide.mpp:g} differs from the cohort's {self.cohort_mpp:g}: read at {target:g} um/px"
+            return replace(cfg, hi_mpp=target), note
+        if slide.mpp is None and self.cohort_mpp:
+            return cfg, "slide declares no mpp: assumed to match the cohort"
+        return cfg, None
+
+    def _embed(self, images: list[np.ndarray]) -> torch.Tensor:
+        out = [
+            embed_patches(
+                self.backbone,
+                torch.from_numpy(np.stack(images[i : i + self.batch_size])),
+                self.input_px,
+            )
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, path: str | Path, picture: Path | None = None) -> dict[str, Any]:
+        """One JSON-ready record for the slide at ``path`` (see the CLI's help for the fields)."""
+        timer = _Timer()
+        t_start = t0 = time.perf_counter()
+        path = Path(path)
+        with Slide(path) as slide:
+            grid_cfg, note = self.grid_config(slide)
+            grid, *_ = build_grid(slide, grid_cfg)
+            t0 = timer.add("tissue", t0)
+            lo = [
+                slide.read(int(x), int(y), grid.patch_px, grid.lo_downsample)
+                for x, y in grid.coords
+            ]
+            t0 = timer.add("read_lowres", t0)
+            z = self._embed(lo)
+            t0 = timer.add("embed_lowres", t0)
+            if self.full:
+                probs, zoomed, updated, n_read = self._full(slide, grid, timer)
+            else:
+                probs, zoomed, updated, n_read = self._sample(slide, grid, z, timer)
+        record = {
+            "slide": str(path),
+            "slide_id": path.stem,
+            "mode": "full" if self.full else f"sasha-{self.frac:g}",
+            "probabilities": {c: float(p) for c, p in zip(self.class_names, probs, strict=True)},
+            "label": self.class_names[int(np.argmax(probs))],
+            "n_patches": grid.n,
+            "zoomed_coords": grid.coords[zoomed].tolist(),
+            "zoomed_size_px": float(grid.cell_px),
+            "frac_read": n_read / grid.n,
+            "seconds": {k: round(v, 4) for k, v in timer.items()}
+            | {"total": round(time.perf_counter() - t_start, 4)},
+        }
+        if note:
+            record["note"] = note
+        if picture is not None and not self.full:
+            self._draw(path, grid, zoomed, updated, picture)
+            record["picture"] = str(picture)
+        return record
+
+    def _full(self, slide: Slide, grid, timer: _Timer):
+        t0 = time.perf_counter()
+        hi = np.concatenate([read_patch(slide, grid, i, low=False)[1] for i in range(grid.n)])
+        t0 = timer.add("read_highres", t0)
+        feats = self._embed(list(hi)).reshape(grid.n, grid.zoom**2, -1)
+        t0 = timer.add("embed_highres", t0)
+        with torch.inference_mode():
+            logits = self.hafed(feats.unsqueeze(0))["slide_logits"][0]
+        timer.add("classify", t0)
+        return torch.softmax(logits.float(), -1).numpy(), [], [], grid.n
+
+    def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer):
+        lazy = _LazyDistilled(self, slide, grid, timer)
+        env = SashaWSIEnv(
+            store=self.store,
+            manifest=self.manifest,
+            hafed=self.hafed,
+            tsu=self.tsu,
+            split=None,
+            frac=self.frac,
+            max_patches=max(grid.n, self.cohort_max_patches),
+        )
+        data = SlideData(
+            slide_id=Path(slide.path).stem,
+            label=0,  # unknown: the reward is not used here
+            z=z.float().contiguous(),
+            v=lazy,  # type: ignore[arg-type]
+            z_norm=z.float().norm(dim=1),
+            coords=grid.coords,
+            grid=grid.grid_positions(),
+            path=str(slide.path),
+            dimensions=slide.dimensions,
+            cell_px=grid.cell_px,
+        )
+        obs, _ = env.reset(options={"slide_data": data})
+        done, info = False, {}
+        while not done:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                o = {k: torch.as_tensor(v).unsqueeze(0).float() for k, v in obs.items()}
+                logits, _ = self.policy(o["features"], o["visited"], o["valid"], o["coords"])
+                logits = logits[0].masked_fill(~torch.from_numpy(env.action_masks()), -math.inf)
+            timer.add("agent", t0)
+            t0, v_before = time.perf_counter(), lazy.seconds
+            obs, _, done, _, info = env.step(int(torch.argmax(logits)))
+            # reading, embedding and distilling are timed by `lazy`; the rest is TSU + classifier
+            timer["update"] += time.perf_counter() - t0 - (lazy.seconds - v_before)
+        return info["probabilities"], info["zoomed"], info["updated"], lazy.n_read
+
+    def _draw(self, path: Path, grid, zoomed: list[int], updated: list[int], out: Path) -> None:
+        """The slide thumbnail with the zoomed (red) and TSU-updated (blue) patches."""
+        from PIL import Image
+
+        thumb, ds = ThumbnailCache(768).get(path, (1, 1))
+        img = draw_patches(thumb, ds, grid.coords, grid.cell_px, zoomed, updated, grid=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out)
