@@ -3,7 +3,8 @@
     python experiments/bench_agents.py --workdir demo-run [--frac 0.1] [--seeds 0 1 2]
         [--timesteps 10000] [--algos maskable_ppo ppo a2c dqn]
 
-Needs a finished pipeline workdir (``make demo``). For every algorithm and seed it trains an
+Needs a finished pipeline workdir (``make demo``). Runs that finished earlier (same number of
+steps) are kept, so a killed benchmark resumes. For every algorithm and seed it trains an
 agent on the train split (same environment, same budget), evaluates the argmax policy on the
 test split, and writes into ``WORKDIR/bench_agents/``:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import time
@@ -67,9 +69,17 @@ def main() -> None:
         )
         for seed in args.seeds:
             run_dir = out / f"{algo}-seed{seed}"
-            t0 = time.perf_counter()
-            path = train_agent(wd, args.frac, cfg, seed=seed, out_dir=run_dir, progress=False)
-            seconds = time.perf_counter() - t0
+            path = run_dir / "agent.zip"
+            meta = run_dir / "agent.json"
+            if (
+                meta.is_file()
+                and json.loads(meta.read_text())["config"]["total_timesteps"] == args.timesteps
+            ):
+                seconds = json.loads(meta.read_text())["train_seconds"]  # finished earlier: resume
+            else:
+                t0 = time.perf_counter()
+                path = train_agent(wd, args.frac, cfg, seed=seed, out_dir=run_dir, progress=False)
+                seconds = time.perf_counter() - t0
             env = make_env(wd, "test", args.frac, cfg)
             episodes = run_episodes(env, agent_policy(load_agent(path, algo)), env.slide_ids)
             probs = np.stack([e["probabilities"] for e in episodes])
@@ -83,6 +93,7 @@ def main() -> None:
             row["episodes_with_illegal_actions"] = illegal
             results.setdefault(algo, []).append(row)
             print(f"{algo} seed {seed}: test AUC {metrics['auc']:.3f}, {seconds:.0f} s", flush=True)
+            gc.collect()  # DQN's replay buffer (two observations per step) must go before the next run
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     lines = [
@@ -112,11 +123,11 @@ def main() -> None:
             t = np.array([int(r["timestep"]) for r in rows])
             ret = np.array([float(r["episode_return"]) for r in rows])
             w = max(1, len(ret) // 20)
-            smooth = np.convolve(ret, np.ones(w) / w, mode="same")
-            curves.append(np.interp(grid, t, smooth))
+            smooth = np.convolve(ret, np.ones(w) / w, mode="valid")  # no edge artefacts
+            curves.append(np.interp(grid, t[w - 1 :], smooth, left=np.nan, right=np.nan))
         curves = np.array(curves)
-        ax.plot(grid, curves.mean(0), label=algo)
-        ax.fill_between(grid, curves.min(0), curves.max(0), alpha=0.2)
+        ax.plot(grid, np.nanmean(curves, 0), label=algo)
+        ax.fill_between(grid, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.2)
     ax.set(
         xlabel="environment steps",
         ylabel="training episode return",

@@ -137,6 +137,8 @@ def _algorithm(cfg: AgentConfig, env, seed: int, device: str):
         }
         return A2C(SashaPPOPolicy, env, policy_kwargs=policy_kwargs, **{**kwargs, **cfg.extra})
     # DQN has no masks: it learns from the illegal-action penalty (see the env's docstring).
+    # Its replay buffer keeps two observations per transition (about 1 MB on the demo cohort):
+    # 20,000 transitions can touch ~20 GB; lower it with agents.extra.buffer_size.
     kwargs = {**common, "buffer_size": 20_000, "learning_starts": 500, "batch_size": cfg.batch_size}
     return DQN("MultiInputPolicy", env, **{**kwargs, **cfg.extra})
 
