@@ -252,3 +252,15 @@ def test_prefetch_thread_keeps_order_and_raises_reader_errors():
     assert next(it) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(it)
+
+
+def test_low_res_rows_equal_per_patch_reads(tiny_cohort):
+    from sasha_env.extract import LowResRows, read_patch
+    from sasha_env.grid import build_grid
+
+    record = read_manifest(tiny_cohort).records[0]
+    with Slide(record.path) as slide:
+        grid, *_ = build_grid(slide, GRID)
+        rows = LowResRows(slide, grid)
+        for i in range(grid.n):
+            np.testing.assert_array_equal(rows[i], read_patch(slide, grid, i)[0])

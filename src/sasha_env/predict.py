@@ -24,7 +24,7 @@ import yaml
 from .backbones import build_backbone
 from .env import SashaWSIEnv
 from .env_data import SlideData
-from .extract import embed_patches, read_patch
+from .extract import LowResRows, embed_patches, read_patch
 from .grid import GridConfig, build_grid
 from .manifest import read_manifest
 from .render import ThumbnailCache, draw_patches
@@ -153,10 +153,8 @@ class Predictor:
             grid_cfg, note = self.grid_config(slide)
             grid, *_ = build_grid(slide, grid_cfg)
             t0 = timer.add("tissue", t0)
-            lo = [
-                slide.read(int(x), int(y), grid.patch_px, grid.lo_downsample)
-                for x, y in grid.coords
-            ]
+            rows = LowResRows(slide, grid)
+            lo = [rows[i] for i in range(grid.n)]
             t0 = timer.add("read_lowres", t0)
             z = self._embed(lo)
             t0 = timer.add("embed_lowres", t0)
