@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test test-all bench bench-agents lint format clean
+.PHONY: install demo test test-all bench bench-agents bench-predict lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_agents.py --workdir $(DEMO_DIR)
+
+bench-predict: $(STAMP)  # needs a finished demo workdir (make demo)
+	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments
