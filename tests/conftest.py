@@ -58,6 +58,27 @@ def write_ome_pyramid(
     return path
 
 
+def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
+    """Start ``cmd`` in its own session and SIGKILL its whole process group once ``ready()``.
+
+    Fails if the command ends on its own first or ``ready()`` never comes within ``timeout`` s.
+    """
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{cmd[2:4]} ended before it could be killed"
+        assert time.time() < deadline, f"{cmd[2:4]} did not reach the kill point in {timeout} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """The tiny synthetic cohort (12 slides); returns its manifest."""

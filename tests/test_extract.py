@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CMU_SVS, tissue_image, write_single_level_tiff
+from conftest import CMU_SVS, kill_when, tissue_image, write_single_level_tiff
 from sasha_env.backbones import build_backbone
 from sasha_env.config import load_config
 from sasha_env.extract import ExtractConfig, embed_patches, extract_cohort
@@ -180,15 +177,7 @@ def test_resume_after_killed_run(tmp_path, tiny_cohort):
         "--batch-size",
         "20",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while not ((out / "zarr.json").is_file() and FeatureStore(out).slide_ids()):
-        assert time.time() < deadline, "extraction never wrote a slide"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, lambda: (out / "zarr.json").is_file() and bool(FeatureStore(out).slide_ids()))
     done_before = FeatureStore(out).slide_ids()
     assert 0 < len(done_before) < 6  # killed part-way
     for sid in done_before:  # whatever is visible is complete

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import kill_when
 from sasha_env.pipeline import STAGES, Pipeline
 from sasha_env.store import FeatureStore
 from sasha_env.workdir import Workdir
@@ -93,16 +91,7 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tiny_cohort, ti
         "tiny",
         "--quiet",
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while not wd.marker("hafed").is_file():
-        assert proc.poll() is None, "pipeline ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, wd.marker("hafed").is_file)
     hafed_marker = wd.marker("hafed").read_text()
     assert not wd.results.exists()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -18,7 +18,7 @@ from skimage.filters import threshold_otsu
 from .config import dataclass_from_dict
 from .slide import Slide, SlideError
 
-__all__ = ["GridConfig", "PatchGrid", "segment_tissue", "build_grid", "GridError"]
+__all__ = ["GridConfig", "PatchGrid", "segment_tissue", "box_fraction", "build_grid", "GridError"]
 
 
 class GridError(SlideError):
@@ -134,6 +134,34 @@ def segment_tissue(thumb: np.ndarray) -> np.ndarray:
     return mask
 
 
+def box_fraction(
+    mask: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    x1: np.ndarray,
+    y1: np.ndarray,
+    downsample: float,
+) -> np.ndarray:
+    """Share of each box that ``mask`` covers, by an integral image (O(1) per box).
+
+    Args:
+        mask: ``(h, w)`` bool at ``downsample`` (one mask pixel = ``downsample`` level-0 px).
+        x0, y0, x1, y1: box corners in level-0 pixels (any matching shapes).
+
+    Returns:
+        float64 fractions in [0, 1], shaped like ``x0``; boxes are widened to whole mask pixels.
+    """
+    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+    bx0 = np.clip(np.floor(x0 / downsample).astype(int), 0, w)
+    by0 = np.clip(np.floor(y0 / downsample).astype(int), 0, h)
+    bx1 = np.clip(np.ceil(x1 / downsample).astype(int), 0, w)
+    by1 = np.clip(np.ceil(y1 / downsample).astype(int), 0, h)
+    area = np.maximum((by1 - by0) * (bx1 - bx0), 1)
+    inside = integral[by1, bx1] - integral[by0, bx1] - integral[by1, bx0] + integral[by0, bx0]
+    return inside / area
+
+
 def build_grid(slide: Slide, cfg: GridConfig) -> tuple[PatchGrid, np.ndarray, np.ndarray, float]:
     """Segment tissue and lay the low-res patch grid over it.
 
@@ -156,15 +184,8 @@ def build_grid(slide: Slide, cfg: GridConfig) -> tuple[PatchGrid, np.ndarray, np
     # The mask needs ~16 thumbnail pixels across a cell, not more: read as coarse as that allows.
     thumb, thumb_ds = slide.thumbnail(cfg.thumbnail_px, min_downsample=cell / 16)
     mask = segment_tissue(thumb)
-    # Fraction of tissue in each cell, by integrating the thumbnail mask over the cell's footprint.
-    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    y0 = np.clip(np.floor(rr * cell / thumb_ds).astype(int), 0, mask.shape[0])
-    y1 = np.clip(np.ceil((rr + 1) * cell / thumb_ds).astype(int), 0, mask.shape[0])
-    x0 = np.clip(np.floor(cc * cell / thumb_ds).astype(int), 0, mask.shape[1])
-    x1 = np.clip(np.ceil((cc + 1) * cell / thumb_ds).astype(int), 0, mask.shape[1])
-    area = np.maximum((y1 - y0) * (x1 - x0), 1)
-    tissue = (integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]) / area
+    tissue = box_fraction(mask, cc * cell, rr * cell, (cc + 1) * cell, (rr + 1) * cell, thumb_ds)
     keep = tissue >= cfg.min_tissue
     if not keep.any():
         raise GridError(

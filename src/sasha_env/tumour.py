@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .grid import box_fraction
+
 __all__ = ["patch_tumour_fraction", "hit_rate"]
 
 
@@ -29,15 +31,9 @@ def patch_tumour_fraction(
         ``(N,)`` float32 in [0, 1].
     """
     mask = np.asarray(Image.open(mask_path).convert("L")) > 0
-    scale = mask.shape[1] / slide_dimensions[0]
-    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    x0 = np.clip(np.floor(coords[:, 0] * scale).astype(int), 0, mask.shape[1])
-    y0 = np.clip(np.floor(coords[:, 1] * scale).astype(int), 0, mask.shape[0])
-    x1 = np.clip(np.ceil((coords[:, 0] + cell_px) * scale).astype(int), 0, mask.shape[1])
-    y1 = np.clip(np.ceil((coords[:, 1] + cell_px) * scale).astype(int), 0, mask.shape[0])
-    area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return (inside / area).astype(np.float32)
+    downsample = slide_dimensions[0] / mask.shape[1]
+    x, y = coords[:, 0], coords[:, 1]
+    return box_fraction(mask, x, y, x + cell_px, y + cell_px, downsample).astype(np.float32)
 
 
 def hit_rate(zoomed: list[np.ndarray], tumour: list[np.ndarray]) -> tuple[float, float]:
