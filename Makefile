@@ -26,14 +26,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: $(STAMP)
+bench: $(STAMP)         # the last one builds its own cohort under bench-predict-run/ (resumable)
 	$(PY) experiments/bench_extract.py
 	$(PY) experiments/bench_env.py
+	$(PY) experiments/bench_predict.py --out bench-predict-run
 
 bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_agents.py --workdir $(DEMO_DIR)
 
-bench-predict: $(STAMP)  # needs a finished demo workdir (make demo)
+bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)
 
 lint: $(STAMP)
@@ -45,4 +46,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run .pytest_cache

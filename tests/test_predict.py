@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import write_single_level_tiff
+from conftest import CMU_SVS, write_single_level_tiff
 from sasha_env.manifest import read_manifest
 from sasha_env.predict import Predictor
 from sasha_env.slide import Slide
@@ -72,6 +72,57 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
     assert out["frac_read"] == 1.0 and out["zoomed_coords"] == []
 
 
+def test_predict_on_a_real_aperio_slide(tiny_workdir, tmp_path):
+    """The vendored CC0 CMU SVS: a scanner's file, not one ``sasha synth`` wrote."""
+    wd = Workdir(tiny_workdir)
+    sasha = Predictor(wd.root, frac=0.1).predict(CMU_SVS, picture=tmp_path / "cmu.png")
+    full = Predictor(wd.root, full=True).predict(CMU_SVS)
+    assert sasha["n_patches"] == full["n_patches"] > 100  # more than any training slide had
+    n_zoomed = len(sasha["zoomed_coords"])
+    assert n_zoomed == int(np.ceil(0.1 * sasha["n_patches"]))
+    assert sasha["frac_read"] == pytest.approx(n_zoomed / sasha["n_patches"])
+    assert len({tuple(c) for c in sasha["zoomed_coords"]}) == n_zoomed  # no patch twice
+    with Slide(CMU_SVS) as slide:
+        width, height = slide.dimensions
+    for x, y in sasha["zoomed_coords"]:
+        assert 0 <= x < width and 0 <= y < height
+    for record in (sasha, full):
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "cmu.png").stat().st_size > 0
+
+
+def _probs(record, predictor):
+    return [record["probabilities"][c] for c in predictor.class_names]
+
+
+@pytest.mark.parametrize("mode", [dict(frac=0.1), dict(full=True)], ids=["sasha", "full"])
+def test_records_depend_neither_on_batch_size_nor_on_earlier_slides(tiny_workdir, mode):
+    wd = Workdir(tiny_workdir)
+    first, second = (r.path for r in _test_slides(wd)[:2])
+    fresh = Predictor(wd.root, batch_size=256, **mode)
+    ref = fresh.predict(first)
+    reused = Predictor(wd.root, batch_size=3, **mode)  # batches straddle patches (k = 4)
+    reused.predict(second)
+    out = reused.predict(first)
+    np.testing.assert_allclose(_probs(out, reused), _probs(ref, fresh), atol=1e-5)
+    assert out["zoomed_coords"] == ref["zoomed_coords"]
+    assert out["frac_read"] == ref["frac_read"]
+    # the baseline reads no low-res view; SASHA reads it once per patch
+    assert ("read_lowres" in out["seconds"]) == ("frac" in mode)
+
+
+def test_default_batch_size_keeps_a_cpu_batch_in_cache():
+    import torch
+
+    from sasha_env.predict import default_batch_size
+
+    assert default_batch_size(224, torch.device("cpu")) == 4
+    assert default_batch_size(32, torch.device("cpu")) == 196  # 49x smaller images
+    assert default_batch_size(16, torch.device("cpu")) == 256  # clipped
+    assert default_batch_size(448, torch.device("cpu")) == 4
+    assert default_batch_size(224, torch.device("cuda")) == 256
+
+
 def test_slide_at_another_mpp_is_read_at_the_cohort_resolution(tiny_workdir, tmp_path):
     wd = Workdir(tiny_workdir)
     record = _test_slides(wd)[0]
@@ -86,6 +137,17 @@ def test_slide_at_another_mpp_is_read_at_the_cohort_resolution(tiny_workdir, tmp
     )
 
 
+def _with_zeroed_tiles(src, dst, level: int):
+    """A copy of ``src`` whose pyramid level ``level`` has every tile's bytes zeroed."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.series[0].levels[level].keyframe
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+            data[offset : offset + count] = bytes(count)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_path):
     wd = Workdir(tiny_workdir)
     good = _test_slides(wd)[0].path
@@ -93,6 +155,7 @@ def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_pa
     blank = write_single_level_tiff(tmp_path / "blank.tif", np.full((256, 256, 3), 241, np.uint8))
     small = tmp_path / "small.tif"
     tifffile.imwrite(small, np.full((20, 20, 3), 120, np.uint8), photometric="rgb")
+    corrupt = _with_zeroed_tiles(good, tmp_path / "corrupt.tiff", level=0)
     cmd = [
         *SASHA,
         "predict",
@@ -101,15 +164,18 @@ def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_pa
         str(tmp_path / "text.svs"),
         str(blank),
         str(small),
+        str(corrupt),
         str(good),
     ]
     cmd += ["--pictures", str(tmp_path / "pics")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == 4
+    assert len(records) == 5
     assert "not a readable whole-slide image" in records[0]["error"]
     assert "no tissue" in records[1]["error"]
     assert "smaller than one low-res patch" in records[2]["error"]
-    assert "error" not in records[3] and records[3]["label"] in ("normal", "tumor")
+    assert "corrupt.tiff: cannot read region" in records[3]["error"]
+    assert "level 0" in records[3]["error"]
+    assert "error" not in records[4] and records[4]["label"] in ("normal", "tumor")
     assert (tmp_path / "pics" / f"{good.stem}.png").is_file()

@@ -270,9 +270,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """
         super().reset(seed=seed)
         options = options or {}
-        if (
-            "slide_data" in options
-        ):  # arrays given directly (sasha predict: a slide outside the store)
+        if "slide_data" in options:  # arrays given directly (sasha predict: a slide off the store)
             data = options["slide_data"]
         else:
             sid = options.get("slide_id")
