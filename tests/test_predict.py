@@ -111,6 +111,14 @@ def test_records_depend_neither_on_batch_size_nor_on_earlier_slides(tiny_workdir
     assert ("read_lowres" in out["seconds"]) == ("frac" in mode)
 
 
+def test_a_batch_size_below_one_is_refused(tiny_workdir, capsys):
+    from sasha_env.cli import main
+
+    slide = _test_slides(Workdir(tiny_workdir))[0].path
+    assert main(["predict", "--workdir", str(tiny_workdir), "--batch-size", "0", str(slide)]) == 2
+    assert "batch_size must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_default_batch_size_keeps_a_cpu_batch_in_cache():
     import torch
 

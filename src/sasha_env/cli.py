@@ -335,8 +335,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         slides += [r.path for r in read_manifest(args.manifest).records]
     if not slides:
         raise ValueError("give slide files or --manifest CSV")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     predictor = Predictor(
         args.workdir,
         frac=args.frac,

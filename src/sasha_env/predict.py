@@ -111,6 +111,8 @@ class Predictor:
 
         from .agents import agent_name, load_agent
 
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.wd = Workdir(workdir)
         self.full, self.frac = full, float(frac)
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
