@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from procfs import proc_kib  # experiments/procfs.py, next to this script
 from sasha_env.env import SashaWSIEnv, observation_nbytes
 from sasha_env.store import FeatureStore
 from sasha_models.hafed import HAFED, HAFEDConfig
@@ -141,28 +142,6 @@ def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
 
 
 # ------------------------------------------------------------------ 2. memory
-def _vm_hwm_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -229,8 +208,8 @@ def bench_memory(root: Path, n_slides: int = 16, d: int = 1280, n_envs: int = 4)
     seconds = time.perf_counter() - t0
     me = os.getpid()
     pids = [me, *_descendants(me)]
-    peaks = {pid: _vm_hwm_kib(pid) for pid in pids}
-    pss = sum(_pss_kib(pid) for pid in pids)
+    peaks = {pid: proc_kib("VmHWM", pid) for pid in pids}
+    pss = sum(proc_kib("Pss", pid, "smaps_rollup") for pid in pids)
     vec.close()
     total = sum(peaks.values())
     print(f"  main process   {peaks[me] / 2**20:6.2f} GiB")

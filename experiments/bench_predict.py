@@ -22,14 +22,17 @@ Targets: --full / SASHA-0.1 >= 5x time, --full / SASHA-0.2 >= 3.5x, SASHA peak <
 from __future__ import annotations
 
 import argparse
-import ctypes
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import yaml
 
+from procfs import proc_kib, reset_peak  # experiments/procfs.py, next to this script
 from sasha_env.config import load_config
 from sasha_env.extract import embed_patches
 from sasha_env.manifest import read_manifest
@@ -38,6 +41,8 @@ from sasha_env.predict import Predictor
 from sasha_env.synth import SynthConfig, synthesize_cohort
 from sasha_env.workdir import Workdir
 
+T = TypeVar("T")
+
 MODES = {"sasha-0.1": dict(frac=0.1), "sasha-0.2": dict(frac=0.2), "full": dict(full=True)}
 HERE = Path(__file__).resolve().parent
 
@@ -45,18 +50,12 @@ HERE = Path(__file__).resolve().parent
 CAMELYON_TISSUE_MM2 = 100_000 * 200_000 * 0.243**2 * 1e-6 * 0.25
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    """Hand freed heap back to the OS (so that an earlier slide's free memory does not hide
-    this one's), then reset VmHWM to the current RSS."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+def _peak_added_mib(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and the peak memory it added on top of this process's RSS before it, MiB."""
+    reset_peak()
+    before = proc_kib("VmRSS")
+    result = fn()
+    return result, (proc_kib("VmHWM") - before) / 1024
 
 
 def build_setting(out: Path, config: Path, n_slides: int, progress: bool) -> tuple[Path, list]:
@@ -110,10 +109,8 @@ def main() -> None:
     for i, path in enumerate(paths[1:]):
         order = list(MODES)[i % 3 :] + list(MODES)[: i % 3]
         for mode in order:
-            _reset_peak()
-            before = _status_kb("VmRSS")
-            out = predictors[mode].predict(path)
-            peaks[mode].append((_status_kb("VmHWM") - before) / 1024)
+            out, peak = _peak_added_mib(partial(predictors[mode].predict, path))
+            peaks[mode].append(peak)
             seconds[mode].append(out["seconds"]["total"])
             for phase, s in out["seconds"].items():
                 phases[mode][phase] += s
@@ -173,10 +170,9 @@ def _forward_peak_mib(predictor: Predictor, batch: int) -> float:
     px = predictor.grid_cfg.patch_px
     pixels = torch.randint(0, 256, (batch, px, px, 3), dtype=torch.uint8)
     embed_patches(predictor.backbone, pixels, predictor.input_px)  # warm
-    _reset_peak()
-    before = _status_kb("VmRSS")
-    embed_patches(predictor.backbone, pixels, predictor.input_px)
-    return (_status_kb("VmHWM") - before) / 1024
+    return _peak_added_mib(partial(embed_patches, predictor.backbone, pixels, predictor.input_px))[
+        1
+    ]
 
 
 def _camelyon_estimate(p0: Predictor, phases: dict, n_slides: int, mean_patches: float) -> None:

@@ -11,7 +11,6 @@ pixels as they are read, so only one batch of pixels is ever held.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections import defaultdict
@@ -182,25 +181,19 @@ class Predictor:
             ``(n, dim)`` float32 features on the CPU, in input order.
         """
         out: list[torch.Tensor] = []
-        pending: list[np.ndarray] = []
-        held = 0
+        pending: list[np.ndarray] = []  # images read but not embedded yet
         t0 = time.perf_counter()
-        for group in itertools.chain(groups, [None]):
-            if group is not None:
-                pending.append(group)
-                held += len(group)
-            if held and (held >= self.batch_size or group is None):
+        for group in groups:
+            pending.extend(group)
+            while len(pending) >= self.batch_size:
                 t0 = timer.add(read, t0)
-                pixels = np.concatenate(pending)
-                whole = (
-                    len(pixels)
-                    if group is None
-                    else len(pixels) // self.batch_size * self.batch_size
-                )
-                out.append(self._embed(pixels[:whole]))
-                pending, held = [pixels[whole:]], len(pixels) - whole
+                out.append(self._embed(np.stack(pending[: self.batch_size])))
+                del pending[: self.batch_size]
                 t0 = timer.add(embed, t0)
-        timer.add(read, t0)
+        t0 = timer.add(read, t0)
+        if pending:
+            out.append(self._embed(np.stack(pending)))
+            timer.add(embed, t0)
         return torch.cat(out)
 
     # ------------------------------------------------------------------ prediction
