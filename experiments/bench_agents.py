@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sasha_env.agents import (  # noqa: E402
+from sasha_env.agents.train import (  # noqa: E402
     ALGORITHMS,
     AgentConfig,
     agent_policy,

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from procfs import proc_kib  # experiments/procfs.py, next to this script
-from sasha_env.env import SashaWSIEnv, observation_nbytes
-from sasha_env.store import FeatureStore
+from sasha_env.envs.wsi import SashaWSIEnv, observation_nbytes
+from sasha_env.features.store import FeatureStore
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sasha_env.backbones import build_backbone
 from sasha_env.config import load_config
-from sasha_env.extract import ExtractConfig, embed_patches, extract_cohort, read_patch
-from sasha_env.grid import GridConfig, PatchGrid
-from sasha_env.slide import Slide
-from sasha_env.store import FeatureStore
-from sasha_env.synth import SynthConfig, synthesize_cohort
+from sasha_env.features.backbones import build_backbone
+from sasha_env.features.extract import ExtractConfig, embed_patches, extract_cohort, read_patch
+from sasha_env.features.store import FeatureStore
+from sasha_env.slides.grid import GridConfig, PatchGrid
+from sasha_env.slides.slide import Slide
+from sasha_env.slides.synth import SynthConfig, synthesize_cohort
 
 
 def bare_forward_rate(store: FeatureStore, extract_cfg: ExtractConfig) -> tuple[float, int]:

@@ -17,7 +17,7 @@ from dataclasses import fields
 import numpy as np
 import wandb
 
-from sasha_env.agents import AgentConfig, agent_policy, make_env, run_episodes, train_agent
+from sasha_env.agents.train import AgentConfig, agent_policy, make_env, run_episodes, train_agent
 from sasha_env.config import load_config
 from sasha_env.workdir import Workdir
 from sasha_models.metrics import classification_metrics
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = wd.agent_dir(f"sweep-{run.id}")
     path = train_agent(wd, args.frac, cfg, seed=args.seed, out_dir=out, progress=False)
-    from sasha_env.agents import load_agent
+    from sasha_env.agents.train import load_agent
 
     env = make_env(wd, "val", args.frac, cfg)
     episodes = run_episodes(env, agent_policy(load_agent(path, cfg.algo)), env.slide_ids)

@@ -83,7 +83,7 @@ def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
 def tiny_cohort(tmp_path_factory) -> Path:
     """The tiny synthetic cohort (12 slides); returns its manifest."""
     from sasha_env.config import load_config
-    from sasha_env.synth import SynthConfig, synthesize_cohort
+    from sasha_env.slides.synth import SynthConfig, synthesize_cohort
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     cfg = SynthConfig.from_dict(load_config("tiny")["synth"])
@@ -94,8 +94,8 @@ def tiny_cohort(tmp_path_factory) -> Path:
 def tiny_store(tiny_cohort, tmp_path_factory) -> Path:
     """The tiny cohort extracted with the tiny preset."""
     from sasha_env.config import load_config
-    from sasha_env.extract import ExtractConfig, extract_cohort
-    from sasha_env.grid import GridConfig
+    from sasha_env.features.extract import ExtractConfig, extract_cohort
+    from sasha_env.slides.grid import GridConfig
 
     cfg = load_config("tiny")
     out = tmp_path_factory.mktemp("tiny_store") / "features.zarr"
@@ -115,7 +115,7 @@ def tiny_workdir(tiny_cohort, tiny_store, tmp_path_factory) -> Path:
     """A finished tiny pipeline run (every stage, agents included)."""
     import shutil
 
-    from sasha_env.pipeline import Pipeline
+    from sasha_env.pipeline.runner import Pipeline
 
     wd = tmp_path_factory.mktemp("workdir")
     shutil.copytree(tiny_store, wd / "features.zarr")  # extraction then finds every slide done

@@ -25,7 +25,7 @@ import tifffile
 import torch
 from torch import nn
 
-from sasha_env.store import FeatureStore
+from sasha_env.features.store import FeatureStore
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
 

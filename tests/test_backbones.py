@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sasha_env.backbones import available_backbones, build_backbone
+from sasha_env.features.backbones import available_backbones, build_backbone
 
 
 def test_default_backbone_is_offline_imagenet_efficientnet():

@@ -21,10 +21,10 @@ from envkit import (
     random_slides,
     reference_episode,
 )
-from sasha_env.env import SashaWSIEnv, observation_nbytes
-from sasha_env.env_data import episode_budget
-from sasha_env.render import GRID_RGB, UPDATED_RGB, ZOOMED_RGB
-from sasha_env.store import StoreError
+from sasha_env.envs.render import GRID_RGB, UPDATED_RGB, ZOOMED_RGB
+from sasha_env.envs.sources import episode_budget
+from sasha_env.envs.wsi import SashaWSIEnv, observation_nbytes
+from sasha_env.features.store import StoreError
 
 D = 8
 

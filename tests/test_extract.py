@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import CMU_SVS, kill_when, tissue_image, write_single_level_tiff
-from sasha_env.backbones import build_backbone
 from sasha_env.config import load_config
-from sasha_env.extract import ExtractConfig, embed_patches, extract_cohort
-from sasha_env.grid import GridConfig
-from sasha_env.manifest import read_manifest
-from sasha_env.slide import Slide
-from sasha_env.store import FeatureStore, StoreError
+from sasha_env.features.backbones import build_backbone
+from sasha_env.features.extract import ExtractConfig, embed_patches, extract_cohort
+from sasha_env.features.store import FeatureStore, StoreError
+from sasha_env.slides.grid import GridConfig
+from sasha_env.slides.manifest import read_manifest
+from sasha_env.slides.slide import Slide
 
 TINY = load_config("tiny")
 GRID = GridConfig.from_dict(TINY["grid"])
@@ -229,7 +229,7 @@ def test_ddp_extraction_with_two_cpu_processes(tmp_path, tiny_cohort):
 
 
 def test_prefetch_thread_keeps_order_and_raises_reader_errors():
-    from sasha_env.extract import _prefetched
+    from sasha_env.features.extract import _prefetched
 
     assert list(_prefetched(iter(range(50)), depth=3)) == list(range(50))
 
@@ -244,8 +244,8 @@ def test_prefetch_thread_keeps_order_and_raises_reader_errors():
 
 
 def test_low_res_rows_equal_per_patch_reads(tiny_cohort):
-    from sasha_env.extract import LowResRows, read_patch
-    from sasha_env.grid import build_grid
+    from sasha_env.features.extract import LowResRows, read_patch
+    from sasha_env.slides.grid import build_grid
 
     record = read_manifest(tiny_cohort).records[0]
     with Slide(record.path) as slide:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import kill_when
-from sasha_env.pipeline import STAGES, Pipeline
-from sasha_env.store import FeatureStore
+from sasha_env.features.store import FeatureStore
+from sasha_env.pipeline.runner import STAGES, Pipeline
 from sasha_env.workdir import Workdir
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
@@ -170,7 +170,7 @@ def test_wandb_sweep_trial_runs_offline(tiny_workdir, tmp_path, monkeypatch):
 
 
 def test_agent_training_logs_to_wandb_offline(tiny_workdir, tmp_path, monkeypatch):
-    from sasha_env.agents import AgentConfig, train_agent
+    from sasha_env.agents.train import AgentConfig, train_agent
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = AgentConfig(total_timesteps=64, n_envs=2, n_steps=16, batch_size=16, n_epochs=1)

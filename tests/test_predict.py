@@ -11,10 +11,10 @@ import pytest
 import tifffile
 
 from conftest import CMU_SVS, write_single_level_tiff
-from sasha_env.manifest import read_manifest
+from sasha_env.features.store import FeatureStore
 from sasha_env.predict import Predictor
-from sasha_env.slide import Slide
-from sasha_env.store import FeatureStore
+from sasha_env.slides.manifest import read_manifest
+from sasha_env.slides.slide import Slide
 from sasha_env.workdir import Workdir
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]

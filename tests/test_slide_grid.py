@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import CMU_SVS, tissue_image, write_ome_pyramid, write_single_level_tiff
-from sasha_env.grid import GridConfig, GridError, build_grid, segment_tissue
-from sasha_env.slide import Slide, SlideError
+from sasha_env.slides.grid import GridConfig, GridError, build_grid, segment_tissue
+from sasha_env.slides.slide import Slide, SlideError
 
 
 def test_real_aperio_svs_opens_with_mpp():
@@ -38,7 +38,7 @@ def test_pyramid_from_another_writer_uses_its_levels(tmp_path):
 
 
 def test_own_synthetic_pyramid_levels_match_level0(tiny_cohort):
-    from sasha_env.manifest import read_manifest
+    from sasha_env.slides.manifest import read_manifest
 
     record = read_manifest(tiny_cohort).records[0]
     with Slide(record.path) as s:

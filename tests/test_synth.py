@@ -15,7 +15,7 @@ import tiffslide
 from PIL import Image
 from scipy import ndimage as ndi
 
-from sasha_env.synth import (
+from sasha_env.slides.synth import (
     MASK_DOWNSAMPLE,
     SynthConfig,
     block_mean,
@@ -239,10 +239,10 @@ def test_from_dict():
 
 def test_tumour_masks_map_onto_patches(tmp_path):
     """The manifest's mask column locates tumour on the patch grid (used for hit rates)."""
-    from sasha_env.grid import GridConfig, build_grid
-    from sasha_env.manifest import read_manifest
-    from sasha_env.slide import Slide
-    from sasha_env.tumour import hit_rate, patch_tumour_fraction
+    from sasha_env.slides.grid import GridConfig, build_grid
+    from sasha_env.slides.manifest import read_manifest
+    from sasha_env.slides.slide import Slide
+    from sasha_env.slides.tumour import hit_rate, patch_tumour_fraction
 
     cfg = SynthConfig(n_slides=2, size_px=(512, 512), split=(1.0, 0.0, 0.0), positive_fraction=0.5)
     manifest = read_manifest(synthesize_cohort(tmp_path, cfg, seed=3, progress=False))

@@ -8,7 +8,7 @@ def _register() -> None:
     import gymnasium
 
     if "Sasha-WSI-v0" not in gymnasium.registry:
-        gymnasium.register(id="Sasha-WSI-v0", entry_point="sasha_env.env:SashaWSIEnv")
+        gymnasium.register(id="Sasha-WSI-v0", entry_point="sasha_env.envs.wsi:SashaWSIEnv")
 
 
 _register()

@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pipeline(args: argparse.Namespace, workdir: Path, manifest: Path | None):
-    from .pipeline import Pipeline
+    from .pipeline.runner import Pipeline
 
     overrides: dict = {}
     if args.wandb:
@@ -282,7 +282,7 @@ def _pipeline(args: argparse.Namespace, workdir: Path, manifest: Path | None):
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .evaluate import format_table
+    from .pipeline.evaluate import format_table
 
     pipe = _pipeline(args, args.workdir, args.manifest)
     pipe.run(args.stages, force=tuple(args.force))
@@ -304,8 +304,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .evaluate import format_table
-    from .synth import SynthConfig, synthesize_cohort
+    from .pipeline.evaluate import format_table
+    from .slides.synth import SynthConfig, synthesize_cohort
 
     t0 = time.perf_counter()
     cfg = load_config(args.preset, args.config)
@@ -327,8 +327,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .manifest import read_manifest
     from .predict import Predictor
+    from .slides.manifest import read_manifest
 
     slides = list(args.slides)
     if args.manifest is not None:
@@ -355,7 +355,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import SynthConfig, synthesize_cohort
+    from .slides.synth import SynthConfig, synthesize_cohort
 
     cfg = load_config(args.preset, args.config)
     synth_cfg = SynthConfig.from_dict(cfg.get("synth", {}))
@@ -369,8 +369,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import ExtractConfig, extract_cohort
-    from .grid import GridConfig
+    from .features.extract import ExtractConfig, extract_cohort
+    from .slides.grid import GridConfig
 
     overrides = {
         k: v

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import yaml
 
-from .backbones import build_backbone
-from .env import SashaWSIEnv
-from .env_data import SlideData
-from .extract import LowResRows, embed_patches, read_patch
-from .grid import GridConfig, build_grid
-from .manifest import read_manifest
-from .render import ThumbnailCache, draw_patches
-from .slide import Slide
-from .store import FeatureStore
+from .envs.render import ThumbnailCache, draw_patches
+from .envs.sources import SlideData
+from .envs.wsi import SashaWSIEnv
+from .features.backbones import build_backbone
+from .features.extract import LowResRows, embed_patches, read_patch
+from .features.store import FeatureStore
+from .slides.grid import GridConfig, build_grid
+from .slides.manifest import read_manifest
+from .slides.slide import Slide
 from .workdir import Workdir
 
 __all__ = ["Predictor", "default_batch_size"]
@@ -108,7 +108,7 @@ class Predictor:
     ):
         from sasha_models.checkpoint import load_model
 
-        from .agents import agent_name, load_agent
+        from .agents.train import agent_name, load_agent
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from sasha_models.checkpoint import build_model, check_feature_dim, load_checkpoint
 
-from .manifest import Manifest, read_manifest
-from .store import FeatureStore, StoreError
-from .workdir import Workdir
+from ..features.store import FeatureStore, StoreError
+from ..slides.manifest import Manifest, read_manifest
+from ..workdir import Workdir
 
 __all__ = [
     "SlideData",

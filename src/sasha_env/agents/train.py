@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from .config import dataclass_from_dict
-from .env import SashaWSIEnv
-from .workdir import Workdir
+from ..config import dataclass_from_dict
+from ..envs.wsi import SashaWSIEnv
+from ..workdir import Workdir
 
 __all__ = [
     "AgentConfig",

@@ -45,7 +45,7 @@ class ThumbnailCache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            from .slide import Slide
+            from ..slides.slide import Slide
 
             with Slide(path) as slide:
                 thumb = slide.thumbnail(self.max_side_px)

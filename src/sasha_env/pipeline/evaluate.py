@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .bags import StoreBags
-from .config import say
-from .manifest import read_manifest
-from .store import FeatureStore
-from .tumour import hit_rate
-from .workdir import Workdir
+from ..config import say
+from ..features.bags import StoreBags
+from ..features.store import FeatureStore
+from ..slides.manifest import read_manifest
+from ..slides.tumour import hit_rate
+from ..workdir import Workdir
 
 __all__ = ["evaluate_workdir", "format_table", "FULL_RES_METHODS"]
 
@@ -70,7 +70,7 @@ def evaluate_workdir(
 
 def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
     """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
-    from .tumour import patch_tumour_fraction
+    from ..slides.tumour import patch_tumour_fraction
 
     masks = {r.slide_id: r.mask for r in read_manifest(wd.manifest).records if r.mask}
     out = {}
@@ -95,7 +95,7 @@ def evaluate_sampling(
     """
     from sasha_models.metrics import classification_metrics
 
-    from .agents import (
+    from ..agents.train import (
         AgentConfig,
         agent_name,
         agent_policy,

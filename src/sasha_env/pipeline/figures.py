@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .manifest import read_manifest  # noqa: E402
-from .render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
-from .store import FeatureStore  # noqa: E402
-from .workdir import Workdir  # noqa: E402
+from ..envs.render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
+from ..features.store import FeatureStore  # noqa: E402
+from ..slides.manifest import read_manifest  # noqa: E402
+from ..workdir import Workdir  # noqa: E402
 
 __all__ = ["learning_curves", "zoom_paths", "write_figures"]
 

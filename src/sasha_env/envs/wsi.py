@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
 
-from .env_data import SlideCache, SlideData, episode_budget, n_patches_of, resolve_sources
-from .manifest import Manifest
+from ..features.store import FeatureStore
+from ..slides.manifest import Manifest
 from .render import ThumbnailCache, draw_patches
-from .store import FeatureStore
+from .sources import SlideCache, SlideData, episode_budget, n_patches_of, resolve_sources
 
 __all__ = ["SashaWSIEnv", "observation_nbytes"]
 

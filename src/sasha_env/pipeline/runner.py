@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import yaml
 
-from .bags import StoreBags
-from .config import load_config, quiet_lightning, say
-from .manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
-from .store import FeatureStore
-from .workdir import Workdir
+from ..config import load_config, quiet_lightning, say
+from ..features.bags import StoreBags
+from ..features.store import FeatureStore
+from ..slides.manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
+from ..workdir import Workdir
 
 __all__ = ["Pipeline", "STAGES", "BASELINE_STAGES"]
 
@@ -212,8 +212,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def _stage_extract(self, stage: str) -> dict:
-        from .extract import ExtractConfig, extract_cohort
-        from .grid import GridConfig
+        from ..features.extract import ExtractConfig, extract_cohort
+        from ..slides.grid import GridConfig
 
         report = extract_cohort(
             self.wd.manifest,
@@ -315,7 +315,7 @@ class Pipeline:
         return {"model": str(path), "sha256": file_sha256(path)}
 
     def _stage_agents(self, stage: str) -> dict:
-        from .agents import AgentConfig, agent_name, train_agent
+        from ..agents.train import AgentConfig, agent_name, train_agent
 
         cfg = AgentConfig.from_dict(self._section("agents"))
         wandb = self._train_kwargs()["wandb"]

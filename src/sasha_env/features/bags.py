@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .manifest import Manifest
+from ..slides.manifest import Manifest
 from .store import FeatureStore, StoreError
 
 __all__ = ["StoreBags"]

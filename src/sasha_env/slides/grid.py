@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
-from .config import dataclass_from_dict
+from ..config import dataclass_from_dict
 from .slide import Slide, SlideError
 
 __all__ = ["GridConfig", "PatchGrid", "segment_tissue", "box_fraction", "build_grid", "GridError"]

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import dataclass_from_dict, quiet_lightning
+from ..slides.grid import GridConfig, PatchGrid, build_grid
+from ..slides.manifest import SlideRecord, read_manifest_lenient
+from ..slides.slide import Slide
 from .backbones import Backbone, build_backbone
-from .config import dataclass_from_dict, quiet_lightning
-from .grid import GridConfig, PatchGrid, build_grid
-from .manifest import SlideRecord, read_manifest_lenient
-from .slide import Slide
 from .store import FeatureStore
 
 __all__ = [
