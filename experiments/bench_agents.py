@@ -32,13 +32,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sasha_env.agents.policies import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.train import (  # noqa: E402
     ALGORITHMS,
     AgentConfig,
-    agent_policy,
     load_agent,
     make_env,
-    run_episodes,
     train_agent,
 )
 from sasha_env.config import load_config  # noqa: E402

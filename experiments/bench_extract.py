@@ -25,9 +25,11 @@ import torch
 
 from sasha_env.config import load_config
 from sasha_env.features.backbones import build_backbone
-from sasha_env.features.extract import ExtractConfig, embed_patches, extract_cohort, read_patch
+from sasha_env.features.embed import embed_patches
+from sasha_env.features.extract import ExtractConfig, extract_cohort
 from sasha_env.features.store import FeatureStore
 from sasha_env.slides.grid import GridConfig, PatchGrid
+from sasha_env.slides.patches import read_patch
 from sasha_env.slides.slide import Slide
 from sasha_env.slides.synth import SynthConfig, synthesize_cohort
 

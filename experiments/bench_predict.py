@@ -34,7 +34,7 @@ import yaml
 
 from procfs import proc_kib, reset_peak  # experiments/procfs.py, next to this script
 from sasha_env.config import load_config
-from sasha_env.features.extract import embed_patches
+from sasha_env.features.embed import embed_patches
 from sasha_env.pipeline.runner import Pipeline
 from sasha_env.predict import Predictor
 from sasha_env.slides.manifest import read_manifest

@@ -16,7 +16,8 @@ import torch
 from conftest import CMU_SVS, kill_when, tissue_image, write_single_level_tiff
 from sasha_env.config import load_config
 from sasha_env.features.backbones import build_backbone
-from sasha_env.features.extract import ExtractConfig, embed_patches, extract_cohort
+from sasha_env.features.embed import embed_patches
+from sasha_env.features.extract import ExtractConfig, extract_cohort
 from sasha_env.features.store import FeatureStore, StoreError
 from sasha_env.slides.grid import GridConfig
 from sasha_env.slides.manifest import read_manifest
@@ -244,8 +245,8 @@ def test_prefetch_thread_keeps_order_and_raises_reader_errors():
 
 
 def test_low_res_rows_equal_per_patch_reads(tiny_cohort):
-    from sasha_env.features.extract import LowResRows, read_patch
     from sasha_env.slides.grid import build_grid
+    from sasha_env.slides.patches import LowResRows, read_patch
 
     record = read_manifest(tiny_cohort).records[0]
     with Slide(record.path) as slide:

@@ -24,13 +24,14 @@ import torch
 import yaml
 
 from .envs.render import ThumbnailCache, draw_patches
-from .envs.sources import SlideData
+from .envs.slide_data import SlideData
 from .envs.wsi import SashaWSIEnv
 from .features.backbones import build_backbone
-from .features.extract import LowResRows, embed_patches, read_patch
+from .features.embed import embed_patches
 from .features.store import FeatureStore
 from .slides.grid import GridConfig, build_grid
 from .slides.manifest import read_manifest
+from .slides.patches import LowResRows, read_patch
 from .slides.slide import Slide
 from .workdir import Workdir
 

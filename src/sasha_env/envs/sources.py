@@ -1,33 +1,28 @@
-"""What the environment reads: models and per-slide arrays, resolved from a workdir or given.
+"""What the environment reads: the store, manifest and models, resolved from a workdir or given.
 
 :func:`resolve_sources` turns the ``Sasha-WSI-v0`` constructor's arguments (a pipeline
 workdir, or explicit ``store=``/``manifest=``/``hafed=``/``tsu=``) into loaded objects, with an
-error that names the missing stage when something is not there. :class:`SlideCache` reads a
-slide's arrays once and keeps them in a bytes-bounded LRU.
+error that names the missing stage when something is not there.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sasha_models.checkpoint import build_model, check_feature_dim, load_checkpoint
 
 from ..features.store import FeatureStore, StoreError
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
+from .slide_data import _no_distilled
 
 __all__ = [
-    "SlideData",
-    "SlideCache",
     "Sources",
     "episode_budget",
     "n_patches_of",
@@ -35,126 +30,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-
-
-@dataclass
-class SlideData:
-    """One slide's arrays, as the environment uses them.
-
-    Attributes:
-        slide_id: the id.
-        label: class index (into the manifest's ``class_names``).
-        z: low-resolution features ``(N, d)`` float32.
-        v: distilled high-resolution features ``(N, d)`` float32 (HAFED level 1).
-        z_norm: ``‖z_j‖`` ``(N,)``, for cosine similarities in O(N·d).
-        coords: level-0 ``(x, y)`` top-left of each patch ``(N, 2)`` int64.
-        grid: lattice ``(row, col)`` scaled to [0, 1] ``(N, 2)`` float32.
-        path: the slide file (from the store's slide attributes).
-        dimensions: level-0 ``(width, height)`` in pixels.
-        cell_px: side of a patch in level-0 pixels (``patch_px * lo_downsample``).
-    """
-
-    slide_id: str
-    label: int
-    z: Tensor
-    v: Tensor
-    z_norm: Tensor
-    coords: np.ndarray
-    grid: np.ndarray
-    path: str
-    dimensions: tuple[int, int]
-    cell_px: float
-
-    @property
-    def n(self) -> int:
-        return int(self.z.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(
-            (self.z.numel() + self.v.numel() + self.z_norm.numel()) * 4
-            + self.coords.nbytes
-            + self.grid.nbytes
-        )
-
-
-class SlideCache:
-    """Per-slide arrays read from the store on first use and kept in a bytes-bounded LRU.
-
-    Args:
-        store: the feature store.
-        labels: class index of every slide the cache may serve.
-        cache_mb: keep at most this many MiB of slides (the current one is always kept).
-    """
-
-    def __init__(self, store: FeatureStore, labels: dict[str, int], cache_mb: float = 1024) -> None:
-        self.store, self.labels = store, labels
-        self.limit = int(cache_mb * (1 << 20))
-        self._cache: OrderedDict[str, SlideData] = OrderedDict()
-        self._bytes = 0
-
-    def __contains__(self, slide_id: str) -> bool:
-        return slide_id in self.labels
-
-    def get(self, slide_id: str) -> SlideData:
-        if slide_id in self._cache:
-            self._cache.move_to_end(slide_id)
-            return self._cache[slide_id]
-        if slide_id not in self.labels:
-            raise KeyError(
-                f"slide {slide_id!r} is not one this environment can load "
-                "(it must be in both the manifest and the feature store)"
-            )
-        data = self._load(slide_id)
-        self._cache[slide_id] = data
-        self._bytes += data.nbytes
-        while self._bytes > self.limit and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._bytes -= old.nbytes
-        return data
-
-    def _load(self, sid: str) -> SlideData:
-        store = self.store
-        attrs = store.slide_attrs(sid)
-        if not store.has_array(sid, "distilled"):
-            raise StoreError(_no_distilled(store, [sid]))
-        z = np.ascontiguousarray(store.read(sid, "lowres"), dtype=np.float32)
-        v = np.ascontiguousarray(store.read(sid, "distilled"), dtype=np.float32)
-        if z.ndim != 2 or v.shape != z.shape:
-            raise StoreError(
-                f"{store.path}: slide {sid!r} has lowres {z.shape} but distilled {v.shape}; "
-                "re-run the 'distill' stage"
-            )
-        coords = np.asarray(store.read(sid, "coords"), dtype=np.int64).reshape(-1, 2)
-        cells = np.asarray(store.read(sid, "cells"), dtype=np.int64).reshape(-1, 2)
-        shape = attrs.get("shape") or (cells.max(0) + 1 if len(cells) else (1, 1))
-        denom = np.maximum(np.asarray(shape, np.float32) - 1, 1)
-        patch_px = attrs.get("patch_px", store.attrs.get("patch_px", 1))
-        lo_ds = attrs.get("lo_downsample")
-        if lo_ds is None:
-            lo_ds = float(store.attrs.get("hi_downsample") or 1.0) * int(store.attrs.get("zoom", 1))
-        zt = torch.from_numpy(z)
-        return SlideData(
-            slide_id=sid,
-            label=self.labels[sid],
-            z=zt,
-            v=torch.from_numpy(v),
-            z_norm=zt.norm(dim=1),
-            coords=coords,
-            grid=np.clip(cells / denom, 0.0, 1.0).astype(np.float32),
-            path=str(attrs.get("path", "")),
-            dimensions=tuple(int(x) for x in attrs.get("dimensions", (1, 1))),  # type: ignore[arg-type]
-            cell_px=float(patch_px) * float(lo_ds),
-        )
-
-
-def _no_distilled(store: FeatureStore, missing: list[str]) -> str:
-    shown = ", ".join(repr(s) for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-    return (
-        f"{store.path}: {len(missing)} slide(s) ({shown}) have no 'distilled' array: "
-        "run the 'distill' stage first (sasha pipeline --workdir DIR), which writes HAFED's "
-        "level-1 vectors v into the store"
-    )
 
 
 @dataclass

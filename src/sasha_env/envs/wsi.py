@@ -16,7 +16,8 @@ from sasha_models.incremental import IncrementalClassifier
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest
 from .render import ThumbnailCache, draw_patches
-from .sources import SlideCache, SlideData, episode_budget, n_patches_of, resolve_sources
+from .slide_data import SlideCache, SlideData
+from .sources import episode_budget, n_patches_of, resolve_sources
 
 __all__ = ["SashaWSIEnv", "observation_nbytes"]
 

@@ -95,16 +95,13 @@ def evaluate_sampling(
     """
     from sasha_models.metrics import classification_metrics
 
-    from ..agents.train import (
-        AgentConfig,
-        agent_name,
+    from ..agents.policies import (
         agent_policy,
         attention_topk_policy,
-        load_agent,
-        make_env,
         random_policy,
         run_episodes,
     )
+    from ..agents.train import AgentConfig, agent_name, load_agent, make_env
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)

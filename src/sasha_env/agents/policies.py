@@ -1,0 +1,78 @@
+"""Zoom policies (a trained agent, random, HAFED's attention) and running them over slides.
+
+Policies all have the signature ``policy(env, obs) -> action`` and see only what an agent may
+see: the observation state, the legal-action mask, and (for ``attention_topk``) the frozen
+HAFED classifier's attention on the current state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..envs.wsi import SashaWSIEnv
+
+__all__ = ["Policy", "agent_policy", "random_policy", "attention_topk_policy", "run_episodes"]
+
+Policy = Callable[[SashaWSIEnv, dict], int]
+
+
+def agent_policy(model, deterministic: bool = True) -> Policy:
+    """The trained agent's action (argmax by default), with the env's legal-action mask."""
+    from sb3_contrib import MaskablePPO
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        if isinstance(model, MaskablePPO):
+            action, _ = model.predict(
+                obs, action_masks=env.action_masks(), deterministic=deterministic
+            )
+        else:
+            action, _ = model.predict(obs, deterministic=deterministic)
+        return int(action)
+
+    return act
+
+
+def random_policy(seed: int) -> Policy:
+    """A uniformly random legal patch."""
+    rng = np.random.default_rng(seed)
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        return int(rng.choice(np.flatnonzero(env.action_masks())))
+
+    return act
+
+
+def attention_topk_policy() -> Policy:
+    """Zoom the legal patch that HAFED's level-2 attention weights most on the current state.
+
+    Attention is softmaxed per branch over the slide's patches and averaged over branches.
+    """
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        clf = getattr(env.hafed, "level2", env.hafed)
+        with torch.inference_mode():
+            a, h = clf.instance_scores(torch.from_numpy(env.state()))
+            attention = torch.softmax(a.float(), dim=0).mean(dim=1).numpy()  # (N,)
+        legal = env.action_masks()[: len(attention)]
+        attention = np.where(legal, attention, -np.inf)
+        return int(np.argmax(attention))
+
+    return act
+
+
+def run_episodes(env: SashaWSIEnv, policy: Policy, slide_ids: list[str]) -> list[dict]:
+    """One episode per slide; returns each episode's final ``info`` plus its return."""
+    out = []
+    for sid in slide_ids:
+        obs, _ = env.reset(options={"slide_id": sid})
+        total, done = 0.0, False
+        info: dict = {}
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(policy(env, obs))
+            total += float(reward)
+            done = terminated or truncated
+        out.append({**info, "return": total})
+    return out
