@@ -22,8 +22,7 @@ from envkit import (
     reference_episode,
 )
 from sasha_env.envs.render import GRID_RGB, UPDATED_RGB, ZOOMED_RGB
-from sasha_env.envs.sources import episode_budget
-from sasha_env.envs.wsi import SashaWSIEnv, observation_nbytes
+from sasha_env.envs.wsi import SashaWSIEnv, episode_budget, observation_nbytes
 from sasha_env.features.store import StoreError
 
 D = 8

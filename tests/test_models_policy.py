@@ -22,6 +22,7 @@ from sasha_models.policy import (
     legal_action_mask,
     masked_log_prob,
 )
+from sasha_models.spaces import action_space, observation_space
 
 N, D, N_PAD, N_TARGETS, EPISODE = 12, 8, 3, 3, 4
 POLICIES = [SashaActorCriticPolicy, SashaPPOPolicy]
@@ -38,15 +39,8 @@ class ZoomEnv(gym.Env):
 
     def __init__(self, n: int = N, d: int = D) -> None:
         self.n, self.d = n, d
-        self.observation_space = spaces.Dict(
-            {
-                "features": spaces.Box(-np.inf, np.inf, (n, d), np.float32),
-                "visited": spaces.Box(0, 1, (n,), np.int8),
-                "valid": spaces.Box(0, 1, (n,), np.int8),
-                "coords": spaces.Box(0.0, 1.0, (n, 2), np.float32),
-            }
-        )
-        self.action_space = spaces.Discrete(n)
+        self.observation_space = observation_space(n, d)
+        self.action_space = action_space(n)
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {

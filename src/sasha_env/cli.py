@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import PRESETS, load_config
+from .distributed import is_rank_zero
 
 EPILOG = """\
 typical use:
@@ -287,7 +288,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     pipe = _pipeline(args, args.workdir, args.manifest)
     pipe.run(args.stages, force=tuple(args.force))
     if (
-        _is_rank_zero()
+        is_rank_zero()
         and pipe.wd.results.is_file()
         and (args.stages is None or "evaluate" in args.stages)
     ):
@@ -317,7 +318,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     pipe = _pipeline(args, args.dir, manifest)
     pipe.run()
-    if _is_rank_zero():
+    if is_rank_zero():
         print()
         print(format_table(pipe.wd.results))
         print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.dir}/")
@@ -396,15 +397,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         num_nodes=args.num_nodes,
         progress=not args.quiet,
     )
-    if _is_rank_zero():
+    if is_rank_zero():
         print(report.summary())
     return 0 if report.ok else 1
-
-
-def _is_rank_zero() -> bool:
-    import os
-
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def main(argv: list[str] | None = None) -> int:

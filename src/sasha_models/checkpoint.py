@@ -19,7 +19,7 @@ from .baselines import MIL_MODELS, build_baseline
 from .hafed import HAFED, HAFEDConfig
 from .tsu import TSU, TSUConfig
 
-__all__ = ["load_checkpoint", "build_model", "load_model", "check_feature_dim"]
+__all__ = ["load_checkpoint", "build_model", "load_export", "load_model", "check_feature_dim"]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -42,12 +42,32 @@ def build_model(kind: str, config: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """Rebuild an exported model from ``model.pt``, in eval mode on the CPU."""
+def load_export(
+    path: str | os.PathLike, kinds: tuple[str, ...] | None = None, what: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported model from ``model.pt``, in eval mode on the CPU, with its ``meta``.
+
+    Args:
+        path: the export.
+        kinds: accepted model kinds (``"hafed"``, ``"tsu"``, ``"mil:attention_mil"``, or a
+            prefix such as ``"mil:"``); ``None`` accepts any.
+        what: how to name the expected model in the error (default: the kinds).
+
+    Raises:
+        ValueError: not an export, or a model of another kind.
+    """
     blob = load_checkpoint(path)
-    model = build_model(blob["kind"], blob["config"])
+    kind = blob["kind"]
+    if kinds is not None and not any(kind.startswith(k) for k in kinds):
+        raise ValueError(f"{path} holds a {kind!r} model, not a {what or ' or '.join(kinds)}")
+    model = build_model(kind, blob["config"])
     model.load_state_dict(blob["state_dict"])
-    return model.eval()
+    return model.eval(), dict(blob.get("meta") or {})
+
+
+def load_model(path: str | os.PathLike, kinds: tuple[str, ...] | None = None) -> nn.Module:
+    """Rebuild an exported model from ``model.pt``, in eval mode on the CPU (see :func:`load_export`)."""
+    return load_export(path, kinds)[0]
 
 
 def _expected_dim(obj: Any) -> int:

@@ -45,6 +45,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 
 from .attention import GatedAttention, masked_softmax
+from .spaces import OBS_KEYS, legal_actions
 
 __all__ = [
     "OBS_KEYS",
@@ -58,9 +59,6 @@ __all__ = [
     "masked_distribution",
     "masked_log_prob",
 ]
-
-#: Keys the policy reads from the observation ``Dict`` (``coords`` only with ``use_coords``).
-OBS_KEYS = ("features", "visited", "valid", "coords")
 
 MaskLike = Tensor | np.ndarray
 
@@ -77,7 +75,7 @@ def legal_action_mask(obs: Mapping[str, Tensor]) -> Tensor:
     Returns:
         bool ``(B, N)``.
     """
-    return (obs["valid"] > 0.5) & ~(obs["visited"] > 0.5)
+    return legal_actions(obs["valid"], obs["visited"])
 
 
 def _combine(legal: Tensor, action_masks: MaskLike | None) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +9,8 @@ import torch
 from torch import Tensor
 
 from ..features.store import FeatureStore, StoreError
+from ..lru import ByteLRU
+from ..slides.grid import grid_positions
 
 __all__ = ["SlideData", "SlideCache"]
 
@@ -66,29 +67,19 @@ class SlideCache:
 
     def __init__(self, store: FeatureStore, labels: dict[str, int], cache_mb: float = 1024) -> None:
         self.store, self.labels = store, labels
-        self.limit = int(cache_mb * (1 << 20))
-        self._cache: OrderedDict[str, SlideData] = OrderedDict()
-        self._bytes = 0
+        self._cache: ByteLRU[SlideData] = ByteLRU(cache_mb, lambda s: s.nbytes, keep_last=True)
 
     def __contains__(self, slide_id: str) -> bool:
         return slide_id in self.labels
 
     def get(self, slide_id: str) -> SlideData:
-        if slide_id in self._cache:
-            self._cache.move_to_end(slide_id)
-            return self._cache[slide_id]
+        """The slide's arrays (read from the store on first use)."""
         if slide_id not in self.labels:
             raise KeyError(
                 f"slide {slide_id!r} is not one this environment can load "
                 "(it must be in both the manifest and the feature store)"
             )
-        data = self._load(slide_id)
-        self._cache[slide_id] = data
-        self._bytes += data.nbytes
-        while self._bytes > self.limit and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._bytes -= old.nbytes
-        return data
+        return self._cache.get(slide_id, lambda: self._load(slide_id))
 
     def _load(self, sid: str) -> SlideData:
         store = self.store
@@ -103,13 +94,7 @@ class SlideCache:
                 "re-run the 'distill' stage"
             )
         coords = np.asarray(store.read(sid, "coords"), dtype=np.int64).reshape(-1, 2)
-        cells = np.asarray(store.read(sid, "cells"), dtype=np.int64).reshape(-1, 2)
-        shape = attrs.get("shape") or (cells.max(0) + 1 if len(cells) else (1, 1))
-        denom = np.maximum(np.asarray(shape, np.float32) - 1, 1)
-        patch_px = attrs.get("patch_px", store.attrs.get("patch_px", 1))
-        lo_ds = attrs.get("lo_downsample")
-        if lo_ds is None:
-            lo_ds = float(store.attrs.get("hi_downsample") or 1.0) * int(store.attrs.get("zoom", 1))
+        cells = store.read(sid, "cells")
         zt = torch.from_numpy(z)
         return SlideData(
             slide_id=sid,
@@ -118,10 +103,10 @@ class SlideCache:
             v=torch.from_numpy(v),
             z_norm=zt.norm(dim=1),
             coords=coords,
-            grid=np.clip(cells / denom, 0.0, 1.0).astype(np.float32),
+            grid=grid_positions(cells, attrs.get("shape")),
             path=str(attrs.get("path", "")),
             dimensions=tuple(int(x) for x in attrs.get("dimensions", (1, 1))),  # type: ignore[arg-type]
-            cell_px=float(patch_px) * float(lo_ds),
+            cell_px=store.cell_px(sid),
         )
 
 

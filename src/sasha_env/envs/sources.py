@@ -2,12 +2,13 @@
 
 :func:`resolve_sources` turns the ``Sasha-WSI-v0`` constructor's arguments (a pipeline
 workdir, or explicit ``store=``/``manifest=``/``hafed=``/``tsu=``) into loaded objects, with an
-error that names the missing stage when something is not there.
+error that names the missing stage when something is not there. It chains three steps, each
+usable alone: :func:`load_models` (checkpoints, feature sizes), :func:`check_classes` (the
+classifier against the manifest) and :func:`select_slides` (a split's slides in the store).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from sasha_models.checkpoint import build_model, check_feature_dim, load_checkpoint
+from sasha_models.checkpoint import check_feature_dim, load_export
 
 from ..features.store import FeatureStore, StoreError
 from ..slides.manifest import Manifest, read_manifest
@@ -24,36 +25,129 @@ from .slide_data import _no_distilled
 
 __all__ = [
     "Sources",
-    "episode_budget",
-    "n_patches_of",
+    "SlideSelection",
+    "check_classes",
+    "load_models",
     "resolve_sources",
+    "select_slides",
 ]
 
 PathLike = str | os.PathLike
 
+#: model name → (accepted export kinds, how to name it in errors)
+_MODEL_KINDS = {
+    "hafed": (("hafed", "mil:attention_mil"), "HAFED classifier"),
+    "tsu": (("tsu",), "TSU"),
+}
+
+
+@dataclass
+class SlideSelection:
+    """The slides an environment draws from.
+
+    Attributes:
+        slide_ids: the split's slides that are in the store, in manifest order.
+        labels: class index of every manifest slide in the store (any split).
+        n_patches: N of each selected slide.
+    """
+
+    slide_ids: list[str]
+    labels: dict[str, int]
+    n_patches: dict[str, int]
+
 
 @dataclass
 class Sources:
-    """Everything :class:`~sasha_env.env.SashaWSIEnv` reads, resolved and checked."""
+    """Everything :class:`~sasha_env.envs.wsi.SashaWSIEnv` reads, resolved and checked."""
 
     store: FeatureStore
     manifest: Manifest
     hafed: nn.Module
     tsu: nn.Module
-    slide_ids: list[str]
-    labels: dict[str, int]
-    n_patches: dict[str, int]
+    slides: SlideSelection
     class_names: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    """Each loaded export's ``meta`` (e.g. ``meta["hafed"]["class_names"]``), by model name."""
 
 
-def _load_export(path: Path, expected: tuple[str, ...], what: str) -> tuple[nn.Module, dict]:
-    blob = load_checkpoint(path)
-    if not any(blob["kind"] == k or blob["kind"].startswith(k) for k in expected):
-        raise ValueError(f"{path} holds a {blob['kind']!r} model, not a {what}")
-    model = build_model(blob["kind"], blob["config"])
-    model.load_state_dict(blob["state_dict"])
-    return model.eval(), dict(blob.get("meta") or {})
+def load_models(
+    store: FeatureStore,
+    models: dict[str, nn.Module | PathLike],
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """Load ``hafed`` and ``tsu`` (modules or exported ``model.pt`` paths), checked against the store.
+
+    Returns:
+        The models in eval mode by name, and each loaded export's ``meta`` by name.
+
+    Raises:
+        FileNotFoundError: a path does not exist (names the stage that writes it).
+        ValueError: an export of the wrong kind, or a feature size other than the store's.
+    """
+    loaded: dict[str, nn.Module] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for name, obj in models.items():
+        kinds, what = _MODEL_KINDS[name]
+        if isinstance(obj, nn.Module):
+            loaded[name] = obj.eval()
+            label = f"{name} ({type(obj).__name__})"
+        else:
+            path = Path(obj)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the '{name}' stage first")
+            loaded[name], meta[name] = load_export(path, kinds, what)
+            label = str(path)
+        check_feature_dim(loaded[name], store.feature_dim, name=label)
+    return loaded, meta
+
+
+def check_classes(hafed: nn.Module, manifest: Manifest, hafed_meta: dict[str, Any]) -> list[str]:
+    """The manifest's class names, after checking that the HAFED classifier was trained on them.
+
+    Raises:
+        ValueError: the checkpoint's class names, or the classifier's number of classes,
+            differ from the manifest's.
+    """
+    class_names = [str(c) for c in manifest.class_names]
+    ckpt_names = hafed_meta.get("class_names")
+    if ckpt_names and [str(c) for c in ckpt_names] != class_names:
+        raise ValueError(
+            f"the HAFED checkpoint was trained with classes {ckpt_names} but the manifest "
+            f"{manifest.path} has {class_names}"
+        )
+    clf = getattr(hafed, "level2", hafed)
+    n_classes = getattr(clf, "n_classes", None)
+    if n_classes is not None and n_classes != len(class_names):
+        raise ValueError(
+            f"the HAFED classifier has {n_classes} classes but the manifest {manifest.path} "
+            f"has {len(class_names)} ({class_names})"
+        )
+    return class_names
+
+
+def select_slides(store: FeatureStore, manifest: Manifest, split: str | None) -> SlideSelection:
+    """The slides of ``split`` (``None``: every slide) that are in the store with distilled features.
+
+    Raises:
+        ValueError: the manifest lacks splits, or no slide of the split is in the store.
+        StoreError: a selected slide has no ``distilled`` array (run the 'distill' stage).
+    """
+    if split is not None and any(r.split is None for r in manifest.records):
+        raise ValueError(
+            f"{manifest.path} has no split for some slides; pass the workdir's manifest.csv "
+            "(written with a split for every slide) or split=None for every slide"
+        )
+    present = set(store.slide_ids())
+    in_store = [r for r in manifest.records if r.slide_id in present]
+    labels = {r.slide_id: manifest.label_index(r.label) for r in in_store}
+    slide_ids = [r.slide_id for r in in_store if split is None or r.split == split]
+    if not slide_ids:
+        raise ValueError(
+            f"no slide of split {split!r} of {manifest.path} is in the store {store.path}"
+        )
+    missing = [s for s in slide_ids if not store.has_array(s, "distilled")]
+    if missing:
+        raise StoreError(_no_distilled(store, missing))
+    return SlideSelection(slide_ids, labels, {s: store.n_patches(s) for s in slide_ids})
 
 
 def resolve_sources(
@@ -67,9 +161,9 @@ def resolve_sources(
     """Load and cross-check the store, manifest and checkpoints.
 
     Explicit arguments win over the workdir's files. Raises ``FileNotFoundError`` naming the
-    stage to run when a workdir lacks an output, :class:`~sasha_env.store.StoreError` when
-    the store lacks distilled features, and ``ValueError`` for mismatched feature sizes or
-    class names.
+    stage to run when a workdir lacks an output, :class:`~sasha_env.features.store.StoreError`
+    when the store lacks distilled features, and ``ValueError`` for mismatched feature sizes
+    or class names.
     """
     wd = Workdir(workdir) if workdir is not None else None
     if wd is not None and not wd.root.is_dir():
@@ -88,84 +182,14 @@ def resolve_sources(
     man = need(manifest, wd.manifest if wd else None, "extract", "manifest")
     if not isinstance(man, Manifest):
         man = read_manifest(man)
-
-    meta: dict[str, Any] = {}
-    models: dict[str, nn.Module] = {}
-    for name, given, kinds, label in (
-        ("hafed", hafed, ("hafed", "mil:attention_mil"), "HAFED classifier"),
-        ("tsu", tsu, ("tsu",), "TSU"),
-    ):
-        obj = need(given, wd.model(name) if wd else None, name, name)
-        if isinstance(obj, nn.Module):
-            models[name] = obj.eval()
-            check_feature_dim(obj, store_obj.feature_dim, name=f"{name} ({type(obj).__name__})")
-        else:
-            path = Path(obj)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: run the '{name}' stage first")
-            models[name], meta[name] = _load_export(path, kinds, label)
-            check_feature_dim(models[name], store_obj.feature_dim, name=str(path))
-
-    class_names = [str(c) for c in man.class_names]
-    ckpt_names = meta.get("hafed", {}).get("class_names")
-    if ckpt_names and [str(c) for c in ckpt_names] != class_names:
-        raise ValueError(
-            f"the HAFED checkpoint was trained with classes {ckpt_names} but the manifest "
-            f"{man.path} has {class_names}"
-        )
-    clf = getattr(models["hafed"], "level2", models["hafed"])
-    n_classes = getattr(clf, "n_classes", None)
-    if n_classes is not None and n_classes != len(class_names):
-        raise ValueError(
-            f"the HAFED classifier has {n_classes} classes but the manifest {man.path} "
-            f"has {len(class_names)} ({class_names})"
-        )
-
-    if split is not None and any(r.split is None for r in man.records):
-        raise ValueError(
-            f"{man.path} has no split for some slides; pass the workdir's manifest.csv "
-            "(written with a split for every slide) or split=None for every slide"
-        )
-    present = set(store_obj.slide_ids())
-    labels = {r.slide_id: man.label_index(r.label) for r in man.records if r.slide_id in present}
-    slide_ids = [
-        r.slide_id
-        for r in man.records
-        if r.slide_id in present and (split is None or r.split == split)
-    ]
-    if not slide_ids:
-        raise ValueError(
-            f"no slide of split {split!r} of {man.path} is in the store {store_obj.path}"
-        )
-    missing = [s for s in slide_ids if not store_obj.has_array(s, "distilled")]
-    if missing:
-        raise StoreError(_no_distilled(store_obj, missing))
-    n_patches = {s: n_patches_of(store_obj, s) for s in slide_ids}
-    return Sources(
+    given = {"hafed": hafed, "tsu": tsu}
+    models, meta = load_models(
         store_obj,
-        man,
-        models["hafed"],
-        models["tsu"],
-        slide_ids,
-        labels,
-        n_patches,
-        class_names,
-        meta,
+        {
+            name: need(obj, wd.model(name) if wd else None, name, name)
+            for name, obj in given.items()
+        },
     )
-
-
-def n_patches_of(store: FeatureStore, sid: str) -> int:
-    """N of a slide, from its attributes (or its ``coords`` array)."""
-    n = store.slide_attrs(sid).get("n_patches")
-    if n is None:
-        n = store.read(sid, "coords").shape[0]
-    return int(n)
-
-
-def episode_budget(frac: float, n: int) -> int:
-    """Zooms per episode, ``⌈frac·N⌉`` (at least 1, at most N).
-
-    ``frac·N`` is rounded to 9 decimals first, so that 0.1 × 150 gives 15, not the 16 that
-    ``math.ceil(15.000000000000002)`` would.
-    """
-    return max(1, min(n, math.ceil(round(frac * n, 9))))
+    class_names = check_classes(models["hafed"], man, meta.get("hafed", {}))
+    slides = select_slides(store_obj, man, split)
+    return Sources(store_obj, man, models["hafed"], models["tsu"], slides, class_names, meta)

@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
+from sasha_models.spaces import action_space, legal_actions, observation_space
 
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest
 from .render import ThumbnailCache, draw_patches
 from .slide_data import SlideCache, SlideData
-from .sources import episode_budget, n_patches_of, resolve_sources
+from .sources import resolve_sources
 
-__all__ = ["SashaWSIEnv", "observation_nbytes"]
+__all__ = ["SashaWSIEnv", "episode_budget", "observation_nbytes"]
 
 PathLike = str | os.PathLike
 _EPS = 1e-8
+
+
+def episode_budget(frac: float, n: int) -> int:
+    """Zooms per episode, ``⌈frac·N⌉`` (at least 1, at most N).
+
+    ``frac·N`` is rounded to 9 decimals first, so that 0.1 × 150 gives 15, not the 16 that
+    ``math.ceil(15.000000000000002)`` would.
+    """
+    return max(1, min(n, math.ceil(round(frac * n, 9))))
 
 
 def observation_nbytes(max_patches: int, d: int) -> int:
@@ -162,7 +172,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self.render_mode = render_mode
         self.store, self.manifest = src.store, src.manifest
         self.class_names: list[str] = src.class_names
-        self.slide_ids: list[str] = list(src.slide_ids)
+        self.slide_ids: list[str] = list(src.slides.slide_ids)
         self.hafed, self.tsu = src.hafed, src.tsu
         if tau is None:
             cfg = getattr(self.tsu, "cfg", None)
@@ -171,34 +181,27 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             tau = cfg.tau
         self.tau = float(tau)
         self.d = int(self.store.feature_dim)
-        largest = max(src.n_patches.values())
+        largest = max(src.slides.n_patches.values())
         if max_patches is None or max_patches == "split":
             self.max_patches = largest
         elif max_patches == "cohort":
-            self.max_patches = max(n_patches_of(self.store, s) for s in src.labels)
+            self.max_patches = max(self.store.n_patches(s) for s in src.slides.labels)
         else:
             self.max_patches = int(max_patches)
-        too_big = [s for s, n in src.n_patches.items() if n > self.max_patches]
+        too_big = [s for s, n in src.slides.n_patches.items() if n > self.max_patches]
         if too_big:
             raise ValueError(
                 f"max_patches={self.max_patches} is smaller than {len(too_big)} slide(s) of the "
                 f"split (largest N = {largest}, e.g. {too_big[0]!r}); max_patches='cohort' "
                 "fits every slide"
             )
-        self._slides = SlideCache(self.store, src.labels, cache_mb)
+        self._slides = SlideCache(self.store, src.slides.labels, cache_mb)
         self._clf = IncrementalClassifier(self.hafed, incremental=incremental)
         self._thumbs = ThumbnailCache(render_px)
 
         P, d = self.max_patches, self.d
-        self.observation_space = spaces.Dict(
-            {
-                "features": spaces.Box(-np.inf, np.inf, (P, d), np.float32),
-                "visited": spaces.Box(0, 1, (P,), np.int8),
-                "valid": spaces.Box(0, 1, (P,), np.int8),
-                "coords": spaces.Box(0.0, 1.0, (P, 2), np.float32),
-            }
-        )
-        self.action_space = spaces.Discrete(P)
+        self.observation_space = observation_space(P, d)
+        self.action_space = action_space(P)
 
         # Episode state. ``_features`` is the padded observation buffer; ``_S`` views its
         # first N rows and is what the models read and write.
@@ -339,7 +342,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     def action_masks(self) -> np.ndarray:
         """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention)."""
-        return (self._valid == 1) & (self._visited == 0)
+        return legal_actions(self._valid, self._visited)
 
     def render(self) -> np.ndarray | None:
         """``(h, w, 3)`` uint8: thumbnail, patch grid, TSU-updated and zoomed patches.

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
+from ..lru import ByteLRU
 from ..slides.manifest import Manifest
 from .store import FeatureStore, StoreError
 
@@ -34,9 +33,7 @@ class StoreBags:
                 f"{store.path}: none of the {len(manifest.records)} slides of {manifest.path} "
                 "is in the store; run 'sasha extract' first"
             )
-        self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = int(cache_mb * (1 << 20))
+        self._cache: ByteLRU[np.ndarray] = ByteLRU(cache_mb, lambda a: a.nbytes)
 
     def slide_ids(self, split: str | None = None) -> list[str]:
         return [s for s, r in self._records.items() if split is None or r.split == split]
@@ -45,23 +42,12 @@ class StoreBags:
         return self.class_names.index(self._records[slide_id].label)
 
     def features(self, slide_id: str, kind: str) -> np.ndarray:
-        key = (slide_id, kind)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        arr = self.store.read(slide_id, kind)
-        if arr.nbytes <= self._cache_limit:
-            self._cache[key] = arr
-            self._cache_bytes += arr.nbytes
-            while self._cache_bytes > self._cache_limit:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= old.nbytes
-        return arr
+        """``(N, d)`` (``lowres``, ``distilled``) or ``(N, k, d)`` (``highres``) float32."""
+        return self._cache.get((slide_id, kind), lambda: self.store.read(slide_id, kind))
 
     def forget(self, kind: str) -> None:
         """Drop cached arrays of one kind (after they were rewritten in the store)."""
-        for key in [k for k in self._cache if k[1] == kind]:
-            self._cache_bytes -= self._cache.pop(key).nbytes
+        self._cache.forget(lambda key: key[1] != kind)
 
     @property
     def feature_dim(self) -> int:

@@ -15,7 +15,6 @@ staging and renamed into place, so a killed run never leaves a half-written slid
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import dataclass_from_dict, quiet_lightning
+from ..distributed import is_rank_zero
 from ..slides.grid import GridConfig, PatchGrid, build_grid
 from ..slides.manifest import SlideRecord, read_manifest_lenient
 from ..slides.patches import LowResRows, read_patch
@@ -97,11 +97,63 @@ def store_attrs(backbone: Backbone, grid_cfg: GridConfig, input_px: int) -> dict
     }
 
 
+# ---------------------------------------------------------------------------- records
+# What flows from the reader (DataLoader) through the backbone (LightningModule) to the
+# writer (callback). Plain dataclasses: Lightning moves their tensors to the device.
+
+
+@dataclass
+class SlideHeader:
+    """A slide is about to be read: its grid and the attributes its store group gets."""
+
+    slide_id: str
+    grid: PatchGrid
+    attrs: dict
+
+
+@dataclass
+class SlideFailed:
+    """A slide could not be read; ``message`` names the problem."""
+
+    slide_id: str
+    message: str
+
+
+@dataclass
+class PixelBatch:
+    """Pixels of ``B`` patches, possibly of several slides (batches fill across slides).
+
+    Attributes:
+        slide_ids, index: the slide and patch index of each of the B patches.
+        lo: ``(B, P, P, 3)`` uint8 low-res views.
+        hi: ``(B, k, P, P, 3)`` uint8 high-res sub-patches, row-major.
+    """
+
+    slide_ids: list[str]
+    index: list[int]
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+@dataclass
+class FeatureBatch:
+    """Backbone features of a :class:`PixelBatch`: ``lo (B, d)``, ``hi (B, k, d)`` float32."""
+
+    slide_ids: list[str]
+    index: list[int]
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+ReaderItem = SlideHeader | SlideFailed | PixelBatch
+WriterItem = SlideHeader | SlideFailed | FeatureBatch
+
+
 # ---------------------------------------------------------------------------- data
 
 
 class _SlidePatches(IterableDataset):
-    """Yields, per slide, a ``"slide"`` header, ``"batch"`` items of pixels, or an ``"error"``.
+    """Yields, per slide, a :class:`SlideHeader`, :class:`PixelBatch` items, or a :class:`SlideFailed`.
 
     Slides are sharded over ranks (``rank::world``) and then over DataLoader workers, so that
     each slide is read by exactly one worker of one process.
@@ -119,12 +171,12 @@ class _SlidePatches(IterableDataset):
         self.patches_per_batch = max(1, patches_per_batch)
         self.qc_dir = qc_dir
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[ReaderItem]:
         if get_worker_info() is None:  # no DataLoader workers: read in a thread instead
             return _prefetched(self._items(), depth=4)
         return self._items()
 
-    def _items(self) -> Iterator[dict]:
+    def _items(self) -> Iterator[ReaderItem]:
         """Batches are filled across slide boundaries, so every forward pass is full size."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -141,21 +193,22 @@ class _SlidePatches(IterableDataset):
         if pending:
             yield _batch(pending)
 
-    def _slide_items(self, record: SlideRecord) -> Iterator[dict | tuple]:
-        """A ``"slide"`` header, then ``(slide_id, i, lo, hi)`` per patch; or an ``"error"``."""
+    def _slide_items(
+        self, record: SlideRecord
+    ) -> Iterator[SlideHeader | SlideFailed | tuple[str, int, np.ndarray, np.ndarray]]:
+        """A header, then ``(slide_id, i, lo, hi)`` per patch; or a failure."""
         try:
             slide = Slide(record.path)
             grid, thumb, mask, thumb_ds = build_grid(slide, self.grid_cfg)
         except Exception as exc:
-            yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
+            yield SlideFailed(record.slide_id, _message(exc))
             return
         if self.qc_dir is not None:
             _write_qc(self.qc_dir / f"{record.slide_id}.png", thumb, mask, thumb_ds, grid)
-        yield {
-            "type": "slide",
-            "slide_id": record.slide_id,
-            "grid": grid,
-            "attrs": {
+        yield SlideHeader(
+            record.slide_id,
+            grid,
+            {
                 "label": record.label,
                 "path": str(record.path),
                 "dimensions": list(slide.dimensions),
@@ -164,18 +217,18 @@ class _SlidePatches(IterableDataset):
                 "n_patches": grid.n,
                 **grid.meta(),
             },
-        }
+        )
         try:
             lows = LowResRows(slide, grid)
             for i in range(grid.n):
                 yield (record.slide_id, i, lows[i], read_patch(slide, grid, i, low=False)[1])
         except Exception as exc:
-            yield {"type": "error", "slide_id": record.slide_id, "message": _message(exc)}
+            yield SlideFailed(record.slide_id, _message(exc))
         finally:
             slide.close()
 
 
-def _prefetched(items: Iterator[dict], depth: int) -> Iterator[dict]:
+def _prefetched(items: Iterator[ReaderItem], depth: int) -> Iterator[ReaderItem]:
     """Run ``items`` in a background thread, ``depth`` items ahead.
 
     Without DataLoader worker processes this still overlaps reading and JPEG decoding (which
@@ -213,15 +266,14 @@ def _prefetched(items: Iterator[dict], depth: int) -> Iterator[dict]:
         stop.set()
 
 
-def _batch(patches: list[tuple[str, int, np.ndarray, np.ndarray]]) -> dict:
-    """Stack patches (of one or more slides) into a ``"batch"`` item."""
-    return {
-        "type": "batch",
-        "slide_ids": [p[0] for p in patches],
-        "index": [p[1] for p in patches],
-        "lo": torch.from_numpy(np.stack([p[2] for p in patches])),
-        "hi": torch.from_numpy(np.stack([p[3] for p in patches])),
-    }
+def _batch(patches: list[tuple[str, int, np.ndarray, np.ndarray]]) -> PixelBatch:
+    """Stack patches (of one or more slides) into one batch."""
+    return PixelBatch(
+        slide_ids=[p[0] for p in patches],
+        index=[p[1] for p in patches],
+        lo=torch.from_numpy(np.stack([p[2] for p in patches])),
+        hi=torch.from_numpy(np.stack([p[3] for p in patches])),
+    )
 
 
 def _message(exc: Exception) -> str:
@@ -248,27 +300,36 @@ def _write_qc(
 
 
 class _Extractor(L.LightningModule):
-    """Embeds each batch of pixels; passes slide headers and errors through."""
+    """Embeds each :class:`PixelBatch`; passes slide headers and failures through."""
 
     def __init__(self, backbone: Backbone, input_px: int):
         super().__init__()
         self.backbone = backbone
         self.input_px = input_px
 
-    def predict_step(self, item: dict, batch_idx: int) -> dict:
-        if item["type"] != "batch":
+    def predict_step(self, item: ReaderItem, batch_idx: int) -> WriterItem:
+        if not isinstance(item, PixelBatch):
             return item
-        lo, hi = item["lo"], item["hi"]
+        lo, hi = item.lo, item.hi
         b, k = hi.shape[:2]
         images = torch.cat([lo, hi.reshape(b * k, *hi.shape[2:])])
         feats = embed_patches(self.backbone, images, self.input_px).cpu()
-        return {
-            "type": "features",
-            "slide_ids": item["slide_ids"],
-            "index": item["index"],
-            "lo": feats[:b].numpy(),
-            "hi": feats[b:].reshape(b, k, -1).numpy(),
-        }
+        return FeatureBatch(
+            slide_ids=item.slide_ids,
+            index=item.index,
+            lo=feats[:b].numpy(),
+            hi=feats[b:].reshape(b, k, -1).numpy(),
+        )
+
+
+class _OpenSlide:
+    """A slide whose patches are being embedded: rows filled as their batches arrive."""
+
+    def __init__(self, header: SlideHeader) -> None:
+        self.header = header
+        self.lo: list[np.ndarray | None] = [None] * header.grid.n
+        self.hi: list[np.ndarray | None] = [None] * header.grid.n
+        self.left = header.grid.n
 
 
 class _SlideWriter(L.Callback):
@@ -278,7 +339,7 @@ class _SlideWriter(L.Callback):
         self.store = store
         self.n_slides = n_slides  # over all ranks
         self.progress = progress
-        self.open: dict[str, dict] = {}
+        self.open: dict[str, _OpenSlide] = {}
         self.report = ExtractReport()
         self._bar = None
 
@@ -294,45 +355,36 @@ class _SlideWriter(L.Callback):
             )
 
     def on_predict_batch_end(
-        self, trainer, pl_module, out: dict, batch, batch_idx, dataloader_idx=0
+        self, trainer, pl_module, out: WriterItem, batch, batch_idx, dataloader_idx=0
     ):
-        if out["type"] == "features":
-            for j, (sid, i) in enumerate(zip(out["slide_ids"], out["index"], strict=True)):
+        if isinstance(out, FeatureBatch):
+            for j, (sid, i) in enumerate(zip(out.slide_ids, out.index, strict=True)):
                 slot = self.open.get(sid)
                 if slot is None:  # the slide failed after these patches were read
                     continue
-                slot["lo"][i], slot["hi"][i] = out["lo"][j], out["hi"][j]
-                slot["left"] -= 1
-                if slot["left"] == 0:
-                    self._finish(sid, self.open.pop(sid))
+                slot.lo[i], slot.hi[i] = out.lo[j], out.hi[j]
+                slot.left -= 1
+                if slot.left == 0:
+                    self._finish(self.open.pop(sid))
                     self._tick(trainer)
-            return
-        sid = out["slide_id"]
-        if out["type"] == "error":
-            self.open.pop(sid, None)
-            self.report.failed[sid] = out["message"]
+        elif isinstance(out, SlideFailed):
+            self.open.pop(out.slide_id, None)
+            self.report.failed[out.slide_id] = out.message
             self._tick(trainer, failed=True)
-        elif out["type"] == "slide":
-            grid: PatchGrid = out["grid"]
-            self.open[sid] = {
-                "grid": grid,
-                "attrs": out["attrs"],
-                "lo": [None] * grid.n,
-                "hi": [None] * grid.n,
-                "left": grid.n,
-            }
+        elif isinstance(out, SlideHeader):
+            self.open[out.slide_id] = _OpenSlide(out)
 
-    def _finish(self, sid: str, slot: dict) -> None:
-        grid: PatchGrid = slot["grid"]
+    def _finish(self, slot: _OpenSlide) -> None:
+        grid = slot.header.grid
         arrays = {
-            "lowres": np.stack(slot["lo"]).astype(np.float32),
-            "highres": np.stack(slot["hi"]).astype(np.float32),
+            "lowres": np.stack(slot.lo).astype(np.float32),
+            "highres": np.stack(slot.hi).astype(np.float32),
             "coords": grid.coords,
             "cells": grid.cells,
             "tissue": grid.tissue,
         }
-        self.store.write_slide(sid, arrays, slot["attrs"])
-        self.report.extracted.append(sid)
+        self.store.write_slide(slot.header.slide_id, arrays, slot.header.attrs)
+        self.report.extracted.append(slot.header.slide_id)
         self.report.n_patches += grid.n
 
     def _tick(self, trainer, failed: bool = False) -> None:
@@ -421,7 +473,7 @@ def extract_cohort(
         report.failed.update(writer.report.failed)
         report.n_patches = writer.report.n_patches
     report.seconds = time.perf_counter() - t0
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    if is_rank_zero():
         (store.path / "extract_report.json").write_text(json.dumps(asdict(report), indent=2))
     return report
 

@@ -123,6 +123,23 @@ class FeatureStore:
     def slide_attrs(self, slide_id: str) -> dict:
         return dict(self._group(slide_id).attrs)
 
+    def n_patches(self, slide_id: str) -> int:
+        """N, the slide's number of low-res patches (from its attributes or ``coords``)."""
+        n = self.slide_attrs(slide_id).get("n_patches")
+        return int(n if n is not None else self.read(slide_id, "coords").shape[0])
+
+    def cell_px(self, slide_id: str) -> float:
+        """Side of the slide's low-res patch in level-0 pixels (``patch_px · lo_downsample``).
+
+        Falls back on the store's grid settings for slides written without them.
+        """
+        attrs = self.slide_attrs(slide_id)
+        patch_px = attrs.get("patch_px", self.attrs.get("patch_px", 1))
+        lo_ds = attrs.get("lo_downsample")
+        if lo_ds is None:
+            lo_ds = float(self.attrs.get("hi_downsample") or 1.0) * int(self.attrs.get("zoom", 1))
+        return float(patch_px) * float(lo_ds)
+
     def read(self, slide_id: str, name: str) -> np.ndarray:
         """One array of a slide (``lowres``, ``highres``, ``coords``, ``cells``, ``tissue``, ``distilled``)."""
         group = self._group(slide_id)

@@ -77,7 +77,7 @@ def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> di
     for sid in slide_ids:
         if sid in masks and Path(masks[sid]).is_file():
             attrs = store.slide_attrs(sid)
-            cell = attrs["patch_px"] * attrs["lo_downsample"]
+            cell = store.cell_px(sid)
             frac = patch_tumour_fraction(
                 masks[sid], attrs["dimensions"], store.read(sid, "coords"), cell
             )

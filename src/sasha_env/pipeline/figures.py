@@ -73,7 +73,7 @@ def zoom_paths(
         sid = ep["slide_id"]
         attrs = store.slide_attrs(sid)
         coords = store.read(sid, "coords")
-        cell = attrs["patch_px"] * attrs["lo_downsample"]
+        cell = store.cell_px(sid)
         thumb, ds = thumbs.get(attrs["path"], attrs["dimensions"])
         img = draw_patches(thumb, ds, coords, cell, ep["zoomed"], ep["updated"], grid=False)
         fig, ax = plt.subplots(figsize=(5.2, 5.2 * img.shape[0] / img.shape[1] + 0.5))

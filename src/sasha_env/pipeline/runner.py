@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from ..config import load_config, quiet_lightning, say
+from ..distributed import is_rank_zero
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
@@ -184,7 +185,7 @@ class Pipeline:
             "seconds": round(time.perf_counter() - t0, 2),
             "outputs": outputs,
         }
-        if _is_global_zero():
+        if is_rank_zero():
             marker_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(marker, indent=2, default=str))
@@ -352,7 +353,7 @@ class Pipeline:
         from .evaluate import evaluate_workdir
 
         results = evaluate_workdir(self.wd, self.cfg, log=self.log)
-        if _is_global_zero():
+        if is_rank_zero():
             from .figures import write_figures
 
             for path in write_figures(self.wd):
@@ -391,12 +392,3 @@ def calibrate_tau(bags: StoreBags, quantile: float, seed: int, n_slides: int = 3
         off = ~torch.eye(len(z), dtype=torch.bool)
         sims.append(c[off].numpy())
     return float(np.quantile(np.concatenate(sims), quantile))
-
-
-def _is_global_zero() -> bool:
-    import os
-
-    return (
-        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
-        and int(os.environ.get("NODE_RANK", 0)) == 0
-    )

@@ -96,8 +96,7 @@ class PatchGrid:
 
     def grid_positions(self) -> np.ndarray:
         """``(N, 2)`` float32 ``(row, col)`` scaled to [0, 1] by the lattice shape."""
-        denom = np.maximum(np.array(self.shape, dtype=np.float32) - 1, 1)
-        return (self.cells / denom).astype(np.float32)
+        return grid_positions(self.cells, self.shape)
 
     def meta(self) -> dict:
         d = asdict(self)
@@ -105,6 +104,23 @@ class PatchGrid:
             d.pop(key)
         d["shape"] = list(self.shape)
         return d
+
+
+def grid_positions(cells: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Lattice positions scaled to [0, 1]: ``(row, col) / (shape - 1)``.
+
+    Args:
+        cells: ``(N, 2)`` int ``(row, col)`` of each patch in the lattice.
+        shape: ``(rows, cols)`` of the lattice; ``None``: the smallest that holds ``cells``.
+
+    Returns:
+        ``(N, 2)`` float32 in [0, 1] (the observation's ``coords``).
+    """
+    cells = np.asarray(cells, np.int64).reshape(-1, 2)
+    if shape is None:
+        shape = tuple(cells.max(0) + 1) if len(cells) else (1, 1)
+    denom = np.maximum(np.asarray(shape, np.float32) - 1, 1)
+    return np.clip(cells / denom, 0.0, 1.0).astype(np.float32)
 
 
 def segment_tissue(thumb: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class Manifest:
         if all(r.split for r in self.records):
             return self
         labels = [r.label for r in self.records]
-        splits = stratified_split(labels, shares, seed)
+        splits = stratified_split(labels, shares, np.random.default_rng(seed))
         records = [
             dataclasses.replace(r, split=r.split or s)
             for r, s in zip(self.records, splits, strict=True)
@@ -99,22 +100,48 @@ def _resolve(manifest: Path, value: str) -> Path:
 
 
 def stratified_split(
-    labels: list[str], shares: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+    labels: Sequence[object],
+    shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    rng: np.random.Generator | int = 0,
 ) -> list[str]:
-    """Assign train/val/test per label class so every split gets its share of each class."""
-    rng = np.random.default_rng(seed)
-    out = [""] * len(labels)
-    total = sum(shares)
-    for cls in sorted(set(labels)):
-        idx = [i for i, lab in enumerate(labels) if lab == cls]
-        rng.shuffle(idx)
-        n = len(idx)
-        n_val = round(n * shares[1] / total)
-        n_test = round(n * shares[2] / total)
-        if n >= 3:  # every split gets at least one slide of each class when possible
-            n_val, n_test = max(n_val, 1), max(n_test, 1)
-        for j, i in enumerate(idx):
-            out[i] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+    """Assign ``train``/``val``/``test`` so that every split gets its share of each class.
+
+    Slides are ordered so that each class is spread evenly along the order (by within-class
+    rank, classes interleaved in a random order, members shuffled), and the order is cut into
+    train/val/test of largest-remainder sizes. Each (class, split) count is then within one
+    of ``n_class × share``, and every split with a positive share gets a slide when there are
+    enough slides.
+
+    Args:
+        labels: one label per slide (any hashable, sortable values).
+        shares: train/val/test shares (normalised).
+        rng: a generator, or a seed for one.
+
+    Returns:
+        The split of each slide, in input order.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    labels = list(labels)
+    n = len(labels)
+    classes = sorted(set(labels))
+    class_first = rng.permutation(len(classes))
+    keys = []
+    for c, cls in enumerate(classes):
+        members = rng.permutation([i for i, lab in enumerate(labels) if lab == cls])
+        keys += [((j + 0.5) / len(members), class_first[c], int(i)) for j, i in enumerate(members)]
+    order = [i for *_, i in sorted(keys)]
+
+    shares_arr = np.array(shares, float) / float(sum(shares))
+    sizes = np.floor(shares_arr * n).astype(int)
+    sizes[np.argsort(-(shares_arr * n - sizes), kind="stable")[: n - sizes.sum()]] += 1
+    for empty in np.flatnonzero((sizes == 0) & (shares_arr > 0)):
+        donor = int(np.argmax(sizes))
+        if sizes[donor] > 1:
+            sizes[donor] -= 1
+            sizes[empty] += 1
+    out = [""] * n
+    for i, split in zip(order, np.repeat(list(SPLITS), sizes), strict=True):
+        out[i] = str(split)
     return out
 
 

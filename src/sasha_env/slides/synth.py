@@ -35,6 +35,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
+from .manifest import stratified_split
+
 __all__ = [
     "MASK_DOWNSAMPLE",
     "SynthConfig",
@@ -784,36 +786,17 @@ def plan_cohort(cfg: SynthConfig, seed: int = 0) -> list[PlannedSlide]:
     """Ids, labels and stratified splits of the cohort that ``synthesize_cohort`` writes.
 
     Exactly ``round(n_slides * positive_fraction)`` slides are positive, in an order shuffled
-    by the seed. For the split, slides are ordered so that each class is spread evenly (by
-    within-class rank) and the order is cut into train/val/test of largest-remainder sizes;
-    every split with a positive share gets a slide when there are enough slides.
+    by the seed; the split is :func:`~sasha_env.slides.manifest.stratified_split`'s, drawn
+    from the same random stream.
     """
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_COHORT_STREAM,)))
     n = cfg.n_slides
     n_pos = round(n * cfg.positive_fraction)
     labels = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n - n_pos, int)])
-    class_first = rng.permutation(2)
-    keys = []
-    for cls in (0, 1):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        keys += [
-            ((j + 0.5) / len(members), class_first[cls], int(i)) for j, i in enumerate(members)
-        ]
-    order = [i for *_, i in sorted(keys)]
-
-    shares = np.array(cfg.split, float)
-    sizes = np.floor(shares * n).astype(int)
-    sizes[np.argsort(-(shares * n - sizes), kind="stable")[: n - sizes.sum()]] += 1
-    for empty in np.flatnonzero((sizes == 0) & (shares > 0)):
-        donor = int(np.argmax(sizes))
-        if sizes[donor] > 1:
-            sizes[donor] -= 1
-            sizes[empty] += 1
-    splits = dict(zip(order, np.repeat(["train", "val", "test"], sizes), strict=True))
+    splits = stratified_split(labels.tolist(), cfg.split, rng)
     digits = max(3, len(str(n - 1)))
     return [
-        PlannedSlide(i, f"syn_{i:0{digits}d}", _LABEL_NAMES[labels[i]], str(splits[i]))
-        for i in range(n)
+        PlannedSlide(i, f"syn_{i:0{digits}d}", _LABEL_NAMES[labels[i]], splits[i]) for i in range(n)
     ]
 
 

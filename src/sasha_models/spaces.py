@@ -1,0 +1,62 @@
+"""The observation and action contract of ``Sasha-WSI-v0``, shared by the env and the policies.
+
+One definition, so that the environment, the SASHA policy and toy test environments cannot
+drift apart. Gymnasium spaces and array rules only: no environment classes.
+
+Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
+
+=========== ============================== ==================================================
+key          space                           meaning
+=========== ============================== ==================================================
+features     ``Box(-inf, inf, (P, d), f32)``  the state S (low-res z, distilled v, TSU rows)
+visited      ``Box(0, 1, (P,), int8)``        1 on zoomed patches
+valid        ``Box(0, 1, (P,), int8)``        1 on the slide's N real patches
+coords       ``Box(0, 1, (P, 2), f32)``       lattice (row, col) / (shape − 1)
+=========== ============================== ==================================================
+
+Action: ``Discrete(P)``, the patch to zoom; legal = ``valid & ~visited`` (:func:`legal_actions`).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+from gymnasium import spaces
+
+__all__ = ["OBS_KEYS", "action_space", "legal_actions", "observation_space"]
+
+#: Keys of the observation ``Dict`` (a policy reads ``coords`` only when it uses positions).
+OBS_KEYS = ("features", "visited", "valid", "coords")
+
+A = TypeVar("A")
+
+
+def observation_space(max_patches: int, d: int) -> spaces.Dict:
+    """The observation space for slides of at most ``max_patches`` patches and d features."""
+    P = int(max_patches)
+    return spaces.Dict(
+        {
+            "features": spaces.Box(-np.inf, np.inf, (P, int(d)), np.float32),
+            "visited": spaces.Box(0, 1, (P,), np.int8),
+            "valid": spaces.Box(0, 1, (P,), np.int8),
+            "coords": spaces.Box(0.0, 1.0, (P, 2), np.float32),
+        }
+    )
+
+
+def action_space(max_patches: int) -> spaces.Discrete:
+    """One action per patch slot: the patch to zoom."""
+    return spaces.Discrete(int(max_patches))
+
+
+def legal_actions(valid: A, visited: A) -> A:
+    """The legal-action rule: a real patch not zoomed yet, ``valid & ~visited``.
+
+    Args:
+        valid, visited: ``(..., P)`` numpy arrays or torch tensors holding 0/1 (any dtype).
+
+    Returns:
+        bool, the same shape and library as the inputs.
+    """
+    return (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator]
