@@ -9,6 +9,8 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS, load_config
 from .distributed import is_rank_zero
+from .pipeline.stages import REGISTRY, STAGES
+from .pipeline.stages import describe as describe_stages
 
 EPILOG = """\
 typical use:
@@ -144,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pipeline",
-        help="run every stage (extract, HAFED, distillation, TSU, baselines, evaluation) with caching",
-        description="Run the stages in order: extract -> hafed -> distill -> tsu -> lowres -> "
-        "abmil, meanmil, maxmil, transmil -> evaluate, writing into WORKDIR and finally "
-        "WORKDIR/results.json. A stage whose outputs are complete (same configuration) is "
-        "skipped, so a killed run resumes where it stopped.",
+        help="run every stage (extract, HAFED, distillation, TSU, baselines, agents, evaluation) with caching",
+        description="Run the stages in this order, writing into WORKDIR and finally "
+        "WORKDIR/results.json:\n\n"
+        + describe_stages()
+        + "\n\nA stage whose outputs are complete (same configuration, seed and inputs)\n"
+        "is skipped, so a killed run resumes where it stopped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--manifest",
@@ -164,25 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="STAGE",
+        choices=STAGES,
         help="only these stages (default: all)",
     )
     p.add_argument(
-        "--force", nargs="+", default=(), metavar="STAGE", help="re-run these stages even if cached"
+        "--force",
+        nargs="+",
+        default=(),
+        choices=STAGES,
+        metavar="STAGE",
+        help="re-run these stages even if cached",
     )
     _add_run_options(p)
     p.set_defaults(func=_cmd_pipeline)
 
+    retrainable = [name for name, stage in REGISTRY.items() if stage.retrainable]
     p = sub.add_parser(
         "train",
-        help="(re)train one model of a pipeline workdir: hafed, tsu, lowres, abmil, meanmil, maxmil, transmil",
+        help="(re)train one model of a pipeline workdir: " + ", ".join(retrainable),
         description="Re-run one training stage of a workdir, ignoring its cache (its inputs must "
         "exist). 'distill' rewrites the distilled features after a new HAFED. Use --devices 2 "
         "--strategy ddp for data-parallel training (gloo on CPU, NCCL on GPUs).",
     )
-    p.add_argument(
-        "stage",
-        choices=("hafed", "distill", "tsu", "lowres", "abmil", "meanmil", "maxmil", "transmil"),
-    )
+    p.add_argument("stage", choices=retrainable)
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR")
     _add_preset(p)
     _add_run_options(p)

@@ -1,4 +1,4 @@
-"""Where a pipeline run keeps its outputs. Every stage and the environment find files here.
+"""Where a pipeline run keeps its outputs: every stage, the environment and ``predict`` find files here.
 
 ::
 
@@ -10,6 +10,7 @@
       models/<name>/logs/      CSV (and W&B) logs of the training run
       agents/<name>/           trained agents
       stages/<stage>.json      completion markers: a stage whose marker matches is skipped
+      stages/<stage>.units/    finished units of a stage with several (one agent per budget)
       results.json             the results table on the test split
 """
 

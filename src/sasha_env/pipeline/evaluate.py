@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_json
 from ..config import say
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
@@ -62,9 +63,7 @@ def evaluate_workdir(
         "seed": cfg.get("seed", 0),
         "methods": rows,
     }
-    tmp = wd.results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(wd.results)
+    write_json(wd.results, results)
     return results
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replace_atomically
+
 __all__ = [
     "Manifest",
     "SlideRecord",
@@ -82,15 +84,15 @@ class Manifest:
 
     def write(self, path: str | Path) -> None:
         """Write as CSV with absolute paths and the split column."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["slide_id", "path", "label", "split", "mask"])
-            for r in self.records:
-                w.writerow([r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")])
-        tmp.replace(path)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["slide_id", "path", "label", "split", "mask"])
+                for r in self.records:
+                    w.writerow([r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")])
+
+        replace_atomically(path, write)
 
 
 def _resolve(manifest: Path, value: str) -> Path:

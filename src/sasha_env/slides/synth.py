@@ -22,9 +22,7 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
+from ..atomic import replace_atomically, write_json
 from .manifest import stratified_split
 
 __all__ = [
@@ -682,21 +681,6 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return sums / counts.reshape(hh, ww, *([1] * len(rest)))
 
 
-def _temp_path(path: Path) -> Path:
-    """A fresh hidden temporary name next to ``path``: ``.<name>.<pid>.<random>.tmp``."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then move it onto ``path``."""
-    tmp = _temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _readable_pyramid(downsamples: Sequence[float]) -> bool:
     """Whether levels ``1, r, r^2, ...`` with ``r`` in 2, 3, 4: what tifffile groups into a pyramid."""
     ds = [float(d) for d in downsamples]
@@ -747,19 +731,14 @@ def write_pyramid_tiff(
                 level = (block_mean(image, int(ds)) + 0.5).astype(np.uint8)
                 tw.write(level, subfiletype=1, **options)
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write)
 
 
 def _write_mask_png(path: Path, tumour: np.ndarray) -> None:
     """Tumour mask at ``MASK_DOWNSAMPLE``: a block is tumour (255) when at least half of it is."""
     small = block_mean(tumour, MASK_DOWNSAMPLE) >= 0.5
     png = Image.fromarray(np.where(small, 255, 0).astype(np.uint8))
-    _replace_atomically(path, lambda tmp: png.save(tmp, format="PNG"))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+    replace_atomically(path, lambda tmp: png.save(tmp, format="PNG"))
 
 
 # --- cohort ---------------------------------------------------------------------------------
@@ -872,7 +851,7 @@ def synthesize_cohort(
             "n_foci": layers.n_foci,
             "n_mimics": layers.n_mimics,
         }
-        _write_json(record_path, record)
+        write_json(record_path, record, indent=1)
 
     manifest = out / "manifest.csv"
 
@@ -886,5 +865,5 @@ def synthesize_cohort(
                     [sid, f"slides/{sid}.tiff", slide.label, slide.split, f"masks/{sid}.png"]
                 )
 
-    _replace_atomically(manifest, write_manifest)
+    replace_atomically(manifest, write_manifest)
     return manifest

@@ -1,0 +1,375 @@
+"""The pipeline's stages, one declaration each: what a stage reads, writes and how it runs.
+
+:data:`REGISTRY` lists them in run order; the order, the cache keys
+(:class:`~sasha_env.pipeline.runner.Pipeline`) and the CLI's stage lists all follow from it.
+A stage's ``run(pipeline, ctx)`` returns the JSON-ready outputs recorded in its marker
+``stages/<name>.json``; stages downstream are keyed on those outputs. A stage with several
+independent pieces of work (one agent per zoom budget) caches each with ``ctx.cached``, so a
+killed run keeps what it finished.
+
+To add a stage: write its ``run`` function below and add a :class:`Stage` to
+:data:`REGISTRY` at its place in the order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..atomic import write_json
+from ..distributed import is_rank_zero
+
+if TYPE_CHECKING:  # the stages import their heavy dependencies when they run
+    from ..features.bags import StoreBags
+    from .runner import Pipeline
+
+__all__ = [
+    "BASELINE_STAGES",
+    "REGISTRY",
+    "STAGES",
+    "Stage",
+    "StageContext",
+    "calibrate_tau",
+    "describe",
+    "file_sha256",
+]
+
+
+@dataclass
+class StageContext:
+    """What a running stage knows about its own cache entry.
+
+    Attributes:
+        stage: the declaration.
+        key: the cache key of this run (configuration, seed and upstream outputs).
+        units_dir: where :meth:`cached` keeps the stage's finished units.
+        force: recompute every unit (``--force``), whatever was cached.
+    """
+
+    stage: Stage
+    key: str
+    units_dir: Path
+    force: bool = False
+
+    def cached(self, unit: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
+        """One unit of the stage's work, computed once per key.
+
+        Returns:
+            ``(outputs, was_cached)``: the unit's outputs, from an earlier run with the same
+            key when there is one, else from ``compute()`` (then recorded, rank zero only).
+        """
+
+        path = self.units_dir / f"{unit}.json"
+        if path.is_file() and not self.force:
+            done = json.loads(path.read_text())
+            if done.get("key") == self.key:
+                return done["outputs"], True
+        outputs = compute()
+        if is_rank_zero():
+            write_json(path, {"key": self.key, "outputs": outputs})
+        return outputs, False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    Attributes:
+        name: the stage name (``sasha pipeline --stages NAME``, ``stages/NAME.json``).
+        sections: config sections its key covers; the first one's ``models.<name>`` entry
+            overrides it for this stage (see :meth:`Pipeline.section`).
+        reads: stages whose outputs it reads (they must have run; their outputs are in its key).
+        writes: what it writes, relative to the workdir (for ``--help`` and the docs).
+        run: ``run(pipeline, ctx) -> outputs``.
+        seeded: the pipeline's seed is in its key (every stage that draws random numbers).
+        retrainable: ``sasha train NAME`` offers it.
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: str
+    run: Callable[[Pipeline, StageContext], dict]
+    seeded: bool = True
+    retrainable: bool = False
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (a model's identity in downstream keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
+    from ..features.extract import ExtractConfig, extract_cohort
+    from ..features.store import FeatureStore
+    from ..slides.grid import GridConfig
+
+    report = extract_cohort(
+        p.wd.manifest,
+        p.wd.store,
+        GridConfig.from_dict(p.cfg.get("grid")),
+        ExtractConfig.from_dict(p.cfg.get("extract")),
+        devices=p.devices,
+        strategy=p.strategy,
+        accelerator=p.accelerator,
+        num_nodes=p.num_nodes,
+        progress=p.progress,
+    )
+    for sid, msg in sorted(report.failed.items()):
+        p.log(f"[extract] FAILED {sid}: {msg}")
+    n = len(FeatureStore(p.wd.store))
+    if n == 0:
+        raise RuntimeError("extraction produced no slide; see the errors above")
+    return {"slides": n, "failed": report.failed}
+
+
+def _export(path: Path) -> dict:
+    return {"model": str(path), "sha256": file_sha256(path)}
+
+
+def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
+    from sasha_models.data import BagDataModule
+    from sasha_models.hafed import HAFEDConfig
+    from sasha_models.lit import HAFEDModule, train_model
+
+    bags = p.bags()
+    cfg = HAFEDConfig(
+        d_in=bags.feature_dim, n_classes=len(bags.class_names), **p.section(ctx.stage)
+    )
+    module = HAFEDModule(cfg, seed=p.seed)
+    data = BagDataModule(bags, "highres")
+    return _export(train_model(module, data, p.wd.model_dir("hafed"), **p.train_kwargs()))
+
+
+def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
+    import torch
+
+    from sasha_models.checkpoint import check_feature_dim, load_model
+
+    from ..features.store import FeatureStore
+
+    model_path = p.wd.require(p.wd.model("hafed"), "hafed")
+    hafed = load_model(model_path)
+    store = FeatureStore(p.wd.store, mode="a")
+    check_feature_dim(hafed, store.feature_dim, name=str(model_path))
+    digest = file_sha256(model_path)
+    ids = store.slide_ids()
+    iterator = ids
+    if p.progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="distill", unit="slide")
+    with torch.inference_mode():
+        for sid in iterator:
+            if (
+                store.has_array(sid, "distilled")
+                and store.array_attrs(sid, "distilled").get("hafed_sha256") == digest
+            ):
+                continue
+            v = hafed.distill(torch.from_numpy(store.read(sid, "highres"))).float().numpy()
+            store.write_array(
+                sid, "distilled", v, {"hafed_sha256": digest, "hafed": str(model_path)}
+            )
+    return {"slides": len(ids), "hafed_sha256": digest}
+
+
+def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
+    from sasha_models.data import TSUPairDataModule
+    from sasha_models.lit import TSUModule, train_model
+    from sasha_models.tsu import TSUConfig
+
+    bags = p.bags()
+    section = p.section(ctx.stage)
+    tau = section.pop("tau", 0.95)
+    quantile = float(section.pop("tau_quantile", 0.98))
+    if tau == "auto":
+        tau = calibrate_tau(bags, quantile, p.seed)
+        p.log(f"[tsu] tau calibrated on training slides: {tau:.4f}")
+    cfg = TSUConfig(d=bags.feature_dim, tau=float(tau), **section)
+    module = TSUModule(cfg, seed=p.seed)
+    data = TSUPairDataModule(bags, tau=cfg.tau, n_anchors=cfg.n_anchors, seed=p.seed)
+    path = train_model(module, data, p.wd.model_dir("tsu"), **p.train_kwargs())
+    return {**_export(path), "tau": float(cfg.tau)}
+
+
+def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
+    """The low-res classifier (``lowres``) and the MIL baselines on full high-res features."""
+    from sasha_models.data import BagDataModule
+    from sasha_models.lit import MILModule, train_model
+
+    name = ctx.stage.name
+    bags = p.bags()
+    section = p.section(ctx.stage)
+    train_kwargs = p.train_kwargs()
+    if "cpu_threads" in section:  # e.g. a transformer wants every core, small bags one
+        train_kwargs["cpu_threads"] = section.pop("cpu_threads")
+    model = "attention_mil" if name == "lowres" else name
+    kind = "lowres" if name == "lowres" else "highres"
+    module = MILModule(model, bags.feature_dim, len(bags.class_names), seed=p.seed, **section)
+    data = BagDataModule(bags, kind, flatten_highres=kind == "highres")
+    return _export(train_model(module, data, p.wd.model_dir(name), **train_kwargs))
+
+
+def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
+    """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
+    from ..agents.train import AgentConfig, agent_name, train_agent
+
+    cfg = AgentConfig.from_dict(p.section(ctx.stage))
+    device = "cuda" if p.accelerator == "gpu" else "cpu"
+    agents = {}
+    for frac in cfg.fracs:
+        out = p.wd.agent_dir(agent_name(frac, cfg.algo))
+
+        def train(frac: float = frac, out: Path = out) -> dict:
+            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {cfg.total_timesteps} steps")
+            path = train_agent(
+                p.wd,
+                frac,
+                cfg,
+                seed=p.seed,
+                out_dir=out,
+                wandb=p.train_kwargs()["wandb"],
+                progress=p.progress,
+                device=device,
+            )
+            return {"agent": str(path), "sha256": file_sha256(path)}
+
+        agents[f"{frac:g}"], cached = ctx.cached(f"{frac:g}", train)
+        if cached:
+            p.log(f"[agents] f={frac:g}: trained earlier, kept")
+    return {"agents": agents, "algo": cfg.algo}
+
+
+def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
+    from .evaluate import evaluate_workdir
+
+    results = evaluate_workdir(p.wd, p.cfg, log=p.log)
+    if is_rank_zero():
+        from .figures import write_figures
+
+        for path in write_figures(p.wd):
+            p.log(f"[evaluate] figure {path}")
+    return {"results": str(p.wd.results), "methods": [m["method"] for m in results["methods"]]}
+
+
+def calibrate_tau(bags: StoreBags, quantile: float, seed: int, n_slides: int = 32) -> float:
+    """A TSU threshold for this backbone: the ``quantile`` of |cos| between low-res patches.
+
+    The paper's τ = 0.95 suits its DINO ViT-S features; other backbones (e.g. post-ReLU CNN
+    features, whose cosines are all high) need their own. With quantile q an anchor has on
+    average (1 - q)·N similar patches.
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ids = bags.slide_ids("train")
+    ids = [ids[i] for i in rng.permutation(len(ids))[:n_slides]]
+    sims = []
+    for sid in ids:
+        z = torch.from_numpy(bags.features(sid, "lowres")).float()
+        z = torch.nn.functional.normalize(z, dim=1)
+        c = (z @ z.T).abs()
+        off = ~torch.eye(len(z), dtype=torch.bool)
+        sims.append(c[off].numpy())
+    return float(np.quantile(np.concatenate(sims), quantile))
+
+
+# ---------------------------------------------------------------------------- registry
+
+BASELINE_STAGES = ("abmil", "meanmil", "maxmil", "transmil")
+
+
+def _stages() -> dict[str, Stage]:
+    stages = [
+        Stage(
+            "extract",
+            ("grid", "extract"),
+            (),
+            "features.zarr (low-res and high-res features of every slide)",
+            _run_extract,
+            seeded=False,
+        ),
+        Stage(
+            "hafed",
+            ("hafed",),
+            ("extract",),
+            "models/hafed/model.pt (HAFED on high-res features)",
+            _run_hafed,
+            retrainable=True,
+        ),
+        Stage(
+            "distill",
+            ("hafed",),
+            ("hafed",),
+            "features.zarr distilled (HAFED level 1: v per patch)",
+            _run_distill,
+            retrainable=True,
+        ),
+        Stage(
+            "tsu",
+            ("tsu",),
+            ("distill",),
+            "models/tsu/model.pt (the targeted state updater)",
+            _run_tsu,
+            retrainable=True,
+        ),
+        Stage(
+            "lowres",
+            ("lowres",),
+            ("extract",),
+            "models/lowres/model.pt (HAFED's slide level on low-res features)",
+            _run_mil,
+            retrainable=True,
+        ),
+        *(
+            Stage(
+                name,
+                ("baselines",),
+                ("extract",),
+                f"models/{name}/model.pt (MIL baseline on full high-res features)",
+                _run_mil,
+                retrainable=True,
+            )
+            for name in BASELINE_STAGES
+        ),
+        Stage(
+            "agents",
+            ("agents",),
+            ("distill", "tsu"),
+            "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
+            _run_agents,
+        ),
+        Stage(
+            "evaluate",
+            ("agents",),
+            ("hafed", "lowres", *BASELINE_STAGES, "agents"),
+            "results.json, episodes/, figures/ (every method on the test split)",
+            _run_evaluate,
+        ),
+    ]
+    return {s.name: s for s in stages}
+
+
+#: Every stage, in run order.
+REGISTRY: dict[str, Stage] = _stages()
+#: Stage names in run order.
+STAGES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def describe(stages: dict[str, Stage] | None = None) -> str:
+    """One line per stage: name, what it writes (for ``--help``)."""
+    stages = stages or REGISTRY
+    return "\n".join(f"  {s.name:<9} {s.writes}" for s in stages.values())
