@@ -1,6 +1,61 @@
-"""sasha_env: slides, features, the Sasha-WSI-v0 environment and the ``sasha`` command line."""
+"""sasha_env: slides, features, the Sasha-WSI-v0 environment, agents, the pipeline and the CLI.
+
+``import sasha_env`` registers ``Sasha-WSI-v0`` with Gymnasium and loads nothing heavy; the
+main objects are importable from here and load their module on first use::
+
+    from sasha_env import SashaWSIEnv, FeatureStore, Pipeline, Predictor
+
+The package's rooms follow the data flow (a wing imports only itself and the wings before it):
+
+- :mod:`sasha_env.slides` — reading slides, tissue and patch grid, patch pixels, the cohort
+  manifest, tumour masks, the synthetic cohort;
+- :mod:`sasha_env.features` — backbones, embedding, extraction, the zarr feature store, bags;
+- :mod:`sasha_env.envs` — ``Sasha-WSI-v0``, what it reads, rendering;
+- :mod:`sasha_env.agents` — training SB3 agents, zoom policies, running episodes;
+- :mod:`sasha_env.pipeline` — the stage registry, the cached runner, evaluation, figures;
+- :mod:`sasha_env.predict` and :mod:`sasha_env.cli` — new slides, and the ``sasha`` command;
+- at the root, helpers every wing may use: :mod:`~sasha_env.config`,
+  :mod:`~sasha_env.workdir`, :mod:`~sasha_env.atomic`, :mod:`~sasha_env.distributed`,
+  :mod:`~sasha_env.lru`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: Public name → the module that defines it (imported on first access).
+_API = {
+    "SashaWSIEnv": "sasha_env.envs.wsi",
+    "FeatureStore": "sasha_env.features.store",
+    "Manifest": "sasha_env.slides.manifest",
+    "read_manifest": "sasha_env.slides.manifest",
+    "Slide": "sasha_env.slides.slide",
+    "Workdir": "sasha_env.workdir",
+    "load_config": "sasha_env.config",
+    "AgentConfig": "sasha_env.agents.train",
+    "train_agent": "sasha_env.agents.train",
+    "load_agent": "sasha_env.agents.train",
+    "run_episodes": "sasha_env.agents.policies",
+    "Pipeline": "sasha_env.pipeline.runner",
+    "Predictor": "sasha_env.predict",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sasha_env' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
 
 
 def _register() -> None:

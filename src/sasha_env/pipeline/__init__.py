@@ -1,0 +1,1 @@
+"""Pipeline: the stage registry, the cached and resumable runner, evaluation and figures."""

@@ -17,14 +17,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..atomic import write_json
 from ..distributed import is_rank_zero
+from ..workdir import Workdir
 
 if TYPE_CHECKING:  # the stages import their heavy dependencies when they run
     from ..features.bags import StoreBags
-    from .runner import Pipeline
 
 __all__ = [
     "BASELINE_STAGES",
@@ -36,6 +36,32 @@ __all__ = [
     "describe",
     "file_sha256",
 ]
+
+
+class Pipeline(Protocol):
+    """What a stage may use of the run that calls it (:class:`~sasha_env.pipeline.runner.Pipeline`)."""
+
+    wd: Workdir
+    cfg: dict[str, Any]
+    seed: int
+    progress: bool
+    devices: int | str
+    strategy: str
+    accelerator: str
+    num_nodes: int
+    log: Callable[[str], None]
+
+    def section(self, stage: Stage) -> dict:
+        """The stage's effective config section (per-model overrides applied)."""
+        ...
+
+    def bags(self) -> StoreBags:
+        """The workdir's store as labelled bags."""
+        ...
+
+    def train_kwargs(self) -> dict:
+        """Keyword arguments of ``sasha_models.lit.train_model``."""
+        ...
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""The stage registry: one declaration per stage, and the per-unit cache a stage may use."""
+
+from __future__ import annotations
+
+import pytest
+
+from sasha_env.cli import build_parser
+from sasha_env.pipeline.stages import REGISTRY, STAGES, StageContext
+
+
+def test_every_stage_reads_only_stages_that_run_before_it():
+    seen: set[str] = set()
+    for name, stage in REGISTRY.items():
+        assert stage.name == name
+        assert set(stage.reads) <= seen, f"{name} reads {set(stage.reads) - seen} before they run"
+        assert stage.sections, name
+        seen.add(name)
+    assert tuple(REGISTRY) == STAGES
+
+
+def test_cli_stage_lists_follow_the_registry(capsys):
+    parser = build_parser()
+    retrainable = [n for n, s in REGISTRY.items() if s.retrainable]
+    assert parser.parse_args(["train", retrainable[-1], "--workdir", "w"]).stage == retrainable[-1]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "agents", "--workdir", "w"])  # not retrainable
+    assert "invalid choice: 'agents'" in capsys.readouterr().err
+    args = parser.parse_args(["pipeline", "--workdir", "w", "--stages", *STAGES])
+    assert args.stages == list(STAGES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pipeline", "--workdir", "w", "--stages", "nope"])
+    help_text = parser._subparsers._group_actions[0].choices["pipeline"].format_help()
+    for name in STAGES:
+        assert f"  {name} " in help_text
+
+
+def test_cached_units_are_computed_once_per_key_and_again_when_forced(tmp_path):
+    calls: list[str] = []
+
+    def compute(unit: str):
+        return lambda: calls.append(unit) or {"unit": unit, "n": len(calls)}
+
+    ctx = StageContext(REGISTRY["agents"], "key-1", tmp_path / "agents.units")
+    assert ctx.cached("0.1", compute("0.1")) == ({"unit": "0.1", "n": 1}, False)
+    assert ctx.cached("0.1", compute("0.1")) == ({"unit": "0.1", "n": 1}, True)
+    assert ctx.cached("0.2", compute("0.2")) == ({"unit": "0.2", "n": 2}, False)
+    assert calls == ["0.1", "0.2"]
+
+    changed = StageContext(REGISTRY["agents"], "key-2", tmp_path / "agents.units")
+    assert changed.cached("0.1", compute("0.1")) == ({"unit": "0.1", "n": 3}, False)
+    forced = StageContext(REGISTRY["agents"], "key-2", tmp_path / "agents.units", force=True)
+    assert forced.cached("0.1", compute("0.1"))[1] is False
+    assert calls == ["0.1", "0.2", "0.1", "0.1"]
+    assert sorted(p.name for p in (tmp_path / "agents.units").iterdir()) == ["0.1.json", "0.2.json"]
