@@ -32,11 +32,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sasha_env.agents.export import load_policy  # noqa: E402
 from sasha_env.agents.policies import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.train import (  # noqa: E402
     ALGORITHMS,
     AgentConfig,
-    load_agent,
     make_env,
     train_agent,
 )
@@ -68,7 +68,6 @@ def main() -> None:
         )
         for seed in args.seeds:
             run_dir = out / f"{algo}-seed{seed}"
-            path = run_dir / "agent.zip"
             meta = run_dir / "agent.json"
             if (
                 meta.is_file()
@@ -77,10 +76,10 @@ def main() -> None:
                 seconds = json.loads(meta.read_text())["train_seconds"]  # finished earlier: resume
             else:
                 t0 = time.perf_counter()
-                path = train_agent(wd, args.frac, cfg, seed=seed, out_dir=run_dir, progress=False)
+                train_agent(wd, args.frac, cfg, seed=seed, out_dir=run_dir, progress=False)
                 seconds = time.perf_counter() - t0
             env = make_env(wd, "test", args.frac, cfg)
-            episodes = run_episodes(env, agent_policy(load_agent(path, algo)), env.slide_ids)
+            episodes = run_episodes(env, agent_policy(load_policy(run_dir)), env.slide_ids)
             probs = np.stack([e["probabilities"] for e in episodes])
             labels = np.array([e["label"] for e in episodes])
             metrics = classification_metrics(probs, labels)

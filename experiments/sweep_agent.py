@@ -17,6 +17,7 @@ from dataclasses import fields
 import numpy as np
 import wandb
 
+from sasha_env.agents.export import load_policy
 from sasha_env.agents.policies import agent_policy, run_episodes
 from sasha_env.agents.train import AgentConfig, make_env, train_agent
 from sasha_env.config import load_config
@@ -79,11 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
         config={**overrides, "frac": args.frac, "seed": args.seed},
     )
     out = wd.agent_dir(f"sweep-{run.id}")
-    path = train_agent(wd, args.frac, cfg, seed=args.seed, out_dir=out, progress=False)
-    from sasha_env.agents.train import load_agent
-
+    train_agent(wd, args.frac, cfg, seed=args.seed, out_dir=out, progress=False)
     env = make_env(wd, "val", args.frac, cfg)
-    episodes = run_episodes(env, agent_policy(load_agent(path, cfg.algo)), env.slide_ids)
+    episodes = run_episodes(env, agent_policy(load_policy(out)), env.slide_ids)
     probs = np.stack([e["probabilities"] for e in episodes])
     labels = np.array([e["label"] for e in episodes])
     metrics = {f"val/{k}": v for k, v in classification_metrics(probs, labels).items()}

@@ -109,7 +109,8 @@ class Predictor:
     ):
         from sasha_models.checkpoint import load_model
 
-        from .agents.train import agent_name, load_agent
+        from .agents.export import load_policy
+        from .agents.train import agent_name
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -142,8 +143,8 @@ class Predictor:
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:
-            path = self.wd.require(self.wd.agent_dir(agent_name(self.frac)) / "agent.zip", "agents")
-            self.policy = load_agent(path).policy.net.eval()
+            agent_dir = self.wd.require(self.wd.agent_dir(agent_name(self.frac)), "agents")
+            self.policy = load_policy(agent_dir).net.eval()  # weights only: nothing unpickled
 
     # ------------------------------------------------------------------ geometry
     def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:

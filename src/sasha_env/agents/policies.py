@@ -8,6 +8,7 @@ HAFED classifier's attention on the current state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,17 +20,25 @@ __all__ = ["Policy", "agent_policy", "random_policy", "attention_topk_policy", "
 Policy = Callable[[SashaWSIEnv, dict], int]
 
 
-def agent_policy(model, deterministic: bool = True) -> Policy:
-    """The trained agent's action (argmax by default), with the env's legal-action mask."""
-    from sb3_contrib import MaskablePPO
+def agent_policy(agent: Any, deterministic: bool = True) -> Policy:
+    """A trained agent's action (argmax by default) under the env's legal-action mask.
+
+    Args:
+        agent: an exported policy (:func:`~sasha_env.agents.export.load_policy`) or an SB3
+            model; maskable policies get ``env.action_masks()``, the others mask from the
+            observation themselves (SASHA policies) or learn to avoid illegal actions (DQN).
+    """
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+
+    maskable = isinstance(getattr(agent, "policy", agent), MaskableActorCriticPolicy)
 
     def act(env: SashaWSIEnv, obs: dict) -> int:
-        if isinstance(model, MaskablePPO):
-            action, _ = model.predict(
+        if maskable:
+            action, _ = agent.predict(
                 obs, action_masks=env.action_masks(), deterministic=deterministic
             )
         else:
-            action, _ = model.predict(obs, deterministic=deterministic)
+            action, _ = agent.predict(obs, deterministic=deterministic)
         return int(action)
 
     return act

@@ -8,7 +8,6 @@ The default agent is sb3-contrib's ``MaskablePPO`` with the SASHA actor-critic
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
+from ..atomic import write_json
 from ..config import dataclass_from_dict
 from ..envs.wsi import SashaWSIEnv
 from ..workdir import Workdir
+from .export import POLICY_WEIGHTS, export_policy
 
 __all__ = [
     "AgentConfig",
@@ -190,7 +191,9 @@ def train_agent(
 ) -> Path:
     """Train one agent for zoom budget ``frac`` on the train split.
 
-    Writes ``out_dir/agent.zip`` (SB3 format), ``out_dir/episodes.csv`` (the learning curve)
+    Writes ``out_dir/policy.pt`` + ``policy.json`` (the weights-only export that evaluation and
+    ``predict`` read, see :mod:`~sasha_env.agents.export`), ``out_dir/agent.zip`` (SB3 format,
+    for resuming training: trusted input only), ``out_dir/episodes.csv`` (the learning curve)
     and ``out_dir/agent.json`` (config, seconds). Returns the zip's path.
     """
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -237,19 +240,25 @@ def train_agent(
     tmp = out_dir / "agent.tmp.zip"
     model.save(tmp)
     tmp.replace(path)
+    export_policy(model, out_dir, cfg.algo)
     meta = {
         "frac": frac,
         "seed": seed,
         "config": asdict(cfg),
         "train_seconds": round(time.perf_counter() - t0, 2),
         "max_patches": int(model.observation_space["features"].shape[0]),
+        "policy": POLICY_WEIGHTS,
     }
-    (out_dir / "agent.json").write_text(json.dumps(meta, indent=2))
+    write_json(out_dir / "agent.json", meta)
     return path
 
 
 def load_agent(path: Path, algo: str = "maskable_ppo", device: str = "cpu"):
-    """Load an agent saved by :func:`train_agent`."""
+    """Load the SB3 zip saved by :func:`train_agent`, e.g. to train it further.
+
+    The zip holds pickled objects and loading it runs any code they carry: load only zips you
+    made. To act with a trained agent use :func:`~sasha_env.agents.export.load_policy`.
+    """
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
 

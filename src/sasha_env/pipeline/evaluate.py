@@ -94,13 +94,14 @@ def evaluate_sampling(
     """
     from sasha_models.metrics import classification_metrics
 
+    from ..agents.export import load_policy
     from ..agents.policies import (
         agent_policy,
         attention_topk_policy,
         random_policy,
         run_episodes,
     )
-    from ..agents.train import AgentConfig, agent_name, load_agent, make_env
+    from ..agents.train import AgentConfig, agent_name, make_env
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)
@@ -111,10 +112,9 @@ def evaluate_sampling(
     for frac in acfg.fracs:
         env = make_env(wd, split, frac, acfg)
         methods: list[tuple[str, list]] = []
-        agent_path = wd.agent_dir(agent_name(frac, acfg.algo)) / "agent.zip"
-        if agent_path.is_file():
-            agent = load_agent(agent_path, acfg.algo)
-            methods.append(("sasha", [agent_policy(agent)]))
+        agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
+        if agent_dir.is_dir():  # the weights-only export: nothing from the workdir is unpickled
+            methods.append(("sasha", [agent_policy(load_policy(agent_dir))]))
         methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
         methods.append(("attention_topk", [attention_topk_policy()]))
         for method, policies in methods:

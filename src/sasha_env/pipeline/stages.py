@@ -250,6 +250,7 @@ def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
 
 def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
     """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
+    from ..agents.export import POLICY_WEIGHTS
     from ..agents.train import AgentConfig, agent_name, train_agent
 
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
@@ -260,7 +261,7 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
 
         def train(frac: float = frac, out: Path = out) -> dict:
             p.log(f"[agents] f={frac:g}: training {cfg.algo} for {cfg.total_timesteps} steps")
-            path = train_agent(
+            train_agent(
                 p.wd,
                 frac,
                 cfg,
@@ -270,7 +271,8 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
                 progress=p.progress,
                 device=device,
             )
-            return {"agent": str(path), "sha256": file_sha256(path)}
+            weights = out / POLICY_WEIGHTS
+            return {"agent": str(weights), "sha256": file_sha256(weights)}
 
         agents[f"{frac:g}"], cached = ctx.cached(f"{frac:g}", train)
         if cached:
