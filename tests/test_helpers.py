@@ -85,3 +85,15 @@ def test_stratified_split_gives_every_split_its_share_of_every_class():
         for split, share in zip(("train", "val", "test"), shares, strict=True):
             assert abs(counts[cls, split] - n * share) <= 1, (cls, split, counts)
     assert Counter(splits) == {"train": 29, "val": 10, "test": 10}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stratified_split_puts_a_rare_class_in_every_split(seed):
+    labels = ["common"] * 20 + ["rare"] * 3
+    splits = stratified_split(labels, (0.6, 0.2, 0.2), rng=seed)
+    assert {s for lab, s in zip(labels, splits, strict=True) if lab == "rare"} == {
+        "train",
+        "val",
+        "test",
+    }
+    assert Counter(splits) == {"train": 14, "val": 5, "test": 4}  # sizes untouched by the swap

@@ -52,3 +52,7 @@ def test_cached_units_are_computed_once_per_key_and_again_when_forced(tmp_path):
     assert forced.cached("0.1", compute("0.1"))[1] is False
     assert calls == ["0.1", "0.2", "0.1", "0.1"]
     assert sorted(p.name for p in (tmp_path / "agents.units").iterdir()) == ["0.1.json", "0.2.json"]
+
+    gone = StageContext(REGISTRY["agents"], "key-2", tmp_path / "agents.units")
+    outputs, cached = gone.cached("0.2", compute("0.2"), intact=lambda out: False)
+    assert not cached and calls[-1] == "0.2"  # recorded outputs no longer stand: recomputed

@@ -103,7 +103,7 @@ class SlideCache:
             v=torch.from_numpy(v),
             z_norm=zt.norm(dim=1),
             coords=coords,
-            grid=grid_positions(cells, attrs.get("shape")),
+            grid=grid_positions(cells, attrs.get("shape") or None),
             path=str(attrs.get("path", "")),
             dimensions=tuple(int(x) for x in attrs.get("dimensions", (1, 1))),  # type: ignore[arg-type]
             cell_px=store.cell_px(sid),

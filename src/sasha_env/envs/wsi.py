@@ -92,8 +92,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         split: the manifest split to draw slides from (``"train"``, ``"val"``, ``"test"``), or
             ``None`` for every slide.
         frac: fraction f of a slide's patches zoomed per episode, in (0, 1].
-        store: a :class:`~sasha_env.store.FeatureStore` or its path.
-        manifest: a :class:`~sasha_env.manifest.Manifest` or its path (labels and splits).
+        store: a :class:`~sasha_env.features.store.FeatureStore` or its path.
+        manifest: a :class:`~sasha_env.slides.manifest.Manifest` or its path (labels and splits).
         hafed: HAFED (or its level-2 ``AttentionMILClassifier``) or an exported ``model.pt``.
         tsu: the TSU or its ``model.pt``.
         reward: ``"ce"`` or ``"delta"`` (above).
@@ -347,8 +347,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     def render(self) -> np.ndarray | None:
         """``(h, w, 3)`` uint8: thumbnail, patch grid, TSU-updated and zoomed patches.
 
-        Colours are :data:`~sasha_env.render.GRID_RGB`, :data:`~sasha_env.render.UPDATED_RGB`
-        and :data:`~sasha_env.render.ZOOMED_RGB`.
+        Colours are :data:`~sasha_env.envs.render.GRID_RGB`, :data:`~sasha_env.envs.render.UPDATED_RGB`
+        and :data:`~sasha_env.envs.render.ZOOMED_RGB`.
         """
         if self.render_mode is None:
             gym.logger.warn("render() called without render_mode; pass render_mode='rgb_array'")

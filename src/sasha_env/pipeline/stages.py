@@ -80,18 +80,28 @@ class StageContext:
     units_dir: Path
     force: bool = False
 
-    def cached(self, unit: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    def cached(
+        self,
+        unit: str,
+        compute: Callable[[], dict],
+        intact: Callable[[dict], bool] = lambda outputs: True,
+    ) -> tuple[dict, bool]:
         """One unit of the stage's work, computed once per key.
+
+        Args:
+            unit: the unit's name (a file name).
+            compute: does the work; returns its JSON-ready outputs.
+            intact: whether recorded outputs still stand (e.g. their files exist unchanged);
+                a unit whose outputs do not is computed again.
 
         Returns:
             ``(outputs, was_cached)``: the unit's outputs, from an earlier run with the same
             key when there is one, else from ``compute()`` (then recorded, rank zero only).
         """
-
         path = self.units_dir / f"{unit}.json"
         if path.is_file() and not self.force:
             done = json.loads(path.read_text())
-            if done.get("key") == self.key:
+            if done.get("key") == self.key and intact(done["outputs"]):
                 return done["outputs"], True
         outputs = compute()
         if is_rank_zero():
@@ -274,7 +284,11 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
             weights = out / POLICY_WEIGHTS
             return {"agent": str(weights), "sha256": file_sha256(weights)}
 
-        agents[f"{frac:g}"], cached = ctx.cached(f"{frac:g}", train)
+        def intact(outputs: dict) -> bool:
+            weights = Path(outputs["agent"])
+            return weights.is_file() and file_sha256(weights) == outputs["sha256"]
+
+        agents[f"{frac:g}"], cached = ctx.cached(out.name, train, intact)
         if cached:
             p.log(f"[agents] f={frac:g}: trained earlier, kept")
     return {"agents": agents, "algo": cfg.algo}

@@ -111,8 +111,9 @@ def stratified_split(
     Slides are ordered so that each class is spread evenly along the order (by within-class
     rank, classes interleaved in a random order, members shuffled), and the order is cut into
     train/val/test of largest-remainder sizes. Each (class, split) count is then within one
-    of ``n_class × share``, and every split with a positive share gets a slide when there are
-    enough slides.
+    of ``n_class × share``, every split with a positive share gets a slide when there are
+    enough slides, and a class with at least one slide per such split has one in each (a rare
+    class may swap a slide with a common one to get there).
 
     Args:
         labels: one label per slide (any hashable, sortable values).
@@ -144,7 +145,40 @@ def stratified_split(
     out = [""] * n
     for i, split in zip(order, np.repeat(list(SPLITS), sizes), strict=True):
         out[i] = str(split)
+    _cover_rare_classes(
+        out, labels, [s for s, share in zip(SPLITS, shares_arr, strict=True) if share > 0]
+    )
     return out
+
+
+def _cover_rare_classes(splits: list[str], labels: list, wanted: list[str]) -> None:
+    """Give every class with at least ``len(wanted)`` slides one slide in each wanted split.
+
+    A class absent from a split swaps one slide of its largest split with a slide of the
+    split's most represented class (split sizes stay as they are). Only rare classes trip
+    this: with enough slides, the even spread already covers every split.
+    """
+    classes = sorted(set(labels))
+    for cls in classes:
+        members = [i for i, lab in enumerate(labels) if lab == cls]
+        if len(members) < len(wanted):
+            continue
+        for split in wanted:
+            here = [i for i in members if splits[i] == split]
+            if here:
+                continue
+            count = {s: sum(splits[i] == s for i in members) for s in wanted}
+            source = max(count, key=lambda s: count[s])
+            if count[source] < 2:
+                continue
+            others = [i for i, lab in enumerate(labels) if splits[i] == split and lab != cls]
+            donors = {c: [i for i in others if labels[i] == c] for c in classes if c != cls}
+            donor_cls = max(donors, key=lambda c: len(donors[c]), default=None)
+            if donor_cls is None or len(donors[donor_cls]) < 2:
+                continue
+            i = next(i for i in members if splits[i] == source)
+            j = donors[donor_cls][0]
+            splits[i], splits[j] = split, source
 
 
 @dataclass

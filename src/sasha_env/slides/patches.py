@@ -34,7 +34,7 @@ class LowResRows:
     A region read costs ~1 ms of fixed overhead in tiffslide, and a row of patches is one
     region. Pixel-identical to :func:`read_patch`'s low-res view when the low-res downsample
     is a pyramid level (as in the presets); otherwise equal up to resampling at patch borders.
-    Index in row-major patch order (as :class:`~sasha_env.grid.PatchGrid` stores them).
+    Index in row-major patch order (as :class:`~sasha_env.slides.grid.PatchGrid` stores them).
     """
 
     def __init__(self, slide: Slide, grid: PatchGrid):
