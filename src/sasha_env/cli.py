@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS, load_config
 from .distributed import is_rank_zero
+from .pipeline.schema import validate_config
 from .pipeline.stages import REGISTRY, STAGES
 from .pipeline.stages import describe as describe_stages
 
@@ -317,7 +318,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .slides.synth import SynthConfig, synthesize_cohort
 
     t0 = time.perf_counter()
-    cfg = load_config(args.preset, args.config)
+    cfg = validate_config(load_config(args.preset, args.config))
     manifest = synthesize_cohort(
         args.dir / "cohort",
         SynthConfig.from_dict(cfg["synth"]),
@@ -366,7 +367,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .slides.synth import SynthConfig, synthesize_cohort
 
-    cfg = load_config(args.preset, args.config)
+    cfg = validate_config(load_config(args.preset, args.config), ["synth"])
     synth_cfg = SynthConfig.from_dict(cfg.get("synth", {}))
     if args.slides is not None:
         if args.slides < 2:
@@ -393,7 +394,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    cfg = load_config(args.preset, args.config, {"extract": overrides})
+    cfg = validate_config(
+        load_config(args.preset, args.config, {"extract": overrides}), ["grid", "extract"]
+    )
     report = extract_cohort(
         args.manifest,
         args.out,

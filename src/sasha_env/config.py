@@ -64,7 +64,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        user = yaml.safe_load(path.read_text()) or {}
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(user, dict):
             raise ValueError(
                 f"{path}: a config file must hold a mapping of sections, got {type(user).__name__}"

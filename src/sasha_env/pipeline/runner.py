@@ -25,13 +25,14 @@ from typing import Any
 
 import yaml
 
-from ..atomic import write_json
+from ..atomic import replace_atomically, write_json
 from ..config import load_config, quiet_lightning, say
 from ..distributed import is_rank_zero
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
 from ..workdir import Workdir
+from .schema import validate_config
 from .stages import BASELINE_STAGES, REGISTRY, STAGES, Stage, StageContext
 
 __all__ = ["Pipeline", "STAGES", "BASELINE_STAGES"]
@@ -68,8 +69,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.wd = Workdir(self.workdir)
-        self.wd.root.mkdir(parents=True, exist_ok=True)
-        self.cfg = load_config(self.preset, self.config_path, self.overrides)
+        self.cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
         self.seed = int(self.cfg.get("seed", 0))
         quiet_lightning()
 
@@ -95,7 +95,10 @@ class Pipeline:
 
     def _prepare(self) -> None:
         """Write the resolved config, and the manifest with absolute paths and splits."""
-        self.wd.config.write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+        if self.manifest is None and not self.wd.manifest.is_file():
+            raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
+        text = yaml.safe_dump(self.cfg, sort_keys=False)
+        replace_atomically(self.wd.config, lambda tmp: tmp.write_text(text))
         if self.manifest is not None:
             parsed = read_manifest_lenient(self.manifest)
             if parsed.manifest is None:
@@ -115,8 +118,6 @@ class Pipeline:
             split_cfg = self.cfg.get("split", {})
             shares = tuple(split_cfg.get("shares", (0.6, 0.2, 0.2)))
             fresh.with_split(seed=self.seed, shares=shares).write(self.wd.manifest)
-        elif not self.wd.manifest.is_file():
-            raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
 
     def section(self, stage: Stage) -> dict:
         """The stage's effective config: its first section, with ``models.<stage>`` applied."""

@@ -1,0 +1,257 @@
+"""What a configuration may hold: every section, every key, and the type of each value.
+
+:func:`validate_config` checks a merged configuration (preset + YAML + overrides) before any
+work starts, so that a typo or a wrong type is one clear line naming the key, its section and
+the valid names, never a traceback from deep inside a stage or a silently ignored setting.
+The keys come from the dataclasses and constructors that consume each section, so the schema
+cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["ConfigError", "SECTIONS", "validate_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration names an unknown section or key, or gives a value of the wrong type."""
+
+
+def _dataclass_keys(cls: type, drop: Iterable[str] = ()) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.name not in drop}
+
+
+def _signature_keys(fn: Callable, drop: Iterable[str] = ()) -> dict[str, Any]:
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    params = inspect.signature(fn).parameters.values()
+    return {
+        p.name: hints.get(p.name, Any)
+        for p in params
+        if p.name not in drop and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _synth() -> dict[str, Any]:
+    from ..slides.synth import SynthConfig
+
+    return _dataclass_keys(SynthConfig)
+
+
+def _grid() -> dict[str, Any]:
+    from ..slides.grid import GridConfig
+
+    return _dataclass_keys(GridConfig)
+
+
+def _extract() -> dict[str, Any]:
+    from ..features.extract import ExtractConfig
+
+    return _dataclass_keys(ExtractConfig)
+
+
+def _hafed() -> dict[str, Any]:
+    from sasha_models.hafed import HAFEDConfig
+
+    return _dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes"))
+
+
+def _tsu() -> dict[str, Any]:
+    from sasha_models.tsu import TSUConfig
+
+    keys = _dataclass_keys(TSUConfig, drop=("d",))
+    return {**keys, "tau": float | str, "tau_quantile": float}  # tau may be "auto"
+
+
+def _mil(name: str) -> dict[str, Any]:
+    """Keys of one MIL model's section: training settings and the model's own arguments."""
+    from sasha_models.baselines import MIL_MODELS
+
+    return {
+        "lr": float,
+        "weight_decay": float,
+        "max_epochs": int,
+        "cpu_threads": int,
+        **_signature_keys(MIL_MODELS[name], drop=("self", "d_in", "n_classes")),
+    }
+
+
+def _lowres() -> dict[str, Any]:
+    return _mil("attention_mil")
+
+
+def _baselines() -> dict[str, Any]:
+    """Keys every baseline accepts (the section applies to all); others go under ``models``."""
+    from .stages import BASELINE_STAGES
+
+    per_model = [_mil(name) for name in BASELINE_STAGES]
+    shared = {k: v for k, v in per_model[0].items() if all(k in m for m in per_model[1:])}
+    return {**shared, "models": dict}
+
+
+def _agents() -> dict[str, Any]:
+    from ..agents.train import AgentConfig
+
+    return _dataclass_keys(AgentConfig)
+
+
+#: Section name → its keys and their types (``None``: a plain value, not a section).
+SECTIONS: dict[str, Callable[[], dict[str, Any]] | None] = {
+    "preset": None,
+    "seed": None,
+    "synth": _synth,
+    "grid": _grid,
+    "extract": _extract,
+    "split": lambda: {"shares": tuple[float, float, float]},
+    "train": lambda: {"cpu_threads": int | None, "wandb": dict | None},
+    "hafed": _hafed,
+    "tsu": _tsu,
+    "lowres": _lowres,
+    "baselines": _baselines,
+    "agents": _agents,
+}
+_SCALARS = {"preset": str, "seed": int}
+
+
+def _positive(v: Any) -> bool:
+    return v is None or v > 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 < v <= 1
+
+
+#: Value ranges, by key (any section) or by ``section.key``: (test, what the value must be).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (_positive, "> 0"),
+    "learning_rate": (_positive, "> 0"),
+    "max_epochs": (_positive, ">= 1"),
+    "batch_size": (_positive, ">= 1"),
+    "cpu_threads": (_positive, ">= 1 (or null)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "agents.fracs": (lambda v: len(v) > 0 and all(_fraction(f) for f in v), "fractions in (0, 1]"),
+    "agents.total_timesteps": (_positive, ">= 1"),
+    "agents.n_envs": (_positive, ">= 1"),
+    "agents.n_steps": (_positive, ">= 1"),
+    "agents.algo": (
+        lambda v: v in ("maskable_ppo", "ppo", "a2c", "dqn"),
+        "one of maskable_ppo, ppo, a2c, dqn",
+    ),
+    "agents.vec_env": (lambda v: v in ("dummy", "subproc"), "dummy or subproc"),
+    "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),
+    "split.shares": (lambda v: min(v) >= 0 and sum(v) > 0, "three non-negative shares"),
+    "tsu.tau": (
+        lambda v: v == "auto" or (not isinstance(v, str) and _fraction(v)),
+        "in (0, 1] or auto",
+    ),
+    "tsu.tau_quantile": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "extract.num_workers": (lambda v: v >= 0, ">= 0"),
+    "grid.patch_px": (_positive, ">= 1"),
+    "grid.zoom": (_positive, ">= 1"),
+    "grid.min_tissue": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value can stand for a field of this annotation (lists for tuples, ints
+    for floats); annotations it does not understand accept anything."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is tuple or annotation is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            return False
+        item = args[0] if args else Any
+        return all(_fits(v, item) for v in value) if len(set(args) - {Ellipsis}) <= 1 else True
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (str, bool):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _check_keys(section: str, values: Any, schema: dict[str, Any]) -> None:
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+    for key, value in values.items():
+        if key not in schema:
+            raise ConfigError(
+                f"unknown key '{key}' in config section '{section}'; valid keys: "
+                + ", ".join(sorted(schema))
+            )
+        if not _fits(value, schema[key]):
+            raise ConfigError(
+                f"config '{section}.{key}' = {value!r} is not of type {_type_name(schema[key])}"
+            )
+        rule = _RANGES.get(f"{section}.{key}") or _RANGES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"config '{section}.{key}' = {value!r} must be {rule[1]}")
+
+
+def validate_config(cfg: dict[str, Any], sections: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check ``cfg``'s section names always, and the keys and value types of ``sections``.
+
+    Args:
+        cfg: a merged configuration (:func:`sasha_env.config.load_config`).
+        sections: the sections to check key by key (default: all; a command that reads only
+            ``synth`` need not import what checks the others).
+
+    Returns:
+        ``cfg`` unchanged.
+
+    Raises:
+        ConfigError: naming the unknown section or key and the valid names, or the key whose
+            value has the wrong type.
+    """
+    unknown = [name for name in cfg if name not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"unknown config section '{unknown[0]}'; valid sections: " + ", ".join(SECTIONS)
+        )
+    for name in SECTIONS if sections is None else sections:
+        if name not in cfg:
+            continue
+        schema = SECTIONS[name]
+        if schema is None:
+            if not _fits(cfg[name], _SCALARS[name]):
+                raise ConfigError(
+                    f"config '{name}' = {cfg[name]!r} is not of type {_SCALARS[name].__name__}"
+                )
+            continue
+        keys = schema()
+        _check_keys(name, cfg[name], keys)
+        if name == "baselines":  # per-model overrides: baselines.models.<model>.<key>
+            from .stages import BASELINE_STAGES
+
+            models = (cfg[name] or {}).get("models") or {}
+            for model, values in models.items():
+                if model not in BASELINE_STAGES:
+                    raise ConfigError(
+                        f"unknown model '{model}' in config section 'baselines.models'; valid "
+                        "models: " + ", ".join(BASELINE_STAGES)
+                    )
+                _check_keys(f"baselines.models.{model}", values, _mil(model))
+    return cfg

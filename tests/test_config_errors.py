@@ -1,0 +1,131 @@
+"""Configuration and other user errors: one clear line naming what is wrong, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sasha_env.config import load_config
+from sasha_env.pipeline.schema import SECTIONS, ConfigError, validate_config
+
+SASHA = [sys.executable, "-m", "sasha_env.cli"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper"])
+def test_every_preset_is_valid(preset):
+    assert validate_config(load_config(preset)) is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"hafeed": {"lr": 0.1}}, "unknown config section 'hafeed'; valid sections: preset, seed"),
+        (
+            {"hafed": {"lrr": 0.1}},
+            "unknown key 'lrr' in config section 'hafed'; valid keys: d_hidden",
+        ),
+        ({"tsu": {"tau_quantle": 0.9}}, "unknown key 'tau_quantle' in config section 'tsu'"),
+        ({"lowres": {"n_head": 2}}, "unknown key 'n_head' in config section 'lowres'"),
+        ({"baselines": {"n_heads": 2}}, "unknown key 'n_heads' in config section 'baselines'"),
+        (
+            {"baselines": {"models": {"transmil": {"n_head": 2}}}},
+            "unknown key 'n_head' in config section 'baselines.models.transmil'; valid keys: "
+            "cpu_threads, d_model, dropout, lr, max_epochs, n_heads, weight_decay",
+        ),
+        ({"baselines": {"models": {"clam": {}}}}, "unknown model 'clam' in config section"),
+        ({"agents": {"n_env": 2}}, "unknown key 'n_env' in config section 'agents'"),
+        ({"grid": {"zoom_level": 2}}, "unknown key 'zoom_level' in config section 'grid'"),
+        ({"train": {"wandbb": None}}, "unknown key 'wandbb' in config section 'train'"),
+        ({"tsu": {"max_epochs": "ten"}}, "config 'tsu.max_epochs' = 'ten' is not of type int"),
+        ({"hafed": {"lr": True}}, "config 'hafed.lr' = True is not of type float"),
+        (
+            {"agents": {"fracs": [0.1, 1.5]}},
+            "'agents.fracs' = [0.1, 1.5] must be fractions in (0, 1]",
+        ),
+        ({"agents": {"algo": "sac"}}, "'agents.algo' = 'sac' must be one of maskable_ppo"),
+        ({"tsu": {"tau": 1.2}}, "'tsu.tau' = 1.2 must be in (0, 1] or auto"),
+        ({"hafed": {"max_epochs": 0}}, "'hafed.max_epochs' = 0 must be >= 1"),
+        ({"split": {"shares": [0.5, 0.5]}}, "'split.shares' = [0.5, 0.5] is not of type"),
+        ({"seed": "zero"}, "config 'seed' = 'zero' is not of type int"),
+        ({"hafed": [1, 2]}, "config section 'hafed' must be a mapping of keys"),
+    ],
+)
+def test_bad_config_names_the_key_its_section_and_the_fix(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config("tiny", overrides=override))
+    assert message in str(err.value)
+
+
+def test_good_values_of_every_kind_pass():
+    cfg = load_config(
+        "tiny",
+        overrides={
+            "tsu": {"tau": 0.9, "d_hidden": None},
+            "grid": {"hi_mpp": 0.5},
+            "agents": {"fracs": [0.05, 1], "extra": {"vf_coef": 0.5}, "cpu_threads": None},
+            "baselines": {"models": {"transmil": {"n_heads": 4, "cpu_threads": 2}}},
+        },
+    )
+    assert validate_config(cfg) is cfg
+    assert set(SECTIONS) >= set(cfg)
+
+
+def _sasha(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SASHA, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_reports_config_errors_without_traceback_or_a_workdir(tiny_cohort, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hafed:\n  lrr: 0.1\n")
+    workdir = tmp_path / "wd"
+    proc = _sasha(
+        "pipeline", "--manifest", str(tiny_cohort), "--workdir", str(workdir),
+        "--preset", "tiny", "--config", str(bad),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sasha pipeline: error: unknown key 'lrr' in config section 'hafed'; valid keys: "
+        "d_hidden, dropout, lr, mask_drop, max_epochs, n_branches, n_branches_l1, top_k, "
+        "top_k_l1, w_branch, w_div, w_slide, weight_decay"
+    ]
+    assert not workdir.exists()  # nothing is created for a run that cannot start
+
+    bad.write_text("synth: [unclosed\n")
+    proc = _sasha("synth", str(tmp_path / "out"), "--config", str(bad))
+    assert proc.returncode == 2 and "bad.yaml: not valid YAML" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    bad.write_text("synth:\n  n_slidez: 3\n")
+    proc = _sasha("synth", str(tmp_path / "out"), "--config", str(bad))
+    assert (
+        proc.returncode == 2 and "unknown key 'n_slidez' in config section 'synth'" in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("pipeline", "--workdir", "{tmp}/none"),
+            "none/manifest.csv is missing: give --manifest CSV",
+        ),
+        (("predict", "--workdir", "{tmp}/none", "x.svs"), "is missing: run the 'pipeline' stage"),
+        (
+            ("extract", "{manifest}", "--out", "{tmp}/s.zarr", "--backbone", "nope"),
+            "unknown backbone 'nope'",
+        ),
+        (
+            ("extract", "{tmp}/missing.csv", "--out", "{tmp}/s.zarr"),
+            "manifest {tmp}/missing.csv not found",
+        ),
+        (("train", "tsu", "--workdir", "{tmp}/wd", "--preset", "tiny"), "is missing"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tiny_cohort, tmp_path, args, message):
+    fill = {"tmp": str(tmp_path), "manifest": str(tiny_cohort)}
+    proc = _sasha(*(a.format(**fill) for a in args))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message.format(**fill) in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
