@@ -8,8 +8,10 @@ each rank writes whole slides into the shared store.
 
 Robustness: a slide that cannot be read (missing, truncated, not a slide, no tissue,
 smaller than one patch, unsafe or duplicate id) is named, skipped and summarised, and the
-others are extracted. Finished slides are skipped on the next run; a slide is written to
-staging and renamed into place, so a killed run never leaves a half-written slide.
+others are extracted. Finished slides are skipped on the next run unless their file changed
+(each slide group records its file's size, time and a content fingerprint as ``source``); a
+slide is written to staging and renamed into place, so a killed run never leaves a
+half-written slide.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import dataclass_from_dict, quiet_lightning
 from ..distributed import is_rank_zero
 from ..slides.grid import GridConfig, PatchGrid, build_grid
-from ..slides.manifest import SlideRecord, read_manifest_lenient
+from ..slides.manifest import SlideRecord, file_identity, read_manifest_lenient
 from ..slides.patches import LowResRows, read_patch
 from ..slides.slide import Slide
 from .backbones import Backbone, build_backbone
@@ -211,6 +213,7 @@ class _SlidePatches(IterableDataset):
             {
                 "label": record.label,
                 "path": str(record.path),
+                "source": file_identity(record.path),
                 "dimensions": list(slide.dimensions),
                 "mpp": slide.mpp,
                 "level_downsamples": list(slide.level_downsamples),
@@ -446,12 +449,15 @@ def extract_cohort(
     report = ExtractReport(failed=dict(parsed.errors))
     pending = []
     for record in parsed.manifest.records if parsed.manifest else []:
-        if record.slide_id in store:
+        if not record.path.is_file():
+            if record.slide_id in store:  # extracted earlier; its file has moved since
+                report.skipped.append(record.slide_id)
+            else:
+                report.failed[record.slide_id] = f"{record.path}: file not found"
+        elif record.slide_id in store and not _changed(store, record):
             report.skipped.append(record.slide_id)
-        elif not record.path.is_file():
-            report.failed[record.slide_id] = f"{record.path}: file not found"
         else:
-            pending.append(record)
+            pending.append(record)  # new, or its file changed: (re-)extracted, then replaced
 
     if pending:
         quiet_lightning()
@@ -476,6 +482,21 @@ def extract_cohort(
     if is_rank_zero():
         (store.path / "extract_report.json").write_text(json.dumps(asdict(report), indent=2))
     return report
+
+
+def _changed(store: FeatureStore, record: SlideRecord) -> bool:
+    """Whether the slide file differs from the one its store group was extracted from.
+
+    Size and time first; the content fingerprint only when they differ (a copied cohort has new
+    times but the same content). Groups written before sources were recorded count as unchanged.
+    """
+    source = store.slide_attrs(record.slide_id).get("source")
+    if not source:
+        return False
+    now = file_identity(record.path, fingerprint=False)
+    if (now["size"], now["mtime_ns"]) == (source.get("size"), source.get("mtime_ns")):
+        return False
+    return file_identity(record.path)["fingerprint"] != source.get("fingerprint")
 
 
 class _ExtractData(L.LightningDataModule):

@@ -30,7 +30,13 @@ from ..config import load_config, quiet_lightning, say
 from ..distributed import is_rank_zero
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
-from ..slides.manifest import Manifest, ManifestError, read_manifest, read_manifest_lenient
+from ..slides.manifest import (
+    Manifest,
+    ManifestError,
+    file_identity,
+    read_manifest,
+    read_manifest_lenient,
+)
 from ..workdir import Workdir
 from .schema import validate_config
 from .stages import BASELINE_STAGES, REGISTRY, STAGES, Stage, StageContext
@@ -131,6 +137,8 @@ class Pipeline:
         own[stage.sections[0]] = self.section(stage)
         if stage.seeded:
             own["seed"] = self.seed
+        if stage.reads_manifest:
+            own["manifest"] = self._cohort_files()
         upstream = []
         for name in stage.reads:
             marker = self.wd.marker(name)
@@ -166,6 +174,23 @@ class Pipeline:
             write_json(marker_path, marker)
         self.log(f"[{name}] finished in {marker['seconds']:.1f} s")
         return marker
+
+    def _cohort_files(self) -> list:
+        """The workdir manifest's slides: id, path, size and time of the file, label, split."""
+        rows = []
+        for r in read_manifest(self.wd.manifest).records:
+            ident = file_identity(r.path, fingerprint=False) if r.path.is_file() else {}
+            rows.append(
+                [
+                    r.slide_id,
+                    str(r.path),
+                    ident.get("size"),
+                    ident.get("mtime_ns"),
+                    r.label,
+                    r.split,
+                ]
+            )
+        return rows
 
     # ------------------------------------------------------------------ what stages use
     def bags(self) -> StoreBags:

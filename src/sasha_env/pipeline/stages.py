@@ -25,6 +25,7 @@ from ..workdir import Workdir
 
 if TYPE_CHECKING:  # the stages import their heavy dependencies when they run
     from ..features.bags import StoreBags
+    from ..features.store import FeatureStore
 
 __all__ = [
     "BASELINE_STAGES",
@@ -122,6 +123,8 @@ class Stage:
         run: ``run(pipeline, ctx) -> outputs``.
         seeded: the pipeline's seed is in its key (every stage that draws random numbers).
         retrainable: ``sasha train NAME`` offers it.
+        reads_manifest: the cohort itself (slide ids, file paths and identities, labels,
+            splits) is in its key. Stages downstream see the cohort through its outputs.
     """
 
     name: str
@@ -131,6 +134,7 @@ class Stage:
     run: Callable[[Pipeline, StageContext], dict]
     seeded: bool = True
     retrainable: bool = False
+    reads_manifest: bool = False
 
 
 def file_sha256(path: Path) -> str:
@@ -165,10 +169,32 @@ def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
     )
     for sid, msg in sorted(report.failed.items()):
         p.log(f"[extract] FAILED {sid}: {msg}")
-    n = len(FeatureStore(p.wd.store))
-    if n == 0:
+    store = FeatureStore(p.wd.store)
+    if len(store) == 0:
         raise RuntimeError("extraction produced no slide; see the errors above")
-    return {"slides": n, "failed": report.failed}
+    return {"slides": len(store), "failed": report.failed, "cohort": cohort_digest(p, store)}
+
+
+def cohort_digest(p: Pipeline, store: FeatureStore) -> str:
+    """Identity of the cohort the models see: id, label, split and file content of every
+    manifest slide in the store. Later stages are keyed on it (through extract's outputs), so
+    a relabelled, re-split, added, removed or changed slide retrains them, while a copied
+    cohort (new file times, same content) does not."""
+    import hashlib
+
+    from ..slides.manifest import read_manifest
+
+    entries = [
+        (
+            r.slide_id,
+            r.label,
+            r.split,
+            (store.slide_attrs(r.slide_id).get("source") or {}).get("fingerprint"),
+        )
+        for r in read_manifest(p.wd.manifest).records
+        if r.slide_id in store
+    ]
+    return hashlib.sha256(json.dumps(sorted(entries, key=str)).encode()).hexdigest()[:16]
 
 
 def _export(path: Path) -> dict:
@@ -359,6 +385,7 @@ def _stages() -> dict[str, Stage]:
             "features.zarr (low-res and high-res features of every slide)",
             _run_extract,
             seeded=False,
+            reads_manifest=True,
         ),
         Stage(
             "hafed",

@@ -28,6 +28,7 @@ __all__ = [
     "ParsedManifest",
     "read_manifest",
     "read_manifest_lenient",
+    "file_identity",
     "stratified_split",
 ]
 
@@ -93,6 +94,29 @@ class Manifest:
                     w.writerow([r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")])
 
         replace_atomically(path, write)
+
+
+def file_identity(path: str | Path, fingerprint: bool = True) -> dict:
+    """What identifies a slide file: size, modification time and a content fingerprint.
+
+    The fingerprint is a SHA-256 of the size and the first and last MiB, cheap on gigapixel
+    files and unchanged by copying (which changes ``mtime_ns``). ``fingerprint=False`` skips
+    the reads (size and time only).
+    """
+    path = Path(path)
+    stat = path.stat()
+    out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if fingerprint:
+        import hashlib
+
+        h = hashlib.sha256(str(stat.st_size).encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            if stat.st_size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                h.update(f.read(1 << 20))
+        out["fingerprint"] = h.hexdigest()[:32]
+    return out
 
 
 def _resolve(manifest: Path, value: str) -> Path:
