@@ -90,3 +90,14 @@ def test_a_copied_cohort_is_not_extracted_again(workdir, tiny_cohort, tmp_path):
     assert any("[extract] configuration or upstream changed" in m for m in log)  # paths moved
     assert _report(workdir)["extracted"] == []
     assert any("[hafed] done earlier" in m for m in log)  # the models saw the same cohort
+
+
+def test_redistilling_with_the_same_hafed_retrains_nothing(workdir):
+    log: list[str] = []
+    pipe = Pipeline(workdir.root, preset="tiny", progress=False, log=log.append)
+    pipe.run(["distill"], force=("distill",))
+    assert any("[distill] running" in m for m in log)
+    log.clear()
+    pipe.run(["tsu", "agents"])
+    assert any("[tsu] done earlier" in m for m in log)
+    assert any("[agents] done earlier" in m for m in log)
