@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from .atomic import replace_atomically
 from .envs.render import ThumbnailCache, draw_patches
 from .envs.slide_data import SlideData
 from .envs.wsi import SashaWSIEnv
@@ -296,4 +297,4 @@ class Predictor:
         thumb, ds = ThumbnailCache(768).get(path, (1, 1))
         img = draw_patches(thumb, ds, grid.coords, grid.cell_px, zoomed, updated, grid=False)
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(out)
+        replace_atomically(out, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))

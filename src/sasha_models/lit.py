@@ -499,7 +499,7 @@ def train_model(
             "torch_version": str(torch.__version__),
             "lightning_version": str(L.__version__),
         }
-        tmp = path.with_suffix(".pt.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed
         torch.save(blob, tmp)
         os.replace(tmp, path)
         if wandb is not None:

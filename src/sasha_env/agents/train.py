@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from ..atomic import write_json
+from ..atomic import replace_atomically, write_json
 from ..config import dataclass_from_dict
 from ..envs.wsi import SashaWSIEnv
 from ..workdir import Workdir
@@ -144,7 +144,9 @@ class EpisodeLog(BaseCallback):
         self.path, self.wandb_run, self.progress, self.total = path, wandb_run, progress, total
 
     def _on_training_start(self) -> None:
-        self.file = self.path.open("w", newline="")
+        # written under a temporary name, renamed into place when training ends
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file = self.partial.open("w", newline="")
         self.writer = csv.writer(self.file)
         self.writer.writerow(["timestep", "episode_return", "correct", "slide_id", "wall_s"])
         self.returns = np.zeros(self.training_env.num_envs)
@@ -175,6 +177,7 @@ class EpisodeLog(BaseCallback):
 
     def _on_training_end(self) -> None:
         self.file.close()
+        self.partial.replace(self.path)
         if self.bar is not None:
             self.bar.close()
 
@@ -237,9 +240,7 @@ def train_agent(
         if wandb_run is not None:
             wandb_run.finish()
     path = out_dir / "agent.zip"
-    tmp = out_dir / "agent.tmp.zip"
-    model.save(tmp)
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: model.save(tmp))  # SB3 keeps a name with a suffix
     export_policy(model, out_dir, cfg.algo)
     meta = {
         "frac": frac,

@@ -16,7 +16,6 @@ half-written slide.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -30,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..atomic import replace_atomically, write_json
 from ..config import dataclass_from_dict, quiet_lightning
 from ..distributed import is_rank_zero
 from ..slides.grid import GridConfig, PatchGrid, build_grid
@@ -294,9 +294,7 @@ def _write_qc(
     side = grid.cell_px / thumb_ds
     for x, y in grid.coords / thumb_ds:
         draw.rectangle([x, y, x + side - 1, y + side - 1], outline=(20, 60, 200))
-    tmp = path.with_suffix(".tmp.png")
-    pil.save(tmp)
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -480,7 +478,7 @@ def extract_cohort(
         report.n_patches = writer.report.n_patches
     report.seconds = time.perf_counter() - t0
     if is_rank_zero():
-        (store.path / "extract_report.json").write_text(json.dumps(asdict(report), indent=2))
+        write_json(store.path / "extract_report.json", asdict(report))
     return report
 
 

@@ -14,7 +14,7 @@ Layout::
         tissue     (N,)      float32  tissue fraction of each patch
         distilled  (N, d)    float32  HAFED's level-1 vectors v (written by the distillation stage)
       qc/<slide_id>.png         tissue mask and grid over the thumbnail
-      _staging/                 work in progress (never read)
+      _staging/                 work in progress and set-aside entries (never read)
 
 A slide group is either complete or absent to readers: it is written under ``_staging`` and
 moved into ``slides/`` with one atomic rename. Arrays added later (``distilled``) are written
@@ -26,15 +26,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from ..slides.manifest import is_safe_id
+
 __all__ = ["FeatureStore", "StoreError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+_HOST = socket.gethostname().replace("~", "-")
+_rename = os.replace  # the store's renames (one name, so tests can interrupt them)
 _KEYS_THAT_MUST_MATCH = (
     "backbone",
     "backbone_weights_sha256",
@@ -110,12 +115,13 @@ class FeatureStore:
         return sorted(p.name for p in slides.iterdir() if (p / "zarr.json").is_file())
 
     def __contains__(self, slide_id: str) -> bool:
-        return (self.path / "slides" / slide_id / "zarr.json").is_file()
+        return is_safe_id(slide_id) and (self.path / "slides" / slide_id / "zarr.json").is_file()
 
     def __len__(self) -> int:
         return len(self.slide_ids())
 
     def _group(self, slide_id: str) -> zarr.Group:
+        _check_id(slide_id)
         if slide_id not in self:
             raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store")
         return zarr.open_group(str(self.path / "slides" / slide_id), mode="r")
@@ -163,57 +169,86 @@ class FeatureStore:
         return int(self.attrs["backbone_dim"])
 
     # ------------------------------------------------------------------ writing
-    def _staging(self, name: str) -> Path:
+    def _staging(self, target: str, kind: str) -> Path:
+        """A fresh staging path: ``<target>~<kind>~<host>~<pid>~<random>``.
+
+        ``target`` is ``<slide_id>`` or ``<slide_id>@<array>``; ``kind`` is ``new`` (being
+        written) or ``old`` (the group or array it replaces, kept until the new one is in
+        place). The host name keeps nodes sharing a store from touching each other's entries.
+        """
         staging = self.path / "_staging"
         staging.mkdir(exist_ok=True)
-        return staging / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        return staging / f"{target}~{kind}~{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
+
+    def _swap_in(self, tmp: Path, final: Path, target: str) -> None:
+        """Move ``tmp`` to ``final``; an existing ``final`` is set aside first and dropped after.
+
+        A directory cannot replace a non-empty one in one rename, so there are two. If the
+        process dies between them, the old entry waits in staging under ``old`` and
+        :meth:`clean_staging` moves it back: a reader sees the old or the new, and a kill never
+        loses what was there.
+        """
+        if final.exists():
+            old = self._staging(target, "old")
+            _rename(final, old)
+            _rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            _rename(tmp, final)
 
     def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         """Write a whole slide group atomically (replacing an existing one)."""
         self._check_writable()
-        tmp = self._staging(slide_id)
+        _check_id(slide_id)
+        tmp = self._staging(slide_id, "new")
         group = zarr.open_group(str(tmp), mode="w")
         group.attrs.update(_jsonable(attrs))
         for name, arr in arrays.items():
             _write_array(group, name, arr)
-        final = self.path / "slides" / slide_id
-        if final.exists():
-            old = self._staging(slide_id + ".old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        self._swap_in(tmp, self.path / "slides" / slide_id, slide_id)
 
     def write_array(
         self, slide_id: str, name: str, arr: np.ndarray, attrs: dict | None = None
     ) -> None:
         """Add (or atomically replace) one array of an existing slide."""
         self._check_writable()
+        _check_id(slide_id)
+        _check_id(name)
         if slide_id not in self:
             raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store")
-        tmp = self._staging(f"{slide_id}-{name}")
+        tmp = self._staging(f"{slide_id}@{name}", "new")
         z = zarr.create_array(str(tmp), data=np.ascontiguousarray(arr), chunks=_chunks(arr))
         if attrs:
             z.attrs.update(_jsonable(attrs))
-        final = self.path / "slides" / slide_id / name
-        if final.exists():
-            old = self._staging(f"{slide_id}-{name}.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        self._swap_in(tmp, self.path / "slides" / slide_id / name, f"{slide_id}@{name}")
 
     def clean_staging(self) -> None:
-        """Remove leftovers of killed writers (entries whose writer process is gone)."""
+        """Finish what killed writers of this host left: restore set-aside entries whose
+        replacement never arrived, remove the rest. Entries of live writers, and of other
+        hosts (whose processes cannot be seen from here), are left alone."""
         staging = self.path / "_staging"
         if not staging.is_dir():
             return
         for entry in staging.iterdir():
-            parts = entry.name.rsplit(".", 2)
-            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if pid is None or not _pid_alive(pid):
+            parts = entry.name.split("~")
+            if len(parts) != 5:  # an older layout: <name>.<pid>.<random>
+                old = entry.name.rsplit(".", 2)
+                pid = int(old[1]) if len(old) == 3 and old[1].isdigit() else None
+                if pid is None or not _pid_alive(pid):
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            target, kind, host, pid = parts[0], parts[1], parts[2], parts[3]
+            if host != _HOST or (pid.isdigit() and _pid_alive(int(pid))):
+                continue
+            slide_id, _, array = target.partition("@")
+            final = (
+                self.path / "slides" / slide_id / array
+                if array
+                else self.path / "slides" / slide_id
+            )
+            if kind == "old" and not final.exists() and final.parent.is_dir():
+                os.replace(entry, final)  # killed between the two renames: put it back
+            else:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def qc_path(self, slide_id: str) -> Path:
@@ -224,6 +259,15 @@ class FeatureStore:
     def _check_writable(self) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path}: store opened read-only")
+
+
+def _check_id(name: str) -> None:
+    """Refuse a slide id or array name that is not a safe file name (it becomes a folder)."""
+    if not is_safe_id(name):
+        raise StoreError(
+            f"{name!r} is not a safe slide id or array name for the store (letters, digits, "
+            "'.', '_', '-'; no slashes; at most 128 characters)"
+        )
 
 
 def _pid_alive(pid: int) -> bool:

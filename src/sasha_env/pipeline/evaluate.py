@@ -155,7 +155,7 @@ def _save_episodes(path: Path, episodes: list[dict]) -> None:
         | {"probabilities": [float(p) for p in e["probabilities"]]}
         for e in episodes
     ]
-    path.write_text(json.dumps(data))
+    write_json(path, data, indent=None)
 
 
 def _mean(values: list) -> float | None:

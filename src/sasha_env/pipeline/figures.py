@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..atomic import replace_atomically  # noqa: E402
 from ..envs.render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
 from ..features.store import FeatureStore  # noqa: E402
 from ..slides.manifest import read_manifest  # noqa: E402
@@ -52,7 +53,7 @@ def learning_curves(episode_csvs: dict[str, Path], out: Path, window: int = 50) 
         ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out
 
@@ -111,7 +112,7 @@ def zoom_paths(
         ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.8)
         fig.tight_layout()
         path = out_dir / f"{sid}-{episodes_json.stem}.png"
-        fig.savefig(path, dpi=120)
+        replace_atomically(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, format="png"))
         plt.close(fig)
         written.append(path)
     return written

@@ -29,11 +29,17 @@ __all__ = [
     "read_manifest",
     "read_manifest_lenient",
     "file_identity",
+    "is_safe_id",
     "stratified_split",
 ]
 
 SPLITS = ("train", "val", "test")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def is_safe_id(slide_id: str) -> bool:
+    """A slide id that is a safe file name: letters, digits, '.', '_', '-'; at most 128."""
+    return bool(_SAFE_ID.match(slide_id)) and slide_id not in (".", "..")
 
 
 class ManifestError(ValueError):
@@ -264,7 +270,7 @@ def read_manifest_lenient(path: str | Path, check_files: bool = False) -> Parsed
     for line, row in enumerate(rows, start=2):
         sid = row["slide_id"]
         where = f"{path}, line {line}"
-        if not _SAFE_ID.match(sid) or sid in (".", ".."):
+        if not is_safe_id(sid):
             errors[sid or f"line {line}"] = (
                 f"{where}: slide_id {sid!r} is not a safe file name "
                 "(letters, digits, '.', '_', '-'; no slashes; at most 128 characters)"
