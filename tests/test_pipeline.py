@@ -182,3 +182,28 @@ def test_agent_training_logs_to_wandb_offline(tiny_workdir, tmp_path, monkeypatc
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = (out / "episodes.csv").read_text().splitlines()
     assert rows[0] == "timestep,episode_return,correct,slide_id,wall_s" and len(rows) > 2
+
+
+def test_ddp_pipeline_runs_rank_zero_stages_once(tiny_cohort, tiny_store, tmp_path):
+    """`sasha pipeline --devices 2 --strategy ddp`: Lightning relaunches the whole command, yet
+    only the Lightning stages run on both processes; distill, agents and evaluation run once."""
+    wd = Workdir(tmp_path / "ddp")
+    wd.root.mkdir()
+    shutil.copytree(tiny_store, wd.store)
+    proc = subprocess.run(
+        [
+            *SASHA, "pipeline", "--manifest", str(tiny_cohort), "--workdir", str(wd.root),
+            "--preset", "tiny", "--quiet", "--devices", "2", "--strategy", "ddp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("[hafed] running") == 2  # a Lightning stage: both processes train
+    for once in ("[distill] running", "[evaluate] running", "[agents] f=0.1: training"):
+        assert out.count(once) == 1, (once, out[-3000:])
+    assert out.count("| hafed | 1.00 |") == 1  # the table is printed by rank 0 alone
+    assert json.loads(wd.results.read_text())["methods"]
+    assert not list(wd.root.rglob("*.tmp"))

@@ -1,10 +1,14 @@
-"""Which process of a multi-process (DDP) run this is: work that must happen once runs on rank 0."""
+"""Which process of a multi-process (DDP) run this is: work that must happen once runs on rank 0.
+
+Lightning's DDP re-launches the whole command once per extra process, so every process runs
+the pipeline's code; these helpers let the processes agree on who writes and when to wait.
+"""
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["is_rank_zero"]
+__all__ = ["barrier", "is_rank_zero"]
 
 
 def is_rank_zero() -> bool:
@@ -15,3 +19,19 @@ def is_rank_zero() -> bool:
     """
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     return rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _process_group() -> bool:
+    """Whether a torch.distributed process group with more than one process is up (Lightning
+    starts one with its first DDP trainer and keeps it until the process exits)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait until every process of the run gets here (nothing to wait for in a single process)."""
+    if _process_group():
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import yaml
 
 from ..atomic import replace_atomically, write_json
 from ..config import load_config, quiet_lightning, say
-from ..distributed import is_rank_zero
+from ..distributed import barrier, is_rank_zero
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import (
@@ -146,20 +147,33 @@ class Pipeline:
         return _hash([stage.name, own, upstream])
 
     def _run_stage(self, stage: Stage, force: bool = False) -> dict:
+        """Run one stage, or skip it when its marker holds the same key.
+
+        Under DDP every process runs this. Rank 0 decides, and takes away the marker of a stage
+        it will run; the others then decide from the markers rank 0 left. Lightning stages
+        (``stage.distributed``) run on every process; the others run on rank 0 alone while the
+        rest wait for its marker.
+        """
         name = stage.name
         marker_path = self.wd.marker(name)
-        for upstream in stage.reads:
-            if not self.wd.marker(upstream).is_file():
-                raise FileNotFoundError(
-                    f"stage '{name}' needs stage '{upstream}' first (no {self.wd.marker(upstream)})"
-                )
-        key = self.key(stage)
-        if marker_path.is_file() and not force:
-            marker = json.loads(marker_path.read_text())
-            if marker.get("key") == key:
-                self.log(f"[{name}] done earlier, skipped ({marker_path})")
-                return marker
+        stale = marker_path.is_file()
+        if is_rank_zero():
+            key = self._checked_key(stage)
+            cached = self._cached_marker(marker_path, key, force)
+            if cached is None:
+                marker_path.unlink(missing_ok=True)
+            barrier()
+        else:
+            barrier()
+            key = self._checked_key(stage)
+            cached = self._cached_marker(marker_path, key, force=False)
+        if cached is not None:
+            self.log(f"[{name}] done earlier, skipped ({marker_path})")
+            return cached
+        if stale and is_rank_zero():
             self.log(f"[{name}] configuration or upstream changed: running again")
+        if not stage.distributed and not is_rank_zero():
+            return self._await_marker(marker_path, key, name)
         self.log(f"[{name}] running")
         t0 = time.perf_counter()
         ctx = StageContext(stage, key, self.wd.root / "stages" / f"{name}.units", force=force)
@@ -191,6 +205,35 @@ class Pipeline:
                 ]
             )
         return rows
+
+    def _checked_key(self, stage: Stage) -> str:
+        """The stage's key, once every stage it reads has run."""
+        for upstream in stage.reads:
+            if not self.wd.marker(upstream).is_file():
+                raise FileNotFoundError(
+                    f"stage '{stage.name}' needs stage '{upstream}' first "
+                    f"(no {self.wd.marker(upstream)})"
+                )
+        return self.key(stage)
+
+    @staticmethod
+    def _cached_marker(path: Path, key: str, force: bool) -> dict | None:
+        """The stage's marker when it holds ``key`` (and the stage is not forced)."""
+        if force or not path.is_file():
+            return None
+        marker = json.loads(path.read_text())
+        return marker if marker.get("key") == key else None
+
+    def _await_marker(self, path: Path, key: str, name: str, poll_s: float = 0.5) -> dict:
+        """Wait (on a rank other than 0) for rank 0 to finish a stage it runs alone."""
+        parent = os.getppid()
+        while True:
+            marker = self._cached_marker(path, key, force=False)
+            if marker is not None:
+                return marker
+            if os.getppid() != parent:  # Lightning's extra processes are rank 0's children
+                raise RuntimeError(f"rank 0 stopped before finishing stage '{name}'")
+            time.sleep(poll_s)
 
     # ------------------------------------------------------------------ what stages use
     def bags(self) -> StoreBags:

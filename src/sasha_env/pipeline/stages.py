@@ -125,6 +125,8 @@ class Stage:
         retrainable: ``sasha train NAME`` offers it.
         reads_manifest: the cohort itself (slide ids, file paths and identities, labels,
             splits) is in its key. Stages downstream see the cohort through its outputs.
+        distributed: runs on every process of a DDP run (Lightning stages, which shard their
+            work across processes); the others run on rank 0 while the rest wait.
     """
 
     name: str
@@ -135,6 +137,7 @@ class Stage:
     seeded: bool = True
     retrainable: bool = False
     reads_manifest: bool = False
+    distributed: bool = False
 
 
 def file_sha256(path: Path) -> str:
@@ -385,6 +388,7 @@ def _stages() -> dict[str, Stage]:
             "features.zarr (low-res and high-res features of every slide)",
             _run_extract,
             seeded=False,
+            distributed=True,
             reads_manifest=True,
         ),
         Stage(
@@ -394,6 +398,7 @@ def _stages() -> dict[str, Stage]:
             "models/hafed/model.pt (HAFED on high-res features)",
             _run_hafed,
             retrainable=True,
+            distributed=True,
         ),
         Stage(
             "distill",
@@ -410,6 +415,7 @@ def _stages() -> dict[str, Stage]:
             "models/tsu/model.pt (the targeted state updater)",
             _run_tsu,
             retrainable=True,
+            distributed=True,
         ),
         Stage(
             "lowres",
@@ -418,6 +424,7 @@ def _stages() -> dict[str, Stage]:
             "models/lowres/model.pt (HAFED's slide level on low-res features)",
             _run_mil,
             retrainable=True,
+            distributed=True,
         ),
         *(
             Stage(
@@ -427,6 +434,7 @@ def _stages() -> dict[str, Stage]:
                 f"models/{name}/model.pt (MIL baseline on full high-res features)",
                 _run_mil,
                 retrainable=True,
+                distributed=True,
             )
             for name in BASELINE_STAGES
         ),
