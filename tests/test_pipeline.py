@@ -35,6 +35,14 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     by_frac = {(m["method"], m["frac"]) for m in results["methods"]}
     for frac in (0.1, 0.2):
         assert {("sasha", frac), ("random", frac), ("attention_topk", frac)} <= by_frac
+    for m in results["methods"]:  # every number comes with its interval over the test slides
+        for metric in ("auc", "accuracy", "f1"):
+            ci = m[f"{metric}_ci"]
+            assert ci is None or (len(ci) == 2 and ci[0] <= m[metric] <= ci[1]), (m, metric)
+    pairs = {(p["a"], p["b"], p["metric"]) for p in results["paired"]}
+    for frac in ("0.1", "0.2"):
+        for other in (f"random@{frac}", f"attention_topk@{frac}", "hafed@1"):
+            assert (f"sasha@{frac}", other, "auc") in pairs
     for m in results["methods"]:
         if m["method"] in ("sasha", "random", "attention_topk"):  # synthetic cohort: masks known
             assert 0.0 <= m["tumour_hit_rate"] <= 1.0 and 0.0 < m["chance_hit_rate"] < 1.0

@@ -1,4 +1,6 @@
-"""Slide-level classification metrics (torchmetrics), shared by training and evaluation."""
+"""Slide-level classification metrics (torchmetrics), shared by training and evaluation, and
+their uncertainty over slides: stratified bootstrap resamples, percentile intervals, and paired
+differences between methods on the same resamples."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-__all__ = ["ECE_BINS", "classification_metrics"]
+__all__ = [
+    "ECE_BINS",
+    "bootstrap_metrics",
+    "classification_metrics",
+    "percentile_ci",
+    "stratified_resamples",
+]
 
 #: Number of equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
@@ -37,9 +45,10 @@ def classification_metrics(
     Returns:
         ``{'accuracy', 'auc', 'f1', 'ece'}`` as Python floats.
     """
-    p = torch.as_tensor(np.asarray(probs) if not isinstance(probs, Tensor) else probs)
+    p = torch.as_tensor(np.ascontiguousarray(probs) if not isinstance(probs, Tensor) else probs)
     p = p.detach().float().cpu()
-    y = torch.as_tensor(labels).detach().long().cpu().reshape(-1)
+    y = torch.as_tensor(np.ascontiguousarray(labels) if not isinstance(labels, Tensor) else labels)
+    y = y.detach().long().cpu().reshape(-1)
     if p.ndim != 2 or p.shape[0] != y.shape[0]:
         raise ValueError(
             f"probs must be (n, C) and labels (n,); got {tuple(p.shape)}, {tuple(y.shape)}"
@@ -63,3 +72,97 @@ def classification_metrics(
     ece = multiclass_calibration_error(p, y, num_classes=n_classes, n_bins=ECE_BINS).item()
     accuracy = (pred == y).float().mean().item()
     return {"accuracy": accuracy, "auc": auc, "f1": f1, "ece": ece}
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def _auc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """AUROC of each row: ``scores (B, n)``, ``positive (B, n)`` bool; NaN without both classes.
+
+    The Mann–Whitney statistic with average ranks for ties (what ROC integration gives).
+    """
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    n_pos = positive.sum(1)
+    n_neg = positive.shape[1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * positive).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _metrics_batch(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, AUC and F1 (as :func:`classification_metrics` defines them) of each resample.
+
+    Args:
+        probs: ``(n, C)``; labels: ``(n,)``; idx: ``(B, n)`` slide indices of B resamples.
+
+    Returns:
+        ``{'accuracy', 'auc', 'f1'}``, each ``(B,)``.
+    """
+    p, y = probs[idx], labels[idx]  # (B, n, C), (B, n)
+    pred = p.argmax(-1)
+    n_classes = probs.shape[1]
+    accuracy = (pred == y).mean(1)
+    if n_classes == 2:
+        auc = _auc_batch(p[..., 1], y == 1)
+        tp = ((pred == 1) & (y == 1)).sum(1)
+        fp = ((pred == 1) & (y != 1)).sum(1)
+        fn = ((pred != 1) & (y == 1)).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * tp / (2 * tp + fp + fn))
+    else:
+        aucs, f1s = [], []
+        for c in range(n_classes):
+            aucs.append(_auc_batch(p[..., c], y == c))
+            tp = ((pred == c) & (y == c)).sum(1)
+            fp = ((pred == c) & (y != c)).sum(1)
+            fn = ((pred != c) & (y == c)).sum(1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f1s.append(np.nan_to_num(2 * tp / (2 * tp + fp + fn)))
+        with np.errstate(invalid="ignore"):
+            auc = np.nanmean(np.stack(aucs, 1), axis=1)  # macro over the classes present
+        f1 = np.mean(np.stack(f1s, 1), axis=1)
+    return {"accuracy": accuracy, "auc": auc, "f1": f1}
+
+
+def stratified_resamples(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n)`` bootstrap resamples of slide indices, drawn with replacement within
+    each class, so that every resample keeps the class counts (and AUC stays defined)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    idx = np.empty((n_boot, len(labels)), np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        idx[:, members] = members[rng.integers(0, len(members), (n_boot, len(members)))]
+    return idx
+
+
+def bootstrap_metrics(
+    runs: list[np.ndarray], labels: np.ndarray, idx: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each resample's accuracy, AUC and F1, averaged over ``runs`` (e.g. random seeds).
+
+    Args:
+        runs: one ``(n, C)`` probability array per run, slides in the same order as ``labels``.
+        labels: ``(n,)`` class indices.
+        idx: ``(B, n)`` resamples (:func:`stratified_resamples`); use the same ``idx`` for two
+            methods to get paired differences.
+
+    Returns:
+        ``{'accuracy', 'auc', 'f1'}``, each ``(B,)``.
+    """
+    per_run = [_metrics_batch(np.asarray(r, np.float64), np.asarray(labels), idx) for r in runs]
+    return {k: np.mean([m[k] for m in per_run], axis=0) for k in per_run[0]}
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The ``level`` percentile interval of bootstrap values (NaNs dropped), or None."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return None
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return [float(lo), float(hi)]

@@ -1,7 +1,9 @@
 """Evaluation on the test split → ``results.json`` (contract in design.md).
 
-``{"methods": [{"method", "frac", "accuracy", "auc", "f1", "ece", "n_slides", ...}, ...],
-"split": "test", "class_names": [...], ...}``
+``{"methods": [{"method", "frac", "accuracy", "auc", "f1", "ece", "n_slides", "auc_ci",
+"accuracy_ci", "f1_ci", ...}, ...], "paired": [{"a": "sasha@0.1", "b": "random@0.1",
+"metric": "auc", "diff", "ci"}, ...], "split": "test", "class_names": [...], ...}``; intervals
+are 95 % stratified bootstrap intervals over the test slides (:func:`add_uncertainty`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from ..slides.manifest import read_manifest
 from ..slides.tumour import hit_rate
 from ..workdir import Workdir
 
-__all__ = ["evaluate_workdir", "format_table", "FULL_RES_METHODS"]
+__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
+
+#: Bootstrap resamples of the test slides behind every interval, and the interval's level.
+N_BOOT = 2000
+CI_LEVEL = 0.95
 
 #: methods read from a trained model: (method, model folder, feature kind, frac)
 FULL_RES_METHODS = (
@@ -46,6 +52,7 @@ def evaluate_workdir(
     if not bags.slide_ids(split):
         raise RuntimeError(f"no slide of split '{split}' is in the store; cannot evaluate")
     rows = []
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]] = {}
     for method, folder, kind, frac in FULL_RES_METHODS:
         path = wd.model(folder)
         if not path.is_file():
@@ -54,14 +61,21 @@ def evaluate_workdir(
         ids, probs, labels = predict_probs(model, bags, split, kind)
         metrics = classification_metrics(probs, labels)
         rows.append({"method": method, "frac": frac, **_clean(metrics), "n_slides": len(ids)})
+        predictions[_name(method, frac)] = (list(ids), [np.asarray(probs)])
         log(f"[evaluate] {method}: AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}")
-    rows += evaluate_sampling(wd, cfg, bags, split, log)
+    rows += evaluate_sampling(wd, cfg, bags, split, log, predictions)
+    slide_ids = bags.slide_ids(split)
+    labels = np.array([bags.label(s) for s in slide_ids])
+    paired = add_uncertainty(rows, predictions, slide_ids, labels, seed=int(cfg.get("seed", 0)))
     results = {
         "split": split,
         "class_names": bags.class_names,
         "preset": cfg.get("preset"),
         "seed": cfg.get("seed", 0),
+        "n_slides": len(slide_ids),
+        "bootstrap": {"resamples": N_BOOT, "level": CI_LEVEL, "stratified_by_class": True},
         "methods": rows,
+        "paired": paired,
     }
     write_json(wd.results, results)
     return results
@@ -84,8 +98,68 @@ def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> di
     return out
 
 
+def _name(method: str, frac: float) -> str:
+    """``sasha@0.1``: a method at a budget, as ``paired`` names them."""
+    return f"{method}@{frac:g}"
+
+
+def add_uncertainty(
+    rows: list[dict],
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]],
+    slide_ids: list[str],
+    labels: np.ndarray,
+    seed: int = 0,
+    n_boot: int | None = None,
+) -> list[dict]:
+    """Add 95 % bootstrap intervals to every row, and return the paired comparisons.
+
+    Every method is scored on the same ``n_boot`` resamples of the test slides (drawn with
+    replacement within each class), so that ``auc_ci``, ``accuracy_ci`` and ``f1_ci`` say how
+    much the numbers would move with other slides of the same kind, and a paired difference's
+    interval (``paired``: SASHA against random, attention_topk and HAFED at each budget, on AUC
+    and accuracy) says whether one method beats another on these slides. Methods with several
+    runs (random over seeds) are averaged over runs inside each resample.
+    """
+    from sasha_models.metrics import bootstrap_metrics, percentile_ci, stratified_resamples
+
+    idx = stratified_resamples(labels, n_boot or N_BOOT, seed)
+    position = {s: i for i, s in enumerate(slide_ids)}
+    boots: dict[str, dict[str, np.ndarray]] = {}
+    for name, (ids, runs) in predictions.items():
+        order = np.array([position[s] for s in ids])
+        aligned = [np.empty_like(r) for r in runs]
+        for a, r in zip(aligned, runs, strict=True):
+            a[order] = r  # rows in slide_ids order
+        boots[name] = bootstrap_metrics(aligned, labels, idx)
+    for row in rows:
+        b = boots.get(_name(row["method"], row["frac"]))
+        if b is not None:
+            for metric in ("auc", "accuracy", "f1"):
+                row[f"{metric}_ci"] = percentile_ci(b[metric], CI_LEVEL)
+    by_name = {_name(r["method"], r["frac"]): r for r in rows}
+    paired = []
+    for row in rows:
+        if row["method"] != "sasha":
+            continue
+        a = _name("sasha", row["frac"])
+        for b in (_name("random", row["frac"]), _name("attention_topk", row["frac"]), "hafed@1"):
+            if b not in boots:
+                continue
+            for metric in ("auc", "accuracy"):
+                va, vb = by_name[a].get(metric), by_name[b].get(metric)
+                diff = None if va is None or vb is None else float(va - vb)
+                ci = percentile_ci(boots[a][metric] - boots[b][metric], CI_LEVEL)
+                paired.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci": ci})
+    return paired
+
+
 def evaluate_sampling(
-    wd: Workdir, cfg: dict, bags: StoreBags, split: str, log: Callable[[str], None] = say
+    wd: Workdir,
+    cfg: dict,
+    bags: StoreBags,
+    split: str,
+    log: Callable[[str], None] = say,
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]] | None = None,
 ) -> list[dict]:
     """Rows for ``sasha`` (trained agents, argmax), ``random`` and ``attention_topk`` per budget.
 
@@ -119,6 +193,11 @@ def evaluate_sampling(
         methods.append(("attention_topk", [attention_topk_policy()]))
         for method, policies in methods:
             runs = [run_episodes(env, policy, ids) for policy in policies]
+            if predictions is not None:
+                predictions[_name(method, frac)] = (
+                    [e["slide_id"] for e in runs[0]],
+                    [np.stack([e["probabilities"] for e in run]) for run in runs],
+                )
             per_run = []
             for episodes in runs:
                 probs = np.stack([e["probabilities"] for e in episodes])
@@ -183,14 +262,33 @@ def format_table(results: dict | str | Path) -> str:
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
     lines = [
-        "| method | frac | AUC | accuracy | F1 | ECE | tumour-hit rate |",
+        "| method | frac | AUC [95% CI] | accuracy [95% CI] | F1 | ECE | tumour-hit rate |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in results["methods"]:
-        cells = [
-            "n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("auc", "accuracy", "f1", "ece")
-        ]
+        cells = [_with_ci(m, k) for k in ("auc", "accuracy")]
+        cells += ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
         hit = m.get("tumour_hit_rate")
         hits = "" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"
         lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + f" | {hits} |")
+    if results.get("paired"):
+        n = results.get("n_slides", "the")
+        lines += [
+            "",
+            f"Paired differences on the same {n} test slides (95% bootstrap CI):",
+            "",
+            "| comparison | metric | difference [95% CI] |",
+            "|---|---|---|",
+        ]
+        for p in results["paired"]:
+            diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
+            ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {diff}{ci} |")
     return "\n".join(lines)
+
+
+def _with_ci(row: dict, metric: str) -> str:
+    value, ci = row.get(metric), row.get(f"{metric}_ci")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
