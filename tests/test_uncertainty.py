@@ -98,3 +98,20 @@ def test_bootstrap_averages_runs_inside_each_resample():
     idx = stratified_resamples(labels, 50, seed=0)
     mixed = bootstrap_metrics([a, b], labels, idx)
     assert np.allclose(mixed["auc"], 0.5) and np.allclose(mixed["accuracy"], 0.5)
+
+
+def test_bootstrap_auc_against_a_hand_computed_case():
+    """One negative (score 0.5) and two positives (0.9 and 0.1). Resampling within classes
+    draws the positives as aa, ab, ba or bb, each with probability 1/4, whose AUCs are 1, 1/2,
+    1/2 and 0: the resampled AUC is 1, 0.5, 0 with probabilities 1/4, 1/2, 1/4, so its 95 %
+    interval is [0, 1] and its mean 0.5."""
+    labels = np.array([0, 1, 1])
+    probs = np.array([[0.5, 0.5], [0.1, 0.9], [0.9, 0.1]])
+    idx = stratified_resamples(labels, 20_000, seed=0)
+    auc = bootstrap_metrics([probs], labels, idx)["auc"]
+    values, counts = np.unique(auc, return_counts=True)
+    assert values.tolist() == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(counts / counts.sum(), [0.25, 0.5, 0.25], atol=0.01)
+    from sasha_models.metrics import percentile_ci
+
+    assert percentile_ci(auc) == [0.0, 1.0]
