@@ -250,6 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser(
+        "study",
+        help="the pipeline over several seeds: every method's mean, sd and CI across seeds",
+        description="Run the pipeline once per seed, each seed with its own stratified split "
+        "and initialisation (the manifest's split column is ignored unless --keep-split), "
+        "features extracted once into WORKDIR/features.zarr and shared. Writes "
+        "WORKDIR/seed-<s>/ (a pipeline workdir each), WORKDIR/study.json (per method: mean, "
+        "sd, 95%% CI and per-seed numbers; paired differences; AUC against budget) and "
+        "WORKDIR/study.md. Resumable per seed and stage. Several processes or machines may "
+        "run the same command on one shared folder: each takes seeds nobody else is running, "
+        "and the last to finish writes study.json.",
+    )
+    p.add_argument("--manifest", type=Path, required=True, metavar="CSV", help="cohort manifest")
+    p.add_argument("--workdir", type=Path, required=True, metavar="DIR", help="study folder")
+    _add_preset(p)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        metavar="S",
+        help="number of seeds, 0 .. S-1 (default: 5)",
+    )
+    p.add_argument(
+        "--keep-split",
+        action="store_true",
+        help="use the manifest's split for every seed (only the initialisation varies)",
+    )
+    _add_run_options(p, scaleout=False)
+    p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser(
         "demo",
         help="synth + pipeline on the embedded default cohort; prints the results table",
         description="Write the embedded synthetic cohort into DIR/cohort and run the whole "
@@ -331,6 +361,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print()
         print(format_table(pipe.wd.results))
         print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.dir}/")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .pipeline.study import Study, format_study
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    overrides: dict = {}
+    if args.wandb:
+        overrides["train"] = {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}
+    summary = Study(
+        workdir=args.workdir,
+        manifest=args.manifest,
+        seeds=tuple(range(args.seeds)),
+        preset=args.preset,
+        config_path=args.config,
+        overrides=overrides,
+        keep_split=args.keep_split,
+        progress=not args.quiet,
+    ).run()
+    if summary is not None:
+        print()
+        print(format_study(summary))
     return 0
 
 

@@ -1,0 +1,356 @@
+"""``sasha study``: the pipeline over several seeds, and what the numbers are across them.
+
+A single run answers with one split and one initialisation; a study repeats the pipeline for
+S seeds, each with its own stratified split of the cohort and its own initial weights, so that
+every method's number comes with its spread. Features are extracted once and shared::
+
+    DIR/
+      features.zarr/        the cohort's features, extracted once
+      seed-<s>/             one pipeline workdir per seed (its store hard-links the shared
+                            features and adds its own distilled arrays)
+      study.json            per method: mean, sd and 95 % CI over seeds, per-seed numbers;
+                            paired differences across seeds; the AUC-against-budget curve
+      study.md              the same as Markdown tables
+
+Each seed is a resumable pipeline run, so a killed study resumes at the seed and stage it was
+in. Several processes (or machines sharing the folder) may run one study: each seed is claimed
+with a lock file (``seed-<s>/.claim``), so no seed is trained twice at once, and whoever
+finishes last writes ``study.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import replace_atomically, write_json
+from ..config import say
+from ..slides.manifest import Manifest, read_manifest
+from ..workdir import Workdir
+
+__all__ = ["Study", "aggregate", "format_study"]
+
+_HOST = socket.gethostname()
+#: Metrics summarised across seeds.
+METRICS = ("auc", "accuracy", "f1", "ece")
+
+
+@dataclass
+class Study:
+    """The pipeline over ``seeds`` in ``workdir``; see the module docstring for the layout.
+
+    Args:
+        workdir: the study folder.
+        manifest: the cohort CSV. Its ``split`` column is ignored: every seed draws its own
+            stratified split (``keep_split=True`` keeps the CSV's split for every seed).
+        seeds: the seeds (default ``0 … 4``).
+        preset, config_path, overrides: the configuration of every seed's pipeline.
+        progress, log: progress bars and where messages go.
+    """
+
+    workdir: Path
+    manifest: Path
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    preset: str = "demo"
+    config_path: Path | None = None
+    overrides: dict = field(default_factory=dict)
+    keep_split: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = say
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.workdir)
+        if not self.seeds:
+            raise ValueError("a study needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> dict | None:
+        """Run every seed not finished or claimed by another process, then aggregate.
+
+        Returns:
+            The study summary when every seed has finished (also written to ``study.json``),
+            else ``None`` (other processes are still running some seeds).
+        """
+        from .runner import Pipeline
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        cohort = self._cohort_manifest()
+        for seed in self.seeds:
+            wd = self.seed_dir(seed)
+            claim = _Claim(wd.root / ".claim")
+            if not claim.acquire():
+                self.log(f"[study] seed {seed}: {claim.holder()} is running it; skipped")
+                continue
+            try:
+                self._share_features(wd)
+                state = "checking" if _finished(wd) else "running"
+                self.log(f"[study] seed {seed}: {state} the pipeline in {wd.root}")
+                Pipeline(
+                    wd.root,
+                    manifest=cohort,
+                    preset=self.preset,
+                    config_path=self.config_path,
+                    overrides={**self.overrides, "seed": seed},
+                    progress=self.progress,
+                    log=lambda m, s=seed: self.log(f"[seed {s}] {m}"),
+                ).run()
+            finally:
+                claim.release()
+        if not all(_finished(self.seed_dir(s)) for s in self.seeds):
+            waiting = [s for s in self.seeds if not _finished(self.seed_dir(s))]
+            self.log(f"[study] seeds {waiting} are not finished yet; study.json not written")
+            return None
+        summary = aggregate({s: _results(self.seed_dir(s)) for s in self.seeds}, self.preset)
+        write_json(self.root / "study.json", summary)
+        text = format_study(summary) + "\n"
+        replace_atomically(self.root / "study.md", lambda tmp: tmp.write_text(text))
+        return summary
+
+    def seed_dir(self, seed: int) -> Workdir:
+        return Workdir(self.root / f"seed-{seed}")
+
+    # ------------------------------------------------------------------ helpers
+    def _cohort_manifest(self) -> Path:
+        """The cohort without its split column (each seed draws its own), or as given."""
+        if self.keep_split:
+            return Path(self.manifest)
+        manifest = read_manifest(self.manifest)
+        records = [dataclasses.replace(r, split=None) for r in manifest.records]
+        unsplit = Manifest(manifest.path, records, manifest.class_names)
+        out = self.root / "cohort.csv"
+        unsplit.write(out)
+        return out
+
+    def _share_features(self, wd: Workdir) -> None:
+        """Give the seed's workdir the shared features (extracting them once, first)."""
+        if wd.store.exists():
+            return
+        shared = self.root / "features.zarr"
+        claim = _Claim(self.root / ".features.claim")
+        while not claim.acquire():  # another process is extracting: wait for it
+            time.sleep(2)
+        try:
+            self._extract_once(shared)
+        finally:
+            claim.release()
+        wd.root.mkdir(parents=True, exist_ok=True)
+        tmp = wd.root / ".features.zarr.linking"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:  # zarr chunks are never rewritten in place: hard links are safe and free
+            shutil.copytree(shared, tmp, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(shared, tmp)
+        os.replace(tmp, wd.store)
+
+    def _extract_once(self, shared: Path) -> None:
+        from ..config import load_config
+        from ..features.extract import ExtractConfig, extract_cohort
+        from ..slides.grid import GridConfig
+        from .schema import validate_config
+
+        cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
+        report = extract_cohort(
+            self._cohort_manifest(),
+            shared,
+            GridConfig.from_dict(cfg.get("grid")),
+            ExtractConfig.from_dict(cfg.get("extract")),
+            progress=self.progress,
+        )
+        if report.extracted or report.failed:
+            self.log(f"[study] features: {report.summary()}")
+
+
+def _finished(wd: Workdir) -> bool:
+    return wd.results.is_file() and wd.marker("evaluate").is_file()
+
+
+def _results(wd: Workdir) -> dict:
+    return json.loads(wd.results.read_text())
+
+
+class _Claim:
+    """A lock file naming its holder; a holder on this host whose process is gone is stale."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"host": _HOST, "pid": os.getpid()}))
+            return True
+        return False
+
+    def holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"process {h['pid']} on {h['host']}"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def _stale(self) -> bool:
+        try:
+            h = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return False  # being written right now
+        if h.get("host") != _HOST:
+            return False  # another machine's: cannot tell (remove the file by hand if dead)
+        try:
+            os.kill(int(h["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def _t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """Student-t interval of the mean over seeds (None for fewer than two values)."""
+    from scipy import stats
+
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if len(vals) < 2:
+        return None
+    import numpy as np
+
+    mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1)) * sd / math.sqrt(len(vals))
+    return [mean - half, mean + half]
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    import numpy as np
+
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return float(np.mean(vals)), sd
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any]:
+    """``study.json`` from each seed's ``results.json`` (contract in design.md).
+
+    Per method and budget: mean, sample sd and a 95 % Student-t interval over seeds of AUC,
+    accuracy, F1 and ECE, with the per-seed values; per ``paired`` comparison of the seeds'
+    results: the mean over seeds of the per-seed difference and its t interval (each seed's
+    difference is on its own test slides); and the AUC-against-budget curve.
+    """
+    seeds = sorted(per_seed)
+    rows: dict[tuple[str, float], dict[int, dict]] = {}
+    for seed in seeds:
+        for m in per_seed[seed]["methods"]:
+            rows.setdefault((m["method"], float(m["frac"])), {})[seed] = m
+    methods = []
+    for (method, frac), by_seed in rows.items():
+        row: dict[str, Any] = {"method": method, "frac": frac, "n_seeds": len(by_seed)}
+        for metric in METRICS:
+            values = [by_seed[s].get(metric) for s in by_seed]
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd(values)
+            row[f"{metric}_ci"] = _t_interval(values)
+        row["per_seed"] = [
+            {
+                "seed": s,
+                **{k: by_seed[s].get(k) for k in METRICS},
+                "n_slides": by_seed[s].get("n_slides"),
+            }
+            for s in sorted(by_seed)
+        ]
+        methods.append(row)
+    pairs: dict[tuple[str, str, str], list[float]] = {}
+    for seed in seeds:
+        for p in per_seed[seed].get("paired", []):
+            if p.get("diff") is not None:
+                pairs.setdefault((p["a"], p["b"], p["metric"]), []).append(p["diff"])
+    paired = [
+        {
+            "a": a,
+            "b": b,
+            "metric": metric,
+            "diff_mean": _mean_sd(diffs)[0],
+            "diff_sd": _mean_sd(diffs)[1],
+            "ci": _t_interval(diffs),
+            "n_seeds": len(diffs),
+        }
+        for (a, b, metric), diffs in pairs.items()
+    ]
+    curve = sorted(
+        (
+            {
+                "method": r["method"],
+                "frac": r["frac"],
+                "auc_mean": r["auc_mean"],
+                "auc_sd": r["auc_sd"],
+            }
+            for r in methods
+        ),
+        key=lambda r: (r["method"], r["frac"]),
+    )
+    return {
+        "seeds": seeds,
+        "preset": preset,
+        "n_test_slides": [per_seed[s].get("n_slides") for s in seeds],  # in seed order
+        "methods": methods,
+        "paired": paired,
+        "budget_curve": curve,
+    }
+
+
+def format_study(summary: dict[str, Any]) -> str:
+    """The study as Markdown: methods (mean ± sd [95 % CI] over seeds), then paired differences."""
+    n = len(summary["seeds"])
+
+    def cell(row: dict, metric: str) -> str:
+        mean, sd, ci = row.get(f"{metric}_mean"), row.get(f"{metric}_sd"), row.get(f"{metric}_ci")
+        if mean is None:
+            return "n/a"
+        text = f"{mean:.3f} ± {sd:.3f}"
+        return text + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+    lines = [
+        f"Over {n} seeds (each its own split and initialisation): mean ± sd [95% CI of the mean].",
+        "",
+        "| method | frac | AUC | accuracy | F1 | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["methods"]:
+        cells = " | ".join(cell(r, m) for m in METRICS)
+        lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells} |")
+    if summary["paired"]:
+        lines += [
+            "",
+            "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
+            "",
+            "| comparison | metric | difference |",
+            "|---|---|---|",
+        ]
+        for p in summary["paired"]:
+            ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {p['diff_mean']:+.3f}{ci} |")
+    return "\n".join(lines)

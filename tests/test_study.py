@@ -1,0 +1,128 @@
+"""`sasha study`: the pipeline over seeds, numbers across them, resumable, safe to share."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import kill_when
+from sasha_env.pipeline.study import Study, aggregate, format_study
+from sasha_env.slides.manifest import read_manifest
+
+SASHA = [sys.executable, "-m", "sasha_env.cli"]
+
+
+def test_aggregate_over_seeds_by_hand():
+    def results(auc_s, auc_r):
+        return {
+            "n_slides": 10,
+            "methods": [
+                {"method": "sasha", "frac": 0.1, "auc": auc_s, "accuracy": 0.8, "f1": 0.7, "ece": 0.1},
+                {"method": "random", "frac": 0.1, "auc": auc_r, "accuracy": 0.5, "f1": 0.5, "ece": 0.2},
+            ],
+            "paired": [
+                {"a": "sasha@0.1", "b": "random@0.1", "metric": "auc", "diff": auc_s - auc_r, "ci": None}
+            ],
+        }  # fmt: skip
+
+    summary = aggregate({0: results(0.9, 0.6), 1: results(0.8, 0.6), 2: results(1.0, 0.7)}, "demo")
+    sasha = next(m for m in summary["methods"] if m["method"] == "sasha")
+    assert sasha["auc_mean"] == pytest.approx(0.9) and sasha["auc_sd"] == pytest.approx(0.1)
+    half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)  # 4.303 * 0.1 / 1.732
+    assert sasha["auc_ci"] == pytest.approx([0.9 - half, 0.9 + half])
+    assert [p["seed"] for p in sasha["per_seed"]] == [0, 1, 2]
+    (pair,) = summary["paired"]
+    assert pair["diff_mean"] == pytest.approx(np.mean([0.3, 0.2, 0.3]))
+    assert pair["ci"][0] > 0  # consistently better across seeds
+    assert {"method": "random", "frac": 0.1, "auc_mean": pytest.approx(0.6333333), "auc_sd": pytest.approx(0.0577350)} in summary["budget_curve"]  # fmt: skip
+    assert "| sasha | 0.10 | 0.900 ± 0.100 [" in format_study(summary)
+
+
+def _study_dir(tmp_path, tiny_store):
+    root = tmp_path / "study"
+    root.mkdir()
+    shutil.copytree(tiny_store, root / "features.zarr")  # extracted once, before the seeds
+    return root
+
+
+def test_study_runs_each_seed_on_its_own_split_with_shared_features(
+    tiny_cohort, tiny_store, tmp_path
+):
+    root = _study_dir(tmp_path, tiny_store)
+    study = Study(
+        root, tiny_cohort, seeds=(0, 1), preset="tiny", progress=False, log=lambda m: None
+    )
+    summary = study.run()
+    assert summary == json.loads((root / "study.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["preset"] == "tiny"
+    for m in summary["methods"]:
+        assert {"auc_mean", "auc_sd", "auc_ci", "accuracy_mean", "f1_mean", "ece_mean"} <= set(m)
+        assert [p["seed"] for p in m["per_seed"]] == [0, 1]
+    assert {p["a"] for p in summary["paired"]} == {"sasha@0.1", "sasha@0.2"}
+    assert {(c["method"], c["frac"]) for c in summary["budget_curve"]} >= {
+        ("hafed", 1.0),
+        ("random", 0.1),
+    }
+    assert (root / "study.md").read_text().startswith("Over 2 seeds")
+
+    splits = [
+        {r.slide_id: r.split for r in read_manifest(study.seed_dir(s).manifest).records}
+        for s in (0, 1)
+    ]
+    assert splits[0] != splits[1]  # each seed draws its own split
+    shared = root / "features.zarr" / "slides"
+    sid = next(p.name for p in shared.iterdir())
+    chunk = next(
+        p for p in (shared / sid / "highres").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
+    linked = (
+        study.seed_dir(1).store
+        / "slides"
+        / sid
+        / "highres"
+        / chunk.relative_to(shared / sid / "highres")
+    )
+    assert linked.stat().st_ino == chunk.stat().st_ino  # shared, not copied
+    assert study.seed_dir(0).store.joinpath("slides", sid, "distilled").is_dir()
+    assert not (shared / sid / "distilled").exists()  # each seed distils into its own store
+
+
+def _cmd(root, manifest):
+    return [*SASHA, "study", "--manifest", str(manifest), "--workdir", str(root), "--preset", "tiny", "--seeds", "2", "--quiet"]  # fmt: skip
+
+
+def test_a_killed_study_resumes_at_the_seed_it_was_on(tiny_cohort, tiny_store, tmp_path):
+    root = _study_dir(tmp_path, tiny_store)
+    kill_when(
+        _cmd(root, tiny_cohort), (root / "seed-1" / "stages" / "hafed.json").is_file, timeout=600
+    )
+    done = (root / "seed-0" / "stages" / "evaluate.json").read_text()
+    proc = subprocess.run(_cmd(root, tiny_cohort), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[seed 0] [agents] done earlier" in proc.stdout
+    assert "[seed 1] [hafed] done earlier" in proc.stdout
+    assert (root / "seed-0" / "stages" / "evaluate.json").read_text() == done
+    assert json.loads((root / "study.json").read_text())["seeds"] == [0, 1]
+
+
+def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_store, tmp_path):
+    root = _study_dir(tmp_path, tiny_store)
+    procs = [
+        subprocess.Popen(
+            _cmd(root, tiny_cohort), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    text = "".join(o[0] for o in outs)
+    for seed in (0, 1):
+        assert text.count(f"[seed {seed}] [hafed] running") == 1, text[-3000:]
+        assert text.count(f"[seed {seed}] [agents] f=0.1: training") == 1
+    assert json.loads((root / "study.json").read_text())["seeds"] == [0, 1]
