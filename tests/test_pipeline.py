@@ -35,10 +35,17 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     by_frac = {(m["method"], m["frac"]) for m in results["methods"]}
     for frac in (0.1, 0.2):
         assert {("sasha", frac), ("random", frac), ("attention_topk", frac)} <= by_frac
+    for frac in (0.05, 0.3, 0.5):  # the AUC-against-budget curve of the baselines
+        assert {("random", frac), ("attention_topk", frac)} <= by_frac
+        assert ("sasha", frac) not in by_frac  # no agent trained at that budget
+    assert (tiny_workdir / "figures" / "budget_curve.png").is_file()
     for m in results["methods"]:  # every number comes with its interval over the test slides
         for metric in ("auc", "accuracy", "f1"):
             ci = m[f"{metric}_ci"]
-            assert ci is None or (len(ci) == 2 and ci[0] <= m[metric] <= ci[1]), (m, metric)
+            assert ci is None or (len(ci) == 2 and ci[0] - 1e-6 <= m[metric] <= ci[1] + 1e-6), (
+                m,
+                metric,
+            )
     pairs = {(p["a"], p["b"], p["metric"]) for p in results["paired"]}
     for frac in ("0.1", "0.2"):
         for other in (f"random@{frac}", f"attention_topk@{frac}", "hafed@1"):

@@ -70,6 +70,7 @@ def test_study_runs_each_seed_on_its_own_split_with_shared_features(
         ("random", 0.1),
     }
     assert (root / "study.md").read_text().startswith("Over 2 seeds")
+    assert (root / "budget_curve.png").stat().st_size > 10_000
 
     splits = [
         {r.slide_id: r.split for r in read_manifest(study.seed_dir(s).manifest).records}

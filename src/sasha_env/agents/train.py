@@ -42,6 +42,9 @@ class AgentConfig:
 
     fracs: tuple[float, ...] = (0.1, 0.2)
     """Zoom budgets f: one agent per f, episodes of ⌈f·N⌉ zooms."""
+    curve_fracs: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    """Budgets at which ``random`` and ``attention_topk`` are also evaluated, for the curve of
+    AUC against reading budget (SASHA is evaluated at ``fracs``)."""
     algo: str = "maskable_ppo"
     total_timesteps: int = 20_000
     n_envs: int = 4

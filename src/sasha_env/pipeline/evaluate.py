@@ -183,11 +183,11 @@ def evaluate_sampling(
     positive = bags.class_names[-1]
     rows: list[dict] = []
     (wd.root / "episodes").mkdir(exist_ok=True)
-    for frac in acfg.fracs:
+    for frac in sorted(set(acfg.fracs) | set(acfg.curve_fracs)):
         env = make_env(wd, split, frac, acfg)
         methods: list[tuple[str, list]] = []
         agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
-        if agent_dir.is_dir():  # the weights-only export: nothing from the workdir is unpickled
+        if frac in acfg.fracs and agent_dir.is_dir():  # weights only: nothing is unpickled
             methods.append(("sasha", [agent_policy(load_policy(agent_dir))]))
         methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
         methods.append(("attention_topk", [attention_topk_policy()]))

@@ -118,10 +118,66 @@ def zoom_paths(
     return written
 
 
+def budget_curve(points: list[dict], out: Path, title: str) -> Path:
+    """AUC against the fraction of the slide read at high resolution, one line per method.
+
+    Args:
+        points: ``{"method", "frac", "auc", "lo", "hi"}`` each; ``lo``/``hi`` (may be None)
+            draw the band: a bootstrap CI for one run, mean ± sd over seeds for a study.
+        out: the PNG to write.
+        title: the figure's title (say what the band is).
+    """
+    colours = {"sasha": "#d50032", "random": "#7f7f7f", "attention_topk": "#0072b2"}
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    by_method: dict[str, list[dict]] = {}
+    for p in points:
+        if p.get("auc") is not None:
+            by_method.setdefault(p["method"], []).append(p)
+    for method, pts in sorted(by_method.items()):
+        pts.sort(key=lambda p: p["frac"])
+        x = [p["frac"] for p in pts]
+        y = [p["auc"] for p in pts]
+        if len(pts) == 1 and method not in colours:  # full-resolution or low-res reference
+            ax.axhline(y[0], ls=":", lw=1, color="black" if method == "hafed" else "#bbbbbb")
+            ax.annotate(f"{method} (f={x[0]:g})", (0.01, y[0]), fontsize=7, va="bottom")
+            continue
+        colour = colours.get(method)
+        ax.plot(x, y, marker="o", ms=4, label=method, color=colour)
+        if all(p.get("lo") is not None for p in pts):
+            ax.fill_between(
+                x, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.18, color=colour
+            )
+    ax.set(xlabel="fraction of patches read at high resolution (f)", ylabel="test AUC", title=title)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
 def write_figures(wd: Workdir) -> list[Path]:
-    """Learning curves of every agent and zoom paths of the SASHA agents, under ``WORKDIR/figures``."""
+    """Learning curves of every agent, zoom paths of the SASHA agents and the AUC-against-budget
+    curve, under ``WORKDIR/figures``."""
     figs = wd.root / "figures"
     written = []
+    if wd.results.is_file():
+        results = json.loads(wd.results.read_text())
+        points = [
+            {
+                "method": m["method"],
+                "frac": m["frac"],
+                "auc": m.get("auc"),
+                "lo": (m.get("auc_ci") or [None, None])[0],
+                "hi": (m.get("auc_ci") or [None, None])[1],
+            }
+            for m in results["methods"]
+            if m["method"] in ("sasha", "random", "attention_topk", "hafed", "lowres_only")
+        ]
+        n = results.get("n_slides", "the")
+        title = f"AUC against budget ({n} test slides; bands: 95% bootstrap CI)"
+        written.append(budget_curve(points, figs / "budget_curve.png", title))
     csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
     if csvs:
         written.append(learning_curves(csvs, figs / "learning_curves.png"))

@@ -136,6 +136,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cpu_threads": (_positive, ">= 1 (or null)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "agents.fracs": (lambda v: len(v) > 0 and all(_fraction(f) for f in v), "fractions in (0, 1]"),
+    "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.total_timesteps": (_positive, ">= 1"),
     "agents.n_envs": (_positive, ">= 1"),
     "agents.n_steps": (_positive, ">= 1"),

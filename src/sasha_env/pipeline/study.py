@@ -115,6 +115,21 @@ class Study:
         write_json(self.root / "study.json", summary)
         text = format_study(summary) + "\n"
         replace_atomically(self.root / "study.md", lambda tmp: tmp.write_text(text))
+        from .figures import budget_curve
+
+        points = [
+            {
+                "method": c["method"],
+                "frac": c["frac"],
+                "auc": c["auc_mean"],
+                "lo": None if c["auc_sd"] is None else c["auc_mean"] - c["auc_sd"],
+                "hi": None if c["auc_sd"] is None else c["auc_mean"] + c["auc_sd"],
+            }
+            for c in summary["budget_curve"]
+            if c["method"] in ("sasha", "random", "attention_topk", "hafed", "lowres_only")
+        ]
+        title = f"AUC against budget over {len(self.seeds)} seeds (bands: mean ± sd)"
+        budget_curve(points, self.root / "budget_curve.png", title)
         return summary
 
     def seed_dir(self, seed: int) -> Workdir:
