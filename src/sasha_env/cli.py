@@ -301,12 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wandb_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides ``--wandb`` asks for."""
+    if not args.wandb:
+        return {}
+    return {"train": {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}}
+
+
 def _pipeline(args: argparse.Namespace, workdir: Path, manifest: Path | None):
     from .pipeline.runner import Pipeline
 
-    overrides: dict = {}
-    if args.wandb:
-        overrides["train"] = {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}
+    overrides = _wandb_overrides(args)
     return Pipeline(
         workdir=workdir,
         manifest=manifest,
@@ -369,9 +374,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    overrides: dict = {}
-    if args.wandb:
-        overrides["train"] = {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}
+    overrides = _wandb_overrides(args)
     summary = Study(
         workdir=args.workdir,
         manifest=args.manifest,
