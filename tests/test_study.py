@@ -127,3 +127,38 @@ def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_s
         assert text.count(f"[seed {seed}] [hafed] running") == 1, text[-3000:]
         assert text.count(f"[seed {seed}] [agents] f=0.1: training") == 1
     assert json.loads((root / "study.json").read_text())["seeds"] == [0, 1]
+
+
+def test_study_bars_script_reads_study_json(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "study_bars.py"
+    spec = importlib.util.spec_from_file_location("study_bars", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def results(s1, s2, r1, h):
+        rows = [
+            ("sasha", 0.1, s1),
+            ("sasha", 0.2, s2),
+            ("random", 0.1, r1),
+            ("attention_topk", 0.1, 0.6),
+            ("hafed", 1.0, h),
+        ]
+        return {
+            "methods": [{"method": m, "frac": f, "auc": a} for m, f, a in rows],
+            "paired": [{"a": "sasha@0.1", "b": "random@0.1", "metric": "auc", "diff": s1 - r1}],
+        }  # fmt: skip
+
+    good = aggregate(
+        {0: results(0.9, 0.95, 0.6, 0.96), 1: results(0.92, 0.93, 0.61, 0.94), 2: results(0.91, 0.94, 0.62, 0.95)},
+        "demo",
+    )  # fmt: skip
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert mod.main([str(tmp_path / "good.json")]) == 0
+    bad = aggregate({0: results(0.9, 0.8, 0.6, 0.96), 1: results(0.92, 0.85, 0.7, 0.94)}, "demo")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert mod.main([str(tmp_path / "bad.json")]) == 1
+    met = {name: ok for name, ok, _ in mod.bars(bad)}
+    assert not met["SASHA-0.2 >= HAFED - 0.02"] and met["SASHA-0.1 >= attention_topk-0.1"]
