@@ -139,7 +139,14 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
         y = [p["auc"] for p in pts]
         if len(pts) == 1 and method not in colours:  # full-resolution or low-res reference
             ax.axhline(y[0], ls=":", lw=1, color="black" if method == "hafed" else "#bbbbbb")
-            ax.annotate(f"{method} (f={x[0]:g})", (0.01, y[0]), fontsize=7, va="bottom")
+            ax.annotate(
+                f"{method} (f={x[0]:g}): {y[0]:.3f}",
+                (0.99, y[0]),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                ha="right",
+                va="bottom",
+            )
             continue
         colour = colours.get(method)
         ax.plot(x, y, marker="o", ms=4, label=method, color=colour)
