@@ -40,6 +40,7 @@ _API = {
     "load_agent": "sasha_env.agents.train",
     "run_episodes": "sasha_env.agents.policies",
     "Pipeline": "sasha_env.pipeline.runner",
+    "Study": "sasha_env.pipeline.study",
     "Predictor": "sasha_env.predict",
 }
 
