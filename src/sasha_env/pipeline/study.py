@@ -245,8 +245,12 @@ class _Claim:
 # ---------------------------------------------------------------------------- numbers
 
 
-def _t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
-    """Student-t interval of the mean over seeds (None for fewer than two values)."""
+def _t_interval(
+    values: list[float], level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
+) -> list[float] | None:
+    """Student-t interval of the mean over seeds, clipped to the metric's ``bounds`` (None for
+    fewer than two values). With few seeds the t interval of a metric near 1 reaches past 1;
+    the clip keeps it a statement about possible values."""
     from scipy import stats
 
     vals = [v for v in values if v is not None and not math.isnan(v)]
@@ -256,7 +260,7 @@ def _t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
 
     mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1)) * sd / math.sqrt(len(vals))
-    return [mean - half, mean + half]
+    return [max(bounds[0], mean - half), min(bounds[1], mean + half)]
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -310,7 +314,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             "metric": metric,
             "diff_mean": _mean_sd(diffs)[0],
             "diff_sd": _mean_sd(diffs)[1],
-            "ci": _t_interval(diffs),
+            "ci": _t_interval(diffs, bounds=(-1.0, 1.0)),
             "n_seeds": len(diffs),
         }
         for (a, b, metric), diffs in pairs.items()
