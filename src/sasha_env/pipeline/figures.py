@@ -151,9 +151,9 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
         colour = colours.get(method)
         ax.plot(x, y, marker="o", ms=4, label=method, color=colour)
         if all(p.get("lo") is not None for p in pts):
-            ax.fill_between(
-                x, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.18, color=colour
-            )
+            lo = np.clip([p["lo"] for p in pts], 0, 1)  # AUC lives in [0, 1]
+            hi = np.clip([p["hi"] for p in pts], 0, 1)
+            ax.fill_between(x, lo, hi, alpha=0.18, color=colour)
     ax.set(xlabel="fraction of patches read at high resolution (f)", ylabel="test AUC", title=title)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
