@@ -23,6 +23,7 @@ from ..config import dataclass_from_dict
 from ..envs.wsi import SashaWSIEnv
 from ..workdir import Workdir
 from .export import POLICY_WEIGHTS, export_policy
+from .selection import ValSelection
 
 __all__ = [
     "AgentConfig",
@@ -66,6 +67,10 @@ class AgentConfig:
     """torch threads while training; the policy's small matrices run fastest on one."""
     random_seeds: int = 5
     """Seeds the ``random`` baseline is averaged over."""
+    val_every: int = 0
+    """Validate the argmax policy on the val split every this many rollouts and keep the best
+    by the official criterion ``(2 − AUC − F1) + CE`` (:mod:`~sasha_env.agents.selection`);
+    0 keeps the last policy."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
@@ -235,8 +240,13 @@ def train_agent(
     t0 = time.perf_counter()
     try:
         model = _algorithm(cfg, env, seed, device)
-        log = EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, cfg.total_timesteps)
-        model.learn(total_timesteps=cfg.total_timesteps, callback=log)
+        callbacks: list[BaseCallback] = [
+            EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, cfg.total_timesteps)
+        ]
+        if cfg.val_every:
+            val_env = make_env(wd, "val", frac, cfg)  # max_patches="cohort", as in training
+            callbacks.append(selection := ValSelection(val_env, cfg.val_every, out_dir))
+        model.learn(total_timesteps=cfg.total_timesteps, callback=callbacks)
     finally:
         torch.set_num_threads(threads)
         env.close()
@@ -253,6 +263,8 @@ def train_agent(
         "max_patches": int(model.observation_space["features"].shape[0]),
         "policy": POLICY_WEIGHTS,
     }
+    if cfg.val_every:
+        meta["selected_on_val"] = selection.best
     write_json(out_dir / "agent.json", meta)
     return path
 

@@ -118,6 +118,37 @@ def zoom_paths(
     return written
 
 
+def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
+    """Validation AUC and the selection criterion against environment steps, one line per
+    agent, with the kept (lowest-criterion) point marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, path in sorted(curve_csvs.items()):
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            continue
+        t = np.array([float(r["timestep"]) for r in rows])
+        auc = np.array([float(r["auc"]) for r in rows])
+        score = np.array([float(r["score"]) for r in rows])
+        (line,) = axes[0].plot(t, auc, marker=".", label=name)
+        axes[1].plot(t, score, marker=".", color=line.get_color(), label=name)
+        best = int(np.argmin(score))
+        for ax, y in ((axes[0], auc), (axes[1], score)):
+            ax.scatter([t[best]], [y[best]], s=60, facecolors="none", edgecolors=line.get_color())
+    axes[0].set(xlabel="environment steps", ylabel="validation AUC", title="validation AUC")
+    axes[1].set(
+        xlabel="environment steps",
+        ylabel="(2 − AUC − F1) + CE",
+        title="selection criterion (circle: kept)",
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
 def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     """AUC against the fraction of the slide read at high resolution, one line per method.
 
@@ -188,6 +219,9 @@ def write_figures(wd: Workdir) -> list[Path]:
     csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
     if csvs:
         written.append(learning_curves(csvs, figs / "learning_curves.png"))
+    val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
+    if val:
+        written.append(val_curves(val, figs / "val_curves.png"))
     for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
         written += zoom_paths(wd, episodes, figs / "paths")
     return written

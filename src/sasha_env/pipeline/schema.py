@@ -139,6 +139,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.total_timesteps": (_positive, ">= 1"),
     "agents.n_envs": (_positive, ">= 1"),
+    "agents.val_every": (lambda v: v >= 0, ">= 0 (0: keep the last policy)"),
     "agents.n_steps": (_positive, ">= 1"),
     "agents.algo": (
         lambda v: v in ("maskable_ppo", "ppo", "a2c", "dqn"),

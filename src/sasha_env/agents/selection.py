@@ -1,0 +1,107 @@
+"""Validation-selected agents: score the argmax policy on the val split while it trains, keep the best.
+
+SASHA's official training keeps the epoch with the lowest ``(2 − AUC − F1) + CE`` on the
+validation slides, not the last policy: PPO's returns are noisy, and the policy at the end of a
+budget is often not its best. :class:`ValSelection` does the same for any SB3 algorithm the
+agents stage trains: every ``every`` rollouts it runs one argmax episode per validation slide,
+writes a row of ``val_curve.csv``, and remembers the weights with the lowest criterion; when
+training ends those weights are put back into the model, so the saved and exported agent is the
+selected one.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+
+from ..envs.wsi import SashaWSIEnv
+from .policies import agent_policy, run_episodes
+
+__all__ = ["VAL_CURVE", "ValSelection", "selection_score"]
+
+VAL_CURVE = "val_curve.csv"
+
+
+def selection_score(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The official selection criterion on validation slides, lower is better.
+
+    Args:
+        probs: ``(n, C)`` final-state class probabilities; labels: ``(n,)`` class indices.
+
+    Returns:
+        ``{'auc', 'f1', 'accuracy', 'ce', 'score'}`` with ``score = (2 − AUC − F1) + CE``
+        (an undefined AUC, one class only, counts as 0.5).
+    """
+    from sasha_models.metrics import classification_metrics
+
+    m = classification_metrics(probs, labels)
+    p = np.clip(np.asarray(probs, np.float64)[np.arange(len(labels)), labels], 1e-12, 1.0)
+    ce = float(-np.log(p).mean())
+    auc = 0.5 if math.isnan(m["auc"]) else m["auc"]
+    return {
+        "auc": m["auc"],
+        "f1": m["f1"],
+        "accuracy": m["accuracy"],
+        "ce": ce,
+        "score": (2 - auc - m["f1"]) + ce,
+    }
+
+
+class ValSelection(BaseCallback):
+    """SB3 callback: validate every ``every`` rollouts, keep the best weights, restore them at the end.
+
+    Args:
+        env: an environment over the validation split (same ``max_patches`` as training).
+        every: rollouts between validations (``>= 1``); the last policy is validated too.
+        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``).
+    """
+
+    def __init__(self, env: SashaWSIEnv, every: int, out_dir: Path) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"validate every >= 1 rollouts, got {every}")
+        self.env, self.every, self.path = env, int(every), Path(out_dir) / VAL_CURVE
+        self.rollouts = 0
+        self.best: dict | None = None
+        self._best_state: dict | None = None
+        self._last_step = -1
+
+    def _on_training_start(self) -> None:
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file = self.partial.open("w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["timestep", "auc", "f1", "accuracy", "ce", "score"])
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.rollouts % self.every == 0:
+            self._validate()
+
+    def _validate(self) -> None:
+        if self.num_timesteps == self._last_step:
+            return
+        self._last_step = self.num_timesteps
+        episodes = run_episodes(self.env, agent_policy(self.model), self.env.slide_ids)
+        probs = np.stack([e["probabilities"] for e in episodes])
+        labels = np.array([e["label"] for e in episodes])
+        row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
+        self.writer.writerow([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
+        self.file.flush()
+        if self.best is None or row["score"] < self.best["score"]:
+            self.best = row
+            self._best_state = copy.deepcopy(self.model.policy.state_dict())
+
+    def _on_training_end(self) -> None:
+        self._validate()  # the last policy competes too
+        self.file.close()
+        self.partial.replace(self.path)
+        if self._best_state is not None:
+            self.model.policy.load_state_dict(self._best_state)

@@ -1,0 +1,66 @@
+"""Validation-selected agents: the kept weights are the best of those evaluated on val."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sasha_env.agents.export import load_policy
+from sasha_env.agents.policies import agent_policy, run_episodes
+from sasha_env.agents.selection import VAL_CURVE, selection_score
+from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.workdir import Workdir
+
+
+def test_selection_score_by_hand():
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])
+    labels = np.array([0, 1, 1, 1])
+    s = selection_score(probs, labels)
+    ce = -np.mean(np.log([0.8, 0.7, 0.4, 0.9]))
+    # AUC: positives 0.7, 0.4, 0.9 against the negative 0.2 -> 1.0; F1 of class 1: 2 TP, 1 FN -> 0.8
+    assert s["auc"] == pytest.approx(1.0) and s["f1"] == pytest.approx(0.8)
+    assert s["ce"] == pytest.approx(ce) and s["score"] == pytest.approx(2 - 1.0 - 0.8 + ce)
+
+
+def test_the_kept_agent_is_the_best_one_evaluated(tiny_workdir, tmp_path):
+    wd = Workdir(tiny_workdir)
+    cfg = AgentConfig(
+        total_timesteps=192, n_envs=2, n_steps=16, batch_size=16, n_epochs=2, d_hidden=16,
+        learning_rate=3e-3, val_every=1,
+    )  # fmt: skip
+    out = tmp_path / "agent"
+    train_agent(wd, 0.2, cfg, out_dir=out, progress=False)
+    with (out / VAL_CURVE).open() as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    assert len(rows) >= 6  # one per rollout, and the last policy
+    best = min(rows, key=lambda r: r["score"])
+    meta = json.loads((out / "agent.json").read_text())
+    assert meta["selected_on_val"]["score"] == pytest.approx(best["score"])
+    assert meta["selected_on_val"]["timestep"] == best["timestep"]
+
+    env = make_env(wd, "val", 0.2, cfg)  # the exported agent scores exactly the best row
+    episodes = run_episodes(env, agent_policy(load_policy(out)), env.slide_ids)
+    probs = np.stack([e["probabilities"] for e in episodes])
+    labels = np.array([e["label"] for e in episodes])
+    assert selection_score(probs, labels)["score"] == pytest.approx(best["score"], abs=1e-5)
+
+
+def test_without_validation_the_last_policy_is_kept(tiny_workdir, tmp_path):
+    cfg = AgentConfig(total_timesteps=32, n_envs=2, n_steps=16, batch_size=16, n_epochs=1)
+    train_agent(Workdir(tiny_workdir), 0.2, cfg, out_dir=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / VAL_CURVE).exists()
+    assert "selected_on_val" not in json.loads((tmp_path / "a" / "agent.json").read_text())
+
+
+def test_val_curves_figure(tmp_path):
+    from sasha_env.pipeline.figures import val_curves
+
+    path = tmp_path / "val_curve.csv"
+    path.write_text(
+        "timestep,auc,f1,accuracy,ce,score\n64,0.5,0.4,0.5,0.7,1.8\n128,0.9,0.8,0.8,0.5,0.8\n"
+    )
+    out = val_curves({"sasha-0.1": path}, tmp_path / "val.png")
+    assert out.stat().st_size > 10_000
