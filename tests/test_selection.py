@@ -64,3 +64,30 @@ def test_val_curves_figure(tmp_path):
     )
     out = val_curves({"sasha-0.1": path}, tmp_path / "val.png")
     assert out.stat().st_size > 10_000
+
+
+def test_the_best_weights_come_back_even_when_the_last_policy_is_worse(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from sasha_env.agents import selection
+
+    scores = iter([1.0, 0.5, 0.9, 0.95])  # the second policy is the best; the last is not
+    episode = {"probabilities": np.array([0.5, 0.5]), "label": 0}
+    monkeypatch.setattr(selection, "run_episodes", lambda env, policy, ids: [episode])
+    monkeypatch.setattr(selection, "agent_policy", lambda model: None)
+    monkeypatch.setattr(selection, "selection_score", lambda p, y: dict.fromkeys(("auc", "f1", "accuracy", "ce"), 0.0) | {"score": next(scores)})  # fmt: skip
+    policy = torch.nn.Linear(1, 1, bias=False)
+    callback = selection.ValSelection(SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path)
+    callback.model = SimpleNamespace(policy=policy)
+    callback._on_training_start()
+    for step, weight in ((10, 1.0), (20, 2.0), (30, 3.0)):
+        policy.weight.data.fill_(weight)
+        callback.num_timesteps = step
+        callback._on_rollout_end()
+    policy.weight.data.fill_(4.0)
+    callback.num_timesteps = 40
+    callback._on_training_end()
+    assert policy.weight.item() == 2.0 and callback.best["timestep"] == 20
+    assert len((tmp_path / VAL_CURVE).read_text().splitlines()) == 5  # header + 4 checks
