@@ -37,7 +37,6 @@ _API = {
     "load_config": "sasha_env.config",
     "AgentConfig": "sasha_env.agents.train",
     "train_agent": "sasha_env.agents.train",
-    "load_agent": "sasha_env.agents.train",
     "run_episodes": "sasha_env.agents.policies",
     "Pipeline": "sasha_env.pipeline.runner",
     "Study": "sasha_env.pipeline.study",

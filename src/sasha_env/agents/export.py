@@ -7,8 +7,8 @@ pipeline trains is therefore also exported as::
     agents/<name>/policy.pt     the policy's state_dict: tensors only (torch.load weights_only=True)
     agents/<name>/policy.json   which policy class, its keyword arguments and its spaces
 
-and evaluation, ``sasha predict`` and the sweep read only these. The zip stays beside them for
-resuming training, which reads it as trusted input (``load_agent``).
+and evaluation, ``sasha predict`` and the sweep read only these; nothing in this package loads
+the zip. It stays beside them for resuming training with SB3's own loader, on trusted input.
 """
 
 from __future__ import annotations

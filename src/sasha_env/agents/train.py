@@ -31,7 +31,6 @@ __all__ = [
     "agent_name",
     "make_env",
     "train_agent",
-    "load_agent",
 ]
 
 ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn")
@@ -204,7 +203,8 @@ def train_agent(
 
     Writes ``out_dir/policy.pt`` + ``policy.json`` (the weights-only export that evaluation and
     ``predict`` read, see :mod:`~sasha_env.agents.export`), ``out_dir/agent.zip`` (SB3 format,
-    for resuming training: trusted input only), ``out_dir/episodes.csv`` (the learning curve)
+    for resuming training with SB3's own ``MaskablePPO.load``: it unpickles, so trusted input
+    only), ``out_dir/episodes.csv`` (the learning curve)
     and ``out_dir/agent.json`` (config, seconds). Returns the zip's path.
     """
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -267,16 +267,3 @@ def train_agent(
         meta["selected_on_val"] = selection.best
     write_json(out_dir / "agent.json", meta)
     return path
-
-
-def load_agent(path: Path, algo: str = "maskable_ppo", device: str = "cpu"):
-    """Load the SB3 zip saved by :func:`train_agent`, e.g. to train it further.
-
-    The zip holds pickled objects and loading it runs any code they carry: load only zips you
-    made. To act with a trained agent use :func:`~sasha_env.agents.export.load_policy`.
-    """
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3 import A2C, DQN, PPO
-
-    cls = {"maskable_ppo": MaskablePPO, "ppo": PPO, "a2c": A2C, "dqn": DQN}[algo]
-    return cls.load(path, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..atomic import replace_atomically  # noqa: E402
@@ -20,6 +23,26 @@ from ..slides.manifest import read_manifest  # noqa: E402
 from ..workdir import Workdir  # noqa: E402
 
 __all__ = ["learning_curves", "zoom_paths", "write_figures"]
+
+
+def _save(fig: Figure, out: Path, dpi: int = 110, legend_axes: Iterable[Axes] = ()) -> Path:
+    """Grid and legend on ``legend_axes``, tight layout, PNG written atomically, figure closed."""
+    for ax in legend_axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
+    return out
+
+
+def _curves(csvs: dict[str, Path]) -> Iterator[tuple[str, list[dict]]]:
+    """``(agent name, rows)`` of each per-agent CSV that has rows, by name."""
+    for name, path in sorted(csvs.items()):
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            yield name, rows
 
 
 def _rolling(x: np.ndarray, window: int) -> np.ndarray:
@@ -32,10 +55,7 @@ def _rolling(x: np.ndarray, window: int) -> np.ndarray:
 def learning_curves(episode_csvs: dict[str, Path], out: Path, window: int = 50) -> Path:
     """Episode return and training accuracy against environment steps, one line per agent."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, path in sorted(episode_csvs.items()):
-        rows = list(csv.DictReader(path.open()))
-        if not rows:
-            continue
+    for name, rows in _curves(episode_csvs):
         t = np.array([int(r["timestep"]) for r in rows])
         ret = np.array([float(r["episode_return"]) for r in rows])
         acc = np.array([int(r["correct"]) for r in rows], dtype=float)
@@ -48,14 +68,7 @@ def learning_curves(episode_csvs: dict[str, Path], out: Path, window: int = 50) 
     axes[1].set(
         xlabel="environment steps", ylabel="final prediction correct", title="training accuracy"
     )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save(fig, out, legend_axes=axes)
 
 
 def zoom_paths(
@@ -110,11 +123,7 @@ def zoom_paths(
         )
         ax.axis("off")
         ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.8)
-        fig.tight_layout()
-        path = out_dir / f"{sid}-{episodes_json.stem}.png"
-        replace_atomically(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, format="png"))
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"{sid}-{episodes_json.stem}.png", dpi=120))
     return written
 
 
@@ -122,10 +131,7 @@ def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
     """Validation AUC and the selection criterion against environment steps, one line per
     agent, with the kept (lowest-criterion) point marked."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, path in sorted(curve_csvs.items()):
-        rows = list(csv.DictReader(path.open()))
-        if not rows:
-            continue
+    for name, rows in _curves(curve_csvs):
         t = np.array([float(r["timestep"]) for r in rows])
         auc = np.array([float(r["auc"]) for r in rows])
         score = np.array([float(r["score"]) for r in rows])
@@ -140,20 +146,20 @@ def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
         ylabel="(2 − AUC − F1) + CE",
         title="selection criterion (circle: kept)",
     )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save(fig, out, legend_axes=axes)
+
+
+#: Methods the budget curve draws: the samplers as lines, HAFED (f = 1) and low-res (f = 0) as
+#: reference levels; the MIL baselines would only crowd it.
+BUDGET_METHODS = ("sasha", "random", "attention_topk", "hafed", "lowres_only")
 
 
 def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     """AUC against the fraction of the slide read at high resolution, one line per method.
 
     Args:
-        points: ``{"method", "frac", "auc", "lo", "hi"}`` each; ``lo``/``hi`` (may be None)
+        points: ``{"method", "frac", "auc", "lo", "hi"}`` each (methods outside
+            :data:`BUDGET_METHODS` are left out); ``lo``/``hi`` (may be None)
             draw the band: a bootstrap CI for one run, mean ± sd over seeds for a study.
         out: the PNG to write.
         title: the figure's title (say what the band is).
@@ -162,7 +168,7 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     by_method: dict[str, list[dict]] = {}
     for p in points:
-        if p.get("auc") is not None:
+        if p.get("auc") is not None and p["method"] in BUDGET_METHODS:
             by_method.setdefault(p["method"], []).append(p)
     for method, pts in sorted(by_method.items()):
         pts.sort(key=lambda p: p["frac"])
@@ -189,10 +195,7 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    replace_atomically(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_figures(wd: Workdir) -> list[Path]:
@@ -211,7 +214,6 @@ def write_figures(wd: Workdir) -> list[Path]:
                 "hi": (m.get("auc_ci") or [None, None])[1],
             }
             for m in results["methods"]
-            if m["method"] in ("sasha", "random", "attention_topk", "hafed", "lowres_only")
         ]
         n = results.get("n_slides", "the")
         title = f"AUC against budget ({n} test slides; bands: 95% bootstrap CI)"

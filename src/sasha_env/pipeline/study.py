@@ -93,7 +93,7 @@ class Study:
                 self.log(f"[study] seed {seed}: {claim.holder()} is running it; skipped")
                 continue
             try:
-                self._share_features(wd)
+                self._share_features(wd, cohort)
                 state = "checking" if _finished(wd) else "running"
                 self.log(f"[study] seed {seed}: {state} the pipeline in {wd.root}")
                 Pipeline(
@@ -126,7 +126,6 @@ class Study:
                 "hi": None if c["auc_sd"] is None else c["auc_mean"] + c["auc_sd"],
             }
             for c in summary["budget_curve"]
-            if c["method"] in ("sasha", "random", "attention_topk", "hafed", "lowres_only")
         ]
         title = f"AUC against budget over {len(self.seeds)} seeds (bands: mean ± sd)"
         budget_curve(points, self.root / "budget_curve.png", title)
@@ -147,7 +146,7 @@ class Study:
         unsplit.write(out)
         return out
 
-    def _share_features(self, wd: Workdir) -> None:
+    def _share_features(self, wd: Workdir, cohort: Path) -> None:
         """Give the seed's workdir the shared features (extracting them once, first)."""
         if wd.store.exists():
             return
@@ -156,7 +155,7 @@ class Study:
         while not claim.acquire():  # another process is extracting: wait for it
             time.sleep(2)
         try:
-            self._extract_once(shared)
+            self._extract_once(shared, cohort)
         finally:
             claim.release()
         wd.root.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,7 @@ class Study:
             shutil.copytree(shared, tmp)
         os.replace(tmp, wd.store)
 
-    def _extract_once(self, shared: Path) -> None:
+    def _extract_once(self, shared: Path, cohort: Path) -> None:
         from ..config import load_config
         from ..features.extract import ExtractConfig, extract_cohort
         from ..slides.grid import GridConfig
@@ -177,7 +176,7 @@ class Study:
 
         cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
         report = extract_cohort(
-            self._cohort_manifest(),
+            cohort,
             shared,
             GridConfig.from_dict(cfg.get("grid")),
             ExtractConfig.from_dict(cfg.get("extract")),
