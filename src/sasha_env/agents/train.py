@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 
 from ..atomic import replace_atomically, write_json
 from ..config import dataclass_from_dict
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn")
+PROTOCOLS = ("sb3", "paper")
 
 
 @dataclass
@@ -46,6 +48,19 @@ class AgentConfig:
     """Budgets at which ``random`` and ``attention_topk`` are also evaluated, for the curve of
     AUC against reading budget (SASHA is evaluated at ``fracs``)."""
     algo: str = "maskable_ppo"
+    protocol: str = "sb3"
+    """``sb3``: ``n_envs`` envs drawing random slides for ``total_timesteps`` steps, with the
+    optimiser settings below. ``paper``: SASHA's official protocol
+    (:mod:`~sasha_env.agents.protocol`, ``maskable_ppo`` only): every update on whole episodes
+    of one slide, each training slide ``episodes_per_slide`` times per epoch, ``epochs``
+    epochs, and the official optimiser for f (:meth:`sasha_models.policy.PPOConfig.paper`);
+    ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``,
+    ``learning_rate``, ``gamma``, ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not
+    used (``extra`` still overrides any SB3 argument, e.g. ``{learning_rate: 1e-4}``)."""
+    epochs: int = 25
+    """``protocol: paper``: passes over the training slides (official: 25)."""
+    episodes_per_slide: int = 2
+    """``protocol: paper``: episodes of one slide per update (official: 2)."""
     total_timesteps: int = 20_000
     n_envs: int = 4
     vec_env: str = "dummy"
@@ -62,12 +77,16 @@ class AgentConfig:
     clip_range: float = 0.2
     ent_coef: float = 0.01
     d_hidden: int = 128
+    use_coords: bool = True
+    """Feed each patch's grid position to the SASHA policy (the official agent sees the state
+    only); see the README's ablation."""
     cpu_threads: int | None = 1
     """torch threads while training; the policy's small matrices run fastest on one."""
     random_seeds: int = 5
     """Seeds the ``random`` baseline is averaged over."""
     val_every: int = 0
-    """Validate the argmax policy on the val split every this many rollouts and keep the best
+    """Validate the argmax policy on the val split every this many rollouts (epochs under
+    ``protocol: paper``) and keep the best
     by the official criterion ``(2 − AUC − F1) + CE`` (:mod:`~sasha_env.agents.selection`);
     0 keeps the last policy."""
     extra: dict = field(default_factory=dict)
@@ -78,6 +97,15 @@ class AgentConfig:
         cfg = dataclass_from_dict(cls, d, "agents")
         if cfg.algo not in ALGORITHMS:
             raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+        if cfg.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"
+            )
+        if cfg.protocol == "paper" and cfg.algo != "maskable_ppo":
+            raise ValueError(
+                f"agents.protocol 'paper' trains maskable_ppo only, not {cfg.algo!r}; use "
+                "protocol 'sb3' for the algorithm benchmark"
+            )
         return cfg
 
 
@@ -99,13 +127,23 @@ def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) 
     )
 
 
-def _algorithm(cfg: AgentConfig, env, seed: int, device: str):
+def _algorithm(cfg: AgentConfig, env, seed: int, device: str, frac: float):
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
 
-    from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+    from sasha_models.policy import PPOConfig, SashaActorCriticPolicy, SashaPPOPolicy
+
+    from .protocol import SlideOrderedPPO
 
     policy_kwargs = {"d_hidden": cfg.d_hidden}
+    if not cfg.use_coords:
+        policy_kwargs["use_coords"] = False
+    if cfg.protocol == "paper":
+        kwargs = PPOConfig.paper(frac).to_sb3_kwargs(
+            episode_len=1, policy_kwargs=policy_kwargs
+        )  # n_steps is re-sized to each slide's block before every rollout
+        kwargs |= {"seed": seed, "device": device, "verbose": 0, **cfg.extra}
+        return SlideOrderedPPO(SashaActorCriticPolicy, env, **kwargs)
     common = {
         "learning_rate": cfg.learning_rate,
         "gamma": cfg.gamma,
@@ -220,8 +258,16 @@ def train_agent(
 
         return make
 
-    vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
-    env = vec_cls([factory(i) for i in range(cfg.n_envs)])
+    total = cfg.total_timesteps
+    if cfg.protocol == "paper":
+        from .protocol import SlideSchedule
+
+        schedule = SlideSchedule(make_env(wd, "train", frac, cfg), cfg.episodes_per_slide, seed)
+        total = cfg.epochs * schedule.steps_per_epoch()  # whole epochs, exactly
+        env = DummyVecEnv([lambda: schedule])
+    else:
+        vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
+        env = vec_cls([factory(i) for i in range(cfg.n_envs)])
     wandb_run = None
     if wandb is not None:
         import wandb as wandb_lib
@@ -239,14 +285,17 @@ def train_agent(
         torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
     try:
-        model = _algorithm(cfg, env, seed, device)
+        model = _algorithm(cfg, env, seed, device, frac)
+        model.set_logger(Logger(None, []))  # SB3's default makes an empty /tmp/SB3-<date> per run
         callbacks: list[BaseCallback] = [
-            EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, cfg.total_timesteps)
+            EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, total)
         ]
         if cfg.val_every:
             val_env = make_env(wd, "val", frac, cfg)  # max_patches="cohort", as in training
-            callbacks.append(selection := ValSelection(val_env, cfg.val_every, out_dir))
-        model.learn(total_timesteps=cfg.total_timesteps, callback=callbacks)
+            # under the paper protocol a rollout is one slide's block: validate per epoch
+            every = cfg.val_every * (len(schedule.slide_ids) if cfg.protocol == "paper" else 1)
+            callbacks.append(selection := ValSelection(val_env, every, out_dir))
+        model.learn(total_timesteps=total, callback=callbacks)
     finally:
         torch.set_num_threads(threads)
         env.close()
@@ -260,6 +309,7 @@ def train_agent(
         "seed": seed,
         "config": asdict(cfg),
         "train_seconds": round(time.perf_counter() - t0, 2),
+        "timesteps": int(model.num_timesteps),
         "max_patches": int(model.observation_space["features"].shape[0]),
         "policy": POLICY_WEIGHTS,
     }

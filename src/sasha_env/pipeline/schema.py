@@ -146,6 +146,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "one of maskable_ppo, ppo, a2c, dqn",
     ),
     "agents.vec_env": (lambda v: v in ("dummy", "subproc"), "dummy or subproc"),
+    "agents.protocol": (lambda v: v in ("sb3", "paper"), "sb3 or paper"),
+    "agents.epochs": (_positive, ">= 1"),
+    "agents.episodes_per_slide": (_positive, ">= 1"),
     "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),
     "split.shares": (lambda v: min(v) >= 0 and sum(v) > 0, "three non-negative shares"),
     "tsu.tau": (
