@@ -16,6 +16,7 @@ from sasha_env.predict import Predictor
 from sasha_env.slides.manifest import read_manifest
 from sasha_env.slides.slide import Slide
 from sasha_env.workdir import Workdir
+from sasha_models.calibration import read_calibrations
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
 
@@ -31,13 +32,18 @@ def test_predict_matches_cached_evaluation(tiny_workdir):
         e["slide_id"]: e for e in json.loads((wd.root / "episodes" / "sasha-0.1.json").read_text())
     }
     predictor = Predictor(wd.root, frac=0.1)
+    calibration = read_calibrations(wd.calibration)["sasha@0.1"]
     for record in _test_slides(wd):
         out = predictor.predict(record.path)
         ep = episodes[record.slide_id]
         coords = store.read(record.slide_id, "coords")
         assert out["zoomed_coords"] == coords[ep["zoomed"]].tolist()  # the same patches, in order
-        probs = [out["probabilities"][c] for c in predictor.class_names]
-        np.testing.assert_allclose(probs, ep["probabilities"], atol=1e-4)
+        raw = [out["probabilities_raw"][c] for c in predictor.class_names]
+        np.testing.assert_allclose(raw, ep["probabilities"], atol=1e-4)
+        probs = [out["probabilities"][c] for c in predictor.class_names]  # val-calibrated
+        assert out["calibrated"] and out["calibration"]["temperature"] == calibration.temperature
+        np.testing.assert_allclose(probs, calibration.apply(np.array(raw)), atol=1e-5)
+        assert out["label"] == predictor.class_names[int(np.argmax(probs))]
         assert out["frac_read"] == pytest.approx(len(ep["zoomed"]) / out["n_patches"])
         assert out["n_patches"] == store.slide_attrs(record.slide_id)["n_patches"]
         assert {
@@ -58,7 +64,7 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
     wd = Workdir(tiny_workdir)
     hafed = load_model(wd.model("hafed"))
     store = FeatureStore(wd.store)
-    predictor = Predictor(wd.root, full=True)
+    predictor = Predictor(wd.root, full=True, calibrate=False)
     record = _test_slides(wd)[0]
     out = predictor.predict(record.path)
     with torch.inference_mode():
@@ -70,6 +76,14 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
         [out["probabilities"][c] for c in predictor.class_names], expected, atol=1e-4
     )
     assert out["frac_read"] == 1.0 and out["zoomed_coords"] == []
+    assert not out["calibrated"] and "probabilities_raw" not in out
+    calibrated = Predictor(wd.root, full=True).predict(record.path)  # hafed@1's calibration
+    hafed_cal = read_calibrations(wd.calibration)["hafed@1"]
+    np.testing.assert_allclose(
+        [calibrated["probabilities"][c] for c in predictor.class_names],
+        hafed_cal.apply(expected),
+        atol=1e-5,
+    )
 
 
 def test_predict_on_a_real_aperio_slide(tiny_workdir, tmp_path):

@@ -205,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "distilled, and the TSU updates similar patches. Prints one JSON record per line "
         "(probabilities, predicted label, zoomed patch coordinates in level-0 pixels with their "
         "side, fraction of high-res sub-patches read, seconds per phase). --full reads every "
-        "high-res sub-patch instead (the baseline). A slide that fails gets a record with "
+        "high-res sub-patch instead (the baseline). Probabilities are calibrated with the "
+        "temperature and bias the calibrate stage fitted on the val split, when the workdir has "
+        "them ('calibrated': true; the raw ones are in 'probabilities_raw'). "
+        "A slide that fails gets a record with "
         "'error' and the others go on; the exit status is then 1.",
     )
     p.add_argument("slides", type=Path, nargs="*", metavar="SLIDE", help="slide files")
@@ -225,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument(
         "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="report HAFED's raw probabilities, not the val-calibrated ones",
     )
     p.add_argument(
         "--pictures",
@@ -408,6 +416,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         full=args.full,
         batch_size=args.batch_size,
         device=args.device,
+        calibrate=not args.no_calibration,
     )
     failed = 0
     for path in slides:

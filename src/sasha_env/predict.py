@@ -98,6 +98,9 @@ class Predictor:
             cut into such batches too); ``None``: :func:`default_batch_size`.
         device: where the backbone runs (``"cpu"``, ``"cuda"``, ...); the small models
             (HAFED, TSU, agent) stay on the CPU.
+        calibrate: apply the temperature and bias the calibrate stage fitted on the val split
+            for this mode (``hafed@1`` with ``full``, else ``sasha@<f>``), when the workdir
+            has them; the raw probabilities are kept in the record too.
     """
 
     def __init__(
@@ -107,7 +110,9 @@ class Predictor:
         full: bool = False,
         batch_size: int | None = None,
         device: str | torch.device = "cpu",
+        calibrate: bool = True,
     ):
+        from sasha_models.calibration import read_calibrations
         from sasha_models.checkpoint import load_model
 
         from .agents.export import load_policy
@@ -141,6 +146,10 @@ class Predictor:
         self.class_names = self.manifest.class_names
         self.hafed = load_model(self.wd.require(self.wd.model("hafed"), "hafed")).eval()
         self.tsu = load_model(self.wd.require(self.wd.model("tsu"), "tsu")).eval()
+        self.calibration = None
+        if calibrate:
+            key = "hafed@1" if full else f"sasha@{self.frac:g}"
+            self.calibration = read_calibrations(self.wd.calibration).get(key)
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:
@@ -216,12 +225,16 @@ class Predictor:
                 lo = (rows[i][None] for i in range(grid.n))
                 z = self._embed_stream(lo, timer, "read_lowres", "embed_lowres")
                 probs, zoomed, updated, n_read = self._sample(slide, grid, z, timer)
+        raw = probs
+        if self.calibration is not None:
+            probs = self.calibration.apply(raw)
         record = {
             "slide": str(path),
             "slide_id": path.stem,
             "mode": "full" if self.full else f"sasha-{self.frac:g}",
-            "probabilities": {c: float(p) for c, p in zip(self.class_names, probs, strict=True)},
+            "probabilities": self._named(probs),
             "label": self.class_names[int(np.argmax(probs))],
+            "calibrated": self.calibration is not None,
             "n_patches": grid.n,
             "zoomed_coords": grid.coords[zoomed].tolist(),
             "zoomed_size_px": float(grid.cell_px),
@@ -229,12 +242,21 @@ class Predictor:
             "seconds": {k: round(v, 4) for k, v in timer.items()}
             | {"total": round(time.perf_counter() - t_start, 4)},
         }
+        if self.calibration is not None:
+            record["probabilities_raw"] = self._named(raw)
+            record["calibration"] = {
+                "temperature": self.calibration.temperature,
+                "bias": list(self.calibration.bias),
+            }
         if note:
             record["note"] = note
         if picture is not None and not self.full:
             self._draw(path, grid, zoomed, updated, picture)
             record["picture"] = str(picture)
         return record
+
+    def _named(self, probs: np.ndarray) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
 
     def _full(self, slide: Slide, grid, timer: _Timer):
         hi = (read_patch(slide, grid, i, low=False)[1] for i in range(grid.n))

@@ -11,6 +11,7 @@
       agents/<name>/           trained agents
       stages/<stage>.json      completion markers: a stage whose marker matches is skipped
       stages/<stage>.units/    finished units of a stage with several (one agent per budget)
+      calibration.json         temperature and bias per method, fitted on the val split
       results.json             the results table on the test split
 """
 
@@ -52,6 +53,10 @@ class Workdir:
 
     def marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
 
     @property
     def results(self) -> Path:

@@ -22,6 +22,7 @@ from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..slides.tumour import hit_rate
 from ..workdir import Workdir
+from .calibrate import method_name
 
 __all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
 
@@ -61,12 +62,13 @@ def evaluate_workdir(
         ids, probs, labels = predict_probs(model, bags, split, kind)
         metrics = classification_metrics(probs, labels)
         rows.append({"method": method, "frac": frac, **_clean(metrics), "n_slides": len(ids)})
-        predictions[_name(method, frac)] = (list(ids), [np.asarray(probs)])
+        predictions[method_name(method, frac)] = (list(ids), [np.asarray(probs)])
         log(f"[evaluate] {method}: AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}")
     rows += evaluate_sampling(wd, cfg, bags, split, log, predictions)
     slide_ids = bags.slide_ids(split)
     labels = np.array([bags.label(s) for s in slide_ids])
     paired = add_uncertainty(rows, predictions, slide_ids, labels, seed=int(cfg.get("seed", 0)))
+    add_calibrated(rows, predictions, slide_ids, labels, wd, log)
     results = {
         "split": split,
         "class_names": bags.class_names,
@@ -98,11 +100,6 @@ def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> di
     return out
 
 
-def _name(method: str, frac: float) -> str:
-    """``sasha@0.1``: a method at a budget, as ``paired`` names them."""
-    return f"{method}@{frac:g}"
-
-
 def add_uncertainty(
     rows: list[dict],
     predictions: dict[str, tuple[list[str], list[np.ndarray]]],
@@ -132,17 +129,21 @@ def add_uncertainty(
             a[order] = r  # rows in slide_ids order
         boots[name] = bootstrap_metrics(aligned, labels, idx)
     for row in rows:
-        b = boots.get(_name(row["method"], row["frac"]))
+        b = boots.get(method_name(row["method"], row["frac"]))
         if b is not None:
             for metric in ("auc", "accuracy", "f1"):
                 row[f"{metric}_ci"] = percentile_ci(b[metric], CI_LEVEL)
-    by_name = {_name(r["method"], r["frac"]): r for r in rows}
+    by_name = {method_name(r["method"], r["frac"]): r for r in rows}
     paired = []
     for row in rows:
         if row["method"] != "sasha":
             continue
-        a = _name("sasha", row["frac"])
-        for b in (_name("random", row["frac"]), _name("attention_topk", row["frac"]), "hafed@1"):
+        a = method_name("sasha", row["frac"])
+        for b in (
+            method_name("random", row["frac"]),
+            method_name("attention_topk", row["frac"]),
+            "hafed@1",
+        ):
             if b not in boots:
                 continue
             for metric in ("auc", "accuracy"):
@@ -151,6 +152,36 @@ def add_uncertainty(
                 ci = percentile_ci(boots[a][metric] - boots[b][metric], CI_LEVEL)
                 paired.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci": ci})
     return paired
+
+
+def add_calibrated(
+    rows: list[dict],
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]],
+    slide_ids: list[str],
+    labels: np.ndarray,
+    wd: Workdir,
+    log: Callable[[str], None] = say,
+) -> None:
+    """Add ``calibrated`` (accuracy, F1, ECE, AUC after the val-fitted calibration) to each row
+    that ``calibration.json`` covers; the row's own metrics stay the raw ones."""
+    from sasha_models.calibration import read_calibrations
+    from sasha_models.metrics import classification_metrics
+
+    calibrations = read_calibrations(wd.calibration)
+    position = {s: i for i, s in enumerate(slide_ids)}
+    for row in rows:
+        name = method_name(row["method"], row["frac"])
+        if name not in calibrations:
+            continue
+        ids, runs = predictions[name]
+        y = labels[[position[s] for s in ids]]
+        c = calibrations[name]
+        metrics = _clean(classification_metrics(c.apply(runs[0]), y))
+        row["calibrated"] = {"temperature": c.temperature, "bias": list(c.bias), **metrics}
+        log(
+            f"[evaluate] {name} calibrated on val: accuracy {_fmt(row['accuracy'])} -> "
+            f"{_fmt(metrics['accuracy'])}, ECE {_fmt(row['ece'])} -> {_fmt(metrics['ece'])}"
+        )
 
 
 def evaluate_sampling(
@@ -194,7 +225,7 @@ def evaluate_sampling(
         for method, policies in methods:
             runs = [run_episodes(env, policy, ids) for policy in policies]
             if predictions is not None:
-                predictions[_name(method, frac)] = (
+                predictions[method_name(method, frac)] = (
                     [e["slide_id"] for e in runs[0]],
                     [np.stack([e["probabilities"] for e in run]) for run in runs],
                 )
@@ -284,6 +315,22 @@ def format_table(results: dict | str | Path) -> str:
             diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {diff}{ci} |")
+    calibrated = [m for m in results["methods"] if m.get("calibrated")]
+    if calibrated:
+        lines += [
+            "",
+            "Calibrated on the val split (temperature T and class bias b; test slides):",
+            "",
+            "| method | frac | T | b | accuracy raw → calibrated | ECE raw → calibrated |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in calibrated:
+            c = m["calibrated"]
+            lines.append(
+                f"| {m['method']} | {m['frac']:.2f} | {c['temperature']:.2f} | "
+                f"{c['bias'][-1]:+.2f} | {_fmt(m['accuracy'])} → {_fmt(c['accuracy'])} | "
+                f"{_fmt(m['ece'])} → {_fmt(c['ece'])} |"
+            )
     return "\n".join(lines)
 
 

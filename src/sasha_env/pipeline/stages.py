@@ -299,7 +299,12 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
         out = p.wd.agent_dir(agent_name(frac, cfg.algo))
 
         def train(frac: float = frac, out: Path = out) -> dict:
-            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {cfg.total_timesteps} steps")
+            budget = (
+                f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
+                if cfg.protocol == "paper"
+                else f"{cfg.total_timesteps} steps"
+            )
+            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}")
             train_agent(
                 p.wd,
                 frac,
@@ -321,6 +326,13 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
         if cached:
             p.log(f"[agents] f={frac:g}: trained earlier, kept")
     return {"agents": agents, "algo": cfg.algo}
+
+
+def _run_calibrate(p: Pipeline, ctx: StageContext) -> dict:
+    from .calibrate import calibrate_workdir
+
+    out = calibrate_workdir(p.wd, p.cfg, log=p.log)
+    return {"calibration": str(p.wd.calibration), "methods": sorted(out["methods"])}
 
 
 def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
@@ -446,9 +458,16 @@ def _stages() -> dict[str, Stage]:
             _run_agents,
         ),
         Stage(
+            "calibrate",
+            ("agents",),
+            ("hafed", "agents"),
+            "calibration.json (temperature and bias per method, fitted on val)",
+            _run_calibrate,
+        ),
+        Stage(
             "evaluate",
             ("agents",),
-            ("hafed", "lowres", *BASELINE_STAGES, "agents"),
+            ("hafed", "lowres", *BASELINE_STAGES, "agents", "calibrate"),
             "results.json, episodes/, figures/ (every method on the test split)",
             _run_evaluate,
         ),

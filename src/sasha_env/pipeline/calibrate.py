@@ -1,0 +1,79 @@
+"""The calibrate stage: fit a temperature and class bias per method on the validation split.
+
+For HAFED (its slide probabilities on full high-res bags) and for each trained SASHA agent
+(HAFED's probabilities on the final state of the agent's argmax episode at budget f), a
+:class:`sasha_models.calibration.Calibration` is fitted on the val slides and written to
+``WORKDIR/calibration.json``::
+
+    {"split": "val", "n_slides": 15, "methods": {"hafed@1": {"temperature", "bias", "n_fit",
+     "nll_before", "nll_after"}, "sasha@0.1": {...}, ...}}
+
+Evaluation reports every calibrated method's accuracy, F1 and ECE before and after, and
+``sasha predict`` returns calibrated probabilities. The test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..atomic import write_json
+from ..config import say
+from ..features.bags import StoreBags
+from ..features.store import FeatureStore
+from ..slides.manifest import read_manifest
+from ..workdir import Workdir
+
+__all__ = ["calibrate_workdir", "method_name"]
+
+
+def method_name(method: str, frac: float) -> str:
+    """``sasha@0.1``: a method at a budget (as ``results.json``'s ``paired`` names them)."""
+    return f"{method}@{frac:g}"
+
+
+def calibrate_workdir(
+    wd: Workdir, cfg: dict, split: str = "val", log: Callable[[str], None] = say
+) -> dict:
+    """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent."""
+    from sasha_models.calibration import fit_calibration
+    from sasha_models.lit import load_model, predict_probs
+
+    from ..agents.export import load_policy
+    from ..agents.policies import agent_policy, run_episodes
+    from ..agents.train import AgentConfig, agent_name, make_env
+
+    bags = StoreBags(FeatureStore(wd.store), read_manifest(wd.manifest))
+    ids = bags.slide_ids(split)
+    if not ids:
+        raise RuntimeError(f"no slide of split '{split}' is in the store; cannot calibrate")
+    fitted: dict[str, dict] = {}
+
+    def fit(name: str, probs: np.ndarray, labels: np.ndarray) -> None:
+        c = fit_calibration(probs, labels)
+        fitted[name] = c.to_dict()
+        log(
+            f"[calibrate] {name}: T = {c.temperature:.3f}, bias = {c.bias[-1]:+.3f}, "
+            f"val NLL {c.nll_before:.3f} -> {c.nll_after:.3f}"
+        )
+
+    _, probs, labels = predict_probs(
+        load_model(wd.require(wd.model("hafed"), "hafed")), bags, split, "highres"
+    )
+    fit(method_name("hafed", 1.0), np.asarray(probs), np.asarray(labels))
+    acfg = AgentConfig.from_dict(cfg.get("agents"))
+    for frac in acfg.fracs:
+        agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
+        if not agent_dir.is_dir():
+            continue
+        env = make_env(wd, split, frac, acfg)
+        episodes = run_episodes(env, agent_policy(load_policy(agent_dir)), ids)
+        fit(
+            method_name("sasha", frac),
+            np.stack([e["probabilities"] for e in episodes]),
+            np.array([e["label"] for e in episodes]),
+        )
+    out = {"split": split, "n_slides": len(ids), "methods": fitted}
+    write_json(wd.calibration, out)
+    return out
