@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import gymnasium as gym
@@ -155,10 +156,19 @@ def hand_workdir(tmp_path_factory):
     return build_workdir(tmp_path_factory.mktemp("hand_wd"), [hand, other], hafed, tsu)
 
 
-@pytest.mark.parametrize("anchor", ["state", "lowres"])
+@pytest.mark.parametrize("anchor", ["state", "lowres", "from-tsu"])
 @pytest.mark.parametrize("reward", ["ce", "delta"])
 def test_hand_computed_episode(hand_workdir, anchor, reward):
-    env = make(hand_workdir, frac=0.5, anchor=anchor, reward=reward, correct_bonus=0.25)
+    if anchor == "from-tsu":  # a TSU trained with tsu.anchor: lowres carries it to every env
+        from sasha_models.checkpoint import load_model
+
+        tsu = load_model(hand_workdir / "models" / "tsu" / "model.pt")
+        tsu.cfg = dataclasses.replace(tsu.cfg, anchor="lowres")
+        env = make(hand_workdir, frac=0.5, tsu=tsu, reward=reward, correct_bonus=0.25)
+        assert env.anchor == "lowres"
+        anchor = "lowres"
+    else:
+        env = make(hand_workdir, frac=0.5, anchor=anchor, reward=reward, correct_bonus=0.25)
     obs, info = env.reset(seed=0)
     assert info["slide_id"] == "hand" and info["budget"] == 3 and info["label"] == 1
     np.testing.assert_allclose(env.probabilities[1], np.exp(neg_ce(Z)), rtol=1e-6)

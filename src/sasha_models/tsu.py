@@ -42,6 +42,10 @@ class TSUConfig:
             output LayerNorm, last layer zero-initialised so training starts at the identity
             baseline — for features that are not layer-normalised (e.g. pooled CNN features,
             whose rows differ in scale, which an output LayerNorm cannot reproduce).
+        anchor: which row of a zoomed patch a the environment compares and feeds to the TSU:
+            ``"state"`` (official code: the current state row ``S[a]``) or ``"lowres"`` (paper
+            text and training pairs: ``z_a``); see :class:`sasha_env.envs.wsi.SashaWSIEnv`.
+            Stored with the weights so every env built from this TSU applies it the same way.
     """
 
     d: int = 384
@@ -52,6 +56,7 @@ class TSUConfig:
     weight_decay: float = 4e-4
     max_epochs: int = 100
     residual: bool = False
+    anchor: str = "state"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of the fields (what checkpoints store)."""

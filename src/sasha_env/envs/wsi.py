@@ -100,7 +100,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         correct_bonus: added to the last reward when the final prediction is correct.
         illegal_penalty: reward of an illegal step.
         tau: cosine threshold τ; ``None`` takes the TSU checkpoint's ``cfg.tau``.
-        anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above.
+        anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above; ``None``
+            takes the TSU checkpoint's ``cfg.anchor`` (``"state"`` when it has none).
         max_patches: padded size P of the observation and action space: an int, ``None`` or
             ``"split"`` (the largest N of the split), or ``"cohort"`` (the largest N of every
             slide of the manifest in the store — use it, or the same int, for the train and
@@ -150,7 +151,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         correct_bonus: float = 0.0,
         illegal_penalty: float = -1.0,
         tau: float | None = None,
-        anchor: Literal["state", "lowres"] = "state",
+        anchor: Literal["state", "lowres"] | None = None,
         max_patches: int | Literal["split", "cohort"] | None = None,
         incremental: bool = True,
         cache_mb: float = 1024,
@@ -161,13 +162,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             raise ValueError(f"frac must be in (0, 1], got {frac}")
         if reward not in ("ce", "delta"):
             raise ValueError(f"reward must be 'ce' or 'delta', got {reward!r}")
-        if anchor not in ("state", "lowres"):
-            raise ValueError(f"anchor must be 'state' or 'lowres', got {anchor!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         src = resolve_sources(workdir, split, store, manifest, hafed, tsu)
         self.split, self.frac = split, float(frac)
-        self.reward_mode, self.anchor = reward, anchor
+        self.reward_mode = reward
         self.correct_bonus, self.illegal_penalty = float(correct_bonus), float(illegal_penalty)
         self.render_mode = render_mode
         self.store, self.manifest = src.store, src.manifest
@@ -180,6 +179,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                 raise ValueError("the TSU has no cfg.tau; pass tau=")
             tau = cfg.tau
         self.tau = float(tau)
+        if anchor is None:
+            anchor = getattr(getattr(self.tsu, "cfg", None), "anchor", "state")
+        if anchor not in ("state", "lowres"):
+            raise ValueError(f"anchor must be 'state' or 'lowres', got {anchor!r}")
+        self.anchor = anchor
         self.d = int(self.store.feature_dim)
         largest = max(src.slides.n_patches.values())
         if max_patches is None or max_patches == "split":

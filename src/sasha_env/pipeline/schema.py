@@ -156,6 +156,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "in (0, 1] or auto",
     ),
     "tsu.tau_quantile": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "tsu.anchor": (lambda v: v in ("state", "lowres"), "state or lowres"),
     "extract.num_workers": (lambda v: v >= 0, ">= 0"),
     "grid.patch_px": (_positive, ">= 1"),
     "grid.zoom": (_positive, ">= 1"),
