@@ -1,0 +1,78 @@
+"""Aggregate RL statistics (IQM, stratified bootstrap, probability of improvement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sasha_env.agents.aggregate import (
+    iqm,
+    mean,
+    probability_of_improvement,
+    stratified_bootstrap,
+)
+
+
+def test_iqm_by_hand():
+    assert iqm(np.arange(1, 9).reshape(4, 2)) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
+    one_bad_run = np.array([[0.0, 10], [10, 10], [10, 10], [10, 100]])
+    assert iqm(one_bad_run) == pytest.approx(10.0) and mean(one_bad_run) == pytest.approx(20.0)
+
+
+def test_probability_of_improvement_by_hand():
+    x = np.array([[1.0, 2], [3, 4]])
+    y = np.array([[2.0, 2], [1, 5]])
+    # task 0: (1>2) 0, (1=1) ½, (3>2) 1, (3>1) 1 -> 0.625; task 1: ½, 0, 1, 0 -> 0.375
+    assert probability_of_improvement(x, y) == pytest.approx(0.5)
+    assert probability_of_improvement(x + 10, y) == 1.0
+    assert probability_of_improvement(y, y) == 0.5
+    with pytest.raises(ValueError, match="share their tasks"):
+        probability_of_improvement(x, y[:, :1])
+
+
+def test_stratified_bootstrap_resamples_runs_within_tasks():
+    # every run of task 0 scores 0, of task 1 scores 1: resampling within tasks keeps the
+    # mean at exactly 0.5; resampling across tasks would not
+    scores = np.array([[0.0, 1.0]] * 5)
+    point, lo, hi = stratified_bootstrap(mean, scores, n_boot=200)
+    assert point == lo == hi == 0.5
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(0.8, 0.05, size=(10, 3))
+    point, lo, hi = stratified_bootstrap(iqm, noisy, n_boot=500)
+    assert lo < point < hi and hi - lo < 0.1
+    p, plo, phi = stratified_bootstrap(probability_of_improvement, noisy + 0.03, noisy, n_boot=300)
+    assert p > 0.5 and plo <= p <= phi
+
+
+def test_point_estimates_match_rliable():
+    metrics = pytest.importorskip("rliable.metrics")
+    rng = np.random.default_rng(1)
+    x, y = rng.random((5, 4)), rng.random((3, 4))
+    x[0, 0] = y[0, 0]  # a tie
+    assert iqm(x) == pytest.approx(metrics.aggregate_iqm(x))
+    assert probability_of_improvement(x, y) == pytest.approx(
+        metrics.probability_of_improvement(x, y)
+    )
+
+
+def test_the_benchmark_reports_aggregate_statistics(tiny_workdir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "bench_agents.py"
+    cmd = [
+        sys.executable, str(script), "--workdir", str(tiny_workdir), "--out", str(tmp_path),
+        "--preset", "tiny", "--algos", "maskable_ppo", "a2c", "--seeds", "0", "1",
+        "--timesteps", "64", "--boot", "50",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    a2c = np.array([[r["auc"] for r in results["a2c"]["split"]]]).T  # (runs, tasks)
+    ref = np.array([[r["auc"] for r in results["maskable_ppo"]["split"]]]).T
+    table = (tmp_path / "table.md").read_text()
+    assert f"| a2c | {iqm(a2c):.3f} [" in table
+    assert f"| {probability_of_improvement(ref, a2c):.2f} [" in table
+    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
