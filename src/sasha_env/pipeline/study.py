@@ -300,6 +300,12 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             }
             for s in sorted(by_seed)
         ]
+        calibrated = [by_seed[s]["calibrated"] for s in by_seed if by_seed[s].get("calibrated")]
+        if calibrated:  # the calibrate stage's val-fitted temperature and bias, on test
+            row["calibrated"] = {"n_seeds": len(calibrated)}
+            for metric in ("accuracy", "ece"):
+                mean, sd = _mean_sd([c.get(metric) for c in calibrated])
+                row["calibrated"] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
         methods.append(row)
     pairs: dict[tuple[str, str, str], list[float]] = {}
     for seed in seeds:
@@ -371,4 +377,19 @@ def format_study(summary: dict[str, Any]) -> str:
         for p in summary["paired"]:
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {p['diff_mean']:+.3f}{ci} |")
+    calibrated = [r for r in summary["methods"] if r.get("calibrated")]
+    if calibrated:
+        lines += [
+            "",
+            "Calibrated on each seed's val split (temperature and class bias), on its test "
+            "slides, mean ± sd over seeds:",
+            "",
+            "| method | frac | accuracy raw → calibrated | ECE raw → calibrated |",
+            "|---|---|---|---|",
+        ]
+        for r in calibrated:
+            c = r["calibrated"]
+            acc = f"{cell(r, 'accuracy').split(' [')[0]} → {c['accuracy_mean']:.3f} ± {c['accuracy_sd']:.3f}"
+            ece = f"{cell(r, 'ece').split(' [')[0]} → {c['ece_mean']:.3f} ± {c['ece_sd']:.3f}"
+            lines.append(f"| {r['method']} | {r['frac']:.2f} | {acc} | {ece} |")
     return "\n".join(lines)
