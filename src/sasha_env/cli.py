@@ -230,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
     )
     p.add_argument(
+        "--geojson",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/<slide_id>.geojson for QuPath and other viewers: the zooms in order, "
+        "TSU-updated patches, per-patch attention and probabilities, level-0 pixels",
+    )
+    p.add_argument(
         "--no-calibration",
         action="store_true",
         help="report HAFED's raw probabilities, not the val-calibrated ones",
@@ -422,7 +430,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for path in slides:
         picture = args.pictures / f"{Path(path).stem}.png" if args.pictures else None
         try:
-            record = predictor.predict(path, picture=picture)
+            record = predictor.predict(path, picture=picture, geojson=args.geojson)
         except Exception as exc:  # one bad slide never stops the batch
             failed += 1
             record = {"slide": str(path), "error": f"{type(exc).__name__}: {exc}"}

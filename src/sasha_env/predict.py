@@ -209,8 +209,18 @@ class Predictor:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, path: str | Path, picture: Path | None = None) -> dict[str, Any]:
-        """One JSON-ready record for the slide at ``path`` (see the CLI's help for the fields)."""
+    def predict(
+        self, path: str | Path, picture: Path | None = None, geojson: Path | None = None
+    ) -> dict[str, Any]:
+        """One JSON-ready record for the slide at ``path`` (see the CLI's help for the fields).
+
+        Args:
+            picture: write the zoom path as a PNG here (SASHA mode).
+            geojson: write ``<geojson>/<slide_id>.geojson`` for slide viewers (SASHA mode;
+                :mod:`~sasha_env.envs.geojson`).
+        """
+        if geojson is not None and self.full:
+            raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
         timer = _Timer()
         t_start = t0 = time.perf_counter()
         path = Path(path)
@@ -224,7 +234,9 @@ class Predictor:
                 rows = LowResRows(slide, grid)
                 lo = (rows[i][None] for i in range(grid.n))
                 z = self._embed_stream(lo, timer, "read_lowres", "embed_lowres")
-                probs, zoomed, updated, n_read = self._sample(slide, grid, z, timer)
+                probs, zoomed, updated, n_read, trace = self._sample(
+                    slide, grid, z, timer, scores=geojson is not None
+                )
         raw = probs
         if self.calibration is not None:
             probs = self.calibration.apply(raw)
@@ -253,6 +265,15 @@ class Predictor:
         if picture is not None and not self.full:
             self._draw(path, grid, zoomed, updated, picture)
             record["picture"] = str(picture)
+        if geojson is not None:
+            from .envs.geojson import episode_geojson, write_geojson
+
+            collection = episode_geojson(
+                path.stem, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
+                self.class_names, trace["attention"], trace["patch_probabilities"],
+                trace["step_probabilities"], probs,
+            )  # fmt: skip
+            record["geojson"] = str(write_geojson(collection, geojson, path.stem))
         return record
 
     def _named(self, probs: np.ndarray) -> dict[str, float]:
@@ -268,7 +289,7 @@ class Predictor:
         timer.add("classify", t0)
         return torch.softmax(logits.float(), -1).numpy(), [], [], grid.n
 
-    def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer):
+    def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer, scores: bool = False):
         lazy = _LazyDistilled(self, slide, grid, timer)
         env = self._env(grid.n)
         data = SlideData(
@@ -284,7 +305,7 @@ class Predictor:
             cell_px=grid.cell_px,
         )
         obs, _ = env.reset(options={"slide_data": data})
-        done, info = False, {}
+        done, info, steps = False, {}, []
         while not done:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -296,7 +317,14 @@ class Predictor:
             obs, _, done, _, info = env.step(int(torch.argmax(logits)))
             # reading, embedding and distilling are timed by `lazy`; the rest is TSU + classifier
             timer["update"] += time.perf_counter() - t0 - (lazy.seconds - v_before)
-        return info["probabilities"], info["zoomed"], info["updated"], lazy.n_read
+            steps.append(env.probabilities)
+        trace = {  # for GeoJSON: what a viewer shows beside the zooms
+            "dimensions": slide.dimensions,
+            "step_probabilities": np.stack(steps),
+            "attention": env.attention() if scores else None,
+            "patch_probabilities": env.patch_probabilities() if scores else None,
+        }
+        return info["probabilities"], info["zoomed"], info["updated"], lazy.n_read, trace
 
     def _env(self, n_patches: int) -> SashaWSIEnv:
         """The environment that runs the agent, built once (again only for a larger slide)."""

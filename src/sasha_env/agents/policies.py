@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..envs.wsi import SashaWSIEnv
 
@@ -61,10 +60,7 @@ def attention_topk_policy() -> Policy:
     """
 
     def act(env: SashaWSIEnv, obs: dict) -> int:
-        clf = getattr(env.hafed, "level2", env.hafed)
-        with torch.inference_mode():
-            a, h = clf.instance_scores(torch.from_numpy(env.state()))
-            attention = torch.softmax(a.float(), dim=0).mean(dim=1).numpy()  # (N,)
+        attention = env.attention()  # (N,)
         legal = env.action_masks()[: len(attention)]
         attention = np.where(legal, attention, -np.inf)
         return int(np.argmax(attention))

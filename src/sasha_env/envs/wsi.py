@@ -344,6 +344,25 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                 reward += self.correct_bonus
         return self._obs(), float(reward), terminated, False, info
 
+    def attention(self) -> np.ndarray:
+        """HAFED's level-2 attention over the current state's N patches, ``(N,)`` summing to 1
+        (softmax per branch, averaged over branches)."""
+        if self._S is None:
+            raise RuntimeError("call reset() before attention()")
+        clf = getattr(self.hafed, "level2", self.hafed)
+        with torch.inference_mode():
+            a, _ = clf.instance_scores(self._S.float())
+            return torch.softmax(a.float(), dim=0).mean(dim=1).numpy()
+
+    def patch_probabilities(self) -> np.ndarray:
+        """``(N, C)``: the class probabilities HAFED gives each patch's current row on its own
+        (a one-patch bag), for pictures and slide viewers."""
+        if self._S is None:
+            raise RuntimeError("call reset() before patch_probabilities()")
+        clf = getattr(self.hafed, "level2", self.hafed)
+        with torch.inference_mode():
+            return torch.softmax(clf.classify(self._S.float().unsqueeze(1)).float(), -1).numpy()
+
     def action_masks(self) -> np.ndarray:
         """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention)."""
         return legal_actions(self._valid, self._visited)

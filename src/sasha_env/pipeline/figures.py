@@ -22,7 +22,7 @@ from ..features.store import FeatureStore  # noqa: E402
 from ..slides.manifest import read_manifest  # noqa: E402
 from ..workdir import Workdir  # noqa: E402
 
-__all__ = ["learning_curves", "zoom_paths", "write_figures"]
+__all__ = ["episode_geojsons", "learning_curves", "zoom_paths", "write_figures"]
 
 
 def _save(fig: Figure, out: Path, dpi: int = 110, legend_axes: Iterable[Axes] = ()) -> Path:
@@ -226,4 +226,20 @@ def write_figures(wd: Workdir) -> list[Path]:
         written.append(val_curves(val, figs / "val_curves.png"))
     for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
         written += zoom_paths(wd, episodes, figs / "paths")
+        written += episode_geojsons(wd, episodes, figs / "geojson" / episodes.stem)
     return written
+
+
+def episode_geojsons(wd: Workdir, episodes_json: Path, out_dir: Path) -> list[Path]:
+    """``out_dir/<slide_id>.geojson`` for every episode of an ``episodes/<agent>-<f>.json``:
+    its zooms replayed on the test split (:func:`~sasha_env.envs.geojson.replay_geojson`)."""
+    from ..envs.geojson import replay_geojson, write_geojson
+    from ..envs.wsi import SashaWSIEnv
+
+    episodes = json.loads(episodes_json.read_text())
+    frac = float(episodes_json.stem.rsplit("-", 1)[1])
+    env = SashaWSIEnv(wd.root, split="test", frac=frac, max_patches="cohort")
+    return [
+        write_geojson(replay_geojson(env, e["slide_id"], e["zoomed"]), out_dir, e["slide_id"])
+        for e in episodes
+    ]
