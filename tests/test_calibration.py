@@ -66,9 +66,14 @@ def test_reading_calibrations(tmp_path):
     assert read_calibrations(tmp_path / "missing.json") == {}
     c = Calibration(0.5, (0.0, 1.5), 15, 0.6, 0.3)
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"methods": {"hafed@1": c.to_dict()}}))
-    assert read_calibrations(path) == {"hafed@1": c}
-    path.write_text(json.dumps({"methods": {"hafed@1": {"temperature": -1}}}))
+    t = Calibration(0.7, (0.0, 0.0), 15)
+    fits = {"temperature": t.to_dict(), "temperature+bias": c.to_dict()}
+    path.write_text(json.dumps({"methods": {"hafed@1": fits}}))
+    assert read_calibrations(path) == {"hafed@1": t}
+    assert read_calibrations(path, "temperature+bias") == {"hafed@1": c}
+    with pytest.raises(ValueError, match="choose one of temperature, temperature"):
+        read_calibrations(path, "platt")
+    path.write_text(json.dumps({"methods": {"hafed@1": {"temperature": {"temperature": -1}}}}))
     with pytest.raises(ValueError, match="calibration.json.*temperature must be > 0"):
         read_calibrations(path)
 
@@ -83,7 +88,12 @@ def test_the_pipeline_fits_on_val_and_reports_before_and_after(tiny_workdir):
     results = json.loads(wd.results.read_text())
     rows = {(m["method"], m["frac"]): m for m in results["methods"]}
     hafed = rows[("hafed", 1.0)]
-    assert hafed["calibrated"]["temperature"] == fitted["methods"]["hafed@1"]["temperature"]
-    assert {"accuracy", "ece", "f1", "auc"} <= set(hafed["calibrated"])
+    for kind in ("temperature", "temperature+bias"):
+        fit = fitted["methods"]["hafed@1"][kind]
+        assert hafed["calibrated"][kind]["temperature"] == fit["temperature"]
+        assert {"accuracy", "ece", "f1", "auc"} <= set(hafed["calibrated"][kind])
+    assert fitted["methods"]["hafed@1"]["temperature"]["bias"] == [0.0, 0.0]
+    # a temperature alone never changes a decision
+    assert hafed["calibrated"]["temperature"]["accuracy"] == pytest.approx(hafed["accuracy"])
     assert "calibrated" not in rows[("random", 0.1)]  # only fitted methods
     assert "Calibrated on the val split" in format_table(results)

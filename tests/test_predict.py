@@ -64,7 +64,7 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
     wd = Workdir(tiny_workdir)
     hafed = load_model(wd.model("hafed"))
     store = FeatureStore(wd.store)
-    predictor = Predictor(wd.root, full=True, calibrate=False)
+    predictor = Predictor(wd.root, full=True, calibration=None)
     record = _test_slides(wd)[0]
     out = predictor.predict(record.path)
     with torch.inference_mode():
@@ -77,8 +77,9 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
     )
     assert out["frac_read"] == 1.0 and out["zoomed_coords"] == []
     assert not out["calibrated"] and "probabilities_raw" not in out
-    calibrated = Predictor(wd.root, full=True).predict(record.path)  # hafed@1's calibration
-    hafed_cal = read_calibrations(wd.calibration)["hafed@1"]
+    kind = "temperature+bias"
+    calibrated = Predictor(wd.root, full=True, calibration=kind).predict(record.path)
+    hafed_cal = read_calibrations(wd.calibration, kind)["hafed@1"]
     np.testing.assert_allclose(
         [calibrated["probabilities"][c] for c in predictor.class_names],
         hafed_cal.apply(expected),

@@ -116,3 +116,17 @@ def test_paper_protocol_is_maskable_ppo_only():
         AgentConfig.from_dict({"protocol": "paper", "algo": "a2c"})
     with pytest.raises(ValueError, match="choose one of sb3, paper"):
         AgentConfig.from_dict({"protocol": "official"})
+
+
+def test_a_learning_rate_sets_the_peak_of_the_paper_cosine(tiny_workdir):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from sasha_env.agents.train import _algorithm
+
+    wd = Workdir(tiny_workdir)
+    for lr, peak in ((None, 1e-5), (2e-4, 2e-4)):
+        cfg = _cfg(learning_rate=lr)
+        env = DummyVecEnv([lambda cfg=cfg: SlideSchedule(make_env(wd, "train", 0.1, cfg))])
+        model = _algorithm(cfg, env, 0, "cpu", 0.1)
+        assert model.lr_schedule(1.0) == pytest.approx(peak) and model.lr_schedule(0.0) == 0.0
+        assert (model.clip_range(1.0), model.gae_lambda) == (0.2, 0.94)  # f = 0.1

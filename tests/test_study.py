@@ -47,12 +47,14 @@ def test_aggregate_over_seeds_by_hand():
 def test_calibrated_numbers_are_aggregated_over_seeds():
     def results(acc):
         row = {"method": "hafed", "frac": 1.0, "auc": 1.0, "accuracy": 0.8, "f1": 0.8, "ece": 0.3}
-        return {"n_slides": 10, "paired": [], "methods": [row | {"calibrated": {"accuracy": acc, "ece": 0.1}}]}  # fmt: skip
+        fits = {"temperature": {"accuracy": 0.8, "ece": 0.2}, "temperature+bias": {"accuracy": acc, "ece": 0.1}}  # fmt: skip
+        return {"n_slides": 10, "paired": [], "methods": [row | {"calibrated": fits}]}
 
     summary = aggregate({0: results(0.9), 1: results(1.0)}, "demo")
-    c = summary["methods"][0]["calibrated"]
+    c = summary["methods"][0]["calibrated"]["temperature+bias"]
     assert c["accuracy_mean"] == pytest.approx(0.95) and c["ece_mean"] == pytest.approx(0.1)
-    assert "| hafed | 1.00 | 0.800 ± 0.000 → 0.950 ± 0.071 |" in format_study(summary)
+    table = format_study(summary)
+    assert "| hafed | 1.00 | 0.800 ± 0.000 → 0.800 ± 0.000 → 0.950 ± 0.071 |" in table
 
 
 def _study_dir(tmp_path, tiny_store):

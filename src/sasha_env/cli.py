@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "side, fraction of high-res sub-patches read, seconds per phase). --full reads every "
         "high-res sub-patch instead (the baseline). Probabilities are calibrated with the "
         "temperature and bias the calibrate stage fitted on the val split, when the workdir has "
-        "them ('calibrated': true; the raw ones are in 'probabilities_raw'). "
+        "them (--calibration; 'calibrated': true, the raw ones in 'probabilities_raw'). "
         "A slide that fails gets a record with "
         "'error' and the others go on; the exit status is then 1.",
     )
@@ -238,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         "TSU-updated patches, per-patch attention and probabilities, level-0 pixels",
     )
     p.add_argument(
-        "--no-calibration",
-        action="store_true",
-        help="report HAFED's raw probabilities, not the val-calibrated ones",
+        "--calibration",
+        choices=("temperature", "temperature+bias", "none"),
+        default="temperature",
+        help="calibration fitted on the val split to apply: a temperature (keeps every "
+        "decision), a temperature and class bias (moves the threshold too), or none "
+        "(default: temperature)",
     )
     p.add_argument(
         "--pictures",
@@ -424,7 +427,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         full=args.full,
         batch_size=args.batch_size,
         device=args.device,
-        calibrate=not args.no_calibration,
+        calibration=None if args.calibration == "none" else args.calibration,
     )
     failed = 0
     for path in slides:

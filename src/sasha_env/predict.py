@@ -98,9 +98,10 @@ class Predictor:
             cut into such batches too); ``None``: :func:`default_batch_size`.
         device: where the backbone runs (``"cpu"``, ``"cuda"``, ...); the small models
             (HAFED, TSU, agent) stay on the CPU.
-        calibrate: apply the temperature and bias the calibrate stage fitted on the val split
-            for this mode (``hafed@1`` with ``full``, else ``sasha@<f>``), when the workdir
-            has them; the raw probabilities are kept in the record too.
+        calibration: ``"temperature"``, ``"temperature+bias"`` or ``None``: apply that
+            calibration, fitted on the val split by the calibrate stage for this mode
+            (``hafed@1`` with ``full``, else ``sasha@<f>``), when the workdir has it; the raw
+            probabilities are kept in the record too.
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class Predictor:
         full: bool = False,
         batch_size: int | None = None,
         device: str | torch.device = "cpu",
-        calibrate: bool = True,
+        calibration: str | None = "temperature",
     ):
         from sasha_models.calibration import read_calibrations
         from sasha_models.checkpoint import load_model
@@ -147,9 +148,9 @@ class Predictor:
         self.hafed = load_model(self.wd.require(self.wd.model("hafed"), "hafed")).eval()
         self.tsu = load_model(self.wd.require(self.wd.model("tsu"), "tsu")).eval()
         self.calibration = None
-        if calibrate:
+        if calibration is not None:
             key = "hafed@1" if full else f"sasha@{self.frac:g}"
-            self.calibration = read_calibrations(self.wd.calibration).get(key)
+            self.calibration = read_calibrations(self.wd.calibration, calibration).get(key)
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:

@@ -24,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Calibration", "fit_calibration", "read_calibrations"]
+__all__ = ["KINDS", "Calibration", "fit_calibration", "read_calibrations"]
+
+#: The two calibrations fitted per method: a temperature alone (keeps every argmax decision),
+#: and a temperature with a class bias (moves the decision threshold too).
+KINDS = ("temperature", "temperature+bias")
 
 #: Prior standard deviations of log T and of each bias entry (see the module docstring).
 PRIOR_SD_LOG_T = 1.0
@@ -123,17 +127,20 @@ def fit_calibration(probs: np.ndarray, labels: np.ndarray, bias: bool = True) ->
     )
 
 
-def read_calibrations(path: str | os.PathLike) -> dict[str, Calibration]:
-    """``{"hafed@1": Calibration, "sasha@0.1": ...}`` from a workdir's ``calibration.json``.
+def read_calibrations(path: str | os.PathLike, kind: str = "temperature") -> dict[str, Calibration]:
+    """``{"hafed@1": Calibration, "sasha@0.1": ...}`` of one of :data:`KINDS` from a workdir's
+    ``calibration.json``.
 
     A missing file is ``{}`` (nothing calibrated); a malformed one is a ``ValueError`` naming it.
     """
+    if kind not in KINDS:
+        raise ValueError(f"calibration kind {kind!r}: choose one of {', '.join(KINDS)}")
     path = Path(path)
     if not path.is_file():
         return {}
     try:
         raw = json.loads(path.read_text())
-        return {name: Calibration.from_dict(d) for name, d in raw["methods"].items()}
+        return {name: Calibration.from_dict(d[kind]) for name, d in raw["methods"].items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
             f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "

@@ -8,6 +8,7 @@ The default agent is sb3-contrib's ``MaskablePPO`` with the SASHA actor-critic
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,9 +55,9 @@ class AgentConfig:
     (:mod:`~sasha_env.agents.protocol`, ``maskable_ppo`` only): every update on whole episodes
     of one slide, each training slide ``episodes_per_slide`` times per epoch, ``epochs``
     epochs, and the official optimiser for f (:meth:`sasha_models.policy.PPOConfig.paper`);
-    ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``,
-    ``learning_rate``, ``gamma``, ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not
-    used (``extra`` still overrides any SB3 argument, e.g. ``{learning_rate: 1e-4}``)."""
+    ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``, ``gamma``,
+    ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
+    overrides any SB3 argument)."""
     epochs: int = 25
     """``protocol: paper``: passes over the training slides (official: 25)."""
     episodes_per_slide: int = 2
@@ -67,7 +68,9 @@ class AgentConfig:
     """``dummy`` (one process) or ``subproc`` (a process per env)."""
     reward: str = "ce"
     correct_bonus: float = 0.0
-    learning_rate: float = 3e-4
+    learning_rate: float | None = None
+    """``None``: the protocol's own — 3e-4 constant (``sb3``), the official 1e-5 with a cosine
+    decay to 0 (``paper``). A number replaces the constant, or the cosine's peak."""
     n_steps: int = 64
     """Steps per env per rollout (PPO/A2C)."""
     batch_size: int = 64
@@ -139,13 +142,16 @@ def _algorithm(cfg: AgentConfig, env, seed: int, device: str, frac: float):
     if not cfg.use_coords:
         policy_kwargs["use_coords"] = False
     if cfg.protocol == "paper":
-        kwargs = PPOConfig.paper(frac).to_sb3_kwargs(
+        ppo = PPOConfig.paper(frac)
+        if cfg.learning_rate is not None:
+            ppo = dataclasses.replace(ppo, learning_rate=cfg.learning_rate)
+        kwargs = ppo.to_sb3_kwargs(
             episode_len=1, policy_kwargs=policy_kwargs
         )  # n_steps is re-sized to each slide's block before every rollout
         kwargs |= {"seed": seed, "device": device, "verbose": 0, **cfg.extra}
         return SlideOrderedPPO(SashaActorCriticPolicy, env, **kwargs)
     common = {
-        "learning_rate": cfg.learning_rate,
+        "learning_rate": 3e-4 if cfg.learning_rate is None else cfg.learning_rate,
         "gamma": cfg.gamma,
         "seed": seed,
         "device": device,

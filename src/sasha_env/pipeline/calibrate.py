@@ -1,15 +1,17 @@
 """The calibrate stage: fit a temperature and class bias per method on the validation split.
 
 For HAFED (its slide probabilities on full high-res bags) and for each trained SASHA agent
-(HAFED's probabilities on the final state of the agent's argmax episode at budget f), a
-:class:`sasha_models.calibration.Calibration` is fitted on the val slides and written to
-``WORKDIR/calibration.json``::
+(HAFED's probabilities on the final state of the agent's argmax episode at budget f), two
+:class:`sasha_models.calibration.Calibration` are fitted on the val slides — a temperature
+alone, and a temperature with a class bias — and written to ``WORKDIR/calibration.json``::
 
-    {"split": "val", "n_slides": 15, "methods": {"hafed@1": {"temperature", "bias", "n_fit",
-     "nll_before", "nll_after"}, "sasha@0.1": {...}, ...}}
+    {"split": "val", "n_slides": 15, "kinds": ["temperature", "temperature+bias"],
+     "methods": {"hafed@1": {"temperature": {"temperature", "bias", "n_fit", "nll_before",
+     "nll_after"}, "temperature+bias": {...}}, "sasha@0.1": {...}, ...}}
 
-Evaluation reports every calibrated method's accuracy, F1 and ECE before and after, and
-``sasha predict`` returns calibrated probabilities. The test split is never looked at here.
+Evaluation reports every calibrated method's accuracy, F1 and ECE before and after each, and
+``sasha predict`` returns calibrated probabilities (temperature by default). The test split is
+never looked at here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def calibrate_workdir(
     wd: Workdir, cfg: dict, split: str = "val", log: Callable[[str], None] = say
 ) -> dict:
     """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent."""
-    from sasha_models.calibration import fit_calibration
+    from sasha_models.calibration import KINDS, fit_calibration
     from sasha_models.lit import load_model, predict_probs
 
     from ..agents.export import load_policy
@@ -51,11 +53,12 @@ def calibrate_workdir(
     fitted: dict[str, dict] = {}
 
     def fit(name: str, probs: np.ndarray, labels: np.ndarray) -> None:
-        c = fit_calibration(probs, labels)
-        fitted[name] = c.to_dict()
+        t, tb = fit_calibration(probs, labels, bias=False), fit_calibration(probs, labels)
+        fitted[name] = {KINDS[0]: t.to_dict(), KINDS[1]: tb.to_dict()}
         log(
-            f"[calibrate] {name}: T = {c.temperature:.3f}, bias = {c.bias[-1]:+.3f}, "
-            f"val NLL {c.nll_before:.3f} -> {c.nll_after:.3f}"
+            f"[calibrate] {name}: T = {t.temperature:.3f} (val NLL {t.nll_before:.3f} -> "
+            f"{t.nll_after:.3f}); with bias T = {tb.temperature:.3f}, b = {tb.bias[-1]:+.3f} "
+            f"(-> {tb.nll_after:.3f})"
         )
 
     _, probs, labels = predict_probs(
@@ -74,6 +77,6 @@ def calibrate_workdir(
             np.stack([e["probabilities"] for e in episodes]),
             np.array([e["label"] for e in episodes]),
         )
-    out = {"split": split, "n_slides": len(ids), "methods": fitted}
+    out = {"split": split, "n_slides": len(ids), "kinds": list(KINDS), "methods": fitted}
     write_json(wd.calibration, out)
     return out

@@ -162,26 +162,30 @@ def add_calibrated(
     wd: Workdir,
     log: Callable[[str], None] = say,
 ) -> None:
-    """Add ``calibrated`` (accuracy, F1, ECE, AUC after the val-fitted calibration) to each row
-    that ``calibration.json`` covers; the row's own metrics stay the raw ones."""
-    from sasha_models.calibration import read_calibrations
+    """Add ``calibrated: {kind: {temperature, bias, accuracy, f1, ece, auc}}`` for each of
+    :data:`~sasha_models.calibration.KINDS` to every row that ``calibration.json`` covers (the
+    metrics after the val-fitted calibration); the row's own metrics stay the raw ones."""
+    from sasha_models.calibration import KINDS, read_calibrations
     from sasha_models.metrics import classification_metrics
 
-    calibrations = read_calibrations(wd.calibration)
     position = {s: i for i, s in enumerate(slide_ids)}
-    for row in rows:
-        name = method_name(row["method"], row["frac"])
-        if name not in calibrations:
-            continue
-        ids, runs = predictions[name]
-        y = labels[[position[s] for s in ids]]
-        c = calibrations[name]
-        metrics = _clean(classification_metrics(c.apply(runs[0]), y))
-        row["calibrated"] = {"temperature": c.temperature, "bias": list(c.bias), **metrics}
-        log(
-            f"[evaluate] {name} calibrated on val: accuracy {_fmt(row['accuracy'])} -> "
-            f"{_fmt(metrics['accuracy'])}, ECE {_fmt(row['ece'])} -> {_fmt(metrics['ece'])}"
-        )
+    for kind in KINDS:
+        calibrations = read_calibrations(wd.calibration, kind)
+        for row in rows:
+            name = method_name(row["method"], row["frac"])
+            if name not in calibrations:
+                continue
+            ids, runs = predictions[name]
+            y = labels[[position[s] for s in ids]]
+            c = calibrations[name]
+            metrics = _clean(classification_metrics(c.apply(runs[0]), y))
+            fitted = {"temperature": c.temperature, "bias": list(c.bias), **metrics}
+            row.setdefault("calibrated", {})[kind] = fitted
+            log(
+                f"[evaluate] {name} calibrated ({kind}) on val: accuracy "
+                f"{_fmt(row['accuracy'])} -> {_fmt(metrics['accuracy'])}, "
+                f"ECE {_fmt(row['ece'])} -> {_fmt(metrics['ece'])}"
+            )
 
 
 def evaluate_sampling(
@@ -319,17 +323,19 @@ def format_table(results: dict | str | Path) -> str:
     if calibrated:
         lines += [
             "",
-            "Calibrated on the val split (temperature T and class bias b; test slides):",
+            "Calibrated on the val split, on the test slides: raw → temperature T → "
+            "temperature and class bias b:",
             "",
-            "| method | frac | T | b | accuracy raw → calibrated | ECE raw → calibrated |",
+            "| method | frac | T | T, b (with bias) | accuracy | ECE |",
             "|---|---|---|---|---|---|",
         ]
         for m in calibrated:
-            c = m["calibrated"]
+            t, tb = m["calibrated"]["temperature"], m["calibrated"]["temperature+bias"]
             lines.append(
-                f"| {m['method']} | {m['frac']:.2f} | {c['temperature']:.2f} | "
-                f"{c['bias'][-1]:+.2f} | {_fmt(m['accuracy'])} → {_fmt(c['accuracy'])} | "
-                f"{_fmt(m['ece'])} → {_fmt(c['ece'])} |"
+                f"| {m['method']} | {m['frac']:.2f} | {t['temperature']:.2f} | "
+                f"{tb['temperature']:.2f}, {tb['bias'][-1]:+.2f} | "
+                f"{_fmt(m['accuracy'])} → {_fmt(t['accuracy'])} → {_fmt(tb['accuracy'])} | "
+                f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])} |"
             )
     return "\n".join(lines)
 

@@ -301,11 +301,12 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             for s in sorted(by_seed)
         ]
         calibrated = [by_seed[s]["calibrated"] for s in by_seed if by_seed[s].get("calibrated")]
-        if calibrated:  # the calibrate stage's val-fitted temperature and bias, on test
-            row["calibrated"] = {"n_seeds": len(calibrated)}
+        for kind in sorted({k for c in calibrated for k in c}):  # val-fitted, on test
+            values = [c[kind] for c in calibrated if kind in c]
+            row.setdefault("calibrated", {})[kind] = {"n_seeds": len(values)}
             for metric in ("accuracy", "ece"):
-                mean, sd = _mean_sd([c.get(metric) for c in calibrated])
-                row["calibrated"] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
+                mean, sd = _mean_sd([v.get(metric) for v in values])
+                row["calibrated"][kind] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
         methods.append(row)
     pairs: dict[tuple[str, str, str], list[float]] = {}
     for seed in seeds:
@@ -381,15 +382,20 @@ def format_study(summary: dict[str, Any]) -> str:
     if calibrated:
         lines += [
             "",
-            "Calibrated on each seed's val split (temperature and class bias), on its test "
-            "slides, mean ± sd over seeds:",
+            "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
+            "raw → temperature → temperature and class bias:",
             "",
-            "| method | frac | accuracy raw → calibrated | ECE raw → calibrated |",
+            "| method | frac | accuracy | ECE |",
             "|---|---|---|---|",
         ]
         for r in calibrated:
-            c = r["calibrated"]
-            acc = f"{cell(r, 'accuracy').split(' [')[0]} → {c['accuracy_mean']:.3f} ± {c['accuracy_sd']:.3f}"
-            ece = f"{cell(r, 'ece').split(' [')[0]} → {c['ece_mean']:.3f} ± {c['ece_sd']:.3f}"
-            lines.append(f"| {r['method']} | {r['frac']:.2f} | {acc} | {ece} |")
+            cells = []
+            for metric in ("accuracy", "ece"):
+                steps = [cell(r, metric).split(" [")[0]]
+                for kind in ("temperature", "temperature+bias"):
+                    c = r["calibrated"].get(kind)
+                    if c is not None and c[f"{metric}_mean"] is not None:
+                        steps.append(f"{c[f'{metric}_mean']:.3f} ± {c[f'{metric}_sd']:.3f}")
+                cells.append(" → ".join(steps))
+            lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
