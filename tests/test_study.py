@@ -175,3 +175,27 @@ def test_study_bars_script_reads_study_json(tmp_path):
     assert mod.main([str(tmp_path / "bad.json")]) == 1
     met = {name: ok for name, ok, _ in mod.bars(bad)}
     assert not met["SASHA-0.2 >= HAFED - 0.02"] and met["SASHA-0.1 >= attention_topk-0.1"]
+
+
+def test_ablation_table_pairs_seeds(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def study(aucs):
+        rows = [{"seed": s, "auc": a, "accuracy": 0.9} for s, a in enumerate(aucs)]
+        return {"methods": [{"method": "sasha", "frac": 0.1, "per_seed": rows}]}
+
+    (tmp_path / "base.json").write_text(json.dumps(study([0.9, 0.8, 1.0])))
+    (tmp_path / "abl.json").write_text(json.dumps(study([0.8, 0.8, 0.8])))
+    script = Path(__file__).parents[1] / "experiments" / "ablation_table.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "base.json"), f"x={tmp_path / 'abl.json'}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    d = np.array([-0.1, 0.0, -0.2])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert (
+        f"| x | 0.1 | 3 | 0.900 → 0.800 | 0.900 → 0.900 | -0.100 [{-0.1 - half:+.3f}, {-0.1 + half:+.3f}] |"
+        in out
+    )
