@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbone",
         default=None,
-        help="backbone name, e.g. efficientnet-lite0 or timm:NAME (default: the preset's)",
+        help="backbone: efficientnet-lite0, timm:NAME (with --backbone-checkpoint) or hf:DIR (a local Hugging Face model folder; hf:DIR@cls+mean pools CLS + mean patch token) (default: the preset's)",
     )
     p.add_argument(
         "--backbone-checkpoint",

@@ -13,6 +13,17 @@ Built in:
   such as UNI (``timm:vit_large_patch16_224``) or a ViT-S/16 DINO, with weights from a local
   checkpoint (``checkpoint=PATH``, ``.safetensors`` or a plain ``state_dict`` ``.pt/.pth``) or
   from the hub when the machine has one (``pretrained=True``).
+- ``hf:DIR`` (extra ``sasha[hf]``): a Hugging Face ``transformers`` vision model saved in a
+  local folder (``save_pretrained`` / a downloaded model repository: ``config.json``,
+  ``model.safetensors``, ``preprocessor_config.json``), loaded offline with
+  ``AutoModel.from_pretrained(DIR, local_files_only=True, use_safetensors=True)``. ViT and
+  DINOv2 families: Phikon (ViT-B/16), Phikon-v2 (DINOv2 ViT-L), Hibou (DINOv2), UNI-style
+  ViTs converted to transformers. The slide feature is the CLS token of the last hidden state
+  (what Phikon's, Phikon-v2's and Hibou's model cards use); ``hf:DIR@cls+mean`` concatenates
+  the CLS token with the mean of the patch tokens (2 × hidden size; Virchow's recipe). Input
+  size and normalisation come from ``preprocessor_config.json`` (``crop_size`` when the
+  processor centre-crops, else ``size``; ``image_mean``/``image_std``), ImageNet statistics
+  and the model config's ``image_size`` when it is missing.
 """
 
 from __future__ import annotations
@@ -148,6 +159,76 @@ def _timm(
     )
 
 
+HF_POOLING = ("cls", "cls+mean")
+
+
+class _HFPooled(nn.Module):
+    """A transformers vision model's last hidden state pooled to one vector per image."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.model(pixel_values=x).last_hidden_state  # (B, 1 + registers + T, D)
+        cls = tokens[:, 0]
+        if self.pooling == "cls":
+            return cls
+        n_reg = int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        return torch.cat([cls, tokens[:, 1 + n_reg :].mean(dim=1)], dim=-1)
+
+
+def _hf_input(folder: Path, config) -> tuple[int, tuple, tuple]:
+    """Input side and normalisation from the folder's ``preprocessor_config.json``."""
+    import json
+
+    pre = folder / "preprocessor_config.json"
+    spec = json.loads(pre.read_text()) if pre.is_file() else {}
+    size = spec.get("crop_size") if spec.get("do_center_crop") else spec.get("size")
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or size.get("width")
+    side = int(size or getattr(config, "image_size", 224))
+    mean = tuple(spec.get("image_mean") or IMAGENET_MEAN)
+    std = tuple(spec.get("image_std") or IMAGENET_STD)
+    return side, mean, std
+
+
+def _hf(spec: str) -> Backbone:
+    folder_text, _, pooling = spec.partition("@")
+    pooling = pooling or "cls"
+    if pooling not in HF_POOLING:
+        raise ValueError(f"backbone 'hf:{spec}': pooling {pooling!r} is not one of {HF_POOLING}")
+    folder = Path(folder_text).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"backbone 'hf:{folder_text}': {folder / 'config.json'} not found; give a folder "
+            "written by save_pretrained (or a downloaded model repository)"
+        )
+    try:
+        from transformers import AutoModel
+    except ImportError as exc:  # pragma: no cover - depends on the optional extra
+        raise ImportError(
+            f"backbone 'hf:{folder_text}' needs transformers: pip install 'sasha[hf]'"
+        ) from exc
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"backbone 'hf:{folder_text}': no .safetensors weights in {folder}; pickled "
+            "pytorch_model.bin files are not loaded (convert with save_pretrained(..., "
+            "safe_serialization=True))"
+        )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our extraction has its own
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    hidden = int(model.config.hidden_size)
+    side, mean, std = _hf_input(folder, model.config)
+    name = f"hf:{folder.resolve()}" + ("" if pooling == "cls" else f"@{pooling}")
+    dim = hidden * (2 if pooling == "cls+mean" else 1)
+    return Backbone(
+        name, _HFPooled(model.eval(), pooling), dim=dim, input_px=side, mean=mean, std=std
+    )
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``state_dict`` from ``.safetensors`` or a tensors-only ``.pt/.pth/.bin`` (never unpickles code)."""
     path = Path(path)
@@ -168,13 +249,20 @@ _REGISTRY: dict[str, Callable[..., Backbone]] = {"efficientnet-lite0": _efficien
 
 
 def available_backbones() -> list[str]:
-    return [*sorted(_REGISTRY), "timm:<model_name>"]
+    return [*sorted(_REGISTRY), "timm:<model_name>", "hf:<folder>[@cls+mean]"]
 
 
 def build_backbone(
     name: str = "efficientnet-lite0", checkpoint: str | Path | None = None
 ) -> Backbone:
-    """Build a registered backbone by name (``timm:NAME`` for timm models)."""
+    """Build a registered backbone by name (``timm:NAME`` for timm models, ``hf:DIR`` for a
+    local Hugging Face model folder)."""
+    if name.startswith("hf:"):
+        if checkpoint is not None:
+            raise ValueError(
+                f"backbone {name!r} loads its weights from its folder: drop the checkpoint"
+            )
+        return _hf(name.split(":", 1)[1])
     if name.startswith("timm:"):
         return _timm(name.split(":", 1)[1], checkpoint=checkpoint)
     if name not in _REGISTRY:
