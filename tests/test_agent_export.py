@@ -37,7 +37,8 @@ def test_exported_policy_acts_like_the_trained_model(tiny_workdir, tmp_path, alg
     if algo == "dqn":
         cfg.extra = {"buffer_size": 256, "learning_starts": 16}
     out = tmp_path / algo
-    zip_path = train_agent(wd, 0.2, cfg, out_dir=out, progress=False)
+    train_agent(wd, 0.2, cfg, out_dir=out, progress=False)
+    zip_path = out / "agent.zip"
     desc = json.loads((out / POLICY_DESCRIPTION).read_text())
     assert desc["algo"] == algo and (out / POLICY_WEIGHTS).is_file()
 

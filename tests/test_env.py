@@ -47,7 +47,7 @@ def test_make_from_workdir_and_spaces(workdir):
     raw = env.unwrapped
     assert isinstance(raw, SashaWSIEnv)
     train = [s for s in random_slides(d=D) if s.split == "train"]
-    P = max(len(s.z) for s in train)
+    P = max(len(s.z) for s in random_slides(d=D))  # the default max_patches="cohort"
     assert raw.max_patches == P and raw.d == D
     assert raw.slide_ids == [s.slide_id for s in train]
     assert env.action_space == gym.spaces.Discrete(P)
@@ -57,6 +57,11 @@ def test_make_from_workdir_and_spaces(workdir):
     assert obs["coords"].shape == (P, 2) and obs["visited"].dtype == np.int8
     n = info["n_patches"]
     assert obs["valid"].sum() == n and not obs["visited"].any()
+    np.testing.assert_array_equal(info["action_mask"], raw.action_masks())
+    a = int(np.flatnonzero(info["action_mask"])[0])
+    _, _, _, _, step_info = env.step(a)
+    assert not step_info["action_mask"][a] and step_info["action_mask"].sum() == n - 1
+    obs, info = env.reset(seed=0)
     assert np.all(obs["features"][n:] == 0) and np.all(obs["coords"] <= 1)
     assert info["budget"] == episode_budget(0.1, n) == 1
     assert raw.action_masks().dtype == bool and raw.action_masks().sum() == n
@@ -419,8 +424,8 @@ def test_render_colours(workdir):
 
 def test_cohort_max_patches_shares_spaces(workdir):
     sizes = {s.slide_id: len(s.z) for s in random_slides(d=D)}
-    train = make(workdir, split="train", max_patches="cohort")
-    test = make(workdir, split="test", max_patches="cohort")
+    train = make(workdir, split="train")  # max_patches="cohort" is the default
+    test = make(workdir, split="test")
     assert train.max_patches == test.max_patches == max(sizes.values())
     assert train.observation_space == test.observation_space
     _, info = train.reset(options={"slide_id": "slide05"})  # a test slide, by id

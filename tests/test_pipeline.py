@@ -190,10 +190,10 @@ def test_agent_training_logs_to_wandb_offline(tiny_workdir, tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = AgentConfig(total_timesteps=64, n_envs=2, n_steps=16, batch_size=16, n_epochs=1)
     out = tmp_path / "agent"
-    path = train_agent(
+    train_agent(
         Workdir(tiny_workdir), 0.2, cfg, out_dir=out, wandb={"mode": "offline"}, progress=False
     )
-    assert path.is_file()
+    assert (out / "agent.zip").is_file()
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = (out / "episodes.csv").read_text().splitlines()
     assert rows[0] == "timestep,episode_return,correct,slide_id,wall_s" and len(rows) > 2

@@ -130,3 +130,14 @@ def test_a_learning_rate_sets_the_peak_of_the_paper_cosine(tiny_workdir):
         model = _algorithm(cfg, env, 0, "cpu", 0.1)
         assert model.lr_schedule(1.0) == pytest.approx(peak) and model.lr_schedule(0.0) == 0.0
         assert (model.clip_range(1.0), model.gae_lambda) == (0.2, 0.94)  # f = 0.1
+
+
+def test_equal_episodes_scales_the_step_budget_with_f(tiny_workdir, tmp_path):
+    from sasha_env.agents.train import steps_for
+
+    cfg = AgentConfig(fracs=(0.1, 0.2), total_timesteps=32, n_envs=2, n_steps=16, batch_size=16,
+                      n_epochs=1, d_hidden=16, equal_episodes=True)  # fmt: skip
+    assert (steps_for(cfg, 0.1), steps_for(cfg, 0.2)) == (32, 64)
+    assert steps_for(AgentConfig(total_timesteps=32), 0.2) == 32
+    train_agent(Workdir(tiny_workdir), 0.2, cfg, out_dir=tmp_path / "a", progress=False)
+    assert json.loads((tmp_path / "a" / "agent.json").read_text())["timesteps"] == 64

@@ -22,9 +22,25 @@ The package's rooms follow the data flow (a wing imports only itself and the win
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (below)
+    from .agents.policies import run_episodes as run_episodes
+    from .agents.train import AgentConfig as AgentConfig
+    from .agents.train import train_agent as train_agent
+    from .config import load_config as load_config
+    from .envs.wsi import SashaWSIEnv as SashaWSIEnv
+    from .features.store import FeatureStore as FeatureStore
+    from .pipeline.runner import Pipeline as Pipeline
+    from .pipeline.study import Study as Study
+    from .predict import Prediction as Prediction
+    from .predict import Predictor as Predictor
+    from .slides.manifest import Manifest as Manifest
+    from .slides.manifest import read_manifest as read_manifest
+    from .slides.slide import Slide as Slide
+    from .workdir import Workdir as Workdir
 
 #: Public name → the module that defines it (imported on first access).
 _API = {
@@ -41,6 +57,7 @@ _API = {
     "Pipeline": "sasha_env.pipeline.runner",
     "Study": "sasha_env.pipeline.study",
     "Predictor": "sasha_env.predict",
+    "Prediction": "sasha_env.predict",
 }
 
 __all__ = ["__version__", *_API]

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -85,6 +85,36 @@ class _LazyDistilled:
         self.seconds += self.timer.add("distill", t0) - start
         self.n_read += 1
         return v
+
+
+class Prediction(TypedDict, total=False):
+    """One slide's record from :meth:`Predictor.predict` (a dict, ready for ``json.dumps``).
+
+    Always present: ``slide`` (path), ``slide_id``, ``mode`` (``sasha-<f>`` or ``full``),
+    ``probabilities`` (class → probability, calibrated when ``calibrated``), ``label`` (the
+    argmax class), ``calibrated``, ``n_patches`` (N), ``zoomed_coords`` (level-0 ``[x, y]``
+    top-left corners in zoom order), ``zoomed_size_px`` (their side, level-0 pixels),
+    ``frac_read`` (share of high-res sub-patches read) and ``seconds`` (per phase, ``total``).
+    With a calibration: ``probabilities_raw`` and ``calibration`` (``temperature``, ``bias``).
+    When asked or relevant: ``picture``, ``geojson`` (paths written) and ``note``.
+    """
+
+    slide: str
+    slide_id: str
+    mode: str
+    probabilities: dict[str, float]
+    label: str
+    calibrated: bool
+    n_patches: int
+    zoomed_coords: list[list[int]]
+    zoomed_size_px: float
+    frac_read: float
+    seconds: dict[str, float]
+    probabilities_raw: dict[str, float]
+    calibration: dict[str, Any]
+    picture: str
+    geojson: str
+    note: str
 
 
 class Predictor:
@@ -212,8 +242,8 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
     def predict(
         self, path: str | Path, picture: Path | None = None, geojson: Path | None = None
-    ) -> dict[str, Any]:
-        """One JSON-ready record for the slide at ``path`` (see the CLI's help for the fields).
+    ) -> Prediction:
+        """One JSON-ready record for the slide at ``path`` (:class:`Prediction`).
 
         Args:
             picture: write the zoom path as a PNG here (SASHA mode).
@@ -241,7 +271,7 @@ class Predictor:
         raw = probs
         if self.calibration is not None:
             probs = self.calibration.apply(raw)
-        record = {
+        record: Prediction = {
             "slide": str(path),
             "slide_id": path.stem,
             "mode": "full" if self.full else f"sasha-{self.frac:g}",

@@ -58,24 +58,29 @@ class ValSelection(BaseCallback):
     Args:
         env: an environment over the validation split (same ``max_patches`` as training).
         every: rollouts between validations (``>= 1``); the last policy is validated too.
-        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``).
+        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``);
+            ``None`` keeps the rows in :attr:`rows` only.
     """
 
-    def __init__(self, env: SashaWSIEnv, every: int, out_dir: Path) -> None:
+    def __init__(self, env: SashaWSIEnv, every: int, out_dir: Path | None) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"validate every >= 1 rollouts, got {every}")
-        self.env, self.every, self.path = env, int(every), Path(out_dir) / VAL_CURVE
+        self.env, self.every = env, int(every)
+        self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
+        self.rows: list[dict] = []
         self.rollouts = 0
         self.best: dict | None = None
         self._best_state: dict | None = None
         self._last_step = -1
 
     def _on_training_start(self) -> None:
-        self.partial = self.path.with_name(f".{self.path.name}.partial")
-        self.file = self.partial.open("w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(["timestep", "auc", "f1", "accuracy", "ce", "score"])
+        self.file = self.writer = None
+        if self.path is not None:
+            self.partial = self.path.with_name(f".{self.path.name}.partial")
+            self.file = self.partial.open("w", newline="")
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(["timestep", "auc", "f1", "accuracy", "ce", "score"])
 
     def _on_step(self) -> bool:
         return True
@@ -93,15 +98,20 @@ class ValSelection(BaseCallback):
         probs = np.stack([e["probabilities"] for e in episodes])
         labels = np.array([e["label"] for e in episodes])
         row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
-        self.writer.writerow([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
-        self.file.flush()
+        self.rows.append(row)
+        if self.writer is not None:
+            self.writer.writerow(
+                [row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")]
+            )
+            self.file.flush()
         if self.best is None or row["score"] < self.best["score"]:
             self.best = row
             self._best_state = copy.deepcopy(self.model.policy.state_dict())
 
     def _on_training_end(self) -> None:
         self._validate()  # the last policy competes too
-        self.file.close()
-        self.partial.replace(self.path)
+        if self.file is not None:
+            self.file.close()
+            self.partial.replace(self.path)
         if self._best_state is not None:
             self.model.policy.load_state_dict(self._best_state)

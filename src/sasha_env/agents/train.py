@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.vec_env import VecEnv
 
 from ..atomic import replace_atomically, write_json
 from ..config import dataclass_from_dict
@@ -63,6 +68,10 @@ class AgentConfig:
     episodes_per_slide: int = 2
     """``protocol: paper``: episodes of one slide per update (official: 2)."""
     total_timesteps: int = 20_000
+    equal_episodes: bool = False
+    """``protocol: sb3``: ``total_timesteps`` is the budget of the smallest f in ``fracs`` and
+    scales with f, so that every budget trains on about the same number of episodes (a fixed
+    step budget gives f = 0.2 half the episodes of f = 0.1)."""
     n_envs: int = 4
     vec_env: str = "dummy"
     """``dummy`` (one process) or ``subproc`` (a process per env)."""
@@ -110,6 +119,13 @@ class AgentConfig:
                 "protocol 'sb3' for the algorithm benchmark"
             )
         return cfg
+
+
+def steps_for(cfg: AgentConfig, frac: float) -> int:
+    """Environment steps of an ``sb3``-protocol agent at budget ``frac`` (see ``equal_episodes``)."""
+    if not cfg.equal_episodes:
+        return cfg.total_timesteps
+    return int(round(cfg.total_timesteps * frac / min(cfg.fracs)))
 
 
 def agent_name(frac: float, algo: str = "maskable_ppo") -> str:
@@ -188,25 +204,41 @@ def _algorithm(cfg: AgentConfig, env, seed: int, device: str, frac: float):
 
 
 class EpisodeLog(BaseCallback):
-    """SB3 callback: one CSV row per finished episode (the learning curve), W&B if given."""
+    """SB3 callback: one CSV row per finished episode (the learning curve), W&B if given.
 
-    def __init__(self, path: Path, wandb_run: Any = None, progress: bool = True, total: int = 0):
+    Args:
+        path: the CSV (written under a temporary name, renamed when training ends), or
+            ``None`` for no file.
+        wandb_run: a W&B run to log ``episode/return`` and ``episode/correct`` to.
+        progress: show a progress bar of ``total`` steps named ``name``.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        wandb_run: Any = None,
+        progress: bool = True,
+        total: int = 0,
+        name: str = "agent",
+    ):
         super().__init__()
         self.path, self.wandb_run, self.progress, self.total = path, wandb_run, progress, total
+        self.name = name
 
     def _on_training_start(self) -> None:
-        # written under a temporary name, renamed into place when training ends
-        self.partial = self.path.with_name(f".{self.path.name}.partial")
-        self.file = self.partial.open("w", newline="")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(["timestep", "episode_return", "correct", "slide_id", "wall_s"])
+        self.file = self.writer = None
+        if self.path is not None:
+            self.partial = self.path.with_name(f".{self.path.name}.partial")
+            self.file = self.partial.open("w", newline="")
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(["timestep", "episode_return", "correct", "slide_id", "wall_s"])
         self.returns = np.zeros(self.training_env.num_envs)
         self.t0 = time.perf_counter()
         self.bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc=self.path.parent.name, unit="step")
+            self.bar = tqdm(total=self.total, desc=self.name, unit="step")
 
     def _on_step(self) -> bool:
         self.returns += self.locals["rewards"]
@@ -216,7 +248,8 @@ class EpisodeLog(BaseCallback):
             info = self.locals["infos"][i]
             ret, correct = float(self.returns[i]), int(bool(info.get("correct")))
             wall = round(time.perf_counter() - self.t0, 2)
-            self.writer.writerow([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
+            if self.writer is not None:
+                self.writer.writerow([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
             if self.wandb_run is not None:
                 self.wandb_run.log(
                     {"episode/return": ret, "episode/correct": correct}, step=self.num_timesteps
@@ -227,61 +260,142 @@ class EpisodeLog(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        self.file.close()
-        self.partial.replace(self.path)
+        if self.file is not None:
+            self.file.close()
+            self.partial.replace(self.path)
         if self.bar is not None:
             self.bar.close()
 
 
+EnvSource = Workdir | str | os.PathLike | gym.Env | Sequence[gym.Env] | VecEnv
+"""What :func:`train_agent` trains on: a pipeline workdir (its train split), one or more
+Gymnasium environments, or an SB3 ``VecEnv``."""
+
+
+def _training_env(
+    source: EnvSource, frac: float | None, cfg: AgentConfig, seed: int
+) -> tuple[VecEnv, float, Workdir | None, Any]:
+    """``(vec_env, frac, workdir or None, slide schedule or None)`` for :func:`train_agent`.
+
+    Environments are wrapped in SB3's ``Monitor`` (episode returns and lengths in
+    ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``); a ``VecEnv`` is used as given.
+    """
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from .protocol import SlideSchedule
+
+    if isinstance(source, (Workdir, str, os.PathLike)):
+        wd = source if isinstance(source, Workdir) else Workdir(source)
+        if frac is None:
+            raise ValueError("train_agent on a workdir needs frac, the zoom budget")
+        if cfg.protocol == "paper":
+            schedule = SlideSchedule(make_env(wd, "train", frac, cfg), cfg.episodes_per_slide, seed)
+            return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
+
+        def factory(rank: int) -> Callable[[], gym.Env]:
+            def make() -> gym.Env:
+                env = make_env(wd, "train", frac, cfg)
+                env.reset(seed=seed + rank)
+                return Monitor(env)
+
+            return make
+
+        vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
+        return vec_cls([factory(i) for i in range(cfg.n_envs)]), frac, wd, None
+    if isinstance(source, VecEnv):
+        if cfg.protocol == "paper":
+            raise ValueError(
+                "protocol 'paper' schedules the slides of one environment: pass the env itself "
+                "(train_agent(env, ...)), not a VecEnv"
+            )
+        env_frac = source.get_attr("frac")[0]
+        return source, float(frac if frac is not None else env_frac), None, None
+    envs = (
+        [source]
+        if isinstance(source, gym.Env)
+        else list(source)
+        if isinstance(source, Sequence)
+        else []
+    )
+    if not envs or not all(isinstance(e, gym.Env) for e in envs):
+        raise TypeError(
+            "train_agent trains on a workdir, a Gymnasium env, a list of envs or an SB3 VecEnv; "
+            f"got {type(source).__name__}"
+        )
+    env_frac = float(getattr(envs[0].unwrapped, "frac", frac or 0.1))
+    frac = env_frac if frac is None else float(frac)
+    if cfg.protocol == "paper":
+        if len(envs) != 1:
+            raise ValueError(f"protocol 'paper' trains on one environment, got {len(envs)}")
+        schedule = SlideSchedule(envs[0], cfg.episodes_per_slide, seed)
+        return DummyVecEnv([lambda: Monitor(schedule)]), frac, None, schedule
+    return DummyVecEnv([lambda e=e: Monitor(e) for e in envs]), frac, None, None
+
+
+def _logger(cfg: AgentConfig):
+    """SB3 logger: stdout when ``extra.verbose`` asks, SB3's own with ``extra.tensorboard_log``,
+    else none (SB3's default makes an empty ``/tmp/SB3-<date>`` folder per run)."""
+    from stable_baselines3.common.logger import HumanOutputFormat
+
+    if cfg.extra.get("tensorboard_log"):
+        return None
+    if cfg.extra.get("verbose"):
+        return Logger(None, [HumanOutputFormat(sys.stdout)])
+    return Logger(None, [])
+
+
 def train_agent(
-    wd: Workdir,
-    frac: float,
-    cfg: AgentConfig,
+    env: EnvSource,
+    frac: float | None = None,
+    cfg: AgentConfig | None = None,
     seed: int = 0,
-    out_dir: Path | None = None,
+    out_dir: str | os.PathLike | None = None,
     wandb: dict | None = None,
     progress: bool = True,
     device: str = "cpu",
-) -> Path:
-    """Train one agent for zoom budget ``frac`` on the train split.
+    callbacks: Sequence[BaseCallback] = (),
+    eval_env: SashaWSIEnv | None = None,
+) -> BaseAlgorithm:
+    """Train an agent on ``Sasha-WSI-v0`` and return it (an SB3 / sb3-contrib model).
+
+    Args:
+        env: a pipeline workdir (the agent trains on its train split), one ``SashaWSIEnv``
+            (or a list of them; each wrapped in ``Monitor``), or an SB3 ``VecEnv``.
+        frac: zoom budget f; ``None`` takes the env's (required with a workdir).
+        cfg: how to train (:class:`AgentConfig`; default ``AgentConfig()``).
+        seed: seed of the algorithm, the envs and the slide order.
+        out_dir: where to write the agent (below); a workdir's default is
+            ``agents/<algo>-<f>/``; with envs and no ``out_dir`` nothing is written.
+        wandb: ``wandb.init`` keyword arguments (offline by default), or ``None``.
+        progress: show a progress bar.
+        device: torch device of the policy.
+        callbacks: further SB3 callbacks, called after ours.
+        eval_env: an env over validation slides for ``cfg.val_every`` (default: the workdir's
+            val split, with the same ``max_patches``).
 
     Writes ``out_dir/policy.pt`` + ``policy.json`` (the weights-only export that evaluation and
     ``predict`` read, see :mod:`~sasha_env.agents.export`), ``out_dir/agent.zip`` (SB3 format,
     for resuming training with SB3's own ``MaskablePPO.load``: it unpickles, so trusted input
-    only), ``out_dir/episodes.csv`` (the learning curve)
-    and ``out_dir/agent.json`` (config, seconds). Returns the zip's path.
+    only), ``out_dir/episodes.csv`` (the learning curve), ``out_dir/val_curve.csv`` (with
+    validation) and ``out_dir/agent.json`` (config, seconds, the kept validation point).
     """
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
-
-    out_dir = Path(out_dir or wd.agent_dir(agent_name(frac, cfg.algo)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def factory(rank: int) -> Callable[[], SashaWSIEnv]:
-        def make() -> SashaWSIEnv:
-            env = make_env(wd, "train", frac, cfg)
-            env.reset(seed=seed + rank)
-            return env
-
-        return make
-
-    total = cfg.total_timesteps
-    if cfg.protocol == "paper":
-        from .protocol import SlideSchedule
-
-        schedule = SlideSchedule(make_env(wd, "train", frac, cfg), cfg.episodes_per_slide, seed)
-        total = cfg.epochs * schedule.steps_per_epoch()  # whole epochs, exactly
-        env = DummyVecEnv([lambda: schedule])
-    else:
-        vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
-        env = vec_cls([factory(i) for i in range(cfg.n_envs)])
+    cfg = cfg or AgentConfig()
+    vec_env, frac, wd, schedule = _training_env(env, frac, cfg, seed)
+    if out_dir is None and wd is not None:
+        out_dir = wd.agent_dir(agent_name(frac, cfg.algo))
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    total = cfg.epochs * schedule.steps_per_epoch() if schedule else steps_for(cfg, frac)
     wandb_run = None
     if wandb is not None:
         import wandb as wandb_lib
 
         kw = {"mode": "offline", "project": "sasha", **wandb}
         wandb_run = wandb_lib.init(
-            name=out_dir.name,
-            dir=str(out_dir),
+            name=out.name if out else agent_name(frac, cfg.algo),
+            dir=None if out is None else str(out),
             config=asdict(cfg) | {"frac": frac},
             reinit=True,
             **kw,
@@ -290,26 +404,33 @@ def train_agent(
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
+    selection = None
     try:
-        model = _algorithm(cfg, env, seed, device, frac)
-        model.set_logger(Logger(None, []))  # SB3's default makes an empty /tmp/SB3-<date> per run
-        callbacks: list[BaseCallback] = [
-            EpisodeLog(out_dir / "episodes.csv", wandb_run, progress, total)
-        ]
+        model = _algorithm(cfg, vec_env, seed, device, frac)
+        logger = _logger(cfg)
+        if logger is not None:
+            model.set_logger(logger)
+        name = out.name if out else agent_name(frac, cfg.algo)
+        episodes = None if out is None else out / "episodes.csv"
+        chain: list[BaseCallback] = [EpisodeLog(episodes, wandb_run, progress, total, name)]
         if cfg.val_every:
-            val_env = make_env(wd, "val", frac, cfg)  # max_patches="cohort", as in training
+            if eval_env is None:
+                if wd is None:
+                    raise ValueError("agents.val_every needs validation slides: pass eval_env")
+                eval_env = make_env(wd, "val", frac, cfg)  # max_patches="cohort", as in training
             # under the paper protocol a rollout is one slide's block: validate per epoch
-            every = cfg.val_every * (len(schedule.slide_ids) if cfg.protocol == "paper" else 1)
-            callbacks.append(selection := ValSelection(val_env, every, out_dir))
-        model.learn(total_timesteps=total, callback=callbacks)
+            every = cfg.val_every * (len(schedule.slide_ids) if schedule else 1)
+            chain.append(selection := ValSelection(eval_env, every, out))
+        model.learn(total_timesteps=total, callback=[*chain, *callbacks])
     finally:
         torch.set_num_threads(threads)
-        env.close()
+        vec_env.close()
         if wandb_run is not None:
             wandb_run.finish()
-    path = out_dir / "agent.zip"
-    replace_atomically(path, lambda tmp: model.save(tmp))  # SB3 keeps a name with a suffix
-    export_policy(model, out_dir, cfg.algo)
+    if out is None:
+        return model
+    replace_atomically(out / "agent.zip", lambda tmp: model.save(tmp))  # SB3 adds a suffix
+    export_policy(model, out, cfg.algo)
     meta = {
         "frac": frac,
         "seed": seed,
@@ -319,7 +440,7 @@ def train_agent(
         "max_patches": int(model.observation_space["features"].shape[0]),
         "policy": POLICY_WEIGHTS,
     }
-    if cfg.val_every:
+    if selection is not None:
         meta["selected_on_val"] = selection.best
-    write_json(out_dir / "agent.json", meta)
-    return path
+    write_json(out / "agent.json", meta)
+    return model

@@ -102,11 +102,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         tau: cosine threshold τ; ``None`` takes the TSU checkpoint's ``cfg.tau``.
         anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above; ``None``
             takes the TSU checkpoint's ``cfg.anchor`` (``"state"`` when it has none).
-        max_patches: padded size P of the observation and action space: an int, ``None`` or
-            ``"split"`` (the largest N of the split), or ``"cohort"`` (the largest N of every
-            slide of the manifest in the store — use it, or the same int, for the train and
-            the evaluation envs, so that an agent trained on one runs on the other). Slides
-            with N > P cannot be loaded.
+        max_patches: padded size P of the observation and action space: ``"cohort"`` (the
+            default: the largest N of every slide of the manifest in the store, so that an
+            agent trained on one split runs on another), ``None`` or ``"split"`` (the largest
+            N of this split), or an int. Slides with N > P cannot be loaded.
         incremental: re-score only the rows a step changed (``False``: re-run the classifier
             over all N rows every step; same results to float rounding).
         cache_mb: MiB of per-slide arrays kept in memory (LRU).
@@ -124,8 +123,9 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     Action: ``Discrete(P)``, the patch to zoom. :meth:`action_masks` gives the legal ones.
 
-    Info: every step has ``illegal_action``; ``reset`` gives ``slide_id``, ``label``,
-    ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
+    Info: ``action_mask`` (bool ``(P,)``, the legal actions, as :meth:`action_masks`) after
+    every reset and step, for RL libraries that read masks from infos; every step has
+    ``illegal_action``; ``reset`` gives ``slide_id``, ``label``, ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
     ``prediction``, ``label``, ``correct``, ``slide_id``, ``zoomed`` (patch indices in zoom
     order), ``zoomed_coords`` (their level-0 ``[x, y]``), ``updated`` (TSU-updated patches
     not zoomed later), ``n_patches`` and ``frac_read``. Lists, not arrays, for the
@@ -152,7 +152,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         illegal_penalty: float = -1.0,
         tau: float | None = None,
         anchor: Literal["state", "lowres"] | None = None,
-        max_patches: int | Literal["split", "cohort"] | None = None,
+        max_patches: int | Literal["split", "cohort"] | None = "cohort",
         incremental: bool = True,
         cache_mb: float = 1024,
         render_mode: str | None = None,
@@ -313,6 +313,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             "label": data.label,
             "n_patches": n,
             "budget": self._budget,
+            "action_mask": self.action_masks(),
         }
         return self._obs(), info
 
@@ -337,7 +338,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         else:
             reward = self.illegal_penalty
         terminated = self._t >= self._budget
-        info: dict[str, Any] = {"illegal_action": not legal}
+        info: dict[str, Any] = {"illegal_action": not legal, "action_mask": self.action_masks()}
         if terminated:
             info.update(self._final_info())
             if info["correct"]:

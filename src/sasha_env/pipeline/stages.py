@@ -290,7 +290,7 @@ def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
 def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
     """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
     from ..agents.export import POLICY_WEIGHTS
-    from ..agents.train import AgentConfig, agent_name, train_agent
+    from ..agents.train import AgentConfig, agent_name, steps_for, train_agent
 
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
     device = "cuda" if p.accelerator == "gpu" else "cpu"
@@ -302,7 +302,7 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
             budget = (
                 f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
                 if cfg.protocol == "paper"
-                else f"{cfg.total_timesteps} steps"
+                else f"{steps_for(cfg, frac)} steps"
             )
             p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}")
             train_agent(
