@@ -79,3 +79,19 @@ def test_evaluation_writes_geojson_for_every_test_episode(tiny_workdir):
         np.testing.assert_allclose(
             list(fc["properties"]["probabilities"].values()), e["probabilities"], atol=1e-5
         )
+
+
+def test_zoom_paths_stay_readable_with_many_zooms():
+    import matplotlib.pyplot as plt
+
+    from sasha_env.pipeline.figures import NUMBERED_ZOOMS, _zoom_order
+
+    fig, ax = plt.subplots()
+    ax.imshow(np.zeros((100, 100, 3)))
+    centres = np.random.default_rng(0).uniform(0, 100, (150, 2))
+    _zoom_order(ax, centres)
+    assert len(ax.texts) == NUMBERED_ZOOMS  # only the first zooms are numbered
+    (dots,) = ax.collections
+    assert list(dots.get_array()) == list(range(1, 151))  # the colour is the zoom order
+    assert fig.axes[-1].get_ylabel() == "zoom order"  # with a colour bar
+    plt.close(fig)

@@ -71,6 +71,30 @@ def learning_curves(episode_csvs: dict[str, Path], out: Path, window: int = 50) 
     return _save(fig, out, legend_axes=axes)
 
 
+#: Zooms numbered on a zoom-path figure; the rest are told apart by colour alone.
+NUMBERED_ZOOMS = 5
+
+
+def _zoom_order(ax: Axes, centres: np.ndarray) -> None:
+    """Mark zoom centres ``(T, 2)`` (thumbnail px) coloured by order, with a colour bar, and
+    number the first :data:`NUMBERED_ZOOMS`: stays readable with hundreds of zooms."""
+    if not len(centres):
+        return
+    order = np.arange(1, len(centres) + 1)
+    dots = ax.scatter(
+        centres[:, 0], centres[:, 1], c=order, cmap="viridis", s=14, edgecolors="white",
+        linewidths=0.4, vmin=1, vmax=max(2, len(centres)), zorder=3,
+    )  # fmt: skip
+    for (x, y), k in zip(centres[:NUMBERED_ZOOMS], order, strict=False):
+        ax.annotate(
+            str(k), (x, y), xytext=(3, 3), textcoords="offset points", color="white",
+            fontsize=6, weight="bold", zorder=4,
+        )  # fmt: skip
+    bar = ax.figure.colorbar(dots, ax=ax, fraction=0.035, pad=0.01)
+    bar.set_label("zoom order", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
 def zoom_paths(
     wd: Workdir, episodes_json: Path, out_dir: Path, n_slides: int = 4, px: int = 480
 ) -> list[Path]:
@@ -111,11 +135,7 @@ def zoom_paths(
                     linewidths=1.2,
                 )
                 handles.append(plt.Line2D([], [], color="yellow", lw=1.5, label="tumour (mask)"))
-        for order, i in enumerate(ep["zoomed"], start=1):
-            x, y = (coords[i] + cell / 2) / ds
-            ax.text(
-                x, y, str(order), color="white", fontsize=6, ha="center", va="center", weight="bold"
-            )
+        _zoom_order(ax, (coords[ep["zoomed"]] + cell / 2) / ds)
         p = ep["probabilities"]
         ax.set_title(
             f"{sid}: label {ep['label']}, p(class 1) = {p[-1]:.2f}, read {ep['frac_read']:.0%}",
