@@ -63,3 +63,63 @@ def test_baseline_learns_toy(name, toy, tmp_path):
     ids, probs, labels = predict_probs(load_model(path), toy, "test", "highres")
     auc = classification_metrics(probs, labels)["auc"]
     assert auc > 0.75, f"{name}: test AUC {auc:.2f}"
+
+
+# ----------------------------------------------------------------------------- Nyström attention
+
+
+def _exact(q, k, v, valid):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=valid[:, None, None, :]
+    )
+
+
+def test_nystrom_with_a_landmark_per_token_is_exact_attention():
+    from sasha_models.baselines import nystrom_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 30:] = False  # padding
+    out = nystrom_attention(q, k, v, valid, landmarks=40)
+    exact = _exact(q, k, v, valid)
+    torch.testing.assert_close(out[0], exact[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1, :, :30], exact[1, :, :30], atol=1e-4, rtol=1e-4)
+
+
+def test_nystrom_ignores_padding_and_approximates_with_few_landmarks():
+    from sasha_models.baselines import nystrom_attention
+
+    torch.manual_seed(1)
+    n, m = 512, 64
+    # tokens in raster order come in runs of similar patches (here 8 runs of 64): low rank
+    x = torch.randn(8, 16)[torch.arange(n) // 64] * 1.5 + 0.1 * torch.randn(n, 16)
+    q = k = x[None, None].repeat(1, 2, 1, 1)
+    v = torch.randn(1, 2, n, 16)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    valid[:, 480:] = False
+    out = nystrom_attention(q, k, v, valid, landmarks=m)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 480:, :], v2[..., 480:, :] = 100.0, -100.0  # garbage in the padding changes nothing
+    again = nystrom_attention(q, k2, v2, valid, landmarks=m)
+    torch.testing.assert_close(again[..., :480, :], out[..., :480, :], atol=1e-4, rtol=1e-4)
+    exact = _exact(q, k, v, valid)[..., :480, :]
+    err = (out[..., :480, :] - exact).norm() / exact.norm()
+    assert err < 0.05  # 8 landmarks per run of similar tokens: close to exact attention
+
+
+def test_transmil_runs_on_a_camelyon_sized_bag_with_nystrom_attention():
+    torch.manual_seed(0)
+    model = build_baseline("transmil", 8, 2, d_model=16, n_heads=2, exact_max=4096, landmarks=64)
+    model.eval()
+    bag = torch.randn(40_000, 8)  # ~2,500 patches x 16 sub-patches; exact maps: ~25 GB
+    with torch.no_grad():
+        logits = model(bag)
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
+    small = torch.randn(300, 8)  # exact below exact_max, so short bags are unchanged
+    model.layer1.exact_max = model.layer2.exact_max = 4096
+    with torch.no_grad():
+        a = model(small)
+        model.layer1.exact_max = model.layer2.exact_max = 0  # force Nyström, m = 64 < 301
+        b = model(small)
+    assert not torch.allclose(a, b)  # two paths, and the exact one is the default for small bags

@@ -12,8 +12,10 @@ used by ``step8_wsi_classification_maxmil_abmil_clam_transmil.py``):
   Linear``) whose instance logits are mean- / max-pooled.
 - :class:`TransMIL` — Shao et al. 2021: projection, CLS token, two pre-norm self-attention
   layers with a PPEG depthwise-convolution positional encoding between them on the
-  square-padded sequence. Standard ``nn.MultiheadAttention`` replaces the Nyström
-  approximation, so memory grows as n²: fine for the demo's bags, not for 10⁵ instances.
+  square-padded sequence. Attention is exact (fused ``scaled_dot_product_attention``) on bags
+  of up to ``exact_max`` tokens and Nyström-approximated above (Xiong et al. 2021, as TransMIL
+  itself uses): m landmarks, memory O(n·m) instead of O(n²) — a CAMELYON16 bag of 8,000
+  patches × 16 sub-patches would need ~64 GB per exact attention map.
 """
 
 from __future__ import annotations
@@ -116,18 +118,59 @@ class _PPEG(nn.Module):
         return grid.flatten(2).transpose(1, 2)
 
 
+def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, landmarks: int) -> Tensor:
+    """Nyström approximation of ``softmax(q kᵀ / √d) v`` with ``landmarks`` segment means.
+
+    Args:
+        q, k, v: ``(B, H, n, dh)``; valid: ``(B, n)`` bool, False on padding (never attended).
+        landmarks: m; the sequence is cut into m contiguous segments whose means (over valid
+            tokens) are the landmarks. With m ≥ n every landmark is one token and the result
+            is exact attention.
+
+    Returns:
+        ``(B, H, n, dh)``. Memory ``O(n·m)``: no ``n × n`` matrix is formed.
+    """
+    b, h, n, dh = q.shape
+    m = min(landmarks, n)
+    seg = -(-n // m)  # tokens per segment
+    pad = seg * m - n
+    scale = dh**-0.5
+    w = valid.to(q.dtype)[:, None, :, None]  # (B, 1, n, 1)
+    q, k = q * scale * w, k * w
+
+    def means(x: Tensor) -> Tensor:
+        x = nn.functional.pad(x, (0, 0, 0, pad)).reshape(b, h, m, seg, dh).sum(3)
+        count = nn.functional.pad(w, (0, 0, 0, pad)).reshape(b, 1, m, seg, 1).sum(3)
+        return x / count.clamp(min=1)
+
+    q_l, k_l = means(q), means(k)  # (B, H, m, dh)
+    empty = nn.functional.pad(w, (0, 0, 0, pad)).reshape(b, 1, m, seg).sum(3) == 0  # (B, 1, m)
+    neg = torch.finfo(q.dtype).min
+    k1 = torch.softmax((q @ k_l.transpose(-1, -2)).masked_fill(empty[:, :, None, :], neg), -1)
+    k2 = torch.softmax((q_l @ k_l.transpose(-1, -2)).masked_fill(empty[:, :, None, :], neg), -1)
+    key_pad = ~valid[:, None, None, :]
+    k3 = torch.softmax((q_l @ k.transpose(-1, -2)).masked_fill(key_pad, neg), -1)
+    # an SVD pseudo-inverse of the small m × m kernel: exact, where the Nyströmformer's
+    # 6 Newton–Schulz iterations can be far off on ill-conditioned kernels
+    return k1 @ (torch.linalg.pinv(k2) @ (k3 @ v))
+
+
 class _TransLayer(nn.Module):
     """Pre-norm residual multi-head self-attention (TransMIL's ``TransLayer``).
 
-    Uses ``scaled_dot_product_attention`` (fused kernels, no materialised N×N dropout mask),
-    which makes bags of thousands of instances trainable on a CPU.
+    Exact attention uses ``scaled_dot_product_attention`` (fused kernels, no materialised N×N
+    dropout mask) on sequences of up to ``exact_max`` tokens; longer ones use
+    :func:`nystrom_attention` with ``landmarks`` landmarks.
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, n_heads: int, dropout: float, exact_max: int = 4096, landmarks: int = 256
+    ) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"d_model={dim} must be divisible by n_heads={n_heads}")
         self.n_heads, self.dropout = n_heads, dropout
+        self.exact_max, self.landmarks = exact_max, landmarks
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -138,10 +181,12 @@ class _TransLayer(nn.Module):
         q, k, v = (
             self.qkv(self.norm(x)).reshape(b, n, 3, self.n_heads, dim // self.n_heads).unbind(2)
         )
-        attn_mask = None if not pad.any() else (~pad)[:, None, None, :]
-        h = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, n, dh)
+        if n > self.exact_max:
+            h = nystrom_attention(q, k, v, ~pad, self.landmarks)
+        else:
+            attn_mask = None if not pad.any() else (~pad)[:, None, None, :]
+            h = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         h = self.out(h.transpose(1, 2).reshape(b, n, dim))
         # Dropout on the layer's output, not on the n×n attention map (that would force the
         # slow unfused attention path and an n² random mask per step).
@@ -149,7 +194,10 @@ class _TransLayer(nn.Module):
 
 
 class TransMIL(nn.Module):
-    """TransMIL-style transformer MIL (Shao et al., 2021) with exact multi-head attention.
+    """TransMIL-style transformer MIL (Shao et al., 2021).
+
+    Attention is exact on bags of up to ``exact_max`` tokens and Nyström-approximated with
+    ``landmarks`` landmarks above (TransMIL's own choice for large bags).
 
     Shapes: ``forward(x: (n, d_in) | (B, n, d_in), mask: (B, n) | None) -> (C,) | (B, C)``.
     """
@@ -161,14 +209,16 @@ class TransMIL(nn.Module):
         d_model: int = 128,
         n_heads: int = 8,
         dropout: float = 0.1,
+        exact_max: int = 4096,
+        landmarks: int = 256,
     ) -> None:
         super().__init__()
         self.d_in, self.n_classes = d_in, n_classes
         self.proj = nn.Sequential(nn.Linear(d_in, d_model), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
-        self.layer1 = _TransLayer(d_model, n_heads, dropout)
+        self.layer1 = _TransLayer(d_model, n_heads, dropout, exact_max, landmarks)
         self.ppeg = _PPEG(d_model)
-        self.layer2 = _TransLayer(d_model, n_heads, dropout)
+        self.layer2 = _TransLayer(d_model, n_heads, dropout, exact_max, landmarks)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 
