@@ -24,7 +24,7 @@ from ..slides.tumour import hit_rate
 from ..workdir import Workdir
 from .calibrate import method_name
 
-__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
+__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "md_section", "FULL_RES_METHODS"]
 
 #: Bootstrap resamples of the test slides behind every interval, and the interval's level.
 N_BOOT = 2000
@@ -308,27 +308,21 @@ def format_table(results: dict | str | Path) -> str:
         lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + f" | {hits} |")
     if results.get("paired"):
         n = results.get("n_slides", "the")
-        lines += [
-            "",
+        lines += md_section(
             f"Paired differences on the same {n} test slides (95% bootstrap CI):",
-            "",
-            "| comparison | metric | difference [95% CI] |",
-            "|---|---|---|",
-        ]
+            ["comparison", "metric", "difference [95% CI]"],
+        )
         for p in results["paired"]:
             diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {diff}{ci} |")
     calibrated = [m for m in results["methods"] if m.get("calibrated")]
     if calibrated:
-        lines += [
-            "",
+        lines += md_section(
             "Calibrated on the val split, on the test slides: raw → temperature T → "
             "temperature and class bias b:",
-            "",
-            "| method | frac | T | T, b (with bias) | accuracy | ECE |",
-            "|---|---|---|---|---|---|",
-        ]
+            ["method", "frac", "T", "T, b (with bias)", "accuracy", "ECE"],
+        )
         for m in calibrated:
             t, tb = m["calibrated"]["temperature"], m["calibrated"]["temperature+bias"]
             lines.append(
@@ -338,6 +332,11 @@ def format_table(results: dict | str | Path) -> str:
                 f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])} |"
             )
     return "\n".join(lines)
+
+
+def md_section(caption: str, columns: list[str]) -> list[str]:
+    """Lines that open a Markdown table under a caption (a blank line before and after it)."""
+    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 def _with_ci(row: dict, metric: str) -> str:

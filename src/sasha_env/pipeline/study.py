@@ -349,6 +349,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
 
 def format_study(summary: dict[str, Any]) -> str:
     """The study as Markdown: methods (mean ± sd [95 % CI] over seeds), then paired differences."""
+    from .evaluate import md_section
+
     n = len(summary["seeds"])
 
     def cell(row: dict, metric: str) -> str:
@@ -368,26 +370,20 @@ def format_study(summary: dict[str, Any]) -> str:
         cells = " | ".join(cell(r, m) for m in METRICS)
         lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells} |")
     if summary["paired"]:
-        lines += [
-            "",
+        lines += md_section(
             "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
-            "",
-            "| comparison | metric | difference |",
-            "|---|---|---|",
-        ]
+            ["comparison", "metric", "difference"],
+        )
         for p in summary["paired"]:
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {p['diff_mean']:+.3f}{ci} |")
     calibrated = [r for r in summary["methods"] if r.get("calibrated")]
     if calibrated:
-        lines += [
-            "",
+        lines += md_section(
             "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
             "raw → temperature → temperature and class bias:",
-            "",
-            "| method | frac | accuracy | ECE |",
-            "|---|---|---|---|",
-        ]
+            ["method", "frac", "accuracy", "ECE"],
+        )
         for r in calibrated:
             cells = []
             for metric in ("accuracy", "ece"):
