@@ -57,3 +57,14 @@ def test_public_api_names_load_lazily():
     for name in sasha_env.__all__:
         assert getattr(sasha_env, name) is not None
     assert "probabilities" in sasha_env.Prediction.__annotations__
+
+
+def test_the_callers_envs_stay_open_and_frac_must_agree(tiny_workdir):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    vec = DummyVecEnv([lambda: SashaWSIEnv(tiny_workdir, split="train", frac=0.2)])
+    cfg = AgentConfig(total_timesteps=32, n_steps=16, batch_size=16, n_epochs=1, d_hidden=16)
+    model = train_agent(vec, cfg=cfg, progress=False)
+    model.learn(16)  # the VecEnv we were given is still usable
+    with pytest.raises(ValueError, match="frac=0.1 but the environment zooms with frac=0.2"):
+        train_agent(vec, 0.1, cfg=cfg)

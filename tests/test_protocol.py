@@ -141,3 +141,25 @@ def test_equal_episodes_scales_the_step_budget_with_f(tiny_workdir, tmp_path):
     assert steps_for(AgentConfig(total_timesteps=32), 0.2) == 32
     train_agent(Workdir(tiny_workdir), 0.2, cfg, out_dir=tmp_path / "a", progress=False)
     assert json.loads((tmp_path / "a" / "agent.json").read_text())["timesteps"] == 64
+
+
+def test_the_last_policy_is_validated_after_its_update(tiny_workdir, tmp_path):
+    # one epoch, validated at its end: that check runs when the last rollout ends, before
+    # its update, so the final policy is new and must be scored too when training ends
+    out = tmp_path / "a"
+    train_agent(
+        Workdir(tiny_workdir), 0.2, _cfg(epochs=1, val_every=1), out_dir=out, progress=False
+    )
+    with (out / "val_curve.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+
+
+def test_a_one_step_block_trains_without_nan(tiny_workdir, tmp_path):
+    import torch as th
+
+    model = train_agent(
+        Workdir(tiny_workdir), 0.01, _cfg(epochs=1, episodes_per_slide=1), out_dir=tmp_path / "a",
+        progress=False,
+    )  # fmt: skip  # f = 0.01: one zoom per episode, one step per update
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())

@@ -421,6 +421,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         slides += [r.path for r in read_manifest(args.manifest).records]
     if not slides:
         raise ValueError("give slide files or --manifest CSV")
+    if args.geojson is not None and args.full:
+        raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
     predictor = Predictor(
         args.workdir,
         frac=args.frac,

@@ -299,10 +299,10 @@ class Predictor:
         if geojson is not None:
             from .envs.geojson import episode_geojson, write_geojson
 
-            collection = episode_geojson(
+            collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
                 path.stem, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
                 self.class_names, trace["attention"], trace["patch_probabilities"],
-                trace["step_probabilities"], probs,
+                trace["step_probabilities"], raw,
             )  # fmt: skip
             record["geojson"] = str(write_geojson(collection, geojson, path.stem))
         return record

@@ -182,7 +182,7 @@ class _TransLayer(nn.Module):
             self.qkv(self.norm(x)).reshape(b, n, 3, self.n_heads, dim // self.n_heads).unbind(2)
         )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, n, dh)
-        if n > self.exact_max:
+        if int((~pad).sum(-1).max()) > self.exact_max:  # real tokens, not the batch padding
             h = nystrom_attention(q, k, v, ~pad, self.landmarks)
         else:
             attn_mask = None if not pad.any() else (~pad)[:, None, None, :]

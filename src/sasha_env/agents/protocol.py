@@ -128,6 +128,7 @@ class SlideOrderedPPO(MaskablePPO):
         if self.n_envs != 1:
             raise ValueError(f"slide-ordered rollouts need one environment, got {self.n_envs}")
         super()._setup_model()
+        self._normalize = self.normalize_advantage
 
     def collect_rollouts(
         self,
@@ -140,4 +141,6 @@ class SlideOrderedPPO(MaskablePPO):
         steps = int(env.env_method("steps_to_block_end")[0])
         rollout_buffer.buffer_size = steps
         self.n_steps = self.batch_size = steps
+        # one step (one episode of one zoom) has no advantage spread to normalise by
+        self.normalize_advantage = self._normalize and steps > 1
         return super().collect_rollouts(env, callback, rollout_buffer, steps, use_masking)

@@ -72,7 +72,7 @@ class ValSelection(BaseCallback):
         self.rollouts = 0
         self.best: dict | None = None
         self._best_state: dict | None = None
-        self._last_step = -1
+        self._last_updates = -1  # the policy's update count at the last validation
 
     def _on_training_start(self) -> None:
         self.file = self.writer = None
@@ -91,9 +91,13 @@ class ValSelection(BaseCallback):
             self._validate()
 
     def _validate(self) -> None:
-        if self.num_timesteps == self._last_step:
+        # A rollout ends before its update, so a validation there scores the policy of the
+        # previous update; at the end of training the last update's policy is new and is
+        # scored too. Skip only when the weights have not changed since the last check.
+        updates = int(getattr(self.model, "_n_updates", self.num_timesteps))
+        if updates == self._last_updates:
             return
-        self._last_step = self.num_timesteps
+        self._last_updates = updates
         episodes = run_episodes(self.env, agent_policy(self.model), self.env.slide_ids)
         probs = np.stack([e["probabilities"] for e in episodes])
         labels = np.array([e["label"] for e in episodes])

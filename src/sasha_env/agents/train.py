@@ -275,7 +275,8 @@ Gymnasium environments, or an SB3 ``VecEnv``."""
 def _training_env(
     source: EnvSource, frac: float | None, cfg: AgentConfig, seed: int
 ) -> tuple[VecEnv, float, Workdir | None, Any]:
-    """``(vec_env, frac, workdir or None, slide schedule or None)`` for :func:`train_agent`.
+    """``(vec_env, frac, workdir or None, slide schedule or None)`` for :func:`train_agent`;
+    only a workdir's environments are built here (and closed after training).
 
     Environments are wrapped in SB3's ``Monitor`` (episode returns and lengths in
     ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``); a ``VecEnv`` is used as given.
@@ -309,8 +310,7 @@ def _training_env(
                 "protocol 'paper' schedules the slides of one environment: pass the env itself "
                 "(train_agent(env, ...)), not a VecEnv"
             )
-        env_frac = source.get_attr("frac")[0]
-        return source, float(frac if frac is not None else env_frac), None, None
+        return source, _env_frac(source.get_attr("frac")[0], frac), None, None
     envs = (
         [source]
         if isinstance(source, gym.Env)
@@ -323,14 +323,24 @@ def _training_env(
             "train_agent trains on a workdir, a Gymnasium env, a list of envs or an SB3 VecEnv; "
             f"got {type(source).__name__}"
         )
-    env_frac = float(getattr(envs[0].unwrapped, "frac", frac or 0.1))
-    frac = env_frac if frac is None else float(frac)
+    frac = _env_frac(getattr(envs[0].unwrapped, "frac", frac), frac)
     if cfg.protocol == "paper":
         if len(envs) != 1:
             raise ValueError(f"protocol 'paper' trains on one environment, got {len(envs)}")
         schedule = SlideSchedule(envs[0], cfg.episodes_per_slide, seed)
         return DummyVecEnv([lambda: Monitor(schedule)]), frac, None, schedule
     return DummyVecEnv([lambda e=e: Monitor(e) for e in envs]), frac, None, None
+
+
+def _env_frac(env_frac: float | None, frac: float | None) -> float:
+    """The zoom budget of user environments; a ``frac`` argument must agree with it."""
+    if env_frac is None:
+        if frac is None:
+            raise ValueError("the environment has no frac attribute: pass frac")
+        return float(frac)
+    if frac is not None and abs(float(frac) - float(env_frac)) > 1e-12:
+        raise ValueError(f"frac={frac} but the environment zooms with frac={env_frac}")
+    return float(env_frac)
 
 
 def _logger(cfg: AgentConfig):
@@ -424,7 +434,8 @@ def train_agent(
         model.learn(total_timesteps=total, callback=[*chain, *callbacks])
     finally:
         torch.set_num_threads(threads)
-        vec_env.close()
+        if wd is not None:  # environments we built; the caller's stay open (SB3's idiom)
+            vec_env.close()
         if wandb_run is not None:
             wandb_run.finish()
     if out is None:

@@ -194,8 +194,9 @@ def _hf_input(folder: Path, config) -> tuple[int, tuple, tuple]:
 
 
 def _hf(spec: str) -> Backbone:
-    folder_text, _, pooling = spec.partition("@")
-    pooling = pooling or "cls"
+    folder_text, at, pooling = spec.rpartition("@")
+    if not at or pooling not in HF_POOLING and "/" in pooling:  # no pooling suffix
+        folder_text, pooling = spec, "cls"
     if pooling not in HF_POOLING:
         raise ValueError(f"backbone 'hf:{spec}': pooling {pooling!r} is not one of {HF_POOLING}")
     folder = Path(folder_text).expanduser()
@@ -220,6 +221,7 @@ def _hf(spec: str) -> Backbone:
 
     hf_logging.disable_progress_bar()  # our extraction has its own
     model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    model = model.float()  # a half-precision checkpoint still embeds in float32
     hidden = int(model.config.hidden_size)
     side, mean, std = _hf_input(folder, model.config)
     name = f"hf:{folder.resolve()}" + ("" if pooling == "cls" else f"@{pooling}")
