@@ -32,7 +32,7 @@ def test_predict_matches_cached_evaluation(tiny_workdir):
         e["slide_id"]: e for e in json.loads((wd.root / "episodes" / "sasha-0.1.json").read_text())
     }
     predictor = Predictor(wd.root, frac=0.1)
-    calibration = read_calibrations(wd.calibration)["sasha@0.1"]
+    calibration = read_calibrations(wd.calibration, "temperature+bias")["sasha@0.1"]  # default
     for record in _test_slides(wd):
         out = predictor.predict(record.path)
         ep = episodes[record.slide_id]

@@ -240,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration",
         choices=("temperature", "temperature+bias", "none"),
-        default="temperature",
+        default="temperature+bias",
         help="calibration fitted on the val split to apply: a temperature (keeps every "
         "decision), a temperature and class bias (moves the threshold too), or none "
-        "(default: temperature)",
+        "(default: temperature+bias, which lowered ECE and raised accuracy on the demo study)",
     )
     p.add_argument(
         "--pictures",

@@ -10,7 +10,7 @@ alone, and a temperature with a class bias — and written to ``WORKDIR/calibrat
      "nll_after"}, "temperature+bias": {...}}, "sasha@0.1": {...}, ...}}
 
 Evaluation reports every calibrated method's accuracy, F1 and ECE before and after each, and
-``sasha predict`` returns calibrated probabilities (temperature by default). The test split is
+``sasha predict`` returns calibrated probabilities (temperature and bias by default). The test split is
 never looked at here.
 """
 
