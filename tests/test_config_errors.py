@@ -32,7 +32,7 @@ def test_every_preset_is_valid(preset):
         (
             {"baselines": {"models": {"transmil": {"n_head": 2}}}},
             "unknown key 'n_head' in config section 'baselines.models.transmil'; valid keys: "
-            "cpu_threads, d_model, dropout, lr, max_epochs, n_heads, weight_decay",
+            "cpu_threads, d_model, dropout, exact_max, landmarks, lr, max_epochs, n_heads, weight_decay",
         ),
         ({"baselines": {"models": {"clam": {}}}}, "unknown model 'clam' in config section"),
         ({"agents": {"n_env": 2}}, "unknown key 'n_env' in config section 'agents'"),
