@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -144,8 +145,11 @@ def learning_curves(out: Path, runs: dict[str, list[Path]], timesteps: int, frac
             smooth = np.convolve(ret, np.ones(w) / w, mode="valid")  # no edge artefacts
             curves.append(np.interp(grid, t[w - 1 :], smooth, left=np.nan, right=np.nan))
         curves = np.array(curves)
-        ax.plot(grid, np.nanmean(curves, 0), label=f"{algo} ({len(dirs)} runs)")
-        q1, q3 = np.nanpercentile(curves, [25, 75], axis=0)
+        with warnings.catch_warnings():  # steps before the first smoothed point are all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(curves, 0)
+            q1, q3 = np.nanpercentile(curves, [25, 75], axis=0)
+        ax.plot(grid, mean, label=f"{algo} ({len(dirs)} runs)")
         ax.fill_between(grid, q1, q3, alpha=0.2)
     ax.set(
         xlabel="environment steps",
