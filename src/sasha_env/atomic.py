@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["replace_atomically", "temp_path", "write_json"]
+__all__ = ["PartialCSV", "replace_atomically", "temp_path", "write_json"]
 
 
 def temp_path(path: Path) -> Path:
@@ -37,3 +37,25 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON (non-JSON values as strings), atomically."""
     text = json.dumps(obj, indent=indent, default=str) + "\n"
     replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+class PartialCSV:
+    """A CSV written row by row under ``.<name>.partial`` and renamed to ``path`` by :meth:`close`
+    (a killed run never leaves a half-written file under the real name)."""
+
+    def __init__(self, path: str | os.PathLike, header: list[str]) -> None:
+        import csv
+
+        self.path = Path(path)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file = self.partial.open("w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(header)
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.partial.replace(self.path)

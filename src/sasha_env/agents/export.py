@@ -1,6 +1,6 @@
 """Trained agents as weights-only tensors plus a JSON description: loading them never unpickles.
 
-An SB3 ``agent.zip`` holds pickled (cloudpickle) objects, and loading one runs whatever code
+An SB3 ``agent.zip`` holds serialised Python objects, and loading one runs whatever code
 it carries, so a workdir from someone else could run code on your machine. Every agent the
 pipeline trains is therefore also exported as::
 

@@ -12,13 +12,13 @@ selected one.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
+from ..atomic import PartialCSV
 from ..envs.wsi import SashaWSIEnv
 from .policies import agent_policy, run_episodes
 
@@ -75,12 +75,9 @@ class ValSelection(BaseCallback):
         self._last_updates = -1  # the policy's update count at the last validation
 
     def _on_training_start(self) -> None:
-        self.file = self.writer = None
+        self.csv = None
         if self.path is not None:
-            self.partial = self.path.with_name(f".{self.path.name}.partial")
-            self.file = self.partial.open("w", newline="")
-            self.writer = csv.writer(self.file)
-            self.writer.writerow(["timestep", "auc", "f1", "accuracy", "ce", "score"])
+            self.csv = PartialCSV(self.path, ["timestep", "auc", "f1", "accuracy", "ce", "score"])
 
     def _on_step(self) -> bool:
         return True
@@ -103,19 +100,15 @@ class ValSelection(BaseCallback):
         labels = np.array([e["label"] for e in episodes])
         row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
         self.rows.append(row)
-        if self.writer is not None:
-            self.writer.writerow(
-                [row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")]
-            )
-            self.file.flush()
+        if self.csv is not None:
+            self.csv.write([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
         if self.best is None or row["score"] < self.best["score"]:
             self.best = row
             self._best_state = copy.deepcopy(self.model.policy.state_dict())
 
     def _on_training_end(self) -> None:
         self._validate()  # the last policy competes too
-        if self.file is not None:
-            self.file.close()
-            self.partial.replace(self.path)
+        if self.csv is not None:
+            self.csv.close()
         if self._best_state is not None:
             self.model.policy.load_state_dict(self._best_state)

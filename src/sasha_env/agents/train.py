@@ -7,7 +7,6 @@ The default agent is sb3-contrib's ``MaskablePPO`` with the SASHA actor-critic
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import sys
@@ -25,7 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
-from ..atomic import replace_atomically, write_json
+from ..atomic import PartialCSV, replace_atomically, write_json
 from ..config import dataclass_from_dict
 from ..envs.wsi import SashaWSIEnv
 from ..workdir import Workdir
@@ -226,12 +225,10 @@ class EpisodeLog(BaseCallback):
         self.name = name
 
     def _on_training_start(self) -> None:
-        self.file = self.writer = None
+        self.csv = None
         if self.path is not None:
-            self.partial = self.path.with_name(f".{self.path.name}.partial")
-            self.file = self.partial.open("w", newline="")
-            self.writer = csv.writer(self.file)
-            self.writer.writerow(["timestep", "episode_return", "correct", "slide_id", "wall_s"])
+            header = ["timestep", "episode_return", "correct", "slide_id", "wall_s"]
+            self.csv = PartialCSV(self.path, header)
         self.returns = np.zeros(self.training_env.num_envs)
         self.t0 = time.perf_counter()
         self.bar = None
@@ -248,8 +245,8 @@ class EpisodeLog(BaseCallback):
             info = self.locals["infos"][i]
             ret, correct = float(self.returns[i]), int(bool(info.get("correct")))
             wall = round(time.perf_counter() - self.t0, 2)
-            if self.writer is not None:
-                self.writer.writerow([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
+            if self.csv is not None:
+                self.csv.write([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
             if self.wandb_run is not None:
                 self.wandb_run.log(
                     {"episode/return": ret, "episode/correct": correct}, step=self.num_timesteps
@@ -260,9 +257,8 @@ class EpisodeLog(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.partial.replace(self.path)
+        if self.csv is not None:
+            self.csv.close()
         if self.bar is not None:
             self.bar.close()
 
