@@ -146,6 +146,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser(
+        "import",
+        help="build a feature store from TRIDENT or CLAM per-slide h5 feature files",
+        description="Build a feature store from features computed elsewhere: LOWRES/<slide_id>.h5 "
+        "(one feature per low-res patch: SASHA's state) and HIGHRES/<slide_id>.h5 (the "
+        "high-res patches), as TRIDENT or CLAM write them ('features' (n, d), 'coords' (n, 2) "
+        "level-0 top-left). Each high-res patch goes to the low-res cell that holds its centre, "
+        "by coordinates; a cell missing any of its zoom^2 sub-patches is left out and counted. "
+        "TRIDENT files say their patch size; CLAM's feature files do not: give --lowres-px and "
+        "--highres-px (patch_size x downsample of create_patches_fp's patches/<slide_id>.h5). "
+        "Then: sasha pipeline --features STORE --workdir DIR. A slide that fails is named and "
+        "skipped (exit status 1); slides already imported from the same files are skipped.",
+    )
+    p.add_argument(
+        "cohort",
+        type=Path,
+        metavar="CSV",
+        help="slide_id,label with optional split and path (the slide file, for pictures)",
+    )
+    p.add_argument(
+        "--lowres", type=Path, required=True, metavar="DIR", help="low-magnification h5 files"
+    )
+    p.add_argument(
+        "--highres", type=Path, required=True, metavar="DIR", help="high-magnification h5 files"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="STORE", help="feature store to write"
+    )
+    p.add_argument(
+        "--lowres-px",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="low-res patch side in level-0 px (default: from the files)",
+    )
+    p.add_argument(
+        "--highres-px",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="high-res patch side in level-0 px (default: from the files)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="the encoder's name, recorded in the store (default: from HIGHRES's folder name, e.g. features_uni_v1 -> uni_v1)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser(
         "pipeline",
         help="run every stage (extract, HAFED, distillation, TSU, baselines, agents, evaluation) with caching",
         description="Run the stages in this order, writing into WORKDIR and finally "
@@ -163,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="cohort manifest (optional when WORKDIR already has one)",
     )
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        metavar="STORE",
+        help="run every stage after extraction from this feature store (e.g. from 'sasha "
+        "import'); no slide files are needed, and --manifest defaults to the store's labels "
+        "and splits. The workdir gets a hard-linked copy: the store itself is not changed.",
+    )
     _add_preset(p)
     p.add_argument(
         "--stages",
@@ -327,13 +386,16 @@ def _wandb_overrides(args: argparse.Namespace) -> dict:
     return {"train": {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}}
 
 
-def _pipeline(args: argparse.Namespace, workdir: Path, manifest: Path | None):
+def _pipeline(
+    args: argparse.Namespace, workdir: Path, manifest: Path | None, features: Path | None = None
+):
     from .pipeline.runner import Pipeline
 
     overrides = _wandb_overrides(args)
     return Pipeline(
         workdir=workdir,
         manifest=manifest,
+        features=features,
         preset=args.preset,
         config_path=args.config,
         overrides=overrides,
@@ -348,7 +410,7 @@ def _pipeline(args: argparse.Namespace, workdir: Path, manifest: Path | None):
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .pipeline.evaluate import format_table
 
-    pipe = _pipeline(args, args.workdir, args.manifest)
+    pipe = _pipeline(args, args.workdir, args.manifest, args.features)
     pipe.run(args.stages, force=tuple(args.force))
     if (
         is_rank_zero()
@@ -489,6 +551,23 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     )
     if is_rank_zero():
         print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .features.importer import import_cohort
+
+    report = import_cohort(
+        args.cohort,
+        args.lowres,
+        args.highres,
+        args.out,
+        lowres_px=args.lowres_px,
+        highres_px=args.highres_px,
+        encoder=args.encoder,
+        progress=not args.quiet,
+    )
+    print(report.summary())
     return 0 if report.ok else 1
 
 

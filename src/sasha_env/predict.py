@@ -157,6 +157,13 @@ class Predictor:
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
         self.store = FeatureStore(self.wd.require(self.wd.store, "extract"))
         attrs = self.store.attrs
+        if "imported" in attrs:
+            raise ValueError(
+                f"{self.store.path} holds features imported from {attrs['imported'].get('tool')} "
+                f"({attrs['backbone']}): sasha predict embeds new slides with its own backbone, "
+                "so it needs a workdir whose features 'sasha extract' made. Import the new "
+                "slides' features too and evaluate them in a pipeline workdir instead"
+            )
         self.backbone = build_backbone(
             attrs["backbone"], (cfg.get("extract") or {}).get("backbone_checkpoint")
         )

@@ -35,7 +35,7 @@ import zarr
 
 from ..slides.manifest import is_safe_id
 
-__all__ = ["FeatureStore", "StoreError", "FORMAT_VERSION"]
+__all__ = ["FeatureStore", "StoreError", "FORMAT_VERSION", "link_store", "store_identity"]
 
 FORMAT_VERSION = 1
 _HOST = socket.gethostname().replace("~", "-")
@@ -259,6 +259,49 @@ class FeatureStore:
     def _check_writable(self) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path}: store opened read-only")
+
+
+def store_identity(store: FeatureStore) -> str:
+    """What the store holds: its attributes and each slide's id and source fingerprint."""
+    import hashlib
+
+    slides = [
+        (sid, (store.slide_attrs(sid).get("source") or {}).get("fingerprint"))
+        for sid in store.slide_ids()
+    ]
+    text = json.dumps([_jsonable(store.attrs), slides], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def link_store(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` a copy of the store ``src`` whose files are hard links to ``src``'s.
+
+    Free in time and space, and safe: zarr chunks are never rewritten in place, and arrays
+    added later (``distilled``) are new files, so writing into ``dst`` never changes ``src``.
+    Copies instead where links cannot be made (another file system). ``dst`` is replaced
+    atomically: a reader sees the old copy or the new one.
+    """
+    src, dst = Path(src), Path(dst)
+    FeatureStore(src)  # a clear error when it is not a store
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.linking~{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def work_in_progress(folder: str, names: list[str]) -> list[str]:
+        return ["_staging"] if Path(folder) == src and "_staging" in names else []
+
+    try:
+        shutil.copytree(src, tmp, copy_function=os.link, ignore=work_in_progress)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=work_in_progress)
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old~{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
 
 
 def _check_id(name: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -107,6 +107,7 @@ def zoom_paths(
     thumbs = ThumbnailCache(px)
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    episodes = [e for e in episodes if has_pixels(store.slide_attrs(e["slide_id"]))]
     for ep in episodes[:n_slides]:
         sid = ep["slide_id"]
         attrs = store.slide_attrs(sid)
@@ -145,6 +146,12 @@ def zoom_paths(
         ax.legend(handles=handles, loc="lower right", fontsize=6, framealpha=0.8)
         written.append(_save(fig, out_dir / f"{sid}-{episodes_json.stem}.png", dpi=120))
     return written
+
+
+def has_pixels(slide_attrs: dict) -> bool:
+    """Whether a store slide names a slide file to draw on (imported features without a
+    ``path`` column name their feature file instead)."""
+    return Path(slide_attrs.get("path", "")).suffix.lower() not in (".h5", ".hdf5", "")
 
 
 def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
@@ -218,9 +225,10 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
-def write_figures(wd: Workdir) -> list[Path]:
+def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list[Path]:
     """Learning curves of every agent, zoom paths of the SASHA agents and the AUC-against-budget
-    curve, under ``WORKDIR/figures``."""
+    curve, under ``WORKDIR/figures``. Zoom paths need slide pixels: slides known only by their
+    features are left out, with a note to ``log``."""
     figs = wd.root / "figures"
     written = []
     if wd.results.is_file():
@@ -244,6 +252,13 @@ def write_figures(wd: Workdir) -> list[Path]:
     val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
     if val:
         written.append(val_curves(val, figs / "val_curves.png"))
+    store = FeatureStore(wd.store)
+    without = [s for s in store.slide_ids() if not has_pixels(store.slide_attrs(s))]
+    if without and log is not None:
+        log(
+            f"[evaluate] {len(without)} slide(s) have features but no slide file (imported "
+            "without a 'path' column): their zoom paths are not drawn; GeoJSON is written"
+        )
     for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
         written += zoom_paths(wd, episodes, figs / "paths")
         written += episode_geojsons(wd, episodes, figs / "geojson" / episodes.stem)

@@ -30,10 +30,11 @@ from ..atomic import replace_atomically, write_json
 from ..config import load_config, quiet_lightning, say
 from ..distributed import barrier, is_rank_zero
 from ..features.bags import StoreBags
-from ..features.store import FeatureStore
+from ..features.store import FeatureStore, link_store, store_identity
 from ..slides.manifest import (
     Manifest,
     ManifestError,
+    SlideRecord,
     file_identity,
     read_manifest,
     read_manifest_lenient,
@@ -55,7 +56,11 @@ class Pipeline:
 
     Args:
         workdir: output folder (created).
-        manifest: the cohort CSV; optional when the workdir already holds one.
+        manifest: the cohort CSV; optional when the workdir already holds one, or when
+            ``features`` is given (then the store's labels and splits make the cohort).
+        features: an existing feature store (e.g. from ``sasha import``) to run every stage
+            after extraction from; the workdir gets a hard-linked copy, and no slide file is
+            read.
         preset, config_path, overrides: the configuration (see :func:`load_config`).
         devices, strategy, accelerator, num_nodes: scale-out of extraction and training.
         progress: progress bars.
@@ -64,6 +69,7 @@ class Pipeline:
 
     workdir: Path
     manifest: Path | None = None
+    features: Path | None = None
     preset: str = "demo"
     config_path: Path | None = None
     overrides: dict = field(default_factory=dict)
@@ -102,6 +108,8 @@ class Pipeline:
 
     def _prepare(self) -> None:
         """Write the resolved config, and the manifest with absolute paths and splits."""
+        if self.features is not None:
+            self._adopt_store(Path(self.features))
         if self.manifest is None and not self.wd.manifest.is_file():
             raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
         text = yaml.safe_dump(self.cfg, sort_keys=False)
@@ -125,6 +133,34 @@ class Pipeline:
             split_cfg = self.cfg.get("split", {})
             shares = tuple(split_cfg.get("shares", (0.6, 0.2, 0.2)))
             fresh.with_split(seed=self.seed, shares=shares).write(self.wd.manifest)
+
+    def _adopt_store(self, features: Path) -> None:
+        """Give the workdir a hard-linked copy of ``features`` (again when it changed), and,
+        without ``--manifest``, a cohort CSV made from the store's labels and splits."""
+        source = FeatureStore(features)
+        identity = store_identity(source)
+        record = self.wd.root / "features.source.json"
+        known = json.loads(record.read_text()) if record.is_file() else {}
+        if not self.wd.store.exists() or known.get("identity") != identity:
+            link_store(features, self.wd.store)
+            write_json(record, {"store": str(features.resolve()), "identity": identity})
+            self.log(f"[features] {len(source)} slide(s) from {features}")
+        if self.manifest is None and not self.wd.manifest.is_file():
+            cohort = self.wd.root / "cohort-from-store.csv"
+            records = []
+            for sid in source.slide_ids():
+                attrs = source.slide_attrs(sid)
+                if attrs.get("label") is None:
+                    raise ManifestError(
+                        f"{features}: slide {sid!r} has no label; give --manifest CSV"
+                    )
+                records.append(
+                    SlideRecord(
+                        sid, Path(attrs.get("path", "")), str(attrs["label"]), attrs.get("split")
+                    )
+                )
+            Manifest(cohort, records, []).write(cohort)
+            self.manifest = cohort
 
     def section(self, stage: Stage) -> dict:
         """The stage's effective config: its first section, with ``models.<stage>`` applied."""

@@ -43,6 +43,7 @@ class Pipeline(Protocol):
     """What a stage may use of the run that calls it (:class:`~sasha_env.pipeline.runner.Pipeline`)."""
 
     wd: Workdir
+    features: Path | None
     cfg: dict[str, Any]
     seed: int
     progress: bool
@@ -159,6 +160,8 @@ def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
     from ..features.store import FeatureStore
     from ..slides.grid import GridConfig
 
+    if p.features is not None or _imported(p.wd.store):
+        return _adopt_features(p)
     report = extract_cohort(
         p.wd.manifest,
         p.wd.store,
@@ -176,6 +179,37 @@ def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
     if len(store) == 0:
         raise RuntimeError("extraction produced no slide; see the errors above")
     return {"slides": len(store), "failed": report.failed, "cohort": cohort_digest(p, store)}
+
+
+def _imported(path: Path) -> bool:
+    from ..features.store import FeatureStore
+
+    return (path / "zarr.json").is_file() and "imported" in FeatureStore(path).attrs
+
+
+def _adopt_features(p: Pipeline) -> dict:
+    """The extract stage of a workdir whose features came from elsewhere: nothing to embed;
+    manifest slides missing from the store are named, as extraction names its failures."""
+    from ..features.store import FeatureStore
+    from ..slides.manifest import read_manifest
+
+    store = FeatureStore(p.wd.store)
+    failed = {
+        r.slide_id: "not in the feature store"
+        for r in read_manifest(p.wd.manifest).records
+        if r.slide_id not in store
+    }
+    for sid in sorted(failed):
+        p.log(f"[extract] {sid}: not in the feature store, left out")
+    if len(failed) == len(read_manifest(p.wd.manifest).records):
+        raise RuntimeError(f"{p.wd.store}: none of the manifest's slides is in the store")
+    source = store.attrs.get("imported") or {}
+    p.log(
+        f"[extract] features from {store.attrs.get('backbone')}"
+        + (f" (imported from {source['tool']})" if source else "")
+        + ": nothing to extract"
+    )
+    return {"slides": len(store), "failed": failed, "cohort": cohort_digest(p, store)}
 
 
 def cohort_digest(p: Pipeline, store: FeatureStore) -> str:
@@ -342,7 +376,7 @@ def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
     if is_rank_zero():
         from .figures import write_figures
 
-        for path in write_figures(p.wd):
+        for path in write_figures(p.wd, log=p.log):
             p.log(f"[evaluate] figure {path}")
     return {"results": str(p.wd.results), "methods": [m["method"] for m in results["methods"]]}
 

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any
 
 from ..atomic import replace_atomically, write_json
 from ..config import say
+from ..features.store import link_store
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
 
@@ -158,15 +158,7 @@ class Study:
             self._extract_once(shared, cohort)
         finally:
             claim.release()
-        wd.root.mkdir(parents=True, exist_ok=True)
-        tmp = wd.root / ".features.zarr.linking"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:  # zarr chunks are never rewritten in place: hard links are safe and free
-            shutil.copytree(shared, tmp, copy_function=os.link)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(shared, tmp)
-        os.replace(tmp, wd.store)
+        link_store(shared, wd.store)
 
     def _extract_once(self, shared: Path, cohort: Path) -> None:
         from ..config import load_config
