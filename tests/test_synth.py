@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,58 @@ def test_tumour_masks_map_onto_patches(tmp_path):
             assert hit_rate([on], [tumour]) == (1.0, pytest.approx(tumour.mean()))
         else:
             assert not (frac > 0).any()
+
+
+def test_a_mosaic_slide_reuses_its_sections_and_keeps_tumour_in_one():
+    """``--preset large``'s construction, small: the sections are symmetries of
+    ``distinct_sections`` rendered ones, and a positive slide's tumour is in one place."""
+    from sasha_env.slides.synth import render_mosaic
+
+    cfg = SynthConfig(
+        size_px=(256, 256), mosaic=(2, 3), distinct_sections=2, downsamples=(1, 2, 4),
+        focus_radius_px=(20, 30), n_mimics=(1, 1), mimic_radius_px=(20, 30),
+    )  # fmt: skip
+    side = 256
+
+    def blocks(a):
+        return [
+            a[r * side : (r + 1) * side, c * side : (c + 1) * side]
+            for r in range(2)
+            for c in range(3)
+        ]
+
+    def canonical(block):  # the same for all 8 symmetries of a block
+        return min(
+            np.rot90(block, k % 4, axes=(0, 1))[:, :: (-1 if k >= 4 else 1)].tobytes()
+            for k in range(8)
+        )
+
+    positive = render_mosaic(cfg, 1, np.random.default_rng(0))
+    assert positive.image.shape == (2 * side, 3 * side, 3)
+    kinds = [canonical(b) for b in blocks(positive.image)]
+    assert len(set(kinds)) == 2  # two rendered sections fill six places
+    with_tumour = [b.any() for b in blocks(positive.tumour)]
+    assert sum(with_tumour) == 1 and positive.n_foci >= 1
+    assert kinds.count(kinds[with_tumour.index(True)]) == 1  # the tumour section is placed once
+    negative = render_mosaic(cfg, 0, np.random.default_rng(1))
+    assert not negative.tumour.any() and negative.tissue.any()
+    assert len({canonical(b) for b in blocks(negative.image)}) <= 2
+
+
+def test_large_preset_reaches_camelyon_size_on_the_demo_grid():
+    """The large preset's slides are 12 x 12 sections: >= 8,000 tissue patches needs about 56
+    per 1,536-px section, which demo-model sections exceed (checked on one rendered section)."""
+    from sasha_env.config import load_config
+    from sasha_env.slides.grid import GridConfig
+    from sasha_env.slides.synth import block_mean, render_layers
+
+    cfg = load_config("large")
+    synth, grid = SynthConfig.from_dict(cfg["synth"]), GridConfig.from_dict(cfg["grid"])
+    assert grid == GridConfig.from_dict(load_config("demo")["grid"])  # the demo's resolution
+    rows, cols = synth.mosaic
+    cell = grid.patch_px * grid.zoom * grid.hi_downsample
+    section = replace(synth, mosaic=(1, 1), size_px=(synth.size_px[0],) * 2)
+    tissue = render_layers(section, 0, np.random.default_rng(0)).tissue
+    per_cell = block_mean(tissue, int(cell))
+    patches = int((per_cell >= grid.min_tissue).sum())
+    assert patches * rows * cols >= 8000, patches

@@ -27,7 +27,8 @@ def _add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
         choices=PRESETS,
         default=default,
         help=f"settings bundle: tiny (seconds, tests), demo (the embedded cohort), "
-        f"paper (SASHA's CAMELYON16 settings, for a GPU) (default: {default})",
+        f"paper (SASHA's CAMELYON16 settings, for a GPU), large (the demo's settings on "
+        f"CAMELYON-sized synthetic slides, >= 8,000 patches) (default: {default})",
     )
     p.add_argument(
         "--config",

@@ -18,7 +18,7 @@ import yaml
 
 __all__ = ["PRESETS", "load_config", "dataclass_from_dict", "deep_merge", "say", "quiet_lightning"]
 
-PRESETS = ("tiny", "demo", "paper")
+PRESETS = ("tiny", "demo", "paper", "large")
 T = TypeVar("T")
 
 
@@ -57,8 +57,7 @@ def load_config(
     """The configuration for a run: preset, then a YAML file, then explicit overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("sasha_env").joinpath("presets", f"{preset}.yaml").read_text()
-    cfg = yaml.safe_load(text) or {}
+    cfg = _preset(preset)
     cfg["preset"] = preset
     if path is not None:
         path = Path(path)
@@ -76,6 +75,14 @@ def load_config(
     if overrides:
         cfg = deep_merge(cfg, overrides)
     return cfg
+
+
+def _preset(name: str) -> dict[str, Any]:
+    """A packaged preset; one that ``extends: OTHER`` is merged over that preset."""
+    text = resources.files("sasha_env").joinpath("presets", f"{name}.yaml").read_text()
+    cfg = yaml.safe_load(text) or {}
+    base = cfg.pop("extends", None)
+    return deep_merge(_preset(base), cfg) if base else cfg
 
 
 def dataclass_from_dict(cls: type[T], d: dict | None, section: str) -> T:

@@ -44,6 +44,7 @@ __all__ = [
     "plan_cohort",
     "block_mean",
     "render_layers",
+    "render_mosaic",
     "render_slide",
     "write_pyramid_tiff",
     "synthesize_cohort",
@@ -83,6 +84,14 @@ class SynthConfig:
         n_mimics: range of lymphoid aggregates per slide, in both classes.
         mimic_radius_px: range of an aggregate radius.
         split: train/val/test shares, stratified by label.
+        mosaic: ``(rows, cols)`` tissue sections per slide. ``(1, 1)``: one section of
+            ``size_px``. More: a square section side is drawn once from ``size_px`` and the
+            slide is a grid of such sections (same tissue model, same resolution), which is how
+            slides as large as CAMELYON16's are made in minutes (``--preset large``).
+        distinct_sections: with a mosaic, how many sections are rendered; the mosaic reuses
+            them, each placement flipped or rotated (one of 8 symmetries). ``0``: every section
+            is rendered. On a positive slide only the first section carries tumour, and it is
+            placed once, so the tumour stays a small share of the tissue.
     """
 
     n_slides: int = 12
@@ -96,6 +105,8 @@ class SynthConfig:
     n_mimics: tuple[int, int] = (1, 2)
     mimic_radius_px: tuple[int, int] = (30, 50)
     split: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    mosaic: tuple[int, int] = (1, 1)
+    distinct_sections: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -130,6 +141,10 @@ class SynthConfig:
             )
         if self.tile_px < 16 or self.tile_px % 16:
             raise ValueError(f"tile_px must be a positive multiple of 16, got {self.tile_px}")
+        if len(self.mosaic) != 2 or min(self.mosaic) < 1:
+            raise ValueError(f"mosaic must be (rows, cols) of at least 1, got {self.mosaic}")
+        if self.distinct_sections < 0:
+            raise ValueError(f"distinct_sections must be >= 0, got {self.distinct_sections}")
         if self.mpp <= 0:
             raise ValueError(f"mpp must be positive, got {self.mpp}")
         if len(self.split) != 3 or min(self.split) < 0 or not math.isclose(sum(self.split), 1.0):
@@ -643,6 +658,53 @@ def render_layers(cfg: SynthConfig, label: int, rng: np.random.Generator) -> Sli
     )
 
 
+def render_mosaic(cfg: SynthConfig, label: int, rng: np.random.Generator) -> SlideLayers:
+    """Render a slide as a ``cfg.mosaic`` grid of square tissue sections.
+
+    ``cfg.distinct_sections`` sections (all of them when 0) are rendered with
+    :func:`render_layers`; the others reuse them under one of the 8 symmetries of the square.
+    On a positive slide section 0 alone carries tumour and is placed once, at a random place.
+
+    Returns:
+        The level-0 layers of the whole slide; ``n_foci`` and ``n_mimics`` count what was
+        placed.
+    """
+    rows, cols = cfg.mosaic
+    n_places = rows * cols
+    side = _draw_size(rng, *cfg.size_px, cfg.downsamples[-1])
+    section_cfg = dataclasses.replace(cfg, size_px=(side, side), mosaic=(1, 1))
+    n_distinct = min(cfg.distinct_sections or n_places, n_places)
+    if label and n_places > 1:
+        n_distinct = max(n_distinct, 2)  # a negative section to fill around the tumour
+    sections = [render_layers(section_cfg, label if i == 0 else 0, rng) for i in range(n_distinct)]
+    choice = rng.integers(0, n_distinct, n_places)
+    if label and n_distinct > 1:  # the tumour section once, the others negative
+        choice = rng.integers(1, n_distinct, n_places)
+        choice[rng.integers(n_places)] = 0
+    symmetry = rng.integers(0, 8, n_places)
+    image = np.empty((rows * side, cols * side, 3), np.uint8)
+    masks = {
+        name: np.empty((rows * side, cols * side), bool) for name in ("tumour", "mimic", "tissue")
+    }
+    n_foci = n_mimics = 0
+    for place, (k, sym) in enumerate(zip(choice, symmetry, strict=True)):
+        r, c = divmod(place, cols)
+        window = (slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
+        layers = sections[k]
+        image[window] = _symmetry(layers.image, sym)
+        for name, mask in masks.items():
+            mask[window] = _symmetry(getattr(layers, name), sym)
+        n_foci += layers.n_foci
+        n_mimics += layers.n_mimics
+    return SlideLayers(image, masks["tumour"], masks["mimic"], masks["tissue"], n_foci, n_mimics)
+
+
+def _symmetry(a: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 symmetries of the square: ``k % 4`` quarter turns, mirrored when ``k >= 4``."""
+    a = np.rot90(a, int(k) % 4, axes=(0, 1))
+    return a[:, ::-1] if k >= 4 else a
+
+
 def render_slide(
     cfg: SynthConfig, label: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -838,7 +900,8 @@ def synthesize_cohort(
         if slide.slide_id in record["slides"] and slide_path.is_file() and mask_path.is_file():
             continue
         label = _LABEL_NAMES.index(slide.label)
-        layers = render_layers(cfg, label, _slide_rng(seed, slide.index))
+        render = render_layers if tuple(cfg.mosaic) == (1, 1) else render_mosaic
+        layers = render(cfg, label, _slide_rng(seed, slide.index))
         write_pyramid_tiff(slide_path, layers.image, cfg.downsamples, cfg.mpp, cfg.tile_px)
         _write_mask_png(mask_path, layers.tumour)
         tissue_px = int(layers.tissue.sum())
