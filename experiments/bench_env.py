@@ -6,11 +6,14 @@
 1. **Step rate.** For each N, a slide of N random clustered features (d = 384; clusters of
    ~32 patches with |cos| ≈ 0.98 inside, so the TSU updates whole clusters) and random-init
    HAFED (paper config: 5 branches, hidden 128) and TSU (τ = 0.95), written to a temporary
-   store. Two environments on the same data, ``incremental=True`` and ``incremental=False``
-   (all N rows re-scored every step), take the same random legal actions for at least one
-   whole episode (f = 0.1), in alternating blocks so both see the same machine state.
-   Prints steps per CPU-second of each, their ratio (target >= 10x at N = 8192) and the
-   rows changed per step (zoomed + TSU-updated). One torch thread by default (``--threads``).
+   store. Three environments on the same data take the same random legal actions for at
+   least one whole episode (f = 0.1), in alternating blocks so all see the same machine
+   state: ``incremental=True`` with fresh observation copies (the default), the same with
+   ``copy_obs=False`` (views of the env's buffers, as the agents stage and ``sasha predict``
+   use it: SB3's vector envs copy anyway), and ``incremental=False`` (all N rows re-scored
+   every step). Prints steps per CPU-second of each, the ratios, and the rows changed per
+   step (zoomed + TSU-updated); then a profile of the largest N's step (``--profile-top``
+   functions by own time). One torch thread by default (``--threads``).
 2. **Memory.** In a fresh process: a demo-sized cohort (16 slides, N ≈ 150, d = 1280, like
    the embedded demo's efficientnet-lite0 features) written as a workdir with random-init
    HAFED and TSU checkpoints; SB3 PPO (``MultiInputPolicy``, ``n_steps=128``, batch 64)
@@ -108,7 +111,7 @@ class Runner:
         return spent
 
 
-def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
+def bench_speed(sizes: list[int], d: int, steps: int, root: Path, profile_top: int = 12) -> None:
     torch.manual_seed(0)
     hafed = HAFED(HAFEDConfig(d_in=d)).eval()
     tsu = TSU(TSUConfig(d=d, tau=0.95)).eval()
@@ -116,29 +119,63 @@ def bench_speed(sizes: list[int], d: int, steps: int, root: Path) -> None:
     slides = {f"n{n}": (*clustered_features(n, d, rng), "1") for n in sizes}
     write_store(root / "speed.zarr", d, slides)
     print(f"step rate, d = {d}, HAFED 5 branches x hidden 128, TSU tau 0.95, frac 0.1")
-    print(f"{'N':>6} {'incremental/s':>14} {'full/s':>10} {'ratio':>7} {'rows/step':>10}")
+    print(
+        "| N | incremental, copies (steps/s) | incremental, views | full re-score | views / copies | views / full | rows changed per step |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n in sizes:
         manifest = root / f"manifest_n{n}.csv"
         write_manifest(manifest, [(f"n{n}", "1", "train"), ("other0", "0", "test")])
         kw = dict(store=root / "speed.zarr", manifest=manifest, hafed=hafed, tsu=tsu, frac=0.1)
-        envs = {flag: SashaWSIEnv(**kw, incremental=flag) for flag in (True, False)}
+        envs = {
+            "copies": SashaWSIEnv(**kw),
+            "views": SashaWSIEnv(**kw, copy_obs=False),
+            "full": SashaWSIEnv(**kw, incremental=False),
+        }
         for env in envs.values():  # warm-up: load the slide, touch the buffers
             Runner(env, 0).run(3)
         runners = {flag: Runner(env, 1) for flag, env in envs.items()}  # same actions
-        total = max(steps, envs[True].budget)  # at least one whole episode
+        total = max(steps, envs["copies"].budget)  # at least one whole episode
         blocks = 8
         block = -(-total // blocks)
         spent = dict.fromkeys(envs, 0.0)
         for _ in range(blocks):  # alternate blocks: both see the same machine state
             for flag, runner in runners.items():
                 spent[flag] += runner.run(block)
-        inc, full = blocks * block / spent[True], blocks * block / spent[False]
-        env = envs[True]
+        rate = {name: blocks * block / seconds for name, seconds in spent.items()}
+        env = envs["copies"]
         env.reset(seed=0)
         for _ in range(env.budget):
             env.step(int(np.flatnonzero(env.action_masks())[0]))
         changed = (env.budget + int(env._updated.sum())) / env.budget  # zoomed + TSU rows
-        print(f"{n:>6} {inc:>14.1f} {full:>10.1f} {inc / full:>6.1f}x {changed:>10.1f}")
+        print(
+            f"| {n} | {rate['copies']:.0f} | {rate['views']:.0f} | {rate['full']:.0f} | "
+            f"{rate['views'] / rate['copies']:.2f}x | {rate['views'] / rate['full']:.1f}x | "
+            f"{changed:.1f} |"
+        )
+    if profile_top:
+        profile_step(envs["views"], max(steps, envs["views"].budget), profile_top)
+
+
+def profile_step(env: SashaWSIEnv, n_steps: int, top: int) -> None:
+    """Where one step's time goes: cProfile over ``n_steps`` random legal steps."""
+    import cProfile
+    import io
+    import pstats
+
+    runner = Runner(env, 2)
+    profile = cProfile.Profile()
+    profile.enable()
+    runner.run(n_steps)
+    profile.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out).sort_stats("tottime")
+    stats.print_stats(top)
+    n = env.slide.n if env.slide is not None else "?"
+    print(f"\nprofile of {n_steps} steps at N = {n} (copy_obs=False), by own time:")
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    print("\n".join(lines[start : start + top + 1]))
 
 
 # ------------------------------------------------------------------ 2. memory
@@ -242,6 +279,7 @@ def main() -> None:
         "thread is the fair setting for per-step work on a small or shared CPU, where a second "
         "thread waiting on a busy core slows small ops down by 10-30x",
     )
+    p.add_argument("--profile-top", type=int, default=12, help="profile lines (0: no profile)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args()
@@ -253,7 +291,7 @@ def main() -> None:
             print(
                 f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs"
             )
-            bench_speed(args.sizes, args.d, args.steps, Path(tmp))
+            bench_speed(args.sizes, args.d, args.steps, Path(tmp), args.profile_top)
             torch.set_num_threads(default_threads)
         if not args.skip_memory and args.skip_speed:
             bench_memory(Path(tmp))

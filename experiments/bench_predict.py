@@ -2,13 +2,17 @@
 
     python experiments/bench_predict.py                         # SASHA's patch geometry (224 px)
     python experiments/bench_predict.py --workdir demo-run      # a finished workdir's test slides
+    python experiments/bench_predict.py --workdir demo-run --slides-from large/manifest.csv
+                                        # CAMELYON-sized slides (sasha synth large --preset large)
 
 Without ``--workdir`` the script builds its own setting under ``--out`` (resumable: finished
 slides and stages are kept): a small synthetic training cohort at SASHA's patch geometry
 (``experiments/bench_predict.yaml``: 224-px sub-patches at 0.5 um/px, 4x4 of them under each
 224-px low-res patch at 2 um/px, EfficientNet-Lite0 at 224 px), the pipeline stages the
 agents need, and larger slides to time. With ``--workdir`` it times that workdir's slides of
-``--split`` (the demo's 32-px patches: a regime where fixed per-call costs dominate).
+``--split`` (the demo's 32-px patches: a regime where fixed per-call costs dominate), or, with
+``--slides-from CSV``, the slides of that manifest (one workdir slide warms up, uncounted): the
+large preset's slides have over 10,000 patches, where the costs that grow with N show.
 
 For each timed slide, each mode runs in turn in one process (modes rotate between slides, so
 that drift of a shared machine hits all alike; one warm-up slide is not counted). Reported:
@@ -84,6 +88,13 @@ def main() -> None:
     )
     p.add_argument("--workdir", type=Path, default=None, help="time this workdir's slides")
     p.add_argument("--split", default="test", help="with --workdir: the split to time")
+    p.add_argument(
+        "--slides-from",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="with --workdir: time the slides of this manifest instead (e.g. the large preset's)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-predict-run"), help="own setting")
     p.add_argument("--config", type=Path, default=HERE / "bench_predict.yaml")
     p.add_argument("--slides", type=int, default=4, help="slides timed (plus one warm-up)")
@@ -97,6 +108,9 @@ def main() -> None:
         root = Workdir(args.workdir).root
         records = read_manifest(Workdir(root).manifest).records
         paths = [r.path for r in records if r.split == args.split][: args.slides + 1]
+        if args.slides_from is not None:  # a workdir slide warms up, these are timed
+            timed = [r.path for r in read_manifest(args.slides_from).records]
+            paths = paths[:1] + timed[: args.slides]
     predictors = {m: Predictor(root, batch_size=args.batch_size, **kw) for m, kw in MODES.items()}
     for predictor in predictors.values():
         predictor.predict(paths[0])  # warm-up (kernels, caches)

@@ -329,6 +329,37 @@ def test_illegal_actions_end_cleanly(workdir):
         env.step(0)
 
 
+def test_changed_rows_name_every_row_a_step_changed_and_views_track_the_state(workdir):
+    """``changed_rows`` is exactly the rows whose observation changed; with ``copy_obs=False``
+    the observation is the env's buffer (changed in place), with the default a fresh copy."""
+    env = make(workdir, frac=1.0)
+    viewing = make(workdir, frac=1.0, copy_obs=False)
+    obs, info = env.reset(seed=3)
+    view, _ = viewing.reset(options={"slide_id": info["slide_id"]})
+    n = info["n_patches"]
+    np.testing.assert_array_equal(env.changed_rows, np.arange(n))
+    rng = np.random.default_rng(0)
+    for _ in range(info["budget"]):
+        before = {k: v.copy() for k, v in view.items()}
+        action = int(rng.choice(np.flatnonzero(env.action_masks())))
+        new, *_ = env.step(action)
+        view_after, _, terminated, *_ = viewing.step(action)
+        # the same buffer, updated in place; the terminal observation is a copy (vector envs
+        # keep it in the info past the reset)
+        assert (view_after["features"] is view["features"]) != terminated
+        np.testing.assert_array_equal(new["features"], view_after["features"])
+        assert new["features"] is not obs["features"]
+        changed = np.flatnonzero(
+            (before["features"] != view["features"]).any(1) | (before["visited"] != view["visited"])
+        )
+        assert set(changed) <= set(env.changed_rows) and action in env.changed_rows
+        np.testing.assert_array_equal(env.changed_rows, viewing.changed_rows)
+        obs = new
+    env.reset(options={"slide_id": info["slide_id"]})
+    env.step(env.max_patches - 1 if n < env.max_patches else -1)  # illegal: nothing changes
+    assert env.changed_rows.size == 0
+
+
 def test_zooming_twice_is_illegal(workdir):
     env = make(workdir, frac=0.5)
     env.reset(options={"slide_id": "slide01"})

@@ -345,3 +345,21 @@ def test_policy_module_imports_nothing_from_sasha_env() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not any(name.startswith("sasha_env") for name in names)
+
+
+@pytest.mark.parametrize("use_coords", [True, False])
+def test_actor_logits_of_a_few_rows_equal_the_full_forward(use_coords):
+    """Rows are scored on their own: re-scoring a subset gives the forward pass's logits
+    (what lets ``sasha predict`` re-score only the rows a zoom changed)."""
+    torch.manual_seed(0)
+    net = SashaActorCritic(16, d_hidden=8, use_coords=use_coords).eval()
+    feats, coords = torch.randn(1, 40, 16), torch.rand(1, 40, 2)
+    visited = (torch.rand(1, 40) < 0.3).to(torch.int8)
+    valid = torch.ones(1, 40, dtype=torch.int8)
+    with torch.inference_mode():
+        logits, _ = net(feats, visited, valid, coords if use_coords else None)
+        rows = torch.tensor([3, 17, 39])
+        some = net.actor_logits(
+            feats[0, rows], visited[0, rows], coords[0, rows] if use_coords else None
+        )
+    torch.testing.assert_close(some, logits[0, rows])

@@ -345,15 +345,23 @@ class Predictor:
         )
         obs, _ = env.reset(options={"slide_data": data})
         done, info, steps = False, {}, []
+        n = grid.n
+        # the env's own buffers (copy_obs=False): read before each step, never kept
+        features, visited = torch.from_numpy(obs["features"]), torch.from_numpy(obs["visited"])
+        coords = torch.from_numpy(obs["coords"]) if self.policy.use_coords else None
+        logits = torch.empty(n)
         while not done:
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                o = {k: torch.as_tensor(v).unsqueeze(0).float() for k, v in obs.items()}
-                logits, _ = self.policy(o["features"], o["visited"], o["valid"], o["coords"])
-                logits = logits[0].masked_fill(~torch.from_numpy(env.action_masks()), -math.inf)
+            with torch.inference_mode():  # re-score only the rows the last step changed
+                rows = torch.from_numpy(env.changed_rows)
+                logits[rows] = self.policy.actor_logits(
+                    features[rows], visited[rows], None if coords is None else coords[rows]
+                )
+                legal = torch.from_numpy(env.action_masks()[:n])
+                action = int(torch.argmax(logits.masked_fill(~legal, -math.inf)))
             timer.add("agent", t0)
             t0, v_before = time.perf_counter(), lazy.seconds
-            obs, _, done, _, info = env.step(int(torch.argmax(logits)))
+            obs, _, done, _, info = env.step(action)
             # reading, embedding and distilling are timed by `lazy`; the rest is TSU + classifier
             timer["update"] += time.perf_counter() - t0 - (lazy.seconds - v_before)
             steps.append(env.probabilities)
@@ -376,6 +384,7 @@ class Predictor:
                 split=None,
                 frac=self.frac,
                 max_patches=max(n_patches, self.cohort_max_patches),
+                copy_obs=False,
             )
         return self._env_cache
 

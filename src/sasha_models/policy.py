@@ -168,11 +168,23 @@ class SashaActorCritic(nn.Module):
             parts.append(coords.to(features.dtype))
         return torch.cat(parts, dim=-1)
 
+    def actor_logits(
+        self, features: Tensor, visited: Tensor, coords: Tensor | None = None
+    ) -> Tensor:
+        """The actor's logit of each row, ``(..., n, d)`` → ``(..., n)``.
+
+        A row is scored on its own, so its logit changes only when its row does: an agent
+        acting on one slide can keep the logits and re-score only the rows a zoom changed
+        (the zoomed row and the TSU-updated ones), ``O(r·d·H)`` per zoom instead of
+        ``O(N·d·H)`` (how ``sasha predict`` runs the agent).
+        """
+        return self.actor_attn(self.actor_mlp(self.rows(features, visited, coords))).squeeze(-1)
+
     def forward(
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         x = self.rows(features, visited, coords)
-        logits = self.actor_attn(self.actor_mlp(x)).squeeze(-1)  # (B, N)
+        logits = self.actor_attn(self.actor_mlp(x)).squeeze(-1)  # (B, N): actor_logits
         h = self.critic_mlp(x)  # (B, N, H)
         weights = masked_softmax(self.critic_attn(h).squeeze(-1), valid > 0.5)  # (B, N)
         value = self.value_head(torch.einsum("bn,bnh->bh", weights, h))  # (B, 1)

@@ -287,12 +287,13 @@ def _training_env(
         if frac is None:
             raise ValueError("train_agent on a workdir needs frac, the zoom budget")
         if cfg.protocol == "paper":
-            schedule = SlideSchedule(make_env(wd, "train", frac, cfg), cfg.episodes_per_slide, seed)
+            train_env = make_env(wd, "train", frac, cfg, copy_obs=False)  # the VecEnv copies
+            schedule = SlideSchedule(train_env, cfg.episodes_per_slide, seed)
             return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
 
         def factory(rank: int) -> Callable[[], gym.Env]:
             def make() -> gym.Env:
-                env = make_env(wd, "train", frac, cfg)
+                env = make_env(wd, "train", frac, cfg, copy_obs=False)  # the VecEnv copies
                 env.reset(seed=seed + rank)
                 return Monitor(env)
 
