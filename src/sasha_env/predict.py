@@ -385,6 +385,7 @@ class Predictor:
                 frac=self.frac,
                 max_patches=max(n_patches, self.cohort_max_patches),
                 copy_obs=False,
+                obs_projection=self.policy.projection if self.policy is not None else None,
             )
         return self._env_cache
 

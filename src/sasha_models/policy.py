@@ -45,6 +45,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 
 from .attention import GatedAttention, masked_softmax
+from .projection import ObsProjection
 from .spaces import OBS_KEYS, legal_actions
 
 __all__ = [
@@ -132,6 +133,10 @@ class SashaActorCritic(nn.Module):
         d_hidden: width H of the row MLPs and of the gated attention (official: 128).
         dropout: dropout in the row MLPs and attention (official: 0).
         use_coords: append the patch's grid position to its row.
+        project_from: the state's feature size D when observations carry a projection of it
+            (:class:`~sasha_models.projection.ObsProjection`, ``d_features = k``): the
+            projection is kept in the network's buffers (so an exported agent carries it),
+            and rows given with D features are projected first.
 
     Shapes:
         ``forward(features (B, N, d), visited (B, N), valid (B, N), coords (B, N, 2) | None)
@@ -139,10 +144,19 @@ class SashaActorCritic(nn.Module):
     """
 
     def __init__(
-        self, d_features: int, d_hidden: int = 128, dropout: float = 0.0, use_coords: bool = True
+        self,
+        d_features: int,
+        d_hidden: int = 128,
+        dropout: float = 0.0,
+        use_coords: bool = True,
+        project_from: int | None = None,
     ) -> None:
         super().__init__()
         self.d_features, self.d_hidden, self.use_coords = d_features, d_hidden, use_coords
+        self.project_from = project_from
+        if project_from is not None:
+            self.register_buffer("obs_mean", torch.zeros(project_from))
+            self.register_buffer("obs_basis", torch.zeros(project_from, d_features))
         d_in = d_features + 1 + (2 if use_coords else 0)
         self.actor_mlp = self._row_mlp(d_in, d_hidden, dropout)
         self.actor_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
@@ -159,8 +173,29 @@ class SashaActorCritic(nn.Module):
             nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Dropout(dropout)
         )
 
+    @property
+    def projection(self) -> ObsProjection | None:
+        """The observation projection this network reads through, if any."""
+        if self.project_from is None:
+            return None
+        return ObsProjection(self.obs_mean.cpu().numpy(), self.obs_basis.cpu().numpy())
+
+    def set_projection(self, projection: ObsProjection) -> None:
+        if self.project_from is None or projection.basis.shape != tuple(self.obs_basis.shape):
+            raise ValueError(
+                f"a projection {projection.basis.shape} does not fit this network "
+                f"(project_from={self.project_from}, d_features={self.d_features})"
+            )
+        self.obs_mean.copy_(torch.from_numpy(projection.mean))
+        self.obs_basis.copy_(torch.from_numpy(projection.basis))
+
     def rows(self, features: Tensor, visited: Tensor, coords: Tensor | None) -> Tensor:
-        """Per-row input ``(B, N, d + 1 [+ 2])``."""
+        """Per-row input ``(B, N, d + 1 [+ 2])``; full-size state rows are projected first."""
+        if (
+            self.project_from is not None
+            and features.shape[-1] == self.project_from != self.d_features
+        ):
+            features = (features - self.obs_mean) @ self.obs_basis
         parts = [features, visited.to(features.dtype).unsqueeze(-1)]
         if self.use_coords:
             if coords is None:
@@ -239,9 +274,11 @@ class _SashaPolicyMixin:
         d_hidden: int = 128,
         dropout: float = 0.0,
         use_coords: bool = True,
+        project_from: int | None = None,
         **kwargs: Any,
     ) -> None:
         self._d_features = _check_obs_space(observation_space, use_coords)
+        self.project_from = project_from
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"SASHA policies need a Discrete action space, got {action_space}")
         self.d_hidden, self.dropout, self.use_coords = d_hidden, dropout, use_coords
@@ -251,7 +288,9 @@ class _SashaPolicyMixin:
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)  # type: ignore[call-arg]
 
     def _build(self, lr_schedule: Any) -> None:
-        self.net = SashaActorCritic(self._d_features, self.d_hidden, self.dropout, self.use_coords)
+        self.net = SashaActorCritic(
+            self._d_features, self.d_hidden, self.dropout, self.use_coords, self.project_from
+        )
         self.optimizer = self.optimizer_class(  # type: ignore[attr-defined]
             self.parameters(),  # type: ignore[attr-defined]
             lr=lr_schedule(1),
@@ -260,7 +299,12 @@ class _SashaPolicyMixin:
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()  # type: ignore[misc]
-        data.update(d_hidden=self.d_hidden, dropout=self.dropout, use_coords=self.use_coords)
+        data.update(
+            d_hidden=self.d_hidden,
+            dropout=self.dropout,
+            use_coords=self.use_coords,
+            project_from=self.project_from,
+        )
         return data
 
     def _net_outputs(
@@ -316,6 +360,8 @@ class SashaActorCriticPolicy(_SashaPolicyMixin, MaskableActorCriticPolicy):
         d_hidden: network width (official: 128).
         dropout: dropout (official: 0).
         use_coords: feed each patch's grid position to the network.
+        project_from: the state's feature size when the observations are projected
+            (``agents.obs_dim``; see :class:`SashaActorCritic`).
         **kwargs: passed to :class:`MaskableActorCriticPolicy` (e.g. ``optimizer_class``).
     """
 

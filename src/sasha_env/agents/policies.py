@@ -12,9 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from sasha_models.projection import ObsProjection
+
 from ..envs.wsi import SashaWSIEnv
 
-__all__ = ["Policy", "agent_policy", "random_policy", "attention_topk_policy", "run_episodes"]
+__all__ = [
+    "Policy",
+    "agent_policy",
+    "agent_projection",
+    "random_policy",
+    "attention_topk_policy",
+    "run_episodes",
+]
 
 Policy = Callable[[SashaWSIEnv, dict], int]
 
@@ -41,6 +50,13 @@ def agent_policy(agent: Any, deterministic: bool = True) -> Policy:
         return int(action)
 
     return act
+
+
+def agent_projection(agent: Any) -> ObsProjection | None:
+    """The observation projection a trained agent reads through (``agents.obs_dim``), if any:
+    build the env it acts in with ``obs_projection=`` this."""
+    net = getattr(getattr(agent, "policy", agent), "net", None)
+    return getattr(net, "projection", None)
 
 
 def random_policy(seed: int) -> Policy:

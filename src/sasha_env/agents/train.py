@@ -24,6 +24,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
+from sasha_models.projection import ObsProjection, fit_obs_projection
+
 from ..atomic import PartialCSV, replace_atomically, write_json
 from ..config import dataclass_from_dict
 from ..envs.wsi import SashaWSIEnv
@@ -91,6 +93,11 @@ class AgentConfig:
     use_coords: bool = True
     """Feed each patch's grid position to the SASHA policy (the official agent sees the state
     only); see the README's ablation."""
+    obs_dim: int | None = None
+    """The agent reads a ``obs_dim``-column PCA projection of the state, fitted on the training
+    slides' low-res and distilled rows and kept in the exported policy
+    (:mod:`sasha_models.projection`); ``None``: the state itself. For real N and d: the PPO
+    update and the rollout buffer shrink by ``d / obs_dim``. Not with ``dqn``."""
     cpu_threads: int | None = 1
     """torch threads while training; the policy's small matrices run fastest on one."""
     random_seeds: int = 5
@@ -111,6 +118,11 @@ class AgentConfig:
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(
                 f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"
+            )
+        if cfg.obs_dim is not None and cfg.algo == "dqn":
+            raise ValueError(
+                "agents.obs_dim needs a SASHA policy (maskable_ppo, ppo, a2c), which keeps the "
+                "projection; dqn's policy cannot"
             )
         if cfg.protocol == "paper" and cfg.algo != "maskable_ppo":
             raise ValueError(
@@ -145,7 +157,37 @@ def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) 
     )
 
 
-def _algorithm(cfg: AgentConfig, env, seed: int, device: str, frac: float):
+def workdir_projection(
+    wd: Workdir, k: int, max_rows: int = 100_000, seed: int = 0
+) -> ObsProjection:
+    """The PCA projection of ``agents.obs_dim``: fitted on the rows a state holds (low-res z
+    and distilled v) of the workdir's training slides, at most ``max_rows`` of them."""
+    from ..features.store import FeatureStore
+    from ..slides.manifest import read_manifest
+
+    store = FeatureStore(wd.store)
+    ids = [r.slide_id for r in read_manifest(wd.manifest).records if r.split == "train"]
+    rows = np.concatenate(
+        [store.read(s, name) for s in ids if s in store for name in ("lowres", "distilled")]
+    )
+    if len(rows) > max_rows:
+        rows = rows[np.random.default_rng(seed).choice(len(rows), max_rows, replace=False)]
+    return fit_obs_projection(rows, k)
+
+
+def _env_projection(env: Any) -> ObsProjection | None:
+    """The observation projection of a (vector) environment of ours, if it has one."""
+    if isinstance(env, VecEnv):
+        try:
+            return env.get_attr("obs_projection")[0]
+        except AttributeError:
+            return None
+    return getattr(getattr(env, "unwrapped", env), "obs_projection", None)
+
+
+def _algorithm(
+    cfg: AgentConfig, env, seed: int, device: str, frac: float, projection: ObsProjection | None
+):
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
 
@@ -153,9 +195,13 @@ def _algorithm(cfg: AgentConfig, env, seed: int, device: str, frac: float):
 
     from .protocol import SlideOrderedPPO
 
-    policy_kwargs = {"d_hidden": cfg.d_hidden}
+    policy_kwargs: dict[str, Any] = {"d_hidden": cfg.d_hidden}
     if not cfg.use_coords:
         policy_kwargs["use_coords"] = False
+    if projection is not None:
+        if cfg.algo == "dqn":
+            raise ValueError("observations with obs_projection need a SASHA policy, not dqn's")
+        policy_kwargs["project_from"] = projection.d_in
     if cfg.protocol == "paper":
         ppo = PPOConfig.paper(frac)
         if cfg.learning_rate is not None:
@@ -269,7 +315,11 @@ Gymnasium environments, or an SB3 ``VecEnv``."""
 
 
 def _training_env(
-    source: EnvSource, frac: float | None, cfg: AgentConfig, seed: int
+    source: EnvSource,
+    frac: float | None,
+    cfg: AgentConfig,
+    seed: int,
+    projection: ObsProjection | None = None,
 ) -> tuple[VecEnv, float, Workdir | None, Any]:
     """``(vec_env, frac, workdir or None, slide schedule or None)`` for :func:`train_agent`;
     only a workdir's environments are built here (and closed after training).
@@ -287,13 +337,15 @@ def _training_env(
         if frac is None:
             raise ValueError("train_agent on a workdir needs frac, the zoom budget")
         if cfg.protocol == "paper":
-            train_env = make_env(wd, "train", frac, cfg, copy_obs=False)  # the VecEnv copies
+            train_env = make_env(wd, "train", frac, cfg, copy_obs=False, obs_projection=projection)
             schedule = SlideSchedule(train_env, cfg.episodes_per_slide, seed)
             return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
 
         def factory(rank: int) -> Callable[[], gym.Env]:
             def make() -> gym.Env:
-                env = make_env(wd, "train", frac, cfg, copy_obs=False)  # the VecEnv copies
+                env = make_env(  # copy_obs=False: the VecEnv copies
+                    wd, "train", frac, cfg, copy_obs=False, obs_projection=projection
+                )
                 env.reset(seed=seed + rank)
                 return Monitor(env)
 
@@ -388,7 +440,13 @@ def train_agent(
     validation) and ``out_dir/agent.json`` (config, seconds, the kept validation point).
     """
     cfg = cfg or AgentConfig()
-    vec_env, frac, wd, schedule = _training_env(env, frac, cfg, seed)
+    projection = None
+    if cfg.obs_dim is not None and isinstance(env, (Workdir, str, os.PathLike)):
+        projection = workdir_projection(
+            env if isinstance(env, Workdir) else Workdir(env), cfg.obs_dim
+        )
+    vec_env, frac, wd, schedule = _training_env(env, frac, cfg, seed, projection)
+    projection = projection or _env_projection(vec_env)
     if out_dir is None and wd is not None:
         out_dir = wd.agent_dir(agent_name(frac, cfg.algo))
     out = None if out_dir is None else Path(out_dir)
@@ -413,7 +471,9 @@ def train_agent(
     t0 = time.perf_counter()
     selection = None
     try:
-        model = _algorithm(cfg, vec_env, seed, device, frac)
+        model = _algorithm(cfg, vec_env, seed, device, frac, projection)
+        if projection is not None:  # the exported policy carries it (evaluation, predict)
+            model.policy.net.set_projection(projection)
         logger = _logger(cfg)
         if logger is not None:
             model.set_logger(logger)
@@ -424,7 +484,7 @@ def train_agent(
             if eval_env is None:
                 if wd is None:
                     raise ValueError("agents.val_every needs validation slides: pass eval_env")
-                eval_env = make_env(wd, "val", frac, cfg)  # max_patches="cohort", as in training
+                eval_env = make_env(wd, "val", frac, cfg, obs_projection=projection)
             # under the paper protocol a rollout is one slide's block: validate per epoch
             every = cfg.val_every * (len(schedule.slide_ids) if schedule else 1)
             chain.append(selection := ValSelection(eval_env, every, out))

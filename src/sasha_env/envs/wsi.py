@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
+from sasha_models.projection import ObsProjection
 from sasha_models.spaces import action_space, legal_actions, observation_space
 
 from ..features.store import FeatureStore
@@ -119,6 +120,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             into their own buffers; the agents stage trains this way) or read the observation
             before stepping again (``sasha predict``). At N = 8,192 and d = 1,280 the copy is
             42 MB per step; at d = 384 it halves the step's time.
+        obs_projection: observations carry ``(S − μ) W`` (``k`` columns,
+            :class:`~sasha_models.projection.ObsProjection`) instead of the state S; updated
+            in the changed rows only. The models and rewards still use S. For agents at real
+            N and d (``agents.obs_dim``): k = 128 of d = 1,280 makes the policy's first layer
+            and the rollout buffer 10× smaller.
 
     Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
         ``features`` ``Box(-inf, inf, (P, d), float32)`` — the state S;
@@ -166,6 +172,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         render_mode: str | None = None,
         render_px: int = 512,
         copy_obs: bool = True,
+        obs_projection: ObsProjection | None = None,
     ) -> None:
         if not 0.0 < float(frac) <= 1.0:
             raise ValueError(f"frac must be in (0, 1], got {frac}")
@@ -214,12 +221,22 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._thumbs = ThumbnailCache(render_px)
 
         P, d = self.max_patches, self.d
-        self.observation_space = observation_space(P, d)
+        if obs_projection is not None and obs_projection.d_in != d:
+            raise ValueError(
+                f"obs_projection maps {obs_projection.d_in} features, the store has {d}"
+            )
+        self.obs_projection = obs_projection
+        d_obs = d if obs_projection is None else obs_projection.d_out
+        self.observation_space = observation_space(P, d_obs)
         self.action_space = action_space(P)
 
         # Episode state. ``_features`` is the padded observation buffer; ``_S`` views its
         # first N rows and is what the models read and write.
         self._features = np.zeros((P, d), np.float32)
+        # what the agent sees: the state itself, or its projection (kept row by row)
+        self._obs_features = (
+            self._features if obs_projection is None else np.zeros((P, d_obs), np.float32)
+        )
         self._visited = np.zeros(P, np.int8)
         self._valid = np.zeros(P, np.int8)
         self._coords = np.zeros((P, 2), np.float32)
@@ -312,6 +329,9 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._slide = data
         self._features[:n] = data.z.numpy()
         self._features[n:] = 0.0
+        if self.obs_projection is not None:
+            self._obs_features[:n] = self.obs_projection(self._features[:n])
+            self._obs_features[n:] = 0.0
         self._visited[:] = 0
         self._valid[:] = 0
         self._valid[:n] = 1
@@ -354,6 +374,9 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                 rows = self._zoom(a)
                 self._set_prediction(self._clf.update(self._S, rows))
             self._changed = rows.numpy()
+            if self.obs_projection is not None:
+                changed = self._changed
+                self._obs_features[changed] = self.obs_projection(self._features[changed])
             reward = -self._ce if self.reward_mode == "ce" else ce_before - self._ce
         else:
             self._changed = np.zeros(0, np.int64)
@@ -443,13 +466,13 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     def _obs(self, fresh: bool = False) -> dict[str, np.ndarray]:
         if not (self.copy_obs or fresh):
             return {
-                "features": self._features,
+                "features": self._obs_features,
                 "visited": self._visited,
                 "valid": self._valid,
                 "coords": self._coords,
             }
         return {
-            "features": self._features.copy(),
+            "features": self._obs_features.copy(),
             "visited": self._visited.copy(),
             "valid": self._valid.copy(),
             "coords": self._coords.copy(),

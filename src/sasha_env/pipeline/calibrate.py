@@ -43,7 +43,7 @@ def calibrate_workdir(
     from sasha_models.lit import load_model, predict_probs
 
     from ..agents.export import load_policy
-    from ..agents.policies import agent_policy, run_episodes
+    from ..agents.policies import agent_policy, agent_projection, run_episodes
     from ..agents.train import AgentConfig, agent_name, make_env
 
     bags = StoreBags(FeatureStore(wd.store), read_manifest(wd.manifest))
@@ -70,8 +70,9 @@ def calibrate_workdir(
         agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
         if not agent_dir.is_dir():
             continue
-        env = make_env(wd, split, frac, acfg)
-        episodes = run_episodes(env, agent_policy(load_policy(agent_dir)), ids)
+        agent = load_policy(agent_dir)
+        env = make_env(wd, split, frac, acfg, obs_projection=agent_projection(agent))
+        episodes = run_episodes(env, agent_policy(agent), ids)
         fit(
             method_name("sasha", frac),
             np.stack([e["probabilities"] for e in episodes]),

@@ -206,6 +206,7 @@ def evaluate_sampling(
     from ..agents.export import load_policy
     from ..agents.policies import (
         agent_policy,
+        agent_projection,
         attention_topk_policy,
         random_policy,
         run_episodes,
@@ -219,11 +220,13 @@ def evaluate_sampling(
     rows: list[dict] = []
     (wd.root / "episodes").mkdir(exist_ok=True)
     for frac in sorted(set(acfg.fracs) | set(acfg.curve_fracs)):
-        env = make_env(wd, split, frac, acfg)
         methods: list[tuple[str, list]] = []
         agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
+        agent = None
         if frac in acfg.fracs and agent_dir.is_dir():  # weights only: nothing is unpickled
-            methods.append(("sasha", [agent_policy(load_policy(agent_dir))]))
+            agent = load_policy(agent_dir)
+            methods.append(("sasha", [agent_policy(agent)]))
+        env = make_env(wd, split, frac, acfg, obs_projection=agent_projection(agent))
         methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
         methods.append(("attention_topk", [attention_topk_policy()]))
         for method, policies in methods:
