@@ -335,10 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and initialisation (the manifest's split column is ignored unless --keep-split), "
         "features extracted once into WORKDIR/features.zarr and shared. Writes "
         "WORKDIR/seed-<s>/ (a pipeline workdir each), WORKDIR/study.json (per method: mean, "
-        "sd, 95%% CI and per-seed numbers; paired differences; AUC against budget) and "
+        "sd, 95% CI and per-seed numbers; paired differences; AUC against budget) and "
         "WORKDIR/study.md. Resumable per seed and stage. Several processes or machines may "
         "run the same command on one shared folder: each takes seeds nobody else is running, "
-        "and the last to finish writes study.json.",
+        "and the last to finish writes study.json; --jobs J starts J such processes here.",
     )
     p.add_argument("--manifest", type=Path, required=True, metavar="CSV", help="cohort manifest")
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR", help="study folder")
@@ -354,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-split",
         action="store_true",
         help="use the manifest's split for every seed (only the initialisation varies)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="J",
+        help="run J processes on this machine, each taking the seeds nobody runs (default: 1). "
+        "Each uses one core; J = the number of seeds keeps every core busy to the end (with "
+        "S seeds over C < S cores, J = C leaves the last seeds to run one per core while the "
+        "others idle)",
     )
     _add_run_options(p, scaleout=False)
     p.set_defaults(func=_cmd_study)
@@ -452,10 +462,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    import json
+
     from .pipeline.study import Study, format_study
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    helpers = _spawn_helpers(args._argv, args.jobs - 1)
     overrides = _wandb_overrides(args)
     summary = Study(
         workdir=args.workdir,
@@ -467,10 +482,34 @@ def _cmd_study(args: argparse.Namespace) -> int:
         keep_split=args.keep_split,
         progress=not args.quiet,
     ).run()
+    failed = [p.args for p in helpers if p.wait() != 0]
+    if summary is None and helpers:  # a helper finished last and wrote the study
+        study_json = args.workdir / "study.json"
+        summary = json.loads(study_json.read_text()) if study_json.is_file() else None
     if summary is not None:
         print()
         print(format_study(summary))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the --jobs processes failed; see their output above")
     return 0
+
+
+def _spawn_helpers(argv: list[str], n: int) -> list:
+    """Start ``n`` more processes of the same study command (without ``--jobs``)."""
+    import subprocess
+
+    if n <= 0:
+        return []
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--jobs":
+            skip = True
+        elif not arg.startswith("--jobs="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "sasha_env.cli", *rest]
+    return [subprocess.Popen(cmd) for _ in range(n)]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -576,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sasha`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
