@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test test-all bench bench-agents bench-predict lint format clean
+.PHONY: install demo test test-all bench bench-scale bench-agents bench-predict lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,19 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: $(STAMP)         # the last one builds its own cohort under bench-predict-run/ (resumable)
+bench: $(STAMP) bench-scale  # bench_predict builds its own cohort under bench-predict-run/ (resumable)
 	$(PY) experiments/bench_extract.py
-	$(PY) experiments/bench_env.py
 	$(PY) experiments/bench_predict.py --out bench-predict-run
+
+# CAMELYON-sized slides: predict on the large preset's slides (> 10,000 patches, both modes),
+# the env step at N = 512 / 2048 / 8192, agents' speed and memory up to N = 8192.
+# Needs a finished demo workdir (made here when missing); writes bench-large/.
+bench-scale: $(STAMP)
+	test -f $(DEMO_DIR)/results.json || $(VENV)/bin/sasha demo $(DEMO_DIR)
+	$(VENV)/bin/sasha synth bench-large --preset large
+	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR) --slides-from bench-large/manifest.csv --slides 1
+	$(PY) experiments/bench_env.py
+	$(PY) experiments/bench_agent_speed.py
 
 bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_agents.py --workdir $(DEMO_DIR)
@@ -46,4 +55,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache

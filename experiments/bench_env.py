@@ -78,6 +78,29 @@ def write_store(path: Path, d: int, slides: dict[str, tuple[np.ndarray, np.ndarr
         store.write_array(sid, "distilled", v)
 
 
+def synthetic_workdir(
+    wd: Path, n_slides: int, n_range: tuple[int, int], d: int, seed: int = 1
+) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """A workdir the agents can train on: ``n_slides`` training slides of N in ``n_range``
+    clustered random features (low-res and distilled), random-init HAFED and TSU exports."""
+    from sasha_models.lit import HAFEDModule, TSUModule
+
+    rng = np.random.default_rng(seed)
+    slides = {}
+    for i in range(n_slides):
+        z, v = clustered_features(int(rng.integers(n_range[0], n_range[1] + 1)), d, rng)
+        slides[f"s{i:02d}"] = (z, v, str(i % 2))
+    write_store(wd / "features.zarr", d, slides)
+    write_manifest(wd / "manifest.csv", [(s, lab, "train") for s, (_, _, lab) in slides.items()])
+    for name, module in (
+        ("hafed", HAFEDModule({"d_in": d}, seed=0)),
+        ("tsu", TSUModule({"d": d, "tau": 0.95}, seed=0)),
+    ):
+        (wd / "models" / name).mkdir(parents=True, exist_ok=True)
+        torch.save({**module.export(), "meta": {}}, wd / "models" / name / "model.pt")
+    return slides
+
+
 def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -213,22 +236,8 @@ def bench_memory(root: Path, n_slides: int = 16, d: int = 1280, n_envs: int = 4)
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    from sasha_models.lit import HAFEDModule, TSUModule
-
     wd = root / "demo_like"
-    rng = np.random.default_rng(1)
-    slides = {}
-    for i in range(n_slides):
-        z, v = clustered_features(int(rng.integers(130, 171)), d, rng)
-        slides[f"s{i:02d}"] = (z, v, str(i % 2))
-    write_store(wd / "features.zarr", d, slides)
-    write_manifest(wd / "manifest.csv", [(s, lab, "train") for s, (_, _, lab) in slides.items()])
-    for name, module in (
-        ("hafed", HAFEDModule({"d_in": d}, seed=0)),
-        ("tsu", TSUModule({"d": d, "tau": 0.95}, seed=0)),
-    ):
-        (wd / "models" / name).mkdir(parents=True)
-        torch.save({**module.export(), "meta": {}}, wd / "models" / name / "model.pt")
+    slides = synthetic_workdir(wd, n_slides, (130, 170), d)
 
     max_n = max(len(z) for z, _, _ in slides.values())
     obs_b = observation_nbytes(max_n, d)

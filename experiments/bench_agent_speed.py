@@ -1,0 +1,106 @@
+"""Agent training throughput and memory at real N and d: MaskablePPO with the SASHA policy.
+
+    python experiments/bench_agent_speed.py [--sizes 100:1280 800:1280 8192:384] [--rollouts 2]
+
+For each ``N:d``, a workdir of 8 training slides of about N clustered random features
+(``bench_env.synthetic_workdir``; random-init HAFED and TSU) and the agents stage's training
+(``train_agent`` with the demo preset's PPO settings: 4 envs × 64 steps per rollout, batch
+64, 4 epochs, f = 0.1, one torch thread unless the mode says otherwise) for ``--rollouts``
+rollouts, in each of these modes:
+
+- ``state``: the policy reads the state itself (the default, ``agents.obs_dim: null``);
+- ``state, 2 threads``: the same with ``agents.cpu_threads: 2``;
+- ``obs_dim 128``: the policy reads a 128-column PCA projection of the state
+  (``agents.obs_dim: 128``; the env keeps it row by row).
+
+Every run is a fresh process (so its peak RSS, ``VmHWM``, is its own); modes alternate within
+each size. Printed: environment steps per second of training (collection and updates), the
+speed-up over ``state``, the peak memory, and the arithmetic: one observation is
+``P·(4k + 10)`` bytes for k feature columns, and the rollout buffer holds
+``n_steps × n_envs`` of them (the paper protocol's, ``2⌈f·N⌉``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = {
+    "state": {},
+    "state, 2 threads": {"cpu_threads": 2},
+    "obs_dim 128": {"obs_dim": 128},
+}
+N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
+
+
+def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
+    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+    from bench_env import synthetic_workdir  # next to this script
+    from procfs import proc_kib
+    from sasha_env.agents.train import AgentConfig, train_agent
+
+    wd = root / f"n{n}-d{d}"
+    if not (wd / "manifest.csv").is_file():
+        synthetic_workdir(wd, N_SLIDES, (int(n * 0.9), n), d)
+    cfg = AgentConfig(
+        fracs=(0.1,), total_timesteps=rollouts * N_ENVS * N_STEPS, n_steps=N_STEPS,
+        n_envs=N_ENVS, batch_size=64, n_epochs=4, **MODES[mode],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    model = train_agent(wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False)
+    seconds = time.perf_counter() - t0
+    k = int(model.observation_space["features"].shape[1])
+    return {
+        "steps": int(model.num_timesteps),
+        "seconds": seconds,
+        "peak_gib": proc_kib("VmHWM") / 2**20,
+        "P": int(model.observation_space["features"].shape[0]),
+        "k": k,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sizes", nargs="+", default=["100:1280", "800:1280", "8192:384"])
+    p.add_argument("--rollouts", type=int, default=2, help="rollouts of 4 x 64 steps per run")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--child", nargs=4, metavar=("ROOT", "N", "D", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        root, n, d, mode = args.child
+        print(json.dumps(run_one(Path(root), int(n), int(d), mode, args.rollouts)))
+        return
+    print(
+        "| N | d | mode | steps/s | vs state | peak GiB | observation MB | rollout buffer GiB | paper-protocol buffer GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="bench_agent_speed_") as tmp:
+        for size in args.sizes:
+            n, d = (int(x) for x in size.split(":"))
+            base = None
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--rollouts", str(args.rollouts), "--child", tmp, str(n), str(d), mode]  # fmt: skip
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                rate = r["steps"] / r["seconds"]
+                base = rate if mode == "state" else base
+                obs = r["P"] * (4 * r["k"] + 10)
+                paper = 2 * math.ceil(0.1 * r["P"]) * obs
+                print(
+                    f"| {n} | {d} | {mode} | {rate:.1f} | "
+                    f"{'' if base is None else f'{rate / base:.2f}x'} | {r['peak_gib']:.2f} | "
+                    f"{obs / 1e6:.2f} | {N_STEPS * N_ENVS * obs / 2**30:.2f} | {paper / 2**30:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
