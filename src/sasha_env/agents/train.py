@@ -186,7 +186,12 @@ def _env_projection(env: Any) -> ObsProjection | None:
 
 
 def _algorithm(
-    cfg: AgentConfig, env, seed: int, device: str, frac: float, projection: ObsProjection | None
+    cfg: AgentConfig,
+    env,
+    seed: int,
+    device: str,
+    frac: float,
+    projection: ObsProjection | None = None,
 ):
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
