@@ -9,6 +9,7 @@ from the modules (importing this package loads nothing heavy):
   the targeted state updater; :mod:`sasha_models.baselines` — ABMIL, mean/max MIL, TransMIL;
 - :mod:`sasha_models.incremental` — the classifier re-scoring only changed rows;
 - :mod:`sasha_models.policy` — the SASHA actor-critic for SB3 / sb3-contrib;
+  :mod:`sasha_models.projection` — the fixed projection compact observations read through;
 - :mod:`sasha_models.data`, :mod:`sasha_models.metrics`, :mod:`sasha_models.lit` (Lightning
   training), :mod:`sasha_models.checkpoint` (exported ``model.pt`` files, no Lightning).
 """
