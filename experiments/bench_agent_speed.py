@@ -11,7 +11,8 @@ rollouts, in each of these modes:
 - ``state``: the policy reads the state itself (the default, ``agents.obs_dim: null``);
 - ``state, 2 threads``: the same with ``agents.cpu_threads: 2``;
 - ``obs_dim 128``: the policy reads a 128-column PCA projection of the state
-  (``agents.obs_dim: 128``; the env keeps it row by row).
+  (``agents.obs_dim: 128``; the env keeps it row by row);
+- ``obs_dim 128, 2 threads``: both.
 
 Every run is a fresh process (so its peak RSS, ``VmHWM``, is its own); modes alternate within
 each size. Printed: environment steps per second of training (collection and updates), the
@@ -35,6 +36,7 @@ MODES = {
     "state": {},
     "state, 2 threads": {"cpu_threads": 2},
     "obs_dim 128": {"obs_dim": 128},
+    "obs_dim 128, 2 threads": {"obs_dim": 128, "cpu_threads": 2},
 }
 N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
 
