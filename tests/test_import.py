@@ -128,6 +128,45 @@ def test_import_places_sub_patches_by_coordinates(trident_files, tiny_cohort, tm
         progress=False,
     )  # fmt: skip
     assert again.imported == [] and len(again.skipped) == len(original)
+    # a corrected label is taken up, though the files are the same
+    rows = list(csv.reader((tmp_path / "cohort.csv").open()))
+    sid, old_label = rows[1][0], rows[1][1]
+    new_label = next(r[1] for r in rows[1:] if r[1] != old_label)
+    rows[1][1] = new_label
+    with (tmp_path / "cohort.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    fixed = import_cohort(
+        tmp_path / "cohort.csv", files / "lo", files / "hi", tmp_path / "imported.zarr",
+        progress=False,
+    )  # fmt: skip
+    assert fixed.imported == [sid] and store.slide_attrs(sid)["label"] == new_label
+
+
+def test_features_from_another_store_rekey_the_workdir(tiny_store, tmp_path):
+    """Giving a workdir another --features store re-links it, forgets the extract stage
+    (every later stage re-keys on the new store) and rebuilds the cohort from the store."""
+    from sasha_env.pipeline.runner import Pipeline
+
+    smaller = tmp_path / "smaller.zarr"
+    shutil.copytree(tiny_store, smaller)
+    dropped = FeatureStore(smaller).slide_ids()[0]
+    shutil.rmtree(smaller / "slides" / dropped)
+    wd = tmp_path / "wd"
+
+    def prepare(store: Path) -> list[str]:
+        pipe = Pipeline(wd, features=store, preset="tiny", progress=False, log=lambda m: None)
+        pipe._prepare()
+        return [r.slide_id for r in read_manifest(wd / "manifest.csv").records]
+
+    assert dropped in prepare(tiny_store)
+    (wd / "stages").mkdir()
+    (wd / "stages" / "extract.json").write_text("{}")
+    assert dropped not in prepare(smaller)
+    assert not (wd / "stages" / "extract.json").exists()
+    assert dropped not in FeatureStore(wd / "features.zarr").slide_ids()
+    (wd / "stages" / "extract.json").write_text("{}")
+    prepare(smaller)  # the same store again: nothing to redo
+    assert (wd / "stages" / "extract.json").exists()
 
 
 def test_incomplete_cells_are_left_out_and_counted(tmp_path):

@@ -142,6 +142,15 @@ def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_s
     assert "| method |" in text  # the summary table, whichever process finished last
 
 
+def test_jobs_helpers_run_one_job_each_even_with_an_abbreviated_option():
+    from sasha_env.cli import _helper_command, build_parser
+
+    argv = ["study", "--manifest", "m.csv", "--workdir", "w", "--job", "4"]
+    helper = _helper_command(argv)
+    assert helper[1:3] == ["-m", "sasha_env.cli"]
+    assert build_parser().parse_args(helper[3:]).jobs == 1
+
+
 def test_study_bars_script_reads_study_json(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -226,6 +226,20 @@ def test_resume_refuses_another_config(tmp_path):
         synthesize_cohort(tmp_path, SynthConfig(n_slides=1, size_px=(256, 300)), progress=False)
 
 
+def test_a_cohort_written_before_a_config_field_existed_still_resumes(tmp_path):
+    """``cohort.json`` of an older version lacks later fields (``mosaic``...): their defaults
+    are what it was made with, so a re-run resumes instead of refusing the folder."""
+    cfg = SynthConfig(n_slides=1, size_px=(256, 256))
+    synthesize_cohort(tmp_path, cfg, progress=False)
+    record = json.loads((tmp_path / "cohort.json").read_text())
+    for key in ("mosaic", "distinct_sections"):
+        del record["config"][key]
+    (tmp_path / "cohort.json").write_text(json.dumps(record))
+    synthesize_cohort(tmp_path, cfg, progress=False)  # no error
+    with pytest.raises(ValueError, match="another folder"):  # a real difference still counts
+        synthesize_cohort(tmp_path, replace(cfg, mosaic=(2, 2)), progress=False)
+
+
 def test_from_dict():
     cfg = SynthConfig.from_dict({"n_slides": 3, "size_px": [256, 320], "split": [0.6, 0.2, 0.2]})
     assert cfg.size_px == (256, 320) and cfg.split == (0.6, 0.2, 0.2) and cfg.n_slides == 3

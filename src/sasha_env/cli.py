@@ -471,18 +471,19 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     helpers = _spawn_helpers(args._argv, args.jobs - 1)
-    overrides = _wandb_overrides(args)
-    summary = Study(
-        workdir=args.workdir,
-        manifest=args.manifest,
-        seeds=tuple(range(args.seeds)),
-        preset=args.preset,
-        config_path=args.config,
-        overrides=overrides,
-        keep_split=args.keep_split,
-        progress=not args.quiet,
-    ).run()
-    failed = [p.args for p in helpers if p.wait() != 0]
+    try:
+        summary = Study(
+            workdir=args.workdir,
+            manifest=args.manifest,
+            seeds=tuple(range(args.seeds)),
+            preset=args.preset,
+            config_path=args.config,
+            overrides=_wandb_overrides(args),
+            keep_split=args.keep_split,
+            progress=not args.quiet,
+        ).run()
+    finally:  # never leave the helpers behind, whatever happened here
+        failed = [p.args for p in helpers if p.wait() != 0]
     if summary is None and helpers:  # a helper finished last and wrote the study
         study_json = args.workdir / "study.json"
         summary = json.loads(study_json.read_text()) if study_json.is_file() else None
@@ -494,22 +495,19 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _helper_command(argv: list[str]) -> list[str]:
+    """The study command a ``--jobs`` helper runs: the same, with one job (the last
+    ``--jobs`` given wins, so abbreviations such as ``--job 4`` cannot multiply)."""
+    return [sys.executable, "-m", "sasha_env.cli", *argv, "--jobs", "1"]
+
+
 def _spawn_helpers(argv: list[str], n: int) -> list:
-    """Start ``n`` more processes of the same study command (without ``--jobs``)."""
+    """Start ``n`` more processes of the same study command, one job each."""
     import subprocess
 
     if n <= 0:
         return []
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--jobs":
-            skip = True
-        elif not arg.startswith("--jobs="):
-            rest.append(arg)
-    cmd = [sys.executable, "-m", "sasha_env.cli", *rest]
-    return [subprocess.Popen(cmd) for _ in range(n)]
+    return [subprocess.Popen(_helper_command(argv)) for _ in range(n)]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

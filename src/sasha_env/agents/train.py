@@ -167,12 +167,21 @@ def workdir_projection(
 
     store = FeatureStore(wd.store)
     ids = [r.slide_id for r in read_manifest(wd.manifest).records if r.split == "train"]
-    rows = np.concatenate(
-        [store.read(s, name) for s in ids if s in store for name in ("lowres", "distilled")]
-    )
-    if len(rows) > max_rows:
-        rows = rows[np.random.default_rng(seed).choice(len(rows), max_rows, replace=False)]
-    return fit_obs_projection(rows, k)
+    ids = [s for s in ids if s in store]
+    if k >= store.feature_dim:
+        raise ValueError(
+            f"agents.obs_dim = {k} must be smaller than the feature size {store.feature_dim}"
+        )
+    rng = np.random.default_rng(seed)
+    per_array = max(1, max_rows // (2 * max(len(ids), 1)))  # sampled per slide: O(max_rows·d)
+    parts = []
+    for sid in ids:
+        for name in ("lowres", "distilled"):
+            rows = store.read(sid, name)
+            if len(rows) > per_array:
+                rows = rows[np.sort(rng.choice(len(rows), per_array, replace=False))]
+            parts.append(rows)
+    return fit_obs_projection(np.concatenate(parts), k)
 
 
 def _env_projection(env: Any) -> ObsProjection | None:

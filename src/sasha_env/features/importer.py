@@ -116,8 +116,9 @@ def read_patch_file(path: str | Path, size_level0: float | None = None) -> Patch
         patch_px = int(attrs["patch_size"]) if "patch_size" in attrs else None
     elif "patch_level" in attrs and "patch_size" in attrs:
         tool, patch_px = "clam", int(attrs["patch_size"])
+        # CLAM steps by patch_size * int(downsample): its downsample is an estimate (4.0003)
         downsample = np.atleast_1d(np.asarray(attrs.get("downsample", 1.0), dtype=float))
-        file_size = patch_px * float(downsample[0])
+        file_size = float(patch_px * int(downsample[0]))
     size = float(size_level0) if size_level0 else file_size
     return PatchFile(
         path,
@@ -390,8 +391,14 @@ def import_cohort(
                     raise FeatureImportError(f"{p} not found")
             source = _source(lo_path, hi_path)
             if store is not None and row.slide_id in store:
-                old = store.slide_attrs(row.slide_id).get("source") or {}
-                if old.get("fingerprint") == source["fingerprint"]:
+                old = store.slide_attrs(row.slide_id)
+                same = (
+                    (old.get("source") or {}).get("fingerprint") == source["fingerprint"]
+                    and old.get("label") == row.label
+                    and old.get("split") == row.split
+                    and (row.path is None or old.get("path") == str(row.path))
+                )
+                if same:  # same files, same labels: nothing to do
                     report.skipped.append(row.slide_id)
                     continue
             lo = read_patch_file(lo_path, lowres_px)

@@ -141,11 +141,15 @@ class Pipeline:
         identity = store_identity(source)
         record = self.wd.root / "features.source.json"
         known = json.loads(record.read_text()) if record.is_file() else {}
-        if not self.wd.store.exists() or known.get("identity") != identity:
+        relinked = not self.wd.store.exists() or known.get("identity") != identity
+        if relinked:
+            if self.wd.store.exists():
+                self.log(f"[features] replacing the workdir's feature store with {features}")
             link_store(features, self.wd.store)
             write_json(record, {"store": str(features.resolve()), "identity": identity})
+            self.wd.marker("extract").unlink(missing_ok=True)  # every stage after it re-keys
             self.log(f"[features] {len(source)} slide(s) from {features}")
-        if self.manifest is None and not self.wd.manifest.is_file():
+        if self.manifest is None and (relinked or not self.wd.manifest.is_file()):
             cohort = self.wd.root / "cohort-from-store.csv"
             records = []
             for sid in source.slide_ids():

@@ -190,7 +190,7 @@ def _imported(path: Path) -> bool:
 def _adopt_features(p: Pipeline) -> dict:
     """The extract stage of a workdir whose features came from elsewhere: nothing to embed;
     manifest slides missing from the store are named, as extraction names its failures."""
-    from ..features.store import FeatureStore
+    from ..features.store import FeatureStore, store_identity
     from ..slides.manifest import read_manifest
 
     store = FeatureStore(p.wd.store)
@@ -209,7 +209,12 @@ def _adopt_features(p: Pipeline) -> dict:
         + (f" (imported from {source['tool']})" if source else "")
         + ": nothing to extract"
     )
-    return {"slides": len(store), "failed": failed, "cohort": cohort_digest(p, store)}
+    return {
+        "slides": len(store),
+        "failed": failed,
+        "cohort": cohort_digest(p, store),
+        "store": store_identity(store),  # another store re-keys every later stage
+    }
 
 
 def cohort_digest(p: Pipeline, store: FeatureStore) -> str:

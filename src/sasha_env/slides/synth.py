@@ -841,6 +841,11 @@ def plan_cohort(cfg: SynthConfig, seed: int = 0) -> list[PlannedSlide]:
     ]
 
 
+def _field_defaults() -> dict[str, Any]:
+    """Every :class:`SynthConfig` field's default, as ``cohort.json`` records config values."""
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(SynthConfig)}))
+
+
 def _slide_rng(seed: int, index: int) -> np.random.Generator:
     """The random stream of slide ``index`` of the cohort drawn from ``seed``."""
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -886,7 +891,10 @@ def synthesize_cohort(
     }
     if record_path.exists():
         old = json.loads(record_path.read_text())
-        if old.get("seed") != seed or old.get("config") != config:
+        # a cohort written before a config field existed was made with its default
+        defaults = _field_defaults()
+        old_config = {**defaults, **(old.get("config") or {})}
+        if old.get("seed") != seed or old_config != config:
             raise ValueError(
                 f"{out} holds a cohort made with seed {old.get('seed')} and config {old.get('config')}; "
                 f"use another folder for seed {seed} and config {config}"
