@@ -464,19 +464,15 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._probs = log_p.exp().numpy().astype(np.float32)
 
     def _obs(self, fresh: bool = False) -> dict[str, np.ndarray]:
-        if not (self.copy_obs or fresh):
-            return {
-                "features": self._obs_features,
-                "visited": self._visited,
-                "valid": self._valid,
-                "coords": self._coords,
-            }
-        return {
-            "features": self._obs_features.copy(),
-            "visited": self._visited.copy(),
-            "valid": self._valid.copy(),
-            "coords": self._coords.copy(),
+        buffers = {
+            "features": self._obs_features,
+            "visited": self._visited,
+            "valid": self._valid,
+            "coords": self._coords,
         }
+        if self.copy_obs or fresh:
+            return {key: array.copy() for key, array in buffers.items()}
+        return buffers
 
     def _final_info(self) -> dict[str, Any]:
         data = self._slide

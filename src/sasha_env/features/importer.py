@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..slides.manifest import ManifestError, file_identity, is_safe_id
+from ..slides.manifest import SPLITS, ManifestError, file_identity, is_safe_id, resolve_csv_path
 from .store import FeatureStore
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
     "import_cohort",
     "read_patch_file",
 ]
-
-SPLITS = ("train", "val", "test")
 
 
 class FeatureImportError(ValueError):
@@ -179,7 +177,7 @@ def assemble_slide(lo: PatchFile, hi: PatchFile) -> Assembly:
             raise FeatureImportError(
                 f"{pf.path}: the patch size at level 0 is unknown (CLAM's feature files do not "
                 f"record it): pass --{which}res-px, the {which}-res patch side in level-0 "
-                "pixels (patch_size × downsample in create_patches_fp's patches/<slide>.h5)"
+                "pixels (patch_size × int(downsample) in create_patches_fp's patches/<slide>.h5)"
             )
         if pf.overlap:
             raise FeatureImportError(
@@ -291,11 +289,9 @@ def read_import_csv(path: str | Path) -> list[ImportRow]:
                 raise ManifestError(f"{where}: split {split!r} is not one of {SPLITS}")
             seen.add(sid)
             slide = (row.get("path") or "").strip()
-            slide_path = None
-            if slide:
-                slide_path = Path(slide).expanduser()
-                slide_path = (path.parent / slide_path).resolve()
-            rows.append(ImportRow(sid, label, split, slide_path))
+            rows.append(
+                ImportRow(sid, label, split, resolve_csv_path(path, slide) if slide else None)
+            )
     if not rows:
         raise ManifestError(f"{path}: no slides listed")
     return rows

@@ -194,14 +194,11 @@ def _adopt_features(p: Pipeline) -> dict:
     from ..slides.manifest import read_manifest
 
     store = FeatureStore(p.wd.store)
-    failed = {
-        r.slide_id: "not in the feature store"
-        for r in read_manifest(p.wd.manifest).records
-        if r.slide_id not in store
-    }
+    records = read_manifest(p.wd.manifest).records
+    failed = {r.slide_id: "not in the feature store" for r in records if r.slide_id not in store}
     for sid in sorted(failed):
         p.log(f"[extract] {sid}: not in the feature store, left out")
-    if len(failed) == len(read_manifest(p.wd.manifest).records):
+    if len(failed) == len(records):
         raise RuntimeError(f"{p.wd.store}: none of the manifest's slides is in the store")
     source = store.attrs.get("imported") or {}
     p.log(

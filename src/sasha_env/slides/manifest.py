@@ -30,6 +30,7 @@ __all__ = [
     "read_manifest_lenient",
     "file_identity",
     "is_safe_id",
+    "resolve_csv_path",
     "stratified_split",
 ]
 
@@ -125,7 +126,7 @@ def file_identity(path: str | Path, fingerprint: bool = True) -> dict:
     return out
 
 
-def _resolve(manifest: Path, value: str) -> Path:
+def resolve_csv_path(manifest: Path, value: str) -> Path:
     """A path from the CSV: absolute, or relative to the CSV's folder."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (manifest.parent / p).resolve()
@@ -295,8 +296,8 @@ def read_manifest_lenient(path: str | Path, check_files: bool = False) -> Parsed
         if problem:
             errors[sid] = f"{where}: {problem}"
             continue
-        slide_path = _resolve(path, row["path"])
-        mask_path = _resolve(path, row["mask"]) if row.get("mask") else None
+        slide_path = resolve_csv_path(path, row["path"])
+        mask_path = resolve_csv_path(path, row["mask"]) if row.get("mask") else None
         if check_files and not slide_path.is_file():
             errors[sid] = f"{where}: slide file {slide_path} not found"
             continue
