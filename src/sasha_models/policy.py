@@ -25,6 +25,10 @@ with those. So:
 :class:`PPOConfig` holds the official PPO hyper-parameters and turns them into SB3 keyword
 arguments.
 
+Row pooling. The policies also read row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`,
+from the agents' rollout buffers): the per-row layers then run once per distinct row of the
+batch (:meth:`SashaActorCritic.forward_pooled`), which is most of PPO's update at real N.
+
 Shapes: B = batch, N = max_patches, d = feature size, H = ``d_hidden``.
 """
 
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 
 from .attention import GatedAttention, masked_softmax
 from .projection import ObsProjection
-from .spaces import OBS_KEYS, legal_actions
+from .spaces import OBS_KEYS, ROW_INDEX, legal_actions
 
 __all__ = [
     "OBS_KEYS",
@@ -215,18 +219,53 @@ class SashaActorCritic(nn.Module):
         """
         return self.actor_attn(self.actor_mlp(self.rows(features, visited, coords))).squeeze(-1)
 
+    def _row_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row actor logit ``(..., n)``, critic hidden ``(..., n, H)`` and critic score."""
+        logits = self.actor_attn(self.actor_mlp(x)).squeeze(-1)  # actor_logits
+        h = self.critic_mlp(x)
+        return logits, h, self.critic_attn(h).squeeze(-1)
+
     def forward(
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        x = self.rows(features, visited, coords)
-        logits = self.actor_attn(self.actor_mlp(x)).squeeze(-1)  # (B, N): actor_logits
-        h = self.critic_mlp(x)  # (B, N, H)
-        weights = masked_softmax(self.critic_attn(h).squeeze(-1), valid > 0.5)  # (B, N)
+        logits, h, scores = self._row_outputs(self.rows(features, visited, coords))
+        weights = masked_softmax(scores, valid > 0.5)  # (B, N)
         value = self.value_head(torch.einsum("bn,bnh->bh", weights, h))  # (B, 1)
         return logits, value
 
+    def forward_pooled(
+        self,
+        features: Tensor,
+        visited: Tensor,
+        valid: Tensor,
+        coords: Tensor | None,
+        row_index: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` on a row-pooled batch: the per-row layers run once per distinct row.
+
+        Args:
+            features, visited, valid, coords: the batch's U distinct rows, ``(U, d)``,
+                ``(U,)``, ``(U,)``, ``(U, 2)``.
+            row_index: ``(B, N)`` long, each slot's row among the U.
+
+        Returns:
+            ``logits (B, N)``, ``value (B, 1)``: those of :meth:`forward` on the unpooled batch
+            (up to float rounding).
+        """
+        logits, h, scores = self._row_outputs(self.rows(features, visited, coords))
+        weights = masked_softmax(scores[row_index], valid[row_index] > 0.5)  # (B, N)
+        # Σ_n w[b, n] h[row_index[b, n]] as (B, U) @ (U, H): slots sharing a row add up
+        per_row = weights.new_zeros(row_index.shape[0], h.shape[0])
+        pooled = per_row.scatter_add(1, row_index, weights) @ h
+        return logits[row_index], self.value_head(pooled)
+
     def forward_obs(self, obs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """:meth:`forward` on an observation dict (batched tensors)."""
+        """:meth:`forward` on an observation dict (batched tensors, or row-pooled ones with
+        :data:`~sasha_models.spaces.ROW_INDEX`)."""
+        if ROW_INDEX in obs:
+            return self.forward_pooled(
+                obs["features"], obs["visited"], obs["valid"], obs.get("coords"), obs[ROW_INDEX]
+            )
         return self(obs["features"], obs["visited"], obs["valid"], obs.get("coords"))
 
 
@@ -311,10 +350,18 @@ class _SashaPolicyMixin:
         self, obs: Any, action_masks: MaskLike | None
     ) -> tuple[MaskableCategoricalDistribution, Tensor]:
         """Masked action distribution and values ``(B, 1)`` for a batched observation."""
-        x = self.extract_features(obs)  # type: ignore[attr-defined]
+        x = self._features(obs)
         logits, values = self.net.forward_obs(x)
-        mask = _combine(legal_action_mask(x), action_masks)
-        return masked_distribution(logits, mask), values
+        legal = legal_action_mask(x)
+        if ROW_INDEX in x:
+            legal = legal[x[ROW_INDEX]]
+        return masked_distribution(logits, _combine(legal, action_masks)), values
+
+    def _features(self, obs: Any) -> dict[str, Tensor]:
+        """SB3's preprocessing, or for a row-pooled batch the rows as float and the index."""
+        if ROW_INDEX not in obs:
+            return self.extract_features(obs)  # type: ignore[attr-defined]
+        return {k: v if k == ROW_INDEX else v.float() for k, v in obs.items()}
 
     def forward(
         self, obs: Any, deterministic: bool = False, action_masks: MaskLike | None = None
@@ -343,7 +390,7 @@ class _SashaPolicyMixin:
 
     def predict_values(self, obs: Any) -> Tensor:
         """Values ``(B, 1)``."""
-        return self.net.forward_obs(self.extract_features(obs))[1]  # type: ignore[attr-defined]
+        return self.net.forward_obs(self._features(obs))[1]
 
 
 class SashaActorCriticPolicy(_SashaPolicyMixin, MaskableActorCriticPolicy):

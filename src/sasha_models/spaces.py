@@ -15,6 +15,11 @@ coords       ``Box(0, 1, (P, 2), f32)``       lattice (row, col) / (shape − 1)
 =========== ============================== ==================================================
 
 Action: ``Discrete(P)``, the patch to zoom; legal = ``valid & ~visited`` (:func:`legal_actions`).
+
+A batch of observations may also come **row-pooled** (from the agents' rollout buffers,
+:mod:`sasha_env.agents.buffers`): the per-row keys hold the batch's distinct rows ``(U, ...)``
+and :data:`ROW_INDEX` ``(B, P)`` gives each slot's row among them, so observation ``b`` is
+``{key: rows[key][row_index[b]]}``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import TypeVar
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["OBS_KEYS", "action_space", "legal_actions", "observation_space"]
+__all__ = ["OBS_KEYS", "ROW_INDEX", "action_space", "legal_actions", "observation_space"]
 
 #: Keys of the observation ``Dict`` (a policy reads ``coords`` only when it uses positions).
 OBS_KEYS = ("features", "visited", "valid", "coords")
+
+#: Key of a row-pooled batch's ``(B, P)`` slot → distinct-row index (see the module docstring).
+ROW_INDEX = "row_index"
 
 A = TypeVar("A")
 

@@ -98,6 +98,11 @@ class AgentConfig:
     slides' low-res and distilled rows and kept in the exported policy
     (:mod:`sasha_models.projection`); ``None``: the state itself. For real N and d: the PPO
     update and the rollout buffer shrink by ``d / obs_dim``. Not with ``dqn``."""
+    row_pool: bool = True
+    """SASHA policies with ``maskable_ppo``/``ppo``/``a2c``: the rollout buffer keeps each
+    distinct patch row once and PPO's update runs the policy's per-row layers once per distinct
+    row of a mini-batch (:mod:`~sasha_env.agents.buffers`). The same update up to float
+    rounding, several times faster and smaller at real N; ``false``: SB3's own buffer."""
     cpu_threads: int | None = 1
     """torch threads while training; the policy's small matrices run fastest on one."""
     random_seeds: int = 5
@@ -207,6 +212,7 @@ def _algorithm(
 
     from sasha_models.policy import PPOConfig, SashaActorCriticPolicy, SashaPPOPolicy
 
+    from .buffers import RowPoolMaskableRolloutBuffer, RowPoolRolloutBuffer
     from .protocol import SlideOrderedPPO
 
     policy_kwargs: dict[str, Any] = {"d_hidden": cfg.d_hidden}
@@ -216,6 +222,11 @@ def _algorithm(
         if cfg.algo == "dqn":
             raise ValueError("observations with obs_projection need a SASHA policy, not dqn's")
         policy_kwargs["project_from"] = projection.d_in
+    buffer: dict[str, Any] = {}
+    if cfg.row_pool and cfg.algo != "dqn":
+        buffer["rollout_buffer_class"] = (
+            RowPoolMaskableRolloutBuffer if cfg.algo == "maskable_ppo" else RowPoolRolloutBuffer
+        )
     if cfg.protocol == "paper":
         ppo = PPOConfig.paper(frac)
         if cfg.learning_rate is not None:
@@ -223,7 +234,7 @@ def _algorithm(
         kwargs = ppo.to_sb3_kwargs(
             episode_len=1, policy_kwargs=policy_kwargs
         )  # n_steps is re-sized to each slide's block before every rollout
-        kwargs |= {"seed": seed, "device": device, "verbose": 0, **cfg.extra}
+        kwargs |= {"seed": seed, "device": device, "verbose": 0, **buffer, **cfg.extra}
         return SlideOrderedPPO(SashaActorCriticPolicy, env, **kwargs)
     common = {
         "learning_rate": 3e-4 if cfg.learning_rate is None else cfg.learning_rate,
@@ -242,6 +253,7 @@ def _algorithm(
             "clip_range": cfg.clip_range,
             "ent_coef": cfg.ent_coef,
             "policy_kwargs": policy_kwargs,
+            **buffer,
             **cfg.extra,
         }
         if cfg.algo == "maskable_ppo":
@@ -254,7 +266,8 @@ def _algorithm(
             "gae_lambda": cfg.gae_lambda,
             "ent_coef": cfg.ent_coef,
         }
-        return A2C(SashaPPOPolicy, env, policy_kwargs=policy_kwargs, **{**kwargs, **cfg.extra})
+        kwargs = {**kwargs, "policy_kwargs": policy_kwargs, **buffer, **cfg.extra}
+        return A2C(SashaPPOPolicy, env, **kwargs)
     # DQN has no masks: it learns from the illegal-action penalty (see the env's docstring).
     # Its replay buffer keeps two observations per transition (about 1 MB on the demo cohort):
     # 20,000 transitions can touch ~20 GB; lower it with agents.extra.buffer_size.
