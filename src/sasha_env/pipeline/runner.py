@@ -6,7 +6,8 @@ lowres → abmil, meanmil, maxmil, transmil → agents → evaluate); the workdi
 :mod:`sasha_env.workdir`.
 
 A stage writes ``stages/<stage>.json`` last, holding a key made of its configuration (its
-sections, per-model overrides applied), the seed (for seeded stages) and the outputs of the
+sections, per-model overrides applied), the seed (for seeded stages), the stage's code version
+(:attr:`~sasha_env.pipeline.stages.Stage.version`) and the outputs of the
 stages it reads. A stage whose marker holds the same key is skipped; a changed configuration
 re-runs that stage and everything after it. A killed run therefore resumes at the stage it
 was in (extraction at the slide it was on, agents at the budget it was on).
@@ -173,11 +174,13 @@ class Pipeline:
         return {**section, **per_model}
 
     def key(self, stage: Stage) -> str:
-        """Hash of the stage's configuration, seed and its upstream stages' outputs."""
+        """Hash of the stage's configuration, seed, code version and upstream stages' outputs."""
         own: dict[str, Any] = {sec: self.cfg.get(sec) for sec in stage.sections[1:]}
         own[stage.sections[0]] = self.section(stage)
         if stage.seeded:
             own["seed"] = self.seed
+        if stage.version > 1:
+            own["version"] = stage.version
         if stage.reads_manifest:
             own["manifest"] = self._cohort_files()
         upstream = []

@@ -128,6 +128,9 @@ class Stage:
             splits) is in its key. Stages downstream see the cohort through its outputs.
         distributed: runs on every process of a DDP run (Lightning stages, which shard their
             work across processes); the others run on rank 0 while the rest wait.
+        version: raised when the stage's code changes what it produces with the same
+            configuration (a new default, say), so that workdirs run before re-run it. Part of
+            the key from version 2 on: markers written before versions existed stay valid.
     """
 
     name: str
@@ -139,6 +142,7 @@ class Stage:
     retrainable: bool = False
     reads_manifest: bool = False
     distributed: bool = False
+    version: int = 1
 
 
 def file_sha256(path: Path) -> str:
@@ -492,6 +496,7 @@ def _stages() -> dict[str, Stage]:
             ("distill", "tsu"),
             "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
             _run_agents,
+            version=2,  # 2: row-pooled rollout buffers (agents.row_pool) by default
         ),
         Stage(
             "calibrate",
