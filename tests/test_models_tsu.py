@@ -79,3 +79,15 @@ def test_residual_tsu_starts_at_identity_and_has_no_output_norm():
     out = tsu(torch.randn(6), torch.randn(6), z_j)
     torch.testing.assert_close(out, z_j)  # zero-initialised correction
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in tsu.modules())
+
+
+def test_one_anchor_many_targets_equals_the_anchor_repeated_per_target():
+    torch.manual_seed(0)
+    for residual in (False, True):
+        tsu = TSU(TSUConfig(d=12, residual=residual))
+        if residual:  # a zero head would make both paths trivially equal
+            torch.nn.init.normal_(tsu.net[2].weight)
+        v_a, z_a, z_j = torch.randn(12), torch.randn(12), torch.randn(7, 12)
+        repeated = tsu(v_a.expand(7, 12), z_a.expand(7, 12), z_j)  # one row per pair
+        torch.testing.assert_close(tsu(v_a, z_a, z_j), repeated)
+        torch.testing.assert_close(tsu(v_a, z_a, z_j[:1]), repeated[:1])
