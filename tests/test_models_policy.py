@@ -363,3 +363,47 @@ def test_actor_logits_of_a_few_rows_equal_the_full_forward(use_coords):
             feats[0, rows], visited[0, rows], coords[0, rows] if use_coords else None
         )
     torch.testing.assert_close(some, logits[0, rows])
+
+
+@pytest.mark.parametrize("use_coords", [True, False])
+def test_acting_recomputes_only_the_changed_rows_and_never_serves_stale_outputs(use_coords):
+    """While acting, rows equal to the last call's are served from the cache; a changed row,
+    changed weights or another batch shape are computed afresh."""
+    torch.manual_seed(0)
+    net = SashaActorCritic(16, d_hidden=8, use_coords=use_coords).eval()
+    torch.nn.init.normal_(net.actor_attn.w.weight)
+    seen: list[int] = []
+    net.actor_attn.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [
+            torch.randn(3, 20, 16, generator=g),
+            (torch.rand(3, 20, generator=g) < 0.3).float(),
+            torch.ones(3, 20),
+            torch.rand(3, 20, 2, generator=g) if use_coords else None,
+        ]
+
+    def fresh(args):  # no cache with gradients on
+        with torch.enable_grad():
+            return [t.detach() for t in net(*args)]
+
+    args = batch(0)
+    with torch.no_grad():
+        net(*args)
+        args[0][0, 3] += 1.0  # a TSU update
+        args[1][1, 5] = 1 - args[1][1, 5]  # a zoom's visited flag alone
+        if use_coords:
+            args[3][2, 7, 1] += 0.5
+        seen.clear()
+        got = net(*args)
+        assert seen == [3 if use_coords else 2]  # only the changed rows went through the network
+        for x, y in zip(got, fresh(args), strict=True):
+            torch.testing.assert_close(x, y)
+        with torch.no_grad():
+            net.critic_mlp[0].weight.mul_(1.5)  # an optimiser step
+        for x, y in zip(net(*args), fresh(args), strict=True):
+            torch.testing.assert_close(x, y)
+        other = [None if t is None else t[:2, :11] for t in batch(1)]
+        for x, y in zip(net(*other), fresh(other), strict=True):
+            torch.testing.assert_close(x, y)

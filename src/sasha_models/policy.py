@@ -34,6 +34,7 @@ Shapes: B = batch, N = max_patches, d = feature size, H = ``d_hidden``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium import spaces
 from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistribution
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
@@ -127,6 +129,21 @@ def masked_log_prob(logits: Tensor, mask: Tensor, actions: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- network
 
 
+def _bits(t: Tensor) -> Tensor:
+    """A float32 tensor's bits as int32 (a bitwise comparison, also quicker); others as is."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@dataclass
+class _RowCache:
+    """The last acting call's inputs and per-row outputs (see :class:`SashaActorCritic`)."""
+
+    version: tuple[int, ...]
+    layout: list[tuple[torch.Size, torch.dtype, torch.device]]
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
 class SashaActorCritic(nn.Module):
     """Actor-critic over a set of patches; independent of the number of patches N.
 
@@ -141,6 +158,12 @@ class SashaActorCritic(nn.Module):
             (:class:`~sasha_models.projection.ObsProjection`, ``d_features = k``): the
             projection is kept in the network's buffers (so an exported agent carries it),
             and rows given with D features are projected first.
+
+    Acting (``eval()`` mode without gradients, as SB3 collects rollouts and predicts), the
+    network keeps the last call's inputs and per-row outputs and recomputes only the rows that
+    differ from them, exactly compared: consecutive observations of an env differ in a few
+    rows (``env.changed_rows``). A change of the weights (their version counters) or of the
+    batch's shape starts afresh.
 
     Shapes:
         ``forward(features (B, N, d), visited (B, N), valid (B, N), coords (B, N, 2) | None)
@@ -170,6 +193,7 @@ class SashaActorCritic(nn.Module):
         # Near-uniform initial policy (SB3 uses gain 0.01 on its action head for the same reason).
         nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
         nn.init.zeros_(self.actor_attn.w.bias)
+        self._row_cache: _RowCache | None = None
 
     @staticmethod
     def _row_mlp(d_in: int, d_hidden: int, dropout: float) -> nn.Sequential:
@@ -193,19 +217,42 @@ class SashaActorCritic(nn.Module):
         self.obs_mean.copy_(torch.from_numpy(projection.mean))
         self.obs_basis.copy_(torch.from_numpy(projection.basis))
 
-    def rows(self, features: Tensor, visited: Tensor, coords: Tensor | None) -> Tensor:
-        """Per-row input ``(B, N, d + 1 [+ 2])``; full-size state rows are projected first."""
+    def _first_layer(
+        self, features: Tensor, visited: Tensor, coords: Tensor | None, *mlps: nn.Sequential
+    ) -> Tensor:
+        """The first linear layer of ``mlps`` (stacked) on rows ``[features, visited, coords]``.
+
+        Computed part by part (``features @ W_f + visited · w_v + coords @ W_c + b``), so the
+        ``(..., d + 3)`` rows are never built; full-size state rows are projected first. With
+        both MLPs, the actor's and the critic's first layers run as one product of twice the
+        width (quicker than two on a CPU), each with its own weights.
+
+        Returns:
+            ``(..., n, H · len(mlps))``.
+        """
         if (
             self.project_from is not None
             and features.shape[-1] == self.project_from != self.d_features
         ):
             features = (features - self.obs_mean) @ self.obs_basis
-        parts = [features, visited.to(features.dtype).unsqueeze(-1)]
+        w = torch.cat([m[0].weight for m in mlps])  # (H·m, d + 1 [+ 2])
+        b = torch.cat([m[0].bias for m in mlps])
+        d = features.shape[-1]
+        out = torch.addcmul(
+            F.linear(features, w[:, :d], b), visited.to(w.dtype)[..., None], w[:, d]
+        )
         if self.use_coords:
             if coords is None:
                 raise ValueError("use_coords=True but no coords were given")
-            parts.append(coords.to(features.dtype))
-        return torch.cat(parts, dim=-1)
+            out = out + F.linear(coords.to(w.dtype), w[:, d + 1 :])
+        return out
+
+    @staticmethod
+    def _rest(mlp: nn.Sequential, x: Tensor) -> Tensor:
+        """``mlp`` after its first layer."""
+        for layer in list(mlp)[1:]:
+            x = layer(x)
+        return x
 
     def actor_logits(
         self, features: Tensor, visited: Tensor, coords: Tensor | None = None
@@ -217,18 +264,54 @@ class SashaActorCritic(nn.Module):
         (the zoomed row and the TSU-updated ones), ``O(r·d·H)`` per zoom instead of
         ``O(N·d·H)`` (how ``sasha predict`` runs the agent).
         """
-        return self.actor_attn(self.actor_mlp(self.rows(features, visited, coords))).squeeze(-1)
+        a = self._first_layer(features, visited, coords, self.actor_mlp)
+        return self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)
 
-    def _row_outputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _row_outputs(
+        self, features: Tensor, visited: Tensor, coords: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-row actor logit ``(..., n)``, critic hidden ``(..., n, H)`` and critic score."""
-        logits = self.actor_attn(self.actor_mlp(x)).squeeze(-1)  # actor_logits
-        h = self.critic_mlp(x)
+        both = self._first_layer(features, visited, coords, self.actor_mlp, self.critic_mlp)
+        a, c = both.split(self.d_hidden, dim=-1)
+        logits = self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)  # actor_logits
+        h = self._rest(self.critic_mlp, c)
         return logits, h, self.critic_attn(h).squeeze(-1)
+
+    def _cached_row_outputs(
+        self, features: Tensor, visited: Tensor, coords: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_row_outputs`, recomputed only for the rows that differ from the last call's."""
+        inputs = [features, visited] + ([] if coords is None else [coords])
+        layout = [(t.shape, t.dtype, t.device) for t in inputs]
+        version = tuple(t._version for t in itertools.chain(self.parameters(), self.buffers()))
+        cache = self._row_cache
+        if cache is None or cache.version != version or cache.layout != layout:
+            outputs = self._row_outputs(features, visited, coords)
+            self._row_cache = _RowCache(
+                version, layout, [t.clone() for t in inputs], [o.clone() for o in outputs]
+            )
+            return outputs
+        changed = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)
+        for new, old in zip(inputs, cache.inputs, strict=True):
+            diff = _bits(new) != _bits(old)  # bitwise: NaN rows too are served only if identical
+            changed |= diff.flatten(changed.ndim).any(-1) if diff.ndim > changed.ndim else diff
+        if changed.any():
+            part = None if coords is None else coords[changed]
+            fresh = self._row_outputs(features[changed], visited[changed], part)
+            for kept, value in zip(cache.outputs, fresh, strict=True):
+                kept[changed] = value
+            for kept, value in zip(cache.inputs, inputs, strict=True):
+                kept[changed] = value[changed]
+        logits, h, scores = cache.outputs
+        return logits.clone(), h.clone(), scores.clone()
 
     def forward(
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        logits, h, scores = self._row_outputs(self.rows(features, visited, coords))
+        if self.training or torch.is_grad_enabled():
+            logits, h, scores = self._row_outputs(features, visited, coords)
+        else:  # acting: most rows are the last call's
+            logits, h, scores = self._cached_row_outputs(features, visited, coords)
         weights = masked_softmax(scores, valid > 0.5)  # (B, N)
         value = self.value_head(torch.einsum("bn,bnh->bh", weights, h))  # (B, 1)
         return logits, value
@@ -252,7 +335,7 @@ class SashaActorCritic(nn.Module):
             ``logits (B, N)``, ``value (B, 1)``: those of :meth:`forward` on the unpooled batch
             (up to float rounding).
         """
-        logits, h, scores = self._row_outputs(self.rows(features, visited, coords))
+        logits, h, scores = self._row_outputs(features, visited, coords)
         weights = masked_softmax(scores[row_index], valid[row_index] > 0.5)  # (B, N)
         # Σ_n w[b, n] h[row_index[b, n]] as (B, U) @ (U, H): slots sharing a row add up
         per_row = weights.new_zeros(row_index.shape[0], h.shape[0])
