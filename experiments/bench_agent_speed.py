@@ -8,17 +8,22 @@ For each ``N:d``, a workdir of 8 training slides of about N clustered random fea
 64, 4 epochs, f = 0.1, one torch thread unless the mode says otherwise) for ``--rollouts``
 rollouts, in each of these modes:
 
-- ``state``: the policy reads the state itself (the default, ``agents.obs_dim: null``);
-- ``state, 2 threads``: the same with ``agents.cpu_threads: 2``;
-- ``obs_dim 128``: the policy reads a 128-column PCA projection of the state
-  (``agents.obs_dim: 128``; the env keeps it row by row);
-- ``obs_dim 128, 2 threads``: both.
+- ``SB3 buffer``: SB3's own rollout buffer and the policy reading the state (the agents
+  stage before row pooling, ``agents.row_pool: false``): the baseline;
+- ``SB3 buffer, 2 threads``: the same with ``agents.cpu_threads: 2``;
+- ``SB3 buffer, obs_dim 128``: the policy reads a 128-column PCA projection of the state;
+- ``row pool``: the default, row-pooled rollout buffer (``sasha_env.agents.buffers``): each
+  distinct patch row stored once, the policy's per-row layers run once per distinct row of a
+  mini-batch;
+- ``row pool, 2 threads`` and ``row pool, obs_dim 128``: the default with either.
 
 Every run is a fresh process (so its peak RSS, ``VmHWM``, is its own); modes alternate within
-each size. Printed: environment steps per second of training (collection and updates), the
-speed-up over ``state``, the peak memory, and the arithmetic: one observation is
-``P·(4k + 10)`` bytes for k feature columns, and the rollout buffer holds
-``n_steps × n_envs`` of them (the paper protocol's, ``2⌈f·N⌉``).
+each size. Printed: environment steps per second of training (collection and updates, from
+the first step to the end of ``learn``; the set-up before it is not counted), the speed-up
+over ``SB3 buffer``, the peak memory, and the arithmetic: one observation is ``P·(4k + 10)``
+bytes for k feature columns; SB3's rollout buffer holds ``n_steps × n_envs`` of them (the
+paper protocol's, ``2⌈f·N⌉``), the row pool
+the distinct rows of the last rollout (printed as run) and ``P`` row indices per step.
 """
 
 from __future__ import annotations
@@ -32,13 +37,31 @@ import tempfile
 import time
 from pathlib import Path
 
+from stable_baselines3.common.callbacks import BaseCallback
+
 MODES = {
-    "state": {},
-    "state, 2 threads": {"cpu_threads": 2},
-    "obs_dim 128": {"obs_dim": 128},
-    "obs_dim 128, 2 threads": {"obs_dim": 128, "cpu_threads": 2},
+    "SB3 buffer": {"row_pool": False},
+    "SB3 buffer, 2 threads": {"row_pool": False, "cpu_threads": 2},
+    "SB3 buffer, obs_dim 128": {"row_pool": False, "obs_dim": 128},
+    "row pool": {},
+    "row pool, 2 threads": {"cpu_threads": 2},
+    "row pool, obs_dim 128": {"obs_dim": 128},
 }
+BASELINE = "SB3 buffer"
 N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
+
+
+class Clock(BaseCallback):
+    """Wall time from the first environment step of training to its end (set-up excluded)."""
+
+    def _on_training_start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self.seconds = time.perf_counter() - self.t0
 
 
 def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
@@ -54,13 +77,16 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
         fracs=(0.1,), total_timesteps=rollouts * N_ENVS * N_STEPS, n_steps=N_STEPS,
         n_envs=N_ENVS, batch_size=64, n_epochs=4, **MODES[mode],
     )  # fmt: skip
-    t0 = time.perf_counter()
-    model = train_agent(wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False)
-    seconds = time.perf_counter() - t0
+    clock = Clock()
+    model = train_agent(
+        wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock]
+    )
     k = int(model.observation_space["features"].shape[1])
+    buffer = model.rollout_buffer
     return {
+        "pool_rows": getattr(buffer, "pool_rows", None),
         "steps": int(model.num_timesteps),
-        "seconds": seconds,
+        "seconds": clock.seconds,
         "peak_gib": proc_kib("VmHWM") / 2**20,
         "P": int(model.observation_space["features"].shape[0]),
         "k": k,
@@ -81,7 +107,8 @@ def main() -> None:
         print(json.dumps(run_one(Path(root), int(n), int(d), mode, args.rollouts)))
         return
     print(
-        "| N | d | mode | steps/s | vs state | peak GiB | observation MB | rollout buffer GiB | paper-protocol buffer GiB |"
+        f"| N | d | mode | steps/s | vs {BASELINE} | peak GiB | observation MB | "
+        "rollout buffer GiB (as run) | paper-protocol SB3 buffer GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench_agent_speed_") as tmp:
@@ -93,13 +120,18 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 rate = r["steps"] / r["seconds"]
-                base = rate if mode == "state" else base
+                base = rate if mode == BASELINE else base
                 obs = r["P"] * (4 * r["k"] + 10)
+                steps = N_STEPS * N_ENVS
+                if r["pool_rows"] is None:  # SB3's buffer: every observation in full
+                    buffer = steps * obs
+                else:  # the distinct rows and P int64 row indices per step
+                    buffer = r["pool_rows"] * (4 * r["k"] + 10) + steps * r["P"] * 8
                 paper = 2 * math.ceil(0.1 * r["P"]) * obs
                 print(
                     f"| {n} | {d} | {mode} | {rate:.1f} | "
                     f"{'' if base is None else f'{rate / base:.2f}x'} | {r['peak_gib']:.2f} | "
-                    f"{obs / 1e6:.2f} | {N_STEPS * N_ENVS * obs / 2**30:.2f} | {paper / 2**30:.2f} |",
+                    f"{obs / 1e6:.2f} | {buffer / 2**30:.3f} | {paper / 2**30:.2f} |",
                     flush=True,
                 )
 

@@ -75,9 +75,10 @@ class RowPoolMixin:
 
     def add(self, obs: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> None:
         for e in range(self.n_envs):
+            # No copy: SB3's rollouts already rely on each step's observation being a fresh array
+            # that nothing changes later (it adds the previous step's after stepping the envs).
             rows = {
-                k: np.array(obs[k][e], dtype=self.observation_space[k].dtype)
-                for k in self.row_shapes
+                k: np.asarray(obs[k][e], self.observation_space[k].dtype) for k in self.row_shapes
             }
             last = self._last[e]
             if last is None:
