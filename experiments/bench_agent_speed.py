@@ -15,7 +15,10 @@ rollouts, in each of these modes:
 - ``row pool``: the default, row-pooled rollout buffer (``sasha_env.agents.buffers``): each
   distinct patch row stored once, the policy's per-row layers run once per distinct row of a
   mini-batch;
-- ``row pool, 2 threads`` and ``row pool, obs_dim 128``: the default with either.
+- ``row pool, 2 threads`` and ``row pool, obs_dim 128``: the default with either;
+- ``row pool, paper protocol``: SASHA's official protocol (``agents.protocol: paper``), where
+  each rollout is two whole episodes of one slide (``2⌈f·N⌉`` observations, one update with
+  the official optimiser); ``--rollouts`` such slides.
 
 Every run is a fresh process (so its peak RSS, ``VmHWM``, is its own); modes alternate within
 each size. Printed: environment steps per second of training (collection and updates, from
@@ -46,19 +49,30 @@ MODES = {
     "row pool": {},
     "row pool, 2 threads": {"cpu_threads": 2},
     "row pool, obs_dim 128": {"obs_dim": 128},
+    "row pool, paper protocol": {"protocol": "paper", "epochs": 1},
 }
 BASELINE = "SB3 buffer"
+LARGE_N = 2048
+LARGE_MODES = [BASELINE, "row pool", "row pool, obs_dim 128", "row pool, paper protocol"]
 N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
 
 
 class Clock(BaseCallback):
-    """Wall time from the first environment step of training to its end (set-up excluded)."""
+    """Wall time from the first environment step of training to its end (set-up excluded);
+    with ``rollouts``, training stops once that many rollouts have been collected and used."""
+
+    def __init__(self, rollouts: int | None = None) -> None:
+        super().__init__()
+        self.rollouts, self.done = rollouts, 0
 
     def _on_training_start(self) -> None:
         self.t0 = time.perf_counter()
 
+    def _on_rollout_end(self) -> None:
+        self.done += 1
+
     def _on_step(self) -> bool:
-        return True
+        return self.rollouts is None or self.done < self.rollouts
 
     def _on_training_end(self) -> None:
         self.seconds = time.perf_counter() - self.t0
@@ -77,7 +91,8 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
         fracs=(0.1,), total_timesteps=rollouts * N_ENVS * N_STEPS, n_steps=N_STEPS,
         n_envs=N_ENVS, batch_size=64, n_epochs=4, **MODES[mode],
     )  # fmt: skip
-    clock = Clock()
+    paper = MODES[mode].get("protocol") == "paper"
+    clock = Clock(rollouts if paper else None)  # paper: a rollout is one slide's two episodes
     model = train_agent(
         wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock]
     )
@@ -85,6 +100,7 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
     buffer = model.rollout_buffer
     return {
         "pool_rows": getattr(buffer, "pool_rows", None),
+        "buffer_steps": int(buffer.buffer_size * buffer.n_envs),
         "steps": int(model.num_timesteps),
         "seconds": clock.seconds,
         "peak_gib": proc_kib("VmHWM") / 2**20,
@@ -100,6 +116,10 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["100:1280", "800:1280", "8192:384"])
     p.add_argument("--rollouts", type=int, default=2, help="rollouts of 4 x 64 steps per run")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument(
+        "--modes-large", nargs="+", default=LARGE_MODES, choices=list(MODES),
+        help=f"modes at N > {LARGE_N} (SB3's buffer there runs at ~1 step/s)",
+    )  # fmt: skip
     p.add_argument("--child", nargs=4, metavar=("ROOT", "N", "D", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -115,14 +135,14 @@ def main() -> None:
         for size in args.sizes:
             n, d = (int(x) for x in size.split(":"))
             base = None
-            for mode in args.modes:
+            for mode in args.modes if n <= LARGE_N else args.modes_large:
                 cmd = [sys.executable, __file__, "--rollouts", str(args.rollouts), "--child", tmp, str(n), str(d), mode]  # fmt: skip
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 rate = r["steps"] / r["seconds"]
                 base = rate if mode == BASELINE else base
                 obs = r["P"] * (4 * r["k"] + 10)
-                steps = N_STEPS * N_ENVS
+                steps = r["buffer_steps"]  # the last rollout's
                 if r["pool_rows"] is None:  # SB3's buffer: every observation in full
                     buffer = steps * obs
                 else:  # the distinct rows and P int64 row indices per step

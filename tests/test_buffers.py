@@ -145,3 +145,13 @@ def test_forward_pooled_equals_forward_on_the_expanded_batch():
     got = net.forward_obs({**rows, ROW_INDEX: index})
     for x, y in zip(want, got, strict=True):
         torch.testing.assert_close(y, x)
+
+
+def test_observations_without_patch_rows_are_refused_with_the_way_out():
+    from gymnasium import spaces
+
+    from sasha_env.agents.buffers import RowPoolRolloutBuffer
+
+    space = spaces.Dict({"x": spaces.Box(0, 1, (3,))})
+    with pytest.raises(ValueError, match="row_pool: false"):
+        RowPoolRolloutBuffer(4, space, spaces.Discrete(3), "cpu")

@@ -59,6 +59,14 @@ class RowPoolMixin:
 
     def reset(self) -> None:
         if not hasattr(self, "row_shapes"):
+            if not isinstance(self.observation_space, spaces.Dict) or (
+                "features" not in self.observation_space.spaces
+            ):
+                raise ValueError(
+                    "row pooling needs Dict observations with a per-patch 'features' key "
+                    f"(Sasha-WSI-v0's), got {self.observation_space}; use SB3's own buffer "
+                    "(agents.row_pool: false)"
+                )
             p = self.observation_space["features"].shape[0]
             self.row_shapes = {
                 k: shape for k, shape in self.obs_shape.items() if len(shape) and shape[0] == p
