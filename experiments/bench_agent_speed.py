@@ -8,8 +8,8 @@ For each ``N:d``, a workdir of 8 training slides of about N clustered random fea
 64, 4 epochs, f = 0.1, one torch thread unless the mode says otherwise) for ``--rollouts``
 rollouts, in each of these modes:
 
-- ``SB3 buffer``: SB3's own rollout buffer and the policy reading the state (the agents
-  stage before row pooling, ``agents.row_pool: false``): the baseline;
+- ``SB3 buffer``: SB3's own rollout buffer and the policy reading the state
+  (``agents.row_pool: false``; the policy still acts with its row cache): the baseline;
 - ``SB3 buffer, 2 threads``: the same with ``agents.cpu_threads: 2``;
 - ``SB3 buffer, obs_dim 128``: the policy reads a 128-column PCA projection of the state;
 - ``row pool``: the default, row-pooled rollout buffer (``sasha_env.agents.buffers``): each
@@ -58,8 +58,9 @@ N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
 
 
 class Clock(BaseCallback):
-    """Wall time from the first environment step of training to its end (set-up excluded);
-    with ``rollouts``, training stops once that many rollouts have been collected and used."""
+    """Wall time from the first environment step of training to its end (set-up excluded),
+    and the last rollout's buffer; with ``rollouts``, training stops once that many rollouts
+    have been collected and used (at the next rollout's first step)."""
 
     def __init__(self, rollouts: int | None = None) -> None:
         super().__init__()
@@ -68,8 +69,12 @@ class Clock(BaseCallback):
     def _on_training_start(self) -> None:
         self.t0 = time.perf_counter()
 
-    def _on_rollout_end(self) -> None:
+    def _on_rollout_end(self) -> None:  # the buffer is full, the update comes next
         self.done += 1
+        buffer = self.model.rollout_buffer
+        self.steps = int(self.num_timesteps)
+        self.pool_rows = getattr(buffer, "pool_rows", None)
+        self.buffer_steps = int(buffer.buffer_size * buffer.n_envs)
 
     def _on_step(self) -> bool:
         return self.rollouts is None or self.done < self.rollouts
@@ -97,11 +102,10 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
         wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock]
     )
     k = int(model.observation_space["features"].shape[1])
-    buffer = model.rollout_buffer
     return {
-        "pool_rows": getattr(buffer, "pool_rows", None),
-        "buffer_steps": int(buffer.buffer_size * buffer.n_envs),
-        "steps": int(model.num_timesteps),
+        "pool_rows": clock.pool_rows,
+        "buffer_steps": clock.buffer_steps,
+        "steps": clock.steps,
         "seconds": clock.seconds,
         "peak_gib": proc_kib("VmHWM") / 2**20,
         "P": int(model.observation_space["features"].shape[0]),

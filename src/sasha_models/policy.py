@@ -159,11 +159,14 @@ class SashaActorCritic(nn.Module):
             projection is kept in the network's buffers (so an exported agent carries it),
             and rows given with D features are projected first.
 
-    Acting (``eval()`` mode without gradients, as SB3 collects rollouts and predicts), the
-    network keeps the last call's inputs and per-row outputs and recomputes only the rows that
-    differ from them, exactly compared: consecutive observations of an env differ in a few
-    rows (``env.changed_rows``). A change of the weights (their version counters) or of the
-    batch's shape starts afresh.
+    Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
+    the network keeps the last call's inputs and per-row outputs and recomputes only the rows
+    whose inputs differ bitwise: consecutive observations of an env differ in a few rows
+    (``env.changed_rows``). The outputs are those of a full pass up to float rounding. The
+    cache is dropped by ``train()`` (SB3 calls it before every update) and whenever a weight's
+    identity, storage or version counter or the batch's shape changes; it is not used under
+    ``torch.inference_mode``. It makes an ``eval()`` network stateful: do not share one between
+    threads.
 
     Shapes:
         ``forward(features (B, N, d), visited (B, N), valid (B, N), coords (B, N, 2) | None)
@@ -201,6 +204,11 @@ class SashaActorCritic(nn.Module):
             nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Dropout(dropout)
         )
 
+    def train(self, mode: bool = True) -> SashaActorCritic:
+        if mode:
+            self._row_cache = None  # weights are about to change
+        return super().train(mode)
+
     @property
     def projection(self) -> ObsProjection | None:
         """The observation projection this network reads through, if any."""
@@ -235,9 +243,14 @@ class SashaActorCritic(nn.Module):
             and features.shape[-1] == self.project_from != self.d_features
         ):
             features = (features - self.obs_mean) @ self.obs_basis
+        d = features.shape[-1]
+        if d != self.d_features:
+            raise ValueError(
+                f"rows of {d} features, but this network reads {self.d_features}"
+                + (f" (or {self.project_from}, projected)" if self.project_from else "")
+            )
         w = torch.cat([m[0].weight for m in mlps])  # (H·m, d + 1 [+ 2])
         b = torch.cat([m[0].bias for m in mlps])
-        d = features.shape[-1]
         out = torch.addcmul(
             F.linear(features, w[:, :d], b), visited.to(w.dtype)[..., None], w[:, d]
         )
@@ -283,7 +296,10 @@ class SashaActorCritic(nn.Module):
         """:meth:`_row_outputs`, recomputed only for the rows that differ from the last call's."""
         inputs = [features, visited] + ([] if coords is None else [coords])
         layout = [(t.shape, t.dtype, t.device) for t in inputs]
-        version = tuple(t._version for t in itertools.chain(self.parameters(), self.buffers()))
+        weights = list(itertools.chain(self.parameters(), self.buffers()))
+        if any(t.is_inference() for t in weights):  # made under inference_mode: no versions
+            return self._row_outputs(features, visited, coords)
+        version = tuple((id(t), t.data_ptr(), t._version) for t in weights)
         cache = self._row_cache
         if cache is None or cache.version != version or cache.layout != layout:
             outputs = self._row_outputs(features, visited, coords)
@@ -308,7 +324,7 @@ class SashaActorCritic(nn.Module):
     def forward(
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             logits, h, scores = self._row_outputs(features, visited, coords)
         else:  # acting: most rows are the last call's
             logits, h, scores = self._cached_row_outputs(features, visited, coords)

@@ -8,8 +8,9 @@ are copies of one another.
 
 The buffers here keep a **pool of distinct rows** and, per step and env, the ``(P,)`` indices
 of its rows in the pool. :meth:`RowPoolMixin.add` compares each env's observation with its
-previous one and appends only the rows that differ (every key of a row is compared exactly, so
-nothing depends on the env telling what changed). A mini-batch is handed to the policy
+previous one and appends only the rows that differ (every key of a row is compared bitwise
+with the env's last rows, which the buffer keeps its own copy of, so nothing depends on the env
+telling what changed or on its arrays staying unchanged). A mini-batch is handed to the policy
 **row-pooled** (:data:`sasha_models.spaces.ROW_INDEX`): each per-row key holds the batch's
 distinct rows ``(U, ...)`` and ``row_index`` ``(B, P)`` says which of them every slot is. The
 SASHA policies then run their per-row layers on ``U`` rows instead of ``B·P``
@@ -35,6 +36,11 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from sasha_models.spaces import ROW_INDEX
 
 __all__ = ["RowPoolMaskableRolloutBuffer", "RowPoolMixin", "RowPoolRolloutBuffer"]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """A float32 array's bits as int32 (rows are compared bitwise); others as they are."""
+    return a.view(np.int32) if a.dtype == np.float32 else a
 
 
 class RowPoolMixin:
@@ -83,27 +89,26 @@ class RowPoolMixin:
 
     def add(self, obs: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> None:
         for e in range(self.n_envs):
-            # No copy: SB3's rollouts already rely on each step's observation being a fresh array
-            # that nothing changes later (it adds the previous step's after stepping the envs).
             rows = {
                 k: np.asarray(obs[k][e], self.observation_space[k].dtype) for k in self.row_shapes
             }
             last = self._last[e]
-            if last is None:
-                index = np.empty(self.n_rows, dtype=np.int64)
-                changed = np.ones(self.n_rows, dtype=bool)
+            if last is None:  # the env's first step in this rollout: every row is new
+                last = ({k: r.copy() for k, r in rows.items()}, np.empty(self.n_rows, np.int64))
+                new = np.arange(self.n_rows)
             else:
-                last_rows, index = last[0], last[1].copy()
                 changed = np.zeros(self.n_rows, dtype=bool)
                 for k, r in rows.items():
-                    changed |= (r != last_rows[k]).reshape(self.n_rows, -1).any(axis=1)
-            new = np.flatnonzero(changed)
+                    changed |= (_bits(r) != _bits(last[0][k])).reshape(self.n_rows, -1).any(1)
+                new = np.flatnonzero(changed)
+            kept, index = last  # owned copies: updated in place, row by row
             index[new] = self.pool_rows + np.arange(new.size)
             for k, r in rows.items():
                 self._chunks[k].append(r[new])
+                kept[k][new] = r[new]
             self.pool_rows += int(new.size)
             self.row_index[self.pos, e] = index
-            self._last[e] = (rows, index)
+            self._last[e] = last
         super().add(obs, *args, **kwargs)  # type: ignore[misc]
 
     def get(self, batch_size: int | None = None) -> Any:
