@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from .attention import GatedAttention, masked_softmax
 from .projection import ObsProjection
-from .spaces import OBS_KEYS, ROW_INDEX, legal_actions
+from .spaces import OBS_KEYS, ROW_INDEX, legal_actions, row_bits
 
 __all__ = [
     "OBS_KEYS",
@@ -129,16 +129,11 @@ def masked_log_prob(logits: Tensor, mask: Tensor, actions: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- network
 
 
-def _bits(t: Tensor) -> Tensor:
-    """A float32 tensor's bits as int32 (a bitwise comparison, also quicker); others as is."""
-    return t.view(torch.int32) if t.dtype == torch.float32 else t
-
-
 @dataclass
 class _RowCache:
     """The last acting call's inputs and per-row outputs (see :class:`SashaActorCritic`)."""
 
-    version: tuple[int, ...]
+    version: tuple[tuple[int, int, int], ...]  # (id, data_ptr, _version) of each weight
     layout: list[tuple[torch.Size, torch.dtype, torch.device]]
     inputs: list[Tensor]
     outputs: list[Tensor]
@@ -309,7 +304,7 @@ class SashaActorCritic(nn.Module):
             return outputs
         changed = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)
         for new, old in zip(inputs, cache.inputs, strict=True):
-            diff = _bits(new) != _bits(old)  # bitwise: NaN rows too are served only if identical
+            diff = row_bits(new) != row_bits(old)  # bitwise: served only if identical
             changed |= diff.flatten(changed.ndim).any(-1) if diff.ndim > changed.ndim else diff
         if changed.any():
             part = None if coords is None else coords[changed]

@@ -29,7 +29,14 @@ from typing import TypeVar
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["OBS_KEYS", "ROW_INDEX", "action_space", "legal_actions", "observation_space"]
+__all__ = [
+    "OBS_KEYS",
+    "ROW_INDEX",
+    "action_space",
+    "legal_actions",
+    "observation_space",
+    "row_bits",
+]
 
 #: Keys of the observation ``Dict`` (a policy reads ``coords`` only when it uses positions).
 OBS_KEYS = ("features", "visited", "valid", "coords")
@@ -68,3 +75,21 @@ def legal_actions(valid: A, visited: A) -> A:
         bool, the same shape and library as the inputs.
     """
     return (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator]
+
+
+def row_bits(x: A) -> A:
+    """``x`` with float32 values viewed as their int32 bits (other dtypes as they are).
+
+    How row pooling (the agents' rollout buffers) and the SASHA policy's acting cache tell
+    whether a row changed: ``row_bits(new) != row_bits(old)`` is a bitwise comparison, so a row
+    counts as unchanged only when it is identical (``-0.0`` against ``0.0`` or a NaN included),
+    and it is quicker than comparing floats.
+
+    Args:
+        x: a numpy array or a torch tensor.
+    """
+    if isinstance(x, np.ndarray):
+        return x.view(np.int32) if x.dtype == np.float32 else x  # type: ignore[return-value]
+    import torch  # only torch tensors get here
+
+    return x.view(torch.int32) if x.dtype == torch.float32 else x  # type: ignore[attr-defined]

@@ -33,14 +33,9 @@ from gymnasium import spaces
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
-from sasha_models.spaces import ROW_INDEX
+from sasha_models.spaces import ROW_INDEX, row_bits
 
 __all__ = ["RowPoolMaskableRolloutBuffer", "RowPoolMixin", "RowPoolRolloutBuffer"]
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """A float32 array's bits as int32 (rows are compared bitwise); others as they are."""
-    return a.view(np.int32) if a.dtype == np.float32 else a
 
 
 class RowPoolMixin:
@@ -99,7 +94,8 @@ class RowPoolMixin:
             else:
                 changed = np.zeros(self.n_rows, dtype=bool)
                 for k, r in rows.items():
-                    changed |= (_bits(r) != _bits(last[0][k])).reshape(self.n_rows, -1).any(1)
+                    diff = row_bits(r) != row_bits(last[0][k])
+                    changed |= diff.reshape(self.n_rows, -1).any(1)
                 new = np.flatnonzero(changed)
             kept, index = last  # owned copies: updated in place, row by row
             index[new] = self.pool_rows + np.arange(new.size)
