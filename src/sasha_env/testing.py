@@ -1,22 +1,67 @@
-"""Workdirs built from synthetic features, for the project's tests and tests of your own code.
+"""Small, complete workdirs in seconds, for the project's tests and for tests of your own agents.
 
-:func:`write_workdir` writes a pipeline workdir — feature store, manifest, HAFED and TSU
-exports, distilled features, slide files — holding exactly the slides and models you give:
-random ones from :func:`random_slides` and :func:`random_models`, or hand-set values for exact
-checks. Every file is written by the package's own code (the store by
-:class:`~sasha_env.features.store.FeatureStore`, the manifest by
-:class:`~sasha_env.slides.manifest.Manifest`, the models by
-:func:`sasha_models.checkpoint.save_export`); the features are synthetic and no backbone runs.
+:func:`make_workdir` writes a pipeline workdir — feature store, manifest, HAFED and TSU exports,
+distilled features and, if asked, one trained agent per zoom budget — that everything reading a
+workdir accepts: ``gymnasium.make("Sasha-WSI-v0", workdir=...)``, :func:`sasha_env.train_agent`,
+:func:`sasha_env.agents.export.load_policy`, calibration and evaluation. :func:`check_env` runs
+Gymnasium's and SB3's environment checkers on a ``Sasha-WSI-v0``, as
+``stable_baselines3.common.env_checker.check_env`` does for any env.
+
+Example::
+
+    import gymnasium as gym
+
+    import sasha_env  # registers Sasha-WSI-v0
+    from sasha_env import AgentConfig, train_agent
+    from sasha_env.testing import check_env, make_workdir
+
+    made = make_workdir("/tmp/sasha-wd", seed=0)  # 8 slides, HAFED, TSU, an agent for f = 0.1
+    env = gym.make("Sasha-WSI-v0", workdir=made, split="train", frac=0.1)
+    check_env(env)  # Gymnasium's and SB3's checkers, warnings as errors
+    cfg = AgentConfig(total_timesteps=64, n_envs=1, n_steps=32, batch_size=32)
+    model = train_agent(made, 0.1, cfg, progress=False)
+
+In a pytest suite, build it once per session::
+
+    @pytest.fixture(scope="session")
+    def workdir(tmp_path_factory):
+        return make_workdir(tmp_path_factory.mktemp("sasha") / "wd")
+
+What is real and what is synthetic:
+
+- **real**: every file is written by the package's own code — the store by
+  :class:`~sasha_env.features.store.FeatureStore`, the manifest by
+  :class:`~sasha_env.slides.manifest.Manifest`, the models by
+  :func:`sasha_models.checkpoint.save_export` (the pipeline's format), the distilled features
+  by the pipeline's distill stage (:func:`~sasha_env.pipeline.stages.distill_store`), the
+  agents by :func:`sasha_env.train_agent` (weights-only export included). The layout is a
+  pipeline workdir's (:mod:`sasha_env.workdir`).
+- **synthetic**: no slide is rendered and no backbone runs. Features are random: each slide's
+  low-res rows ``z`` come from three clusters (so the TSU finds similar patches to update),
+  its high-res sub-patches scatter around ``v = z + noise``. Labels alternate between the two
+  classes and carry no signal in the features. HAFED and the TSU are random-init, untrained
+  (so predictions and rewards are arbitrary), the agents train for a few dozen steps. The
+  slide files are uniform-colour single-level TIFFs (for ``render_mode="rgb_array"``), their
+  size matching the patch lattice. There are no stage markers (``stages/``) and no
+  ``config.yaml``: ``sasha pipeline`` on the folder would recompute every stage, and
+  ``sasha predict`` does not apply (it needs the backbone).
+
+Use it to test that code runs on the real formats and spaces, not that something learns.
+
+The lower-level builders — :func:`random_slides`, :func:`random_models`,
+:func:`write_workdir` — write a workdir from features and models you choose (hand-set values
+for exact checks, say).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
@@ -27,19 +72,27 @@ from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
 
 from .features.store import FeatureStore
+from .pipeline.stages import distill_store
 from .slides.manifest import Manifest, SlideRecord
 from .workdir import Workdir
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 __all__ = [
     "CELL_PX",
     "CLASS_NAMES",
+    "EXPECTED_CHECKER_WARNINGS",
     "K",
     "LO_DOWNSAMPLE",
     "PATCH_PX",
     "SLIDE_RGB",
     "SlideSpec",
+    "SyntheticWorkdir",
+    "check_env",
     "export_model",
     "lattice_cells",
+    "make_workdir",
     "random_models",
     "random_slides",
     "write_workdir",
@@ -106,12 +159,18 @@ def random_slides(
     n_range: tuple[int, int] = (5, 12),
     seed: int = 0,
     splits: Sequence[str] = ("train", "train", "train", "train", "val", "test"),
+    highres_noise: float | None = None,
 ) -> list[SlideSpec]:
     """Slides with clustered features, so that the TSU has similar patches to update.
 
     Slide ``s`` is ``slide{s:02d}``, labelled ``CLASS_NAMES[s % 2]``, in ``splits[s %
     len(splits)]``, with N drawn from ``n_range`` (inclusive). ``z`` rows are three cluster
     centres plus noise (sd 0.15), ``v = z + noise`` (sd 0.5).
+
+    Args:
+        n_slides, d, n_range, seed, splits: as above.
+        highres_noise: if set, also ``highres = v + noise`` of this sd, ``(N, K, d)`` (drawn
+            after every slide's ``z`` and ``v``, so the features do not depend on it).
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -130,6 +189,10 @@ def random_slides(
                 cells=lattice_cells(n),
             )
         )
+    if highres_noise is not None:
+        for spec in out:
+            noise = highres_noise * rng.normal(size=(len(spec.v), K, spec.v.shape[1]))
+            spec.highres = (spec.v[:, None, :] + noise).astype(np.float32)
     return out
 
 
@@ -259,3 +322,145 @@ def write_workdir(
         if name in models:
             export_model(model, name, wd.model(name))
     return root
+
+
+@dataclass(frozen=True)
+class SyntheticWorkdir:
+    """What :func:`make_workdir` built. Usable as a path (``os.PathLike``): pass it wherever
+    a workdir goes.
+
+    Attributes:
+        root: the workdir.
+        slide_ids: every slide, in manifest order.
+        splits: slide id → ``train``/``val``/``test``.
+        d: feature size.
+        agents: zoom budget f → the trained agent's folder (``agents/sasha-<f>/``).
+        config: the configuration sections calibration and evaluation read
+            (``evaluate_workdir(Workdir(made), made.config)``): ``seed`` and ``agents``.
+    """
+
+    root: Path
+    slide_ids: tuple[str, ...]
+    splits: dict[str, str]
+    d: int
+    agents: dict[float, Path]
+    config: dict[str, Any]
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+
+def _splits(n_slides: int) -> list[str]:
+    """A quarter of the slides (at least 2, both classes) each for val and test, the rest train."""
+    n_held = max(2, 2 * round(n_slides / 8))
+    n_train = n_slides - 2 * n_held
+    if n_train < 2:
+        raise ValueError(f"make_workdir needs n_slides >= 6 (2 per split), got {n_slides}")
+    return ["train"] * n_train + ["val"] * n_held + ["test"] * n_held
+
+
+def make_workdir(
+    path: str | os.PathLike,
+    *,
+    n_slides: int = 8,
+    d: int = 8,
+    n_patches: tuple[int, int] = (5, 12),
+    seed: int = 0,
+    fracs: Sequence[float] = (0.1,),
+    agents: bool = True,
+    tau: float = 0.9,
+    timesteps: int = 64,
+    tiffs: bool = True,
+) -> SyntheticWorkdir:
+    """Build a small, complete pipeline workdir at ``path`` (see the module docstring for what
+    is real and what is synthetic).
+
+    On a 2-core CPU it takes well under a second without agents, and a second or two per
+    agent (plus about 2 s for importing SB3 the first time). The same arguments give the same
+    store arrays, manifest, model weights and agent weights, bit for bit (on the CPU).
+
+    Args:
+        path: the workdir (created; it should be empty or absent).
+        n_slides: slides; a quarter each (at least 2, both classes) in val and test, the
+            rest in train; labels alternate between ``normal`` and ``tumor``.
+        d: feature size.
+        n_patches: range of N, the patches of a slide (inclusive; at least 1).
+        seed: seeds the features, the model weights and the agents' training.
+        fracs: zoom budgets; one agent each when ``agents``.
+        agents: train the agents (``sasha_env.train_agent``: MaskablePPO with the SASHA policy,
+            ``timesteps`` steps, ``d_hidden`` 16); ``False`` leaves the agents stage undone.
+        tau: the TSU's similarity threshold (its config's ``tau``, which the env uses).
+        timesteps: environment steps per agent.
+        tiffs: write the (uniform-colour) slide files, needed by ``render_mode="rgb_array"``.
+
+    Returns:
+        A :class:`SyntheticWorkdir` (an ``os.PathLike`` of the workdir).
+    """
+    root = Path(path)
+    splits = _splits(n_slides)
+    slides = random_slides(n_slides, d, n_patches, seed=seed, splits=splits, highres_noise=0.1)
+    hafed, tsu = random_models(d, tau=tau, seed=seed)
+    write_workdir(root, slides, hafed, tsu, distilled=False, tiffs=tiffs)
+    wd = Workdir(root)
+    distill_store(wd)  # the pipeline's distill stage: HAFED's level 1 on the sub-patches
+    section: dict[str, Any] = {
+        "fracs": [float(f) for f in fracs],
+        "curve_fracs": [float(f) for f in fracs],
+        "total_timesteps": int(timesteps),
+        "n_envs": 1,
+        "n_steps": 32,
+        "batch_size": 32,
+        "n_epochs": 1,
+        "d_hidden": 16,
+        "random_seeds": 1,
+    }
+    trained: dict[float, Path] = {}
+    if agents:
+        from . import AgentConfig, train_agent  # lazy: SB3, only to train agents
+        from .agents.train import agent_name  # lazy: as above
+
+        cfg = AgentConfig.from_dict(section)
+        for frac in cfg.fracs:
+            train_agent(wd, frac, cfg, seed=seed, progress=False)
+            trained[frac] = wd.agent_dir(agent_name(frac, cfg.algo))
+    return SyntheticWorkdir(
+        root=root,
+        slide_ids=tuple(s.slide_id for s in slides),
+        splits={s.slide_id: s.split for s in slides},
+        d=d,
+        agents=trained,
+        config={"seed": seed, "agents": section},
+    )
+
+
+#: Warnings Gymnasium's and SB3's checkers give on every ``Sasha-WSI-v0``, by design (regular
+#: expressions, searched in the message): the features are unbounded, and the observations are
+#: per-patch rows (``features (P, d)``, ``coords (P, 2)``) that the SASHA policy reads row by
+#: row, not images or flat vectors.
+EXPECTED_CHECKER_WARNINGS: tuple[str, ...] = (
+    r"A Box observation space (minimum|maximum) value is -?infinity",
+    r"Your observation (features|coords) has an unconventional shape",
+)
+
+
+def check_env(env: gym.Env) -> None:
+    """Run Gymnasium's and SB3's environment checkers on ``env``, every warning an error
+    except :data:`EXPECTED_CHECKER_WARNINGS`.
+
+    Args:
+        env: a ``Sasha-WSI-v0`` (wrapped or not); it is reset and stepped.
+
+    Raises:
+        AssertionError, UserWarning...: what the checkers raise or warn.
+    """
+    from gymnasium.utils.env_checker import check_env as gymnasium_check_env
+    from stable_baselines3.common.env_checker import (  # lazy: SB3, only for this check
+        check_env as sb3_check_env,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pattern in EXPECTED_CHECKER_WARNINGS:
+            warnings.filterwarnings("ignore", message=f".*{pattern}")
+        gymnasium_check_env(env.unwrapped)
+        sb3_check_env(env, warn=True)
