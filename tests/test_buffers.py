@@ -8,10 +8,10 @@ import torch
 from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from envkit import build_workdir, random_models, random_slides
 from sasha_env.agents.buffers import RowPoolMaskableRolloutBuffer
 from sasha_env.agents.train import AgentConfig, train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
+from sasha_env.testing import random_models, random_slides, write_workdir
 from sasha_models.policy import SashaActorCriticPolicy
 from sasha_models.spaces import ROW_INDEX
 
@@ -22,7 +22,7 @@ D, N_ENVS, N_STEPS = 8, 2, 24
 def workdir(tmp_path_factory):
     hafed, tsu = random_models(D, tau=0.9)
     slides = random_slides(d=D, n_range=(10, 16))
-    return build_workdir(tmp_path_factory.mktemp("pool_wd"), slides, hafed, tsu, tiffs=False)
+    return write_workdir(tmp_path_factory.mktemp("pool_wd"), slides, hafed, tsu, tiffs=False)
 
 
 def _fill(workdir, buffers, seed=0):

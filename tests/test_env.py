@@ -11,20 +11,19 @@ import pytest
 import torch
 
 import sasha_env  # noqa: F401 - registers Sasha-WSI-v0
-from envkit import (
-    CELL_PX,
-    SLIDE_RGB,
-    SlideSpec,
-    build_workdir,
-    hand_models,
-    lattice_cells,
-    random_models,
-    random_slides,
-    reference_episode,
-)
+from envkit import hand_models, reference_episode
 from sasha_env.envs.render import GRID_RGB, UPDATED_RGB, ZOOMED_RGB
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget, observation_nbytes
 from sasha_env.features.store import StoreError
+from sasha_env.testing import (
+    CELL_PX,
+    SLIDE_RGB,
+    SlideSpec,
+    lattice_cells,
+    random_models,
+    random_slides,
+    write_workdir,
+)
 
 D = 8
 
@@ -33,7 +32,7 @@ D = 8
 def workdir(tmp_path_factory):
     """Six random slides (4 train), d = 8, random-init HAFED and TSU (tau 0.9)."""
     hafed, tsu = random_models(D, tau=0.9)
-    return build_workdir(tmp_path_factory.mktemp("env_wd"), random_slides(d=D), hafed, tsu)
+    return write_workdir(tmp_path_factory.mktemp("env_wd"), random_slides(d=D), hafed, tsu)
 
 
 def make(workdir, **kw) -> SashaWSIEnv:
@@ -158,7 +157,7 @@ def hand_workdir(tmp_path_factory):
     hafed, tsu = hand_models(4, W, B, C, tau=0.9)
     hand = SlideSpec("hand", "tumor", "train", Z, V, lattice_cells(6, cols=3))
     other = SlideSpec("other", "normal", "test", Z[:2], V[:2], lattice_cells(2))
-    return build_workdir(tmp_path_factory.mktemp("hand_wd"), [hand, other], hafed, tsu)
+    return write_workdir(tmp_path_factory.mktemp("hand_wd"), [hand, other], hafed, tsu)
 
 
 @pytest.mark.parametrize("anchor", ["state", "lowres", "from-tsu"])
@@ -253,7 +252,7 @@ def test_incremental_equals_full(tmp_path):
         SlideSpec("small", "normal", "test", z[:3], v[:3], lattice_cells(3)),
     ]
     hafed, tsu = random_models(d, tau=0.95, seed=1, n_branches=5)
-    build_workdir(tmp_path, slides, hafed, tsu, tiffs=False)
+    write_workdir(tmp_path, slides, hafed, tsu, tiffs=False)
     envs = [make(tmp_path, frac=0.3, reward="delta", incremental=f) for f in (True, False)]
     assert envs[0].incremental and not envs[1].incremental
     for env in envs:
@@ -374,12 +373,12 @@ def test_zooming_twice_is_illegal(workdir):
 # ------------------------------------------------------------------ errors
 def test_missing_checkpoints_name_the_stage(tmp_path):
     hafed, tsu = random_models(D)
-    build_workdir(tmp_path / "a", random_slides(d=D), hafed, tsu, models=(), tiffs=False)
+    write_workdir(tmp_path / "a", random_slides(d=D), hafed, tsu, models=(), tiffs=False)
     with pytest.raises(
         FileNotFoundError, match=r"models/hafed/model\.pt is missing: run the 'hafed' stage first"
     ):
         gym.make("Sasha-WSI-v0", workdir=tmp_path / "a")
-    build_workdir(tmp_path / "b", random_slides(d=D), hafed, tsu, models=("hafed",), tiffs=False)
+    write_workdir(tmp_path / "b", random_slides(d=D), hafed, tsu, models=("hafed",), tiffs=False)
     with pytest.raises(
         FileNotFoundError, match=r"models/tsu/model\.pt is missing: run the 'tsu' stage first"
     ):
@@ -390,7 +389,7 @@ def test_missing_checkpoints_name_the_stage(tmp_path):
 
 def test_missing_distilled_names_the_stage(tmp_path):
     hafed, tsu = random_models(D)
-    build_workdir(tmp_path, random_slides(d=D), hafed, tsu, distilled=False, tiffs=False)
+    write_workdir(tmp_path, random_slides(d=D), hafed, tsu, distilled=False, tiffs=False)
     with pytest.raises(StoreError, match="no 'distilled' array: run the 'distill' stage first"):
         gym.make("Sasha-WSI-v0", workdir=tmp_path)
 

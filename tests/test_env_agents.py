@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sasha_env  # noqa: F401 - registers Sasha-WSI-v0
-from envkit import build_workdir, random_models, random_slides
+from sasha_env.testing import random_models, random_slides, write_workdir
 
 D = 8
 
@@ -15,7 +15,7 @@ D = 8
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     hafed, tsu = random_models(D, tau=0.9)
-    return build_workdir(
+    return write_workdir(
         tmp_path_factory.mktemp("agents_wd"), random_slides(d=D), hafed, tsu, tiffs=False
     )
 

@@ -23,11 +23,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Rank of each room of sasha_env: a module may import modules of its own rank or lower.
 BASE = ("atomic", "config", "distributed", "lru", "workdir")
 WINGS = ("slides", "features", "envs", "agents", "pipeline")
-TOP = ("predict", "cli")
+TOP = ("predict", "cli", "testing")
 
 
 def _rank(module: str) -> int:
-    """0 for the root helpers, 1..5 for the wings in flow order, 6 for predict and cli."""
+    """0 for the root helpers, 1..5 for the wings in flow order, 6 for predict, cli, testing."""
     parts = module.split(".")
     assert parts[0] == "sasha_env", module
     if len(parts) == 1:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from envkit import build_workdir, random_models, random_slides
 from sasha_env.agents.export import load_policy
 from sasha_env.agents.policies import agent_policy, agent_projection, run_episodes
 from sasha_env.agents.train import AgentConfig, make_env, train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
+from sasha_env.testing import random_models, random_slides, write_workdir
 from sasha_env.workdir import Workdir
 from sasha_models.policy import SashaActorCritic
 from sasha_models.projection import ObsProjection, fit_obs_projection
@@ -58,7 +58,7 @@ def test_the_network_reads_full_rows_through_its_projection():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     hafed, tsu = random_models(D, tau=0.9)
-    return build_workdir(tmp_path_factory.mktemp("proj_wd"), random_slides(d=D), hafed, tsu)
+    return write_workdir(tmp_path_factory.mktemp("proj_wd"), random_slides(d=D), hafed, tsu)
 
 
 def test_env_keeps_the_projected_rows_equal_to_the_projected_state(workdir):

@@ -14,6 +14,8 @@ The package's rooms follow the data flow (a wing imports only itself and the win
 - :mod:`sasha_env.agents` — training SB3 agents, zoom policies, running episodes;
 - :mod:`sasha_env.pipeline` — the stage registry, the cached runner, evaluation, figures;
 - :mod:`sasha_env.predict` and :mod:`sasha_env.cli` — new slides, and the ``sasha`` command;
+- :mod:`sasha_env.testing` — small complete workdirs in seconds and the env checkers, for
+  tests (``make_workdir``, ``check_env``; import it explicitly);
 - at the root, helpers every wing may use: :mod:`~sasha_env.config`,
   :mod:`~sasha_env.workdir`, :mod:`~sasha_env.atomic`, :mod:`~sasha_env.distributed`,
   :mod:`~sasha_env.lru`.

@@ -1,4 +1,4 @@
-"""Exported models (``model.pt``): load, rebuild and check them — without Lightning.
+"""Exported models (``model.pt``): write, load, rebuild and check them — without Lightning.
 
 An export is a plain dict ``{'state_dict', 'config', 'kind', 'meta'}`` of tensors and
 builtins, read with ``torch.load(..., weights_only=True)``. Kept apart from
@@ -19,7 +19,46 @@ from .baselines import MIL_MODELS, build_baseline
 from .hafed import HAFED, HAFEDConfig
 from .tsu import TSU, TSUConfig
 
-__all__ = ["load_checkpoint", "build_model", "load_export", "load_model", "check_feature_dim"]
+__all__ = [
+    "export_dict",
+    "save_export",
+    "load_checkpoint",
+    "build_model",
+    "load_export",
+    "load_model",
+    "check_feature_dim",
+]
+
+
+def export_dict(
+    model: nn.Module,
+    kind: str,
+    config: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The export of ``model``: ``{'state_dict', 'config', 'kind', 'meta'}``, what
+    :func:`load_export` rebuilds it from.
+
+    Args:
+        model: the model (its ``state_dict`` is copied to the CPU).
+        kind: ``"hafed"``, ``"tsu"`` or ``"mil:<name>"`` (see :func:`build_model`).
+        config: plain values that rebuild the untrained model with :func:`build_model`.
+        meta: plain values about the run (class names, feature size, scores...); ``{}`` if
+            ``None``.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"state_dict": state, "config": dict(config), "kind": kind, "meta": dict(meta or {})}
+
+
+def save_export(path: str | os.PathLike, blob: Mapping[str, Any]) -> Path:
+    """Write an export (:func:`export_dict`) to ``path``, whole or not at all (written under a
+    temporary name, then renamed), and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(blob), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 
 from .baselines import build_baseline
-from .checkpoint import _expected_dim, build_model, check_feature_dim, load_checkpoint, load_model  # noqa: F401  (re-exported)
+from .checkpoint import (  # noqa: F401  (re-exported)
+    _expected_dim,
+    build_model,
+    check_feature_dim,
+    export_dict,
+    load_checkpoint,
+    load_model,
+    save_export,
+)
 from .data import BagDataset, BagSource
 from .hafed import HAFED, HAFEDConfig, acmil_loss, hafed_loss
 from .metrics import classification_metrics
@@ -111,9 +119,8 @@ class _SashaModule(L.LightningModule, abc.ABC):
         )
 
     def export(self) -> dict[str, Any]:
-        """``{'state_dict', 'config', 'kind'}`` of the wrapped model (CPU tensors)."""
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {"state_dict": state, "config": self.model_config(), "kind": self.kind}
+        """The export of the wrapped model (:func:`~sasha_models.checkpoint.export_dict`, no meta)."""
+        return export_dict(self.model, self.kind, self.model_config())
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(
@@ -499,9 +506,7 @@ def train_model(
             "torch_version": str(torch.__version__),
             "lightning_version": str(L.__version__),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole, then renamed
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        save_export(path, blob)  # written whole, then renamed
         if wandb is not None:
             import wandb as wandb_lib
 

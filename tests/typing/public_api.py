@@ -22,6 +22,7 @@ from sasha_env import (
     run_episodes,
     train_agent,
 )
+from sasha_env.testing import SyntheticWorkdir, check_env, make_workdir
 
 
 def train(workdir: Path) -> BaseAlgorithm:
@@ -50,3 +51,12 @@ def episodes(env: SashaWSIEnv) -> int:
         return int(np.flatnonzero(e.action_masks())[0])
 
     return len(run_episodes(env, first_legal, env.slide_ids))
+
+
+def testing_kit(tmp: Path) -> BaseAlgorithm:
+    made: SyntheticWorkdir = make_workdir(tmp / "wd", n_slides=8, seed=0, fracs=(0.1, 0.2))
+    env = SashaWSIEnv(made, split="train", frac=0.1)
+    check_env(env)
+    agent_dir: Path = made.agents[0.1]
+    assert agent_dir.is_dir()
+    return train_agent(made, 0.1, AgentConfig(total_timesteps=64), progress=False)

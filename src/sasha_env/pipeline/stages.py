@@ -35,6 +35,7 @@ __all__ = [
     "StageContext",
     "calibrate_tau",
     "describe",
+    "distill_store",
     "file_sha256",
 ]
 
@@ -259,20 +260,33 @@ def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
 
 
 def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
-    import torch
+    return distill_store(p.wd, progress=p.progress)
 
-    from sasha_models.checkpoint import check_feature_dim, load_model
 
-    from ..features.store import FeatureStore
+def distill_store(wd: Workdir, progress: bool = False) -> dict:
+    """The distill stage: HAFED's level 1 on every slide's high-res features.
 
-    model_path = p.wd.require(p.wd.model("hafed"), "hafed")
+    Writes ``distilled (N, d)`` float32 into the workdir's store for each slide, from its
+    ``highres (N, k, d)`` and the workdir's ``models/hafed/model.pt``, with the model's SHA-256
+    in the array's attributes; a slide already distilled by the same model is kept.
+
+    Returns:
+        The stage's outputs: ``{"slides": int, "hafed_sha256": str}``.
+    """
+    import torch  # lazy: torch, only when the stage runs
+
+    from sasha_models.checkpoint import check_feature_dim, load_model  # lazy: as above
+
+    from ..features.store import FeatureStore  # lazy: zarr, as above
+
+    model_path = wd.require(wd.model("hafed"), "hafed")
     hafed = load_model(model_path)
-    store = FeatureStore(p.wd.store, mode="a")
+    store = FeatureStore(wd.store, mode="a")
     check_feature_dim(hafed, store.feature_dim, name=str(model_path))
     digest = file_sha256(model_path)
     ids = store.slide_ids()
     iterator = ids
-    if p.progress:
+    if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(ids, desc="distill", unit="slide")
