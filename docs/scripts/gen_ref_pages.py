@@ -28,5 +28,24 @@ for package in PACKAGES:
             fd.write(f"# `{'.'.join(parts)}`\n\n::: {'.'.join(parts)}\n")
         mkdocs_gen_files.set_edit_path(Path("reference", doc_path), path.relative_to(SRC.parent))
 
+OVERVIEW = """# API reference
+
+Generated from the docstrings, one page per module. Two packages:
+
+- [`sasha_env`](sasha_env/index.md) — the world the agent lives in and the user-facing side:
+  slides, features and the store, the `Sasha-WSI-v0` environment, agents, the pipeline,
+  `predict` and the `sasha` command. `import sasha_env` registers the environment and exposes
+  the public names (`SashaWSIEnv`, `FeatureStore`, `Pipeline`, `Study`, `train_agent`,
+  `AgentConfig`, `run_episodes`, `Predictor`, ...) without loading Lightning or W&B.
+- [`sasha_models`](sasha_models/index.md) — the model zoo (HAFED, TSU, MIL baselines, the
+  actor-critic, metrics, calibration); it imports nothing from `sasha_env`.
+
+Where each piece lives and why: [Design](../design.md).
+"""
+
+with mkdocs_gen_files.open("reference/index.md", "w") as fd:
+    fd.write(OVERVIEW)
+
 with mkdocs_gen_files.open("reference/SUMMARY.md", "w") as nav_file:
+    nav_file.write("* [Overview](index.md)\n")
     nav_file.writelines(nav.build_literate_nav())
