@@ -25,7 +25,7 @@ for package in PACKAGES:
             doc_path = module.with_suffix(".md")
         nav[parts] = doc_path.as_posix()
         with mkdocs_gen_files.open(Path("reference", doc_path), "w") as fd:
-            fd.write(f"# `{'.'.join(parts)}`\n\n::: {'.'.join(parts)}\n")
+            fd.write(f"::: {'.'.join(parts)}\n")
         mkdocs_gen_files.set_edit_path(Path("reference", doc_path), path.relative_to(SRC.parent))
 
 OVERVIEW = """# API reference
