@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test test-all bench bench-scale bench-agents bench-predict lint format clean
+.PHONY: install demo test test-all docs bench bench-scale bench-agents bench-predict lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# The documentation site (mkdocs.yml, pages under docs/, API reference from the docstrings),
+# built strictly: a broken link or a docstring griffe cannot read fails the build. Output: site/
+docs: $(DOCS_STAMP)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 bench: $(STAMP) bench-scale  # bench_predict builds its own cohort under bench-predict-run/ (resumable)
 	$(PY) experiments/bench_extract.py
@@ -55,4 +65,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache site
