@@ -46,8 +46,8 @@ from sasha_env.agents.aggregate import (  # noqa: E402
     probability_of_improvement,
     stratified_bootstrap,
 )
+from sasha_env.agents.episodes import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.export import load_policy  # noqa: E402
-from sasha_env.agents.policies import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.train import (  # noqa: E402
     ALGORITHMS,
     AgentConfig,

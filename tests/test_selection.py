@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from sasha_env.agents.episodes import agent_policy, run_episodes
 from sasha_env.agents.export import load_policy
-from sasha_env.agents.policies import agent_policy, run_episodes
 from sasha_env.agents.selection import VAL_CURVE, selection_score
 from sasha_env.agents.train import AgentConfig, make_env, train_agent
 from sasha_env.workdir import Workdir

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (below)
-    from .agents.policies import run_episodes as run_episodes
+    from .agents.episodes import run_episodes as run_episodes
     from .agents.train import AgentConfig as AgentConfig
     from .agents.train import train_agent as train_agent
     from .config import load_config as load_config
@@ -53,7 +53,7 @@ _API = {
     "load_config": "sasha_env.config",
     "AgentConfig": "sasha_env.agents.train",
     "train_agent": "sasha_env.agents.train",
-    "run_episodes": "sasha_env.agents.policies",
+    "run_episodes": "sasha_env.agents.episodes",
     "Pipeline": "sasha_env.pipeline.runner",
     "Study": "sasha_env.pipeline.study",
     "Predictor": "sasha_env.predict",

@@ -20,7 +20,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from ..atomic import PartialCSV
 from ..envs.wsi import SashaWSIEnv
-from .policies import agent_policy, run_episodes
+from .episodes import agent_policy, run_episodes
 
 __all__ = ["VAL_CURVE", "ValSelection", "selection_score"]
 

@@ -42,8 +42,8 @@ def calibrate_workdir(
     from sasha_models.calibration import KINDS, fit_calibration
     from sasha_models.lit import load_model, predict_probs
 
+    from ..agents.episodes import agent_policy, agent_projection, run_episodes
     from ..agents.export import load_policy
-    from ..agents.policies import agent_policy, agent_projection, run_episodes
     from ..agents.train import AgentConfig, agent_name, make_env
 
     bags = StoreBags(FeatureStore(wd.store), read_manifest(wd.manifest))

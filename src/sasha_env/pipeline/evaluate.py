@@ -203,14 +203,14 @@ def evaluate_sampling(
     """
     from sasha_models.metrics import classification_metrics
 
-    from ..agents.export import load_policy
-    from ..agents.policies import (
+    from ..agents.episodes import (
         agent_policy,
         agent_projection,
         attention_topk_policy,
         random_policy,
         run_episodes,
     )
+    from ..agents.export import load_policy
     from ..agents.train import AgentConfig, agent_name, make_env
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
