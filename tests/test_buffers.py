@@ -10,7 +10,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from envkit import build_workdir, random_models, random_slides
 from sasha_env.agents.buffers import RowPoolMaskableRolloutBuffer
-from sasha_env.agents.train import AgentConfig, train_agent
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_models.policy import SashaActorCriticPolicy
 from sasha_models.spaces import ROW_INDEX

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from envkit import build_workdir, random_models, random_slides
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.envs import make_env
 from sasha_env.agents.episodes import agent_policy, agent_projection, run_episodes
 from sasha_env.agents.export import load_policy
-from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_env.workdir import Workdir
 from sasha_models.policy import SashaActorCritic
