@@ -1,21 +1,26 @@
-"""Environments for agents: building ``Sasha-WSI-v0`` over a workdir's split, and training envs.
+"""Environments for agents, and trained agents with the environment they act in.
 
 :func:`make_env` is the one place an agent's environment is built from a workdir (training,
 validation, calibration and evaluation all go through it); :func:`training_env` wraps a
 training source (a workdir, Gymnasium environments or an SB3 ``VecEnv``) for
 :func:`~sasha_env.agents.train.train_agent`; :func:`workdir_projection` fits the observation
-projection of ``agents.obs_dim``.
+projection of ``agents.obs_dim``. :func:`load_agent` is the one way a trained agent comes back
+(calibration, evaluation, ``sasha predict``): its weights-only export
+(:mod:`~sasha_env.agents.export`), its zoom budget and the projection its environments apply.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sasha_models.projection import ObsProjection, fit_obs_projection
@@ -24,12 +29,17 @@ from ..envs.wsi import SashaWSIEnv
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..workdir import Workdir
-from .config import AgentConfig
+from .config import AgentConfig, agent_name
+from .export import load_policy
 from .protocol import SlideSchedule
 
 __all__ = [
+    "Agent",
     "EnvSource",
+    "agent_projection",
     "env_projection",
+    "has_agent",
+    "load_agent",
     "make_env",
     "training_env",
     "workdir_projection",
@@ -94,8 +104,8 @@ def env_projection(env: Any) -> ObsProjection | None:
 
 
 EnvSource = Workdir | str | os.PathLike | gym.Env | Sequence[gym.Env] | VecEnv
-"""What :func:`~sasha_env.agents.train.train_agent` trains on: a pipeline workdir (its train split), one or more
-Gymnasium environments, or an SB3 ``VecEnv``."""
+"""What :func:`~sasha_env.agents.train.train_agent` trains on: a pipeline workdir (its train
+split), one or more Gymnasium environments, or an SB3 ``VecEnv``."""
 
 
 def training_env(
@@ -170,3 +180,59 @@ def _env_frac(env_frac: float | None, frac: float | None) -> float:
     if frac is not None and abs(float(frac) - float(env_frac)) > 1e-12:
         raise ValueError(f"frac={frac} but the environment zooms with frac={env_frac}")
     return float(env_frac)
+
+
+def agent_projection(agent: Any) -> ObsProjection | None:
+    """The observation projection a trained agent reads through (``agents.obs_dim``), if any:
+    build the env it acts in with ``obs_projection=`` this."""
+    net = getattr(getattr(agent, "policy", agent), "net", None)
+    return getattr(net, "projection", None)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A trained agent read back from its weights-only export (:func:`load_agent`)."""
+
+    policy: BasePolicy
+    """The SB3 policy (SASHA's actor-critic, or DQN's), in eval mode; act with
+    :func:`~sasha_env.agents.episodes.agent_policy`."""
+    frac: float
+    """Its zoom budget f: episodes of ⌈f·N⌉ zooms."""
+    algo: str
+    """The algorithm that trained it (``maskable_ppo``, ``ppo``, ``a2c``, ``dqn``)."""
+    path: Path
+    """Its folder, ``WORKDIR/agents/<algo>-<f>/``."""
+    projection: ObsProjection | None
+    """The observation projection it reads through (``agents.obs_dim``), or ``None``: its
+    environments must apply it (:meth:`make_env` does)."""
+
+    def make_env(self, wd: Workdir, split: str, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+        """The environment this agent acts in over ``split``: :func:`make_env` at its budget f,
+        observing through its projection."""
+        return make_env(wd, split, self.frac, cfg, obs_projection=self.projection, **kw)
+
+
+def has_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo") -> bool:
+    """Whether ``wd`` holds a trained agent of ``algo`` at budget ``frac`` (its folder)."""
+    return wd.agent_dir(agent_name(frac, algo)).is_dir()
+
+
+def load_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo", device: str = "cpu") -> Agent:
+    """The trained agent of ``wd`` at budget ``frac``, from ``agents/<algo>-<f>/``.
+
+    Only the weights-only export is read (:func:`~sasha_env.agents.export.load_policy`):
+    nothing is unpickled.
+
+    Args:
+        wd: the pipeline workdir.
+        frac: zoom budget f.
+        algo: the algorithm it was trained with (``agents.algo``).
+        device: torch device of the policy.
+
+    Raises:
+        FileNotFoundError: no such agent (run the agents stage), or a folder without an export.
+        ValueError: an export that does not describe a known policy, or weights that do not fit.
+    """
+    path = wd.require(wd.agent_dir(agent_name(frac, algo)), "agents")
+    policy = load_policy(path, device)
+    return Agent(policy, frac, algo, path, agent_projection(policy))
