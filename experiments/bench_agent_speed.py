@@ -87,7 +87,8 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
     """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
     from bench_env import synthetic_workdir  # next to this script
     from procfs import proc_kib
-    from sasha_env.agents.train import AgentConfig, train_agent
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.train import train_agent
 
     wd = root / f"n{n}-d{d}"
     if not (wd / "manifest.csv").is_file():

@@ -46,14 +46,11 @@ from sasha_env.agents.aggregate import (  # noqa: E402
     probability_of_improvement,
     stratified_bootstrap,
 )
+from sasha_env.agents.config import ALGORITHMS, AgentConfig  # noqa: E402
+from sasha_env.agents.envs import make_env  # noqa: E402
+from sasha_env.agents.episodes import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.export import load_policy  # noqa: E402
-from sasha_env.agents.policies import agent_policy, run_episodes  # noqa: E402
-from sasha_env.agents.train import (  # noqa: E402
-    ALGORITHMS,
-    AgentConfig,
-    make_env,
-    train_agent,
-)
+from sasha_env.agents.train import train_agent  # noqa: E402
 from sasha_env.config import load_config  # noqa: E402
 from sasha_env.workdir import Workdir  # noqa: E402
 from sasha_models.metrics import classification_metrics  # noqa: E402

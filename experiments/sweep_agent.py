@@ -17,9 +17,11 @@ from dataclasses import fields
 import numpy as np
 import wandb
 
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.envs import make_env
+from sasha_env.agents.episodes import agent_policy, run_episodes
 from sasha_env.agents.export import load_policy
-from sasha_env.agents.policies import agent_policy, run_episodes
-from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.agents.train import train_agent
 from sasha_env.config import load_config
 from sasha_env.workdir import Workdir
 from sasha_models.metrics import classification_metrics

@@ -12,9 +12,11 @@ import zipfile
 import numpy as np
 import pytest
 
+from sasha_env.agents.config import ALGORITHMS, AgentConfig
+from sasha_env.agents.envs import make_env
+from sasha_env.agents.episodes import agent_policy, run_episodes
 from sasha_env.agents.export import POLICY_DESCRIPTION, POLICY_WEIGHTS, load_policy
-from sasha_env.agents.policies import agent_policy, run_episodes
-from sasha_env.agents.train import ALGORITHMS, AgentConfig, make_env, train_agent
+from sasha_env.agents.train import train_agent
 from sasha_env.workdir import Workdir
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]

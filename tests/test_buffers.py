@@ -9,7 +9,8 @@ from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sasha_env.agents.buffers import RowPoolMaskableRolloutBuffer
-from sasha_env.agents.train import AgentConfig, train_agent
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_env.testing import random_models, random_slides, write_workdir
 from sasha_models.policy import SashaActorCriticPolicy

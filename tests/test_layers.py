@@ -140,12 +140,11 @@ def test_the_layer_check_catches_upward_imports(tmp_path):
     ]
 
 
-def _loaded_after(code: str) -> dict[str, bool]:
-    """Which of Lightning and W&B a fresh interpreter has loaded after running ``code``."""
+def _loaded_after(code: str, modules: tuple[str, ...] = ("lightning", "wandb")) -> dict[str, bool]:
+    """Which of ``modules`` (Lightning and W&B) a fresh interpreter has loaded after ``code``."""
     probe = (
         code
-        + "\nimport sys, json\n"
-        + "print(json.dumps({m: m in sys.modules for m in ('lightning', 'wandb')}))"
+        + f"\nimport sys, json\nprint(json.dumps({{m: m in sys.modules for m in {modules!r}}}))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
@@ -159,6 +158,15 @@ def test_registering_the_env_loads_no_lightning_or_wandb():
         "import sasha_env, gymnasium; assert 'Sasha-WSI-v0' in gymnasium.registry"
     )
     assert loaded == {"lightning": False, "wandb": False}
+
+
+def test_agent_config_loads_no_sb3():
+    """The agents' config (read by config checks and stage plans) loads no training code."""
+    loaded = _loaded_after(
+        "from sasha_env.agents.config import AgentConfig; AgentConfig.from_dict({})",
+        ("stable_baselines3", "sb3_contrib", "lightning", "wandb"),
+    )
+    assert not any(loaded.values()), loaded
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["sasha", "full"])

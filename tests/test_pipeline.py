@@ -185,7 +185,8 @@ def test_wandb_sweep_trial_runs_offline(tiny_workdir, tmp_path, monkeypatch):
 
 
 def test_agent_training_logs_to_wandb_offline(tiny_workdir, tmp_path, monkeypatch):
-    from sasha_env.agents.train import AgentConfig, train_agent
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.train import train_agent
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = AgentConfig(total_timesteps=64, n_envs=2, n_steps=16, batch_size=16, n_epochs=1)

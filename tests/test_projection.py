@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sasha_env.agents.export import load_policy
-from sasha_env.agents.policies import agent_policy, agent_projection, run_episodes
-from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.envs import agent_projection, has_agent, load_agent
+from sasha_env.agents.episodes import agent_policy, run_episodes
+from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_env.testing import random_models, random_slides, write_workdir
 from sasha_env.workdir import Workdir
@@ -83,15 +84,22 @@ def test_an_agent_trained_on_projected_states_carries_its_projection(workdir):
     cfg = AgentConfig(obs_dim=3, total_timesteps=128, n_steps=32, n_envs=2, fracs=(0.5,))
     model = train_agent(workdir, frac=0.5, cfg=cfg, progress=False)
     assert model.observation_space["features"].shape[1] == 3
-    agent = load_policy(Workdir(workdir).agent_dir("sasha-0.5"))
-    proj = agent_projection(agent)
+    wd = Workdir(workdir)
+    agent = load_agent(wd, 0.5)  # the exported agent (weights only)
+    assert (agent.frac, agent.algo, agent.path) == (0.5, "maskable_ppo", wd.agent_dir("sasha-0.5"))
+    proj = agent.projection
     assert proj is not None and proj.basis.shape == (D, 3)
+    np.testing.assert_array_equal(agent_projection(agent.policy).basis, proj.basis)
     np.testing.assert_array_equal(proj.basis, model.policy.net.projection.basis)
-    # the exported agent, in an env rebuilt from its projection, acts as the trained model
-    env = make_env(Workdir(workdir), "test", 0.5, cfg, obs_projection=proj)
+    # the exported agent, in the env it builds with its projection, acts as the trained model
+    env = agent.make_env(wd, "test", cfg)
+    assert env.obs_projection is proj
     ids = env.slide_ids
-    exported = run_episodes(env, agent_policy(agent), ids)
+    exported = run_episodes(env, agent_policy(agent.policy), ids)
     trained = run_episodes(env, agent_policy(model), ids)
     assert [e["zoomed"] for e in exported] == [e["zoomed"] for e in trained]
+    assert has_agent(wd, 0.5) and not has_agent(wd, 0.3)
+    with pytest.raises(FileNotFoundError, match="run the 'agents' stage"):
+        load_agent(wd, 0.3)
     with pytest.raises(ValueError, match="dqn"):
         AgentConfig.from_dict({"obs_dim": 3, "algo": "dqn"})

@@ -10,8 +10,10 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
+from sasha_env.agents.config import AgentConfig, steps_for
+from sasha_env.agents.envs import make_env
 from sasha_env.agents.protocol import SlideSchedule
-from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import episode_budget
 from sasha_env.workdir import Workdir
 from sasha_models.policy import PPOConfig
@@ -133,8 +135,6 @@ def test_a_learning_rate_sets_the_peak_of_the_paper_cosine(tiny_workdir):
 
 
 def test_equal_episodes_scales_the_step_budget_with_f(tiny_workdir, tmp_path):
-    from sasha_env.agents.train import steps_for
-
     cfg = AgentConfig(fracs=(0.1, 0.2), total_timesteps=32, n_envs=2, n_steps=16, batch_size=16,
                       n_epochs=1, d_hidden=16, equal_episodes=True)  # fmt: skip
     assert (steps_for(cfg, 0.1), steps_for(cfg, 0.2)) == (32, 64)

@@ -8,10 +8,13 @@ import json
 import numpy as np
 import pytest
 
+from sasha_env.agents.callbacks import VAL_CURVE
+from sasha_env.agents.config import AgentConfig
+from sasha_env.agents.envs import make_env
+from sasha_env.agents.episodes import agent_policy, run_episodes
 from sasha_env.agents.export import load_policy
-from sasha_env.agents.policies import agent_policy, run_episodes
-from sasha_env.agents.selection import VAL_CURVE, selection_score
-from sasha_env.agents.train import AgentConfig, make_env, train_agent
+from sasha_env.agents.selection import selection_score
+from sasha_env.agents.train import train_agent
 from sasha_env.workdir import Workdir
 
 
@@ -71,15 +74,15 @@ def test_the_best_weights_come_back_even_when_the_last_policy_is_worse(tmp_path,
 
     import torch
 
-    from sasha_env.agents import selection
+    from sasha_env.agents import callbacks
 
     scores = iter([1.0, 0.5, 0.9, 0.95])  # the second policy is the best; the last is not
     episode = {"probabilities": np.array([0.5, 0.5]), "label": 0}
-    monkeypatch.setattr(selection, "run_episodes", lambda env, policy, ids: [episode])
-    monkeypatch.setattr(selection, "agent_policy", lambda model: None)
-    monkeypatch.setattr(selection, "selection_score", lambda p, y: dict.fromkeys(("auc", "f1", "accuracy", "ce"), 0.0) | {"score": next(scores)})  # fmt: skip
+    monkeypatch.setattr(callbacks, "run_episodes", lambda env, policy, ids: [episode])
+    monkeypatch.setattr(callbacks, "agent_policy", lambda model: None)
+    monkeypatch.setattr(callbacks, "selection_score", lambda p, y: dict.fromkeys(("auc", "f1", "accuracy", "ce"), 0.0) | {"score": next(scores)})  # fmt: skip
     policy = torch.nn.Linear(1, 1, bias=False)
-    callback = selection.ValSelection(SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path)
+    callback = callbacks.ValSelection(SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path)
     callback.model = SimpleNamespace(policy=policy)
     callback._on_training_start()
     for step, weight in ((10, 1.0), (20, 2.0), (30, 3.0)):

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (below)
-    from .agents.policies import run_episodes as run_episodes
-    from .agents.train import AgentConfig as AgentConfig
+    from .agents.config import AgentConfig as AgentConfig
+    from .agents.episodes import run_episodes as run_episodes
     from .agents.train import train_agent as train_agent
     from .config import load_config as load_config
     from .envs.wsi import SashaWSIEnv as SashaWSIEnv
@@ -53,9 +53,9 @@ _API = {
     "Slide": "sasha_env.slides.slide",
     "Workdir": "sasha_env.workdir",
     "load_config": "sasha_env.config",
-    "AgentConfig": "sasha_env.agents.train",
+    "AgentConfig": "sasha_env.agents.config",
     "train_agent": "sasha_env.agents.train",
-    "run_episodes": "sasha_env.agents.policies",
+    "run_episodes": "sasha_env.agents.episodes",
     "Pipeline": "sasha_env.pipeline.runner",
     "Study": "sasha_env.pipeline.study",
     "Predictor": "sasha_env.predict",

@@ -144,11 +144,11 @@ class Predictor:
         device: str | torch.device = "cpu",
         calibration: str | None = "temperature+bias",
     ):
+        # lazy: the models and SB3 load when a Predictor is built, not when predict is imported
         from sasha_models.calibration import read_calibrations
         from sasha_models.checkpoint import load_model
 
-        from .agents.export import load_policy
-        from .agents.train import agent_name
+        from .agents.envs import load_agent
 
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -192,8 +192,8 @@ class Predictor:
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:
-            agent_dir = self.wd.require(self.wd.agent_dir(agent_name(self.frac)), "agents")
-            self.policy = load_policy(agent_dir).net.eval()  # weights only: nothing unpickled
+            agent = load_agent(self.wd, self.frac)  # weights only: nothing unpickled
+            self.policy = agent.policy.net.eval()
 
     # ------------------------------------------------------------------ geometry
     def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:

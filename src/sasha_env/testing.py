@@ -417,7 +417,7 @@ def make_workdir(
     trained: dict[float, Path] = {}
     if agents:
         from . import AgentConfig, train_agent  # lazy: SB3, only to train agents
-        from .agents.train import agent_name  # lazy: as above
+        from .agents.config import agent_name  # lazy: as above
 
         cfg = AgentConfig.from_dict(section)
         for frac in cfg.fracs:

@@ -42,9 +42,10 @@ def calibrate_workdir(
     from sasha_models.calibration import KINDS, fit_calibration
     from sasha_models.lit import load_model, predict_probs
 
-    from ..agents.export import load_policy
-    from ..agents.policies import agent_policy, agent_projection, run_episodes
-    from ..agents.train import AgentConfig, agent_name, make_env
+    # lazy: SB3 and torch load only when the stage runs
+    from ..agents.config import AgentConfig
+    from ..agents.envs import has_agent, load_agent
+    from ..agents.episodes import agent_policy, run_episodes
 
     bags = StoreBags(FeatureStore(wd.store), read_manifest(wd.manifest))
     ids = bags.slide_ids(split)
@@ -67,12 +68,10 @@ def calibrate_workdir(
     fit(method_name("hafed", 1.0), np.asarray(probs), np.asarray(labels))
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     for frac in acfg.fracs:
-        agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
-        if not agent_dir.is_dir():
+        if not has_agent(wd, frac, acfg.algo):
             continue
-        agent = load_policy(agent_dir)
-        env = make_env(wd, split, frac, acfg, obs_projection=agent_projection(agent))
-        episodes = run_episodes(env, agent_policy(agent), ids)
+        agent = load_agent(wd, frac, acfg.algo)
+        episodes = run_episodes(agent.make_env(wd, split, acfg), agent_policy(agent.policy), ids)
         fit(
             method_name("sasha", frac),
             np.stack([e["probabilities"] for e in episodes]),

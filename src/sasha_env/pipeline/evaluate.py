@@ -203,15 +203,10 @@ def evaluate_sampling(
     """
     from sasha_models.metrics import classification_metrics
 
-    from ..agents.export import load_policy
-    from ..agents.policies import (
-        agent_policy,
-        agent_projection,
-        attention_topk_policy,
-        random_policy,
-        run_episodes,
-    )
-    from ..agents.train import AgentConfig, agent_name, make_env
+    # lazy: SB3 and torch load only when agents are evaluated
+    from ..agents.config import AgentConfig
+    from ..agents.envs import has_agent, load_agent, make_env
+    from ..agents.episodes import agent_policy, attention_topk_policy, random_policy, run_episodes
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)
@@ -221,12 +216,12 @@ def evaluate_sampling(
     (wd.root / "episodes").mkdir(exist_ok=True)
     for frac in sorted(set(acfg.fracs) | set(acfg.curve_fracs)):
         methods: list[tuple[str, list]] = []
-        agent_dir = wd.agent_dir(agent_name(frac, acfg.algo))
         agent = None
-        if frac in acfg.fracs and agent_dir.is_dir():  # weights only: nothing is unpickled
-            agent = load_policy(agent_dir)
-            methods.append(("sasha", [agent_policy(agent)]))
-        env = make_env(wd, split, frac, acfg, obs_projection=agent_projection(agent))
+        if frac in acfg.fracs and has_agent(wd, frac, acfg.algo):  # weights only: no unpickling
+            agent = load_agent(wd, frac, acfg.algo)
+            methods.append(("sasha", [agent_policy(agent.policy)]))
+        # the agent's environment, which the baselines share at this budget
+        env = make_env(wd, split, frac, acfg) if agent is None else agent.make_env(wd, split, acfg)
         methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
         methods.append(("attention_topk", [attention_topk_policy()]))
         for method, policies in methods:

@@ -96,7 +96,7 @@ def _baselines() -> dict[str, Any]:
 
 
 def _agents() -> dict[str, Any]:
-    from ..agents.train import AgentConfig
+    from ..agents.config import AgentConfig
 
     return _dataclass_keys(AgentConfig)
 

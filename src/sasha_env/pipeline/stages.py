@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..agents.config import AgentConfig, agent_name, steps_for
 from ..atomic import write_json
 from ..distributed import is_rank_zero
 from ..workdir import Workdir
@@ -343,8 +344,8 @@ def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
 
 def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
     """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
-    from ..agents.export import POLICY_WEIGHTS
-    from ..agents.train import AgentConfig, agent_name, steps_for, train_agent
+    from ..agents.export import POLICY_WEIGHTS  # lazy: torch and SB3, only when agents train
+    from ..agents.train import train_agent  # lazy: as above
 
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
     device = "cuda" if p.accelerator == "gpu" else "cpu"

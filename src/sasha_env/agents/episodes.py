@@ -12,14 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from sasha_models.projection import ObsProjection
-
 from ..envs.wsi import SashaWSIEnv
 
 __all__ = [
     "Policy",
     "agent_policy",
-    "agent_projection",
     "random_policy",
     "attention_topk_policy",
     "run_episodes",
@@ -32,10 +29,11 @@ def agent_policy(agent: Any, deterministic: bool = True) -> Policy:
     """A trained agent's action (argmax by default) under the env's legal-action mask.
 
     Args:
-        agent: an exported policy (:func:`~sasha_env.agents.export.load_policy`) or an SB3
+        agent: an exported policy (:func:`~sasha_env.agents.envs.load_agent`'s ``policy``) or an SB3
             model; maskable policies get ``env.action_masks()``, the others mask from the
             observation themselves (SASHA policies) or learn to avoid illegal actions (DQN).
     """
+    # lazy: sb3-contrib loads only for a trained agent, not for run_episodes or the baselines
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
     maskable = isinstance(getattr(agent, "policy", agent), MaskableActorCriticPolicy)
@@ -50,13 +48,6 @@ def agent_policy(agent: Any, deterministic: bool = True) -> Policy:
         return int(action)
 
     return act
-
-
-def agent_projection(agent: Any) -> ObsProjection | None:
-    """The observation projection a trained agent reads through (``agents.obs_dim``), if any:
-    build the env it acts in with ``obs_projection=`` this."""
-    net = getattr(getattr(agent, "policy", agent), "net", None)
-    return getattr(net, "projection", None)
 
 
 def random_policy(seed: int) -> Policy:

@@ -1,0 +1,153 @@
+"""SB3 callbacks of the agents stage: the learning curve, and validation-selected weights.
+
+- :class:`EpisodeLog` writes one row of ``episodes.csv`` per finished episode (and logs to
+  W&B, and shows a progress bar);
+- :class:`ValSelection` follows SASHA's official training, which keeps the epoch with the
+  lowest ``(2 − AUC − F1) + CE`` on the validation slides (:func:`~.selection.selection_score`),
+  not the last policy: PPO's returns are noisy, and the policy at the end of a budget is often
+  not its best. Every ``every`` rollouts it runs one argmax episode per validation slide,
+  writes a row of ``val_curve.csv``, and remembers the weights with the lowest criterion; when
+  training ends those weights are put back into the model, so the saved and exported agent is
+  the selected one. It works with any SB3 algorithm the agents stage trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm.auto import tqdm
+
+from ..atomic import PartialCSV
+from ..envs.wsi import SashaWSIEnv
+from .episodes import agent_policy, run_episodes
+from .selection import selection_score
+
+__all__ = ["VAL_CURVE", "EpisodeLog", "ValSelection"]
+
+VAL_CURVE = "val_curve.csv"
+
+
+class EpisodeLog(BaseCallback):
+    """SB3 callback: one CSV row per finished episode (the learning curve), W&B if given.
+
+    Args:
+        path: the CSV (written under a temporary name, renamed when training ends), or
+            ``None`` for no file.
+        wandb_run: a W&B run to log ``episode/return`` and ``episode/correct`` to.
+        progress: show a progress bar of ``total`` steps named ``name``.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        wandb_run: Any = None,
+        progress: bool = True,
+        total: int = 0,
+        name: str = "agent",
+    ):
+        super().__init__()
+        self.path, self.wandb_run, self.progress, self.total = path, wandb_run, progress, total
+        self.name = name
+
+    def _on_training_start(self) -> None:
+        self.csv = None
+        if self.path is not None:
+            header = ["timestep", "episode_return", "correct", "slide_id", "wall_s"]
+            self.csv = PartialCSV(self.path, header)
+        self.returns = np.zeros(self.training_env.num_envs)
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.progress:
+            self.bar = tqdm(total=self.total, desc=self.name, unit="step")
+
+    def _on_step(self) -> bool:
+        self.returns += self.locals["rewards"]
+        for i, done in enumerate(self.locals["dones"]):
+            if not done:
+                continue
+            info = self.locals["infos"][i]
+            ret, correct = float(self.returns[i]), int(bool(info.get("correct")))
+            wall = round(time.perf_counter() - self.t0, 2)
+            if self.csv is not None:
+                self.csv.write([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
+            if self.wandb_run is not None:
+                self.wandb_run.log(
+                    {"episode/return": ret, "episode/correct": correct}, step=self.num_timesteps
+                )
+            self.returns[i] = 0.0
+        if self.bar is not None:
+            self.bar.update(self.training_env.num_envs)
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.csv is not None:
+            self.csv.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ValSelection(BaseCallback):
+    """SB3 callback: validate every ``every`` rollouts, keep the best weights, restore them at the end.
+
+    Args:
+        env: an environment over the validation split (same ``max_patches`` as training).
+        every: rollouts between validations (``>= 1``); the last policy is validated too.
+        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``);
+            ``None`` keeps the rows in :attr:`rows` only.
+    """
+
+    def __init__(self, env: SashaWSIEnv, every: int, out_dir: Path | None) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"validate every >= 1 rollouts, got {every}")
+        self.env, self.every = env, int(every)
+        self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
+        self.rows: list[dict] = []
+        self.rollouts = 0
+        self.best: dict | None = None
+        self._best_state: dict | None = None
+        self._last_updates = -1  # the policy's update count at the last validation
+
+    def _on_training_start(self) -> None:
+        self.csv = None
+        if self.path is not None:
+            self.csv = PartialCSV(self.path, ["timestep", "auc", "f1", "accuracy", "ce", "score"])
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.rollouts % self.every == 0:
+            self._validate()
+
+    def _validate(self) -> None:
+        # A rollout ends before its update, so a validation there scores the policy of the
+        # previous update; at the end of training the last update's policy is new and is
+        # scored too. Skip only when the weights have not changed since the last check.
+        updates = int(getattr(self.model, "_n_updates", self.num_timesteps))
+        if updates == self._last_updates:
+            return
+        self._last_updates = updates
+        episodes = run_episodes(self.env, agent_policy(self.model), self.env.slide_ids)
+        probs = np.stack([e["probabilities"] for e in episodes])
+        labels = np.array([e["label"] for e in episodes])
+        row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
+        self.rows.append(row)
+        if self.csv is not None:
+            self.csv.write([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
+        if self.best is None or row["score"] < self.best["score"]:
+            self.best = row
+            self._best_state = copy.deepcopy(self.model.policy.state_dict())
+
+    def _on_training_end(self) -> None:
+        self._validate()  # the last policy competes too
+        if self.csv is not None:
+            self.csv.close()
+        if self._best_state is not None:
+            self.model.policy.load_state_dict(self._best_state)

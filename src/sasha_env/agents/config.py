@@ -1,0 +1,124 @@
+"""How agents are trained: the ``agents`` config section, step budgets and folder names.
+
+Pure configuration: nothing here imports stable-baselines3, sb3-contrib or torch, so the
+pipeline's config checks and stage plans read it without loading the training code
+(:mod:`~sasha_env.agents.train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import dataclass_from_dict
+
+__all__ = ["ALGORITHMS", "PROTOCOLS", "AgentConfig", "agent_name", "steps_for"]
+
+#: ``agents.algo``: sb3-contrib's MaskablePPO (the default, SASHA's), SB3's PPO, A2C and DQN.
+ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn")
+#: ``agents.protocol`` (see :attr:`AgentConfig.protocol`).
+PROTOCOLS = ("sb3", "paper")
+
+
+@dataclass
+class AgentConfig:
+    """How agents are trained (config section ``agents``)."""
+
+    fracs: tuple[float, ...] = (0.1, 0.2)
+    """Zoom budgets f: one agent per f, episodes of ⌈f·N⌉ zooms."""
+    curve_fracs: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    """Budgets at which ``random`` and ``attention_topk`` are also evaluated, for the curve of
+    AUC against reading budget (SASHA is evaluated at ``fracs``)."""
+    algo: str = "maskable_ppo"
+    protocol: str = "sb3"
+    """``sb3``: ``n_envs`` envs drawing random slides for ``total_timesteps`` steps, with the
+    optimiser settings below. ``paper``: SASHA's official protocol
+    (:mod:`~sasha_env.agents.protocol`, ``maskable_ppo`` only): every update on whole episodes
+    of one slide, each training slide ``episodes_per_slide`` times per epoch, ``epochs``
+    epochs, and the official optimiser for f (:meth:`sasha_models.policy.PPOConfig.paper`);
+    ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``, ``gamma``,
+    ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
+    overrides any SB3 argument)."""
+    epochs: int = 25
+    """``protocol: paper``: passes over the training slides (official: 25)."""
+    episodes_per_slide: int = 2
+    """``protocol: paper``: episodes of one slide per update (official: 2)."""
+    total_timesteps: int = 20_000
+    equal_episodes: bool = False
+    """``protocol: sb3``: ``total_timesteps`` is the budget of the smallest f in ``fracs`` and
+    scales with f, so that every budget trains on about the same number of episodes (a fixed
+    step budget gives f = 0.2 half the episodes of f = 0.1)."""
+    n_envs: int = 4
+    vec_env: str = "dummy"
+    """``dummy`` (one process) or ``subproc`` (a process per env)."""
+    reward: str = "ce"
+    correct_bonus: float = 0.0
+    learning_rate: float | None = None
+    """``None``: the protocol's own — 3e-4 constant (``sb3``), the official 1e-5 with a cosine
+    decay to 0 (``paper``). A number replaces the constant, or the cosine's peak."""
+    n_steps: int = 64
+    """Steps per env per rollout (PPO/A2C)."""
+    batch_size: int = 64
+    n_epochs: int = 4
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.01
+    d_hidden: int = 128
+    use_coords: bool = True
+    """Feed each patch's grid position to the SASHA policy (the official agent sees the state
+    only); see the README's ablation."""
+    obs_dim: int | None = None
+    """The agent reads a ``obs_dim``-column PCA projection of the state, fitted on the training
+    slides' low-res and distilled rows and kept in the exported policy
+    (:mod:`sasha_models.projection`); ``None``: the state itself. For real N and d: the PPO
+    update and the rollout buffer shrink by ``d / obs_dim``. Not with ``dqn``."""
+    row_pool: bool = True
+    """SASHA policies with ``maskable_ppo``/``ppo``/``a2c``: the rollout buffer keeps each
+    distinct patch row once and PPO's update runs the policy's per-row layers once per distinct
+    row of a mini-batch (:mod:`~sasha_env.agents.buffers`). The same update up to float
+    rounding, several times faster and smaller at real N; ``false``: SB3's own buffer."""
+    cpu_threads: int | None = 1
+    """torch threads while training; the policy's small matrices run fastest on one."""
+    random_seeds: int = 5
+    """Seeds the ``random`` baseline is averaged over."""
+    val_every: int = 0
+    """Validate the argmax policy on the val split every this many rollouts (epochs under
+    ``protocol: paper``) and keep the best
+    by the official criterion ``(2 − AUC − F1) + CE`` (:mod:`~sasha_env.agents.selection`);
+    0 keeps the last policy."""
+    extra: dict = field(default_factory=dict)
+    """Further keyword arguments for the SB3 algorithm."""
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AgentConfig:
+        cfg = dataclass_from_dict(cls, d, "agents")
+        if cfg.algo not in ALGORITHMS:
+            raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+        if cfg.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"
+            )
+        if cfg.obs_dim is not None and cfg.algo == "dqn":
+            raise ValueError(
+                "agents.obs_dim needs a SASHA policy (maskable_ppo, ppo, a2c), which keeps the "
+                "projection; dqn's policy cannot"
+            )
+        if cfg.protocol == "paper" and cfg.algo != "maskable_ppo":
+            raise ValueError(
+                f"agents.protocol 'paper' trains maskable_ppo only, not {cfg.algo!r}; use "
+                "protocol 'sb3' for the algorithm benchmark"
+            )
+        return cfg
+
+
+def steps_for(cfg: AgentConfig, frac: float) -> int:
+    """Environment steps of an ``sb3``-protocol agent at budget ``frac`` (see ``equal_episodes``)."""
+    if not cfg.equal_episodes:
+        return cfg.total_timesteps
+    return int(round(cfg.total_timesteps * frac / min(cfg.fracs)))
+
+
+def agent_name(frac: float, algo: str = "maskable_ppo") -> str:
+    """Folder name of an agent: ``sasha-0.1`` for the default algorithm, else ``ppo-0.1``..."""
+    prefix = "sasha" if algo == "maskable_ppo" else algo
+    return f"{prefix}-{frac:g}"

@@ -1,0 +1,238 @@
+"""Environments for agents, and trained agents with the environment they act in.
+
+:func:`make_env` is the one place an agent's environment is built from a workdir (training,
+validation, calibration and evaluation all go through it); :func:`training_env` wraps a
+training source (a workdir, Gymnasium environments or an SB3 ``VecEnv``) for
+:func:`~sasha_env.agents.train.train_agent`; :func:`workdir_projection` fits the observation
+projection of ``agents.obs_dim``. :func:`load_agent` is the one way a trained agent comes back
+(calibration, evaluation, ``sasha predict``): its weights-only export
+(:mod:`~sasha_env.agents.export`), its zoom budget and the projection its environments apply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+
+from sasha_models.projection import ObsProjection, fit_obs_projection
+
+from ..envs.wsi import SashaWSIEnv
+from ..features.store import FeatureStore
+from ..slides.manifest import read_manifest
+from ..workdir import Workdir
+from .config import AgentConfig, agent_name
+from .export import load_policy
+from .protocol import SlideSchedule
+
+__all__ = [
+    "Agent",
+    "EnvSource",
+    "agent_projection",
+    "env_projection",
+    "has_agent",
+    "load_agent",
+    "make_env",
+    "training_env",
+    "workdir_projection",
+]
+
+
+def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+    """An agent's environment over one split of a workdir, at zoom budget ``frac``.
+
+    Args:
+        wd: the pipeline workdir (its store, manifest, HAFED and TSU).
+        split: ``train``, ``val`` or ``test``.
+        frac: zoom budget f: episodes of ⌈f·N⌉ zooms.
+        cfg: the agents' config (its ``reward`` and ``correct_bonus``).
+        kw: further :class:`~sasha_env.envs.wsi.SashaWSIEnv` arguments (``obs_projection``,
+            ``copy_obs``...); ``max_patches`` defaults to the cohort's largest slide, so that one
+            agent serves every split.
+    """
+    return SashaWSIEnv(
+        wd.root,
+        split=split,
+        frac=frac,
+        reward=cfg.reward,
+        correct_bonus=cfg.correct_bonus,
+        max_patches=kw.pop("max_patches", "cohort"),  # one agent serves every split
+        **kw,
+    )
+
+
+def workdir_projection(
+    wd: Workdir, k: int, max_rows: int = 100_000, seed: int = 0
+) -> ObsProjection:
+    """The PCA projection of ``agents.obs_dim``: fitted on the rows a state holds (low-res z
+    and distilled v) of the workdir's training slides, at most ``max_rows`` of them."""
+    store = FeatureStore(wd.store)
+    ids = [r.slide_id for r in read_manifest(wd.manifest).records if r.split == "train"]
+    ids = [s for s in ids if s in store]
+    if k >= store.feature_dim:
+        raise ValueError(
+            f"agents.obs_dim = {k} must be smaller than the feature size {store.feature_dim}"
+        )
+    rng = np.random.default_rng(seed)
+    per_array = max(1, max_rows // (2 * max(len(ids), 1)))  # sampled per slide: O(max_rows·d)
+    parts = []
+    for sid in ids:
+        for name in ("lowres", "distilled"):
+            rows = store.read(sid, name)
+            if len(rows) > per_array:
+                rows = rows[np.sort(rng.choice(len(rows), per_array, replace=False))]
+            parts.append(rows)
+    return fit_obs_projection(np.concatenate(parts), k)
+
+
+def env_projection(env: Any) -> ObsProjection | None:
+    """The observation projection of a (vector) environment of ours, if it has one."""
+    if isinstance(env, VecEnv):
+        try:
+            return env.get_attr("obs_projection")[0]
+        except AttributeError:
+            return None
+    return getattr(getattr(env, "unwrapped", env), "obs_projection", None)
+
+
+EnvSource = Workdir | str | os.PathLike | gym.Env | Sequence[gym.Env] | VecEnv
+"""What :func:`~sasha_env.agents.train.train_agent` trains on: a pipeline workdir (its train
+split), one or more Gymnasium environments, or an SB3 ``VecEnv``."""
+
+
+def training_env(
+    source: EnvSource,
+    frac: float | None,
+    cfg: AgentConfig,
+    seed: int,
+    projection: ObsProjection | None = None,
+) -> tuple[VecEnv, float, Workdir | None, SlideSchedule | None]:
+    """``(vec_env, frac, workdir or None, slide schedule or None)`` for
+    :func:`~sasha_env.agents.train.train_agent`;
+    only a workdir's environments are built here (and closed after training).
+
+    Environments are wrapped in SB3's ``Monitor`` (episode returns and lengths in
+    ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``); a ``VecEnv`` is used as given.
+    """
+    if isinstance(source, (Workdir, str, os.PathLike)):
+        wd = source if isinstance(source, Workdir) else Workdir(source)
+        if frac is None:
+            raise ValueError("train_agent on a workdir needs frac, the zoom budget")
+        if cfg.protocol == "paper":
+            train_env = make_env(wd, "train", frac, cfg, copy_obs=False, obs_projection=projection)
+            schedule = SlideSchedule(train_env, cfg.episodes_per_slide, seed)
+            return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
+
+        def factory(rank: int) -> Callable[[], gym.Env]:
+            def make() -> gym.Env:
+                env = make_env(  # copy_obs=False: the VecEnv copies
+                    wd, "train", frac, cfg, copy_obs=False, obs_projection=projection
+                )
+                env.reset(seed=seed + rank)
+                return Monitor(env)
+
+            return make
+
+        vec_cls = SubprocVecEnv if cfg.vec_env == "subproc" else DummyVecEnv
+        return vec_cls([factory(i) for i in range(cfg.n_envs)]), frac, wd, None
+    if isinstance(source, VecEnv):
+        if cfg.protocol == "paper":
+            raise ValueError(
+                "protocol 'paper' schedules the slides of one environment: pass the env itself "
+                "(train_agent(env, ...)), not a VecEnv"
+            )
+        return source, _env_frac(source.get_attr("frac")[0], frac), None, None
+    envs = (
+        [source]
+        if isinstance(source, gym.Env)
+        else list(source)
+        if isinstance(source, Sequence)
+        else []
+    )
+    if not envs or not all(isinstance(e, gym.Env) for e in envs):
+        raise TypeError(
+            "train_agent trains on a workdir, a Gymnasium env, a list of envs or an SB3 VecEnv; "
+            f"got {type(source).__name__}"
+        )
+    frac = _env_frac(getattr(envs[0].unwrapped, "frac", frac), frac)
+    if cfg.protocol == "paper":
+        if len(envs) != 1:
+            raise ValueError(f"protocol 'paper' trains on one environment, got {len(envs)}")
+        schedule = SlideSchedule(envs[0], cfg.episodes_per_slide, seed)
+        return DummyVecEnv([lambda: Monitor(schedule)]), frac, None, schedule
+    return DummyVecEnv([lambda e=e: Monitor(e) for e in envs]), frac, None, None
+
+
+def _env_frac(env_frac: float | None, frac: float | None) -> float:
+    """The zoom budget of user environments; a ``frac`` argument must agree with it."""
+    if env_frac is None:
+        if frac is None:
+            raise ValueError("the environment has no frac attribute: pass frac")
+        return float(frac)
+    if frac is not None and abs(float(frac) - float(env_frac)) > 1e-12:
+        raise ValueError(f"frac={frac} but the environment zooms with frac={env_frac}")
+    return float(env_frac)
+
+
+def agent_projection(agent: Any) -> ObsProjection | None:
+    """The observation projection a trained agent reads through (``agents.obs_dim``), if any:
+    build the env it acts in with ``obs_projection=`` this."""
+    net = getattr(getattr(agent, "policy", agent), "net", None)
+    return getattr(net, "projection", None)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A trained agent read back from its weights-only export (:func:`load_agent`)."""
+
+    policy: BasePolicy
+    """The SB3 policy (SASHA's actor-critic, or DQN's), in eval mode; act with
+    :func:`~sasha_env.agents.episodes.agent_policy`."""
+    frac: float
+    """Its zoom budget f: episodes of ⌈f·N⌉ zooms."""
+    algo: str
+    """The algorithm that trained it (``maskable_ppo``, ``ppo``, ``a2c``, ``dqn``)."""
+    path: Path
+    """Its folder, ``WORKDIR/agents/<algo>-<f>/``."""
+    projection: ObsProjection | None
+    """The observation projection it reads through (``agents.obs_dim``), or ``None``: its
+    environments must apply it (:meth:`make_env` does)."""
+
+    def make_env(self, wd: Workdir, split: str, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+        """The environment this agent acts in over ``split``: :func:`make_env` at its budget f,
+        observing through its projection."""
+        return make_env(wd, split, self.frac, cfg, obs_projection=self.projection, **kw)
+
+
+def has_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo") -> bool:
+    """Whether ``wd`` holds a trained agent of ``algo`` at budget ``frac`` (its folder)."""
+    return wd.agent_dir(agent_name(frac, algo)).is_dir()
+
+
+def load_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo", device: str = "cpu") -> Agent:
+    """The trained agent of ``wd`` at budget ``frac``, from ``agents/<algo>-<f>/``.
+
+    Only the weights-only export is read (:func:`~sasha_env.agents.export.load_policy`):
+    nothing is unpickled.
+
+    Args:
+        wd: the pipeline workdir.
+        frac: zoom budget f.
+        algo: the algorithm it was trained with (``agents.algo``).
+        device: torch device of the policy.
+
+    Raises:
+        FileNotFoundError: no such agent (run the agents stage), or a folder without an export.
+        ValueError: an export that does not describe a known policy, or weights that do not fit.
+    """
+    path = wd.require(wd.agent_dir(agent_name(frac, algo)), "agents")
+    policy = load_policy(path, device)
+    return Agent(policy, frac, algo, path, agent_projection(policy))
