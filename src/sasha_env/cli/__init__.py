@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import PRESETS, load_config
-from .distributed import is_rank_zero
-from .pipeline.schema import validate_config
-from .pipeline.stages import REGISTRY, STAGES
-from .pipeline.stages import describe as describe_stages
+from .. import __version__
+from ..config import PRESETS, load_config
+from ..distributed import is_rank_zero
+from ..pipeline.schema import validate_config
+from ..pipeline.stages import REGISTRY, STAGES
+from ..pipeline.stages import describe as describe_stages
 
 EPILOG = """\
 typical use:
@@ -400,7 +400,7 @@ def _wandb_overrides(args: argparse.Namespace) -> dict:
 def _pipeline(
     args: argparse.Namespace, workdir: Path, manifest: Path | None, features: Path | None = None
 ):
-    from .pipeline.runner import Pipeline
+    from ..pipeline.runner import Pipeline
 
     overrides = _wandb_overrides(args)
     return Pipeline(
@@ -419,7 +419,7 @@ def _pipeline(
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .pipeline.evaluate import format_table
+    from ..pipeline.evaluate import format_table
 
     pipe = _pipeline(args, args.workdir, args.manifest, args.features)
     pipe.run(args.stages, force=tuple(args.force))
@@ -441,8 +441,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .pipeline.evaluate import format_table
-    from .slides.synth import SynthConfig, synthesize_cohort
+    from ..pipeline.evaluate import format_table
+    from ..slides.synth import SynthConfig, synthesize_cohort
 
     t0 = time.perf_counter()
     cfg = validate_config(load_config(args.preset, args.config))
@@ -464,7 +464,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     import json
 
-    from .pipeline.study import Study, format_study
+    from ..pipeline.study import Study, format_study
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
@@ -513,8 +513,8 @@ def _spawn_helpers(argv: list[str], n: int) -> list:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import Predictor
-    from .slides.manifest import read_manifest
+    from ..predict import Predictor
+    from ..slides.manifest import read_manifest
 
     slides = list(args.slides)
     if args.manifest is not None:
@@ -544,7 +544,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .slides.synth import SynthConfig, synthesize_cohort
+    from ..slides.synth import SynthConfig, synthesize_cohort
 
     cfg = validate_config(load_config(args.preset, args.config), ["synth"])
     synth_cfg = SynthConfig.from_dict(cfg.get("synth", {}))
@@ -558,8 +558,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .features.extract import ExtractConfig, extract_cohort
-    from .slides.grid import GridConfig
+    from ..features.extract import ExtractConfig, extract_cohort
+    from ..slides.grid import GridConfig
 
     overrides = {
         k: v
@@ -593,7 +593,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .features.importer import import_cohort
+    from ..features.importer import import_cohort
 
     report = import_cohort(
         args.cohort,
@@ -622,7 +622,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"sasha {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
