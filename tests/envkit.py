@@ -25,6 +25,7 @@ import tifffile
 import torch
 from torch import nn
 
+from sasha_env.features.records import SlideInfo, StoreInfo
 from sasha_env.features.store import FeatureStore
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
@@ -151,17 +152,16 @@ def build_workdir(
     d = slides[0].z.shape[1]
     store = FeatureStore.create(
         root / "features.zarr",
-        {
-            "backbone": "envkit",
-            "backbone_dim": d,
-            "backbone_weights_sha256": "none",
-            "input_px": PATCH_PX,
-            "patch_px": PATCH_PX,
-            "zoom": 2,
-            "k": 4,
-            "hi_downsample": 1.0,
-            "hi_mpp": None,
-        },
+        StoreInfo(
+            backbone="envkit",
+            backbone_dim=d,
+            backbone_weights_sha256="none",
+            input_px=PATCH_PX,
+            patch_px=PATCH_PX,
+            zoom=2,
+            hi_downsample=1.0,
+            hi_mpp=None,
+        ),
     )
     rows = []
     for s in slides:
@@ -183,19 +183,19 @@ def build_workdir(
                 "cells": s.cells,
                 "tissue": np.ones(n, np.float32),
             },
-            {
-                "label": s.label,
-                "path": str(path),
-                "dimensions": [width, height],
-                "mpp": 0.5,
-                "level_downsamples": [1.0],
-                "n_patches": n,
-                "shape": [rows_n, cols_n],
-                "patch_px": PATCH_PX,
-                "zoom": 2,
-                "hi_downsample": 1.0,
-                "lo_downsample": LO_DOWNSAMPLE,
-            },
+            SlideInfo(
+                label=s.label,
+                path=str(path),
+                dimensions=(width, height),
+                mpp=0.5,
+                level_downsamples=(1.0,),
+                n_patches=n,
+                shape=(rows_n, cols_n),
+                patch_px=PATCH_PX,
+                zoom=2,
+                hi_downsample=1.0,
+                lo_downsample=LO_DOWNSAMPLE,
+            ),
         )
         if distilled:
             store.write_array(s.slide_id, "distilled", s.v)
