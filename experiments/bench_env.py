@@ -40,6 +40,7 @@ import torch
 
 from procfs import proc_kib  # experiments/procfs.py, next to this script
 from sasha_env.envs.wsi import SashaWSIEnv, observation_nbytes
+from sasha_env.features.records import SlideInfo, StoreInfo
 from sasha_env.features.store import FeatureStore
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
@@ -59,22 +60,22 @@ def write_store(path: Path, d: int, slides: dict[str, tuple[np.ndarray, np.ndarr
     """A feature store with ``slides[id] = (z, v, label)``; the lattice is 64 columns wide."""
     store = FeatureStore.create(
         path,
-        {"backbone": "bench", "backbone_dim": d, "patch_px": 32, "zoom": 4, "hi_downsample": 1.0},
+        StoreInfo(backbone="bench", backbone_dim=d, patch_px=32, zoom=4, hi_downsample=1.0),
     )
     for sid, (z, v, label) in slides.items():
         n = len(z)
         cells = np.stack([np.arange(n) // 64, np.arange(n) % 64], 1).astype(np.int64)
-        attrs = {
-            "label": label,
-            "path": f"/nonexistent/{sid}.tiff",
-            "dimensions": [64 * 128, int(cells[-1, 0] + 1) * 128],
-            "n_patches": n,
-            "shape": [int(cells[-1, 0]) + 1, 64],
-            "patch_px": 32,
-            "lo_downsample": 4.0,
-        }
+        info = SlideInfo(
+            label=label,
+            path=f"/nonexistent/{sid}.tiff",
+            dimensions=(64 * 128, int(cells[-1, 0] + 1) * 128),
+            n_patches=n,
+            shape=(int(cells[-1, 0]) + 1, 64),
+            patch_px=32,
+            lo_downsample=4.0,
+        )
         arrays = {"lowres": z, "coords": cells[:, ::-1] * 128, "cells": cells}
-        store.write_slide(sid, arrays, attrs)
+        store.write_slide(sid, arrays, info)
         store.write_array(sid, "distilled", v)
 
 

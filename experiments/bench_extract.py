@@ -36,28 +36,28 @@ from sasha_env.slides.synth import SynthConfig, synthesize_cohort
 
 def bare_forward_rate(store: FeatureStore, extract_cfg: ExtractConfig) -> tuple[float, int]:
     """Images/s of the backbone alone on the store's patches, already decoded in memory."""
-    backbone = build_backbone(store.attrs["backbone"])
+    backbone = build_backbone(store.info.backbone)
     images = []
     for sid in store.slide_ids():
-        attrs = store.slide_attrs(sid)
+        info = store.slide_info(sid)
         grid = PatchGrid(
             coords=store.read(sid, "coords"),
             cells=store.read(sid, "cells"),
             tissue=store.read(sid, "tissue"),
-            shape=tuple(attrs["shape"]),
-            hi_downsample=attrs["hi_downsample"],
-            lo_downsample=attrs["lo_downsample"],
-            patch_px=attrs["patch_px"],
-            zoom=attrs["zoom"],
+            shape=info.shape,
+            hi_downsample=info.hi_downsample,
+            lo_downsample=info.lo_downsample,
+            patch_px=info.patch_px,
+            zoom=info.zoom,
         )
-        with Slide(attrs["path"]) as slide:
+        with Slide(info.path) as slide:
             for i in range(grid.n):
                 lo, hi = read_patch(slide, grid, i)
                 images.append(lo)
                 images.extend(hi)
     pixels = torch.from_numpy(np.stack(images))
     bs = extract_cfg.batch_size
-    input_px = store.attrs["input_px"]
+    input_px = store.info.input_px
     embed_patches(backbone, pixels[:bs], input_px)  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(pixels), bs):

@@ -160,7 +160,7 @@ def test_extraction_with_an_hf_backbone(tiny_cohort, tmp_path):
     )
     assert report.ok, report.summary()
     store = FeatureStore(tmp_path / "f.zarr")
-    assert store.attrs["backbone"].startswith("hf:") and store.feature_dim == 32
+    assert store.info.backbone.startswith("hf:") and store.feature_dim == 32
 
 
 def test_hf_folder_names_may_hold_an_at_sign(tmp_path):

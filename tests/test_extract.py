@@ -44,17 +44,17 @@ def test_store_is_self_describing_and_round_trips(tiny_store, tiny_cohort):
     store = FeatureStore(tiny_store)
     manifest = read_manifest(tiny_cohort)
     assert store.slide_ids() == sorted(r.slide_id for r in manifest.records)
-    assert store.attrs["backbone"] == "efficientnet-lite0"
-    assert len(store.attrs["backbone_weights_sha256"]) == 64
-    assert store.attrs["zoom"] == GRID.zoom and store.attrs["patch_px"] == GRID.patch_px
+    assert store.info.backbone == "efficientnet-lite0"
+    assert len(store.info.backbone_weights_sha256 or "") == 64
+    assert store.info.zoom == GRID.zoom and store.info.patch_px == GRID.patch_px
     sid = store.slide_ids()[0]
-    attrs = store.slide_attrs(sid)
+    info = store.slide_info(sid)
     lo, hi = store.read(sid, "lowres"), store.read(sid, "highres")
     n, d = lo.shape
     assert d == store.feature_dim == 1280 and lo.dtype == np.float32
-    assert hi.shape == (n, GRID.k, d) and attrs["n_patches"] == n
+    assert hi.shape == (n, GRID.k, d) and info.n_patches == n
     assert store.read(sid, "coords").shape == (n, 2)
-    assert attrs["label"] in ("normal", "tumor") and attrs["mpp"] == pytest.approx(0.5)
+    assert info.label in ("normal", "tumor") and info.mpp == pytest.approx(0.5)
     with pytest.raises(StoreError, match="distilled"):
         store.read(sid, "distilled")
     # Adding an array later is atomic and readable.
@@ -66,23 +66,23 @@ def test_store_is_self_describing_and_round_trips(tiny_store, tiny_cohort):
 
 def test_stored_features_equal_backbone_on_patches_read_directly(tiny_store):
     store = FeatureStore(tiny_store)
-    backbone = build_backbone(store.attrs["backbone"])
+    backbone = build_backbone(store.info.backbone)
     sid = store.slide_ids()[1]
-    attrs = store.slide_attrs(sid)
+    info = store.slide_info(sid)
     coords = store.read(sid, "coords")
     lo, hi = store.read(sid, "lowres"), store.read(sid, "highres")
-    p, zoom = attrs["patch_px"], attrs["zoom"]
-    with Slide(attrs["path"]) as slide:
+    p, zoom = info.patch_px, info.zoom
+    with Slide(info.path) as slide:
         for i in (0, len(coords) // 2, len(coords) - 1):
             x, y = (int(v) for v in coords[i])
-            direct_lo = slide.read(x, y, p, attrs["lo_downsample"])
+            direct_lo = slide.read(x, y, p, info.lo_downsample)
             # sub-patch (row 1, col 0) of patch i, read on its own
-            sub_x, sub_y = x, y + p * attrs["hi_downsample"]
-            direct_hi = slide.read(int(sub_x), int(sub_y), p, attrs["hi_downsample"])
+            sub_x, sub_y = x, y + p * info.hi_downsample
+            direct_hi = slide.read(int(sub_x), int(sub_y), p, info.hi_downsample)
             feats = embed_patches(
                 backbone,
                 torch.from_numpy(np.stack([direct_lo, direct_hi])),
-                store.attrs["input_px"],
+                store.info.input_px,
             ).numpy()
             np.testing.assert_allclose(feats[0], lo[i], rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(feats[1], hi[i, zoom], rtol=1e-4, atol=1e-4)
@@ -101,7 +101,7 @@ def test_real_svs_and_other_writers_extract(tmp_path):
     assert report.ok, report.summary()
     store = FeatureStore(tmp_path / "f.zarr")
     assert store.slide_ids() == ["cmu", "pyr", "single"]
-    assert store.slide_attrs("cmu")["n_patches"] > 50
+    assert store.slide_info("cmu").n_patches > 50
     assert (tmp_path / "f.zarr" / "qc" / "cmu.png").is_file()
 
 
@@ -184,7 +184,7 @@ def test_resume_after_killed_run(tmp_path, tiny_cohort):
     for sid in done_before:  # whatever is visible is complete
         assert (
             FeatureStore(out).read(sid, "highres").shape[0]
-            == FeatureStore(out).slide_attrs(sid)["n_patches"]
+            == FeatureStore(out).slide_info(sid).n_patches
         )
     report = extract_cohort(manifest, out, GRID, EXTRACT, progress=False)
     assert report.ok

@@ -71,9 +71,9 @@ def test_evaluation_writes_geojson_for_every_test_episode(tiny_workdir):
     )
     for e in episodes:
         fc = json.loads((folder / f"{e['slide_id']}.geojson").read_text())
-        attrs = store.slide_attrs(e["slide_id"])
+        dimensions = store.slide_info(e["slide_id"]).dimensions
         coords = store.read(e["slide_id"], "coords")
-        _check_collection(fc, attrs["dimensions"], coords[e["zoomed"]].tolist(), len(coords))
+        _check_collection(fc, dimensions, coords[e["zoomed"]].tolist(), len(coords))
         updated = [f["properties"]["patch"] for f in fc["features"] if f["properties"]["objectType"] == "detection"]  # fmt: skip
         assert updated == e["updated"]
         np.testing.assert_allclose(

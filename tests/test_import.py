@@ -67,7 +67,7 @@ def export_store(store_path: Path, out: Path, rng: np.random.Generator, writer="
     """Write a store's slides as per-slide h5 files at two magnifications (high-res rows
     shuffled: the import must place them by coordinates, not by order)."""
     store = FeatureStore(store_path)
-    zoom = int(store.attrs["zoom"])
+    zoom = int(store.info.zoom)
     for sid in store.slide_ids():
         cell = store.cell_px(sid)
         sub = cell / zoom
@@ -76,7 +76,7 @@ def export_store(store_path: Path, out: Path, rng: np.random.Generator, writer="
         hi_xy = sub_patch_coords(coords, zoom, sub)
         order = rng.permutation(len(hi))
         if writer == "trident":
-            px = int(store.attrs["patch_px"])
+            px = int(store.info.patch_px)
             write_trident_h5(out / "lo" / f"{sid}.h5", store.read(sid, "lowres"), coords, px, cell)
             write_trident_h5(out / "hi" / f"{sid}.h5", hi[order], hi_xy[order], px, sub)
         else:
@@ -113,15 +113,15 @@ def test_import_places_sub_patches_by_coordinates(trident_files, tiny_cohort, tm
     )
     assert report.ok and len(report.imported) == len(original)
     store = FeatureStore(tmp_path / "imported.zarr")
-    assert store.attrs["imported"]["tool"] == "trident"
-    assert store.attrs["zoom"] == original.attrs["zoom"]
+    assert store.info.imported["tool"] == "trident"
+    assert store.info.zoom == original.info.zoom
     for sid in original.slide_ids():
         for name in ("lowres", "highres", "coords", "cells"):
             np.testing.assert_array_equal(store.read(sid, name), original.read(sid, name), name)
-        a, b = store.slide_attrs(sid), original.slide_attrs(sid)
+        a, b = store.slide_info(sid), original.slide_info(sid)
         assert store.cell_px(sid) == original.cell_px(sid)
-        assert a["shape"] == b["shape"] and a["dimensions"] == b["dimensions"]
-        assert a["import"]["cells_incomplete"] == 0
+        assert a.shape == b.shape and a.dimensions == b.dimensions
+        assert a.import_info["cells_incomplete"] == 0
     # the same files again: nothing to do
     again = import_cohort(
         tmp_path / "cohort.csv", files / "lo", files / "hi", tmp_path / "imported.zarr",
@@ -139,7 +139,7 @@ def test_import_places_sub_patches_by_coordinates(trident_files, tiny_cohort, tm
         tmp_path / "cohort.csv", files / "lo", files / "hi", tmp_path / "imported.zarr",
         progress=False,
     )  # fmt: skip
-    assert fixed.imported == [sid] and store.slide_attrs(sid)["label"] == new_label
+    assert fixed.imported == [sid] and store.slide_info(sid).label == new_label
 
 
 def test_features_from_another_store_rekey_the_workdir(tiny_store, tmp_path):
@@ -216,14 +216,14 @@ def test_clam_files_need_the_patch_size_and_bad_slides_are_named(tiny_store, tin
     original = FeatureStore(tiny_store)
     cell = original.cell_px(ids[2])
     report = import_cohort(csv_path, tmp_path / "lo", tmp_path / "hi", out,
-                           lowres_px=cell, highres_px=cell / original.attrs["zoom"],
+                           lowres_px=cell, highres_px=cell / original.info.zoom,
                            progress=False)  # fmt: skip
     assert set(report.failed) == {ids[0], ids[1]}
     assert "not a readable HDF5" in report.failed[ids[0]] and "not found" in report.failed[ids[1]]
     store = FeatureStore(out)
-    assert store.attrs["imported"]["tool"] == "unknown" and len(store) == len(ids) - 2
+    assert store.info.imported["tool"] == "unknown" and len(store) == len(ids) - 2
     np.testing.assert_array_equal(store.read(ids[2], "highres"), original.read(ids[2], "highres"))
-    assert store.slide_attrs(ids[2])["path"].endswith(f"{ids[2]}.h5")  # no slide file given
+    assert store.slide_info(ids[2]).path.endswith(f"{ids[2]}.h5")  # no slide file given
 
 
 def test_a_mismatched_pair_is_refused_with_the_reason(tmp_path):

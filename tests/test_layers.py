@@ -169,6 +169,15 @@ def test_agent_config_loads_no_sb3():
     assert not any(loaded.values()), loaded
 
 
+def test_the_cli_parses_every_verb_without_lightning_or_wandb():
+    """``sasha VERB`` imports a verb's wing only when the verb runs."""
+    code = (
+        "from sasha_env.cli import build_parser\n"
+        "build_parser().parse_args(['predict', '--workdir', 'wd', 'slide.tiff'])"
+    )
+    assert _loaded_after(code) == {"lightning": False, "wandb": False}
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["sasha", "full"])
 def test_predict_loads_no_lightning_or_wandb(tiny_workdir, full):
     wd = Workdir(tiny_workdir)

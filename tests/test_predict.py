@@ -45,7 +45,7 @@ def test_predict_matches_cached_evaluation(tiny_workdir):
         np.testing.assert_allclose(probs, calibration.apply(np.array(raw)), atol=1e-5)
         assert out["label"] == predictor.class_names[int(np.argmax(probs))]
         assert out["frac_read"] == pytest.approx(len(ep["zoomed"]) / out["n_patches"])
-        assert out["n_patches"] == store.slide_attrs(record.slide_id)["n_patches"]
+        assert out["n_patches"] == store.slide_info(record.slide_id).n_patches
         assert {
             "tissue",
             "read_lowres",
@@ -156,7 +156,7 @@ def test_slide_at_another_mpp_is_read_at_the_cohort_resolution(tiny_workdir, tmp
     out = Predictor(wd.root, frac=0.1).predict(path)
     assert "differs from the cohort" in out["note"]
     assert out["n_patches"] == pytest.approx(
-        FeatureStore(wd.store).slide_attrs(record.slide_id)["n_patches"], rel=0.2
+        FeatureStore(wd.store).slide_info(record.slide_id).n_patches, rel=0.2
     )
 
 

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from sasha_env.features import store as store_module
+from sasha_env.features.records import SlideInfo, StoreInfo
 from sasha_env.features.store import FeatureStore, StoreError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sasha_env"
 
 
 def _store(tmp_path) -> FeatureStore:
-    store = FeatureStore.create(tmp_path / "s.zarr", {"backbone": "x", "backbone_dim": 4})
-    store.write_slide("a", {"lowres": np.ones((3, 4), np.float32)}, {"n_patches": 3})
+    store = FeatureStore.create(tmp_path / "s.zarr", StoreInfo(backbone="x", backbone_dim=4))
+    store.write_slide("a", {"lowres": np.ones((3, 4), np.float32)}, SlideInfo(n_patches=3))
     store.write_array("a", "distilled", np.ones((3, 4), np.float32))
     return store
 
@@ -49,7 +50,7 @@ def test_a_kill_while_replacing_a_slide_never_loses_it(tmp_path, monkeypatch):
     store = _store(tmp_path)
     calls = _die_after_first_rename(monkeypatch)
     with pytest.raises(Killed):
-        store.write_slide("a", {"lowres": np.zeros((5, 4), np.float32)}, {"n_patches": 5})
+        store.write_slide("a", {"lowres": np.zeros((5, 4), np.float32)}, SlideInfo(n_patches=5))
     assert "a" not in store and len(calls) == 2  # the old group is set aside, the new not in yet
     monkeypatch.undo()
     _pretend_dead(monkeypatch)
@@ -87,7 +88,7 @@ def test_cleaning_leaves_live_writers_and_other_hosts_alone(tmp_path, monkeypatc
 def test_the_store_refuses_unsafe_slide_ids(tmp_path, bad):
     store = _store(tmp_path)
     with pytest.raises(StoreError, match="not a safe slide id"):
-        store.write_slide(bad, {"lowres": np.ones((1, 4), np.float32)}, {})
+        store.write_slide(bad, {"lowres": np.ones((1, 4), np.float32)}, SlideInfo())
     with pytest.raises(StoreError, match="not a safe slide id"):
         store.read(bad, "lowres")
     assert bad not in store

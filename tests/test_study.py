@@ -143,7 +143,8 @@ def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_s
 
 
 def test_jobs_helpers_run_one_job_each_even_with_an_abbreviated_option():
-    from sasha_env.cli import _helper_command, build_parser
+    from sasha_env.cli import build_parser
+    from sasha_env.cli.run import _helper_command
 
     argv = ["study", "--manifest", "m.csv", "--workdir", "w", "--job", "4"]
     helper = _helper_command(argv)

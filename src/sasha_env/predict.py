@@ -156,29 +156,29 @@ class Predictor:
         self.full, self.frac = full, float(frac)
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
         self.store = FeatureStore(self.wd.require(self.wd.store, "extract"))
-        attrs = self.store.attrs
-        if "imported" in attrs:
+        info = self.store.info
+        if info.imported is not None:
             raise ValueError(
-                f"{self.store.path} holds features imported from {attrs['imported'].get('tool')} "
-                f"({attrs['backbone']}): sasha predict embeds new slides with its own backbone, "
+                f"{self.store.path} holds features imported from {info.imported.get('tool')} "
+                f"({info.backbone}): sasha predict embeds new slides with its own backbone, "
                 "so it needs a workdir whose features 'sasha extract' made. Import the new "
                 "slides' features too and evaluate them in a pipeline workdir instead"
             )
         self.backbone = build_backbone(
-            attrs["backbone"], (cfg.get("extract") or {}).get("backbone_checkpoint")
+            info.backbone, (cfg.get("extract") or {}).get("backbone_checkpoint")
         )
-        if self.backbone.weights_sha256 != attrs["backbone_weights_sha256"]:
+        if self.backbone.weights_sha256 != info.backbone_weights_sha256:
             raise ValueError(
-                f"backbone {attrs['backbone']} here has other weights than the one that made "
+                f"backbone {info.backbone} here has other weights than the one that made "
                 f"{self.store.path}; predictions would not match the trained models"
             )
         self.backbone.to(device)
-        self.input_px = int(attrs["input_px"])
+        self.input_px = int(info.input_px)  # type: ignore[arg-type]
         self.batch_size = batch_size or default_batch_size(self.input_px, torch.device(device))
-        self.grid_cfg = GridConfig(**attrs["grid"])
-        slide_attrs = [self.store.slide_attrs(s) for s in self.store.slide_ids()]
-        self.cohort_max_patches = max(int(a["n_patches"]) for a in slide_attrs)
-        mpps = [a.get("mpp") for a in slide_attrs]
+        self.grid_cfg = GridConfig(**info.grid)  # type: ignore[arg-type]
+        slides = [self.store.slide_info(s) for s in self.store.slide_ids()]
+        self.cohort_max_patches = max(int(s.n_patches) for s in slides)  # type: ignore[arg-type]
+        mpps = [s.mpp for s in slides]
         mpps = [m for m in mpps if m]
         self.cohort_mpp = float(np.median(mpps)) if mpps else None
         self.manifest = read_manifest(self.wd.manifest)

@@ -71,6 +71,7 @@ from sasha_models.checkpoint import export_dict, save_export
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.tsu import TSU, TSUConfig
 
+from .features.records import SlideInfo, StoreInfo
 from .features.store import FeatureStore
 from .pipeline.stages import distill_store
 from .slides.manifest import Manifest, SlideRecord
@@ -225,19 +226,18 @@ def export_model(
     return save_export(path, export_dict(model, kind, model.cfg.to_dict(), meta))
 
 
-def _store_attrs(d: int) -> dict[str, Any]:
+def _store_info(d: int) -> StoreInfo:
     """Root attributes of the store: the geometry above, a backbone named ``synthetic``."""
-    return {
-        "backbone": "synthetic",
-        "backbone_dim": d,
-        "backbone_weights_sha256": "none",
-        "input_px": PATCH_PX,
-        "patch_px": PATCH_PX,
-        "zoom": int(math.isqrt(K)),
-        "k": K,
-        "hi_downsample": 1.0,
-        "hi_mpp": None,
-    }
+    return StoreInfo(
+        backbone="synthetic",
+        backbone_dim=d,
+        backbone_weights_sha256="none",
+        input_px=PATCH_PX,
+        patch_px=PATCH_PX,
+        zoom=int(math.isqrt(K)),
+        hi_downsample=1.0,
+        hi_mpp=None,
+    )
 
 
 def write_workdir(
@@ -275,7 +275,7 @@ def write_workdir(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     d = slides[0].z.shape[1]
-    store = FeatureStore.create(root / "features.zarr", _store_attrs(d))
+    store = FeatureStore.create(root / "features.zarr", _store_info(d))
     records = []
     for s in slides:
         rows_n, cols_n = s.shape
@@ -297,19 +297,19 @@ def write_workdir(
                 "cells": s.cells,
                 "tissue": np.ones(n, np.float32),
             },
-            {
-                "label": s.label,
-                "path": str(path),
-                "dimensions": [width, height],
-                "mpp": 0.5,
-                "level_downsamples": [1.0],
-                "n_patches": n,
-                "shape": [rows_n, cols_n],
-                "patch_px": PATCH_PX,
-                "zoom": int(math.isqrt(K)),
-                "hi_downsample": 1.0,
-                "lo_downsample": LO_DOWNSAMPLE,
-            },
+            SlideInfo(
+                label=s.label,
+                path=str(path),
+                dimensions=(width, height),
+                mpp=0.5,
+                level_downsamples=(1.0,),
+                n_patches=n,
+                shape=(rows_n, cols_n),
+                patch_px=PATCH_PX,
+                zoom=int(math.isqrt(K)),
+                hi_downsample=1.0,
+                lo_downsample=LO_DOWNSAMPLE,
+            ),
         )
         if distilled:
             store.write_array(s.slide_id, "distilled", s.v)

@@ -83,7 +83,7 @@ class SlideCache:
 
     def _load(self, sid: str) -> SlideData:
         store = self.store
-        attrs = store.slide_attrs(sid)
+        info = store.slide_info(sid)
         if not store.has_array(sid, "distilled"):
             raise StoreError(_no_distilled(store, [sid]))
         z = np.ascontiguousarray(store.read(sid, "lowres"), dtype=np.float32)
@@ -103,9 +103,9 @@ class SlideCache:
             v=torch.from_numpy(v),
             z_norm=zt.norm(dim=1),
             coords=coords,
-            grid=grid_positions(cells, attrs.get("shape") or None),
-            path=str(attrs.get("path", "")),
-            dimensions=tuple(int(x) for x in attrs.get("dimensions", (1, 1))),  # type: ignore[arg-type]
+            grid=grid_positions(cells, info.shape or None),
+            path=str(info.path or ""),
+            dimensions=tuple(int(x) for x in info.dimensions or (1, 1)),  # type: ignore[arg-type]
             cell_px=store.cell_px(sid),
         )
 

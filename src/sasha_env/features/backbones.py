@@ -84,17 +84,6 @@ class Backbone(nn.Module):
         x = (x - self.mean) / self.std
         return self.encoder(x).float()
 
-    def describe(self) -> dict:
-        """Attributes recorded in a feature store."""
-        return {
-            "backbone": self.name,
-            "backbone_dim": self.dim,
-            "backbone_input_px": self.input_px,
-            "backbone_weights_sha256": self.weights_sha256,
-            "backbone_mean": [float(v) for v in self.mean.flatten()],
-            "backbone_std": [float(v) for v in self.std.flatten()],
-        }
-
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the names and bytes of every tensor, in sorted order."""

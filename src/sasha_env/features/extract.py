@@ -38,9 +38,10 @@ from ..slides.patches import LowResRows, read_patch
 from ..slides.slide import Slide
 from .backbones import Backbone, build_backbone
 from .embed import embed_patches
+from .records import SlideInfo, StoreInfo
 from .store import FeatureStore
 
-__all__ = ["ExtractConfig", "ExtractReport", "extract_cohort", "store_attrs"]
+__all__ = ["ExtractConfig", "ExtractReport", "extract_cohort", "store_info"]
 
 
 @dataclass
@@ -84,19 +85,24 @@ class ExtractReport:
         return "\n".join(lines)
 
 
-def store_attrs(backbone: Backbone, grid_cfg: GridConfig, input_px: int) -> dict:
-    """Root attributes that make a store self-describing."""
-    return {
-        **backbone.describe(),
-        "input_px": int(input_px),
-        "patch_px": grid_cfg.patch_px,
-        "zoom": grid_cfg.zoom,
-        "k": grid_cfg.k,
-        "hi_downsample": grid_cfg.hi_downsample,
-        "hi_mpp": grid_cfg.hi_mpp,
-        "min_tissue": grid_cfg.min_tissue,
-        "grid": asdict(grid_cfg),
-    }
+def store_info(backbone: Backbone, grid_cfg: GridConfig, input_px: int) -> StoreInfo:
+    """The root attributes of a store ``backbone`` fills on ``grid_cfg``'s grid, with patches
+    resized to ``input_px`` pixels."""
+    return StoreInfo(
+        backbone=backbone.name,
+        backbone_dim=backbone.dim,
+        backbone_input_px=backbone.input_px,
+        backbone_weights_sha256=backbone.weights_sha256,
+        backbone_mean=tuple(float(v) for v in backbone.mean.flatten()),
+        backbone_std=tuple(float(v) for v in backbone.std.flatten()),
+        input_px=int(input_px),
+        patch_px=grid_cfg.patch_px,
+        zoom=grid_cfg.zoom,
+        hi_downsample=grid_cfg.hi_downsample,
+        hi_mpp=grid_cfg.hi_mpp,
+        min_tissue=grid_cfg.min_tissue,
+        grid=asdict(grid_cfg),
+    )
 
 
 # ---------------------------------------------------------------------------- records
@@ -110,7 +116,7 @@ class SlideHeader:
 
     slide_id: str
     grid: PatchGrid
-    attrs: dict
+    info: SlideInfo
 
 
 @dataclass
@@ -210,16 +216,20 @@ class _SlidePatches(IterableDataset):
         yield SlideHeader(
             record.slide_id,
             grid,
-            {
-                "label": record.label,
-                "path": str(record.path),
-                "source": file_identity(record.path),
-                "dimensions": list(slide.dimensions),
-                "mpp": slide.mpp,
-                "level_downsamples": list(slide.level_downsamples),
-                "n_patches": grid.n,
-                **grid.meta(),
-            },
+            SlideInfo(
+                label=record.label,
+                path=str(record.path),
+                source=file_identity(record.path),
+                dimensions=tuple(slide.dimensions),  # type: ignore[arg-type]
+                mpp=slide.mpp,
+                level_downsamples=tuple(slide.level_downsamples),
+                n_patches=grid.n,
+                shape=tuple(grid.shape),  # type: ignore[arg-type]
+                hi_downsample=grid.hi_downsample,
+                lo_downsample=grid.lo_downsample,
+                patch_px=grid.patch_px,
+                zoom=grid.zoom,
+            ),
         )
         try:
             lows = LowResRows(slide, grid)
@@ -384,7 +394,7 @@ class _SlideWriter(L.Callback):
             "cells": grid.cells,
             "tissue": grid.tissue,
         }
-        self.store.write_slide(slot.header.slide_id, arrays, slot.header.attrs)
+        self.store.write_slide(slot.header.slide_id, arrays, slot.header.info)
         self.report.extracted.append(slot.header.slide_id)
         self.report.n_patches += grid.n
 
@@ -441,7 +451,7 @@ def extract_cohort(
     parsed = read_manifest_lenient(manifest)
     backbone = build_backbone(extract_cfg.backbone, extract_cfg.backbone_checkpoint)
     input_px = extract_cfg.input_px or backbone.input_px
-    store = FeatureStore.create(out, store_attrs(backbone, grid_cfg, input_px))
+    store = FeatureStore.create(out, store_info(backbone, grid_cfg, input_px))
     store.clean_staging()
 
     report = ExtractReport(failed=dict(parsed.errors))
@@ -488,7 +498,7 @@ def _changed(store: FeatureStore, record: SlideRecord) -> bool:
     Size and time first; the content fingerprint only when they differ (a copied cohort has new
     times but the same content). Groups written before sources were recorded count as unchanged.
     """
-    source = store.slide_attrs(record.slide_id).get("source")
+    source = store.slide_info(record.slide_id).source
     if not source:
         return False
     now = file_identity(record.path, fingerprint=False)
@@ -514,6 +524,15 @@ class _ExtractData(L.LightningDataModule):
             extract_cfg,
             qc_dir,
         )
+
+    def transfer_batch_to_device(
+        self, batch: ReaderItem, device: torch.device, dataloader_idx: int
+    ) -> ReaderItem:
+        """Move a :class:`PixelBatch` to ``device``; headers and failures hold no tensors
+        (and Lightning's traversal refuses their frozen :class:`SlideInfo`)."""
+        if not isinstance(batch, PixelBatch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size

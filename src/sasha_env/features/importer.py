@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..slides.manifest import SPLITS, ManifestError, file_identity, is_safe_id, resolve_csv_path
+from .records import SlideInfo, StoreInfo
 from .store import FeatureStore
 
 __all__ = [
@@ -387,12 +388,12 @@ def import_cohort(
                     raise FeatureImportError(f"{p} not found")
             source = _source(lo_path, hi_path)
             if store is not None and row.slide_id in store:
-                old = store.slide_attrs(row.slide_id)
+                old = store.slide_info(row.slide_id)
                 same = (
-                    (old.get("source") or {}).get("fingerprint") == source["fingerprint"]
-                    and old.get("label") == row.label
-                    and old.get("split") == row.split
-                    and (row.path is None or old.get("path") == str(row.path))
+                    old.fingerprint == source["fingerprint"]
+                    and old.label == row.label
+                    and old.split == row.split
+                    and (row.path is None or old.path == str(row.path))
                 )
                 if same:  # same files, same labels: nothing to do
                     report.skipped.append(row.slide_id)
@@ -401,9 +402,9 @@ def import_cohort(
             hi = read_patch_file(hi_path, highres_px)
             part = assemble_slide(lo, hi)
             if store is None:
-                store = FeatureStore.create(out, _root_attrs(encoder, lo, hi, part.zoom))
+                store = FeatureStore.create(out, _store_info(encoder, lo, hi, part.zoom))
             _check_same_geometry(store, lo, hi)
-            store.write_slide(row.slide_id, _arrays(part), _slide_attrs(row, lo, hi, part, source))
+            store.write_slide(row.slide_id, _arrays(part), _slide_info(row, lo, hi, part, source))
             report.imported.append(row.slide_id)
             report.counts[row.slide_id] = part.counts
         except (FeatureImportError, OSError) as exc:
@@ -412,32 +413,31 @@ def import_cohort(
     return report
 
 
-def _root_attrs(encoder: str, lo: PatchFile, hi: PatchFile, zoom: int) -> dict:
+def _store_info(encoder: str, lo: PatchFile, hi: PatchFile, zoom: int) -> StoreInfo:
     """The store's attributes: the encoder stands where a backbone name would."""
     patch_px = hi.patch_px or int(round(float(hi.size_level0)))  # type: ignore[arg-type]
-    return {
-        "backbone": f"imported:{encoder}",
-        "backbone_dim": int(hi.features.shape[1]),
-        "backbone_weights_sha256": None,
-        "input_px": None,
-        "patch_px": patch_px,
-        "zoom": zoom,
-        "k": zoom * zoom,
-        "hi_downsample": float(hi.size_level0) / patch_px,  # type: ignore[arg-type]
-        "hi_mpp": None,
-        "lowres_size_level0": float(lo.size_level0),  # type: ignore[arg-type]
-        "highres_size_level0": float(hi.size_level0),  # type: ignore[arg-type]
-        "imported": {"tool": hi.tool, "encoder": encoder},
-    }
+    return StoreInfo(
+        backbone=f"imported:{encoder}",
+        backbone_dim=int(hi.features.shape[1]),
+        backbone_weights_sha256=None,
+        input_px=None,
+        patch_px=patch_px,
+        zoom=zoom,
+        hi_downsample=float(hi.size_level0) / patch_px,  # type: ignore[arg-type]
+        hi_mpp=None,
+        lowres_size_level0=float(lo.size_level0),  # type: ignore[arg-type]
+        highres_size_level0=float(hi.size_level0),  # type: ignore[arg-type]
+        imported={"tool": hi.tool, "encoder": encoder},
+    )
 
 
 def _check_same_geometry(store: FeatureStore, lo: PatchFile, hi: PatchFile) -> None:
-    if "imported" not in store.attrs:
+    if not store.info.is_imported:
         raise FeatureImportError(
-            f"{store.path} holds features extracted by sasha ({store.attrs.get('backbone')}); "
+            f"{store.path} holds features extracted by sasha ({store.info.backbone}); "
             "import into a new --out store"
         )
-    want = (store.attrs.get("lowres_size_level0"), store.attrs.get("highres_size_level0"))
+    want = (store.info.lowres_size_level0, store.info.highres_size_level0)
     got = (float(lo.size_level0), float(hi.size_level0))  # type: ignore[arg-type]
     if tuple(want) != got or int(hi.features.shape[1]) != store.feature_dim:
         raise FeatureImportError(
@@ -470,9 +470,9 @@ def _arrays(part: Assembly) -> dict[str, np.ndarray]:
     }
 
 
-def _slide_attrs(
+def _slide_info(
     row: ImportRow, lo: PatchFile, hi: PatchFile, part: Assembly, source: dict
-) -> dict:
+) -> SlideInfo:
     s_lo, s_hi = float(lo.size_level0), float(hi.size_level0)  # type: ignore[arg-type]
     patch_px = hi.patch_px or int(round(s_hi))
     dimensions, mpp = _slide_extent(row.path)
@@ -483,26 +483,25 @@ def _slide_attrs(
     else:  # the lattice over the whole slide, as 'sasha extract' lays it
         shape = [int(dimensions[1] // s_lo), int(dimensions[0] // s_lo)]
         shape = [max(a, int(b) + 1) for a, b in zip(shape, part.cells.max(0), strict=True)]
-    return {
-        "label": row.label,
-        "split": row.split,
-        "path": str(row.path) if row.path else str(lo.path.resolve()),
-        "source": source,
-        "dimensions": [int(dimensions[0]), int(dimensions[1])],
-        "mpp": mpp,
-        "n_patches": int(len(part.coords)),
-        "patch_px": patch_px,
-        "zoom": part.zoom,
-        "k": part.zoom * part.zoom,
-        "hi_downsample": s_hi / patch_px,
-        "lo_downsample": s_lo / patch_px,
-        "cell_px": s_lo,
-        "sub_px": s_hi,
-        "shape": shape,
-        "import": {
+    return SlideInfo(
+        label=row.label,
+        split=row.split,
+        path=str(row.path) if row.path else str(lo.path.resolve()),
+        source=source,
+        dimensions=(int(dimensions[0]), int(dimensions[1])),
+        mpp=mpp,
+        n_patches=int(len(part.coords)),
+        patch_px=patch_px,
+        zoom=part.zoom,
+        hi_downsample=s_hi / patch_px,
+        lo_downsample=s_lo / patch_px,
+        cell_px=s_lo,
+        sub_px=s_hi,
+        shape=(shape[0], shape[1]),
+        import_info={
             "tool": hi.tool,
             "lowres_file": str(lo.path.resolve()),
             "highres_file": str(hi.path.resolve()),
             **part.counts,
         },
-    }
+    )

@@ -3,10 +3,12 @@
 Layout::
 
     STORE/
-      zarr.json                 root attributes: backbone name, dim and weights hash, grid
-                                settings (patch_px, zoom, hi_downsample/hi_mpp), input_px, format
-      slides/<slide_id>/        one group per slide; attributes: label, path, n_patches, k,
-                                level-0 dimensions, mpp, hi/lo downsample, lattice shape
+      zarr.json                 root attributes (StoreInfo): backbone name, dim and weights
+                                hash, grid settings (patch_px, zoom, hi_downsample/hi_mpp),
+                                input_px, format
+      slides/<slide_id>/        one group per slide; attributes (SlideInfo): label, path,
+                                n_patches, level-0 dimensions, mpp, hi/lo downsample, lattice
+                                shape, source fingerprint
         lowres     (N, d)    float32  low-res patch features z
         highres    (N, k, d) float32  high-res sub-patch features, row-major within a patch
         coords     (N, 2)    int64    level-0 (x, y) of each low-res patch's top-left
@@ -28,16 +30,17 @@ import os
 import shutil
 import socket
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from ..slides.manifest import is_safe_id
+from .records import FORMAT_VERSION, SlideInfo, StoreInfo
 
-__all__ = ["FeatureStore", "StoreError", "FORMAT_VERSION", "link_store", "store_identity"]
+__all__ = ["FeatureStore", "StoreError", "link_store", "store_identity"]
 
-FORMAT_VERSION = 1
 _HOST = socket.gethostname().replace("~", "-")
 _rename = os.replace  # the store's renames (one name, so tests can interrupt them)
 _KEYS_THAT_MUST_MATCH = (
@@ -62,6 +65,9 @@ class FeatureStore:
     Args:
         path: the store directory (``*.zarr``).
         mode: ``"r"`` to read an existing store, ``"a"`` to write slides into it.
+
+    Attributes:
+        info: the store's root attributes.
     """
 
     def __init__(self, path: str | Path, mode: str = "r"):
@@ -72,24 +78,25 @@ class FeatureStore:
             )
         self.mode = mode
         self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
-        self.attrs: dict = dict(self._root.attrs)
+        self.info = StoreInfo.from_attrs(self._root.attrs)
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, path: str | Path, attrs: dict) -> FeatureStore:
-        """Open ``path`` for writing, creating it with ``attrs`` if new.
+    def create(cls, path: str | Path, info: StoreInfo) -> FeatureStore:
+        """Open ``path`` for writing, creating it with ``info`` if new.
 
         Raises:
             StoreError: the existing store was made with another backbone or grid.
         """
         path = Path(path)
-        attrs = {**attrs, "format_version": FORMAT_VERSION}
+        attrs = replace(info, format_version=FORMAT_VERSION).to_attrs()
         if (path / "zarr.json").is_file():
             store = cls(path, mode="a")
+            old = store.info.to_attrs()
             diffs = {
-                k: (store.attrs.get(k), attrs.get(k))
+                k: (old.get(k), attrs.get(k))
                 for k in _KEYS_THAT_MUST_MATCH
-                if _jsonable(store.attrs.get(k)) != _jsonable(attrs.get(k))
+                if _jsonable(old.get(k)) != _jsonable(attrs.get(k))
             }
             if diffs:
                 detail = "; ".join(
@@ -126,12 +133,13 @@ class FeatureStore:
             raise StoreError(f"{self.path}: slide {slide_id!r} is not in the store")
         return zarr.open_group(str(self.path / "slides" / slide_id), mode="r")
 
-    def slide_attrs(self, slide_id: str) -> dict:
-        return dict(self._group(slide_id).attrs)
+    def slide_info(self, slide_id: str) -> SlideInfo:
+        """The slide group's attributes."""
+        return SlideInfo.from_attrs(self._group(slide_id).attrs)
 
     def n_patches(self, slide_id: str) -> int:
         """N, the slide's number of low-res patches (from its attributes or ``coords``)."""
-        n = self.slide_attrs(slide_id).get("n_patches")
+        n = self.slide_info(slide_id).n_patches
         return int(n if n is not None else self.read(slide_id, "coords").shape[0])
 
     def cell_px(self, slide_id: str) -> float:
@@ -139,12 +147,13 @@ class FeatureStore:
 
         Falls back on the store's grid settings for slides written without them.
         """
-        attrs = self.slide_attrs(slide_id)
-        patch_px = attrs.get("patch_px", self.attrs.get("patch_px", 1))
-        lo_ds = attrs.get("lo_downsample")
+        slide, root = self.slide_info(slide_id), self.info
+        patch_px = slide.patch_px if slide.patch_px is not None else root.patch_px
+        lo_ds = slide.lo_downsample
         if lo_ds is None:
-            lo_ds = float(self.attrs.get("hi_downsample") or 1.0) * int(self.attrs.get("zoom", 1))
-        return float(patch_px) * float(lo_ds)
+            zoom = root.zoom if root.zoom is not None else 1
+            lo_ds = float(root.hi_downsample or 1.0) * int(zoom)
+        return float(patch_px if patch_px is not None else 1) * float(lo_ds)
 
     def read(self, slide_id: str, name: str) -> np.ndarray:
         """One array of a slide (``lowres``, ``highres``, ``coords``, ``cells``, ``tissue``, ``distilled``)."""
@@ -166,7 +175,7 @@ class FeatureStore:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.attrs["backbone_dim"])
+        return int(self.info.backbone_dim)
 
     # ------------------------------------------------------------------ writing
     def _staging(self, target: str, kind: str) -> Path:
@@ -196,13 +205,14 @@ class FeatureStore:
         else:
             _rename(tmp, final)
 
-    def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-        """Write a whole slide group atomically (replacing an existing one)."""
+    def write_slide(self, slide_id: str, arrays: dict[str, np.ndarray], info: SlideInfo) -> None:
+        """Write a whole slide group, its ``arrays`` and ``info``, atomically (replacing an
+        existing one)."""
         self._check_writable()
         _check_id(slide_id)
         tmp = self._staging(slide_id, "new")
         group = zarr.open_group(str(tmp), mode="w")
-        group.attrs.update(_jsonable(attrs))
+        group.attrs.update(_jsonable(info.to_attrs()))
         for name, arr in arrays.items():
             _write_array(group, name, arr)
         self._swap_in(tmp, self.path / "slides" / slide_id, slide_id)
@@ -262,14 +272,12 @@ class FeatureStore:
 
 
 def store_identity(store: FeatureStore) -> str:
-    """What the store holds: its attributes and each slide's id and source fingerprint."""
+    """What the store holds: its root attributes as written and each slide's id and source
+    fingerprint."""
     import hashlib
 
-    slides = [
-        (sid, (store.slide_attrs(sid).get("source") or {}).get("fingerprint"))
-        for sid in store.slide_ids()
-    ]
-    text = json.dumps([_jsonable(store.attrs), slides], sort_keys=True)
+    slides = [(sid, store.slide_info(sid).fingerprint) for sid in store.slide_ids()]
+    text = json.dumps([_jsonable(dict(store._root.attrs)), slides], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

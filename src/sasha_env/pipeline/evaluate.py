@@ -91,10 +91,10 @@ def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> di
     out = {}
     for sid in slide_ids:
         if sid in masks and Path(masks[sid]).is_file():
-            attrs = store.slide_attrs(sid)
+            info = store.slide_info(sid)
             cell = store.cell_px(sid)
             frac = patch_tumour_fraction(
-                masks[sid], attrs["dimensions"], store.read(sid, "coords"), cell
+                masks[sid], info.dimensions, store.read(sid, "coords"), cell
             )
             out[sid] = frac > 0
     return out

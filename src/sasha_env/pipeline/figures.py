@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 
 from ..atomic import replace_atomically  # noqa: E402
 from ..envs.render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
+from ..features.records import SlideInfo  # noqa: E402
 from ..features.store import FeatureStore  # noqa: E402
 from ..slides.manifest import read_manifest  # noqa: E402
 from ..workdir import Workdir  # noqa: E402
@@ -107,13 +108,13 @@ def zoom_paths(
     thumbs = ThumbnailCache(px)
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    episodes = [e for e in episodes if has_pixels(store.slide_attrs(e["slide_id"]))]
+    episodes = [e for e in episodes if has_pixels(store.slide_info(e["slide_id"]))]
     for ep in episodes[:n_slides]:
         sid = ep["slide_id"]
-        attrs = store.slide_attrs(sid)
+        info = store.slide_info(sid)
         coords = store.read(sid, "coords")
         cell = store.cell_px(sid)
-        thumb, ds = thumbs.get(attrs["path"], attrs["dimensions"])
+        thumb, ds = thumbs.get(info.path, info.dimensions)  # type: ignore[arg-type]
         img = draw_patches(thumb, ds, coords, cell, ep["zoomed"], ep["updated"], grid=False)
         fig, ax = plt.subplots(figsize=(5.2, 5.2 * img.shape[0] / img.shape[1] + 0.5))
         ax.imshow(img)
@@ -125,7 +126,7 @@ def zoom_paths(
         if record is not None and record.mask and Path(record.mask).is_file():
             mask = np.asarray(Image.open(record.mask).convert("L")) > 0
             if mask.any():
-                scale = mask.shape[1] / attrs["dimensions"][0]
+                scale = mask.shape[1] / info.dimensions[0]  # type: ignore[index]
                 ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
                 ax.contour(
                     xs / scale / ds,
@@ -148,10 +149,10 @@ def zoom_paths(
     return written
 
 
-def has_pixels(slide_attrs: dict) -> bool:
+def has_pixels(info: SlideInfo) -> bool:
     """Whether a store slide names a slide file to draw on (imported features without a
     ``path`` column name their feature file instead)."""
-    return Path(slide_attrs.get("path", "")).suffix.lower() not in (".h5", ".hdf5", "")
+    return Path(info.path or "").suffix.lower() not in (".h5", ".hdf5", "")
 
 
 def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
@@ -253,7 +254,7 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
     if val:
         written.append(val_curves(val, figs / "val_curves.png"))
     store = FeatureStore(wd.store)
-    without = [s for s in store.slide_ids() if not has_pixels(store.slide_attrs(s))]
+    without = [s for s in store.slide_ids() if not has_pixels(store.slide_info(s))]
     if without and log is not None:
         log(
             f"[evaluate] {len(without)} slide(s) have features but no slide file (imported "

@@ -154,16 +154,12 @@ class Pipeline:
             cohort = self.wd.root / "cohort-from-store.csv"
             records = []
             for sid in source.slide_ids():
-                attrs = source.slide_attrs(sid)
-                if attrs.get("label") is None:
+                info = source.slide_info(sid)
+                if info.label is None:
                     raise ManifestError(
                         f"{features}: slide {sid!r} has no label; give --manifest CSV"
                     )
-                records.append(
-                    SlideRecord(
-                        sid, Path(attrs.get("path", "")), str(attrs["label"]), attrs.get("split")
-                    )
-                )
+                records.append(SlideRecord(sid, Path(info.path or ""), str(info.label), info.split))
             Manifest(cohort, records, []).write(cohort)
             self.manifest = cohort
 

@@ -190,7 +190,7 @@ def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
 def _imported(path: Path) -> bool:
     from ..features.store import FeatureStore
 
-    return (path / "zarr.json").is_file() and "imported" in FeatureStore(path).attrs
+    return (path / "zarr.json").is_file() and FeatureStore(path).info.is_imported
 
 
 def _adopt_features(p: Pipeline) -> dict:
@@ -206,9 +206,9 @@ def _adopt_features(p: Pipeline) -> dict:
         p.log(f"[extract] {sid}: not in the feature store, left out")
     if len(failed) == len(records):
         raise RuntimeError(f"{p.wd.store}: none of the manifest's slides is in the store")
-    source = store.attrs.get("imported") or {}
+    source = store.info.imported or {}
     p.log(
-        f"[extract] features from {store.attrs.get('backbone')}"
+        f"[extract] features from {store.info.backbone}"
         + (f" (imported from {source['tool']})" if source else "")
         + ": nothing to extract"
     )
@@ -234,7 +234,7 @@ def cohort_digest(p: Pipeline, store: FeatureStore) -> str:
             r.slide_id,
             r.label,
             r.split,
-            (store.slide_attrs(r.slide_id).get("source") or {}).get("fingerprint"),
+            store.slide_info(r.slide_id).fingerprint,
         )
         for r in read_manifest(p.wd.manifest).records
         if r.slide_id in store

@@ -8,7 +8,7 @@ In level-0 pixels a low-res cell is ``cell = patch_px * lo_ds`` wide and a sub-p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -97,13 +97,6 @@ class PatchGrid:
     def grid_positions(self) -> np.ndarray:
         """``(N, 2)`` float32 ``(row, col)`` scaled to [0, 1] by the lattice shape."""
         return grid_positions(self.cells, self.shape)
-
-    def meta(self) -> dict:
-        d = asdict(self)
-        for key in ("coords", "cells", "tissue"):
-            d.pop(key)
-        d["shape"] = list(self.shape)
-        return d
 
 
 def grid_positions(cells: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,0 +1,73 @@
+"""The ``sasha`` command line: one console script, a verb per stage, ``--help`` on each.
+
+Each module holds a group of verbs, their sub-parsers and their handlers: :mod:`.data`
+(``synth``, ``extract``, ``import``), :mod:`.run` (``pipeline``, ``train``, ``study``,
+``demo``) and :mod:`.predict` (``predict``); :mod:`.common` defines the shared options and the
+exit codes. A verb's wing is imported only when the verb runs, so ``sasha --help`` and
+``sasha predict`` load neither Lightning nor W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import data, predict, run
+from .common import EXIT_ERROR, EXIT_INTERRUPTED
+
+EPILOG = """\
+typical use:
+  sasha synth cohort/ --preset demo                 # embedded synthetic cohort
+  sasha extract cohort/manifest.csv --out cohort/features.zarr
+  sasha demo runs/demo                              # synth + every stage, prints the table
+"""
+
+#: The verbs in the order ``sasha --help`` lists them, each as the function that registers it.
+VERBS = (
+    data.add_synth,
+    data.add_extract,
+    data.add_import,
+    run.add_pipeline,
+    run.add_train,
+    predict.add_predict,
+    run.add_study,
+    run.add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sasha`` parser: ``--version`` and a sub-parser per verb, whose ``func`` default is
+    the verb's handler (``args -> exit status``)."""
+    parser = argparse.ArgumentParser(
+        prog="sasha",
+        description="SASHA: read a whole-slide image at low resolution and zoom into "
+        "10-20% of it, with a Gymnasium environment, Lightning models and SB3 agents.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sasha {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_verb in VERBS:
+        add_verb(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sasha`` console script.
+
+    :param argv: the arguments after ``sasha`` (default: ``sys.argv[1:]``).
+    :return: the exit status (:mod:`sasha_env.cli.common`'s ``EXIT_*``): 0 done, 1 some slide
+        or row dropped, 2 an error (printed as ``sasha VERB: error: ...``), 130 interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"sasha {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

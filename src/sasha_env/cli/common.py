@@ -1,0 +1,89 @@
+"""What the verbs share: the preset, scale-out and run options, their parsing, the exit codes.
+
+Each option is defined here once; a verb's module adds it to its sub-parser with ``add_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import PRESETS
+
+#: What ``ArgumentParser.add_subparsers`` returns: each verb's ``add_*`` adds its parser to it.
+SubParsers = argparse._SubParsersAction
+
+#: Exit status: everything asked for was done.
+EXIT_OK = 0
+#: Exit status: the rest finished, but some slide or manifest row was dropped (each named with
+#: its reason in the verb's report).
+EXIT_PARTIAL = 1
+#: Exit status: a usage or configuration error (``ValueError``, ``FileNotFoundError``,
+#: ``RuntimeError`` out of a verb), printed as ``sasha VERB: error: ...``.
+EXIT_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT); finished work is kept and a re-run resumes.
+EXIT_INTERRUPTED = 130
+
+
+def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
+    """Add ``--preset NAME`` (a settings bundle of :data:`sasha_env.config.PRESETS`) and
+    ``--config YAML`` (sections that override it)."""
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=default,
+        help=f"settings bundle: tiny (seconds, tests), demo (the embedded cohort), "
+        f"paper (SASHA's CAMELYON16 settings, for a GPU), large (the demo's settings on "
+        f"CAMELYON-sized synthetic slides, >= 8,000 patches) (default: {default})",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="YAML",
+        help="YAML file whose sections (synth, grid, extract, ...) override the preset",
+    )
+
+
+def add_quiet(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+    """Add ``--quiet`` (``args.quiet``: no progress output)."""
+    p.add_argument("--quiet", action="store_true", help=help)
+
+
+def add_scaleout(p: argparse.ArgumentParser) -> None:
+    """Add Lightning's scale-out options: ``--accelerator``, ``--devices``, ``--num-nodes``,
+    ``--strategy`` (read ``args.devices`` with :func:`parse_devices`)."""
+    p.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto (default: cpu)")
+    p.add_argument(
+        "--devices", default="1", help="devices (processes) per node, or 'auto' (default: 1)"
+    )
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes for DDP (default: 1)")
+    p.add_argument(
+        "--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)"
+    )
+
+
+def add_run_options(p: argparse.ArgumentParser, scaleout: bool = True) -> None:
+    """Add the options of the verbs that train: ``--wandb``, ``--quiet`` and, when
+    ``scaleout``, those of :func:`add_scaleout`."""
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default=None,
+        help="log training to Weights & Biases (offline needs no network; online needs `wandb login`)",
+    )
+    add_quiet(p, "no progress bars")
+    if scaleout:
+        add_scaleout(p)
+
+
+def parse_devices(value: str) -> int | str:
+    """``--devices`` as Lightning takes it: a count (``"2"`` -> 2) or a word such as ``"auto"``."""
+    return int(value) if value.isdigit() else value
+
+
+def wandb_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides ``--wandb`` asks for (``{}`` without it)."""
+    if not args.wandb:
+        return {}
+    return {"train": {"wandb": None if args.wandb == "disabled" else {"mode": args.wandb}}}

@@ -1,0 +1,115 @@
+"""The ``predict`` verb: diagnose new slides with a finished workdir's agent, one JSON record
+per slide on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..slides.manifest import read_manifest
+from .common import EXIT_OK, EXIT_PARTIAL, SubParsers
+
+
+def add_predict(sub: SubParsers) -> None:
+    """Register ``sasha predict --workdir DIR SLIDE ...``."""
+    p = sub.add_parser(
+        "predict",
+        help="diagnose new slides from disk, zooming only where the agent chooses",
+        description="For each slide: segment tissue, embed the low-res patches, then let the "
+        "trained agent zoom: only the chosen patches' high-res regions are read, embedded and "
+        "distilled, and the TSU updates similar patches. Prints one JSON record per line "
+        "(probabilities, predicted label, zoomed patch coordinates in level-0 pixels with their "
+        "side, fraction of high-res sub-patches read, seconds per phase). --full reads every "
+        "high-res sub-patch instead (the baseline). Probabilities are calibrated with the "
+        "temperature and bias the calibrate stage fitted on the val split, when the workdir has "
+        "them (--calibration; 'calibrated': true, the raw ones in 'probabilities_raw'). "
+        "A slide that fails gets a record with "
+        "'error' and the others go on; the exit status is then 1.",
+    )
+    p.add_argument("slides", type=Path, nargs="*", metavar="SLIDE", help="slide files")
+    p.add_argument(
+        "--workdir", type=Path, required=True, metavar="DIR", help="a finished pipeline workdir"
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="predict every slide of a manifest",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--frac", type=float, default=0.1, help="zoom budget f; its agent must exist (default: 0.1)"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
+    )
+    p.add_argument(
+        "--geojson",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/<slide_id>.geojson for QuPath and other viewers: the zooms in order, "
+        "TSU-updated patches, per-patch attention and probabilities, level-0 pixels",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=("temperature", "temperature+bias", "none"),
+        default="temperature+bias",
+        help="calibration fitted on the val split to apply: a temperature (keeps every "
+        "decision), a temperature and class bias (moves the threshold too), or none "
+        "(default: temperature+bias, which lowered ECE and raised accuracy on the demo study)",
+    )
+    p.add_argument(
+        "--pictures",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each slide's zoom path as PNG here",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per backbone forward (default: 256 on a GPU; on a CPU about 4 images of "
+        "224 px, more for smaller patches, which keeps activations in cache)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the backbone runs, e.g. cpu or cuda (default: cpu); the small models stay "
+        "on the CPU",
+    )
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..predict import Predictor  # lazy: torch, zarr
+
+    slides = list(args.slides)
+    if args.manifest is not None:
+        slides += [r.path for r in read_manifest(args.manifest).records]
+    if not slides:
+        raise ValueError("give slide files or --manifest CSV")
+    if args.geojson is not None and args.full:
+        raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
+    predictor = Predictor(
+        args.workdir,
+        frac=args.frac,
+        full=args.full,
+        batch_size=args.batch_size,
+        device=args.device,
+        calibration=None if args.calibration == "none" else args.calibration,
+    )
+    failed = 0
+    for path in slides:
+        picture = args.pictures / f"{Path(path).stem}.png" if args.pictures else None
+        try:
+            record = predictor.predict(path, picture=picture, geojson=args.geojson)
+        except Exception as exc:  # one bad slide never stops the batch
+            failed += 1
+            record = {"slide": str(path), "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(record), flush=True)
+    return EXIT_PARTIAL if failed else EXIT_OK
