@@ -17,7 +17,7 @@ from sasha_env.agents.policies import agent_policy, agent_projection, run_episod
 from sasha_env.agents.train import AgentConfig, make_env, train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_env.workdir import Workdir
-from sasha_models.policy import SashaActorCritic
+from sasha_models.actor_critic import SashaActorCritic
 from sasha_models.projection import ObsProjection, fit_obs_projection
 
 D = 8

@@ -60,7 +60,7 @@ class AgentConfig:
     optimiser settings below. ``paper``: SASHA's official protocol
     (:mod:`~sasha_env.agents.protocol`, ``maskable_ppo`` only): every update on whole episodes
     of one slide, each training slide ``episodes_per_slide`` times per epoch, ``epochs``
-    epochs, and the official optimiser for f (:meth:`sasha_models.policy.PPOConfig.paper`);
+    epochs, and the official optimiser for f (:meth:`sasha_models.ppo_config.PPOConfig.paper`);
     ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``, ``gamma``,
     ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
     overrides any SB3 argument)."""
@@ -210,7 +210,8 @@ def _algorithm(
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
 
-    from sasha_models.policy import PPOConfig, SashaActorCriticPolicy, SashaPPOPolicy
+    from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+    from sasha_models.ppo_config import PPOConfig
 
     from .buffers import RowPoolMaskableRolloutBuffer, RowPoolRolloutBuffer
     from .protocol import SlideOrderedPPO
