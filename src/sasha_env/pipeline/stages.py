@@ -33,7 +33,6 @@ __all__ = [
     "STAGES",
     "Stage",
     "StageContext",
-    "calibrate_tau",
     "describe",
     "file_sha256",
 ]
@@ -293,7 +292,7 @@ def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
 def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
     from sasha_models.data import TSUPairDataModule
     from sasha_models.lit import TSUModule, train_model
-    from sasha_models.tsu import TSUConfig
+    from sasha_models.tsu import TSUConfig, calibrate_tau
 
     bags = p.bags()
     section = p.section(ctx.stage)
@@ -385,45 +384,6 @@ def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
         for path in write_figures(p.wd, log=p.log):
             p.log(f"[evaluate] figure {path}")
     return {"results": str(p.wd.results), "methods": [m["method"] for m in results["methods"]]}
-
-
-def calibrate_tau(
-    bags: StoreBags, quantile: float, seed: int, n_slides: int = 32, max_pairs: int = 1 << 16
-) -> float:
-    """A TSU threshold for this backbone: the ``quantile`` of |cos| between low-res patches.
-
-    The paper's τ = 0.95 suits its DINO ViT-S features; other backbones (e.g. post-ReLU CNN
-    features, whose cosines are all high) need their own. With quantile q an anchor has on
-    average (1 - q)·N similar patches.
-
-    Memory stays ``O(max_pairs + N·d)`` per slide: a slide with at most ``max_pairs`` ordered
-    pairs ``(i, j), i ≠ j`` uses all of them (N ≤ 256 by default, the exact quantile), a
-    larger one ``max_pairs`` pairs drawn uniformly, never the N × N matrix (8192² cosines are
-    256 MiB in float32, several times that in the copies a quantile makes). With M sampled
-    pairs in all, the returned τ's quantile level among all pairs is within about
-    ``3·sqrt(q(1 − q)/M)`` of q (±0.0003 for q = 0.98 over 32 large slides).
-    """
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(seed)
-    ids = bags.slide_ids("train")
-    ids = [ids[i] for i in rng.permutation(len(ids))[:n_slides]]
-    sims = []
-    for sid in ids:
-        z = torch.from_numpy(bags.features(sid, "lowres")).float()
-        z = torch.nn.functional.normalize(z, dim=1)
-        n = len(z)
-        if n * (n - 1) <= max_pairs:  # every ordered pair
-            c = (z @ z.T).abs()
-            off = ~torch.eye(n, dtype=torch.bool)
-            sims.append(c[off].numpy())
-        else:  # uniform pairs i != j: j drawn from the n - 1 others
-            i = torch.from_numpy(rng.integers(0, n, max_pairs))
-            j = torch.from_numpy(rng.integers(0, n - 1, max_pairs))
-            j += (j >= i).long()
-            sims.append((z[i] * z[j]).sum(dim=1).abs().numpy())
-    return float(np.quantile(np.concatenate(sims), quantile))
 
 
 # ---------------------------------------------------------------------------- registry
