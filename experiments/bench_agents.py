@@ -14,7 +14,7 @@ evaluates the argmax policy on the task's test split, and writes into ``OUT/`` (
 - ``table.md`` — per algorithm the interquartile mean (IQM) of test AUC over all runs × tasks
   with a 95 % stratified-bootstrap interval (runs resampled within tasks), the mean, and the
   probability that MaskablePPO with the SASHA policy beats it (P(X > Y), with its interval);
-  statistics from :mod:`sasha_env.agents.aggregate` (rliable's, checked against rliable);
+  statistics from :mod:`sasha_models.stats` (rliable's, checked against rliable);
 - ``results.json`` — every run's metrics and training time;
 - ``learning_curves.png`` — training episode return against environment steps: the mean over
   runs × tasks with the interquartile band.
@@ -41,11 +41,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sasha_env.agents.aggregate import (  # noqa: E402
-    iqm,
-    probability_of_improvement,
-    stratified_bootstrap,
-)
 from sasha_env.agents.export import load_policy  # noqa: E402
 from sasha_env.agents.policies import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.train import (  # noqa: E402
@@ -57,6 +52,11 @@ from sasha_env.agents.train import (  # noqa: E402
 from sasha_env.config import load_config  # noqa: E402
 from sasha_env.workdir import Workdir  # noqa: E402
 from sasha_models.metrics import classification_metrics  # noqa: E402
+from sasha_models.stats import (  # noqa: E402
+    iqm,
+    probability_of_improvement,
+    stratified_bootstrap,
+)
 
 REFERENCE = "maskable_ppo"
 
