@@ -1,9 +1,20 @@
-"""Aggregate statistics for comparing RL algorithms over few runs (Agarwal et al., 2021).
+"""Statistics of evaluation numbers: how much a number would move, and how to sum up many.
 
-The statistics of the ``rliable`` library, written out here so the benchmark needs neither it
+Pure numpy (scipy for the t distribution); the metrics themselves are in
+:mod:`sasha_models.metrics`.
+
+Over the slides of one test split (``results.json``):
+
+- :func:`stratified_resamples` — bootstrap resamples of the slides, drawn within each class;
+- :func:`percentile_ci` — the percentile interval of bootstrap values.
+
+Over seeds (``study.json``): :func:`mean_sd` and :func:`t_interval`, the Student-t interval
+of the mean.
+
+Over runs and tasks, for comparing RL algorithms over few runs (Agarwal et al., 2021): the
+statistics of the ``rliable`` library, written out here so the benchmark needs neither it
 nor its pinned dependencies (``tests/test_aggregate.py`` checks the point estimates against
 ``rliable`` where it is installed, and every statistic against hand-computed values).
-
 Scores are matrices ``(runs, tasks)``: on ``Sasha-WSI-v0`` a *task* is one cohort split (a
 study seed: its own train/val/test slides and models) and a *run* is one agent-training
 seed on it; the score is a test metric such as AUC.
@@ -18,11 +29,79 @@ seed on it; the score is a test metric such as AUC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["iqm", "mean", "probability_of_improvement", "stratified_bootstrap"]
+__all__ = [
+    "iqm",
+    "mean",
+    "mean_sd",
+    "percentile_ci",
+    "probability_of_improvement",
+    "stratified_bootstrap",
+    "stratified_resamples",
+    "t_interval",
+]
+
+
+# ----------------------------------------------------------------------------- over slides
+
+
+def stratified_resamples(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n)`` bootstrap resamples of slide indices, drawn with replacement within
+    each class, so that every resample keeps the class counts (and AUC stays defined)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    idx = np.empty((n_boot, len(labels)), np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        idx[:, members] = members[rng.integers(0, len(members), (n_boot, len(members)))]
+    return idx
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The ``level`` percentile interval of bootstrap values (NaNs dropped), or None."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return None
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+
+def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample sd (``ddof=1``; 0 for one value) of the values that are neither None
+    nor NaN; ``(None, None)`` when none is."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return None, None
+    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return float(np.mean(vals)), sd
+
+
+def t_interval(
+    values: Sequence[float | None], level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
+) -> list[float] | None:
+    """Student-t interval of the mean over seeds, clipped to the metric's ``bounds`` (None for
+    fewer than two values; None and NaN values are left out). With few seeds the t interval of
+    a metric near 1 reaches past 1; the clip keeps it a statement about possible values."""
+    from scipy.stats import t as student_t  # lazy: scipy only when an interval is asked for
+
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if len(vals) < 2:
+        return None
+    mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
+    half = float(student_t.ppf(0.5 + level / 2, len(vals) - 1)) * sd / math.sqrt(len(vals))
+    return [max(bounds[0], mean - half), min(bounds[1], mean + half)]
+
+
+# ---------------------------------------------------------------------- over runs and tasks
 
 
 def _matrix(scores: np.ndarray) -> np.ndarray:

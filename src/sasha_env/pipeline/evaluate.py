@@ -117,7 +117,8 @@ def add_uncertainty(
     and accuracy) says whether one method beats another on these slides. Methods with several
     runs (random over seeds) are averaged over runs inside each resample.
     """
-    from sasha_models.metrics import bootstrap_metrics, percentile_ci, stratified_resamples
+    from sasha_models.metrics import bootstrap_metrics
+    from sasha_models.stats import percentile_ci, stratified_resamples
 
     idx = stratified_resamples(labels, n_boot or N_BOOT, seed)
     position = {s: i for i, s in enumerate(slide_ids)}

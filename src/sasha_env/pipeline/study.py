@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
@@ -30,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sasha_models.stats import mean_sd, t_interval
 
 from ..atomic import replace_atomically, write_json
 from ..config import say
@@ -236,41 +237,14 @@ class _Claim:
 # ---------------------------------------------------------------------------- numbers
 
 
-def _t_interval(
-    values: list[float], level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
-) -> list[float] | None:
-    """Student-t interval of the mean over seeds, clipped to the metric's ``bounds`` (None for
-    fewer than two values). With few seeds the t interval of a metric near 1 reaches past 1;
-    the clip keeps it a statement about possible values."""
-    from scipy import stats
-
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if len(vals) < 2:
-        return None
-    import numpy as np
-
-    mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1)) * sd / math.sqrt(len(vals))
-    return [max(bounds[0], mean - half), min(bounds[1], mean + half)]
-
-
-def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
-    import numpy as np
-
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return None, None
-    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return float(np.mean(vals)), sd
-
-
 def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any]:
     """``study.json`` from each seed's ``results.json`` (contract in design.md).
 
     Per method and budget: mean, sample sd and a 95 % Student-t interval over seeds of AUC,
-    accuracy, F1 and ECE, with the per-seed values; per ``paired`` comparison of the seeds'
-    results: the mean over seeds of the per-seed difference and its t interval (each seed's
-    difference is on its own test slides); and the AUC-against-budget curve.
+    accuracy, F1 and ECE (:func:`~sasha_models.stats.mean_sd`,
+    :func:`~sasha_models.stats.t_interval`), with the per-seed values; per ``paired`` comparison
+    of the seeds' results: the mean over seeds of the per-seed difference and its t interval
+    (each seed's difference is on its own test slides); and the AUC-against-budget curve.
     """
     seeds = sorted(per_seed)
     rows: dict[tuple[str, float], dict[int, dict]] = {}
@@ -282,8 +256,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
         row: dict[str, Any] = {"method": method, "frac": frac, "n_seeds": len(by_seed)}
         for metric in METRICS:
             values = [by_seed[s].get(metric) for s in by_seed]
-            row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd(values)
-            row[f"{metric}_ci"] = _t_interval(values)
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = mean_sd(values)
+            row[f"{metric}_ci"] = t_interval(values)
         row["per_seed"] = [
             {
                 "seed": s,
@@ -297,7 +271,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             values = [c[kind] for c in calibrated if kind in c]
             row.setdefault("calibrated", {})[kind] = {"n_seeds": len(values)}
             for metric in ("accuracy", "ece"):
-                mean, sd = _mean_sd([v.get(metric) for v in values])
+                mean, sd = mean_sd([v.get(metric) for v in values])
                 row["calibrated"][kind] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
         methods.append(row)
     pairs: dict[tuple[str, str, str], list[float]] = {}
@@ -310,9 +284,9 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             "a": a,
             "b": b,
             "metric": metric,
-            "diff_mean": _mean_sd(diffs)[0],
-            "diff_sd": _mean_sd(diffs)[1],
-            "ci": _t_interval(diffs, bounds=(-1.0, 1.0)),
+            "diff_mean": mean_sd(diffs)[0],
+            "diff_sd": mean_sd(diffs)[1],
+            "ci": t_interval(diffs, bounds=(-1.0, 1.0)),
             "n_seeds": len(diffs),
         }
         for (a, b, metric), diffs in pairs.items()
