@@ -23,8 +23,9 @@ from ..slides.manifest import read_manifest
 from ..slides.tumour import hit_rate
 from ..workdir import Workdir
 from .calibrate import method_name
+from .report import markdown_table
 
-__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "md_section", "FULL_RES_METHODS"]
+__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
 
 #: Bootstrap resamples of the test slides behind every interval, and the interval's level.
 N_BOOT = 2000
@@ -297,50 +298,57 @@ def _clean(metrics: dict) -> dict:
 
 
 def format_table(results: dict | str | Path) -> str:
-    """The results as a Markdown table."""
+    """The results as Markdown tables: every method, then paired differences and calibration."""
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
-    lines = [
-        "| method | frac | AUC [95% CI] | accuracy [95% CI] | F1 | ECE | tumour-hit rate |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for m in results["methods"]:
-        cells = [_with_ci(m, k) for k in ("auc", "accuracy")]
-        cells += ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
         hit = m.get("tumour_hit_rate")
-        hits = "" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"
-        lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + f" | {hits} |")
-    if results.get("paired"):
-        n = results.get("n_slides", "the")
-        lines += md_section(
-            f"Paired differences on the same {n} test slides (95% bootstrap CI):",
-            ["comparison", "metric", "difference [95% CI]"],
+        rows.append(
+            [m["method"], f"{m['frac']:.2f}", _with_ci(m, "auc"), _with_ci(m, "accuracy")]
+            + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
+            + ["" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"]
         )
+    columns = ["method", "frac", "AUC [95% CI]", "accuracy [95% CI]", "F1", "ECE"]
+    tables = [markdown_table([*columns, "tumour-hit rate"], rows)]
+    if results.get("paired"):
+        rows = []
         for p in results["paired"]:
             diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {diff}{ci} |")
+            rows.append([f"{p['a']} − {p['b']}", p["metric"], diff + ci])
+        n = results.get("n_slides", "the")
+        tables.append(
+            markdown_table(
+                ["comparison", "metric", "difference [95% CI]"],
+                rows,
+                f"Paired differences on the same {n} test slides (95% bootstrap CI):",
+            )
+        )
     calibrated = [m for m in results["methods"] if m.get("calibrated")]
     if calibrated:
-        lines += md_section(
-            "Calibrated on the val split, on the test slides: raw → temperature T → "
-            "temperature and class bias b:",
-            ["method", "frac", "T", "T, b (with bias)", "accuracy", "ECE"],
-        )
+        rows = []
         for m in calibrated:
             t, tb = m["calibrated"]["temperature"], m["calibrated"]["temperature+bias"]
-            lines.append(
-                f"| {m['method']} | {m['frac']:.2f} | {t['temperature']:.2f} | "
-                f"{tb['temperature']:.2f}, {tb['bias'][-1]:+.2f} | "
-                f"{_fmt(m['accuracy'])} → {_fmt(t['accuracy'])} → {_fmt(tb['accuracy'])} | "
-                f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])} |"
+            rows.append(
+                [
+                    m["method"],
+                    f"{m['frac']:.2f}",
+                    f"{t['temperature']:.2f}",
+                    f"{tb['temperature']:.2f}, {tb['bias'][-1]:+.2f}",
+                    f"{_fmt(m['accuracy'])} → {_fmt(t['accuracy'])} → {_fmt(tb['accuracy'])}",
+                    f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])}",
+                ]
             )
-    return "\n".join(lines)
-
-
-def md_section(caption: str, columns: list[str]) -> list[str]:
-    """Lines that open a Markdown table under a caption (a blank line before and after it)."""
-    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        tables.append(
+            markdown_table(
+                ["method", "frac", "T", "T, b (with bias)", "accuracy", "ECE"],
+                rows,
+                "Calibrated on the val split, on the test slides: raw → temperature T → "
+                "temperature and class bias b:",
+            )
+        )
+    return "\n\n".join(tables)
 
 
 def _with_ci(row: dict, metric: str) -> str:

@@ -37,6 +37,7 @@ from ..config import say
 from ..features.store import link_store
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
+from .report import markdown_table
 
 __all__ = ["Study", "aggregate", "format_study"]
 
@@ -315,8 +316,6 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
 
 def format_study(summary: dict[str, Any]) -> str:
     """The study as Markdown: methods (mean ± sd [95 % CI] over seeds), then paired differences."""
-    from .evaluate import md_section
-
     n = len(summary["seeds"])
 
     def cell(row: dict, metric: str) -> str:
@@ -326,30 +325,32 @@ def format_study(summary: dict[str, Any]) -> str:
         text = f"{mean:.3f} ± {sd:.3f}"
         return text + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
-    lines = [
-        f"Over {n} seeds (each its own split and initialisation): mean ± sd [95% CI of the mean].",
-        "",
-        "| method | frac | AUC | accuracy | F1 | ECE |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in summary["methods"]:
-        cells = " | ".join(cell(r, m) for m in METRICS)
-        lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells} |")
-    if summary["paired"]:
-        lines += md_section(
-            "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
-            ["comparison", "metric", "difference"],
+    tables = [
+        markdown_table(
+            ["method", "frac", "AUC", "accuracy", "F1", "ECE"],
+            (
+                [r["method"], f"{r['frac']:.2f}", *(cell(r, m) for m in METRICS)]
+                for r in summary["methods"]
+            ),
+            f"Over {n} seeds (each its own split and initialisation): "
+            "mean ± sd [95% CI of the mean].",
         )
+    ]
+    if summary["paired"]:
+        rows = []
         for p in summary["paired"]:
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {p['diff_mean']:+.3f}{ci} |")
+            rows.append([f"{p['a']} − {p['b']}", p["metric"], f"{p['diff_mean']:+.3f}{ci}"])
+        tables.append(
+            markdown_table(
+                ["comparison", "metric", "difference"],
+                rows,
+                "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
+            )
+        )
     calibrated = [r for r in summary["methods"] if r.get("calibrated")]
     if calibrated:
-        lines += md_section(
-            "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
-            "raw → temperature → temperature and class bias:",
-            ["method", "frac", "accuracy", "ECE"],
-        )
+        rows = []
         for r in calibrated:
             cells = []
             for metric in ("accuracy", "ece"):
@@ -359,5 +360,13 @@ def format_study(summary: dict[str, Any]) -> str:
                     if c is not None and c[f"{metric}_mean"] is not None:
                         steps.append(f"{c[f'{metric}_mean']:.3f} ± {c[f'{metric}_sd']:.3f}")
                 cells.append(" → ".join(steps))
-            lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+            rows.append([r["method"], f"{r['frac']:.2f}", *cells])
+        tables.append(
+            markdown_table(
+                ["method", "frac", "accuracy", "ECE"],
+                rows,
+                "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
+                "raw → temperature → temperature and class bias:",
+            )
+        )
+    return "\n\n".join(tables)
