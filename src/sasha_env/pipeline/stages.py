@@ -31,6 +31,7 @@ __all__ = [
     "BASELINE_STAGES",
     "REGISTRY",
     "STAGES",
+    "RunContext",
     "Stage",
     "StageContext",
     "describe",
@@ -38,8 +39,12 @@ __all__ = [
 ]
 
 
-class Pipeline(Protocol):
-    """What a stage may use of the run that calls it (:class:`~sasha_env.pipeline.runner.Pipeline`)."""
+class RunContext(Protocol):
+    """What a stage may use of the pipeline run that calls it: the run's settings and helpers.
+
+    The running :class:`~sasha_env.pipeline.runner.Pipeline` is one; :class:`StageContext`
+    is what the stage knows about its own cache entry.
+    """
 
     wd: Workdir
     features: Path | None
@@ -117,7 +122,7 @@ class Stage:
     Attributes:
         name: the stage name (``sasha pipeline --stages NAME``, ``stages/NAME.json``).
         sections: config sections its key covers; the first one's ``models.<name>`` entry
-            overrides it for this stage (see :meth:`Pipeline.section`).
+            overrides it for this stage (see :meth:`RunContext.section`).
         reads: stages whose outputs it reads (they must have run; their outputs are in its key).
         writes: what it writes, relative to the workdir (for ``--help`` and the docs).
         run: ``run(pipeline, ctx) -> outputs``.
@@ -136,7 +141,7 @@ class Stage:
     sections: tuple[str, ...]
     reads: tuple[str, ...]
     writes: str
-    run: Callable[[Pipeline, StageContext], dict]
+    run: Callable[[RunContext, StageContext], dict]
     seeded: bool = True
     retrainable: bool = False
     reads_manifest: bool = False
@@ -158,7 +163,7 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------- runs
 
 
-def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
+def _run_extract(p: RunContext, ctx: StageContext) -> dict:
     from ..features.extract import ExtractConfig, extract_cohort
     from ..features.store import FeatureStore
     from ..slides.grid import GridConfig
@@ -190,7 +195,7 @@ def _imported(path: Path) -> bool:
     return (path / "zarr.json").is_file() and "imported" in FeatureStore(path).attrs
 
 
-def _adopt_features(p: Pipeline) -> dict:
+def _adopt_features(p: RunContext) -> dict:
     """The extract stage of a workdir whose features came from elsewhere: nothing to embed;
     manifest slides missing from the store are named, as extraction names its failures."""
     from ..features.store import FeatureStore, store_identity
@@ -217,7 +222,7 @@ def _adopt_features(p: Pipeline) -> dict:
     }
 
 
-def cohort_digest(p: Pipeline, store: FeatureStore) -> str:
+def cohort_digest(p: RunContext, store: FeatureStore) -> str:
     """Identity of the cohort the models see: id, label, split and file content of every
     manifest slide in the store. Later stages are keyed on it (through extract's outputs), so
     a relabelled, re-split, added, removed or changed slide retrains them, while a copied
@@ -243,7 +248,7 @@ def _export(path: Path) -> dict:
     return {"model": str(path), "sha256": file_sha256(path)}
 
 
-def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
+def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import BagDataModule
     from sasha_models.hafed import HAFEDConfig
     from sasha_models.lit import HAFEDModule, train_model
@@ -257,7 +262,7 @@ def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
     return _export(train_model(module, data, p.wd.model_dir("hafed"), **p.train_kwargs()))
 
 
-def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
+def _run_distill(p: RunContext, ctx: StageContext) -> dict:
     import torch
 
     from sasha_models.checkpoint import check_feature_dim, load_model
@@ -289,7 +294,7 @@ def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
     return {"slides": len(ids), "hafed_sha256": digest}
 
 
-def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
+def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import TSUPairDataModule
     from sasha_models.lit import TSUModule, train_model
     from sasha_models.tsu import TSUConfig, calibrate_tau
@@ -308,7 +313,7 @@ def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
     return {**_export(path), "tau": float(cfg.tau)}
 
 
-def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
+def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     """The low-res classifier (``lowres``) and the MIL baselines on full high-res features."""
     from sasha_models.data import BagDataModule
     from sasha_models.lit import MILModule, train_model
@@ -326,7 +331,7 @@ def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
     return _export(train_model(module, data, p.wd.model_dir(name), **train_kwargs))
 
 
-def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
+def _run_agents(p: RunContext, ctx: StageContext) -> dict:
     """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
     from ..agents.export import POLICY_WEIGHTS
     from ..agents.train import AgentConfig, agent_name, steps_for, train_agent
@@ -367,14 +372,14 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
     return {"agents": agents, "algo": cfg.algo}
 
 
-def _run_calibrate(p: Pipeline, ctx: StageContext) -> dict:
+def _run_calibrate(p: RunContext, ctx: StageContext) -> dict:
     from .calibrate import calibrate_workdir
 
     out = calibrate_workdir(p.wd, p.cfg, log=p.log)
     return {"calibration": str(p.wd.calibration), "methods": sorted(out["methods"])}
 
 
-def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
+def _run_evaluate(p: RunContext, ctx: StageContext) -> dict:
     from .evaluate import evaluate_workdir
 
     results = evaluate_workdir(p.wd, p.cfg, log=p.log)
