@@ -329,6 +329,8 @@ class Predictor:
         return torch.softmax(logits.float(), -1).numpy(), [], [], grid.n
 
     def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer, scores: bool = False):
+        from sasha_models.actor_critic import RowCache  # lazy: sb3-contrib, SASHA mode only
+
         lazy = _LazyDistilled(self, slide, grid, timer)
         env = self._env(grid.n)
         data = SlideData(
@@ -349,14 +351,14 @@ class Predictor:
         # the env's own buffers (copy_obs=False): read before each step, never kept
         features, visited = torch.from_numpy(obs["features"]), torch.from_numpy(obs["visited"])
         coords = torch.from_numpy(obs["coords"]) if self.policy.use_coords else None
-        logits = torch.empty(n)
+        rows_in = [features[:n], visited[:n]] + ([] if coords is None else [coords[:n]])
+        actor = self.policy.actor_logits
+        cache = RowCache()  # the actor's logit of each of the n real rows
         while not done:
             t0 = time.perf_counter()
             with torch.inference_mode():  # re-score only the rows the last step changed
                 rows = torch.from_numpy(env.changed_rows)
-                logits[rows] = self.policy.actor_logits(
-                    features[rows], visited[rows], None if coords is None else coords[rows]
-                )
+                (logits,) = cache(lambda *x: (actor(*x),), rows_in, rows=rows)
                 legal = torch.from_numpy(env.action_masks()[:n])
                 action = int(torch.argmax(logits.masked_fill(~legal, -math.inf)))
             timer.add("agent", t0)

@@ -27,8 +27,7 @@ Shapes: B = batch, N = max_patches, d = feature size, H = ``d_hidden``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from .projection import ObsProjection
 from .spaces import ROW_INDEX, legal_actions, row_bits
 
 __all__ = [
+    "RowCache",
     "SashaActorCritic",
     "legal_action_mask",
     "masked_distribution",
@@ -98,14 +98,84 @@ def masked_log_prob(logits: Tensor, mask: Tensor, actions: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- network
 
 
-@dataclass
-class _RowCache:
-    """The last acting call's inputs and per-row outputs (see :class:`SashaActorCritic`)."""
+class RowCache:
+    """The outputs of a row-wise function, kept between calls: only rows that changed are recomputed.
 
-    version: tuple[tuple[int, int, int], ...]  # (id, data_ptr, _version) of each weight
-    layout: list[tuple[torch.Size, torch.dtype, torch.device]]
-    inputs: list[Tensor]
-    outputs: list[Tensor]
+    A row-wise function computes each output row from its own input rows only (the per-row
+    layers of :class:`SashaActorCritic`, or its actor alone). The first input is
+    ``(*R, d)``: its leading dims ``R`` index the rows (``(B, N)`` for a batch of observations,
+    ``(n,)`` for one slide), and every other input and output starts with the same dims
+    ``R``. Which rows changed since the last call is either told by the caller (an
+    environment's ``changed_rows``) or found by comparing the inputs bitwise with the last
+    call's (:func:`~sasha_models.spaces.row_bits`; a row counts as unchanged only when it is
+    identical).
+
+    The kept outputs hold for one ``key`` (whatever else they depend on, such as the weights'
+    versions) and one layout of the inputs (shapes, dtypes, devices); another key or layout
+    recomputes every row. A cache is stateful: do not share one between threads.
+    """
+
+    def __init__(self) -> None:
+        self._key: Hashable = None
+        self._inputs: list[Tensor] | None = None  # kept only when rows are found by comparison
+        self._outputs: list[Tensor] | None = None
+
+    def clear(self) -> None:
+        """Forget the kept rows: the next call computes every row."""
+        self._inputs = self._outputs = None
+
+    def __call__(
+        self,
+        fn: Callable[..., Sequence[Tensor]],
+        inputs: Sequence[Tensor],
+        key: Hashable = None,
+        rows: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        """``fn(*inputs)``, computing only the rows that changed when the last call's can serve.
+
+        Args:
+            fn: the row-wise function; returns a sequence of tensors ``(*R, ...)``.
+            inputs: ``(*R, d)`` first, then tensors ``(*R, ...)``.
+            key: what the outputs depend on besides ``inputs``; another key than the last
+                call's recomputes every row.
+            rows: the rows that changed since the last call (bool ``R`` or indices), when the
+                caller knows them; ``None``: found by comparing ``inputs`` with the last call's,
+                which are then kept (cloned) for the next comparison.
+
+        Returns:
+            The outputs of ``fn(*inputs)`` (up to float rounding), as tensors the caller owns.
+        """
+        layout = [(t.shape, t.dtype, t.device) for t in inputs]
+        if (
+            self._outputs is None
+            or self._key != (key, layout)
+            or (rows is None and self._inputs is None)
+        ):
+            outputs = tuple(fn(*inputs))
+            self._key = (key, layout)
+            self._inputs = [t.clone() for t in inputs] if rows is None else None
+            self._outputs = [o.clone() for o in outputs]
+            return outputs
+        if rows is None:
+            rows = self._changed(inputs)
+        if bool(rows.any()) if rows.dtype == torch.bool else rows.numel() > 0:
+            fresh = fn(*(t[rows] for t in inputs))
+            for kept, value in zip(self._outputs, fresh, strict=True):
+                kept[rows] = value
+            if self._inputs is not None:
+                for kept, value in zip(self._inputs, inputs, strict=True):
+                    kept[rows] = value[rows]
+        return tuple(o.clone() for o in self._outputs)
+
+    def _changed(self, inputs: Sequence[Tensor]) -> Tensor:
+        """bool ``R``: the rows whose inputs differ bitwise from the kept ones."""
+        assert self._inputs is not None
+        first = inputs[0]
+        changed = torch.zeros(first.shape[:-1], dtype=torch.bool, device=first.device)
+        for new, old in zip(inputs, self._inputs, strict=True):
+            diff = row_bits(new) != row_bits(old)  # bitwise: served only if identical
+            changed |= diff.flatten(changed.ndim).any(-1) if diff.ndim > changed.ndim else diff
+        return changed
 
 
 class SashaActorCritic(nn.Module):
@@ -124,8 +194,8 @@ class SashaActorCritic(nn.Module):
             and rows given with D features are projected first.
 
     Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
-    the network keeps the last call's inputs and per-row outputs and recomputes only the rows
-    whose inputs differ bitwise: consecutive observations of an env differ in a few rows
+    the network keeps the last call's inputs and per-row outputs (a :class:`RowCache`) and
+    recomputes only the rows whose inputs differ bitwise: consecutive observations of an env differ in a few rows
     (``env.changed_rows``). The outputs are those of a full pass up to float rounding. The
     cache is dropped by ``train()`` (SB3 calls it before every update) and whenever a weight's
     identity, storage or version counter or the batch's shape changes; it is not used under
@@ -160,7 +230,7 @@ class SashaActorCritic(nn.Module):
         # Near-uniform initial policy (SB3 uses gain 0.01 on its action head for the same reason).
         nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
         nn.init.zeros_(self.actor_attn.w.bias)
-        self._row_cache: _RowCache | None = None
+        self._row_cache = RowCache()
 
     @staticmethod
     def _row_mlp(d_in: int, d_hidden: int, dropout: float) -> nn.Sequential:
@@ -170,7 +240,7 @@ class SashaActorCritic(nn.Module):
 
     def train(self, mode: bool = True) -> SashaActorCritic:
         if mode:
-            self._row_cache = None  # weights are about to change
+            self._row_cache.clear()  # weights are about to change
         return super().train(mode)
 
     @property
@@ -245,7 +315,7 @@ class SashaActorCritic(nn.Module):
         return self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)
 
     def _row_outputs(
-        self, features: Tensor, visited: Tensor, coords: Tensor | None
+        self, features: Tensor, visited: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-row actor logit ``(..., n)``, critic hidden ``(..., n, H)`` and critic score."""
         both = self._first_layer(features, visited, coords, self.actor_mlp, self.critic_mlp)
@@ -256,34 +326,14 @@ class SashaActorCritic(nn.Module):
 
     def _cached_row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """:meth:`_row_outputs`, recomputed only for the rows that differ from the last call's."""
-        inputs = [features, visited] + ([] if coords is None else [coords])
-        layout = [(t.shape, t.dtype, t.device) for t in inputs]
         weights = list(itertools.chain(self.parameters(), self.buffers()))
         if any(t.is_inference() for t in weights):  # made under inference_mode: no versions
             return self._row_outputs(features, visited, coords)
         version = tuple((id(t), t.data_ptr(), t._version) for t in weights)
-        cache = self._row_cache
-        if cache is None or cache.version != version or cache.layout != layout:
-            outputs = self._row_outputs(features, visited, coords)
-            self._row_cache = _RowCache(
-                version, layout, [t.clone() for t in inputs], [o.clone() for o in outputs]
-            )
-            return outputs
-        changed = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)
-        for new, old in zip(inputs, cache.inputs, strict=True):
-            diff = row_bits(new) != row_bits(old)  # bitwise: served only if identical
-            changed |= diff.flatten(changed.ndim).any(-1) if diff.ndim > changed.ndim else diff
-        if changed.any():
-            part = None if coords is None else coords[changed]
-            fresh = self._row_outputs(features[changed], visited[changed], part)
-            for kept, value in zip(cache.outputs, fresh, strict=True):
-                kept[changed] = value
-            for kept, value in zip(cache.inputs, inputs, strict=True):
-                kept[changed] = value[changed]
-        logits, h, scores = cache.outputs
-        return logits.clone(), h.clone(), scores.clone()
+        inputs = [features, visited] + ([] if coords is None else [coords])
+        return self._row_cache(self._row_outputs, inputs, key=version)
 
     def forward(
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
