@@ -22,8 +22,14 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 
+from sasha_models.calibration import read_calibrations
+from sasha_models.checkpoint import load_model
+
+from .agents.export import load_policy
 from .atomic import replace_atomically
+from .envs.geojson import episode_geojson, write_geojson
 from .envs.render import ThumbnailCache, draw_patches
 from .envs.slide_data import SlideData
 from .envs.wsi import SashaWSIEnv
@@ -144,12 +150,6 @@ class Predictor:
         device: str | torch.device = "cpu",
         calibration: str | None = "temperature+bias",
     ):
-        from sasha_models.calibration import read_calibrations
-        from sasha_models.checkpoint import load_model
-
-        from .agents.export import load_policy
-        from .agents.train import agent_name
-
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.wd = Workdir(workdir)
@@ -192,6 +192,8 @@ class Predictor:
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:
+            from .agents.train import agent_name  # lazy: loads SB3, which --full never needs
+
             agent_dir = self.wd.require(self.wd.agent_dir(agent_name(self.frac)), "agents")
             self.policy = load_policy(agent_dir).net.eval()  # weights only: nothing unpickled
 
@@ -305,8 +307,6 @@ class Predictor:
             self._draw(path, grid, zoomed, updated, picture)
             record["picture"] = str(picture)
         if geojson is not None:
-            from .envs.geojson import episode_geojson, write_geojson
-
             collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
                 path.stem, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
                 self.class_names, trace["attention"], trace["patch_probabilities"],
@@ -393,8 +393,6 @@ class Predictor:
 
     def _draw(self, path: Path, grid, zoomed: list[int], updated: list[int], out: Path) -> None:
         """The slide thumbnail with the zoomed (red) and TSU-updated (blue) patches."""
-        from PIL import Image
-
         thumb, ds = ThumbnailCache(768).get(path, (1, 1))
         img = draw_patches(thumb, ds, grid.coords, grid.cell_px, zoomed, updated, grid=False)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def _auc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
     The Mann–Whitney statistic with average ranks for ties (what ROC integration gives).
     """
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy only for bootstrap resamples
 
     ranks = rankdata(scores, axis=1)
     n_pos = positive.sum(1)

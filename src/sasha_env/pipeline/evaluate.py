@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sasha_models.stats import percentile_ci, stratified_resamples
+
 from ..atomic import write_json
 from ..config import say
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
-from ..slides.tumour import hit_rate
+from ..slides.tumour import hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
 from .calibrate import method_name
 from .report import markdown_table
@@ -46,8 +48,8 @@ def evaluate_workdir(
     wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = say
 ) -> dict:
     """Metrics of every method whose model exists in ``wd``, written to ``wd.results``."""
-    from sasha_models.lit import load_model, predict_probs
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.lit import load_model, predict_probs  # lazy: Lightning
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     manifest = read_manifest(wd.manifest)
     bags = StoreBags(FeatureStore(wd.store), manifest)
@@ -86,8 +88,6 @@ def evaluate_workdir(
 
 def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
     """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
-    from ..slides.tumour import patch_tumour_fraction
-
     masks = {r.slide_id: r.mask for r in read_manifest(wd.manifest).records if r.mask}
     out = {}
     for sid in slide_ids:
@@ -118,8 +118,7 @@ def add_uncertainty(
     and accuracy) says whether one method beats another on these slides. Methods with several
     runs (random over seeds) are averaged over runs inside each resample.
     """
-    from sasha_models.metrics import bootstrap_metrics
-    from sasha_models.stats import percentile_ci, stratified_resamples
+    from sasha_models.metrics import bootstrap_metrics  # lazy: torchmetrics
 
     idx = stratified_resamples(labels, n_boot or N_BOOT, seed)
     position = {s: i for i, s in enumerate(slide_ids)}
@@ -167,8 +166,8 @@ def add_calibrated(
     """Add ``calibrated: {kind: {temperature, bias, accuracy, f1, ece, auc}}`` for each of
     :data:`~sasha_models.calibration.KINDS` to every row that ``calibration.json`` covers (the
     metrics after the val-fitted calibration); the row's own metrics stay the raw ones."""
-    from sasha_models.calibration import KINDS, read_calibrations
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.calibration import KINDS, read_calibrations  # lazy: torch
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     position = {s: i for i, s in enumerate(slide_ids)}
     for kind in KINDS:
@@ -203,8 +202,9 @@ def evaluate_sampling(
     Episodes are saved to ``WORKDIR/episodes/<method>-<f>.json`` (zoomed patches, probabilities)
     for figures and analysis. Tumour-hit rates are added when the manifest has masks.
     """
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
+    # lazy: the agents wing loads SB3 and torch, which format_table never needs
     from ..agents.export import load_policy
     from ..agents.policies import (
         agent_policy,

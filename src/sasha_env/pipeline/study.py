@@ -33,11 +33,14 @@ from typing import Any
 from sasha_models.stats import mean_sd, t_interval
 
 from ..atomic import replace_atomically, write_json
-from ..config import say
+from ..config import load_config, say
 from ..features.store import link_store
+from ..slides.grid import GridConfig
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
 from .report import markdown_table
+from .runner import Pipeline
+from .schema import validate_config
 
 __all__ = ["Study", "aggregate", "format_study"]
 
@@ -84,8 +87,6 @@ class Study:
             The study summary when every seed has finished (also written to ``study.json``),
             else ``None`` (other processes are still running some seeds).
         """
-        from .runner import Pipeline
-
         self.root.mkdir(parents=True, exist_ok=True)
         cohort = self._cohort_manifest()
         for seed in self.seeds:
@@ -117,7 +118,7 @@ class Study:
         write_json(self.root / "study.json", summary)
         text = format_study(summary) + "\n"
         replace_atomically(self.root / "study.md", lambda tmp: tmp.write_text(text))
-        from .figures import budget_curve
+        from .figures import budget_curve  # lazy: matplotlib, only once every seed is done
 
         points = [
             {
@@ -163,10 +164,7 @@ class Study:
         link_store(shared, wd.store)
 
     def _extract_once(self, shared: Path, cohort: Path) -> None:
-        from ..config import load_config
-        from ..features.extract import ExtractConfig, extract_cohort
-        from ..slides.grid import GridConfig
-        from .schema import validate_config
+        from ..features.extract import ExtractConfig, extract_cohort  # lazy: Lightning
 
         cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
         report = extract_cohort(
