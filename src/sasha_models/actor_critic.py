@@ -99,7 +99,7 @@ def masked_log_prob(logits: Tensor, mask: Tensor, actions: Tensor) -> Tensor:
 
 
 class RowCache:
-    """The outputs of a row-wise function, kept between calls: only rows that changed are recomputed.
+    """A row-wise function's outputs, kept between calls: only the rows that changed are recomputed.
 
     A row-wise function computes each output row from its own input rows only (the per-row
     layers of :class:`SashaActorCritic`, or its actor alone). The first input is
@@ -111,8 +111,9 @@ class RowCache:
     identical).
 
     The kept outputs hold for one ``key`` (whatever else they depend on, such as the weights'
-    versions) and one layout of the inputs (shapes, dtypes, devices); another key or layout
-    recomputes every row. A cache is stateful: do not share one between threads.
+    versions) and one layout of the inputs (shapes, dtypes, devices); the first call, and one
+    with another key or layout, computes every row. A cache is stateful: do not share one
+    between threads.
     """
 
     def __init__(self) -> None:
@@ -195,12 +196,12 @@ class SashaActorCritic(nn.Module):
 
     Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
     the network keeps the last call's inputs and per-row outputs (a :class:`RowCache`) and
-    recomputes only the rows whose inputs differ bitwise: consecutive observations of an env differ in a few rows
-    (``env.changed_rows``). The outputs are those of a full pass up to float rounding. The
-    cache is dropped by ``train()`` (SB3 calls it before every update) and whenever a weight's
-    identity, storage or version counter or the batch's shape changes; it is not used under
-    ``torch.inference_mode``. It makes an ``eval()`` network stateful: do not share one between
-    threads.
+    recomputes only the rows whose inputs differ bitwise: consecutive observations of an env
+    differ in a few rows (``env.changed_rows``). The outputs are those of a full pass up to
+    float rounding. The cache is dropped by ``train()`` (SB3 calls it before every update) and
+    whenever a weight's identity, storage or version counter or the batch's shape changes; it
+    is not used under ``torch.inference_mode``. It makes an ``eval()`` network stateful: do not
+    share one between threads.
 
     Shapes:
         ``forward(features (B, N, d), visited (B, N), valid (B, N), coords (B, N, 2) | None)
