@@ -14,7 +14,7 @@ evaluates the argmax policy on the task's test split, and writes into ``OUT/`` (
 - ``table.md`` — per algorithm the interquartile mean (IQM) of test AUC over all runs × tasks
   with a 95 % stratified-bootstrap interval (runs resampled within tasks), the mean, and the
   probability that MaskablePPO with the SASHA policy beats it (P(X > Y), with its interval);
-  statistics from :mod:`sasha_env.agents.aggregate` (rliable's, checked against rliable);
+  statistics from :mod:`sasha_models.stats` (rliable's, checked against rliable);
 - ``results.json`` — every run's metrics and training time;
 - ``learning_curves.png`` — training episode return against environment steps: the mean over
   runs × tasks with the interquartile band.
@@ -41,19 +41,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sasha_env.agents.aggregate import (  # noqa: E402
-    iqm,
-    probability_of_improvement,
-    stratified_bootstrap,
-)
 from sasha_env.agents.config import ALGORITHMS, AgentConfig  # noqa: E402
 from sasha_env.agents.envs import make_env  # noqa: E402
 from sasha_env.agents.episodes import agent_policy, run_episodes  # noqa: E402
 from sasha_env.agents.export import load_policy  # noqa: E402
 from sasha_env.agents.train import train_agent  # noqa: E402
 from sasha_env.config import load_config  # noqa: E402
+from sasha_env.pipeline.report import markdown_table  # noqa: E402
 from sasha_env.workdir import Workdir  # noqa: E402
 from sasha_models.metrics import classification_metrics  # noqa: E402
+from sasha_models.stats import (  # noqa: E402
+    iqm,
+    probability_of_improvement,
+    stratified_bootstrap,
+)
 
 REFERENCE = "maskable_ppo"
 
@@ -100,15 +101,20 @@ def table(results: dict, args: argparse.Namespace, tasks: list[str], n_test: lis
     """Markdown table of aggregate statistics (IQM, mean, P(reference > algo))."""
     auc = {a: np.array([[r["auc"] for r in rows] for rows in per_task.values()]).T
            for a, per_task in results.items()}  # fmt: skip  # (runs, tasks)
-    lines = [
+    caption = (
         f"f = {args.frac:g}, {args.timesteps} steps, {len(args.seeds)} training seeds × "
         f"{len(tasks)} task(s) ({', '.join(tasks)}; {', '.join(map(str, n_test))} test slides); "
-        f"95% stratified-bootstrap intervals ({args.boot} resamples, runs within tasks)",
-        "",
-        f"| algorithm | IQM test AUC [95% CI] | mean test AUC | P({REFERENCE} > algorithm) [95% CI] "
-        "| train wall time (s) | test episodes with illegal actions |",
-        "|---|---|---|---|---|---|",
+        f"95% stratified-bootstrap intervals ({args.boot} resamples, runs within tasks)"
+    )
+    columns = [
+        "algorithm",
+        "IQM test AUC [95% CI]",
+        "mean test AUC",
+        f"P({REFERENCE} > algorithm) [95% CI]",
+        "train wall time (s)",
+        "test episodes with illegal actions",
     ]
+    body = []
     for algo, scores in auc.items():
         point, lo, hi = stratified_bootstrap(iqm, scores, n_boot=args.boot)
         if algo != REFERENCE and REFERENCE in auc:
@@ -121,11 +127,11 @@ def table(results: dict, args: argparse.Namespace, tasks: list[str], n_test: lis
         rows = [r for per_task in results[algo].values() for r in per_task]
         sec = np.mean([r["seconds"] for r in rows])
         bad = sum(r["episodes_with_illegal_actions"] for r in rows)
-        lines.append(
-            f"| {algo} | {point:.3f} [{lo:.3f}, {hi:.3f}] | {scores.mean():.3f} | {poi} "
-            f"| {sec:.0f} | {bad} |"
+        body.append(
+            [algo, f"{point:.3f} [{lo:.3f}, {hi:.3f}]", f"{scores.mean():.3f}", poi]
+            + [f"{sec:.0f}", str(bad)]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, body, caption)
 
 
 def learning_curves(out: Path, runs: dict[str, list[Path]], timesteps: int, frac: float) -> Path:

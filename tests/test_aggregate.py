@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sasha_env.agents.aggregate import (
+from sasha_models.stats import (
     iqm,
     mean,
     probability_of_improvement,

@@ -127,7 +127,7 @@ def test_agents_trained_with_and_without_row_pooling_agree(workdir, over):
 
 
 def test_forward_pooled_equals_forward_on_the_expanded_batch():
-    from sasha_models.policy import SashaActorCritic
+    from sasha_models.actor_critic import SashaActorCritic
 
     torch.manual_seed(0)
     net = SashaActorCritic(D, d_hidden=16)

@@ -13,15 +13,9 @@ from gymnasium import spaces
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import PPO
 
-from sasha_models.policy import (
-    CosineLR,
-    PPOConfig,
-    SashaActorCritic,
-    SashaActorCriticPolicy,
-    SashaPPOPolicy,
-    legal_action_mask,
-    masked_log_prob,
-)
+from sasha_models.actor_critic import SashaActorCritic, legal_action_mask, masked_log_prob
+from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+from sasha_models.ppo_config import CosineLR, PPOConfig
 from sasha_models.spaces import action_space, observation_space
 
 N, D, N_PAD, N_TARGETS, EPISODE = 12, 8, 3, 3, 4
@@ -338,9 +332,11 @@ def test_rejects_wrong_observation_space() -> None:
     assert env.action_masks()[int(policy.predict(obs, deterministic=True)[0])]
 
 
-def test_policy_module_imports_nothing_from_sasha_env() -> None:
-    import sasha_models.policy as mod
+@pytest.mark.parametrize("module", ["actor_critic", "policy", "ppo_config"])
+def test_policy_modules_import_nothing_from_sasha_env(module) -> None:
+    import importlib
 
+    mod = importlib.import_module(f"sasha_models.{module}")
     tree = ast.parse(Path(mod.__file__).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

@@ -18,7 +18,7 @@ from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import SashaWSIEnv
 from sasha_env.testing import random_models, random_slides, write_workdir
 from sasha_env.workdir import Workdir
-from sasha_models.policy import SashaActorCritic
+from sasha_models.actor_critic import SashaActorCritic
 from sasha_models.projection import ObsProjection, fit_obs_projection
 
 D = 8

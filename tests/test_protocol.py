@@ -16,7 +16,7 @@ from sasha_env.agents.protocol import SlideSchedule
 from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import episode_budget
 from sasha_env.workdir import Workdir
-from sasha_models.policy import PPOConfig
+from sasha_models.ppo_config import PPOConfig
 
 
 def _cfg(**kw) -> AgentConfig:

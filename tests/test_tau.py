@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from sasha_env.pipeline.stages import calibrate_tau
+from sasha_models.tsu import calibrate_tau
 
 
 class _Bags:
@@ -68,7 +68,7 @@ def test_memory_does_not_grow_with_n_squared():
     """Peak memory of calibrating on one N = 8192 slide, measured in a fresh process."""
     code = """
 import json, resource, numpy as np
-from sasha_env.pipeline.stages import calibrate_tau
+from sasha_models.tsu import calibrate_tau
 class B:
     def __init__(s, x): s.x = x
     def slide_ids(s, split=None): return ["a"]

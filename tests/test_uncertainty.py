@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 
 from sasha_env.pipeline.evaluate import add_uncertainty, format_table
-from sasha_models.metrics import (
-    _metrics_batch,
-    bootstrap_metrics,
-    classification_metrics,
-    stratified_resamples,
-)
+from sasha_models.metrics import _metrics_batch, bootstrap_metrics, classification_metrics
+from sasha_models.stats import stratified_resamples
 
 
 def _probs(labels: np.ndarray, skill: float, rng: np.random.Generator) -> np.ndarray:
@@ -112,6 +108,6 @@ def test_bootstrap_auc_against_a_hand_computed_case():
     values, counts = np.unique(auc, return_counts=True)
     assert values.tolist() == [0.0, 0.5, 1.0]
     np.testing.assert_allclose(counts / counts.sum(), [0.25, 0.5, 0.25], atol=0.01)
-    from sasha_models.metrics import percentile_ci
+    from sasha_models.stats import percentile_ci
 
     assert percentile_ci(auc) == [0.0, 1.0]

@@ -22,8 +22,13 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 import yaml
+from PIL import Image
+
+from sasha_models.calibration import read_calibrations
+from sasha_models.checkpoint import load_model
 
 from .atomic import replace_atomically
+from .envs.geojson import episode_geojson, write_geojson
 from .envs.render import ThumbnailCache, draw_patches
 from .envs.slide_data import SlideData
 from .envs.wsi import SashaWSIEnv
@@ -144,12 +149,6 @@ class Predictor:
         device: str | torch.device = "cpu",
         calibration: str | None = "temperature+bias",
     ):
-        # lazy: the models and SB3 load when a Predictor is built, not when predict is imported
-        from sasha_models.calibration import read_calibrations
-        from sasha_models.checkpoint import load_model
-
-        from .agents.envs import load_agent
-
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.wd = Workdir(workdir)
@@ -192,6 +191,8 @@ class Predictor:
         self.policy = None
         self._env_cache: SashaWSIEnv | None = None
         if not full:
+            from .agents.envs import load_agent  # lazy: loads SB3, which --full never needs
+
             agent = load_agent(self.wd, self.frac)  # weights only: nothing unpickled
             self.policy = agent.policy.net.eval()
 
@@ -305,8 +306,6 @@ class Predictor:
             self._draw(path, grid, zoomed, updated, picture)
             record["picture"] = str(picture)
         if geojson is not None:
-            from .envs.geojson import episode_geojson, write_geojson
-
             collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
                 path.stem, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
                 self.class_names, trace["attention"], trace["patch_probabilities"],
@@ -329,6 +328,8 @@ class Predictor:
         return torch.softmax(logits.float(), -1).numpy(), [], [], grid.n
 
     def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer, scores: bool = False):
+        from sasha_models.actor_critic import RowCache  # lazy: sb3-contrib, SASHA mode only
+
         lazy = _LazyDistilled(self, slide, grid, timer)
         env = self._env(grid.n)
         data = SlideData(
@@ -349,14 +350,14 @@ class Predictor:
         # the env's own buffers (copy_obs=False): read before each step, never kept
         features, visited = torch.from_numpy(obs["features"]), torch.from_numpy(obs["visited"])
         coords = torch.from_numpy(obs["coords"]) if self.policy.use_coords else None
-        logits = torch.empty(n)
+        rows_in = [features[:n], visited[:n]] + ([] if coords is None else [coords[:n]])
+        actor = self.policy.actor_logits
+        cache = RowCache()  # the actor's logit of each of the n real rows
         while not done:
             t0 = time.perf_counter()
             with torch.inference_mode():  # re-score only the rows the last step changed
                 rows = torch.from_numpy(env.changed_rows)
-                logits[rows] = self.policy.actor_logits(
-                    features[rows], visited[rows], None if coords is None else coords[rows]
-                )
+                (logits,) = cache(lambda *x: (actor(*x),), rows_in, rows=rows)
                 legal = torch.from_numpy(env.action_masks()[:n])
                 action = int(torch.argmax(logits.masked_fill(~legal, -math.inf)))
             timer.add("agent", t0)
@@ -391,8 +392,6 @@ class Predictor:
 
     def _draw(self, path: Path, grid, zoomed: list[int], updated: list[int], out: Path) -> None:
         """The slide thumbnail with the zoomed (red) and TSU-updated (blue) patches."""
-        from PIL import Image
-
         thumb, ds = ThumbnailCache(768).get(path, (1, 1))
         img = draw_patches(thumb, ds, grid.coords, grid.cell_px, zoomed, updated, grid=False)
         out.parent.mkdir(parents=True, exist_ok=True)

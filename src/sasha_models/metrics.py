@@ -1,6 +1,7 @@
 """Slide-level classification metrics (torchmetrics), shared by training and evaluation, and
-their uncertainty over slides: stratified bootstrap resamples, percentile intervals, and paired
-differences between methods on the same resamples."""
+the same metrics over many bootstrap resamples of the slides at once (for intervals and paired
+differences between methods on the same resamples; the resampling and the intervals are in
+:mod:`sasha_models.stats`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ __all__ = [
     "ECE_BINS",
     "bootstrap_metrics",
     "classification_metrics",
-    "percentile_ci",
-    "stratified_resamples",
 ]
 
 #: Number of equal-width confidence bins of the expected calibration error.
@@ -74,7 +73,7 @@ def classification_metrics(
     return {"accuracy": accuracy, "auc": auc, "f1": f1, "ece": ece}
 
 
-# ----------------------------------------------------------------------------- uncertainty
+# ----------------------------------------------------------------------------- over resamples
 
 
 def _auc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -82,7 +81,7 @@ def _auc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
     The Mann–Whitney statistic with average ranks for ties (what ROC integration gives).
     """
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy only for bootstrap resamples
 
     ranks = rankdata(scores, axis=1)
     n_pos = positive.sum(1)
@@ -127,18 +126,6 @@ def _metrics_batch(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> di
     return {"accuracy": accuracy, "auc": auc, "f1": f1}
 
 
-def stratified_resamples(labels: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """``(n_boot, n)`` bootstrap resamples of slide indices, drawn with replacement within
-    each class, so that every resample keeps the class counts (and AUC stays defined)."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    idx = np.empty((n_boot, len(labels)), np.int64)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        idx[:, members] = members[rng.integers(0, len(members), (n_boot, len(members)))]
-    return idx
-
-
 def bootstrap_metrics(
     runs: list[np.ndarray], labels: np.ndarray, idx: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -147,22 +134,11 @@ def bootstrap_metrics(
     Args:
         runs: one ``(n, C)`` probability array per run, slides in the same order as ``labels``.
         labels: ``(n,)`` class indices.
-        idx: ``(B, n)`` resamples (:func:`stratified_resamples`); use the same ``idx`` for two
-            methods to get paired differences.
+        idx: ``(B, n)`` resamples (:func:`~sasha_models.stats.stratified_resamples`); use
+            the same ``idx`` for two methods to get paired differences.
 
     Returns:
         ``{'accuracy', 'auc', 'f1'}``, each ``(B,)``.
     """
     per_run = [_metrics_batch(np.asarray(r, np.float64), np.asarray(labels), idx) for r in runs]
     return {k: np.mean([m[k] for m in per_run], axis=0) for k in per_run[0]}
-
-
-def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
-    """The ``level`` percentile interval of bootstrap values (NaNs dropped), or None."""
-    values = np.asarray(values, np.float64)
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return None
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(values, [tail, 100 - tail])
-    return [float(lo), float(hi)]

@@ -9,6 +9,6 @@
 - :mod:`~sasha_env.agents.export` — agents as weights-only tensors plus JSON;
 - :mod:`~sasha_env.agents.episodes` — zoom policies (agent, random, attention) and
   ``run_episodes``;
-- :mod:`~sasha_env.agents.selection` and :mod:`~sasha_env.agents.aggregate` — the validation
-  criterion, and statistics over runs.
+- :mod:`~sasha_env.agents.selection` — the validation criterion (statistics over runs are in
+  :mod:`sasha_models.stats`).
 """

@@ -14,7 +14,7 @@ telling what changed or on its arrays staying unchanged). A mini-batch is handed
 **row-pooled** (:data:`sasha_models.spaces.ROW_INDEX`): each per-row key holds the batch's
 distinct rows ``(U, ...)`` and ``row_index`` ``(B, P)`` says which of them every slot is. The
 SASHA policies then run their per-row layers on ``U`` rows instead of ``B·P``
-(:meth:`sasha_models.policy.SashaActorCritic.forward_pooled`); every output is the same up to
+(:meth:`sasha_models.actor_critic.SashaActorCritic.forward_pooled`); every output is the same up to
 float rounding (the gradient of a shared row is summed in another order).
 
 - :class:`RowPoolMaskableRolloutBuffer` for ``sb3_contrib.MaskablePPO``;

@@ -34,7 +34,7 @@ class AgentConfig:
     optimiser settings below. ``paper``: SASHA's official protocol
     (:mod:`~sasha_env.agents.protocol`, ``maskable_ppo`` only): every update on whole episodes
     of one slide, each training slide ``episodes_per_slide`` times per epoch, ``epochs``
-    epochs, and the official optimiser for f (:meth:`sasha_models.policy.PPOConfig.paper`);
+    epochs, and the official optimiser for f (:meth:`sasha_models.ppo_config.PPOConfig.paper`);
     ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``, ``gamma``,
     ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
     overrides any SB3 argument)."""

@@ -7,7 +7,7 @@ experience is collected, not in the update:
   (``num_envs: 2``), and every training slide comes once per epoch in a shuffled order;
 - **an epoch budget** (``train_epoch``): episodes per slide do not depend on the zoom budget f,
   whereas a fixed number of environment steps gives f = 0.2 half the episodes of f = 0.1;
-- **the official optimiser** per f (:meth:`sasha_models.policy.PPOConfig.paper`): AdamW,
+- **the official optimiser** per f (:meth:`sasha_models.ppo_config.PPOConfig.paper`): AdamW,
   lr 1e-5 with a cosine decay, weight decay 1e-4, entropy bonus 0.001, γ = 1, gradient
   clipping 0.5, four full-batch epochs per rollout.
 

@@ -25,7 +25,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
-from sasha_models.policy import PPOConfig, SashaActorCriticPolicy, SashaPPOPolicy
+from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+from sasha_models.ppo_config import PPOConfig
 from sasha_models.projection import ObsProjection
 
 from ..atomic import replace_atomically, write_json

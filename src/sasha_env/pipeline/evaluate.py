@@ -15,16 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from sasha_models.stats import percentile_ci, stratified_resamples
+
 from ..atomic import write_json
 from ..config import say
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
-from ..slides.tumour import hit_rate
+from ..slides.tumour import hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
 from .calibrate import method_name
+from .report import markdown_table
 
-__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "md_section", "FULL_RES_METHODS"]
+__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
 
 #: Bootstrap resamples of the test slides behind every interval, and the interval's level.
 N_BOOT = 2000
@@ -45,8 +48,8 @@ def evaluate_workdir(
     wd: Workdir, cfg: dict, split: str = "test", log: Callable[[str], None] = say
 ) -> dict:
     """Metrics of every method whose model exists in ``wd``, written to ``wd.results``."""
-    from sasha_models.lit import load_model, predict_probs
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.lit import load_model, predict_probs  # lazy: Lightning
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     manifest = read_manifest(wd.manifest)
     bags = StoreBags(FeatureStore(wd.store), manifest)
@@ -85,8 +88,6 @@ def evaluate_workdir(
 
 def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
     """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
-    from ..slides.tumour import patch_tumour_fraction
-
     masks = {r.slide_id: r.mask for r in read_manifest(wd.manifest).records if r.mask}
     out = {}
     for sid in slide_ids:
@@ -117,7 +118,7 @@ def add_uncertainty(
     and accuracy) says whether one method beats another on these slides. Methods with several
     runs (random over seeds) are averaged over runs inside each resample.
     """
-    from sasha_models.metrics import bootstrap_metrics, percentile_ci, stratified_resamples
+    from sasha_models.metrics import bootstrap_metrics  # lazy: torchmetrics
 
     idx = stratified_resamples(labels, n_boot or N_BOOT, seed)
     position = {s: i for i, s in enumerate(slide_ids)}
@@ -165,8 +166,8 @@ def add_calibrated(
     """Add ``calibrated: {kind: {temperature, bias, accuracy, f1, ece, auc}}`` for each of
     :data:`~sasha_models.calibration.KINDS` to every row that ``calibration.json`` covers (the
     metrics after the val-fitted calibration); the row's own metrics stay the raw ones."""
-    from sasha_models.calibration import KINDS, read_calibrations
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.calibration import KINDS, read_calibrations  # lazy: torch
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     position = {s: i for i, s in enumerate(slide_ids)}
     for kind in KINDS:
@@ -201,7 +202,7 @@ def evaluate_sampling(
     Episodes are saved to ``WORKDIR/episodes/<method>-<f>.json`` (zoomed patches, probabilities)
     for figures and analysis. Tumour-hit rates are added when the manifest has masks.
     """
-    from sasha_models.metrics import classification_metrics
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     # lazy: SB3 and torch load only when agents are evaluated
     from ..agents.config import AgentConfig
@@ -291,50 +292,57 @@ def _clean(metrics: dict) -> dict:
 
 
 def format_table(results: dict | str | Path) -> str:
-    """The results as a Markdown table."""
+    """The results as Markdown tables: every method, then paired differences and calibration."""
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
-    lines = [
-        "| method | frac | AUC [95% CI] | accuracy [95% CI] | F1 | ECE | tumour-hit rate |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for m in results["methods"]:
-        cells = [_with_ci(m, k) for k in ("auc", "accuracy")]
-        cells += ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
         hit = m.get("tumour_hit_rate")
-        hits = "" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"
-        lines.append(f"| {m['method']} | {m['frac']:.2f} | " + " | ".join(cells) + f" | {hits} |")
-    if results.get("paired"):
-        n = results.get("n_slides", "the")
-        lines += md_section(
-            f"Paired differences on the same {n} test slides (95% bootstrap CI):",
-            ["comparison", "metric", "difference [95% CI]"],
+        rows.append(
+            [m["method"], f"{m['frac']:.2f}", _with_ci(m, "auc"), _with_ci(m, "accuracy")]
+            + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
+            + ["" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"]
         )
+    columns = ["method", "frac", "AUC [95% CI]", "accuracy [95% CI]", "F1", "ECE"]
+    tables = [markdown_table([*columns, "tumour-hit rate"], rows)]
+    if results.get("paired"):
+        rows = []
         for p in results["paired"]:
             diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {diff}{ci} |")
+            rows.append([f"{p['a']} − {p['b']}", p["metric"], diff + ci])
+        n = results.get("n_slides", "the")
+        tables.append(
+            markdown_table(
+                ["comparison", "metric", "difference [95% CI]"],
+                rows,
+                f"Paired differences on the same {n} test slides (95% bootstrap CI):",
+            )
+        )
     calibrated = [m for m in results["methods"] if m.get("calibrated")]
     if calibrated:
-        lines += md_section(
-            "Calibrated on the val split, on the test slides: raw → temperature T → "
-            "temperature and class bias b:",
-            ["method", "frac", "T", "T, b (with bias)", "accuracy", "ECE"],
-        )
+        rows = []
         for m in calibrated:
             t, tb = m["calibrated"]["temperature"], m["calibrated"]["temperature+bias"]
-            lines.append(
-                f"| {m['method']} | {m['frac']:.2f} | {t['temperature']:.2f} | "
-                f"{tb['temperature']:.2f}, {tb['bias'][-1]:+.2f} | "
-                f"{_fmt(m['accuracy'])} → {_fmt(t['accuracy'])} → {_fmt(tb['accuracy'])} | "
-                f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])} |"
+            rows.append(
+                [
+                    m["method"],
+                    f"{m['frac']:.2f}",
+                    f"{t['temperature']:.2f}",
+                    f"{tb['temperature']:.2f}, {tb['bias'][-1]:+.2f}",
+                    f"{_fmt(m['accuracy'])} → {_fmt(t['accuracy'])} → {_fmt(tb['accuracy'])}",
+                    f"{_fmt(m['ece'])} → {_fmt(t['ece'])} → {_fmt(tb['ece'])}",
+                ]
             )
-    return "\n".join(lines)
-
-
-def md_section(caption: str, columns: list[str]) -> list[str]:
-    """Lines that open a Markdown table under a caption (a blank line before and after it)."""
-    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        tables.append(
+            markdown_table(
+                ["method", "frac", "T", "T, b (with bias)", "accuracy", "ECE"],
+                rows,
+                "Calibrated on the val split, on the test slides: raw → temperature T → "
+                "temperature and class bias b:",
+            )
+        )
+    return "\n\n".join(tables)
 
 
 def _with_ci(row: dict, metric: str) -> str:

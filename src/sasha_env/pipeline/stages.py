@@ -32,17 +32,21 @@ __all__ = [
     "BASELINE_STAGES",
     "REGISTRY",
     "STAGES",
+    "RunContext",
     "Stage",
     "StageContext",
-    "calibrate_tau",
     "describe",
     "distill_store",
     "file_sha256",
 ]
 
 
-class Pipeline(Protocol):
-    """What a stage may use of the run that calls it (:class:`~sasha_env.pipeline.runner.Pipeline`)."""
+class RunContext(Protocol):
+    """What a stage may use of the pipeline run that calls it: the run's settings and helpers.
+
+    The running :class:`~sasha_env.pipeline.runner.Pipeline` is one; :class:`StageContext`
+    is what the stage knows about its own cache entry.
+    """
 
     wd: Workdir
     features: Path | None
@@ -120,7 +124,7 @@ class Stage:
     Attributes:
         name: the stage name (``sasha pipeline --stages NAME``, ``stages/NAME.json``).
         sections: config sections its key covers; the first one's ``models.<name>`` entry
-            overrides it for this stage (see :meth:`Pipeline.section`).
+            overrides it for this stage (see :meth:`RunContext.section`).
         reads: stages whose outputs it reads (they must have run; their outputs are in its key).
         writes: what it writes, relative to the workdir (for ``--help`` and the docs).
         run: ``run(pipeline, ctx) -> outputs``.
@@ -139,7 +143,7 @@ class Stage:
     sections: tuple[str, ...]
     reads: tuple[str, ...]
     writes: str
-    run: Callable[[Pipeline, StageContext], dict]
+    run: Callable[[RunContext, StageContext], dict]
     seeded: bool = True
     retrainable: bool = False
     reads_manifest: bool = False
@@ -161,7 +165,7 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------- runs
 
 
-def _run_extract(p: Pipeline, ctx: StageContext) -> dict:
+def _run_extract(p: RunContext, ctx: StageContext) -> dict:
     from ..features.extract import ExtractConfig, extract_cohort
     from ..features.store import FeatureStore
     from ..slides.grid import GridConfig
@@ -193,7 +197,7 @@ def _imported(path: Path) -> bool:
     return (path / "zarr.json").is_file() and FeatureStore(path).info.is_imported
 
 
-def _adopt_features(p: Pipeline) -> dict:
+def _adopt_features(p: RunContext) -> dict:
     """The extract stage of a workdir whose features came from elsewhere: nothing to embed;
     manifest slides missing from the store are named, as extraction names its failures."""
     from ..features.store import FeatureStore, store_identity
@@ -220,7 +224,7 @@ def _adopt_features(p: Pipeline) -> dict:
     }
 
 
-def cohort_digest(p: Pipeline, store: FeatureStore) -> str:
+def cohort_digest(p: RunContext, store: FeatureStore) -> str:
     """Identity of the cohort the models see: id, label, split and file content of every
     manifest slide in the store. Later stages are keyed on it (through extract's outputs), so
     a relabelled, re-split, added, removed or changed slide retrains them, while a copied
@@ -246,7 +250,7 @@ def _export(path: Path) -> dict:
     return {"model": str(path), "sha256": file_sha256(path)}
 
 
-def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
+def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import BagDataModule
     from sasha_models.hafed import HAFEDConfig
     from sasha_models.lit import HAFEDModule, train_model
@@ -260,7 +264,7 @@ def _run_hafed(p: Pipeline, ctx: StageContext) -> dict:
     return _export(train_model(module, data, p.wd.model_dir("hafed"), **p.train_kwargs()))
 
 
-def _run_distill(p: Pipeline, ctx: StageContext) -> dict:
+def _run_distill(p: RunContext, ctx: StageContext) -> dict:
     return distill_store(p.wd, progress=p.progress)
 
 
@@ -305,10 +309,10 @@ def distill_store(wd: Workdir, progress: bool = False) -> dict:
     return {"slides": len(ids), "hafed_sha256": digest}
 
 
-def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
+def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import TSUPairDataModule
     from sasha_models.lit import TSUModule, train_model
-    from sasha_models.tsu import TSUConfig
+    from sasha_models.tsu import TSUConfig, calibrate_tau
 
     bags = p.bags()
     section = p.section(ctx.stage)
@@ -324,7 +328,7 @@ def _run_tsu(p: Pipeline, ctx: StageContext) -> dict:
     return {**_export(path), "tau": float(cfg.tau)}
 
 
-def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
+def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     """The low-res classifier (``lowres``) and the MIL baselines on full high-res features."""
     from sasha_models.data import BagDataModule
     from sasha_models.lit import MILModule, train_model
@@ -342,7 +346,7 @@ def _run_mil(p: Pipeline, ctx: StageContext) -> dict:
     return _export(train_model(module, data, p.wd.model_dir(name), **train_kwargs))
 
 
-def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
+def _run_agents(p: RunContext, ctx: StageContext) -> dict:
     """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
     from ..agents.export import POLICY_WEIGHTS  # lazy: torch and SB3, only when agents train
     from ..agents.train import train_agent  # lazy: as above
@@ -383,14 +387,14 @@ def _run_agents(p: Pipeline, ctx: StageContext) -> dict:
     return {"agents": agents, "algo": cfg.algo}
 
 
-def _run_calibrate(p: Pipeline, ctx: StageContext) -> dict:
+def _run_calibrate(p: RunContext, ctx: StageContext) -> dict:
     from .calibrate import calibrate_workdir
 
     out = calibrate_workdir(p.wd, p.cfg, log=p.log)
     return {"calibration": str(p.wd.calibration), "methods": sorted(out["methods"])}
 
 
-def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
+def _run_evaluate(p: RunContext, ctx: StageContext) -> dict:
     from .evaluate import evaluate_workdir
 
     results = evaluate_workdir(p.wd, p.cfg, log=p.log)
@@ -400,45 +404,6 @@ def _run_evaluate(p: Pipeline, ctx: StageContext) -> dict:
         for path in write_figures(p.wd, log=p.log):
             p.log(f"[evaluate] figure {path}")
     return {"results": str(p.wd.results), "methods": [m["method"] for m in results["methods"]]}
-
-
-def calibrate_tau(
-    bags: StoreBags, quantile: float, seed: int, n_slides: int = 32, max_pairs: int = 1 << 16
-) -> float:
-    """A TSU threshold for this backbone: the ``quantile`` of |cos| between low-res patches.
-
-    The paper's τ = 0.95 suits its DINO ViT-S features; other backbones (e.g. post-ReLU CNN
-    features, whose cosines are all high) need their own. With quantile q an anchor has on
-    average (1 - q)·N similar patches.
-
-    Memory stays ``O(max_pairs + N·d)`` per slide: a slide with at most ``max_pairs`` ordered
-    pairs ``(i, j), i ≠ j`` uses all of them (N ≤ 256 by default, the exact quantile), a
-    larger one ``max_pairs`` pairs drawn uniformly, never the N × N matrix (8192² cosines are
-    256 MiB in float32, several times that in the copies a quantile makes). With M sampled
-    pairs in all, the returned τ's quantile level among all pairs is within about
-    ``3·sqrt(q(1 − q)/M)`` of q (±0.0003 for q = 0.98 over 32 large slides).
-    """
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(seed)
-    ids = bags.slide_ids("train")
-    ids = [ids[i] for i in rng.permutation(len(ids))[:n_slides]]
-    sims = []
-    for sid in ids:
-        z = torch.from_numpy(bags.features(sid, "lowres")).float()
-        z = torch.nn.functional.normalize(z, dim=1)
-        n = len(z)
-        if n * (n - 1) <= max_pairs:  # every ordered pair
-            c = (z @ z.T).abs()
-            off = ~torch.eye(n, dtype=torch.bool)
-            sims.append(c[off].numpy())
-        else:  # uniform pairs i != j: j drawn from the n - 1 others
-            i = torch.from_numpy(rng.integers(0, n, max_pairs))
-            j = torch.from_numpy(rng.integers(0, n - 1, max_pairs))
-            j += (j >= i).long()
-            sims.append((z[i] * z[j]).sum(dim=1).abs().numpy())
-    return float(np.quantile(np.concatenate(sims), quantile))
 
 
 # ---------------------------------------------------------------------------- registry

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import time
@@ -31,11 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sasha_models.stats import mean_sd, t_interval
+
 from ..atomic import replace_atomically, write_json
-from ..config import say
+from ..config import load_config, say
 from ..features.store import link_store
+from ..slides.grid import GridConfig
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
+from .report import markdown_table
+from .runner import Pipeline
+from .schema import validate_config
 
 __all__ = ["Study", "aggregate", "format_study"]
 
@@ -82,8 +87,6 @@ class Study:
             The study summary when every seed has finished (also written to ``study.json``),
             else ``None`` (other processes are still running some seeds).
         """
-        from .runner import Pipeline
-
         self.root.mkdir(parents=True, exist_ok=True)
         cohort = self._cohort_manifest()
         for seed in self.seeds:
@@ -115,7 +118,7 @@ class Study:
         write_json(self.root / "study.json", summary)
         text = format_study(summary) + "\n"
         replace_atomically(self.root / "study.md", lambda tmp: tmp.write_text(text))
-        from .figures import budget_curve
+        from .figures import budget_curve  # lazy: matplotlib, only once every seed is done
 
         points = [
             {
@@ -161,10 +164,7 @@ class Study:
         link_store(shared, wd.store)
 
     def _extract_once(self, shared: Path, cohort: Path) -> None:
-        from ..config import load_config
-        from ..features.extract import ExtractConfig, extract_cohort
-        from ..slides.grid import GridConfig
-        from .schema import validate_config
+        from ..features.extract import ExtractConfig, extract_cohort  # lazy: Lightning
 
         cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
         report = extract_cohort(
@@ -236,41 +236,14 @@ class _Claim:
 # ---------------------------------------------------------------------------- numbers
 
 
-def _t_interval(
-    values: list[float], level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)
-) -> list[float] | None:
-    """Student-t interval of the mean over seeds, clipped to the metric's ``bounds`` (None for
-    fewer than two values). With few seeds the t interval of a metric near 1 reaches past 1;
-    the clip keeps it a statement about possible values."""
-    from scipy import stats
-
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if len(vals) < 2:
-        return None
-    import numpy as np
-
-    mean, sd = float(np.mean(vals)), float(np.std(vals, ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, len(vals) - 1)) * sd / math.sqrt(len(vals))
-    return [max(bounds[0], mean - half), min(bounds[1], mean + half)]
-
-
-def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
-    import numpy as np
-
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return None, None
-    sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return float(np.mean(vals)), sd
-
-
 def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any]:
     """``study.json`` from each seed's ``results.json`` (contract in design.md).
 
     Per method and budget: mean, sample sd and a 95 % Student-t interval over seeds of AUC,
-    accuracy, F1 and ECE, with the per-seed values; per ``paired`` comparison of the seeds'
-    results: the mean over seeds of the per-seed difference and its t interval (each seed's
-    difference is on its own test slides); and the AUC-against-budget curve.
+    accuracy, F1 and ECE (:func:`~sasha_models.stats.mean_sd`,
+    :func:`~sasha_models.stats.t_interval`), with the per-seed values; per ``paired`` comparison
+    of the seeds' results: the mean over seeds of the per-seed difference and its t interval
+    (each seed's difference is on its own test slides); and the AUC-against-budget curve.
     """
     seeds = sorted(per_seed)
     rows: dict[tuple[str, float], dict[int, dict]] = {}
@@ -282,8 +255,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
         row: dict[str, Any] = {"method": method, "frac": frac, "n_seeds": len(by_seed)}
         for metric in METRICS:
             values = [by_seed[s].get(metric) for s in by_seed]
-            row[f"{metric}_mean"], row[f"{metric}_sd"] = _mean_sd(values)
-            row[f"{metric}_ci"] = _t_interval(values)
+            row[f"{metric}_mean"], row[f"{metric}_sd"] = mean_sd(values)
+            row[f"{metric}_ci"] = t_interval(values)
         row["per_seed"] = [
             {
                 "seed": s,
@@ -297,7 +270,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             values = [c[kind] for c in calibrated if kind in c]
             row.setdefault("calibrated", {})[kind] = {"n_seeds": len(values)}
             for metric in ("accuracy", "ece"):
-                mean, sd = _mean_sd([v.get(metric) for v in values])
+                mean, sd = mean_sd([v.get(metric) for v in values])
                 row["calibrated"][kind] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
         methods.append(row)
     pairs: dict[tuple[str, str, str], list[float]] = {}
@@ -310,9 +283,9 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             "a": a,
             "b": b,
             "metric": metric,
-            "diff_mean": _mean_sd(diffs)[0],
-            "diff_sd": _mean_sd(diffs)[1],
-            "ci": _t_interval(diffs, bounds=(-1.0, 1.0)),
+            "diff_mean": mean_sd(diffs)[0],
+            "diff_sd": mean_sd(diffs)[1],
+            "ci": t_interval(diffs, bounds=(-1.0, 1.0)),
             "n_seeds": len(diffs),
         }
         for (a, b, metric), diffs in pairs.items()
@@ -341,8 +314,6 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
 
 def format_study(summary: dict[str, Any]) -> str:
     """The study as Markdown: methods (mean ± sd [95 % CI] over seeds), then paired differences."""
-    from .evaluate import md_section
-
     n = len(summary["seeds"])
 
     def cell(row: dict, metric: str) -> str:
@@ -352,30 +323,32 @@ def format_study(summary: dict[str, Any]) -> str:
         text = f"{mean:.3f} ± {sd:.3f}"
         return text + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
-    lines = [
-        f"Over {n} seeds (each its own split and initialisation): mean ± sd [95% CI of the mean].",
-        "",
-        "| method | frac | AUC | accuracy | F1 | ECE |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in summary["methods"]:
-        cells = " | ".join(cell(r, m) for m in METRICS)
-        lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells} |")
-    if summary["paired"]:
-        lines += md_section(
-            "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
-            ["comparison", "metric", "difference"],
+    tables = [
+        markdown_table(
+            ["method", "frac", "AUC", "accuracy", "F1", "ECE"],
+            (
+                [r["method"], f"{r['frac']:.2f}", *(cell(r, m) for m in METRICS)]
+                for r in summary["methods"]
+            ),
+            f"Over {n} seeds (each its own split and initialisation): "
+            "mean ± sd [95% CI of the mean].",
         )
+    ]
+    if summary["paired"]:
+        rows = []
         for p in summary["paired"]:
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-            lines.append(f"| {p['a']} − {p['b']} | {p['metric']} | {p['diff_mean']:+.3f}{ci} |")
+            rows.append([f"{p['a']} − {p['b']}", p["metric"], f"{p['diff_mean']:+.3f}{ci}"])
+        tables.append(
+            markdown_table(
+                ["comparison", "metric", "difference"],
+                rows,
+                "Paired differences (per seed on its own test slides), mean over seeds [95% CI]:",
+            )
+        )
     calibrated = [r for r in summary["methods"] if r.get("calibrated")]
     if calibrated:
-        lines += md_section(
-            "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
-            "raw → temperature → temperature and class bias:",
-            ["method", "frac", "accuracy", "ECE"],
-        )
+        rows = []
         for r in calibrated:
             cells = []
             for metric in ("accuracy", "ece"):
@@ -385,5 +358,13 @@ def format_study(summary: dict[str, Any]) -> str:
                     if c is not None and c[f"{metric}_mean"] is not None:
                         steps.append(f"{c[f'{metric}_mean']:.3f} ± {c[f'{metric}_sd']:.3f}")
                 cells.append(" → ".join(steps))
-            lines.append(f"| {r['method']} | {r['frac']:.2f} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+            rows.append([r["method"], f"{r['frac']:.2f}", *cells])
+        tables.append(
+            markdown_table(
+                ["method", "frac", "accuracy", "ECE"],
+                rows,
+                "Calibrated on each seed's val split, on its test slides (mean ± sd over seeds): "
+                "raw → temperature → temperature and class bias:",
+            )
+        )
+    return "\n\n".join(tables)

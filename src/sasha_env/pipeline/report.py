@@ -1,0 +1,43 @@
+"""Markdown tables for reports (``sasha pipeline``'s results table, ``study.md``).
+
+One writer, so that every table the package prints has the same shape::
+
+    Caption.
+
+    | column | column |
+    |---|---|
+    | cell | cell |
+
+Tables of one report are joined by a blank line (``"\\n\\n".join(tables)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = ["markdown_table"]
+
+
+def markdown_table(
+    columns: Sequence[str], rows: Iterable[Sequence[str]], caption: str | None = None
+) -> str:
+    """A Markdown table, under its caption when there is one (a blank line between them).
+
+    Args:
+        columns: the header cells.
+        rows: the body, one sequence of already formatted cells per row (as many as
+            ``columns``; an empty string leaves a cell blank).
+        caption: a line of text above the table.
+
+    Returns:
+        The table's lines joined by newlines, without a trailing newline.
+    """
+    lines = [] if caption is None else [caption, ""]
+    lines.append(_line(columns))
+    lines.append("|" + "---|" * len(columns))
+    lines += [_line(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
