@@ -87,10 +87,19 @@ def test_make_from_explicit_sources(workdir):
 
 
 def test_budget():
-    assert episode_budget(0.1, 150) == 15  # not 16: 0.1 * 150 = 15.000000000000002
+    assert episode_budget(0.07, 100) == 7  # not 8: 0.07 * 100 = 7.000000000000001
+    assert episode_budget(0.1, 150) == 15
     assert episode_budget(0.1, 5) == 1
     assert episode_budget(0.2, 11) == 3
     assert episode_budget(1.0, 7) == 7
+
+
+def test_budget_equals_the_official_ceil_at_the_paper_budgets():
+    """The official env's episode length is ``ceil(N·f)`` (envs/WSI_cosine_env.py, 6385fe6)."""
+    n = np.arange(1, 20_001)
+    for frac in (0.1, 0.2):
+        ours = np.array([episode_budget(frac, int(k)) for k in n])
+        np.testing.assert_array_equal(ours, np.ceil(n * frac).astype(int))
 
 
 def test_env_checkers(workdir):

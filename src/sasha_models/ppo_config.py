@@ -1,7 +1,9 @@
-"""SASHA's PPO hyper-parameters (the official code's protocol) as SB3 keyword arguments.
+"""The paper protocol's PPO hyper-parameters as SB3 keyword arguments.
 
-:class:`PPOConfig` holds the official PPO hyper-parameters and turns them into keyword
-arguments of ``PPO`` / ``MaskablePPO``; :class:`CosineLR` is its learning-rate schedule.
+:class:`PPOConfig` holds the PPO hyper-parameters of ``agents.protocol: paper`` and turns them
+into keyword arguments of ``PPO`` / ``MaskablePPO``; :class:`CosineLR` is an optional
+learning-rate schedule. Where a value differs from the official code at commit 6385fe6
+(coglabiisc/SASHA), the attribute says so; the docs' fidelity table lists every such value.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ __all__ = ["PAPER_PER_FRAC", "CosineLR", "PPOConfig"]
 class CosineLR:
     """Half-cycle cosine decay from ``lr`` to ``min_lr`` over training (an SB3 schedule).
 
-    SB3 calls it with ``progress_remaining`` going from 1 to 0. The official code decays
-    the same way per epoch with no warm-up (``utils/utils.py: adjust_learning_rate``).
+    SB3 calls it with ``progress_remaining`` going from 1 to 0. The official RL training at
+    6385fe6 does not decay: its calls to ``adjust_learning_rate`` are commented out
+    (``step6_rl_training.py``), so its learning rate is a constant 1e-5.
     """
 
     lr: float
@@ -33,22 +36,25 @@ class CosineLR:
 
 
 PAPER_PER_FRAC: dict[float, tuple[float, float]] = {0.1: (0.2, 0.94), 0.2: (0.1, 0.95)}
-"""Zoom budget f → (PPO clip range, GAE λ) in the paper's runs."""
+"""Zoom budget f → (PPO clip range, GAE λ). f = 0.1: ``clip: 0.2``, ``lam: 0.94``, the values
+set in ``config/camelyon_rl_config.yml`` at 6385fe6 ("for sasha 0.1"). f = 0.2: the official
+config sets nothing for it; 0.1 / 0.95 are the values commented out there (and those of the
+code before commit b6ef98e) — our choice, not an official f = 0.2 setting."""
 
 
 @dataclass
 class PPOConfig:
-    """PPO hyper-parameters of the official SASHA code, as SB3 keyword arguments.
+    """PPO hyper-parameters of the paper protocol, as SB3 keyword arguments.
 
-    Sources (repository coglabiisc/SASHA): ``config/camelyon_rl_config.yml`` and
-    ``config/tcga_rl_config.yml`` (identical RL sections), ``step6_rl_training.py``
-    (rollout and update loop), ``utils/utils.py`` (learning-rate schedule).
+    Sources, at commit 6385fe6 of coglabiisc/SASHA: ``config/camelyon_rl_config.yml`` (the
+    f = 0.1 run; ``config/tcga_rl_config.yml`` still holds the older values) and
+    ``step6_rl_training.py`` (rollout and update loop).
 
     Attributes:
-        learning_rate: ``lr: 0.00001`` (the optimisers are built with 0.001, but
-            ``adjust_learning_rate`` overwrites it with the cosine schedule of ``lr``
-            before every update, so 1e-5 is what is used).
-        cosine: cosine decay to ``min_lr: 0`` with ``warmup_epoch: 0``.
+        learning_rate: ``lr: 0.00001``, as official.
+        cosine: ours: a cosine decay to 0 over training (default on). The official RL
+            training keeps 1e-5 constant (its ``adjust_learning_rate`` calls are commented
+            out).
         n_steps: steps per rollout per env. ``None`` = the official rollout: ``num_envs: 2``
             episodes of the same slide per update (``rollout_episodes``), which needs the
             episode length; without it SB3's default 2048 is used.
@@ -57,15 +63,17 @@ class PPOConfig:
             (one gradient step per epoch on all collected steps).
         n_epochs: ``num_epochs_on_single_roll_out: 4``.
         gamma: ``gamma: 1.0``.
-        gae_lambda: ``lam: 0.95`` with ``use_gae: True``.
-        clip_range: ``clip: 0.1``.
-        ent_coef: ``entropy_coef: 0.001``. The official code *adds* ``coef * entropy`` to
-            the actor loss (an entropy penalty, likely a sign slip); SB3's ``ent_coef`` is
-            the usual bonus. Use -0.001 to reproduce the official sign.
-        vf_coef: 1.0 — the official critic has its own optimiser and an unweighted MSE loss.
-        max_grad_norm: ``max_grad_norm: 0.5`` (clipped per network there, jointly here).
+        gae_lambda: default 0.95 (our f = 0.2 choice); :meth:`paper` sets it per f.
+        clip_range: default 0.1 (our f = 0.2 choice); :meth:`paper` sets it per f.
+        ent_coef: ``entropy_coef: 0.001``, a bonus as in SB3: the official loss subtracts
+            ``0.001 · entropy`` from the actor loss (at 6385fe6; the sign was flipped to a
+            bonus in commit b6ef98e).
+        vf_coef: 1.0 — the official critic has its own optimiser and an unweighted MSE loss
+            on the GAE returns.
+        max_grad_norm: ``max_grad_norm: 0.5``. Official: clipped per network (two AdamW
+            optimisers, actor and critic); ours: one optimiser, one joint clip.
         weight_decay: ``wd: 0.0001`` with AdamW (``step6_rl_training.py``).
-        normalize_advantage: the official code normalises advantages per rollout.
+        normalize_advantage: the official code normalises advantages over each rollout.
     """
 
     learning_rate: float = 1e-5
@@ -87,9 +95,10 @@ class PPOConfig:
     def paper(cls, frac: float) -> PPOConfig:
         """The official settings for zoom budget ``frac``.
 
-        The paper tunes clipping and GAE λ per budget: clip 0.2 / λ 0.94 at f = 0.1 and
-        clip 0.1 / λ 0.95 at f = 0.2 (the released config is the f = 0.2 one). Other budgets
-        take the settings of the nearer of the two.
+        Clip and GAE λ per budget from :data:`PAPER_PER_FRAC`: clip 0.2 / λ 0.94 at f = 0.1
+        (the official config at 6385fe6) and clip 0.1 / λ 0.95 at f = 0.2 (our choice: the
+        official config sets nothing for f = 0.2). Other budgets take the settings of the
+        nearer of the two.
         """
         clip, lam = min(PAPER_PER_FRAC.items(), key=lambda kv: abs(kv[0] - frac))[1]
         return cls(clip_range=clip, gae_lambda=lam)

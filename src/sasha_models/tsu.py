@@ -30,18 +30,23 @@ __all__ = ["TSU", "TSUConfig", "calibrate_tau", "similar_mask", "sample_tsu_pair
 class TSUConfig:
     """TSU architecture and training settings.
 
-    Defaults are the official CAMELYON16 settings (``config/camelyon_tsu_config.yml``,
-    ``modules/fglobal_mlp.py``):
+    Defaults follow the official CAMELYON16 settings at 6385fe6
+    (``config/camelyon_tsu_config.yml``, ``modules/fglobal_mlp.py``, ``step5_tsu_training.py``)
+    except where an attribute says otherwise:
 
     Attributes:
         d: feature size d (ViT-S/16: 384).
         d_hidden: hidden width; ``None`` = 2d (official 768 = 2 × 384).
         tau: cosine threshold for "similar" patches (``cosine_threshold: 0.95``; TCGA 0.92).
-        n_anchors: anchor patches sampled per slide per training step (official: 1).
+        n_anchors: anchor patches sampled per slide per training step (official: 1). Ours
+            leaves the anchor out of its own targets; the official step keeps it in (its
+            ``|cos| >= tau`` set always holds the anchor), so an official step is never empty.
         lr: AdamW learning rate after the per-iteration cosine schedule overrides the
             optimiser's initial value (``lr: 0.00004``; TCGA 0.0003).
         weight_decay: AdamW weight decay (``reg: 0.0004``; TCGA 0.005).
-        max_epochs: epochs over the training slides (``train_epoch: 100``; TCGA 500).
+        max_epochs: epochs over the training slides. Ours: 100, one TSU for every budget.
+            Official at 6385fe6: one TSU per budget, ``train_epoch: 1000`` for f = 0.2 and 200
+            for f = 0.1 (the value commented out beside it).
         residual: ``False`` (paper): ``LayerNorm(MLP([v_a, z_a, z_j]))``, which suits
             layer-normalised ViT features. ``True``: ``z_j + MLP([v_a, z_a, z_j])`` without the
             output LayerNorm, last layer zero-initialised so training starts at the identity

@@ -39,7 +39,8 @@ class AgentConfig:
     ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
     overrides any SB3 argument)."""
     epochs: int = 25
-    """``protocol: paper``: passes over the training slides (official: 25)."""
+    """``protocol: paper``: passes over the training slides (official ``train_epoch`` at
+    6385fe6: 15, for the f = 0.1 run; 25 was the value before its commit b6ef98e)."""
     episodes_per_slide: int = 2
     """``protocol: paper``: episodes of one slide per update (official: 2)."""
     total_timesteps: int = 20_000
@@ -53,8 +54,9 @@ class AgentConfig:
     reward: str = "ce"
     correct_bonus: float = 0.0
     learning_rate: float | None = None
-    """``None``: the protocol's own — 3e-4 constant (``sb3``), the official 1e-5 with a cosine
-    decay to 0 (``paper``). A number replaces the constant, or the cosine's peak."""
+    """``None``: the protocol's own — 3e-4 constant (``sb3``), 1e-5 with a cosine decay to 0
+    (``paper``; the official rate is a constant 1e-5). A number replaces the constant, or the
+    cosine's peak."""
     n_steps: int = 64
     """Steps per env per rollout (PPO/A2C)."""
     batch_size: int = 64
@@ -65,8 +67,9 @@ class AgentConfig:
     ent_coef: float = 0.01
     d_hidden: int = 128
     use_coords: bool = True
-    """Feed each patch's grid position to the SASHA policy (the official agent sees the state
-    only); see the README's ablation."""
+    """Feed each patch's grid position to the SASHA policy (the official actor and critic see
+    the state rows only; the visited list only masks the actor's logits); see the ablations in
+    the docs' evaluation page."""
     obs_dim: int | None = None
     """The agent reads a ``obs_dim``-column PCA projection of the state, fitted on the training
     slides' low-res and distilled rows and kept in the exported policy

@@ -7,9 +7,10 @@ experience is collected, not in the update:
   (``num_envs: 2``), and every training slide comes once per epoch in a shuffled order;
 - **an epoch budget** (``train_epoch``): episodes per slide do not depend on the zoom budget f,
   whereas a fixed number of environment steps gives f = 0.2 half the episodes of f = 0.1;
-- **the official optimiser** per f (:meth:`sasha_models.ppo_config.PPOConfig.paper`): AdamW,
-  lr 1e-5 with a cosine decay, weight decay 1e-4, entropy bonus 0.001, γ = 1, gradient
-  clipping 0.5, four full-batch epochs per rollout.
+- **the official optimiser settings** per f (:meth:`sasha_models.ppo_config.PPOConfig.paper`):
+  AdamW, lr 1e-5 (the official rate is constant; ours decays it with a cosine by default),
+  weight decay 1e-4, entropy bonus 0.001, γ = 1, gradient clipping 0.5 (official: per network,
+  with two optimisers; ours: one optimiser, joint), four full-batch epochs per rollout.
 
 SB3 expresses all of it with two small pieces, so agents trained this way are ordinary
 ``MaskablePPO`` models (callbacks, ``save``, the export, every policy helper work unchanged):

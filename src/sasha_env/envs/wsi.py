@@ -30,8 +30,10 @@ _EPS = 1e-8
 def episode_budget(frac: float, n: int) -> int:
     """Zooms per episode, ``⌈frac·N⌉`` (at least 1, at most N).
 
-    ``frac·N`` is rounded to 9 decimals first, so that 0.1 × 150 gives 15, not the 16 that
-    ``math.ceil(15.000000000000002)`` would.
+    ``frac·N`` is rounded to 9 decimals first, so that a product that lands a rounding error
+    above an integer is not rounded up a whole zoom (0.07 × 100 is 7.000000000000001 in double
+    precision: 7 zooms, not 8). For f = 0.1 and 0.2 this equals the official ``ceil(N·f)``
+    (``envs/WSI_cosine_env.py`` at 6385fe6) for every N up to 200,000 (checked).
     """
     return max(1, min(n, math.ceil(round(frac * n, 9))))
 
