@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_when
+from conftest import kill_when, tree_digest
 from sasha_env.features.store import FeatureStore
 from sasha_env.pipeline.runner import STAGES, Pipeline
 from sasha_env.workdir import Workdir
@@ -63,21 +63,25 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     assert 0.0 < tsu_marker["outputs"]["tau"] < 1.0
 
 
-def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir):
+def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir, tmp_path):
+    built = tree_digest(tiny_workdir)
+    wd = Workdir(tmp_path / "wd")  # a copy: the retrain must not change the session's workdir
+    shutil.copytree(tiny_workdir, wd.root)
     messages: list[str] = []
-    Pipeline(tiny_workdir, preset="tiny", progress=False, log=messages.append).run()
+    Pipeline(wd.root, preset="tiny", progress=False, log=messages.append).run()
     assert all(any(f"[{s}] done earlier, skipped" in m for m in messages) for s in STAGES)
-    before = Workdir(tiny_workdir).model("abmil").stat().st_mtime
+    before = wd.model("abmil").stat().st_mtime
     messages.clear()
     Pipeline(
-        tiny_workdir,
+        wd.root,
         preset="tiny",
         overrides={"baselines": {"max_epochs": 2}},
         progress=False,
         log=messages.append,
     ).run(["abmil"])
     assert any("[abmil] configuration or upstream changed" in m for m in messages)
-    assert Workdir(tiny_workdir).model("abmil").stat().st_mtime > before
+    assert wd.model("abmil").stat().st_mtime > before
+    assert tree_digest(tiny_workdir) == built
 
 
 def test_unknown_config_key_and_missing_upstream_are_clear(tiny_cohort, tmp_path):
