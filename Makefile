@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_DIR ?= demo-run
 
-.PHONY: install demo test test-all docs bench bench-scale bench-agents bench-predict lint format clean
+.PHONY: install demo test test-fast docs bench bench-scale bench-agents bench-predict lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sasha demo $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP)  # the whole suite, as CI runs it
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+test-fast: $(STAMP)  # without the heavier end-to-end tests (marked slow)
+	$(PY) -m pytest -q -m "not slow"
 
 $(DOCS_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[docs]"

@@ -79,6 +79,18 @@ def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:
     proc.wait()
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path) with the SHA-256 of its content: equal digests
+    before and after a test show that it left a shared fixture as built."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """The tiny synthetic cohort (12 slides); returns its manifest."""

@@ -86,13 +86,71 @@ def test_subproc_vec_env_masks_and_maskable_ppo(workdir):
 
 
 def test_dummy_vec_env(workdir):
+    """SB3's DummyVecEnv runs each env as a single env does: same observations, rewards,
+    masks and terminal observations, and a step changes only the zoomed patch's rows."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    keys = ("features", "visited", "valid", "coords")
     vec = DummyVecEnv([_thunk(str(workdir), s) for s in range(2)])
-    vec.reset()
-    masks = np.stack(vec.env_method("action_masks"))
-    vec.step(np.array([np.flatnonzero(m)[0] for m in masks]))
-    vec.close()
+    singles = [gym.make("Sasha-WSI-v0", workdir=workdir, split="train", frac=0.5) for _ in range(2)]
+    try:
+        P = vec.action_space.n
+        vec.seed(10)  # env i is reset with seed 10 + i
+        obs = vec.reset()
+        ref = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
+        for i, env in enumerate(singles):
+            assert vec.reset_infos[i]["slide_id"] == env.unwrapped.slide.slide_id
+            for key in keys:
+                np.testing.assert_array_equal(obs[key][i], ref[i][key], err_msg=key)
+        assert obs["features"].shape == (2, P, D) and obs["visited"].shape == (2, P)
+
+        finished = [0, 0]
+        for _ in range(40):
+            masks = np.stack(vec.env_method("action_masks"))
+            assert masks.shape == (2, P) and masks.dtype == bool
+            legal = (obs["valid"] == 1) & (obs["visited"] == 0)
+            np.testing.assert_array_equal(masks, legal)
+            actions = np.array([int(np.flatnonzero(m)[-1]) for m in masks])
+            before = {key: obs[key].copy() for key in keys}
+            obs, rewards, dones, infos = vec.step(actions)
+            changed = vec.get_attr("changed_rows")
+            for i, env in enumerate(singles):
+                o, r, terminated, truncated, info = env.step(actions[i])
+                assert rewards[i] == np.float32(r) and dones[i] == terminated and not truncated
+                assert not infos[i]["illegal_action"]
+                if dones[i]:  # the vec env reset it: compare the episode's last observation
+                    finished[i] += 1
+                    after = infos[i]["terminal_observation"]
+                    assert after["visited"].sum() == env.unwrapped.budget
+                    o, _ = env.reset()  # the env's own generator, as the vec env's reset does
+                    for key in keys:
+                        np.testing.assert_array_equal(obs[key][i], o[key], err_msg=key)
+                else:
+                    after = {key: obs[key][i] for key in keys}
+                    for key in keys:
+                        np.testing.assert_array_equal(after[key], o[key], err_msg=key)
+                    # the zoomed patch, and only it, becomes visited; only its similar rows change
+                    rows = changed[i]
+                    assert actions[i] in rows
+                    np.testing.assert_array_equal(
+                        np.flatnonzero(after["visited"] != before["visited"][i]), [actions[i]]
+                    )
+                    same = np.setdiff1d(np.arange(P), rows)
+                    np.testing.assert_array_equal(
+                        after["features"][same], before["features"][i][same]
+                    )
+                    assert not np.array_equal(
+                        after["features"][actions[i]], before["features"][i][actions[i]]
+                    )
+                    np.testing.assert_array_equal(after["valid"], before["valid"][i])
+                    np.testing.assert_array_equal(after["coords"], before["coords"][i])
+            if min(finished) >= 1:
+                break
+        assert min(finished) >= 1
+    finally:
+        vec.close()
+        for env in singles:
+            env.close()
 
 
 @pytest.mark.parametrize("how", ["make_vec", "SyncVectorEnv"])

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import tree_digest
 from sasha_env.cli import main
 from sasha_env.features.importer import (
     FeatureImportError,
@@ -26,6 +27,7 @@ from sasha_env.features.importer import (
 )
 from sasha_env.features.store import FeatureStore
 from sasha_env.slides.manifest import read_manifest
+from sasha_env.slides.slide import Slide, SlideError
 
 
 def write_trident_h5(path: Path, features, coords, patch_px: int, size_level0: int) -> None:
@@ -239,20 +241,27 @@ def test_a_mismatched_pair_is_refused_with_the_reason(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_on_imported_features_reproduces_the_original(
-    trident_files, tiny_cohort, tiny_workdir, tmp_path
+    trident_files, tiny_cohort, tiny_workdir, tmp_path, monkeypatch
 ):
     """Our tiny store, written out as TRIDENT files and imported, gives the same results."""
     files, _ = trident_files
+    built = tree_digest(tiny_cohort.parent)
     csv_path = cohort_csv(tiny_workdir / "manifest.csv", tmp_path / "cohort.csv", with_path=False)
     assert main(["import", str(csv_path), "--lowres", str(files / "lo"), "--highres",
                  str(files / "hi"), "--out", str(tmp_path / "imported.zarr"), "--quiet"]) == 0  # fmt: skip
-    shutil.move(tiny_cohort.parent / "slides", tmp_path / "slides-away")  # no pixels anywhere
-    try:
-        wd = tmp_path / "wd"
-        assert main(["pipeline", "--features", str(tmp_path / "imported.zarr"), "--workdir",
-                     str(wd), "--preset", "tiny", "--quiet"]) == 0  # fmt: skip
-    finally:
-        shutil.move(tmp_path / "slides-away", tiny_cohort.parent / "slides")
+    opened: list[str] = []
+
+    def no_pixels(self, path):  # every slide read goes through Slide: none may happen here
+        opened.append(str(path))
+        raise SlideError(f"{path}: no pixels in this test")
+
+    monkeypatch.setattr(Slide, "__init__", no_pixels)
+    wd = tmp_path / "wd"
+    assert main(["pipeline", "--features", str(tmp_path / "imported.zarr"), "--workdir",
+                 str(wd), "--preset", "tiny", "--quiet"]) == 0  # fmt: skip
+    monkeypatch.undo()
+    assert opened == []
+    assert tree_digest(tiny_cohort.parent) == built
     ours = json.loads((tiny_workdir / "results.json").read_text())["methods"]
     theirs = json.loads((wd / "results.json").read_text())["methods"]
     assert [(m["method"], m["frac"]) for m in theirs] == [(m["method"], m["frac"]) for m in ours]

@@ -2,7 +2,8 @@
 
 Data flows slides → features → envs → agents → pipeline → predict/cli, and a wing may import
 only its own wing and the wings below it (the package-root helpers are below every wing).
-``sasha_models`` never imports ``sasha_env``. Registering the environment and ``sasha predict``
+``sasha_models`` never imports ``sasha_env``, and only its ``lit`` and ``data`` import
+Lightning. Registering the environment and ``sasha predict``
 load neither Lightning nor W&B.
 """
 
@@ -114,6 +115,44 @@ def test_sasha_models_imports_nothing_from_sasha_env():
         if target.split(".")[0] == "sasha_env"
     ]
     assert not bad, "\n".join(bad)
+
+
+#: The sasha_models modules that may import Lightning: training (lit) and its data module (data).
+LIGHTNING_MODULES = ("sasha_models.lit", "sasha_models.data")
+
+
+def _lightning_imports(root: Path = SRC) -> list[str]:
+    """Every import of Lightning (``lightning`` or ``pytorch_lightning``, at module level or in
+    a function) in ``root/sasha_models`` outside :data:`LIGHTNING_MODULES`, as
+    ``file:line imports X``."""
+    bad = []
+    for path in _sources("sasha_models", root):
+        if _module_name(path, root) in LIGHTNING_MODULES:
+            continue
+        for target, line in _imports(path, root):
+            if target.split(".")[0] in ("lightning", "pytorch_lightning"):
+                bad.append(f"{path.relative_to(root)}:{line} imports {target}")
+    return bad
+
+
+def test_only_lit_and_data_import_lightning_in_sasha_models():
+    """The models, policies, metrics and exports work without Lightning; training does not."""
+    bad = _lightning_imports()
+    assert not bad, "Lightning outside sasha_models.lit / .data:\n" + "\n".join(bad)
+
+
+def test_the_lightning_check_catches_imports_in_functions(tmp_path):
+    pkg = tmp_path / "sasha_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "lit.py").write_text("import lightning as L\n")  # allowed
+    (pkg / "hafed.py").write_text("import torch\ndef fit():\n    import lightning.pytorch\n")
+    (pkg / "metrics.py").write_text("from pytorch_lightning import Trainer\n")
+    assert _lightning_imports(tmp_path) == [
+        "sasha_models/hafed.py:3 imports lightning.pytorch",
+        "sasha_models/metrics.py:1 imports pytorch_lightning",
+        "sasha_models/metrics.py:1 imports pytorch_lightning.Trainer",
+    ]
 
 
 def test_the_layer_check_catches_upward_imports(tmp_path):

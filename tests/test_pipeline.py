@@ -10,13 +10,68 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_when
+from conftest import kill_when, tree_digest
+from sasha_env.agents.config import AgentConfig
+from sasha_env.config import load_config
 from sasha_env.features.store import FeatureStore
 from sasha_env.pipeline.runner import STAGES, Pipeline
 from sasha_env.workdir import Workdir
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
 CONTRACT_KEYS = {"method", "frac", "accuracy", "auc", "f1", "ece"}
+
+
+def check_results_values(results: dict, agents: AgentConfig) -> None:
+    """results.json's values, not only its keys: metrics in range, each interval around its
+    number, paired differences equal to the rows' differences, every method at each budget."""
+    fracs = sorted(set(agents.fracs) | set(agents.curve_fracs))
+    assert results["split"] == "test" and results["n_slides"] > 0
+    by_name = {}
+    for m in results["methods"]:
+        assert set(m) >= CONTRACT_KEYS, m
+        assert m["n_slides"] == results["n_slides"], m
+        for metric in ("auc", "accuracy", "f1", "ece"):
+            assert m[metric] is None or 0.0 <= m[metric] <= 1.0, (m["method"], metric, m[metric])
+        for metric in ("auc", "accuracy", "f1"):
+            ci = m[f"{metric}_ci"]
+            assert ci is not None and len(ci) == 2 and 0.0 <= ci[0] <= ci[1] <= 1.0, (m, metric)
+            assert ci[0] - 1e-6 <= m[metric] <= ci[1] + 1e-6, (m["method"], m["frac"], metric)
+        name = f"{m['method']}@{m['frac']:g}"
+        assert name not in by_name, f"{name} twice"
+        by_name[name] = m
+    for frac in fracs:  # the sampling methods at every budget, the agent at the trained ones
+        for method in ("random", "attention_topk"):
+            assert f"{method}@{frac:g}" in by_name, (method, frac)
+        assert (f"sasha@{frac:g}" in by_name) == (frac in agents.fracs), frac
+    assert {m["frac"] for m in results["methods"] if m["method"] == "sasha"} == set(agents.fracs)
+    assert results["paired"]
+    for p in results["paired"]:
+        a, b = by_name[p["a"]], by_name[p["b"]]
+        assert p["diff"] == pytest.approx(a[p["metric"]] - b[p["metric"]], abs=1e-9), p
+        lo, hi = p["ci"]
+        assert -1.0 <= lo <= hi <= 1.0, p
+
+
+def printed_row(stdout: str, method: str, frac: float) -> list[str]:
+    """The cells of ``method`` at ``frac`` in the printed results table (the first table)."""
+    lines = stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.startswith("| method | frac | AUC"))
+    body = []
+    for line in lines[top + 2 :]:
+        if not line.startswith("|"):
+            break
+        body.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    rows = [cells for cells in body if cells[:2] == [method, f"{frac:.2f}"]]
+    assert len(rows) == 1, (method, frac, stdout[-3000:])
+    return rows[0]
+
+
+def formatted(m: dict, metric: str) -> str:
+    """How the table prints a metric: three decimals, its interval with two."""
+    if m[metric] is None:
+        return "n/a"
+    lo, hi = m[f"{metric}_ci"]
+    return f"{m[metric]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
 def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
@@ -55,29 +110,31 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
             assert 0.0 <= m["tumour_hit_rate"] <= 1.0 and 0.0 < m["chance_hit_rate"] < 1.0
     assert (wd.root / "figures" / "learning_curves.png").is_file()
     assert list((wd.root / "figures" / "paths").glob("*-sasha-0.1.png"))
-    for m in results["methods"]:
-        assert set(m) >= CONTRACT_KEYS
-        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+    check_results_values(results, AgentConfig.from_dict(load_config("tiny")["agents"]))
     assert methods["hafed"]["frac"] == 1.0 and methods["lowres_only"]["frac"] == 0.0
     tsu_marker = json.loads(wd.marker("tsu").read_text())
     assert 0.0 < tsu_marker["outputs"]["tau"] < 1.0
 
 
-def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir):
+def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir, tmp_path):
+    built = tree_digest(tiny_workdir)
+    wd = Workdir(tmp_path / "wd")  # a copy: the retrain must not change the session's workdir
+    shutil.copytree(tiny_workdir, wd.root)
     messages: list[str] = []
-    Pipeline(tiny_workdir, preset="tiny", progress=False, log=messages.append).run()
+    Pipeline(wd.root, preset="tiny", progress=False, log=messages.append).run()
     assert all(any(f"[{s}] done earlier, skipped" in m for m in messages) for s in STAGES)
-    before = Workdir(tiny_workdir).model("abmil").stat().st_mtime
+    before = wd.model("abmil").stat().st_mtime
     messages.clear()
     Pipeline(
-        tiny_workdir,
+        wd.root,
         preset="tiny",
         overrides={"baselines": {"max_epochs": 2}},
         progress=False,
         log=messages.append,
     ).run(["abmil"])
     assert any("[abmil] configuration or upstream changed" in m for m in messages)
-    assert Workdir(tiny_workdir).model("abmil").stat().st_mtime > before
+    assert wd.model("abmil").stat().st_mtime > before
+    assert tree_digest(tiny_workdir) == built
 
 
 def test_unknown_config_key_and_missing_upstream_are_clear(tiny_cohort, tmp_path):
@@ -113,7 +170,10 @@ def test_killed_pipeline_resumes_without_redoing_finished_stages(tiny_cohort, ti
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[hafed] done earlier, skipped" in out.stdout
     assert wd.marker("hafed").read_text() == hafed_marker
-    assert wd.results.is_file() and "| hafed | 1.00 |" in out.stdout
+    results = json.loads(wd.results.read_text())
+    for m in results["methods"]:  # the printed table holds results.json's numbers
+        cells = printed_row(out.stdout, m["method"], m["frac"])
+        assert cells[2:4] == [formatted(m, "auc"), formatted(m, "accuracy")], (m, cells)
 
 
 def test_ddp_training_with_two_cpu_processes(tiny_workdir, tmp_path):
