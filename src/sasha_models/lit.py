@@ -216,7 +216,7 @@ class HAFEDModule(_ClassifierModule):
         super().__init__(*_optimiser_settings(cfg, lr, weight_decay, max_epochs))
         self._set_model(cfg, seed, HAFED)
 
-    kind = "hafed"  # type: ignore[assignment]
+    kind = "hafed"
 
     def model_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
@@ -300,7 +300,7 @@ class TSUModule(_SashaModule):
 
     monitor = "val/loss"
     monitor_mode = "min"
-    kind = "tsu"  # type: ignore[assignment]
+    kind = "tsu"
 
     def __init__(
         self,

@@ -57,7 +57,11 @@ class RunContext(Protocol):
     strategy: str
     accelerator: str
     num_nodes: int
-    log: Callable[[str], None]
+
+    @property
+    def log(self) -> Callable[[str], None]:
+        """Where stage messages go (read-only for stages)."""
+        ...
 
     def section(self, stage: Stage) -> dict:
         """The stage's effective config section (per-model overrides applied)."""
