@@ -85,6 +85,7 @@ bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workd
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
+	$(VENV)/bin/mypy  # src/, configured in pyproject.toml [tool.mypy]
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests experiments
