@@ -92,4 +92,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache site
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache .mypy_cache site
