@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -238,7 +239,12 @@ def evaluate_sampling(
                 labels = np.array([e["label"] for e in episodes])
                 per_run.append(_clean(classification_metrics(probs, labels)))
             metrics = {k: _mean([m[k] for m in per_run]) for k in per_run[0]}
-            row = {"method": method, "frac": float(frac), **metrics, "n_slides": len(ids)}
+            row: dict[str, Any] = {
+                "method": method,
+                "frac": float(frac),
+                **metrics,
+                "n_slides": len(ids),
+            }
             if len(runs) > 1:
                 row["n_seeds"] = len(runs)
                 row["auc_sd"] = float(np.std([m["auc"] for m in per_run if m["auc"] is not None]))
