@@ -5,18 +5,44 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_DIR ?= demo-run
+# Every version `make` and CI install, torch's pin included: compiled from pyproject.toml's ranges
+# by `make lock`. Users installing the package themselves (`pip install .`) still get the ranges.
+CONSTRAINTS := requirements/constraints.txt
+# The torch release `make lock` pins. Its CPU build: the PyPI wheel for Linux pulls a multi-GB
+# CUDA stack (nvidia-*). LOCK_FIND_LINKS is a folder holding that CPU wheel; without one, uv
+# takes it from PyTorch's CPU index (--torch-backend cpu).
+TORCH_VERSION ?= 2.13.0
+LOCK_FIND_LINKS ?= /opt/wheels
+UV_VERSION := 0.13.9
 
-.PHONY: install demo test test-fast docs bench bench-scale bench-agents bench-predict lint format clean
+.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch first: an unpinned torch pulled by a dependency would be a multi-GB CUDA build.
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# torch first, at the constraints' pin (the CPU build): an unpinned torch pulled by a
+	# dependency would be a multi-GB CUDA build.
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve $(CONSTRAINTS) from pyproject.toml (extras dev and docs) for Python 3.11 on Linux
+# x86_64, keeping the versions it already pins where the ranges allow (uv prefers them); delete
+# the file first to take the newest releases. The CPU build's local label (+cpu) is dropped so
+# that `torch==X` matches the CPU build and PyPI's alike.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+	printf 'torch==%s+cpu\n' "$(TORCH_VERSION)" > $(VENV)/torch-pin.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra docs \
+	    --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	    -c $(VENV)/torch-pin.txt \
+	    $(if $(wildcard $(LOCK_FIND_LINKS)/torch-$(TORCH_VERSION)+cpu-*.whl),--find-links $(LOCK_FIND_LINKS),--torch-backend cpu) \
+	    --custom-compile-command "make lock  # see the Makefile" --quiet -o $(CONSTRAINTS)
+	sed -i 's/^torch==$(TORCH_VERSION)+cpu$$/torch==$(TORCH_VERSION)/' $(CONSTRAINTS)
+	! grep -nE '^(nvidia-|triton==)' $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/sasha demo $(DEMO_DIR)
@@ -27,8 +53,8 @@ test: $(STAMP)  # the whole suite, as CI runs it
 test-fast: $(STAMP)  # without the heavier end-to-end tests (marked slow)
 	$(PY) -m pytest -q -m "not slow"
 
-$(DOCS_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install --quiet -e ".[docs]"
+$(DOCS_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[docs]"
 	touch $(DOCS_STAMP)
 
 # The documentation site (mkdocs.yml, pages under docs/, API reference from the docstrings),
@@ -59,10 +85,11 @@ bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workd
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
+	$(VENV)/bin/mypy  # src/, configured in pyproject.toml [tool.mypy]
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests experiments
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache site
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache .mypy_cache site

@@ -33,7 +33,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object])
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON (non-JSON values as strings), atomically."""
     text = json.dumps(obj, indent=indent, default=str) + "\n"
     replace_atomically(path, lambda tmp: tmp.write_text(text))

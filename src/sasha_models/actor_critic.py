@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,9 @@ class SashaActorCritic(nn.Module):
         -> logits (B, N), value (B, 1)``
     """
 
+    obs_mean: Tensor  # buffers, with project_from: (D,) and (D, d_features)
+    obs_basis: Tensor
+
     def __init__(
         self,
         d_features: int,
@@ -284,8 +288,9 @@ class SashaActorCritic(nn.Module):
                 f"rows of {d} features, but this network reads {self.d_features}"
                 + (f" (or {self.project_from}, projected)" if self.project_from else "")
             )
-        w = torch.cat([m[0].weight for m in mlps])  # (H·m, d + 1 [+ 2])
-        b = torch.cat([m[0].bias for m in mlps])
+        firsts = [cast(nn.Linear, m[0]) for m in mlps]
+        w = torch.cat([f.weight for f in firsts])  # (H·m, d + 1 [+ 2])
+        b = torch.cat([f.bias for f in firsts])
         out = torch.addcmul(
             F.linear(features, w[:, :d], b), visited.to(w.dtype)[..., None], w[:, d]
         )

@@ -13,8 +13,8 @@ pairs of all the batch's slides concatenated.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -207,7 +207,7 @@ def pairs_collate(batch: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
 class _SplitDataModule(L.LightningDataModule, abc.ABC):
     """Train/val/test loaders over a source's splits; subclasses build the datasets."""
 
-    collate_fn = staticmethod(pad_collate)
+    collate_fn: Callable[[Any], tuple[Tensor, ...]] = staticmethod(pad_collate)
 
     def __init__(self, source: BagSource, batch_size: int = 1, num_workers: int = 0) -> None:
         super().__init__()

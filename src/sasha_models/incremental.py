@@ -24,6 +24,8 @@ cached path must equal (tests check 1e-5 relative).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -55,13 +57,13 @@ class IncrementalClassifier:
     """
 
     def __init__(self, classifier: nn.Module, incremental: bool = True) -> None:
-        clf = getattr(classifier, "level2", classifier)
+        clf: Any = getattr(classifier, "level2", classifier)  # duck-typed: checked below
         if not (hasattr(clf, "instance_scores") and hasattr(clf, "pool")):
             raise TypeError(
                 f"{type(classifier).__name__} has no instance_scores/pool; "
                 "expected an AttentionMILClassifier or a HAFED"
             )
-        self.classifier = clf
+        self.classifier: AttentionMILClassifier = clf
         self.incremental = bool(incremental)
         self._running = isinstance(clf, AttentionMILClassifier)
         self._a: Tensor | None = None  # (N, M) attention logits
@@ -142,7 +144,7 @@ class IncrementalClassifier:
 
     def _head(self) -> Tensor:
         """Slide logits from the sums: the head on the branch-averaged pooled features."""
-        assert self._s is not None and self._z is not None
+        assert self._s is not None and self._z is not None and self._h is not None
         pooled = (self._s / self._z.clamp_min(1e-300).unsqueeze(1)).mean(0)  # (D,)
         clf = self.classifier
         self._logits = clf.slide_head(clf.head_dropout(pooled.to(self._h.dtype)))

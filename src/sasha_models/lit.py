@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -137,10 +137,10 @@ class _SashaModule(L.LightningModule, abc.ABC):
         if self.trainer.world_size <= 1:
             return t
         n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = self.all_gather(n).reshape(-1).tolist()
+        sizes = cast(Tensor, self.all_gather(n)).reshape(-1).tolist()
         padded = t.new_zeros((max(sizes), *t.shape[1:]))
         padded[: t.shape[0]] = t
-        gathered = self.all_gather(padded)  # (world, max, ...)
+        gathered = cast(Tensor, self.all_gather(padded))  # (world, max, ...)
         return torch.cat([gathered[r, :s] for r, s in enumerate(sizes)])
 
 
@@ -216,7 +216,7 @@ class HAFEDModule(_ClassifierModule):
         super().__init__(*_optimiser_settings(cfg, lr, weight_decay, max_epochs))
         self._set_model(cfg, seed, HAFED)
 
-    kind = "hafed"  # type: ignore[assignment]
+    kind = "hafed"
 
     def model_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
@@ -300,7 +300,7 @@ class TSUModule(_SashaModule):
 
     monitor = "val/loss"
     monitor_mode = "min"
-    kind = "tsu"  # type: ignore[assignment]
+    kind = "tsu"
 
     def __init__(
         self,
@@ -321,7 +321,7 @@ class TSUModule(_SashaModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         v_a, z_a, z_j, v_j = batch
         if v_j.shape[0] == 0:  # no similar patch: a zero loss that still touches every weight
-            loss = sum(p.sum() for p in self.parameters()) * 0.0
+            loss = cast(Tensor, sum(p.sum() for p in self.parameters()) * 0.0)
         else:
             loss = F.mse_loss(self.model(v_a, z_a, z_j), v_j)
         self.log("train/loss", loss, batch_size=max(1, v_j.shape[0]), prog_bar=True)
@@ -552,7 +552,8 @@ def predict_probs(
     flatten = kind == "highres" and not isinstance(model, HAFED)
     ds = BagDataset(source, split, kind, flatten_highres=flatten)
     probs, labels = [], []
-    for x, y in ds:
+    for i in range(len(ds)):
+        x, y = ds[i]
         logits = slide_logits(model, x.to(device), None, kind)
         probs.append(torch.softmax(logits.float(), -1).cpu())
         labels.append(int(y))

@@ -59,7 +59,7 @@ class DictPassthroughExtractor(BaseFeaturesExtractor):
     def __init__(self, observation_space: spaces.Dict) -> None:
         super().__init__(observation_space, features_dim=1)
 
-    def forward(self, observations: dict[str, Tensor]) -> dict[str, Tensor]:  # type: ignore[override]
+    def forward(self, observations: dict[str, Tensor]) -> dict[str, Tensor]:
         return observations
 
 

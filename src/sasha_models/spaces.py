@@ -74,7 +74,7 @@ def legal_actions(valid: A, visited: A) -> A:
     Returns:
         bool, the same shape and library as the inputs.
     """
-    return (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator]
+    return (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator, return-value]
 
 
 def row_bits(x: A) -> A:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class TSU(nn.Module):
         """One anchor ``(d,)``, many targets ``(..., d)`` (a zoom's update): the anchor's part
         of the first layer, ``W_v v_a + W_a z_a + b``, is computed once instead of per target,
         a third of the first layer's work per target instead of all of it."""
-        first, d = self.net[0], self.cfg.d
+        first, d = cast(nn.Linear, self.net[0]), self.cfg.d
         w = first.weight  # (hidden, 3d): columns for v_a, z_a, z_j
         anchor = torch.addmv(first.bias, w[:, : 2 * d], torch.cat([v_a, z_a]))
         return self.net[1:](F.linear(z_j, w[:, 2 * d :]) + anchor)

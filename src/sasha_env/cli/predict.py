@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..slides.manifest import read_manifest
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers
+
+if TYPE_CHECKING:
+    from ..predict import Prediction
 
 
 def add_predict(sub: SubParsers) -> None:
@@ -106,6 +110,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     failed = 0
     for path in slides:
         picture = args.pictures / f"{Path(path).stem}.png" if args.pictures else None
+        record: Prediction | dict[str, str]
         try:
             record = predictor.predict(path, picture=picture, geojson=args.geojson)
         except Exception as exc:  # one bad slide never stops the batch

@@ -92,12 +92,12 @@ def episode_geojson(
             for c, p in zip(class_names, step_probabilities[order - 1], strict=True):
                 m[f"P({c}) after zoom"] = float(p)
         features.append(
-            _feature(_square(*coords[i], side_px, dims), "annotation", int(i), m, "Zoomed",
+            _feature(_square(coords[i][0], coords[i][1], side_px, dims), "annotation", int(i), m, "Zoomed",
                      ZOOMED_RGB, f"zoom {order}")
         )  # fmt: skip
     for i in updated:
         features.append(
-            _feature(_square(*coords[i], side_px, dims), "detection", int(i), {}, "TSU-updated",
+            _feature(_square(coords[i][0], coords[i][1], side_px, dims), "detection", int(i), {}, "TSU-updated",
                      UPDATED_RGB)
         )  # fmt: skip
     if attention is not None or patch_probabilities is not None:
@@ -108,7 +108,9 @@ def episode_geojson(
             if patch_probabilities is not None:
                 for c, p in zip(class_names, patch_probabilities[i], strict=True):
                     m[f"P({c})"] = float(p)
-            features.append(_feature(_square(*coords[i], side_px, dims), "tile", i, m))
+            features.append(
+                _feature(_square(coords[i][0], coords[i][1], side_px, dims), "tile", i, m)
+            )
     props: dict = {"slide_id": slide_id, "n_patches": len(coords), "n_zoomed": len(zoomed)}
     if slide_probabilities is not None:
         props["probabilities"] = {

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,9 @@ class Backbone(nn.Module):
             says otherwise).
         mean, std: per-channel normalisation applied to inputs scaled to [0, 1].
     """
+
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1) float32
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -101,7 +105,7 @@ class _EfficientNetPooled(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = net
+        self.net: Any = net  # efficientnet_lite_pytorch's model (untyped): extract_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
@@ -176,7 +180,7 @@ def _hf_input(folder: Path, config) -> tuple[int, tuple, tuple]:
     size = spec.get("crop_size") if spec.get("do_center_crop") else spec.get("size")
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or size.get("width")
-    side = int(size or getattr(config, "image_size", 224))
+    side = int(size) if size else int(getattr(config, "image_size", 224))
     mean = tuple(spec.get("image_mean") or IMAGENET_MEAN)
     std = tuple(spec.get("image_std") or IMAGENET_STD)
     return side, mean, std

@@ -218,7 +218,7 @@ def assemble_slide(lo: PatchFile, hi: PatchFile) -> Assembly:
     sub = np.floor((centres[assigned] - lo.coords[owner[assigned]]) / s_hi).astype(np.int64)
     flat = owner[assigned] * k + sub[:, 1] * zoom + sub[:, 0]  # row-major within the cell
     first = np.unique(flat, return_index=True)[1]  # a second patch in one slot is dropped
-    slot = np.full(n_lo * k, -1, np.int64)
+    slot: np.ndarray = np.full(n_lo * k, -1, np.int64)
     slot[flat[first]] = assigned[first]
     slot = slot.reshape(n_lo, k)
     unassigned = len(centres) - len(assigned)

@@ -235,11 +235,11 @@ class SlideInfo:
             path=attrs.get("path"),
             split=attrs.get("split"),
             source=attrs.get("source"),
-            dimensions=_tuple(attrs.get("dimensions")),  # type: ignore[arg-type]
+            dimensions=_tuple(attrs.get("dimensions")),
             mpp=attrs.get("mpp"),
             level_downsamples=_tuple(attrs.get("level_downsamples")),
             n_patches=attrs.get("n_patches"),
-            shape=_tuple(attrs.get("shape")),  # type: ignore[arg-type]
+            shape=_tuple(attrs.get("shape")),
             hi_downsample=attrs.get("hi_downsample"),
             lo_downsample=attrs.get("lo_downsample"),
             patch_px=attrs.get("patch_px"),

@@ -32,6 +32,7 @@ import socket
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import zarr
@@ -165,7 +166,7 @@ class FeatureStore:
                 else ""
             )
             raise StoreError(f"{self.path}: slide {slide_id!r} has no {name!r} array{hint}")
-        return np.asarray(group[name][...])
+        return np.asarray(cast(zarr.Array, group[name])[...])  # the slide's members are arrays
 
     def has_array(self, slide_id: str, name: str) -> bool:
         return (self.path / "slides" / slide_id / name / "zarr.json").is_file()
@@ -243,8 +244,8 @@ class FeatureStore:
             parts = entry.name.split("~")
             if len(parts) != 5:  # an older layout: <name>.<pid>.<random>
                 old = entry.name.rsplit(".", 2)
-                pid = int(old[1]) if len(old) == 3 and old[1].isdigit() else None
-                if pid is None or not _pid_alive(pid):
+                old_pid = int(old[1]) if len(old) == 3 and old[1].isdigit() else None
+                if old_pid is None or not _pid_alive(old_pid):
                     shutil.rmtree(entry, ignore_errors=True)
                 continue
             target, kind, host, pid = parts[0], parts[1], parts[2], parts[3]

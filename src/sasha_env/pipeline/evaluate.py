@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,14 +127,14 @@ def add_uncertainty(
     for name, (ids, runs) in predictions.items():
         order = np.array([position[s] for s in ids])
         aligned = [np.empty_like(r) for r in runs]
-        for a, r in zip(aligned, runs, strict=True):
-            a[order] = r  # rows in slide_ids order
+        for dst, run in zip(aligned, runs, strict=True):
+            dst[order] = run  # rows in slide_ids order
         boots[name] = bootstrap_metrics(aligned, labels, idx)
     for row in rows:
-        b = boots.get(method_name(row["method"], row["frac"]))
-        if b is not None:
+        boot = boots.get(method_name(row["method"], row["frac"]))
+        if boot is not None:
             for metric in ("auc", "accuracy", "f1"):
-                row[f"{metric}_ci"] = percentile_ci(b[metric], CI_LEVEL)
+                row[f"{metric}_ci"] = percentile_ci(boot[metric], CI_LEVEL)
     by_name = {method_name(r["method"], r["frac"]): r for r in rows}
     paired = []
     for row in rows:
@@ -238,7 +239,12 @@ def evaluate_sampling(
                 labels = np.array([e["label"] for e in episodes])
                 per_run.append(_clean(classification_metrics(probs, labels)))
             metrics = {k: _mean([m[k] for m in per_run]) for k in per_run[0]}
-            row = {"method": method, "frac": float(frac), **metrics, "n_slides": len(ids)}
+            row: dict[str, Any] = {
+                "method": method,
+                "frac": float(frac),
+                **metrics,
+                "n_slides": len(ids),
+            }
             if len(runs) > 1:
                 row["n_seeds"] = len(runs)
                 row["auc_sd"] = float(np.std([m["auc"] for m in per_run if m["auc"] is not None]))
@@ -293,10 +299,9 @@ def _clean(metrics: dict) -> dict:
 
 def format_table(results: dict | str | Path) -> str:
     """The results as Markdown tables: every method, then paired differences and calibration."""
-    if not isinstance(results, dict):
-        results = json.loads(Path(results).read_text())
+    data: dict = results if isinstance(results, dict) else json.loads(Path(results).read_text())
     rows = []
-    for m in results["methods"]:
+    for m in data["methods"]:
         hit = m.get("tumour_hit_rate")
         rows.append(
             [m["method"], f"{m['frac']:.2f}", _with_ci(m, "auc"), _with_ci(m, "accuracy")]
@@ -305,13 +310,13 @@ def format_table(results: dict | str | Path) -> str:
         )
     columns = ["method", "frac", "AUC [95% CI]", "accuracy [95% CI]", "F1", "ECE"]
     tables = [markdown_table([*columns, "tumour-hit rate"], rows)]
-    if results.get("paired"):
+    if data.get("paired"):
         rows = []
-        for p in results["paired"]:
+        for p in data["paired"]:
             diff = "n/a" if p["diff"] is None else f"{p['diff']:+.3f}"
             ci = "" if p["ci"] is None else f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             rows.append([f"{p['a']} − {p['b']}", p["metric"], diff + ci])
-        n = results.get("n_slides", "the")
+        n = data.get("n_slides", "the")
         tables.append(
             markdown_table(
                 ["comparison", "metric", "difference [95% CI]"],
@@ -319,7 +324,7 @@ def format_table(results: dict | str | Path) -> str:
                 f"Paired differences on the same {n} test slides (95% bootstrap CI):",
             )
         )
-    calibrated = [m for m in results["methods"] if m.get("calibrated")]
+    calibrated = [m for m in data["methods"] if m.get("calibrated")]
     if calibrated:
         rows = []
         for m in calibrated:

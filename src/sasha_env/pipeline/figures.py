@@ -120,8 +120,10 @@ def zoom_paths(
         ax.imshow(img)
         record = records.get(sid)
         handles = [
-            plt.Line2D([], [], color=np.array(ZOOMED_RGB) / 255, lw=4, label="zoomed (order)"),
-            plt.Line2D([], [], color=np.array(UPDATED_RGB) / 255, lw=4, label="TSU-updated"),
+            plt.Line2D(
+                [], [], color=tuple(np.array(ZOOMED_RGB) / 255), lw=4, label="zoomed (order)"
+            ),
+            plt.Line2D([], [], color=tuple(np.array(UPDATED_RGB) / 255), lw=4, label="TSU-updated"),
         ]
         if record is not None and record.mask and Path(record.mask).is_file():
             mask = np.asarray(Image.open(record.mask).convert("L")) > 0

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..agents.config import AgentConfig, agent_name, steps_for
 from ..atomic import write_json
@@ -25,6 +25,8 @@ from ..distributed import is_rank_zero
 from ..workdir import Workdir
 
 if TYPE_CHECKING:  # the stages import their heavy dependencies when they run
+    from sasha_models.hafed import HAFED
+
     from ..features.bags import StoreBags
     from ..features.store import FeatureStore
 
@@ -57,7 +59,11 @@ class RunContext(Protocol):
     strategy: str
     accelerator: str
     num_nodes: int
-    log: Callable[[str], None]
+
+    @property
+    def log(self) -> Callable[[str], None]:
+        """Where stage messages go (read-only for stages)."""
+        ...
 
     def section(self, stage: Stage) -> dict:
         """The stage's effective config section (per-model overrides applied)."""
@@ -285,7 +291,7 @@ def distill_store(wd: Workdir, progress: bool = False) -> dict:
     from ..features.store import FeatureStore  # lazy: zarr, as above
 
     model_path = wd.require(wd.model("hafed"), "hafed")
-    hafed = load_model(model_path)
+    hafed = cast("HAFED", load_model(model_path))  # the HAFED stage's export
     store = FeatureStore(wd.store, mode="a")
     check_feature_dim(hafed, store.feature_dim, name=str(model_path))
     digest = file_sha256(model_path)

@@ -99,6 +99,10 @@ class Study:
                 self._share_features(wd, cohort)
                 state = "checking" if _finished(wd) else "running"
                 self.log(f"[study] seed {seed}: {state} the pipeline in {wd.root}")
+
+                def seed_log(m: str, s: int = seed) -> None:
+                    self.log(f"[seed {s}] {m}")
+
                 Pipeline(
                     wd.root,
                     manifest=cohort,
@@ -106,7 +110,7 @@ class Study:
                     config_path=self.config_path,
                     overrides={**self.overrides, "seed": seed},
                     progress=self.progress,
-                    log=lambda m, s=seed: self.log(f"[seed {s}] {m}"),
+                    log=seed_log,
                 ).run()
             finally:
                 claim.release()
@@ -267,10 +271,10 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
         ]
         calibrated = [by_seed[s]["calibrated"] for s in by_seed if by_seed[s].get("calibrated")]
         for kind in sorted({k for c in calibrated for k in c}):  # val-fitted, on test
-            values = [c[kind] for c in calibrated if kind in c]
-            row.setdefault("calibrated", {})[kind] = {"n_seeds": len(values)}
+            of_kind = [c[kind] for c in calibrated if kind in c]
+            row.setdefault("calibrated", {})[kind] = {"n_seeds": len(of_kind)}
             for metric in ("accuracy", "ece"):
-                mean, sd = mean_sd([v.get(metric) for v in values])
+                mean, sd = mean_sd([v.get(metric) for v in of_kind])
                 row["calibrated"][kind] |= {f"{metric}_mean": mean, f"{metric}_sd": sd}
         methods.append(row)
     pairs: dict[tuple[str, str, str], list[float]] = {}

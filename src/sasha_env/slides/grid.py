@@ -43,7 +43,7 @@ class GridConfig:
     """Longest side of the segmentation thumbnail (at most; coarser when 16 px per cell allow)."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> GridConfig:
+    def from_dict(cls, d: dict | None) -> GridConfig:
         return dataclass_from_dict(cls, d, "grid")
 
     @property

@@ -112,7 +112,7 @@ def file_identity(path: str | Path, fingerprint: bool = True) -> dict:
     """
     path = Path(path)
     stat = path.stat()
-    out = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    out: dict[str, int | str] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if fingerprint:
         import hashlib
 

@@ -161,7 +161,8 @@ class SynthConfig:
             raise ValueError(
                 f"unknown synth config key(s) {unknown}; valid keys: {', '.join(names)}"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
 
 
 @dataclass
@@ -459,7 +460,7 @@ def _blob(
 def _place_regions(
     rng: np.random.Generator,
     tissue: np.ndarray,
-    radii: Sequence[float],
+    radii: Sequence[float] | np.ndarray,
     placed: list[tuple[float, float, float]],
 ) -> list[tuple[float, float, float]]:
     """Centres for regions of ``radii`` inside coarse-grid ``tissue``, apart from ``placed``.
@@ -777,7 +778,7 @@ def write_pyramid_tiff(
         )
     path = Path(path)
     res = 1e4 / mpp  # pixels per centimetre
-    options = dict(
+    options: dict[str, Any] = dict(
         tile=(tile_px, tile_px),
         compression="jpeg",
         compressionargs={"level": _JPEG_QUALITY},
