@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import gymnasium
+
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (below)
@@ -79,8 +81,6 @@ def __dir__() -> list[str]:
 
 def _register() -> None:
     """Register ``Sasha-WSI-v0`` with Gymnasium (once; ``gymnasium.make`` imports the env lazily)."""
-    import gymnasium
-
     if "Sasha-WSI-v0" not in gymnasium.registry:
         gymnasium.register(id="Sasha-WSI-v0", entry_point="sasha_env.envs.wsi:SashaWSIEnv")
 

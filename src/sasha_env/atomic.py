@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -44,8 +45,6 @@ class PartialCSV:
     (a killed run never leaves a half-written file under the real name)."""
 
     def __init__(self, path: str | os.PathLike, header: list[str]) -> None:
-        import csv
-
         self.path = Path(path)
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         self.file = self.partial.open("w", newline="")

@@ -9,6 +9,8 @@ which rejects unknown keys by name so that a typo never passes silently.
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -29,10 +31,9 @@ def say(message: str) -> None:
 
 def quiet_lightning() -> None:
     """Silence Lightning's start-up chatter (device summaries, tips); warnings still show."""
-    import logging
-    import warnings
-
-    import lightning  # noqa: F401  (it sets its loggers' levels on import: import first)
+    # lazy: Lightning, only when a run starts (the CLI loads this module); it sets its
+    # loggers' levels on import, so it is imported before they are changed
+    import lightning  # noqa: F401
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ def is_rank_zero() -> bool:
 def _process_group() -> bool:
     """Whether a torch.distributed process group with more than one process is up (Lightning
     starts one with its first DDP trainer and keeps it until the process exits)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; the CLI loads this module without it
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -32,6 +32,6 @@ def _process_group() -> bool:
 def barrier() -> None:
     """Wait until every process of the run gets here (nothing to wait for in a single process)."""
     if _process_group():
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: as above
 
         dist.barrier()

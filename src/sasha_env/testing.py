@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 import torch
+from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 
 from sasha_models.checkpoint import export_dict, save_export
 from sasha_models.hafed import HAFED, HAFEDConfig
@@ -453,7 +454,6 @@ def check_env(env: gym.Env) -> None:
     Raises:
         AssertionError, UserWarning...: what the checkers raise or warn.
     """
-    from gymnasium.utils.env_checker import check_env as gymnasium_check_env
     from stable_baselines3.common.env_checker import (  # lazy: SB3, only for this check
         check_env as sb3_check_env,
     )

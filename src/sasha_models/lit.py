@@ -508,7 +508,7 @@ def train_model(
         }
         save_export(path, blob)  # written whole, then renamed
         if wandb is not None:
-            import wandb as wandb_lib
+            import wandb as wandb_lib  # lazy: W&B, only when a run logs to it
 
             wandb_lib.finish()
     trainer.strategy.barrier()

@@ -90,6 +90,6 @@ def row_bits(x: A) -> A:
     """
     if isinstance(x, np.ndarray):
         return x.view(np.int32) if x.dtype == np.float32 else x  # type: ignore[return-value]
-    import torch  # only torch tensors get here
+    import torch  # lazy: only torch tensors get here; the env's numpy path needs no torch
 
     return x.view(torch.int32) if x.dtype == torch.float32 else x  # type: ignore[attr-defined]

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from stable_baselines3.dqn.policies import MultiInputPolicy as DQNMultiInputPolicy
+
+from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
+from sasha_models.spaces import action_space, observation_space
 
 from ..atomic import replace_atomically, write_json
 
@@ -31,10 +35,6 @@ FORMAT_VERSION = 1
 
 def _policy_classes() -> dict[str, type]:
     """The policy classes an export may name (nothing else can be constructed)."""
-    from stable_baselines3.dqn.policies import MultiInputPolicy as DQNMultiInputPolicy
-
-    from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
-
     return {
         "SashaActorCriticPolicy": SashaActorCriticPolicy,
         "SashaPPOPolicy": SashaPPOPolicy,
@@ -105,8 +105,6 @@ def load_policy(agent_dir: str | os.PathLike, device: str = "cpu") -> Any:
             existed: re-run the agents stage).
         ValueError: a malformed or unknown description, or weights that do not fit it.
     """
-    from sasha_models.spaces import action_space, observation_space
-
     folder = Path(agent_dir)
     desc_path, weights = folder / POLICY_DESCRIPTION, folder / POLICY_WEIGHTS
     for path in (desc_path, weights):

@@ -171,7 +171,7 @@ def train_agent(
     total = cfg.epochs * schedule.steps_per_epoch() if schedule else steps_for(cfg, frac)
     wandb_run = None
     if wandb is not None:
-        import wandb as wandb_lib
+        import wandb as wandb_lib  # lazy: W&B, only when a run logs to it
 
         kw = {"mode": "offline", "project": "sasha", **wandb}
         wandb_run = wandb_lib.init(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..slides.slide import Slide
+
 __all__ = ["GRID_RGB", "UPDATED_RGB", "ZOOMED_RGB", "ThumbnailCache", "draw_patches"]
 
 #: Outline of every patch of the grid.
@@ -45,8 +47,6 @@ class ThumbnailCache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            from ..slides.slide import Slide
-
             with Slide(path) as slide:
                 thumb = slide.thumbnail(self.max_side_px)
         except Exception as exc:  # any unreadable slide falls back to a canvas

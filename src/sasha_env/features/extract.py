@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_json
 from ..config import dataclass_from_dict, quiet_lightning
@@ -356,8 +357,6 @@ class _SlideWriter(L.Callback):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         if self.progress and trainer.global_rank == 0:
-            from tqdm.auto import tqdm
-
             share = len(range(0, self.n_slides, trainer.world_size))
             self._bar = tqdm(
                 total=share,

@@ -29,9 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..slides.manifest import SPLITS, ManifestError, file_identity, is_safe_id, resolve_csv_path
+from ..slides.slide import Slide
 from .records import SlideInfo, StoreInfo
 from .store import FeatureStore
 
@@ -81,8 +84,6 @@ def read_patch_file(path: str | Path, size_level0: float | None = None) -> Patch
     Raises:
         FeatureImportError: not HDF5, no ``features``/``coords``, mismatched rows, or bad shapes.
     """
-    import h5py
-
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -376,8 +377,6 @@ def import_cohort(
     store = FeatureStore(out, mode="a") if (out / "zarr.json").is_file() else None
     iterator = rows
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(rows, desc="import", unit="slide")
     for row in iterator:
         lo_path = lowres_dir / f"{row.slide_id}.h5"
@@ -451,8 +450,6 @@ def _slide_extent(path: Path | None) -> tuple[tuple[int, int] | None, float | No
     """Level-0 ``(width, height)`` and mpp of the slide file, when one is given and readable."""
     if path is None or not path.is_file():
         return None, None
-    from ..slides.slide import Slide
-
     try:
         with Slide(path) as slide:
             return tuple(int(x) for x in slide.dimensions), slide.mpp  # type: ignore[return-value]

@@ -25,6 +25,7 @@ the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -275,8 +276,6 @@ class FeatureStore:
 def store_identity(store: FeatureStore) -> str:
     """What the store holds: its root attributes as written and each slide's id and source
     fingerprint."""
-    import hashlib
-
     slides = [(sid, store.slide_info(sid).fingerprint) for sid in store.slide_ids()]
     text = json.dumps([_jsonable(dict(store._root.attrs)), slides], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..agents.config import AgentConfig
 from ..atomic import write_json
 from ..config import say
 from ..features.bags import StoreBags
@@ -39,13 +40,11 @@ def calibrate_workdir(
     wd: Workdir, cfg: dict, split: str = "val", log: Callable[[str], None] = say
 ) -> dict:
     """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent."""
-    from sasha_models.calibration import KINDS, fit_calibration
-    from sasha_models.lit import load_model, predict_probs
+    from sasha_models.calibration import KINDS, fit_calibration  # lazy: torch, when the stage runs
+    from sasha_models.lit import load_model, predict_probs  # lazy: Lightning, as above
 
-    # lazy: SB3 and torch load only when the stage runs
-    from ..agents.config import AgentConfig
-    from ..agents.envs import has_agent, load_agent
-    from ..agents.episodes import agent_policy, run_episodes
+    from ..agents.envs import has_agent, load_agent  # lazy: SB3 and torch, as above
+    from ..agents.episodes import agent_policy, run_episodes  # lazy: as above
 
     bags = StoreBags(FeatureStore(wd.store), read_manifest(wd.manifest))
     ids = bags.slide_ids(split)

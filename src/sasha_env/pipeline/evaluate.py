@@ -18,6 +18,7 @@ import numpy as np
 
 from sasha_models.stats import percentile_ci, stratified_resamples
 
+from ..agents.config import AgentConfig
 from ..atomic import write_json
 from ..config import say
 from ..features.bags import StoreBags
@@ -206,7 +207,6 @@ def evaluate_sampling(
     from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     # lazy: SB3 and torch load only when agents are evaluated
-    from ..agents.config import AgentConfig
     from ..agents.envs import has_agent, load_agent, make_env
     from ..agents.episodes import agent_policy, attention_topk_policy, random_policy, run_episodes
 

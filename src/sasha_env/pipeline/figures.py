@@ -17,6 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..atomic import replace_atomically  # noqa: E402
+from ..envs.geojson import replay_geojson, write_geojson  # noqa: E402
 from ..envs.render import UPDATED_RGB, ZOOMED_RGB, ThumbnailCache, draw_patches  # noqa: E402
 from ..features.records import SlideInfo  # noqa: E402
 from ..features.store import FeatureStore  # noqa: E402
@@ -271,8 +272,7 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
 def episode_geojsons(wd: Workdir, episodes_json: Path, out_dir: Path) -> list[Path]:
     """``out_dir/<slide_id>.geojson`` for every episode of an ``episodes/<agent>-<f>.json``:
     its zooms replayed on the test split (:func:`~sasha_env.envs.geojson.replay_geojson`)."""
-    from ..envs.geojson import replay_geojson, write_geojson
-    from ..envs.wsi import SashaWSIEnv
+    from ..envs.wsi import SashaWSIEnv  # lazy: torch, only to replay episodes (not for plots)
 
     episodes = json.loads(episodes_json.read_text())
     frac = float(episodes_json.stem.rsplit("-", 1)[1])

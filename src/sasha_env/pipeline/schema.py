@@ -16,6 +16,9 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..agents.config import AgentConfig
+from .stages import BASELINE_STAGES
+
 __all__ = ["ConfigError", "SECTIONS", "validate_config"]
 
 
@@ -39,31 +42,31 @@ def _signature_keys(fn: Callable, drop: Iterable[str] = ()) -> dict[str, Any]:
 
 
 def _synth() -> dict[str, Any]:
-    from ..slides.synth import SynthConfig
+    from ..slides.synth import SynthConfig  # lazy: scipy, tifffile (the CLI loads this module)
 
     return _dataclass_keys(SynthConfig)
 
 
 def _grid() -> dict[str, Any]:
-    from ..slides.grid import GridConfig
+    from ..slides.grid import GridConfig  # lazy: scipy, scikit-image (as above)
 
     return _dataclass_keys(GridConfig)
 
 
 def _extract() -> dict[str, Any]:
-    from ..features.extract import ExtractConfig
+    from ..features.extract import ExtractConfig  # lazy: torch, Lightning (as above)
 
     return _dataclass_keys(ExtractConfig)
 
 
 def _hafed() -> dict[str, Any]:
-    from sasha_models.hafed import HAFEDConfig
+    from sasha_models.hafed import HAFEDConfig  # lazy: torch (as above)
 
     return _dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes"))
 
 
 def _tsu() -> dict[str, Any]:
-    from sasha_models.tsu import TSUConfig
+    from sasha_models.tsu import TSUConfig  # lazy: torch (as above)
 
     keys = _dataclass_keys(TSUConfig, drop=("d",))
     return {**keys, "tau": float | str, "tau_quantile": float}  # tau may be "auto"
@@ -71,7 +74,7 @@ def _tsu() -> dict[str, Any]:
 
 def _mil(name: str) -> dict[str, Any]:
     """Keys of one MIL model's section: training settings and the model's own arguments."""
-    from sasha_models.baselines import MIL_MODELS
+    from sasha_models.baselines import MIL_MODELS  # lazy: torch (as above)
 
     return {
         "lr": float,
@@ -88,16 +91,12 @@ def _lowres() -> dict[str, Any]:
 
 def _baselines() -> dict[str, Any]:
     """Keys every baseline accepts (the section applies to all); others go under ``models``."""
-    from .stages import BASELINE_STAGES
-
     per_model = [_mil(name) for name in BASELINE_STAGES]
     shared = {k: v for k, v in per_model[0].items() if all(k in m for m in per_model[1:])}
     return {**shared, "models": dict}
 
 
 def _agents() -> dict[str, Any]:
-    from ..agents.config import AgentConfig
-
     return _dataclass_keys(AgentConfig)
 
 
@@ -250,8 +249,6 @@ def validate_config(cfg: dict[str, Any], sections: Iterable[str] | None = None) 
         keys = schema()
         _check_keys(name, cfg[name], keys)
         if name == "baselines":  # per-model overrides: baselines.models.<model>.<key>
-            from .stages import BASELINE_STAGES
-
             models = (cfg[name] or {}).get("models") or {}
             for model, values in models.items():
                 if model not in BASELINE_STAGES:

@@ -13,6 +13,7 @@ To add a stage: write its ``run`` function below and add a :class:`Stage` to
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from ..agents.config import AgentConfig, agent_name, steps_for
 from ..atomic import write_json
 from ..distributed import is_rank_zero
+from ..slides.manifest import read_manifest
 from ..workdir import Workdir
 
 if TYPE_CHECKING:  # the stages import their heavy dependencies when they run
@@ -159,8 +161,6 @@ class Stage:
 
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes (a model's identity in downstream keys)."""
-    import hashlib
-
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -172,9 +172,10 @@ def file_sha256(path: Path) -> str:
 
 
 def _run_extract(p: RunContext, ctx: StageContext) -> dict:
-    from ..features.extract import ExtractConfig, extract_cohort
-    from ..features.store import FeatureStore
-    from ..slides.grid import GridConfig
+    # lazy: each stage loads its heavy dependencies when it runs (the CLI loads this module)
+    from ..features.extract import ExtractConfig, extract_cohort  # lazy: torch, Lightning
+    from ..features.store import FeatureStore  # lazy: zarr
+    from ..slides.grid import GridConfig  # lazy: scipy, scikit-image
 
     if p.features is not None or _imported(p.wd.store):
         return _adopt_features(p)
@@ -198,7 +199,7 @@ def _run_extract(p: RunContext, ctx: StageContext) -> dict:
 
 
 def _imported(path: Path) -> bool:
-    from ..features.store import FeatureStore
+    from ..features.store import FeatureStore  # lazy: zarr
 
     return (path / "zarr.json").is_file() and FeatureStore(path).info.is_imported
 
@@ -206,8 +207,7 @@ def _imported(path: Path) -> bool:
 def _adopt_features(p: RunContext) -> dict:
     """The extract stage of a workdir whose features came from elsewhere: nothing to embed;
     manifest slides missing from the store are named, as extraction names its failures."""
-    from ..features.store import FeatureStore, store_identity
-    from ..slides.manifest import read_manifest
+    from ..features.store import FeatureStore, store_identity  # lazy: zarr
 
     store = FeatureStore(p.wd.store)
     records = read_manifest(p.wd.manifest).records
@@ -235,10 +235,6 @@ def cohort_digest(p: RunContext, store: FeatureStore) -> str:
     manifest slide in the store. Later stages are keyed on it (through extract's outputs), so
     a relabelled, re-split, added, removed or changed slide retrains them, while a copied
     cohort (new file times, same content) does not."""
-    import hashlib
-
-    from ..slides.manifest import read_manifest
-
     entries = [
         (
             r.slide_id,
@@ -257,9 +253,9 @@ def _export(path: Path) -> dict:
 
 
 def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
-    from sasha_models.data import BagDataModule
-    from sasha_models.hafed import HAFEDConfig
-    from sasha_models.lit import HAFEDModule, train_model
+    from sasha_models.data import BagDataModule  # lazy: torch, Lightning, when the stage runs
+    from sasha_models.hafed import HAFEDConfig  # lazy: as above
+    from sasha_models.lit import HAFEDModule, train_model  # lazy: as above
 
     bags = p.bags()
     cfg = HAFEDConfig(
@@ -298,7 +294,7 @@ def distill_store(wd: Workdir, progress: bool = False) -> dict:
     ids = store.slide_ids()
     iterator = ids
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: only with a progress bar
 
         iterator = tqdm(ids, desc="distill", unit="slide")
     with torch.inference_mode():
@@ -316,9 +312,9 @@ def distill_store(wd: Workdir, progress: bool = False) -> dict:
 
 
 def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
-    from sasha_models.data import TSUPairDataModule
-    from sasha_models.lit import TSUModule, train_model
-    from sasha_models.tsu import TSUConfig, calibrate_tau
+    from sasha_models.data import TSUPairDataModule  # lazy: torch, Lightning, when the stage runs
+    from sasha_models.lit import TSUModule, train_model  # lazy: as above
+    from sasha_models.tsu import TSUConfig, calibrate_tau  # lazy: as above
 
     bags = p.bags()
     section = p.section(ctx.stage)
@@ -336,8 +332,8 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
 
 def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     """The low-res classifier (``lowres``) and the MIL baselines on full high-res features."""
-    from sasha_models.data import BagDataModule
-    from sasha_models.lit import MILModule, train_model
+    from sasha_models.data import BagDataModule  # lazy: torch, Lightning, when the stage runs
+    from sasha_models.lit import MILModule, train_model  # lazy: as above
 
     name = ctx.stage.name
     bags = p.bags()
@@ -394,18 +390,18 @@ def _run_agents(p: RunContext, ctx: StageContext) -> dict:
 
 
 def _run_calibrate(p: RunContext, ctx: StageContext) -> dict:
-    from .calibrate import calibrate_workdir
+    from .calibrate import calibrate_workdir  # lazy: zarr, when the stage runs
 
     out = calibrate_workdir(p.wd, p.cfg, log=p.log)
     return {"calibration": str(p.wd.calibration), "methods": sorted(out["methods"])}
 
 
 def _run_evaluate(p: RunContext, ctx: StageContext) -> dict:
-    from .evaluate import evaluate_workdir
+    from .evaluate import evaluate_workdir  # lazy: zarr, scipy, when the stage runs
 
     results = evaluate_workdir(p.wd, p.cfg, log=p.log)
     if is_rank_zero():
-        from .figures import write_figures
+        from .figures import write_figures  # lazy: matplotlib, as above
 
         for path in write_figures(p.wd, log=p.log):
             p.log(f"[evaluate] figure {path}")

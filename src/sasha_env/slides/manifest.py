@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,8 +115,6 @@ def file_identity(path: str | Path, fingerprint: bool = True) -> dict:
     stat = path.stat()
     out: dict[str, int | str] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if fingerprint:
-        import hashlib
-
         h = hashlib.sha256(str(stat.st_size).encode())
         with path.open("rb") as f:
             h.update(f.read(1 << 20))

@@ -35,7 +35,7 @@ class Slide:
     """
 
     def __init__(self, path: str | Path):
-        import tiffslide
+        import tiffslide  # lazy: tifffile, imagecodecs, zarr; only to open a slide
 
         self.path = Path(path)
         if not self.path.exists():
