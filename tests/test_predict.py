@@ -134,6 +134,19 @@ def test_a_batch_size_below_one_is_refused(tiny_workdir, capsys):
     assert "batch_size must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("frac", ["0", "-0.1", "1.5", "ten"])
+def test_a_zoom_budget_outside_0_1_is_a_usage_error(frac, tmp_path, capsys):
+    """Refused while parsing, naming the value, before any workdir or slide is read."""
+    from sasha_env.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--workdir", str(tmp_path / "none"), "--frac", frac, "slide.tiff"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--frac" in err and frac in err
+    assert "missing" not in err  # not "agents/sasha-... is missing"
+
+
 def test_default_batch_size_keeps_a_cpu_batch_in_cache():
     import torch
 

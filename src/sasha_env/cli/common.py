@@ -25,6 +25,24 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def zoom_budget(value: str) -> float:
+    """An ``argparse`` type for a zoom budget f: a fraction of the patches in (0, 1].
+
+    Raises:
+        argparse.ArgumentTypeError: ``value`` is not a number in (0, 1] (argparse then prints
+            it as a usage error and exits with status 2).
+    """
+    try:
+        frac = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 < frac <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a zoom budget: give a fraction of the patches in (0, 1], e.g. 0.1"
+        )
+    return frac
+
+
 def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
     """Add ``--preset NAME`` (a settings bundle of :data:`sasha_env.config.PRESETS`) and
     ``--config YAML`` (sections that override it)."""

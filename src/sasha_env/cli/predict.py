@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..slides.manifest import read_manifest
-from .common import EXIT_OK, EXIT_PARTIAL, SubParsers
+from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, zoom_budget
 
 if TYPE_CHECKING:
     from ..predict import Prediction
@@ -44,7 +44,10 @@ def add_predict(sub: SubParsers) -> None:
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
-        "--frac", type=float, default=0.1, help="zoom budget f; its agent must exist (default: 0.1)"
+        "--frac",
+        type=zoom_budget,
+        default=0.1,
+        help="zoom budget f in (0, 1]; its agent must exist (default: 0.1)",
     )
     mode.add_argument(
         "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
