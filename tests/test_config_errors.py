@@ -129,3 +129,22 @@ def test_cli_user_errors_are_one_line(tiny_cohort, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message.format(**fill) in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "csv_text",
+    ["slide_id,path,label\n", "slide_id,path,label\nbad/id,missing.tiff,tumor\n"],
+    ids=["no-rows", "no-usable-row"],
+)
+def test_a_manifest_that_does_not_validate_writes_no_config(tmp_path, csv_text):
+    """The resolved config.yaml is written only once the manifest has been read and checked."""
+    from sasha_env.cli import main
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(csv_text)
+    workdir = tmp_path / "wd"
+    code = main(["pipeline", "--manifest", str(manifest), "--workdir", str(workdir),
+                 "--preset", "tiny", "--quiet"])  # fmt: skip
+    assert code == 2
+    assert not (workdir / "config.yaml").exists()
+    assert not (workdir / "manifest.csv").exists()

@@ -113,14 +113,16 @@ class Pipeline:
             self._adopt_store(Path(self.features))
         if self.manifest is None and not self.wd.manifest.is_file():
             raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
-        text = yaml.safe_dump(self.cfg, sort_keys=False)
-        replace_atomically(self.wd.config, lambda tmp: tmp.write_text(text))
-        if self.manifest is not None:
+        parsed = None
+        if self.manifest is not None:  # checked before anything is written
             parsed = read_manifest_lenient(self.manifest)
             if parsed.manifest is None:
                 raise ManifestError(
                     f"{self.manifest}: no usable rows: " + "; ".join(parsed.errors.values())
                 )
+        text = yaml.safe_dump(self.cfg, sort_keys=False)
+        replace_atomically(self.wd.config, lambda tmp: tmp.write_text(text))
+        if parsed is not None and parsed.manifest is not None:
             for sid, msg in parsed.errors.items():
                 self.log(f"[manifest] skipping {sid}: {msg}")
             fresh = parsed.manifest
