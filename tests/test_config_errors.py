@@ -148,3 +148,42 @@ def test_a_manifest_that_does_not_validate_writes_no_config(tmp_path, csv_text):
     assert code == 2
     assert not (workdir / "config.yaml").exists()
     assert not (workdir / "manifest.csv").exists()
+
+
+def test_dropped_rows_and_slides_are_reported_and_change_the_exit_status(tiny_cohort, tmp_path):
+    """Every good slide is extracted; a bad row and a missing file are named with their
+    reasons in the extract report and on stderr, and the exit status is 1."""
+    import csv
+    import json
+
+    rows = list(csv.reader(tiny_cohort.open()))
+    header, good = rows[0], rows[1:4]
+    path_col = header.index("path")
+    for row in good:  # the copy lives elsewhere: absolute slide paths
+        row[path_col] = str((tiny_cohort.parent / row[path_col]).resolve())
+    missing = list(good[0])
+    missing[0], missing[path_col] = "gone", str(tmp_path / "gone.tiff")
+    bad_id = list(good[0])
+    bad_id[0] = "../escape"
+    manifest = tmp_path / "cohort.csv"
+    with manifest.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *good, missing, bad_id])
+
+    workdir = tmp_path / "wd"
+    proc = _sasha(
+        "pipeline", "--manifest", str(manifest), "--workdir", str(workdir),
+        "--preset", "tiny", "--stages", "extract", "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads((workdir / "features.zarr" / "extract_report.json").read_text())
+    assert set(report["failed"]) == {"gone", "../escape"}
+    assert "file not found" in report["failed"]["gone"]
+    assert sorted(report["extracted"]) == sorted(r[0] for r in good)
+    marker = json.loads((workdir / "stages" / "extract.json").read_text())
+    assert set(marker["outputs"]["failed"]) == {"gone", "../escape"}
+    assert "gone:" in proc.stderr and "../escape:" in proc.stderr
+
+    # resumed, nothing to redo: still reported, still status 1
+    again = _sasha("pipeline", "--workdir", str(workdir), "--preset", "tiny",
+                   "--stages", "extract", "--quiet")  # fmt: skip
+    assert again.returncode == 1 and "gone:" in again.stderr

@@ -40,6 +40,11 @@ class Workdir:
         return self.root / "manifest.csv"
 
     @property
+    def dropped_rows(self) -> Path:
+        """Rows of the given manifest that were left out, with their reasons (JSON)."""
+        return self.root / "manifest_dropped.json"
+
+    @property
     def store(self) -> Path:
         return self.root / "features.zarr"
 

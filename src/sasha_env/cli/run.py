@@ -18,6 +18,7 @@ from ..pipeline.stages import REGISTRY, STAGES
 from ..pipeline.stages import describe as describe_stages
 from .common import (
     EXIT_OK,
+    EXIT_PARTIAL,
     SubParsers,
     add_preset,
     add_run_options,
@@ -194,7 +195,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         and (args.stages is None or "evaluate" in args.stages)
     ):
         print(format_table(pipe.wd.results))
-    return EXIT_OK
+    return _dropped_status(pipe)
+
+
+def _dropped_status(pipe: Pipeline) -> int:
+    """:data:`EXIT_PARTIAL`, after naming them, when manifest rows or slides were left out."""
+    dropped = pipe.dropped()
+    if not dropped:
+        return EXIT_OK
+    if is_rank_zero():
+        print(
+            f"sasha: {len(dropped)} slide(s) or manifest row(s) left out "
+            f"(listed in {pipe.wd.store / 'extract_report.json'} and {pipe.wd.dropped_rows}):",
+            file=sys.stderr,
+        )
+        for sid, reason in dropped.items():
+            print(f"  {sid}: {reason}", file=sys.stderr)
+    return EXIT_PARTIAL
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -221,7 +238,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print()
         print(format_table(pipe.wd.results))
         print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {args.dir}/")
-    return EXIT_OK
+    return _dropped_status(pipe)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:

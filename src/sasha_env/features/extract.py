@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -433,8 +433,12 @@ def extract_cohort(
     accelerator: str = "cpu",
     num_nodes: int = 1,
     progress: bool = True,
+    dropped: Mapping[str, str] | None = None,
 ) -> ExtractReport:
     """Extract every slide of ``manifest`` into the store at ``out``.
+
+    ``dropped`` (slide id → reason) names rows a caller already left out of ``manifest`` (the
+    pipeline's copy of a user's manifest): they are reported as failed, with their reason.
 
     Returns:
         The report (on every rank; merged across ranks under DDP). Slides already in the
@@ -453,7 +457,7 @@ def extract_cohort(
     store = FeatureStore.create(out, store_info(backbone, grid_cfg, input_px))
     store.clean_staging()
 
-    report = ExtractReport(failed=dict(parsed.errors))
+    report = ExtractReport(failed={**dict(dropped or {}), **parsed.errors})
     pending = []
     for record in parsed.manifest.records if parsed.manifest else []:
         if not record.path.is_file():

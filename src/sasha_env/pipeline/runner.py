@@ -125,6 +125,7 @@ class Pipeline:
         if parsed is not None and parsed.manifest is not None:
             for sid, msg in parsed.errors.items():
                 self.log(f"[manifest] skipping {sid}: {msg}")
+            write_json(self.wd.dropped_rows, dict(sorted(parsed.errors.items())))
             fresh = parsed.manifest
             if self.wd.manifest.is_file():  # keep the splits already drawn for this workdir
                 old = {r.slide_id: r.split for r in read_manifest(self.wd.manifest).records}
@@ -136,6 +137,21 @@ class Pipeline:
             split_cfg = self.cfg.get("split", {})
             shares = tuple(split_cfg.get("shares", (0.6, 0.2, 0.2)))
             fresh.with_split(seed=self.seed, shares=shares).write(self.wd.manifest)
+
+    def dropped(self) -> dict[str, str]:
+        """Slide id → reason for every manifest row and slide this run left out.
+
+        The rows the given manifest could not use (``WORKDIR/manifest_dropped.json``) and the
+        slides extraction failed on (the ``extract`` stage's marker); empty when the whole
+        cohort went through.
+        """
+        dropped: dict[str, str] = {}
+        if self.wd.dropped_rows.is_file():
+            dropped.update(json.loads(self.wd.dropped_rows.read_text()))
+        marker = self.wd.marker("extract")
+        if marker.is_file():
+            dropped.update(json.loads(marker.read_text()).get("outputs", {}).get("failed", {}))
+        return dict(sorted(dropped.items()))
 
     def _adopt_store(self, features: Path) -> None:
         """Give the workdir a hard-linked copy of ``features`` (again when it changed), and,

@@ -184,6 +184,7 @@ def _run_extract(p: RunContext, ctx: StageContext) -> dict:
         p.wd.store,
         GridConfig.from_dict(p.cfg.get("grid")),
         ExtractConfig.from_dict(p.cfg.get("extract")),
+        dropped=_dropped_rows(p.wd),
         devices=p.devices,
         strategy=p.strategy,
         accelerator=p.accelerator,
@@ -196,6 +197,13 @@ def _run_extract(p: RunContext, ctx: StageContext) -> dict:
     if len(store) == 0:
         raise RuntimeError("extraction produced no slide; see the errors above")
     return {"slides": len(store), "failed": report.failed, "cohort": cohort_digest(p, store)}
+
+
+def _dropped_rows(wd: Workdir) -> dict[str, str]:
+    """Rows of the user's manifest that the workdir's copy left out, with their reasons."""
+    if not wd.dropped_rows.is_file():
+        return {}
+    return dict(json.loads(wd.dropped_rows.read_text()))
 
 
 def _imported(path: Path) -> bool:
@@ -211,10 +219,13 @@ def _adopt_features(p: RunContext) -> dict:
 
     store = FeatureStore(p.wd.store)
     records = read_manifest(p.wd.manifest).records
-    failed = {r.slide_id: "not in the feature store" for r in records if r.slide_id not in store}
+    failed = _dropped_rows(p.wd)
+    failed.update(
+        {r.slide_id: "not in the feature store" for r in records if r.slide_id not in store}
+    )
     for sid in sorted(failed):
         p.log(f"[extract] {sid}: not in the feature store, left out")
-    if len(failed) == len(records):
+    if all(r.slide_id not in store for r in records):
         raise RuntimeError(f"{p.wd.store}: none of the manifest's slides is in the store")
     source = store.info.imported or {}
     p.log(
