@@ -19,6 +19,8 @@ from sasha_env.workdir import Workdir
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
 CONTRACT_KEYS = {"method", "frac", "accuracy", "auc", "f1", "ece"}
+#: the same-harness baselines at every budget, each paired with SASHA at the trained ones
+SAMPLERS = ("random", "attention_topk", "greedy_attention", "lowres_attention_topk")
 
 
 def check_results_values(results: dict, agents: AgentConfig) -> None:
@@ -40,11 +42,16 @@ def check_results_values(results: dict, agents: AgentConfig) -> None:
         assert name not in by_name, f"{name} twice"
         by_name[name] = m
     for frac in fracs:  # the sampling methods at every budget, the agent at the trained ones
-        for method in ("random", "attention_topk"):
+        for method in SAMPLERS:
             assert f"{method}@{frac:g}" in by_name, (method, frac)
         assert (f"sasha@{frac:g}" in by_name) == (frac in agents.fracs), frac
     assert {m["frac"] for m in results["methods"] if m["method"] == "sasha"} == set(agents.fracs)
     assert results["paired"]
+    pairs = {(p["a"], p["b"], p["metric"]) for p in results["paired"]}
+    for frac in agents.fracs:
+        for other in (*(f"{m}@{frac:g}" for m in SAMPLERS), "hafed@1"):
+            for metric in ("auc", "accuracy"):
+                assert (f"sasha@{frac:g}", other, metric) in pairs, (frac, other, metric)
     for p in results["paired"]:
         a, b = by_name[p["a"]], by_name[p["b"]]
         assert p["diff"] == pytest.approx(a[p["metric"]] - b[p["metric"]], abs=1e-9), p
@@ -89,9 +96,9 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     assert {"hafed", "lowres_only", "abmil", "meanmil", "maxmil", "transmil"} <= set(methods)
     by_frac = {(m["method"], m["frac"]) for m in results["methods"]}
     for frac in (0.1, 0.2):
-        assert {("sasha", frac), ("random", frac), ("attention_topk", frac)} <= by_frac
+        assert {("sasha", frac), *((m, frac) for m in SAMPLERS)} <= by_frac
     for frac in (0.05, 0.3, 0.5):  # the AUC-against-budget curve of the baselines
-        assert {("random", frac), ("attention_topk", frac)} <= by_frac
+        assert {(m, frac) for m in SAMPLERS} <= by_frac
         assert ("sasha", frac) not in by_frac  # no agent trained at that budget
     assert (tiny_workdir / "figures" / "budget_curve.png").is_file()
     for m in results["methods"]:  # every number comes with its interval over the test slides
@@ -103,10 +110,10 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
             )
     pairs = {(p["a"], p["b"], p["metric"]) for p in results["paired"]}
     for frac in ("0.1", "0.2"):
-        for other in (f"random@{frac}", f"attention_topk@{frac}", "hafed@1"):
+        for other in (*(f"{m}@{frac}" for m in SAMPLERS), "hafed@1"):
             assert (f"sasha@{frac}", other, "auc") in pairs
     for m in results["methods"]:
-        if m["method"] in ("sasha", "random", "attention_topk"):  # synthetic cohort: masks known
+        if m["method"] in ("sasha", *SAMPLERS):  # synthetic cohort: masks known
             assert 0.0 <= m["tumour_hit_rate"] <= 1.0 and 0.0 < m["chance_hit_rate"] < 1.0
     assert (wd.root / "figures" / "learning_curves.png").is_file()
     assert list((wd.root / "figures" / "paths").glob("*-sasha-0.1.png"))

@@ -78,6 +78,14 @@ def test_study_runs_each_seed_on_its_own_split_with_shared_features(
         assert {"auc_mean", "auc_sd", "auc_ci", "accuracy_mean", "f1_mean", "ece_mean"} <= set(m)
         assert [p["seed"] for p in m["per_seed"]] == [0, 1]
     assert {p["a"] for p in summary["paired"]} == {"sasha@0.1", "sasha@0.2"}
+    rows = {(m["method"], m["frac"]) for m in summary["methods"]}
+    baselines = ("random", "attention_topk", "greedy_attention", "lowres_attention_topk")
+    for frac in (0.1, 0.2):  # every same-harness baseline, paired with SASHA at its budget
+        assert {(b, frac) for b in baselines} <= rows
+        assert {p["b"] for p in summary["paired"] if p["a"] == f"sasha@{frac:g}"} == {
+            *(f"{b}@{frac:g}" for b in baselines),
+            "hafed@1",
+        }
     assert {(c["method"], c["frac"]) for c in summary["budget_curve"]} >= {
         ("hafed", 1.0),
         ("random", 0.1),

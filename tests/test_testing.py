@@ -142,4 +142,8 @@ def test_calibration_and_evaluation_accept_it(made):
     results = evaluate_workdir(wd, made.config, log=lambda m: None)
     methods = {(m["method"], m["frac"]) for m in results["methods"]}
     assert {("hafed", 1.0), ("sasha", 0.1), ("random", 0.1), ("attention_topk", 0.1)} <= methods
+    assert ("greedy_attention", 0.1) in methods
+    # no models/lowres/model.pt here: the low-res classifier's baseline is skipped
+    assert not wd.model("lowres").is_file()
+    assert all(m["method"] != "lowres_attention_topk" for m in results["methods"])
     assert results["n_slides"] == 2

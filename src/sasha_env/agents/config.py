@@ -26,8 +26,9 @@ class AgentConfig:
     fracs: tuple[float, ...] = (0.1, 0.2)
     """Zoom budgets f: one agent per f, episodes of ⌈f·N⌉ zooms."""
     curve_fracs: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
-    """Budgets at which ``random`` and ``attention_topk`` are also evaluated, for the curve of
-    AUC against reading budget (SASHA is evaluated at ``fracs``)."""
+    """Budgets at which the same-harness baselines (``random``, ``attention_topk``,
+    ``greedy_attention``, ``lowres_attention_topk``) are also evaluated, for the curve of AUC
+    against reading budget (SASHA is evaluated at ``fracs``)."""
     algo: str = "maskable_ppo"
     protocol: str = "sb3"
     """``sb3``: ``n_envs`` envs drawing random slides for ``total_timesteps`` steps, with the

@@ -21,7 +21,7 @@ from .render import ThumbnailCache, draw_patches
 from .slide_data import SlideCache, SlideData
 from .sources import resolve_sources
 
-__all__ = ["SashaWSIEnv", "episode_budget", "observation_nbytes"]
+__all__ = ["SashaWSIEnv", "episode_budget", "mean_attention", "observation_nbytes"]
 
 PathLike = str | os.PathLike
 _EPS = 1e-8
@@ -36,6 +36,19 @@ def episode_budget(frac: float, n: int) -> int:
     (``envs/WSI_cosine_env.py`` at 6385fe6) for every N up to 200,000 (checked).
     """
     return max(1, min(n, math.ceil(round(frac * n, 9))))
+
+
+def mean_attention(clf: nn.Module, S: Tensor) -> np.ndarray:
+    """An attention MIL classifier's attention over the rows of ``S (N, d)``, ``(N,)`` float32
+    summing to 1: its attention logits (``clf.instance_scores``, ``(N, M)``) softmaxed per
+    branch over the rows, then averaged over the M branches.
+
+    ``clf`` is HAFED's level 2 or any
+    :class:`~sasha_models.hafed.AttentionMILClassifier` (the low-res classifier).
+    """
+    with torch.inference_mode():
+        a, _ = clf.instance_scores(S)
+        return torch.softmax(a.float(), dim=0).mean(dim=1).numpy()
 
 
 def observation_nbytes(max_patches: int, d: int) -> int:
@@ -397,10 +410,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         (softmax per branch, averaged over branches)."""
         if self._S is None:
             raise RuntimeError("call reset() before attention()")
-        clf = getattr(self.hafed, "level2", self.hafed)
-        with torch.inference_mode():
-            a, _ = clf.instance_scores(self._S.float())
-            return torch.softmax(a.float(), dim=0).mean(dim=1).numpy()
+        return mean_attention(getattr(self.hafed, "level2", self.hafed), self._S.float())
 
     def patch_probabilities(self) -> np.ndarray:
         """``(N, C)``: the class probabilities HAFED gives each patch's current row on its own

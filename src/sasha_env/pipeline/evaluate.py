@@ -29,7 +29,13 @@ from ..workdir import Workdir
 from .calibrate import method_name
 from .report import markdown_table
 
-__all__ = ["evaluate_workdir", "add_uncertainty", "format_table", "FULL_RES_METHODS"]
+__all__ = [
+    "evaluate_workdir",
+    "add_uncertainty",
+    "format_table",
+    "FULL_RES_METHODS",
+    "PAIRED_BASELINES",
+]
 
 #: Bootstrap resamples of the test slides behind every interval, and the interval's level.
 N_BOOT = 2000
@@ -44,6 +50,9 @@ FULL_RES_METHODS = (
     ("maxmil", "maxmil", "highres", 1.0),
     ("transmil", "transmil", "highres", 1.0),
 )
+
+#: the same-harness baselines SASHA is compared with, paired, at each trained budget
+PAIRED_BASELINES = ("random", "attention_topk", "greedy_attention", "lowres_attention_topk")
 
 
 def evaluate_workdir(
@@ -116,9 +125,9 @@ def add_uncertainty(
     Every method is scored on the same ``n_boot`` resamples of the test slides (drawn with
     replacement within each class), so that ``auc_ci``, ``accuracy_ci`` and ``f1_ci`` say how
     much the numbers would move with other slides of the same kind, and a paired difference's
-    interval (``paired``: SASHA against random, attention_topk and HAFED at each budget, on AUC
-    and accuracy) says whether one method beats another on these slides. Methods with several
-    runs (random over seeds) are averaged over runs inside each resample.
+    interval (``paired``: SASHA against each of :data:`PAIRED_BASELINES` at its budget and
+    against HAFED, on AUC and accuracy) says whether one method beats another on these slides.
+    Methods with several runs (random over seeds) are averaged over runs inside each resample.
     """
     from sasha_models.metrics import bootstrap_metrics  # lazy: torchmetrics
 
@@ -143,8 +152,7 @@ def add_uncertainty(
             continue
         a = method_name("sasha", row["frac"])
         for b in (
-            method_name("random", row["frac"]),
-            method_name("attention_topk", row["frac"]),
+            *(method_name(m, row["frac"]) for m in PAIRED_BASELINES),
             "hafed@1",
         ):
             if b not in boots:
@@ -199,8 +207,13 @@ def evaluate_sampling(
     log: Callable[[str], None] = say,
     predictions: dict[str, tuple[list[str], list[np.ndarray]]] | None = None,
 ) -> list[dict]:
-    """Rows for ``sasha`` (trained agents, argmax), ``random`` and ``attention_topk`` per budget.
+    """Rows for ``sasha`` (trained agents, argmax) and the same-harness baselines per budget.
 
+    The baselines (:mod:`~sasha_env.agents.episodes`) zoom in SASHA's env, so each prediction
+    is HAFED's on the final TSU-updated state; only the choice of patches differs: ``random``,
+    ``greedy_attention`` (HAFED's attention on the current state, each step),
+    ``attention_topk`` (HAFED's attention on the low-res state) and ``lowres_attention_topk``
+    (the low-res classifier's attention; left out when ``models/lowres/model.pt`` is absent).
     Episodes are saved to ``WORKDIR/episodes/<method>-<f>.json`` (zoomed patches, probabilities)
     for figures and analysis. Tumour-hit rates are added when the manifest has masks.
     """
@@ -208,12 +221,24 @@ def evaluate_sampling(
 
     # lazy: SB3 and torch load only when agents are evaluated
     from ..agents.envs import has_agent, load_agent, make_env
-    from ..agents.episodes import agent_policy, attention_topk_policy, random_policy, run_episodes
+    from ..agents.episodes import (
+        agent_policy,
+        attention_topk_policy,
+        greedy_attention_policy,
+        lowres_attention_topk_policy,
+        random_policy,
+        run_episodes,
+    )
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)
     tumour = tumour_patches(wd, bags.store, ids)
     positive = bags.class_names[-1]
+    lowres = None
+    if wd.model("lowres").is_file():  # optional: the low-res classifier's choice of patches
+        from sasha_models.checkpoint import load_model  # lazy: torch
+
+        lowres = load_model(wd.model("lowres"), kinds=("mil:attention_mil",))
     rows: list[dict] = []
     (wd.root / "episodes").mkdir(exist_ok=True)
     for frac in sorted(set(acfg.fracs) | set(acfg.curve_fracs)):
@@ -226,6 +251,9 @@ def evaluate_sampling(
         env = make_env(wd, split, frac, acfg) if agent is None else agent.make_env(wd, split, acfg)
         methods.append(("random", [random_policy(1000 + s) for s in range(acfg.random_seeds)]))
         methods.append(("attention_topk", [attention_topk_policy()]))
+        methods.append(("greedy_attention", [greedy_attention_policy()]))
+        if lowres is not None:
+            methods.append(("lowres_attention_topk", [lowres_attention_topk_policy(lowres)]))
         for method, policies in methods:
             runs = [run_episodes(env, policy, ids) for policy in policies]
             if predictions is not None:

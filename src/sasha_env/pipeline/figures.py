@@ -182,7 +182,15 @@ def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
 
 #: Methods the budget curve draws: the samplers as lines, HAFED (f = 1) and low-res (f = 0) as
 #: reference levels; the MIL baselines would only crowd it.
-BUDGET_METHODS = ("sasha", "random", "attention_topk", "hafed", "lowres_only")
+BUDGET_METHODS = (
+    "sasha",
+    "random",
+    "attention_topk",
+    "greedy_attention",
+    "lowres_attention_topk",
+    "hafed",
+    "lowres_only",
+)
 
 
 def budget_curve(points: list[dict], out: Path, title: str) -> Path:
@@ -195,7 +203,13 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
         out: the PNG to write.
         title: the figure's title (say what the band is).
     """
-    colours = {"sasha": "#d50032", "random": "#7f7f7f", "attention_topk": "#0072b2"}
+    colours = {
+        "sasha": "#d50032",
+        "random": "#7f7f7f",
+        "attention_topk": "#0072b2",
+        "greedy_attention": "#e69f00",
+        "lowres_attention_topk": "#009e73",
+    }
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     by_method: dict[str, list[dict]] = {}
     for p in points:
