@@ -171,6 +171,25 @@ def test_features_from_another_store_rekey_the_workdir(tiny_store, tmp_path):
     assert (wd / "stages" / "extract.json").exists()
 
 
+def test_features_onto_an_extracted_store_refuse_without_force(tiny_store, tmp_path):
+    """A workdir whose store was extracted from its slides keeps it: --features would throw
+    the extraction away and retrain every stage, so it needs --force extract."""
+    from sasha_env.cli import main
+
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_store, wd / "features.zarr")  # as `sasha extract` left it
+    other = tmp_path / "other.zarr"
+    shutil.copytree(tiny_store, other)
+    shutil.rmtree(other / "slides" / FeatureStore(other).slide_ids()[0])
+    before = tree_digest(wd)
+    args = ["pipeline", "--features", str(other), "--workdir", str(wd), "--preset", "tiny",
+            "--stages", "extract", "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    assert tree_digest(wd) == before  # nothing written, the extraction kept
+    assert main([*args, "--force", "extract"]) in (0, 1)
+    assert FeatureStore(wd / "features.zarr").slide_ids() == FeatureStore(other).slide_ids()
+
+
 def test_incomplete_cells_are_left_out_and_counted(tmp_path):
     rng = np.random.default_rng(1)
     lo_xy = np.array([[0, 0], [512, 0], [0, 512], [1024, 1024]])

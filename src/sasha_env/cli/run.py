@@ -57,7 +57,9 @@ def add_pipeline(sub: SubParsers) -> None:
         metavar="STORE",
         help="run every stage after extraction from this feature store (e.g. from 'sasha "
         "import'); no slide files are needed, and --manifest defaults to the store's labels "
-        "and splits. The workdir gets a hard-linked copy: the store itself is not changed.",
+        "and splits. The workdir gets a hard-linked copy: the store itself is not changed. "
+        "Refused onto a workdir whose store was extracted from its slides, unless --force "
+        "extract.",
     )
     add_preset(p)
     p.add_argument(

@@ -100,17 +100,22 @@ class Pipeline:
         unknown = (set(stages) | set(force)) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
-        self._prepare()
+        self._prepare(replace_store="extract" in force)
         return {
             name: self._run_stage(REGISTRY[name], force=name in force)
             for name in STAGES
             if name in stages
         }
 
-    def _prepare(self) -> None:
-        """Write the resolved config, and the manifest with absolute paths and splits."""
+    def _prepare(self, replace_store: bool = False) -> None:
+        """Write the resolved config, and the manifest with absolute paths and splits.
+
+        Args:
+            replace_store: let ``features`` replace a store this workdir extracted from slides
+                (``--force extract``); without it that is refused, before anything is written.
+        """
         if self.features is not None:
-            self._adopt_store(Path(self.features))
+            self._adopt_store(Path(self.features), replace_store)
         if self.manifest is None and not self.wd.manifest.is_file():
             raise FileNotFoundError(f"{self.wd.manifest} is missing: give --manifest CSV")
         parsed = None
@@ -153,14 +158,26 @@ class Pipeline:
             dropped.update(json.loads(marker.read_text()).get("outputs", {}).get("failed", {}))
         return dict(sorted(dropped.items()))
 
-    def _adopt_store(self, features: Path) -> None:
+    def _adopt_store(self, features: Path, replace_store: bool = False) -> None:
         """Give the workdir a hard-linked copy of ``features`` (again when it changed), and,
-        without ``--manifest``, a cohort CSV made from the store's labels and splits."""
+        without ``--manifest``, a cohort CSV made from the store's labels and splits.
+
+        Raises:
+            ValueError: the workdir holds a store extracted from slides (not one given by
+                ``--features`` before) and ``replace_store`` is off: replacing it would throw
+                away the extraction and retrain every stage.
+        """
         source = FeatureStore(features)
         identity = store_identity(source)
         record = self.wd.root / "features.source.json"
         known = json.loads(record.read_text()) if record.is_file() else {}
         relinked = not self.wd.store.exists() or known.get("identity") != identity
+        if relinked and self.wd.store.exists() and not known and not replace_store:
+            raise ValueError(
+                f"{self.wd.store} holds features extracted from this workdir's slides; "
+                f"--features {features} would replace them and retrain every stage: "
+                "add --force extract to do so, or give another --workdir"
+            )
         if relinked:
             if self.wd.store.exists():
                 self.log(f"[features] replacing the workdir's feature store with {features}")
