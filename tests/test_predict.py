@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +147,36 @@ def test_a_zoom_budget_outside_0_1_is_a_usage_error(frac, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--frac" in err and frac in err
     assert "missing" not in err  # not "agents/sasha-... is missing"
+
+
+def test_slide_ids_are_unique_across_the_inputs():
+    from sasha_env.predict import unique_slide_ids
+
+    paths = [Path("a/slide.tiff"), Path("b/slide.tiff"), Path("one.svs"), Path("x/two.tiff")]
+    assert unique_slide_ids(paths) == ["a_slide", "b_slide", "one", "two"]
+    assert unique_slide_ids([Path("d/s.tif"), Path("d/s.tiff")]) == ["d_s", "d_s-2"]
+    # a manifest's id is kept as given; a file named like it gets a prefix instead
+    assert unique_slide_ids([Path("m/s.tif"), Path("n/s.tif")], ["s", None]) == ["s", "n_s"]
+
+
+def test_two_slides_with_one_file_name_keep_their_own_outputs(tiny_workdir, tmp_path, capsys):
+    """`a/slide.tiff` and `b/slide.tiff` get their own id, GeoJSON and picture."""
+    from sasha_env.cli import main
+
+    source = _test_slides(Workdir(tiny_workdir))[0].path
+    inputs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        inputs.append(tmp_path / folder / "slide.tiff")
+        shutil.copy(source, inputs[-1])
+    geo, pics = tmp_path / "geojson", tmp_path / "pictures"
+    code = main(["predict", "--workdir", str(tiny_workdir), *map(str, inputs),
+                 "--geojson", str(geo), "--pictures", str(pics)])  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert [r["slide_id"] for r in records] == ["a_slide", "b_slide"]
+    assert sorted(p.name for p in geo.iterdir()) == ["a_slide.geojson", "b_slide.geojson"]
+    assert sorted(p.name for p in pics.iterdir()) == ["a_slide.png", "b_slide.png"]
 
 
 def test_default_batch_size_keeps_a_cpu_batch_in_cache():

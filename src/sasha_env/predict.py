@@ -41,7 +41,7 @@ from .slides.patches import LowResRows, read_patch
 from .slides.slide import Slide
 from .workdir import Workdir
 
-__all__ = ["Predictor", "default_batch_size"]
+__all__ = ["Predictor", "default_batch_size", "unique_slide_ids"]
 
 #: a slide whose mpp differs from the cohort's by more than this is read at the cohort's mpp
 MPP_TOLERANCE = 0.1
@@ -120,6 +120,33 @@ class Prediction(TypedDict, total=False):
     picture: str
     geojson: str
     note: str
+
+
+def unique_slide_ids(paths: list[Path], given: list[str | None] | None = None) -> list[str]:
+    """One id per slide, unique across the batch: an id given for it (a manifest's), else the
+    file's stem; stems that collide take their folder's name as a prefix
+    (``a/slide.tiff``, ``b/slide.tiff`` → ``a_slide``, ``b_slide``), and ``-2``, ``-3``, ... if
+    that is not enough.
+
+    Args:
+        paths: the slide files, in input order.
+        given: an id per path, or ``None`` where the input gave none.
+    """
+    given = given or [None] * len(paths)
+    ids = [g or p.stem for p, g in zip(paths, given, strict=True)]
+    counts: dict[str, int] = {}
+    for sid in ids:
+        counts[sid] = counts.get(sid, 0) + 1
+    ids = [
+        f"{p.parent.name}_{sid}" if counts[sid] > 1 and g is None and p.parent.name else sid
+        for p, g, sid in zip(paths, given, ids, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for sid in ids:
+        seen[sid] = seen.get(sid, 0) + 1
+        out.append(sid if seen[sid] == 1 else f"{sid}-{seen[sid]}")
+    return out
 
 
 class Predictor:
@@ -250,7 +277,11 @@ class Predictor:
 
     # ------------------------------------------------------------------ prediction
     def predict(
-        self, path: str | Path, picture: Path | None = None, geojson: Path | None = None
+        self,
+        path: str | Path,
+        picture: Path | None = None,
+        geojson: Path | None = None,
+        slide_id: str | None = None,
     ) -> Prediction:
         """One JSON-ready record for the slide at ``path`` (:class:`Prediction`).
 
@@ -258,12 +289,15 @@ class Predictor:
             picture: write the zoom path as a PNG here (SASHA mode).
             geojson: write ``<geojson>/<slide_id>.geojson`` for slide viewers (SASHA mode;
                 :mod:`~sasha_env.envs.geojson`).
+            slide_id: the record's id and the GeoJSON's file name; default: the file's stem
+                (:func:`unique_slide_ids` gives ids unique across a batch).
         """
         if geojson is not None and self.full:
             raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
         timer = _Timer()
         t_start = t0 = time.perf_counter()
         path = Path(path)
+        sid = slide_id or path.stem
         with Slide(path) as slide:
             grid_cfg, note = self.grid_config(slide)
             grid, *_ = build_grid(slide, grid_cfg)
@@ -282,7 +316,7 @@ class Predictor:
             probs = self.calibration.apply(raw)
         record: Prediction = {
             "slide": str(path),
-            "slide_id": path.stem,
+            "slide_id": sid,
             "mode": "full" if self.full else f"sasha-{self.frac:g}",
             "probabilities": self._named(probs),
             "label": self.class_names[int(np.argmax(probs))],
@@ -307,11 +341,11 @@ class Predictor:
             record["picture"] = str(picture)
         if geojson is not None:
             collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
-                path.stem, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
+                sid, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
                 self.class_names, trace["attention"], trace["patch_probabilities"],
                 trace["step_probabilities"], raw,
             )  # fmt: skip
-            record["geojson"] = str(write_geojson(collection, geojson, path.stem))
+            record["geojson"] = str(write_geojson(collection, geojson, sid))
         return record
 
     def _named(self, probs: np.ndarray) -> dict[str, float]:

@@ -93,11 +93,14 @@ def add_predict(sub: SubParsers) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import Predictor  # lazy: torch, zarr
+    from ..predict import Predictor, unique_slide_ids  # lazy: torch, zarr
 
-    slides = list(args.slides)
+    slides: list[Path] = [Path(s) for s in args.slides]
+    given: list[str | None] = [None] * len(slides)
     if args.manifest is not None:
-        slides += [r.path for r in read_manifest(args.manifest).records]
+        records = read_manifest(args.manifest).records
+        slides += [r.path for r in records]
+        given += [r.slide_id for r in records]
     if not slides:
         raise ValueError("give slide files or --manifest CSV")
     if args.geojson is not None and args.full:
@@ -111,13 +114,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         calibration=None if args.calibration == "none" else args.calibration,
     )
     failed = 0
-    for path in slides:
-        picture = args.pictures / f"{Path(path).stem}.png" if args.pictures else None
+    for path, sid in zip(slides, unique_slide_ids(slides, given), strict=True):
+        picture = args.pictures / f"{sid}.png" if args.pictures else None
         record: Prediction | dict[str, str]
         try:
-            record = predictor.predict(path, picture=picture, geojson=args.geojson)
+            record = predictor.predict(path, picture=picture, geojson=args.geojson, slide_id=sid)
         except Exception as exc:  # one bad slide never stops the batch
             failed += 1
-            record = {"slide": str(path), "error": f"{type(exc).__name__}: {exc}"}
+            record = {"slide": str(path), "slide_id": sid, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(record), flush=True)
     return EXIT_PARTIAL if failed else EXIT_OK
