@@ -168,6 +168,8 @@ def test_camelyon16_missing_and_extra_slides(
     ids = read_manifest(out).by_id()
     assert len(ids) == 398 - len(missing) and not set(missing) & set(ids)
     assert ids["tumor_003"].path == root / "copy/tumor_003.tiff"
+    assert ids["tumor_004"].path == root / "training/tumor/tumor_004.tif"
+    assert "tumor_004 found" not in printed
 
 
 def test_nothing_found_is_an_error_and_writes_nothing(
