@@ -37,7 +37,7 @@ def add_cohort(sub: SubParsers) -> None:
         r = recipes.add_parser(
             name,
             help=f"{recipe.title} with SASHA's split_1..{recipe.folds}",
-            description=_LAYOUTS[name],
+            description=_LAYOUTS.get(name, recipe.title),
         )
         r.add_argument("root", type=Path, metavar="ROOT", help="the folder holding the slides")
         r.add_argument(
