@@ -2,12 +2,16 @@
 
 The recipes need only file names (no slide is opened), so the fake layouts are empty files.
 The facts' counts are asserted against the official split files' (experiments/cohort_facts.py
-asserts them when it regenerates the CSVs from a checkout of the official repository).
+asserts them when it regenerates the CSVs from a checkout of the official repository; with
+SASHA_OFFICIAL=CHECKOUT, a test checks that the shipped CSVs are what it makes).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +87,22 @@ def test_tcga_facts_match_the_official_split_files() -> None:
     ]  # fmt: skip
     assert [by["test", "LUAD"], by["test", "LUSC"]] == [104, 109]
     assert all(s.patient and s.slide_id.startswith(s.patient) for s in facts)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SASHA_OFFICIAL"),
+    reason="SASHA_OFFICIAL: a checkout of the official 6385fe6",
+)
+def test_facts_regenerate_from_the_official_checkout() -> None:
+    """The shipped CSVs are what experiments/cohort_facts.py makes of the official files."""
+    script = SRC.parent / "experiments" / "cohort_facts.py"
+    official = os.environ["SASHA_OFFICIAL"]
+    done = subprocess.run(
+        [sys.executable, str(script), "--official", official, "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_package_data_ships_every_data_file() -> None:
