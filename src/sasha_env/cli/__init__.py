@@ -1,7 +1,8 @@
 """The ``sasha`` command line: one console script, a verb per stage, ``--help`` on each.
 
 Each module holds a group of verbs, their sub-parsers and their handlers: :mod:`.data`
-(``synth``, ``extract``, ``import``), :mod:`.run` (``pipeline``, ``train``, ``study``,
+(``synth``, ``extract``, ``import``), :mod:`.cohort` (``cohort``: public cohorts with SASHA's
+splits), :mod:`.run` (``pipeline``, ``train``, ``study``,
 ``demo``) and :mod:`.predict` (``predict``); :mod:`.common` defines the shared options and the
 exit codes. A verb's wing is imported only when the verb runs, so ``sasha --help`` and
 ``sasha predict`` load neither Lightning nor W&B.
@@ -13,12 +14,13 @@ import argparse
 import sys
 
 from .. import __version__
-from . import data, predict, run
+from . import cohort, data, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
 EPILOG = """\
 typical use:
   sasha synth cohort/ --preset demo                 # embedded synthetic cohort
+  sasha cohort camelyon16 /data/camelyon16 --out c16.csv   # CAMELYON16 with SASHA's splits
   sasha extract cohort/manifest.csv --out cohort/features.zarr
   sasha demo runs/demo                              # synth + every stage, prints the table
 """
@@ -28,6 +30,7 @@ VERBS = (
     data.add_synth,
     data.add_extract,
     data.add_import,
+    cohort.add_cohort,
     run.add_pipeline,
     run.add_train,
     predict.add_predict,
