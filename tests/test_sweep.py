@@ -160,3 +160,24 @@ def test_the_shipped_sweep_file_is_valid_for_sasha_sweep_and_wandb_agent():
     assert "algo" in spec.parameters  # the algorithm is swept
     command = yaml.safe_load(path.read_text())["command"]
     assert command[:2] == ["sasha", "trial"] and command[-1] == "${args}"
+
+
+def test_a_pruned_trial_stops_training_at_the_validation_that_pruned_it(tiny_workdir, tmp_path):
+    import optuna
+
+    from sasha_env.pipeline.sweep import _pruner
+    from sasha_env.pipeline.trial import run_trial
+    from sasha_env.workdir import Workdir
+
+    params = {"frac": 0.1, "total_timesteps": 64, "n_envs": 2, "n_steps": 8, "batch_size": 16,
+              "n_epochs": 1, "d_hidden": 16}  # fmt: skip
+    seen = []
+    result = run_trial(Workdir(tiny_workdir), {}, params, tmp_path / "t",
+                       report=lambda metrics, i: seen.append((i, metrics)) or i == 2)  # fmt: skip
+    assert result["pruned"] and [i for i, _ in seen] == [1, 2]
+    assert set(seen[0][1]) == {"auc", "f1", "accuracy", "ce", "score"}
+    steps = json.loads((tmp_path / "t" / "agent.json").read_text())["timesteps"]
+    assert steps < 64  # stopped after the second validation's rollout, not at the budget
+    spec = load_sweep(_sweep_file(tmp_path, RANDOM_SWEEP + "early_terminate: {type: hyperband, min_iter: 2, eta: 3}\n"))  # fmt: skip
+    pruner = _pruner(spec)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._min_resource == 2

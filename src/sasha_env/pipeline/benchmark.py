@@ -391,7 +391,7 @@ def figures(results: dict, out: Path) -> list[Path]:
 
     algos = results["algos"]
     paths = []
-    fig, axes = plt.subplots(1, 4, figsize=(12, 0.5 + 0.45 * len(algos)), sharey=True)
+    fig, axes = plt.subplots(1, 4, figsize=(12, max(2.5, 0.8 + 0.45 * len(algos))), sharey=True)
     for ax, name in zip(axes, ("iqm", "median", "mean", "optimality_gap"), strict=False):
         for i, algo in enumerate(algos):
             a = results["aggregates"][algo][name]
@@ -416,7 +416,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     paths.append(_save(fig, out / "performance_profile.png", plt))
 
     pairs = results["probability_of_improvement"]
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(len(pairs), 1)))
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.8 + 0.35 * len(pairs))))
     for i, p in enumerate(pairs):
         ax.plot(p["ci"], [i, i], lw=6, alpha=0.5)
         ax.plot([p["p"]], [i], "k|", ms=12)
