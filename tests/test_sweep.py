@@ -181,3 +181,21 @@ def test_a_pruned_trial_stops_training_at_the_validation_that_pruned_it(tiny_wor
     spec = load_sweep(_sweep_file(tmp_path, RANDOM_SWEEP + "early_terminate: {type: hyperband, min_iter: 2, eta: 3}\n"))  # fmt: skip
     pruner = _pruner(spec)
     assert isinstance(pruner, optuna.pruners.HyperbandPruner) and pruner._min_resource == 2
+
+
+@pytest.mark.slow
+def test_a_grid_sweep_on_two_processes_runs_each_point_once(tiny_workdir, tmp_path):
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, wd, ignore=shutil.ignore_patterns("sweeps", "wandb"))
+    grid = RANDOM_SWEEP.replace("name: tiny-random", "name: tiny-grid").replace(
+        "method: random", "method: grid"
+    ).replace("learning_rate: {distribution: log_uniform_values, min: 0.0001, max: 0.003}",
+              "ent_coef: {values: [0.0, 0.01]}")  # fmt: skip
+    sweep = _sweep_file(tmp_path, grid)
+    assert main(["sweep", str(sweep), "--workdir", str(wd), "--jobs", "2", "--wandb", "disabled"]) == 0  # fmt: skip
+    rows = list(csv.DictReader((wd / "sweeps" / "tiny-grid" / "trials.csv").open()))
+    points = sorted((r["algo"], r["ent_coef"]) for r in rows)
+    assert points == sorted({(a, e) for a in ("maskable_ppo", "a2c") for e in ("0.0", "0.01")})
+    assert {r["state"] for r in rows} == {"complete"}

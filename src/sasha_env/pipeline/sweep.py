@@ -24,10 +24,12 @@ trial's agent, and only it, is evaluated on the test split (``best.json``).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +287,7 @@ def write_trials_csv(study: Any, spec: SweepSpec, path: Path) -> Path:
     """``trials.csv``: one row per trial (number, state, the metric, parameters, seconds,
     W&B run id, agent folder), from the study (the source of truth)."""
     names = list(spec.parameters)
-    header = ["trial", "state", spec.metric, *names, "seconds", "wandb_run", "agent_dir"]
+    header = ["trial", "state", spec.metric, *names, "seconds", "wandb_run", "agent_dir", "error"]
     rows = []
     for t in study.get_trials(deepcopy=False):
         params = t.user_attrs.get("params") or {}
@@ -294,7 +296,7 @@ def write_trials_csv(study: Any, spec: SweepSpec, path: Path) -> Path:
             [t.number, t.state.name.lower(), "" if metric is None else metric]
             + [params.get(n, t.params.get(n, "")) for n in names]
             + [t.user_attrs.get("seconds", ""), t.user_attrs.get("wandb_run", ""),
-               t.user_attrs.get("agent_dir", "")]
+               t.user_attrs.get("agent_dir", ""), t.user_attrs.get("error", "")]
         )  # fmt: skip
 
     def write(tmp: Path) -> None:
@@ -369,28 +371,72 @@ def _objective(run: SweepRun, spec: SweepSpec, study: Any) -> Any:
     return objective
 
 
-def _work(run: SweepRun) -> None:
-    """One worker: run trials until the study has ``count`` finished ones."""
-    from optuna.study import MaxTrialsCallback  # lazy: as above
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (``fcntl.flock``)."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _work(run: SweepRun, worker: int = 0) -> int:
+    """One worker: take trials until ``count`` are finished or running; returns its failures.
+
+    Taking a trial (counting, then Optuna's ``ask``) holds a lock on the sweep folder, so
+    workers never run more than ``count`` trials, and two workers never take the same queued
+    grid point. Each worker's sampler has its own seed.
+    """
+    import optuna  # lazy: as above
     from optuna.trial import TrialState
 
     spec = load_sweep(run.spec_path, run.name)
     wd = Workdir(run.workdir)
     folder = sweep_dir(wd, spec.name)
-    study = _study(spec, folder, run.seed + len(study_trials(spec, folder)))
-    left = run.count - _finished(study)
-    if left <= 0:
-        return
-    csv_path = folder / "trials.csv"
-    study.optimize(
-        _objective(run, spec, study),
-        n_trials=left,
-        catch=(ValueError, RuntimeError, FloatingPointError),
-        callbacks=[
-            MaxTrialsCallback(run.count, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-            lambda st, t: write_trials_csv(st, spec, csv_path),
-        ],
-    )
+    study = _study(spec, folder, run.seed + 7919 * worker + len(study_trials(spec, folder)))
+    objective = _objective(run, spec, study)
+    taken = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    failures = 0
+    while failures < run.count:  # a setting that always fails must not loop for ever
+        with _locked(folder / "ask.lock"):
+            if sum(t.state in taken for t in study.get_trials(deepcopy=False)) >= run.count:
+                return failures
+            trial = study.ask()
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            trial.set_user_attr("error", repr(exc)[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            failures += 1
+        else:
+            study.tell(trial, value)
+        with _locked(folder / "ask.lock"):
+            write_trials_csv(study, spec, folder / "trials.csv")
+    return failures
+
+
+def _enqueue_grid(study: Any, spec: SweepSpec, count: int) -> None:
+    """Queue the grid's points that no trial holds yet (at most ``count`` points in all), so
+    that parallel workers take distinct points (Optuna's ``GridSampler`` alone may repeat one
+    across processes)."""
+    from optuna.trial import TrialState  # lazy: as above
+
+    grid = spec.grid()
+    names = list(grid)
+    held = [  # a queued trial has its parameters as Optuna's fixed_params until it runs
+        tuple({**t.system_attrs.get("fixed_params", {}), **t.params}.get(n) for n in names)
+        for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.FAIL
+    ]
+    for point in itertools.islice(itertools.product(*grid.values()), count):
+        if point not in held:
+            study.enqueue_trial(dict(zip(names, point, strict=True)))
 
 
 def study_trials(spec: SweepSpec, folder: Path) -> list:
@@ -451,15 +497,18 @@ def run_sweep(
     run = SweepRun(
         str(wd.root), str(spec.source), spec.name, dict(base), count, seed, wandb_mode, project
     )
+    if spec.method == "grid":
+        _enqueue_grid(study, spec, count)
     if jobs == 1:
-        _work(run)
+        failed = _work(run)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            for f in [pool.submit(_work, run) for _ in range(jobs)]:
-                f.result()
+            failed = sum(f.result() for f in [pool.submit(_work, run, i) for i in range(jobs)])
+    if failed:
+        log(f"[sweep] {failed} trial(s) failed: their errors are in trials.csv")
     study = _study(spec, folder, seed)
     write_trials_csv(study, spec, folder / "trials.csv")
     return _best(wd, spec, base, study, folder, log)
