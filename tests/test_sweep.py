@@ -199,3 +199,19 @@ def test_a_grid_sweep_on_two_processes_runs_each_point_once(tiny_workdir, tmp_pa
     points = sorted((r["algo"], r["ent_coef"]) for r in rows)
     assert points == sorted({(a, e) for a in ("maskable_ppo", "a2c") for e in ("0.0", "0.01")})
     assert {r["state"] for r in rows} == {"complete"}
+
+
+def test_trials_cut_short_by_a_kill_are_run_again(tmp_path):
+    from optuna.trial import TrialState
+
+    from sasha_env.pipeline.sweep import _recover, _study, suggest
+
+    spec = load_sweep(_sweep_file(tmp_path))
+    study = _study(spec, tmp_path, seed=0)
+    killed = study.ask()  # a trial that was running when the sweep was killed
+    params = suggest(killed, spec)
+    assert _recover(_study(spec, tmp_path, seed=0)) == 1
+    trials = _study(spec, tmp_path, seed=0).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    again = _study(spec, tmp_path, seed=0).ask()  # the next trial taken is the same point
+    assert suggest(again, spec) == params
