@@ -77,7 +77,8 @@ bench-scale: $(STAMP)
 	$(PY) experiments/bench_agent_speed.py
 
 bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
-	$(PY) experiments/bench_agents.py --workdir $(DEMO_DIR)
+	$(VENV)/bin/sasha benchmark --workdir $(DEMO_DIR) --algos maskable_ppo ppo ppo_unmasked a2c dqn \
+		--seeds 0 1 2 --frac 0.1 --out $(DEMO_DIR)/benchmark
 
 bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)

@@ -27,7 +27,8 @@ def _sb3_class(algo: str):
     from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, DQN, PPO
 
-    return {"maskable_ppo": MaskablePPO, "ppo": PPO, "a2c": A2C, "dqn": DQN}[algo]
+    classes = {"maskable_ppo": MaskablePPO, "ppo": PPO, "ppo_unmasked": PPO, "a2c": A2C, "dqn": DQN}
+    return classes[algo]
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

@@ -55,24 +55,20 @@ def test_point_estimates_match_rliable():
     )
 
 
-def test_the_benchmark_reports_aggregate_statistics(tiny_workdir, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_median_optimality_gap_and_profiles_by_hand_and_against_rliable():
+    from sasha_models.stats import median, optimality_gap, performance_profile
 
-    script = Path(__file__).parents[1] / "experiments" / "bench_agents.py"
-    cmd = [
-        sys.executable, str(script), "--workdir", str(tiny_workdir), "--out", str(tmp_path),
-        "--preset", "tiny", "--algos", "maskable_ppo", "a2c", "--seeds", "0", "1",
-        "--timesteps", "64", "--boot", "50",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    a2c = np.array([[r["auc"] for r in results["a2c"]["split"]]]).T  # (runs, tasks)
-    ref = np.array([[r["auc"] for r in results["maskable_ppo"]["split"]]]).T
-    table = (tmp_path / "table.md").read_text()
-    assert f"| a2c | {iqm(a2c):.3f} [" in table
-    assert f"| {probability_of_improvement(ref, a2c):.2f} [" in table
-    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+    s = np.array([[0.2, 1.0], [0.6, 0.8], [1.0, 0.4]])
+    assert median(s) == pytest.approx((0.6 + 2.2 / 3) / 2)  # median of the task means
+    assert optimality_gap(s) == pytest.approx((0.8 + 0.4 + 0.0 + 0.0 + 0.2 + 0.6) / 6)
+    # tau 0.5: task 0 has 2/3 runs above, task 1 2/3 -> 2/3; tau 0.9: 1/3 and 1/3
+    assert performance_profile(s, np.array([0.5, 0.9])) == pytest.approx([2 / 3, 1 / 3])
+    metrics = pytest.importorskip("rliable.metrics")
+    rng = np.random.default_rng(2)
+    x = rng.random((5, 3))
+    assert median(x) == pytest.approx(metrics.aggregate_median(x))
+    assert optimality_gap(x) == pytest.approx(metrics.aggregate_optimality_gap(x))
+    rly = pytest.importorskip("rliable.library")
+    taus = np.linspace(0, 1, 11)
+    point, _ = rly.create_performance_profile({"x": x}, taus)
+    assert performance_profile(x, taus) == pytest.approx(point["x"])

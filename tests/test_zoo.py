@@ -40,3 +40,40 @@ def test_every_hyperparameter_file_is_for_the_env():
         spec = yaml.safe_load(path.read_text())
         assert list(spec) == ["Sasha-WSI-v0"], path
         assert spec["Sasha-WSI-v0"]["policy"] == "MultiInputPolicy"
+
+
+def test_the_documented_optuna_command_tunes_on_the_val_split(tiny_workdir, tmp_path):
+    """The Zoo's Optuna objective scores trials on its evaluation env, built from
+    ``--eval-env-kwargs`` (``--env-kwargs`` when absent, i.e. on the training slides)."""
+    pytest.importorskip("rl_zoo3")
+    import argparse
+    import re
+    import shlex
+
+    from rl_zoo3.exp_manager import ExperimentManager
+    from rl_zoo3.utils import StoreDict
+
+    docs = (Path(__file__).parents[1] / "docs" / "environment.md").read_text()
+    (command,) = [c for c in re.findall(r"python -m rl_zoo3\.train[^`]*?(?=\n\S|\n```)", docs, re.S) if "-optimize" in c]  # fmt: skip
+    argv = shlex.split(command.replace("\\\n", " "))
+    argv = [a.replace("demo-run", str(tiny_workdir)) for a in argv]
+    parser = argparse.ArgumentParser(allow_abbrev=False)  # --env is not --env-kwargs
+    parser.add_argument("--env-kwargs", nargs="+", action=StoreDict, default={})
+    parser.add_argument("--eval-env-kwargs", nargs="+", action=StoreDict, default=None)
+    args, _ = parser.parse_known_args(argv)
+    assert args.eval_env_kwargs, "the documented tuning command must set --eval-env-kwargs"
+
+    def splits(eval_kwargs):
+        em = ExperimentManager(
+            argparse.Namespace(), "ppo", "Sasha-WSI-v0", str(tmp_path), n_timesteps=64,
+            env_kwargs=args.env_kwargs, eval_env_kwargs=eval_kwargs,
+            config=str(HYPERPARAMS / "ppo.yml"), optimize_hyperparameters=True,
+        )  # fmt: skip
+        em.setup_experiment()
+        return (em.create_envs(1, eval_env=True, no_log=True).get_attr("split")[0],
+                em.create_envs(1, no_log=True).get_attr("split")[0])  # fmt: skip
+
+    import sasha_env  # noqa: F401  (registers the env, as --gym-packages does)
+
+    assert splits(args.eval_env_kwargs) == ("val", "train")
+    assert splits(None) == ("train", "train")  # without it the Zoo tunes on training slides

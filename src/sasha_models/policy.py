@@ -95,10 +95,12 @@ class _SashaPolicyMixin:
         dropout: float = 0.0,
         use_coords: bool = True,
         project_from: int | None = None,
+        mask_actions: bool = True,
         **kwargs: Any,
     ) -> None:
         self._d_features = _check_obs_space(observation_space, use_coords)
         self.project_from = project_from
+        self.mask_actions = bool(mask_actions)
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"SASHA policies need a Discrete action space, got {action_space}")
         self.d_hidden, self.dropout, self.use_coords = d_hidden, dropout, use_coords
@@ -124,6 +126,7 @@ class _SashaPolicyMixin:
             dropout=self.dropout,
             use_coords=self.use_coords,
             project_from=self.project_from,
+            mask_actions=self.mask_actions,
         )
         return data
 
@@ -133,6 +136,8 @@ class _SashaPolicyMixin:
         """Masked action distribution and values ``(B, 1)`` for a batched observation."""
         x = self._features(obs)
         logits, values = self.net.forward_obs(x)
+        if not self.mask_actions:  # every index, padding and visited patches included
+            return masked_distribution(logits, torch.ones_like(logits, dtype=torch.bool)), values
         legal = legal_action_mask(x)
         if ROW_INDEX in x:
             legal = legal[x[ROW_INDEX]]
@@ -190,6 +195,10 @@ class SashaActorCriticPolicy(_SashaPolicyMixin, MaskableActorCriticPolicy):
         use_coords: feed each patch's grid position to the network.
         project_from: the state's feature size when the observations are projected
             (``agents.obs_dim``; see :class:`SashaActorCritic`).
+        mask_actions: restrict actions to ``valid & ~visited`` (and the given
+            ``action_masks``); ``False`` lets the policy pick any index, as an unmasked agent
+            does, and the env's illegal-action penalty is all it learns from (the
+            ``ppo_unmasked`` arm of the benchmark).
         **kwargs: passed to :class:`MaskableActorCriticPolicy` (e.g. ``optimizer_class``).
     """
 

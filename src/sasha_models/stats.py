@@ -24,7 +24,11 @@ seed on it; the score is a test metric such as AUC.
 - :func:`stratified_bootstrap` — resample runs with replacement *within each task* (tasks
   are fixed), the interval rliable recommends for few runs;
 - :func:`probability_of_improvement` — P(X > Y) per task (the Mann-Whitney U statistic over
-  the runs of X and Y, ties counted half), averaged over tasks.
+  the runs of X and Y, ties counted half), averaged over tasks;
+- :func:`median` and :func:`optimality_gap` (how far scores fall short of a target γ, on
+  average) — rliable's other aggregates;
+- :func:`performance_profile` — the fraction of runs scoring above each threshold τ (per task,
+  then averaged over tasks), rliable's score distribution.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ __all__ = [
     "iqm",
     "mean",
     "mean_sd",
+    "median",
+    "optimality_gap",
+    "performance_profile",
     "percentile_ci",
     "probability_of_improvement",
     "stratified_bootstrap",
@@ -125,6 +132,30 @@ def iqm(scores: np.ndarray) -> float:
 def mean(scores: np.ndarray) -> float:
     """Mean of all scores ``(runs, tasks)``."""
     return float(_matrix(scores).mean())
+
+
+def median(scores: np.ndarray) -> float:
+    """rliable's median: the median over tasks of each task's mean score ``(runs, tasks)``."""
+    return float(np.median(_matrix(scores).mean(axis=0)))
+
+
+def optimality_gap(scores: np.ndarray, gamma: float = 1.0) -> float:
+    """rliable's optimality gap: the mean of ``max(γ − score, 0)`` over all scores
+    ``(runs, tasks)``; lower is better (0: every run reaches γ). For AUC, γ = 1."""
+    return float(np.maximum(gamma - _matrix(scores), 0.0).mean())
+
+
+def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """The fraction of runs scoring above each threshold: ``(len(taus),)``, per task then
+    averaged over tasks (rliable's ``run_score_distributions``).
+
+    Args:
+        scores: ``(runs, tasks)``.
+        taus: thresholds ``(T,)``.
+    """
+    s = _matrix(scores)
+    t = np.asarray(taus, np.float64)
+    return (s[None, :, :] > t[:, None, None]).mean(axis=1).mean(axis=1)
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:

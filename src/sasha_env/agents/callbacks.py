@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,13 @@ from tqdm.auto import tqdm
 from ..atomic import PartialCSV
 from ..envs.wsi import SashaWSIEnv
 from .episodes import agent_policy, run_episodes
+from .logs import STEP_METRIC
 from .selection import selection_score
 
-__all__ = ["VAL_CURVE", "EpisodeLog", "ValSelection"]
+__all__ = ["VAL_CURVE", "EpisodeLog", "FlushLog", "ValSelection"]
+
+#: What :class:`ValSelection` records in SB3's logger at each validation (``val/<key>``).
+VAL_KEYS = ("auc", "f1", "accuracy", "ce", "score")
 
 VAL_CURVE = "val_curve.csv"
 
@@ -38,7 +43,8 @@ class EpisodeLog(BaseCallback):
     Args:
         path: the CSV (written under a temporary name, renamed when training ends), or
             ``None`` for no file.
-        wandb_run: a W&B run to log ``episode/return`` and ``episode/correct`` to.
+        wandb_run: a W&B run to log ``episode/return`` and ``episode/correct`` to, one row per
+            finished episode (several envs may finish on one step: each is its own row).
         progress: show a progress bar of ``total`` steps named ``name``.
     """
 
@@ -75,9 +81,13 @@ class EpisodeLog(BaseCallback):
             wall = round(time.perf_counter() - self.t0, 2)
             if self.csv is not None:
                 self.csv.write([self.num_timesteps, ret, correct, info.get("slide_id"), wall])
-            if self.wandb_run is not None:
+            if self.wandb_run is not None:  # one row per episode: no ``step=`` (see .logs)
                 self.wandb_run.log(
-                    {"episode/return": ret, "episode/correct": correct}, step=self.num_timesteps
+                    {
+                        "episode/return": ret,
+                        "episode/correct": correct,
+                        STEP_METRIC: self.num_timesteps,
+                    }
                 )
             self.returns[i] = 0.0
         if self.bar is not None:
@@ -99,13 +109,25 @@ class ValSelection(BaseCallback):
         every: rollouts between validations (``>= 1``); the last policy is validated too.
         out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``);
             ``None`` keeps the rows in :attr:`rows` only.
+        slide_ids: the slides of ``env`` it validates on (default: all of them); a sweep
+            selects checkpoints on one half of val and scores trials on the other.
+
+    Each validation is also recorded in SB3's logger as ``val/auc``, ``val/f1``,
+    ``val/accuracy``, ``val/ce`` and ``val/score`` (so in ``progress.csv`` and W&B).
     """
 
-    def __init__(self, env: SashaWSIEnv, every: int, out_dir: Path | None) -> None:
+    def __init__(
+        self,
+        env: SashaWSIEnv,
+        every: int,
+        out_dir: Path | None,
+        slide_ids: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"validate every >= 1 rollouts, got {every}")
         self.env, self.every = env, int(every)
+        self.slide_ids = list(env.slide_ids if slide_ids is None else slide_ids)
         self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
         self.rows: list[dict] = []
         self.rollouts = 0
@@ -134,11 +156,15 @@ class ValSelection(BaseCallback):
         if updates == self._last_updates:
             return
         self._last_updates = updates
-        episodes = run_episodes(self.env, agent_policy(self.model), self.env.slide_ids)
+        episodes = run_episodes(self.env, agent_policy(self.model), self.slide_ids)
         probs = np.stack([e["probabilities"] for e in episodes])
         labels = np.array([e["label"] for e in episodes])
         row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
         self.rows.append(row)
+        logger = getattr(self.model, "logger", None)  # SB3's (absent on stand-in models)
+        if logger is not None:
+            for key in VAL_KEYS:
+                logger.record(f"val/{key}", row[key])
         if self.csv is not None:
             self.csv.write([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
         if self.best is None or row["score"] < self.best["score"]:
@@ -151,3 +177,19 @@ class ValSelection(BaseCallback):
             self.csv.close()
         if self._best_state is not None:
             self.model.policy.load_state_dict(self._best_state)
+
+
+class FlushLog(BaseCallback):
+    """SB3 callback: write what SB3's logger still holds when training ends.
+
+    On-policy algorithms dump their log *before* each update, so the last update's ``train/*``
+    keys (and the last validation's ``val/*``) would never reach ``progress.csv``; a budget of
+    one rollout would log no ``train/*`` at all. Put it after the callbacks that record.
+    """
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.logger.name_to_value:
+            self.logger.dump(self.num_timesteps)

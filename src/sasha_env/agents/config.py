@@ -13,8 +13,10 @@ from ..config import dataclass_from_dict
 
 __all__ = ["ALGORITHMS", "PROTOCOLS", "AgentConfig", "agent_name", "steps_for"]
 
-#: ``agents.algo``: sb3-contrib's MaskablePPO (the default, SASHA's), SB3's PPO, A2C and DQN.
-ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn")
+#: ``agents.algo``: sb3-contrib's MaskablePPO (the default, SASHA's), SB3's PPO, A2C and DQN,
+#: and ``ppo_unmasked``: SB3's PPO with the SASHA network choosing among *all* indices, so that
+#: illegal zooms are learnt only from the env's penalty (the benchmark's no-mask arm).
+ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn", "ppo_unmasked")
 #: ``agents.protocol`` (see :attr:`AgentConfig.protocol`).
 PROTOCOLS = ("sb3", "paper")
 
@@ -104,7 +106,7 @@ class AgentConfig:
             )
         if cfg.obs_dim is not None and cfg.algo == "dqn":
             raise ValueError(
-                "agents.obs_dim needs a SASHA policy (maskable_ppo, ppo, a2c), which keeps the "
+                "agents.obs_dim needs a SASHA policy (maskable_ppo, ppo, a2c, ppo_unmasked), which keeps the "
                 "projection; dqn's policy cannot"
             )
         if cfg.protocol == "paper" and cfg.algo != "maskable_ppo":

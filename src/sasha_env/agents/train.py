@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import HumanOutputFormat, Logger
 
 from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
 from sasha_models.ppo_config import PPOConfig
@@ -33,13 +31,20 @@ from ..atomic import replace_atomically, write_json
 from ..envs.wsi import SashaWSIEnv
 from ..workdir import Workdir
 from .buffers import RowPoolMaskableRolloutBuffer, RowPoolRolloutBuffer
-from .callbacks import EpisodeLog, ValSelection
+from .callbacks import EpisodeLog, FlushLog, ValSelection
 from .config import AgentConfig, agent_name, steps_for
 from .envs import EnvSource, env_projection, make_env, training_env, workdir_projection
 from .export import POLICY_WEIGHTS, export_policy
+from .logs import define_step_metric, sb3_logger
 from .protocol import SlideOrderedPPO
 
 __all__ = ["train_agent"]
+
+
+def dqn_learning_starts(total_timesteps: int) -> int:
+    """DQN's default ``learning_starts``: 500 steps, but at most a tenth of the budget, so that a
+    short run still updates (SB3's 100 and the Zoo's 500 both exceed a few-hundred-step run)."""
+    return max(1, min(500, total_timesteps // 10))
 
 
 def _algorithm(
@@ -49,8 +54,11 @@ def _algorithm(
     device: str,
     frac: float,
     projection: ObsProjection | None = None,
+    total_timesteps: int | None = None,
 ):
     policy_kwargs: dict[str, Any] = {"d_hidden": cfg.d_hidden}
+    if cfg.algo == "ppo_unmasked":
+        policy_kwargs["mask_actions"] = False
     if not cfg.use_coords:
         policy_kwargs["use_coords"] = False
     if projection is not None:
@@ -78,7 +86,7 @@ def _algorithm(
         "device": device,
         "verbose": 0,
     }
-    if cfg.algo in ("maskable_ppo", "ppo"):
+    if cfg.algo in ("maskable_ppo", "ppo", "ppo_unmasked"):
         kwargs = {
             **common,
             "n_steps": cfg.n_steps,
@@ -106,18 +114,21 @@ def _algorithm(
     # DQN has no masks: it learns from the illegal-action penalty (see the env's docstring).
     # Its replay buffer keeps two observations per transition (about 1 MB on the demo cohort):
     # 20,000 transitions can touch ~20 GB; lower it with agents.extra.buffer_size.
-    kwargs = {**common, "buffer_size": 20_000, "learning_starts": 500, "batch_size": cfg.batch_size}
-    return DQN("MultiInputPolicy", env, **{**kwargs, **cfg.extra})
-
-
-def _logger(cfg: AgentConfig):
-    """SB3 logger: stdout when ``extra.verbose`` asks, SB3's own with ``extra.tensorboard_log``,
-    else none (SB3's default makes an empty ``/tmp/SB3-<date>`` folder per run)."""
-    if cfg.extra.get("tensorboard_log"):
-        return None
-    if cfg.extra.get("verbose"):
-        return Logger(None, [HumanOutputFormat(sys.stdout)])
-    return Logger(None, [])
+    starts = dqn_learning_starts(total_timesteps or cfg.total_timesteps)
+    kwargs = {
+        **common,
+        "buffer_size": 20_000,
+        "learning_starts": starts,
+        "batch_size": cfg.batch_size,
+    }
+    kwargs = {**kwargs, **cfg.extra}
+    total = total_timesteps or cfg.total_timesteps
+    if kwargs["learning_starts"] >= total:
+        raise ValueError(
+            f"dqn's learning_starts ({kwargs['learning_starts']}) is not below the budget of "
+            f"{total} steps, so it would never update: lower agents.extra.learning_starts"
+        )
+    return DQN("MultiInputPolicy", env, **kwargs)
 
 
 def train_agent(
@@ -131,6 +142,10 @@ def train_agent(
     device: str = "cpu",
     callbacks: Sequence[BaseCallback] = (),
     eval_env: SashaWSIEnv | None = None,
+    *,
+    wandb_run: Any = None,
+    run_config: Mapping[str, Any] | None = None,
+    val_slides: Sequence[str] | None = None,
 ) -> BaseAlgorithm:
     """Train an agent on ``Sasha-WSI-v0`` and return it (an SB3 / sb3-contrib model).
 
@@ -142,12 +157,24 @@ def train_agent(
         seed: seed of the algorithm, the envs and the slide order.
         out_dir: where to write the agent (below); a workdir's default is
             ``agents/<algo>-<f>/``; with envs and no ``out_dir`` nothing is written.
-        wandb: ``wandb.init`` keyword arguments (offline by default), or ``None``.
+        wandb: ``wandb.init`` keyword arguments (offline by default), or ``None``: a W&B run
+            per agent, finished when training ends.
         progress: show a progress bar.
         device: torch device of the policy.
         callbacks: further SB3 callbacks, called after ours.
         eval_env: an env over validation slides for ``cfg.val_every`` (default: the workdir's
             val split, with the same ``max_patches``).
+        wandb_run: an open W&B run to log into instead (a sweep trial's); left open.
+        run_config: more entries for the W&B run config (the stage passes the whole resolved
+            pipeline config); the run config always holds ``agents`` (every field of ``cfg``),
+            ``frac``, ``seed`` and ``algo``.
+        val_slides: the slides of ``eval_env`` that validation selects on (default: all).
+
+    Logs: SB3's logger writes ``out_dir/progress.csv`` (``rollout/ep_rew_mean``,
+    ``rollout/ep_len_mean``, ``time/fps``, the algorithm's ``train/*`` keys, ``val/auc``,
+    ``val/f1``, ``val/score``... at each validation) and, with W&B, the same keys to the run
+    (x-axis ``global_step``, see :mod:`~sasha_env.agents.logs`), plus one row per finished
+    episode (``episode/return``, ``episode/correct``).
 
     Writes ``out_dir/policy.pt`` + ``policy.json`` (the weights-only export that evaluation and
     ``predict`` read, see :mod:`~sasha_env.agents.export`), ``out_dir/agent.zip`` (SB3 format,
@@ -169,30 +196,46 @@ def train_agent(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     total = cfg.epochs * schedule.steps_per_epoch() if schedule else steps_for(cfg, frac)
-    wandb_run = None
-    if wandb is not None:
+    config = {
+        **dict(run_config or {}),
+        "agents": asdict(cfg),
+        "frac": frac,
+        "seed": seed,
+        "algo": cfg.algo,
+    }
+    own_run = wandb_run is None and wandb is not None
+    if own_run:
         import wandb as wandb_lib  # lazy: W&B, only when a run logs to it
 
-        kw = {"mode": "offline", "project": "sasha", **wandb}
+        kw = {"mode": "offline", "project": "sasha", **(wandb or {})}
         wandb_run = wandb_lib.init(
             name=out.name if out else agent_name(frac, cfg.algo),
             dir=None if out is None else str(out),
-            config=asdict(cfg) | {"frac": frac},
+            config=config,
             reinit=True,
             **kw,
         )
+    elif wandb_run is not None:
+        wandb_run.config.update(config, allow_val_change=True)
+    if wandb_run is not None:
+        define_step_metric(wandb_run)
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     t0 = time.perf_counter()
     selection = None
+    logger = None
     try:
-        model = _algorithm(cfg, vec_env, seed, device, frac, projection)
+        model = _algorithm(cfg, vec_env, seed, device, frac, projection, total)
         if projection is not None:  # the exported policy carries it (evaluation, predict)
             model.policy.net.set_projection(projection)
-        logger = _logger(cfg)
-        if logger is not None:
-            model.set_logger(logger)
+        logger = sb3_logger(
+            out,
+            wandb_run,
+            verbose=bool(cfg.extra.get("verbose")),
+            tensorboard=cfg.extra.get("tensorboard_log"),
+        )
+        model.set_logger(logger)
         name = out.name if out else agent_name(frac, cfg.algo)
         episodes = None if out is None else out / "episodes.csv"
         chain: list[BaseCallback] = [EpisodeLog(episodes, wandb_run, progress, total, name)]
@@ -203,13 +246,21 @@ def train_agent(
                 eval_env = make_env(wd, "val", frac, cfg, obs_projection=projection)
             # under the paper protocol a rollout is one slide's block: validate per epoch
             every = cfg.val_every * (len(schedule.slide_ids) if schedule else 1)
-            chain.append(selection := ValSelection(eval_env, every, out))
-        model.learn(total_timesteps=total, callback=[*chain, *callbacks])
+            chain.append(selection := ValSelection(eval_env, every, out, val_slides))
+        # SB3's A2C dumps its log every 100 rollouts by default: every rollout here, as PPO
+        log_interval = 4 if cfg.algo == "dqn" else 1  # DQN: every 4 episodes (SB3's default)
+        model.learn(
+            total_timesteps=total,
+            callback=[*chain, FlushLog(), *callbacks],
+            log_interval=log_interval,
+        )
     finally:
         torch.set_num_threads(threads)
         if wd is not None:  # environments we built; the caller's stay open (SB3's idiom)
             vec_env.close()
-        if wandb_run is not None:
+        if logger is not None:
+            logger.close()
+        if own_run:
             wandb_run.finish()
     if out is None:
         return model

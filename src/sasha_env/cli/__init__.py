@@ -2,8 +2,9 @@
 
 Each module holds a group of verbs, their sub-parsers and their handlers: :mod:`.data`
 (``synth``, ``extract``, ``import``), :mod:`.cohort` (``cohort``: public cohorts with SASHA's
-splits), :mod:`.run` (``pipeline``, ``train``, ``study``,
-``demo``) and :mod:`.predict` (``predict``); :mod:`.common` defines the shared options and the
+splits), :mod:`.run` (``pipeline``, ``train``, ``study``, ``demo``), :mod:`.predict`
+(``predict``) and :mod:`.experiments` (``sweep``, ``trial``, ``benchmark``); :mod:`.common`
+defines the shared options and the
 exit codes. A verb's wing is imported only when the verb runs, so ``sasha --help`` and
 ``sasha predict`` load neither Lightning nor W&B.
 """
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import cohort, data, predict, run
+from . import cohort, data, experiments, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
 EPILOG = """\
@@ -36,6 +37,9 @@ VERBS = (
     predict.add_predict,
     run.add_study,
     run.add_demo,
+    experiments.add_sweep,
+    experiments.add_trial,
+    experiments.add_benchmark,
 )
 
 
@@ -64,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         or row dropped, 2 an error (printed as ``sasha VERB: error: ...``), 130 interrupted.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args._extra = extra
     args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)

@@ -386,6 +386,7 @@ def _run_agents(p: RunContext, ctx: StageContext) -> dict:
                 wandb=p.train_kwargs()["wandb"],
                 progress=p.progress,
                 device=device,
+                run_config={"pipeline": p.cfg},  # the whole resolved config in the W&B run
             )
             weights = out / POLICY_WEIGHTS
             return {"agent": str(weights), "sha256": file_sha256(weights)}
@@ -489,7 +490,9 @@ def _stages() -> dict[str, Stage]:
             ("distill", "tsu"),
             "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
             _run_agents,
-            version=2,  # 2: row-pooled rollout buffers (agents.row_pool) by default
+            # 2: row-pooled rollout buffers (agents.row_pool) by default; 3: SB3's progress.csv
+            # beside each agent, dqn's learning_starts at most a tenth of the budget
+            version=3,
         ),
         Stage(
             "calibrate",
