@@ -326,3 +326,15 @@ def test_the_adaptive_config_section_is_checked():
     ):
         with pytest.raises(ConfigError, match=match):
             validate_config(load_config("tiny", overrides={"adaptive": bad}))
+
+
+def test_predict_adaptive_with_full_is_a_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sasha_env.cli", "predict", "--workdir", str(tmp_path / "none"),
+         "x.tiff", "--adaptive", "--full"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--adaptive" in out.stderr and "Traceback" not in out.stderr
