@@ -247,3 +247,55 @@ def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_pa
     assert "level 0" in records[3]["error"]
     assert "error" not in records[4] and records[4]["label"] in ("normal", "tumor")
     assert (tmp_path / "pics" / f"{good.stem}.png").is_file()
+
+
+def test_bytes_read_counts_the_compressed_tiles_the_reader_fetched(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    path = write_single_level_tiff(tmp_path / "s.tiff", image)  # 64 px tiles, zlib
+    counts = tifffile.TiffFile(path).pages[0].databytecounts  # 4 x 4 tiles, row-major
+    with Slide(path) as slide:
+        assert slide.bytes_read > 0  # the TIFF's structure, read on opening
+        before = slide.bytes_read
+        slide.read_rect(32, 32, 64, 64, 1.0)  # touches tiles (0,0) (0,1) (1,0) (1,1)
+        assert slide.bytes_read - before == sum(counts[i] for i in (0, 1, 4, 5))
+        before = slide.bytes_read
+        slide.read_rect(130, 0, 120, 70, 1.0)  # rows 0-1, columns 2-3
+        assert slide.bytes_read - before == sum(counts[i] for i in (2, 3, 6, 7))
+
+
+def test_adaptive_predict_stops_as_evaluation_did_and_reads_fewer_bytes(tiny_workdir):
+    wd = Workdir(tiny_workdir)
+    saved = {
+        e["slide_id"]: e
+        for e in json.loads((wd.root / "episodes" / "sasha_adaptive-0.2.json").read_text())
+    }
+    adaptive = Predictor(wd.root, frac=0.2, adaptive=True)
+    records = _test_slides(wd)
+    for record in records:
+        a = adaptive.predict(record.path)
+        ep = saved[record.slide_id]
+        assert a["mode"] == "sasha-adaptive-0.2"
+        assert (a["stopped"], a["referred"]) == (ep["stopped"], ep["referred"])
+        assert len(a["zoomed_coords"]) == len(ep["zoomed"])
+        assert a["fraction_read"] == pytest.approx(ep["frac_read"])
+    # bytes: the same low-res pass, fewer high-res tiles than the fixed budget, than --full
+    f = Predictor(wd.root, frac=0.2).predict(records[0].path)
+    h = Predictor(wd.root, full=True).predict(records[0].path)
+    for r in (a, f, h):
+        assert r["bytes_read"] == sum(r["bytes_read_phases"].values()) > 0
+    a = adaptive.predict(records[0].path)
+    assert a["bytes_read_phases"]["lowres"] == f["bytes_read_phases"]["lowres"]
+    assert a["bytes_read_phases"]["highres"] <= f["bytes_read_phases"]["highres"]
+    assert f["bytes_read_phases"]["highres"] < h["bytes_read_phases"]["highres"]
+    assert "stopped" not in f and "stopped" not in h
+
+
+def test_adaptive_needs_a_stop_rule_and_refuses_full(tiny_workdir, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, wd)
+    (wd / "agents" / "sasha-0.2" / "adaptive.json").unlink()
+    with pytest.raises(FileNotFoundError, match="calibrate"):
+        Predictor(wd, frac=0.2, adaptive=True)
+    with pytest.raises(ValueError, match="--full"):
+        Predictor(wd, full=True, adaptive=True)

@@ -99,7 +99,12 @@ class Prediction(TypedDict, total=False):
     ``probabilities`` (class → probability, calibrated when ``calibrated``), ``label`` (the
     argmax class), ``calibrated``, ``n_patches`` (N), ``zoomed_coords`` (level-0 ``[x, y]``
     top-left corners in zoom order), ``zoomed_size_px`` (their side, level-0 pixels),
-    ``frac_read`` (share of high-res sub-patches read) and ``seconds`` (per phase, ``total``).
+    ``fraction_read`` (share of high-res sub-patches read; ``frac_read`` is its older name),
+    ``bytes_read`` (bytes fetched from the slide file: the TIFF's structure, the tissue
+    thumbnail, the low-res pass and the zooms, counted at the reader; ``bytes_read_phases``
+    splits it into ``tissue``, ``lowres``, ``highres``) and ``seconds`` (per phase,
+    ``total``). With ``adaptive``: ``stopped`` (``confident`` or ``cap``), ``referred`` (read
+    this slide in full) and ``confidence`` (calibrated, at the stop).
     With a calibration: ``probabilities_raw`` and ``calibration`` (``temperature``, ``bias``).
     When asked or relevant: ``picture``, ``geojson`` (paths written) and ``note``.
     """
@@ -114,7 +119,13 @@ class Prediction(TypedDict, total=False):
     zoomed_coords: list[list[int]]
     zoomed_size_px: float
     frac_read: float
+    fraction_read: float
+    bytes_read: int
+    bytes_read_phases: dict[str, int]
     seconds: dict[str, float]
+    stopped: str
+    referred: bool
+    confidence: float
     probabilities_raw: dict[str, float]
     calibration: dict[str, Any]
     picture: str
@@ -165,6 +176,10 @@ class Predictor:
             that calibration, fitted on the val split by the calibrate stage for this mode
             (``hafed@1`` with ``full``, else ``sasha@<f>``), when the workdir has it; the raw
             probabilities are kept in the record too.
+        adaptive: stop each slide when the agent's stop rule fires (thresholds fitted on the
+            val split by the calibrate stage, ``agents/<algo>-<f>/adaptive.json``), f being
+            the cap; records add ``stopped`` (``confident``/``cap``), ``referred`` and
+            ``confidence``.
     """
 
     def __init__(
@@ -175,11 +190,14 @@ class Predictor:
         batch_size: int | None = None,
         device: str | torch.device = "cpu",
         calibration: str | None = "temperature+bias",
+        adaptive: bool = False,
     ):
+        if adaptive and full:
+            raise ValueError("--adaptive stops the agent's reading early: it cannot go with --full")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.wd = Workdir(workdir)
-        self.full, self.frac = full, float(frac)
+        self.full, self.frac, self.adaptive = full, float(frac), adaptive
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
         self.store = FeatureStore(self.wd.require(self.wd.store, "extract"))
         info = self.store.info
@@ -222,6 +240,16 @@ class Predictor:
 
             agent = load_agent(self.wd, self.frac)  # weights only: nothing unpickled
             self.policy = agent.policy.net.eval()
+        self.stop_rule = None
+        if adaptive:
+            from .agents.adaptive import read_stop_rule  # lazy: as above
+
+            self.stop_rule = read_stop_rule(agent.path)
+            if self.stop_rule is None:
+                raise FileNotFoundError(
+                    f"{agent.path} has no stop rule (adaptive.json): run the calibrate stage "
+                    f"(sasha pipeline --workdir {self.wd.root} --force calibrate)"
+                )
 
     # ------------------------------------------------------------------ geometry
     def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:
@@ -302,22 +330,29 @@ class Predictor:
             grid_cfg, note = self.grid_config(slide)
             grid, *_ = build_grid(slide, grid_cfg)
             t0 = timer.add("tissue", t0)
+            fetched = {"tissue": slide.bytes_read}  # bytes from the file, by phase
+            trace: dict[str, Any] = {}
             if self.full:  # the baseline needs no low-res view
                 probs, zoomed, updated, n_read = self._full(slide, grid, timer)
             else:
                 rows = LowResRows(slide, grid)
                 lo = (rows[i][None] for i in range(grid.n))
                 z = self._embed_stream(lo, timer, "read_lowres", "embed_lowres")
+                fetched["lowres"] = slide.bytes_read - fetched["tissue"]
                 probs, zoomed, updated, n_read, trace = self._sample(
                     slide, grid, z, timer, scores=geojson is not None
                 )
+            bytes_read = slide.bytes_read
+            fetched["highres"] = bytes_read - sum(fetched.values())
         raw = probs
         if self.calibration is not None:
             probs = self.calibration.apply(raw)
         record: Prediction = {
             "slide": str(path),
             "slide_id": sid,
-            "mode": "full" if self.full else f"sasha-{self.frac:g}",
+            "mode": "full"
+            if self.full
+            else f"sasha-{'adaptive-' if self.adaptive else ''}{self.frac:g}",
             "probabilities": self._named(probs),
             "label": self.class_names[int(np.argmax(probs))],
             "calibrated": self.calibration is not None,
@@ -325,9 +360,16 @@ class Predictor:
             "zoomed_coords": grid.coords[zoomed].tolist(),
             "zoomed_size_px": float(grid.cell_px),
             "frac_read": n_read / grid.n,
+            "fraction_read": n_read / grid.n,
+            "bytes_read": bytes_read,
+            "bytes_read_phases": fetched,
             "seconds": {k: round(v, 4) for k, v in timer.items()}
             | {"total": round(time.perf_counter() - t_start, 4)},
         }
+        if self.stop_rule is not None:
+            record["stopped"] = trace["stop"]["stopped"]
+            record["referred"] = trace["stop"]["referred"]
+            record["confidence"] = trace["stop"]["confidence"]
         if self.calibration is not None:
             record["probabilities_raw"] = self._named(raw)
             record["calibration"] = {
@@ -405,6 +447,7 @@ class Predictor:
             "step_probabilities": np.stack(steps),
             "attention": env.attention() if scores else None,
             "patch_probabilities": env.patch_probabilities() if scores else None,
+            "stop": {k: info[k] for k in ("stopped", "referred", "confidence") if k in info},
         }
         return info["probabilities"], info["zoomed"], info["updated"], lazy.n_read, trace
 
@@ -421,6 +464,7 @@ class Predictor:
                 max_patches=max(n_patches, self.cohort_max_patches),
                 copy_obs=False,
                 obs_projection=self.policy.projection if self.policy is not None else None,
+                stop_rule=self.stop_rule,
             )
         return self._env_cache
 

@@ -138,16 +138,31 @@ def _best_legal(env: SashaWSIEnv, score: np.ndarray) -> int:
     return int(np.argmax(np.where(legal, score, -np.inf)))
 
 
-def run_episodes(env: SashaWSIEnv, policy: Policy, slide_ids: list[str]) -> list[dict]:
-    """One episode per slide; returns each episode's final ``info`` plus its return."""
+def run_episodes(
+    env: SashaWSIEnv, policy: Policy, slide_ids: list[str], trace: bool = False
+) -> list[dict]:
+    """One episode per slide; returns each episode's final ``info`` plus its return.
+
+    With ``trace``, each also has ``step_probabilities`` (``(T, C)`` float32: HAFED's
+    probabilities after each of its T steps) and ``step_zoomed`` (``(T,)``: patches zoomed by
+    then), what :func:`sasha_models.stopping.apply_rule` reads to stop the episode early.
+    """
     out = []
     for sid in slide_ids:
         obs, _ = env.reset(options={"slide_id": sid})
         total, done = 0.0, False
         info: dict = {}
+        probs: list[np.ndarray] = []
+        zoomed: list[int] = []
+        n_zoomed = 0
         while not done:
             obs, reward, terminated, truncated, info = env.step(policy(env, obs))
             total += float(reward)
             done = terminated or truncated
-        out.append({**info, "return": total})
+            if trace:
+                probs.append(env.probabilities)
+                n_zoomed += not info["illegal_action"]
+                zoomed.append(n_zoomed)
+        extra = {"step_probabilities": np.stack(probs), "step_zoomed": zoomed} if trace else {}
+        out.append({**info, "return": total, **extra})
     return out

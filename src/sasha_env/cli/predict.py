@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 from ..slides.manifest import read_manifest
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, zoom_budget
 
+#: ``--adaptive``'s default cap: the budget of the agent that reads at most this much.
+F_MAX = 0.2
+
 if TYPE_CHECKING:
     from ..predict import Prediction
 
@@ -24,8 +27,9 @@ def add_predict(sub: SubParsers) -> None:
         "trained agent zoom: only the chosen patches' high-res regions are read, embedded and "
         "distilled, and the TSU updates similar patches. Prints one JSON record per line "
         "(probabilities, predicted label, zoomed patch coordinates in level-0 pixels with their "
-        "side, fraction of high-res sub-patches read, seconds per phase). --full reads every "
-        "high-res sub-patch instead (the baseline). Probabilities are calibrated with the "
+        "side, fraction of high-res sub-patches read, bytes read from the slide file, seconds "
+        "per phase). --full reads every high-res sub-patch instead (the baseline); --adaptive "
+        "stops each slide when the agent is confident. Probabilities are calibrated with the "
         "temperature and bias the calibrate stage fitted on the val split, when the workdir has "
         "them (--calibration; 'calibrated': true, the raw ones in 'probabilities_raw'). "
         "A slide that fails gets a record with "
@@ -46,11 +50,19 @@ def add_predict(sub: SubParsers) -> None:
     mode.add_argument(
         "--frac",
         type=zoom_budget,
-        default=0.1,
-        help="zoom budget f in (0, 1]; its agent must exist (default: 0.1)",
+        default=None,
+        help="zoom budget f in (0, 1]; its agent must exist (default: 0.1; with --adaptive, "
+        "the cap: 0.2)",
     )
     mode.add_argument(
         "--full", action="store_true", help="read every high-res sub-patch (the baseline)"
+    )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="stop each slide when the calibrated classifier is confident (thresholds fitted on "
+        "the val split, stored with the agent) or at the agent's budget --frac (the cap); "
+        "records add 'stopped' (confident/cap) and 'referred' (true: read this slide in full)",
     )
     p.add_argument(
         "--geojson",
@@ -105,9 +117,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("give slide files or --manifest CSV")
     if args.geojson is not None and args.full:
         raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
+    if args.adaptive and args.full:
+        raise ValueError("--adaptive stops the agent's reading early: it cannot go with --full")
+    frac = args.frac if args.frac is not None else F_MAX if args.adaptive else 0.1
     predictor = Predictor(
         args.workdir,
-        frac=args.frac,
+        frac=frac,
+        adaptive=args.adaptive,
         full=args.full,
         batch_size=args.batch_size,
         device=args.device,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from sasha_models.incremental import IncrementalClassifier
 from sasha_models.projection import ObsProjection
 from sasha_models.spaces import action_space, legal_actions, observation_space
+from sasha_models.stopping import StopRule
 
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest
@@ -140,6 +141,12 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             in the changed rows only. The models and rewards still use S. For agents at real
             N and d (``agents.obs_dim``): k = 128 of d = 1,280 makes the policy's first layer
             and the rollout buffer 10× smaller.
+        stop_rule: stop when confident (:class:`~sasha_models.stopping.StopRule`, fitted on
+            val by the calibrate stage and stored beside each agent): the episode also ends
+            (``terminated``) after the first zoom whose calibrated confidence exceeds the
+            rule's threshold; ``⌈frac·N⌉`` is then the cap. The last ``info`` adds
+            ``stopped`` (``"confident"`` or ``"cap"``), ``confidence``, ``referred`` and
+            ``calibrated_probabilities``. ``None`` (the default): every episode reads the cap.
 
     Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
         ``features`` ``Box(-inf, inf, (P, d), float32)`` — the state S;
@@ -188,6 +195,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         render_px: int = 512,
         copy_obs: bool = True,
         obs_projection: ObsProjection | None = None,
+        stop_rule: StopRule | None = None,
     ) -> None:
         if not 0.0 < float(frac) <= 1.0:
             raise ValueError(f"frac must be in (0, 1], got {frac}")
@@ -241,6 +249,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                 f"obs_projection maps {obs_projection.d_in} features, the store has {d}"
             )
         self.obs_projection = obs_projection
+        self.stop_rule = stop_rule
         d_obs = d if obs_projection is None else obs_projection.d_out
         self.observation_space = observation_space(P, d_obs)
         self.action_space = action_space(P)
@@ -396,10 +405,13 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         else:
             self._changed = np.zeros(0, np.int64)
             reward = self.illegal_penalty
-        terminated = self._t >= self._budget
+        confident = legal and self.stop_rule is not None and self.stop_rule.confident(self._probs)
+        terminated = self._t >= self._budget or confident
         info: dict[str, Any] = {"illegal_action": not legal, "action_mask": self.action_masks()}
         if terminated:
             info.update(self._final_info())
+            if self.stop_rule is not None:
+                info.update(self._stop_info(confident))
             if info["correct"]:
                 reward += self.correct_bonus
         # a terminal observation outlives the next reset (vector envs keep it in the info)
@@ -485,6 +497,17 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         if self.copy_obs or fresh:
             return {key: array.copy() for key, array in buffers.items()}
         return buffers
+
+    def _stop_info(self, confident: bool) -> dict[str, Any]:
+        rule = self.stop_rule
+        assert rule is not None
+        confidence = float(rule.confidence(self._probs))
+        return {
+            "stopped": "confident" if confident else "cap",
+            "confidence": confidence,
+            "referred": not confident and rule.referred(self._probs),
+            "calibrated_probabilities": rule.calibrated(self._probs),
+        }
 
     def _final_info(self) -> dict[str, Any]:
         data = self._slide

@@ -10,8 +10,11 @@ alone, and a temperature with a class bias — and written to ``WORKDIR/calibrat
      "nll_after"}, "temperature+bias": {...}}, "sasha@0.1": {...}, ...}}
 
 Evaluation reports every calibrated method's accuracy, F1 and ECE before and after each, and
-``sasha predict`` returns calibrated probabilities (temperature and bias by default). The test split is
-never looked at here.
+``sasha predict`` returns calibrated probabilities (temperature and bias by default).
+
+Each agent's stop rule (:mod:`~sasha_env.agents.adaptive`: stop when confident, refer when
+not) is fitted here too, on the same val episodes traced zoom by zoom, and written beside the
+agent (``agents/<algo>-<f>/adaptive.json``). The test split is never looked at here.
 """
 
 from __future__ import annotations
@@ -40,9 +43,15 @@ def calibrate_workdir(
     wd: Workdir, cfg: dict, split: str = "val", log: Callable[[str], None] = say
 ) -> dict:
     """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent."""
-    from sasha_models.calibration import KINDS, fit_calibration  # lazy: torch, when the stage runs
+    from sasha_models.calibration import (  # lazy: torch, when the stage runs
+        KINDS,
+        Calibration,
+        fit_calibration,
+    )
     from sasha_models.lit import load_model, predict_probs  # lazy: Lightning, as above
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics, as above
 
+    from ..agents.adaptive import AdaptiveConfig, fit_agent_rule, write_stop_rule  # lazy: as above
     from ..agents.envs import has_agent, load_agent  # lazy: SB3 and torch, as above
     from ..agents.episodes import agent_policy, run_episodes  # lazy: as above
 
@@ -65,17 +74,34 @@ def calibrate_workdir(
         load_model(wd.require(wd.model("hafed"), "hafed")), bags, split, "highres"
     )
     fit(method_name("hafed", 1.0), np.asarray(probs), np.asarray(labels))
+    hafed_auc = classification_metrics(np.asarray(probs), np.asarray(labels))["auc"]
+    target = None if np.isnan(hafed_auc) else float(hafed_auc)
+    adaptive = AdaptiveConfig.from_dict(cfg.get("adaptive"))
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     for frac in acfg.fracs:
         if not has_agent(wd, frac, acfg.algo):
             continue
         agent = load_agent(wd, frac, acfg.algo)
-        episodes = run_episodes(agent.make_env(wd, split, acfg), agent_policy(agent.policy), ids)
+        env = agent.make_env(wd, split, acfg)
+        episodes = run_episodes(env, agent_policy(agent.policy), ids, trace=True)
+        name = method_name("sasha", frac)
         fit(
-            method_name("sasha", frac),
+            name,
             np.stack([e["probabilities"] for e in episodes]),
             np.array([e["label"] for e in episodes]),
+        )
+        calibration = Calibration.from_dict(fitted[name][adaptive.calibration])
+        rule = fit_agent_rule(episodes, adaptive, calibration, target, frac)
+        write_stop_rule(agent.path, rule)
+        log(
+            f"[calibrate] {name}: stop when confidence > {rule.threshold:g} (val: mean fraction "
+            f"read {rule.info['val_mean_frac']:.3f}, AUC {_fmt(rule.info['val_auc'])}, HAFED "
+            f"{_fmt(target)}); refer below {rule.refer_below:.3f} at the cap"
         )
     out = {"split": split, "n_slides": len(ids), "kinds": list(KINDS), "methods": fitted}
     write_json(wd.calibration, out)
     return out
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -26,6 +26,7 @@ from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..slides.tumour import hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
+from .adaptive import adaptive_results, nearest
 from .calibrate import method_name
 from .report import markdown_table
 
@@ -78,10 +79,21 @@ def evaluate_workdir(
         rows.append({"method": method, "frac": frac, **_clean(metrics), "n_slides": len(ids)})
         predictions[method_name(method, frac)] = (list(ids), [np.asarray(probs)])
         log(f"[evaluate] {method}: AUC {metrics['auc']:.3f}, accuracy {metrics['accuracy']:.3f}")
-    rows += evaluate_sampling(wd, cfg, bags, split, log, predictions)
+    adaptive: dict[float, tuple[Any, list[dict]]] = {}
+    rows += evaluate_sampling(wd, cfg, bags, split, log, predictions, adaptive)
     slide_ids = bags.slide_ids(split)
     labels = np.array([bags.label(s) for s in slide_ids])
-    paired = add_uncertainty(rows, predictions, slide_ids, labels, seed=int(cfg.get("seed", 0)))
+    seed = int(cfg.get("seed", 0))
+    curve: list[dict] = []
+    referral: list[dict] = []
+    if adaptive:  # each agent's stop rule (fitted on val) on its traced test episodes
+        episodes = wd.root / "episodes"
+        a_rows, curve, referral, a_predictions = adaptive_results(
+            adaptive, slide_ids, labels, seed, N_BOOT, CI_LEVEL, episodes, log
+        )
+        rows += a_rows
+        predictions.update(a_predictions)
+    paired = add_uncertainty(rows, predictions, slide_ids, labels, seed=seed)
     add_calibrated(rows, predictions, slide_ids, labels, wd, log)
     results = {
         "split": split,
@@ -92,6 +104,8 @@ def evaluate_workdir(
         "bootstrap": {"resamples": N_BOOT, "level": CI_LEVEL, "stratified_by_class": True},
         "methods": rows,
         "paired": paired,
+        "adaptive_curve": curve,
+        "referral": referral,
     }
     write_json(wd.results, results)
     return results
@@ -148,13 +162,14 @@ def add_uncertainty(
     by_name = {method_name(r["method"], r["frac"]): r for r in rows}
     paired = []
     for row in rows:
-        if row["method"] != "sasha":
+        a = method_name(row["method"], row["frac"])
+        if row["method"] == "sasha":
+            against = [method_name(m, row["frac"]) for m in PAIRED_BASELINES]
+        elif row["method"] == "sasha_adaptive":  # the fixed budgets nearest its mean fraction
+            against = [nearest(rows, m, row["mean_frac"]) for m in ("sasha", "random")]
+        else:
             continue
-        a = method_name("sasha", row["frac"])
-        for b in (
-            *(method_name(m, row["frac"]) for m in PAIRED_BASELINES),
-            "hafed@1",
-        ):
+        for b in (*against, "hafed@1"):
             if b not in boots:
                 continue
             for metric in ("auc", "accuracy"):
@@ -206,6 +221,7 @@ def evaluate_sampling(
     split: str,
     log: Callable[[str], None] = say,
     predictions: dict[str, tuple[list[str], list[np.ndarray]]] | None = None,
+    adaptive: dict[float, tuple[Any, list[dict]]] | None = None,
 ) -> list[dict]:
     """Rows for ``sasha`` (trained agents, argmax) and the same-harness baselines per budget.
 
@@ -216,10 +232,14 @@ def evaluate_sampling(
     (the low-res classifier's attention; left out when ``models/lowres/model.pt`` is absent).
     Episodes are saved to ``WORKDIR/episodes/<method>-<f>.json`` (zoomed patches, probabilities)
     for figures and analysis. Tumour-hit rates are added when the manifest has masks.
+    ``adaptive``, when given, receives for each agent with a stop rule (``adaptive.json``)
+    ``{f: (rule, its test episodes traced zoom by zoom)}``
+    (:mod:`~sasha_env.pipeline.adaptive`).
     """
     from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
     # lazy: SB3 and torch load only when agents are evaluated
+    from ..agents.adaptive import read_stop_rule
     from ..agents.envs import has_agent, load_agent, make_env
     from ..agents.episodes import (
         agent_policy,
@@ -254,8 +274,14 @@ def evaluate_sampling(
         methods.append(("greedy_attention", [greedy_attention_policy()]))
         if lowres is not None:
             methods.append(("lowres_attention_topk", [lowres_attention_topk_policy(lowres)]))
+        rule = None if agent is None or adaptive is None else read_stop_rule(agent.path)
+        if agent is not None and adaptive is not None and rule is None:
+            log(f"[evaluate] sasha f={frac:g} has no stop rule (adaptive.json): run calibrate")
         for method, policies in methods:
-            runs = [run_episodes(env, policy, ids) for policy in policies]
+            trace = method == "sasha" and rule is not None
+            runs = [run_episodes(env, policy, ids, trace) for policy in policies]
+            if trace:
+                adaptive[frac] = (rule, runs[0])  # type: ignore[index]
             if predictions is not None:
                 predictions[method_name(method, frac)] = (
                     [e["slide_id"] for e in runs[0]],
@@ -331,8 +357,11 @@ def format_table(results: dict | str | Path) -> str:
     rows = []
     for m in data["methods"]:
         hit = m.get("tumour_hit_rate")
+        frac = f"{m['frac']:.2f}"
+        if "mean_frac" in m:  # adaptive: what it read on average, and its cap
+            frac = f"{m['mean_frac']:.2f} (cap {m['frac']:.2f})"
         rows.append(
-            [m["method"], f"{m['frac']:.2f}", _with_ci(m, "auc"), _with_ci(m, "accuracy")]
+            [m["method"], frac, _with_ci(m, "auc"), _with_ci(m, "accuracy")]
             + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
             + ["" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"]
         )
@@ -350,6 +379,34 @@ def format_table(results: dict | str | Path) -> str:
                 ["comparison", "metric", "difference [95% CI]"],
                 rows,
                 f"Paired differences on the same {n} test slides (95% bootstrap CI):",
+            )
+        )
+    if data.get("referral"):
+        rows = [
+            [
+                f"{r['method']}@{r['frac']:g}",
+                f"{r['share_referred']:.2f}",
+                _fmt(r["sensitivity"]),
+                _fmt(r["specificity"]),
+                _fmt(r["cleared_at_full_sensitivity"]),
+                _fmt(r["aurc"]),
+            ]
+            for r in data["referral"]
+        ]
+        tables.append(
+            markdown_table(
+                [
+                    "method",
+                    "referred",
+                    "sensitivity",
+                    "specificity",
+                    "cleared at 100% sens.",
+                    "AURC",
+                ],
+                rows,
+                "Adaptive reading on the test slides: share referred; sensitivity and specificity "
+                "of the slides decided automatically; share cleared automatically without missing "
+                "a positive; area under the risk-coverage curve:",
             )
         )
     calibrated = [m for m in data["methods"] if m.get("calibrated")]

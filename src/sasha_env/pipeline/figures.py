@@ -24,7 +24,15 @@ from ..features.store import FeatureStore  # noqa: E402
 from ..slides.manifest import read_manifest  # noqa: E402
 from ..workdir import Workdir  # noqa: E402
 
-__all__ = ["episode_geojsons", "learning_curves", "zoom_paths", "write_figures"]
+__all__ = [
+    "adaptive_curve",
+    "episode_geojsons",
+    "fraction_read_by_class",
+    "learning_curves",
+    "risk_coverage_figure",
+    "zoom_paths",
+    "write_figures",
+]
 
 
 def _save(fig: Figure, out: Path, dpi: int = 110, legend_axes: Iterable[Axes] = ()) -> Path:
@@ -243,6 +251,185 @@ def budget_curve(points: list[dict], out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
+def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str) -> Path:
+    """AUC against the mean fraction read: each agent's stop rule over the threshold grid
+    (thresholds fixed beforehand; the rule's val-fitted operating point marked), beside
+    fixed-budget SASHA and random on the same axes, each with its band.
+
+    Args:
+        points: ``{"method", "frac", "auc", "lo", "hi"}`` of the fixed-budget rows (``sasha``,
+            ``random``, ``hafed`` as a reference line) and the ``sasha_adaptive`` rows, which
+            add ``mean_frac``.
+        curve: ``{"frac" (cap), "threshold", "mean_frac", "auc", "lo", "hi"}`` per point.
+    """
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fixed = {"sasha": "#d50032", "random": "#7f7f7f"}
+    for method, colour in fixed.items():
+        pts = sorted(
+            (p for p in points if p["method"] == method and p.get("auc") is not None),
+            key=lambda p: p["frac"],
+        )
+        if not pts:
+            continue
+        x = [p["frac"] for p in pts]
+        ax.plot(
+            x, [p["auc"] for p in pts], marker="o", ms=4, color=colour, label=f"{method} (fixed f)"
+        )
+        if all(p.get("lo") is not None for p in pts):
+            ax.fill_between(
+                x, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.15, color=colour
+            )
+    caps = sorted({c["frac"] for c in curve})
+    blues = ["#0072b2", "#56b4e9", "#009e73", "#cc79a7"]
+    for cap, colour in zip(caps, blues * (1 + len(caps) // len(blues)), strict=False):
+        pts = sorted(
+            (c for c in curve if c["frac"] == cap and c.get("auc") is not None),
+            key=lambda c: c["mean_frac"],
+        )
+        if not pts:
+            continue
+        x = [c["mean_frac"] for c in pts]
+        ax.plot(
+            x,
+            [c["auc"] for c in pts],
+            ls="--",
+            marker=".",
+            color=colour,
+            label=f"sasha_adaptive, cap {cap:g} (thresholds)",
+        )
+        if all(c.get("lo") is not None for c in pts):
+            ax.fill_between(
+                x, [c["lo"] for c in pts], [c["hi"] for c in pts], alpha=0.15, color=colour
+            )
+        for p in points:
+            if p["method"] == "sasha_adaptive" and p["frac"] == cap and p.get("auc") is not None:
+                ax.plot(
+                    [p["mean_frac"]],
+                    [p["auc"]],
+                    marker="*",
+                    ms=12,
+                    color=colour,
+                    ls="none",
+                    label=f"rule fitted on val, cap {cap:g}",
+                )
+    for p in points:
+        if p["method"] == "hafed" and p.get("auc") is not None:
+            ax.axhline(p["auc"], ls=":", lw=1, color="black", label=f"hafed (f=1): {p['auc']:.3f}")
+    ax.set(
+        xlabel="mean fraction of patches read at high resolution", ylabel="test AUC", title=title
+    )
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out)
+
+
+def fraction_read_by_class(
+    episodes: dict[float, list[dict]], class_names: list[str], out: Path
+) -> Path:
+    """Per slide, the fraction read under each agent's stop rule, by true class (one dot per
+    slide; stars: stopped at the cap; open circles: referred)."""
+    fig, axes = plt.subplots(
+        1, max(1, len(episodes)), figsize=(4.2 * max(1, len(episodes)), 3.6), squeeze=False
+    )
+    rng = np.random.default_rng(0)
+    for ax, (cap, eps) in zip(axes[0], sorted(episodes.items()), strict=False):
+        for c in range(len(class_names)):
+            of = [e for e in eps if e["label"] == c]
+            x = c + rng.uniform(-0.15, 0.15, len(of))
+            y = np.array([e["frac_read"] for e in of])
+            cap_hit = np.array([e["stopped"] == "cap" for e in of], bool)
+            ref = np.array([e["referred"] for e in of], bool)
+            ax.scatter(
+                x[~cap_hit],
+                y[~cap_hit],
+                s=18,
+                color="#0072b2",
+                label="stopped: confident" if c == 0 else None,
+            )
+            ax.scatter(
+                x[cap_hit],
+                y[cap_hit],
+                s=40,
+                marker="*",
+                color="#d55e00",
+                label="stopped: cap" if c == 0 else None,
+            )
+            ax.scatter(
+                x[ref],
+                y[ref],
+                s=90,
+                facecolors="none",
+                edgecolors="black",
+                label="referred" if c == 0 else None,
+            )
+        ax.set_xticks(range(len(class_names)), class_names)
+        ax.set(ylabel="fraction of patches read", title=f"cap {cap:g}")
+        ax.set_ylim(bottom=0)
+    return _save(fig, out, legend_axes=axes[0][:1])
+
+
+def risk_coverage_figure(referral: list[dict], out: Path) -> Path:
+    """Risk (error rate) against coverage (share of slides kept, most confident first), one
+    line per agent's stop rule, with its AURC."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for r in referral:
+        pts = r.get("risk_coverage") or []
+        if pts:
+            ax.plot(
+                [p["coverage"] for p in pts],
+                [p["risk"] for p in pts],
+                marker=".",
+                label=f"{r['method']} cap {r['frac']:g} (AURC {r['aurc']:.3f})",
+            )
+    ax.set(
+        xlabel="coverage (share of slides decided)",
+        ylabel="risk (error rate)",
+        title="risk-coverage on the test slides",
+    )
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(bottom=0)
+    return _save(fig, out, legend_axes=[ax])
+
+
+def write_adaptive_figures(wd: Workdir, results: dict) -> list[Path]:
+    """The three adaptive-reading figures of a run (when ``results.json`` has them)."""
+    if not results.get("adaptive_curve"):
+        return []
+    figs = wd.root / "figures"
+    points = [
+        {
+            "method": m["method"],
+            "frac": m["frac"],
+            "auc": m.get("auc"),
+            "mean_frac": m.get("mean_frac"),
+            "lo": (m.get("auc_ci") or [None, None])[0],
+            "hi": (m.get("auc_ci") or [None, None])[1],
+        }
+        for m in results["methods"]
+    ]
+    curve = [
+        c | {"lo": (c.get("auc_ci") or [None, None])[0], "hi": (c.get("auc_ci") or [None, None])[1]}
+        for c in results["adaptive_curve"]
+    ]
+    n = results.get("n_slides", "the")
+    title = f"Adaptive reading ({n} test slides; bands: 95% bootstrap CI)"
+    written = [adaptive_curve(points, curve, figs / "adaptive_curve.png", title)]
+    episodes = {
+        float(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text())
+        for p in (wd.root / "episodes").glob("sasha_adaptive-*.json")
+    }
+    if episodes:
+        written.append(
+            fraction_read_by_class(
+                episodes, results["class_names"], figs / "adaptive_fraction_read.png"
+            )
+        )
+    if results.get("referral"):
+        written.append(risk_coverage_figure(results["referral"], figs / "risk_coverage.png"))
+    return written
+
+
 def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list[Path]:
     """Learning curves of every agent, zoom paths of the SASHA agents and the AUC-against-budget
     curve, under ``WORKDIR/figures``. Zoom paths need slide pixels: slides known only by their
@@ -264,6 +451,7 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
         n = results.get("n_slides", "the")
         title = f"AUC against budget ({n} test slides; bands: 95% bootstrap CI)"
         written.append(budget_curve(points, figs / "budget_curve.png", title))
+        written += write_adaptive_figures(wd, results)
     csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
     if csvs:
         written.append(learning_curves(csvs, figs / "learning_curves.png"))

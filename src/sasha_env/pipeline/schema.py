@@ -100,6 +100,12 @@ def _agents() -> dict[str, Any]:
     return _dataclass_keys(AgentConfig)
 
 
+def _adaptive() -> dict[str, Any]:
+    from ..agents.adaptive import AdaptiveConfig  # lazy: torch (the CLI loads this module)
+
+    return _dataclass_keys(AdaptiveConfig)
+
+
 #: Section name → its keys and their types (``None``: a plain value, not a section).
 SECTIONS: dict[str, Callable[[], dict[str, Any]] | None] = {
     "preset": None,
@@ -114,6 +120,7 @@ SECTIONS: dict[str, Callable[[], dict[str, Any]] | None] = {
     "lowres": _lowres,
     "baselines": _baselines,
     "agents": _agents,
+    "adaptive": _adaptive,
 }
 _SCALARS = {"preset": str, "seed": int}
 
@@ -149,6 +156,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.epochs": (_positive, ">= 1"),
     "agents.episodes_per_slide": (_positive, ">= 1"),
     "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),
+    "adaptive.margin": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "adaptive.max_auto_error": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "adaptive.calibration": (
+        lambda v: v in ("temperature", "temperature+bias"),
+        "temperature or temperature+bias",
+    ),
     "split.shares": (lambda v: min(v) >= 0 and sum(v) > 0, "three non-negative shares"),
     "tsu.tau": (
         lambda v: v == "auto" or (not isinstance(v, str) and _fraction(v)),

@@ -496,17 +496,20 @@ def _stages() -> dict[str, Stage]:
         ),
         Stage(
             "calibrate",
-            ("agents",),
+            ("agents", "adaptive"),
             ("hafed", "agents"),
-            "calibration.json (temperature and bias per method, fitted on val)",
+            "calibration.json (temperature and bias per method, fitted on val), "
+            "agents/<algo>-<f>/adaptive.json (each agent's stop rule, fitted on val)",
             _run_calibrate,
+            version=2,  # 2: fits each agent's stop rule (adaptive.json)
         ),
         Stage(
             "evaluate",
-            ("agents",),
+            ("agents", "adaptive"),
             ("hafed", "lowres", *BASELINE_STAGES, "agents", "calibrate"),
             "results.json, episodes/, figures/ (every method on the test split)",
             _run_evaluate,
+            version=2,  # 2: sasha_adaptive rows, adaptive_curve and referral
         ),
     ]
     return {s.name: s for s in stages}

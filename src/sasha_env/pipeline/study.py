@@ -47,6 +47,8 @@ __all__ = ["Study", "aggregate", "format_study"]
 _HOST = socket.gethostname()
 #: Metrics summarised across seeds.
 METRICS = ("auc", "accuracy", "f1", "ece")
+#: What adaptive rows (``sasha_adaptive``) add, summarised across seeds too.
+ADAPTIVE_KEYS = ("mean_frac", "frac_p50", "frac_p90", "share_confident")
 
 
 @dataclass
@@ -136,6 +138,31 @@ class Study:
         ]
         title = f"AUC against budget over {len(self.seeds)} seeds (bands: mean ± sd)"
         budget_curve(points, self.root / "budget_curve.png", title)
+        if summary["adaptive_curve"]:
+            from .figures import adaptive_curve  # lazy: matplotlib, as above
+
+            rows = [
+                {
+                    **r,
+                    "auc": r["auc_mean"],
+                    "mean_frac": r.get("mean_frac_mean"),
+                    "lo": _minus(r["auc_mean"], r["auc_sd"]),
+                    "hi": _plus(r["auc_mean"], r["auc_sd"]),
+                }
+                for r in summary["methods"]
+            ]
+            curve = [
+                {
+                    **c,
+                    "auc": c["auc_mean"],
+                    "mean_frac": c["mean_frac_mean"],
+                    "lo": _minus(c["auc_mean"], c["auc_sd"]),
+                    "hi": _plus(c["auc_mean"], c["auc_sd"]),
+                }
+                for c in summary["adaptive_curve"]
+            ]
+            title = f"Adaptive reading over {len(self.seeds)} seeds (bands: mean ± sd)"
+            adaptive_curve(rows, curve, self.root / "adaptive_curve.png", title)
         return summary
 
     def seed_dir(self, seed: int) -> Workdir:
@@ -269,6 +296,13 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             }
             for s in sorted(by_seed)
         ]
+        for key in ADAPTIVE_KEYS:  # adaptive rows: how much each seed read
+            if any(key in by_seed[s] for s in by_seed):
+                row[f"{key}_mean"], row[f"{key}_sd"] = mean_sd(
+                    [by_seed[s].get(key) for s in by_seed]
+                )
+                for entry in row["per_seed"]:
+                    entry[key] = by_seed[entry["seed"]].get(key)
         calibrated = [by_seed[s]["calibrated"] for s in by_seed if by_seed[s].get("calibrated")]
         for kind in sorted({k for c in calibrated for k in c}):  # val-fitted, on test
             of_kind = [c[kind] for c in calibrated if kind in c]
@@ -301,6 +335,7 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
                 "frac": r["frac"],
                 "auc_mean": r["auc_mean"],
                 "auc_sd": r["auc_sd"],
+                **({"mean_frac_mean": r["mean_frac_mean"]} if "mean_frac_mean" in r else {}),
             }
             for r in methods
         ),
@@ -313,7 +348,55 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
         "methods": methods,
         "paired": paired,
         "budget_curve": curve,
+        "adaptive_curve": _over_seeds(
+            per_seed, "adaptive_curve", ("method", "frac", "threshold"), ("mean_frac", "auc")
+        ),
+        "referral": _over_seeds(
+            per_seed,
+            "referral",
+            ("method", "frac"),
+            (
+                "share_referred",
+                "sensitivity",
+                "specificity",
+                "cleared_at_full_sensitivity",
+                "aurc",
+            ),
+        ),
     }
+
+
+def _over_seeds(
+    per_seed: dict[int, dict[str, Any]], field: str, by: tuple[str, ...], values: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Entries of each seed's ``results.json[field]`` grouped on the keys ``by``: per value,
+    its mean and sd over the seeds that have it (``<value>_mean``, ``<value>_sd``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for seed in sorted(per_seed):
+        for entry in per_seed[seed].get(field) or []:
+            groups.setdefault(tuple(entry[k] for k in by), []).append(entry)
+    out = []
+    for key, entries in groups.items():
+        row: dict[str, Any] = dict(zip(by, key, strict=True)) | {"n_seeds": len(entries)}
+        for v in values:
+            row[f"{v}_mean"], row[f"{v}_sd"] = mean_sd([e.get(v) for e in entries])
+        out.append(row)
+    return out
+
+
+def _minus(mean: float | None, sd: float | None) -> float | None:
+    return None if mean is None or sd is None else mean - sd
+
+
+def _plus(mean: float | None, sd: float | None) -> float | None:
+    return None if mean is None or sd is None else mean + sd
+
+
+def _frac(row: dict) -> str:
+    """A row's budget; adaptive rows: their mean fraction read over seeds, and the cap."""
+    if row.get("mean_frac_mean") is not None:
+        return f"{row['mean_frac_mean']:.2f} (cap {row['frac']:.2f})"
+    return f"{row['frac']:.2f}"
 
 
 def format_study(summary: dict[str, Any]) -> str:
@@ -330,10 +413,7 @@ def format_study(summary: dict[str, Any]) -> str:
     tables = [
         markdown_table(
             ["method", "frac", "AUC", "accuracy", "F1", "ECE"],
-            (
-                [r["method"], f"{r['frac']:.2f}", *(cell(r, m) for m in METRICS)]
-                for r in summary["methods"]
-            ),
+            ([r["method"], _frac(r), *(cell(r, m) for m in METRICS)] for r in summary["methods"]),
             f"Over {n} seeds (each its own split and initialisation): "
             "mean ± sd [95% CI of the mean].",
         )

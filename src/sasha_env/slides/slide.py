@@ -9,17 +9,49 @@ level spacings.
 
 from __future__ import annotations
 
+import io
 import math
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["Slide", "SlideError"]
+__all__ = ["CountingFile", "Slide", "SlideError"]
 
 
 class SlideError(RuntimeError):
     """A slide cannot be opened or read; the message names the file and the fix."""
+
+
+class CountingFile(io.FileIO):
+    """A read-only file that counts the bytes read from it (what tiffslide and tifffile fetch:
+    the TIFF's structure, and the compressed tiles of every region read)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path, "r")
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def _count(self, n: int | None) -> None:
+        with self._lock:
+            self.bytes_read += n or 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(-1 if size is None else size)
+        self._count(len(data) if data else 0)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer)
+        self._count(n)
+        return n
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self._count(len(data))
+        return data
 
 
 class Slide:
@@ -40,14 +72,18 @@ class Slide:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(f"{self.path}: file not found")
+        self._file: CountingFile | None = None
         try:
-            self._slide = tiffslide.TiffSlide(str(self.path))
+            self._file = CountingFile(self.path)
+            self._slide = tiffslide.TiffSlide(self._file)
             self.dimensions: tuple[int, int] = tuple(self._slide.dimensions)  # type: ignore[assignment]
             self.level_downsamples: tuple[float, ...] = tuple(
                 float(d) for d in self._slide.level_downsamples
             )
             self.level_dimensions = tuple(tuple(d) for d in self._slide.level_dimensions)
         except Exception as exc:  # tiffslide raises many types for broken files
+            if self._file is not None:
+                self._file.close()
             raise SlideError(
                 f"{self.path}: not a readable whole-slide image ({type(exc).__name__}: {exc}). "
                 "Check that the file is a complete TIFF/SVS (re-copy it if it was truncated)."
@@ -57,8 +93,16 @@ class Slide:
         if self.dimensions[0] <= 0 or self.dimensions[1] <= 0:
             raise SlideError(f"{self.path}: slide has empty dimensions {self.dimensions}")
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched from the slide file so far (compressed tiles, strips and the TIFF's
+        own structure), counted where the reader reads them."""
+        return 0 if self._file is None else self._file.bytes_read
+
     def close(self) -> None:
         self._slide.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> Slide:
         return self

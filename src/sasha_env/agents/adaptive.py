@@ -1,0 +1,118 @@
+"""Adaptive reading for trained agents: the stop rule stored beside each agent.
+
+The calibrate stage fits a :class:`~sasha_models.stopping.StopRule` per agent on the val
+split (:func:`fit_agent_rule`) and writes it to ``agents/<algo>-<f>/adaptive.json``
+(:func:`write_stop_rule`); evaluation, ``sasha predict --adaptive`` and
+``SashaWSIEnv(stop_rule=...)`` read it back with :func:`read_stop_rule`. The agent's budget f
+is the rule's cap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sasha_models.calibration import KINDS, Calibration
+from sasha_models.stopping import StopRule, fit_stop_rule
+
+from ..atomic import write_json
+from ..config import dataclass_from_dict
+
+__all__ = [
+    "ADAPTIVE_FILE",
+    "AdaptiveConfig",
+    "fit_agent_rule",
+    "read_stop_rule",
+    "traces",
+    "write_stop_rule",
+]
+
+#: The stop rule's file in an agent's folder.
+ADAPTIVE_FILE = "adaptive.json"
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """How the stop rule is fitted on val (config section ``adaptive``)."""
+
+    margin: float = 0.01
+    """The stop threshold reads least among those whose val AUC is at least HAFED's val AUC
+    minus this."""
+    max_auto_error: float = 0.05
+    """The referral threshold is the lowest at which the val slides decided automatically err
+    on at most this share of them."""
+    calibration: str = "temperature+bias"
+    """Which of the calibrate stage's calibrations gives the confidence (``temperature`` or
+    ``temperature+bias``)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AdaptiveConfig:
+        cfg = dataclass_from_dict(cls, d, "adaptive")
+        if not 0 <= cfg.margin <= 1 or not 0 <= cfg.max_auto_error <= 1:
+            raise ValueError(
+                f"adaptive.margin and adaptive.max_auto_error must be in [0, 1]; got {cfg}"
+            )
+        if cfg.calibration not in KINDS:
+            raise ValueError(
+                f"adaptive.calibration = {cfg.calibration!r}: choose one of {', '.join(KINDS)}"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def traces(episodes: list[dict]) -> list[tuple[np.ndarray, list[int], int]]:
+    """``(step_probabilities, step_zoomed, n_patches)`` of each episode of
+    ``run_episodes(..., trace=True)``, as :func:`~sasha_models.stopping.apply_rule` takes them."""
+    return [(e["step_probabilities"], e["step_zoomed"], int(e["n_patches"])) for e in episodes]
+
+
+def fit_agent_rule(
+    episodes: list[dict],
+    acfg: AdaptiveConfig,
+    calibration: Calibration | None,
+    target_auc: float | None,
+    cap: float,
+) -> StopRule:
+    """Fit an agent's stop rule on its val episodes (:func:`~sasha_models.stopping.fit_stop_rule`).
+
+    Args:
+        episodes: ``run_episodes(..., trace=True)`` of the agent (argmax) on the val slides,
+            each to its cap.
+        calibration: the agent's final-state calibration (kind ``acfg.calibration``).
+        target_auc: HAFED's AUC on the same val slides.
+        cap: the agent's budget f, recorded with the rule.
+    """
+    labels = np.array([e["label"] for e in episodes])
+    rule = fit_stop_rule(
+        traces(episodes), labels, calibration, target_auc, acfg.margin, acfg.max_auto_error
+    )
+    info = {**rule.info, "cap": float(cap), "calibration_kind": acfg.calibration}
+    return StopRule(rule.threshold, rule.refer_below, rule.calibration, info)
+
+
+def write_stop_rule(agent_dir: str | Path, rule: StopRule) -> Path:
+    """Write ``rule`` to ``agent_dir/adaptive.json`` (atomically); returns the path."""
+    path = Path(agent_dir) / ADAPTIVE_FILE
+    write_json(path, rule.to_dict())
+    return path
+
+
+def read_stop_rule(agent_dir: str | Path) -> StopRule | None:
+    """The stop rule stored beside an agent, or ``None`` when it has none (fitted by the
+    calibrate stage); a malformed file is a ``ValueError`` naming it."""
+    path = Path(agent_dir) / ADAPTIVE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return StopRule.from_dict(json.loads(path.read_text()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a valid stop rule ({exc!r}); re-run the calibrate stage "
+            "(sasha pipeline --workdir DIR --force calibrate)"
+        ) from exc

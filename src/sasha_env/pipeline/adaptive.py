@@ -1,0 +1,165 @@
+"""Adaptive reading in evaluation: the ``sasha_adaptive`` rows, ``adaptive_curve`` and ``referral``.
+
+For each trained agent, evaluation runs one argmax episode per test slide to the agent's cap,
+traced zoom by zoom (the ``sasha`` row is its end). The agent's stop rule (fitted on val by
+the calibrate stage, ``agents/<algo>-<f>/adaptive.json``) cuts each trace where it fires
+(:func:`~sasha_models.stopping.apply_rule`: the same as running the episode under the rule):
+
+- ``sasha_adaptive`` row, ``frac`` = the cap: metrics of the calibrated probabilities at each
+  slide's stop, ``mean_frac``, ``frac_p50``, ``frac_p90`` (fraction of patches read),
+  ``share_confident``, the rule's ``threshold`` and ``refer_below``;
+- ``adaptive_curve``: at every threshold of :data:`~sasha_models.stopping.THRESHOLDS` (a grid
+  fixed beforehand, not chosen on test), the test slides' mean fraction read and AUC with its
+  bootstrap interval;
+- ``referral``: :func:`~sasha_models.stopping.referral_metrics` of the rule on test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sasha_models.stats import percentile_ci, stratified_resamples
+from sasha_models.stopping import THRESHOLDS, StopRule, apply_rule, referral_metrics
+
+from ..atomic import write_json
+from .calibrate import method_name
+
+__all__ = ["adaptive_results"]
+
+METHOD = "sasha_adaptive"
+
+
+def adaptive_episodes(episodes: list[dict], rule: StopRule) -> list[dict]:
+    """Each traced episode cut where ``rule`` stops it: ``slide_id``, ``label``, ``zoomed``
+    (the prefix read), ``frac_read``, ``probabilities`` (calibrated, at the stop),
+    ``confidence``, ``stopped``, ``referred``."""
+    out = []
+    for e in episodes:
+        o = apply_rule(e["step_probabilities"], e["step_zoomed"], int(e["n_patches"]), rule)
+        out.append(
+            {
+                "slide_id": e["slide_id"],
+                "label": int(e["label"]),
+                "zoomed": list(e["zoomed"][: o.n_zoomed]),
+                "frac_read": o.frac_read,
+                "probabilities": o.probabilities,
+                "confidence": o.confidence,
+                "stopped": o.stopped,
+                "referred": o.referred,
+            }
+        )
+    return out
+
+
+def adaptive_results(
+    agents: dict[float, tuple[StopRule, list[dict]]],
+    slide_ids: list[str],
+    labels: np.ndarray,
+    seed: int,
+    n_boot: int,
+    level: float,
+    episodes_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], list[dict], list[dict], dict[str, tuple[list[str], list[np.ndarray]]]]:
+    """``(rows, adaptive_curve, referral, predictions)`` for the agents' traced test episodes.
+
+    Args:
+        agents: cap f → (its stop rule, ``run_episodes(..., trace=True)`` on ``slide_ids``).
+        slide_ids, labels: the test slides in evaluation order, ``(n,)`` class indices.
+        seed, n_boot, level: the bootstrap of the curve's intervals (the same resamples as
+            every other interval of ``results.json``).
+        episodes_dir: write ``sasha_adaptive-<f>.json`` (per slide: fraction read, stop,
+            referral, probabilities) here.
+
+    Returns:
+        ``predictions`` maps ``sasha_adaptive@<f>`` to ``(ids, [probs (n, C)])``, for the
+        rows' intervals and paired differences.
+    """
+    from sasha_models.metrics import bootstrap_metrics, classification_metrics  # lazy: torch
+
+    idx = stratified_resamples(labels, n_boot, seed)
+    position = {s: i for i, s in enumerate(slide_ids)}
+    rows, curve, referral = [], [], []
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for frac, (rule, episodes) in sorted(agents.items()):
+        order = [position[e["slide_id"]] for e in episodes]
+        y = labels[order]
+        eps = adaptive_episodes(episodes, rule)
+        probs = np.stack([e["probabilities"] for e in eps])
+        fr = np.array([e["frac_read"] for e in eps])
+        metrics = {k: _none(v) for k, v in classification_metrics(probs, y).items()}
+        rows.append(
+            {
+                "method": METHOD,
+                "frac": float(frac),
+                **metrics,
+                "n_slides": len(eps),
+                "mean_frac": float(fr.mean()),
+                "frac_p50": float(np.percentile(fr, 50)),
+                "frac_p90": float(np.percentile(fr, 90)),
+                "share_confident": float(np.mean([e["stopped"] == "confident" for e in eps])),
+                "threshold": rule.threshold,
+                "refer_below": rule.refer_below,
+            }
+        )
+        predictions[method_name(METHOD, frac)] = ([e["slide_id"] for e in eps], [probs])
+        referral.append(
+            {
+                "method": METHOD,
+                "frac": float(frac),
+                "refer_below": rule.refer_below,
+                **referral_metrics(probs, y, np.array([e["referred"] for e in eps])),
+            }
+        )
+        for t in THRESHOLDS:
+            at = adaptive_episodes(episodes, StopRule(t, 0.0, rule.calibration))
+            p = np.empty((len(at), probs.shape[1]), np.float32)
+            p[order] = np.stack([e["probabilities"] for e in at])  # slide_ids order
+            auc = classification_metrics(p, labels)["auc"]
+            boot = bootstrap_metrics([p], labels, idx)["auc"]
+            curve.append(
+                {
+                    "method": METHOD,
+                    "frac": float(frac),
+                    "threshold": float(t),
+                    "mean_frac": float(np.mean([e["frac_read"] for e in at])),
+                    "auc": _none(auc),
+                    "auc_ci": percentile_ci(boot, level),
+                }
+            )
+        if episodes_dir is not None:
+            _save(episodes_dir / f"{METHOD}-{frac:g}.json", eps)
+        log(
+            f"[evaluate] {METHOD} cap {frac:g}: AUC {_fmt(metrics['auc'])} at mean fraction "
+            f"read {fr.mean():.3f} (threshold {rule.threshold:g} fixed on val); "
+            f"{referral[-1]['share_referred']:.2f} referred"
+        )
+    return rows, curve, referral, predictions
+
+
+def nearest(rows: list[dict], method: str, frac: float) -> str | None:
+    """``method@<f>`` of the row of ``method`` whose budget is nearest ``frac`` (the smaller
+    on a tie), or ``None``."""
+    fracs = sorted({float(r["frac"]) for r in rows if r["method"] == method})
+    if not fracs:
+        return None
+    return method_name(method, min(fracs, key=lambda f: (abs(f - frac), f)))
+
+
+def _save(path: Path, episodes: list[dict]) -> None:
+    data: list[dict[str, Any]] = [
+        {**e, "probabilities": [float(p) for p in e["probabilities"]]} for e in episodes
+    ]
+    write_json(path, data, indent=None)
+
+
+def _none(v: float) -> float | None:
+    return None if v is None or np.isnan(v) else float(v)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,333 @@
+"""Stop when confident, refer when not: a per-slide reading rule and what it is measured by.
+
+An agent zooms patch after patch; after each zoom the state is classified, and the calibrated
+probabilities ``p`` (:class:`~sasha_models.calibration.Calibration` of the agent's final
+states) give a confidence ``max_c p_c``. :class:`StopRule` stops the episode at the first zoom
+whose confidence *exceeds* ``threshold``, or at the cap (the agent's budget ⌈f·N⌉ zooms); a
+slide that reaches the cap with confidence below ``refer_below`` is *referred* (a pathologist
+reads it in full). A threshold of 1 never fires: the rule then reads every slide to the cap.
+
+The rule's two thresholds are fitted on validation slides only (:func:`fit_stop_rule`), from
+each slide's *trace* — the raw class probabilities after every zoom of one argmax episode to
+the cap. Since stopping only truncates that episode (the agent's choices do not depend on
+when it will stop), :func:`apply_rule` on a trace gives exactly what an episode run under the
+rule gives, for any threshold, from one episode per slide.
+
+What the test split is measured by (:func:`referral_metrics`): the share referred, sensitivity
+and specificity of the decisions taken automatically, the share of slides cleared
+automatically at 100 % sensitivity, and the risk–coverage curve with its area (AURC; Geifman
+& El-Yaniv, 2017). Pure numpy, plus :func:`~sasha_models.metrics.classification_metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .calibration import Calibration
+
+__all__ = [
+    "THRESHOLDS",
+    "Outcome",
+    "StopRule",
+    "apply_rule",
+    "fit_stop_rule",
+    "referral_metrics",
+    "risk_coverage",
+    "threshold_curve",
+]
+
+#: Confidence thresholds the rule is fitted over (and the adaptive curve is drawn at); 1 never
+#: fires (every slide read to the cap).
+THRESHOLDS: tuple[float, ...] = (
+    *(round(0.5 + 0.05 * i, 2) for i in range(10)),
+    0.97,
+    0.98,
+    0.99,
+    0.995,
+    0.999,
+    1.0,
+)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Stop after the first zoom whose calibrated confidence exceeds ``threshold``; refer a
+    slide that reaches the cap with confidence below ``refer_below``.
+
+    Attributes:
+        threshold: in (0, 1]; the episode stops when ``max(calibration.apply(p)) > threshold``
+            (1: never, read to the cap).
+        refer_below: in [0, 1]; at the cap, ``confidence < refer_below`` → referred (0: never).
+        calibration: applied to the classifier's probabilities before the confidence is taken
+            (identity when ``None``).
+        info: how the thresholds were fitted (split, slides, margin, the val curve...), kept
+            with the rule in its JSON.
+    """
+
+    threshold: float = 1.0
+    refer_below: float = 0.0
+    calibration: Calibration | None = None
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"stop threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 <= self.refer_below <= 1.0:
+            raise ValueError(f"referral threshold must be in [0, 1], got {self.refer_below}")
+
+    def calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """``(…, C)`` probabilities after the rule's calibration."""
+        p = np.asarray(probs, np.float32)
+        return p if self.calibration is None else self.calibration.apply(p)
+
+    def confidence(self, probs: np.ndarray) -> np.ndarray | float:
+        """Calibrated confidence ``max_c p_c`` of ``(C,)`` (a float) or ``(T, C)`` probabilities."""
+        c = self.calibrated(probs).max(axis=-1)
+        return float(c) if np.ndim(c) == 0 else c
+
+    def confident(self, probs: np.ndarray) -> bool:
+        """Whether the rule stops on these ``(C,)`` raw probabilities."""
+        return bool(self.confidence(probs) > self.threshold)
+
+    def referred(self, probs: np.ndarray) -> bool:
+        """Whether a slide that reached the cap with these ``(C,)`` raw probabilities is referred."""
+        return bool(self.confidence(probs) < self.refer_below)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "refer_below": self.refer_below,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            **self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StopRule:
+        """Inverse of :meth:`to_dict`; bad values are a ``ValueError``."""
+        known = ("threshold", "refer_below", "calibration")
+        cal = d.get("calibration")
+        return cls(
+            float(d["threshold"]),
+            float(d["refer_below"]),
+            None if cal is None else Calibration.from_dict(cal),
+            {k: v for k, v in d.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One slide read under a :class:`StopRule` (:func:`apply_rule`).
+
+    Attributes:
+        steps: zooms taken (1 ≤ steps ≤ the trace's length).
+        n_zoomed: patches read at high resolution by then.
+        frac_read: ``n_zoomed / n_patches``.
+        probabilities: ``(C,)`` calibrated probabilities at the stop.
+        confidence: their maximum.
+        stopped: ``"confident"`` or ``"cap"``.
+        referred: reached the cap below ``refer_below``.
+    """
+
+    steps: int
+    n_zoomed: int
+    frac_read: float
+    probabilities: np.ndarray
+    confidence: float
+    stopped: str
+    referred: bool
+
+
+def apply_rule(
+    step_probs: np.ndarray, n_zoomed: Sequence[int], n_patches: int, rule: StopRule
+) -> Outcome:
+    """Where ``rule`` stops an episode whose trace is given.
+
+    Args:
+        step_probs: ``(T, C)`` raw class probabilities after each of the episode's T steps
+            (T = its cap).
+        n_zoomed: ``(T,)`` patches zoomed after each step (the step count unless the agent
+            took illegal actions).
+        n_patches: N, the slide's patches.
+        rule: the stop rule.
+    """
+    probs = np.asarray(step_probs, np.float32)
+    if probs.ndim != 2 or len(probs) == 0 or len(n_zoomed) != len(probs):
+        raise ValueError(f"a trace is (T, C) probabilities and T counts; got {probs.shape}")
+    conf = np.asarray(rule.confidence(probs)).reshape(-1)
+    hits = np.flatnonzero(conf > rule.threshold)
+    t = int(hits[0]) if hits.size else len(probs) - 1
+    stopped = "confident" if hits.size else "cap"
+    p = rule.calibrated(probs[t])
+    return Outcome(
+        steps=t + 1,
+        n_zoomed=int(n_zoomed[t]),
+        frac_read=int(n_zoomed[t]) / n_patches,
+        probabilities=p,
+        confidence=float(conf[t]),
+        stopped=stopped,
+        referred=stopped == "cap" and float(conf[t]) < rule.refer_below,
+    )
+
+
+def _auc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    from .metrics import classification_metrics  # lazy: torchmetrics
+
+    auc = classification_metrics(probs, labels)["auc"]
+    return None if math.isnan(auc) else float(auc)
+
+
+def threshold_curve(
+    traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    labels: np.ndarray,
+    calibration: Calibration | None,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> list[dict[str, Any]]:
+    """``[{"threshold", "mean_frac", "auc", "accuracy"}]``: the rule at each threshold on the
+    slides of ``traces`` (``(step_probs, n_zoomed, n_patches)`` per slide, as
+    :func:`apply_rule` takes them), AUC and accuracy of the calibrated probabilities at the stop."""
+    y = np.asarray(labels)
+    out = []
+    for t in thresholds:
+        rule = StopRule(float(t), 0.0, calibration)
+        outs = [apply_rule(p, z, n, rule) for p, z, n in traces]
+        probs = np.stack([o.probabilities for o in outs])
+        out.append(
+            {
+                "threshold": float(t),
+                "mean_frac": float(np.mean([o.frac_read for o in outs])),
+                "auc": _auc(probs, y),
+                "accuracy": float(np.mean(probs.argmax(1) == y)),
+            }
+        )
+    return out
+
+
+def fit_stop_rule(
+    traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    labels: np.ndarray,
+    calibration: Calibration | None,
+    target_auc: float | None,
+    margin: float = 0.01,
+    max_auto_error: float = 0.05,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> StopRule:
+    """Fit both thresholds on validation traces (never on test slides).
+
+    Stop threshold: of :data:`THRESHOLDS`, the one with the smallest mean fraction read whose
+    val AUC is at least ``target_auc − margin`` (``target_auc``: HAFED's val AUC on every
+    patch); when none reaches it (or AUC is undefined), the one of highest val AUC, and of
+    those the least reading. Referral threshold: the smallest confidence in ``[0, threshold]``
+    (0 and the cap confidences of the val slides) at which the automatic decisions on val
+    (slides not referred) err on at most ``max_auto_error`` of them.
+
+    Args:
+        traces: per val slide ``(step_probs (T, C), n_zoomed (T,), n_patches)``.
+        labels: ``(n,)`` their class indices.
+        calibration: of the agent's final states (``calibration.json``'s ``sasha@<f>``).
+        target_auc: HAFED's val AUC, or ``None``.
+        margin: how far below ``target_auc`` the val AUC may be.
+        max_auto_error: error rate allowed on val among the slides not referred.
+
+    Returns:
+        The :class:`StopRule`, its ``info`` holding the val curve and the fit's inputs.
+    """
+    if not traces:
+        raise ValueError("fit_stop_rule needs at least one validation slide")
+    y = np.asarray(labels)
+    curve = threshold_curve(traces, y, calibration, thresholds)
+    target = None if target_auc is None else float(target_auc) - margin
+    ok = [c for c in curve if target is not None and c["auc"] is not None and c["auc"] >= target]
+    if ok:
+        best = min(ok, key=lambda c: (c["mean_frac"], -c["threshold"]))
+    else:
+        best = min(curve, key=lambda c: (-(c["auc"] or 0.0), c["mean_frac"], -c["threshold"]))
+    threshold = best["threshold"]
+    rule = StopRule(threshold, 0.0, calibration)
+    outs = [apply_rule(p, z, n, rule) for p, z, n in traces]
+    conf = np.array([o.confidence for o in outs])
+    at_cap = np.array([o.stopped == "cap" for o in outs])
+    wrong = np.array([int(np.argmax(o.probabilities)) != yi for o, yi in zip(outs, y, strict=True)])
+    refer = threshold
+    # candidates: refer nothing, or every cap slide up to one more (just above its confidence)
+    for r in [0.0, *sorted(min(c + 1e-7, threshold) for c in conf[at_cap])]:
+        auto = ~(at_cap & (conf < r))
+        if not auto.any() or wrong[auto].sum() <= max_auto_error * auto.sum():
+            refer = r
+            break
+    info = {
+        "fitted_on": "val",
+        "n_slides": len(traces),
+        "target_auc": target_auc,
+        "margin": margin,
+        "max_auto_error": max_auto_error,
+        "val_mean_frac": best["mean_frac"],
+        "val_auc": best["auc"],
+        "val_curve": curve,
+    }
+    return StopRule(threshold, float(refer), calibration, info)
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(coverage (n,), risk (n,))``: keep the k most confident slides (k = 1..n); risk is the
+    error rate among them. Ties in confidence are broken by slide order."""
+    c = np.asarray(confidence, np.float64)
+    ok = np.asarray(correct, bool)
+    order = np.argsort(-c, kind="stable")
+    errors = np.cumsum(~ok[order])
+    k = np.arange(1, len(c) + 1)
+    return k / len(c), errors / k
+
+
+def referral_metrics(
+    probs: np.ndarray, labels: np.ndarray, referred: np.ndarray, positive: int = -1
+) -> dict[str, Any]:
+    """What referral achieves on a split.
+
+    Args:
+        probs: ``(n, C)`` calibrated probabilities at each slide's stop.
+        labels: ``(n,)`` class indices.
+        referred: ``(n,)`` bool.
+        positive: the positive class (default: the last, e.g. ``tumor``).
+
+    Returns:
+        ``share_referred``; ``n_auto``; ``sensitivity`` and ``specificity`` of the argmax
+        decisions on the slides not referred (``None`` without positives / negatives among
+        them); ``cleared_at_full_sensitivity``: the largest share of all slides that a
+        threshold on the positive-class probability could call negative automatically (not
+        referred) without clearing a single positive (an oracle threshold, as specificity at
+        100 % sensitivity is); ``aurc`` and ``risk_coverage`` (``[{"coverage", "risk"}]``)
+        over every slide, ranked by confidence.
+    """
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels)
+    ref = np.asarray(referred, bool)
+    n = len(y)
+    pos = positive % p.shape[1]
+    auto = ~ref
+    pred = p.argmax(1)
+    is_pos = y == pos
+    tp = int(np.sum(auto & is_pos & (pred == pos)))
+    tn = int(np.sum(auto & ~is_pos & (pred != pos)))
+    n_pos, n_neg = int(np.sum(auto & is_pos)), int(np.sum(auto & ~is_pos))
+    score = p[:, pos]
+    auto_pos = score[auto & is_pos]
+    cut = auto_pos.min() if auto_pos.size else np.inf  # clear below the least positive
+    cleared = int(np.sum(auto & (score < cut)))
+    coverage, risk = risk_coverage(p.max(1), pred == y)
+    return {
+        "n_slides": n,
+        "n_auto": int(auto.sum()),
+        "share_referred": float(ref.mean()) if n else None,
+        "sensitivity": tp / n_pos if n_pos else None,
+        "specificity": tn / n_neg if n_neg else None,
+        "cleared_at_full_sensitivity": cleared / n if n else None,
+        "aurc": float(risk.mean()) if n else None,
+        "risk_coverage": [
+            {"coverage": float(c), "risk": float(r)} for c, r in zip(coverage, risk, strict=True)
+        ],
+    }

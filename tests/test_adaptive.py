@@ -1,0 +1,340 @@
+"""Adaptive reading: stop when confident, refer when not (issue 23).
+
+Fast: pure functions on hand-made traces, and a synthetic workdir (sasha_env.testing) for the
+environment option and the val-only fit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sasha_models.calibration import Calibration
+from sasha_models.stopping import (
+    StopRule,
+    apply_rule,
+    fit_stop_rule,
+    referral_metrics,
+    risk_coverage,
+)
+
+
+def _trace(conf: list[float]) -> tuple[np.ndarray, list[int], int]:
+    """A binary trace whose positive-class probability after each step is ``conf``."""
+    p = np.array(conf, np.float32)
+    return np.stack([1 - p, p], 1), list(range(1, len(conf) + 1)), 10
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+def test_the_rule_stops_at_the_first_zoom_past_its_threshold_else_at_the_cap():
+    rule = StopRule(0.8, 0.7)
+    out = apply_rule(*_trace([0.6, 0.79, 0.85, 0.95]), rule)
+    assert (out.steps, out.n_zoomed, out.stopped, out.referred) == (3, 3, "confident", False)
+    assert out.frac_read == pytest.approx(0.3) and out.confidence == pytest.approx(0.85)
+    cap = apply_rule(*_trace([0.6, 0.55, 0.62]), rule)
+    assert (cap.steps, cap.stopped, cap.referred) == (3, "cap", True)  # 0.62 < 0.7
+    sure = apply_rule(*_trace([0.6, 0.55, 0.75]), rule)
+    assert (sure.stopped, sure.referred) == ("cap", False)  # at the cap, but above 0.7
+    assert apply_rule(*_trace([0.99, 1.0]), StopRule(1.0)).stopped == "cap"  # 1 never fires
+
+
+def test_the_confidence_is_the_calibrated_one():
+    cal = Calibration(temperature=4.0, bias=(0.0, 0.0))  # softens 0.9 to about 0.64
+    out = apply_rule(*_trace([0.9, 0.9]), StopRule(0.8, 0.0, cal))
+    assert out.stopped == "cap" and out.confidence < 0.7
+    assert apply_rule(*_trace([0.9, 0.9]), StopRule(0.8)).stopped == "confident"
+
+
+def test_the_stop_threshold_is_the_least_reading_within_the_margin_of_the_target():
+    # two negatives and two positives; the positives become confident at step 2, the
+    # negatives at step 1 (p = 0.2); at thresholds >= 0.95 only the cap ranks them right
+    val = [
+        _trace([0.2, 0.1, 0.1, 0.1]),
+        _trace([0.3, 0.35, 0.1, 0.1]),
+        _trace([0.4, 0.97, 0.97, 0.99]),
+        _trace([0.45, 0.9, 0.96, 0.99]),
+    ]
+    labels = np.array([0, 0, 1, 1])
+    rule = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0)
+    curve = {c["threshold"]: c for c in rule.info["val_curve"]}
+    ok = [c for c in curve.values() if c["auc"] is not None and c["auc"] >= 1.0]
+    assert rule.info["val_mean_frac"] == min(c["mean_frac"] for c in ok)
+    assert curve[rule.threshold]["auc"] == 1.0
+    assert rule.info["fitted_on"] == "val" and rule.info["n_slides"] == 4
+    # a target nothing reaches: the highest AUC, reading least among those
+    far = fit_stop_rule(val, 1 - labels, None, target_auc=1.0, margin=0.0)
+    best = max(c["auc"] for c in far.info["val_curve"])
+    assert far.info["val_auc"] == best
+
+
+def test_the_referral_threshold_refers_the_fewest_slides_that_bring_the_error_down():
+    # every slide reaches the cap (threshold 1); two wrong ones at low confidence
+    val = [_trace([p]) for p in (0.95, 0.9, 0.85, 0.6, 0.55)]
+    labels = np.array([1, 1, 1, 0, 1])  # 0.6 → predicted 1, wrong; 0.55 right
+    rule = fit_stop_rule(val, labels, None, None, max_auto_error=0.0, thresholds=(1.0,))
+    assert rule.threshold == 1.0
+    # refer the 0.55 and 0.6 slides (confidence just above 0.6), no more
+    assert 0.6 < rule.refer_below < 0.85
+    lax = fit_stop_rule(val, labels, None, None, max_auto_error=0.25, thresholds=(1.0,))
+    assert lax.refer_below == 0.0  # 1 error in 5 is allowed: refer nothing
+
+
+def test_referral_metrics_by_hand():
+    p1 = np.array([0.9, 0.2, 0.6, 0.1, 0.55, 0.4])
+    probs = np.stack([1 - p1, p1], 1)
+    labels = np.array([1, 0, 0, 0, 1, 1])
+    referred = np.array([False, False, False, False, True, False])
+    m = referral_metrics(probs, labels, referred)
+    assert m["share_referred"] == pytest.approx(1 / 6) and m["n_auto"] == 5
+    # automatic: positives 0.9 (right), 0.4 (wrong) → sensitivity 1/2; negatives 0.2, 0.6,
+    # 0.1 → specificity 2/3
+    assert m["sensitivity"] == pytest.approx(0.5) and m["specificity"] == pytest.approx(2 / 3)
+    # least automatic positive is 0.4: slides below it, not referred: 0.2 and 0.1
+    assert m["cleared_at_full_sensitivity"] == pytest.approx(2 / 6)
+    coverage, risk = risk_coverage(probs.max(1), probs.argmax(1) == labels)
+    # by confidence: 0.9 ok, 0.1 ok, 0.2 ok, 0.6 wrong, 0.4 wrong, 0.55 ok
+    assert risk.tolist() == pytest.approx([0, 0, 0, 1 / 4, 2 / 5, 2 / 6])
+    assert m["aurc"] == pytest.approx(np.mean([0, 0, 0, 1 / 4, 2 / 5, 2 / 6]))
+    assert coverage[-1] == 1.0 and len(m["risk_coverage"]) == 6
+
+
+def test_a_rule_round_trips_and_refuses_bad_thresholds():
+    rule = StopRule(0.9, 0.6, Calibration(2.0, (0.0, 0.5)), {"fitted_on": "val"})
+    back = StopRule.from_dict(json.loads(json.dumps(rule.to_dict())))
+    assert back == rule and back.info["fitted_on"] == "val"
+    with pytest.raises(ValueError, match="stop threshold"):
+        StopRule(1.5)
+    with pytest.raises(ValueError, match="referral threshold"):
+        StopRule(0.9, -0.1)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    from sasha_env.testing import make_workdir
+
+    return make_workdir(
+        tmp_path_factory.mktemp("adaptive") / "wd", n_slides=12, n_patches=(10, 16), fracs=(0.5,)
+    )
+
+
+def test_the_env_option_never_reads_past_a_slides_threshold(made):
+    from sasha_env.agents.adaptive import traces
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import load_agent
+    from sasha_env.agents.episodes import agent_policy, run_episodes
+    from sasha_env.workdir import Workdir
+
+    wd, cfg = Workdir(made), AgentConfig.from_dict(made.config["agents"])
+    agent = load_agent(wd, 0.5)
+    ids = list(made.slide_ids)
+    policy = agent_policy(agent.policy)
+    full = run_episodes(agent.make_env(wd, None, cfg), policy, ids, trace=True)
+    cal = Calibration(temperature=0.5, bias=(0.0, 0.1))
+    conf = np.concatenate([StopRule(1.0, 0, cal).confidence(e["step_probabilities"]) for e in full])
+    rule = StopRule(float(np.median(conf)), 0.9, cal)  # some slides stop early, some do not
+    env = agent.make_env(wd, None, cfg, stop_rule=rule)
+    stopped = run_episodes(env, policy, ids, trace=True)
+    kinds = set()
+    for e, f, tr in zip(stopped, full, traces(full), strict=True):
+        seen = rule.confidence(e["step_probabilities"])
+        assert np.all(seen[:-1] <= rule.threshold), "read on past a confident zoom"
+        if e["stopped"] == "confident":
+            assert seen[-1] > rule.threshold
+        else:
+            assert len(seen) == len(f["step_probabilities"])  # the cap
+        out = apply_rule(*tr, rule)  # the trace of the full episode gives the same stop
+        assert (out.n_zoomed, out.stopped, out.referred) == (
+            len(e["zoomed"]),
+            e["stopped"],
+            e["referred"],
+        )
+        assert e["zoomed"] == f["zoomed"][: len(e["zoomed"])]
+        np.testing.assert_allclose(out.probabilities, e["calibrated_probabilities"], atol=1e-6)
+        kinds.add(e["stopped"])
+    assert kinds == {"confident", "cap"}
+
+
+def test_the_stop_rule_is_fitted_on_val_slides_only(made, monkeypatch):
+    from sasha_env.agents import episodes as ep
+    from sasha_env.agents.adaptive import read_stop_rule
+    from sasha_env.pipeline.calibrate import calibrate_workdir
+    from sasha_env.workdir import Workdir
+
+    wd = Workdir(made)
+    seen: list[str] = []
+    real = ep.run_episodes
+
+    def spy(env, policy, slide_ids, trace=False):
+        seen.extend(slide_ids)
+        assert env.split == "val"
+        return real(env, policy, slide_ids, trace)
+
+    monkeypatch.setattr(ep, "run_episodes", spy)
+    calibrate_workdir(wd, made.config, log=lambda m: None)
+    val = {s for s, split in made.splits.items() if split == "val"}
+    assert seen and set(seen) == val
+    rule = read_stop_rule(made.agents[0.5])
+    assert rule is not None and rule.info["n_slides"] == len(val)
+    assert rule.info["fitted_on"] == "val" and rule.info["cap"] == 0.5
+    # the test slides' labels play no part: flip them and fit again, same rule
+    manifest = made.root / "manifest.csv"
+    text = manifest.read_text()
+    lines = [text.splitlines()[0]]
+    for line in text.splitlines()[1:]:
+        if ",test" in line:
+            line = line.replace(",normal,", ",TMP,").replace(",tumor,", ",normal,")
+            line = line.replace(",TMP,", ",tumor,")
+        lines.append(line)
+    monkeypatch.setattr(ep, "run_episodes", real)
+    manifest.write_text("\n".join(lines) + "\n")
+    try:
+        calibrate_workdir(wd, made.config, log=lambda m: None)
+        assert read_stop_rule(made.agents[0.5]).to_dict() == rule.to_dict()
+    finally:
+        manifest.write_text(text)
+
+
+def test_evaluation_reports_the_adaptive_row_curve_and_referral(made):
+    from sasha_env.agents.adaptive import read_stop_rule
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import load_agent
+    from sasha_env.agents.episodes import agent_policy, run_episodes
+    from sasha_env.pipeline.calibrate import calibrate_workdir
+    from sasha_env.pipeline.evaluate import evaluate_workdir, format_table
+    from sasha_env.workdir import Workdir
+    from sasha_models.stopping import THRESHOLDS
+
+    wd = Workdir(made)
+    calibrate_workdir(wd, made.config, log=lambda m: None)
+    rule = read_stop_rule(made.agents[0.5])
+    results = evaluate_workdir(wd, made.config, log=lambda m: None)
+    by = {(m["method"], m["frac"]): m for m in results["methods"]}
+    row, fixed = by[("sasha_adaptive", 0.5)], by[("sasha", 0.5)]
+    assert row["threshold"] == rule.threshold and row["refer_below"] == rule.refer_below
+    saved = json.loads((made.root / "episodes" / "sasha_adaptive-0.5.json").read_text())
+    fr = [e["frac_read"] for e in saved]
+    capped = json.loads((made.root / "episodes" / "sasha-0.5.json").read_text())
+    assert all(e["frac_read"] <= c["frac_read"] for e, c in zip(saved, capped, strict=True))
+    assert row["mean_frac"] == pytest.approx(np.mean(fr))
+    # what the env gives when it runs each test slide under the rule
+    agent = load_agent(wd, 0.5)
+    env = agent.make_env(wd, "test", AgentConfig.from_dict(made.config["agents"]), stop_rule=rule)
+    online = run_episodes(env, agent_policy(agent.policy), [e["slide_id"] for e in saved])
+    assert [e["zoomed"] for e in saved] == [e["zoomed"] for e in online]
+    assert [e["stopped"] for e in saved] == [e["stopped"] for e in online]
+    assert [e["referred"] for e in saved] == [e["referred"] for e in online]
+    assert row["frac_p50"] == pytest.approx(np.percentile(fr, 50))
+    assert row["frac_p90"] == pytest.approx(np.percentile(fr, 90))
+    assert all(row[f"{k}_ci"] is not None for k in ("accuracy", "f1"))
+    # the curve: every threshold of the fixed grid; at 1 the rule reads the cap, as sasha does
+    curve = [c for c in results["adaptive_curve"] if c["frac"] == 0.5]
+    assert [c["threshold"] for c in curve] == list(THRESHOLDS)
+    never = curve[-1]
+    assert never["mean_frac"] == pytest.approx(fixed_mean_frac(made, wd))
+    assert never["auc"] == pytest.approx(fixed["auc"])  # calibration is monotone (C = 2)
+    at_rule = next(c for c in curve if c["threshold"] == rule.threshold)
+    assert at_rule["auc"] == row["auc"] and at_rule["mean_frac"] == row["mean_frac"]
+    (referral,) = results["referral"]
+    assert referral["share_referred"] == pytest.approx(np.mean([e["referred"] for e in saved]))
+    pairs = {(p["a"], p["b"]) for p in results["paired"] if p["metric"] == "auc"}
+    assert {("sasha_adaptive@0.5", "sasha@0.5"), ("sasha_adaptive@0.5", "hafed@1")} <= pairs
+    assert any(a == "sasha_adaptive@0.5" and b.startswith("random@") for a, b in pairs)
+    table = format_table(results)
+    assert "sasha_adaptive" in table and "(cap 0.50)" in table and "AURC" in table
+    from sasha_env.pipeline.figures import write_adaptive_figures
+
+    written = write_adaptive_figures(wd, results)
+    names = ["adaptive_curve.png", "adaptive_fraction_read.png", "risk_coverage.png"]
+    assert [p.name for p in written] == names and all(p.stat().st_size > 0 for p in written)
+
+
+def fixed_mean_frac(made, wd) -> float:
+    saved = json.loads((made.root / "episodes" / "sasha-0.5.json").read_text())
+    return float(np.mean([e["frac_read"] for e in saved]))
+
+
+def test_the_study_carries_the_adaptive_row_and_curve_over_seeds():
+    from sasha_env.pipeline.study import aggregate, format_study
+
+    def results(auc, mean_frac):
+        row = {
+            "method": "sasha_adaptive",
+            "frac": 0.2,
+            "auc": auc,
+            "accuracy": 0.9,
+            "f1": 0.9,
+            "ece": 0.1,
+            "mean_frac": mean_frac,
+            "frac_p50": 0.1,
+            "frac_p90": 0.2,
+        }
+        curve = [
+            {
+                "method": "sasha_adaptive",
+                "frac": 0.2,
+                "threshold": t,
+                "mean_frac": mean_frac * t,
+                "auc": auc * t,
+                "auc_ci": None,
+            }
+            for t in (0.9, 1.0)
+        ]
+        referral = [
+            {
+                "method": "sasha_adaptive",
+                "frac": 0.2,
+                "share_referred": mean_frac,
+                "sensitivity": 1.0,
+                "specificity": 0.5,
+                "cleared_at_full_sensitivity": 0.3,
+                "aurc": 0.1,
+            }
+        ]
+        return {"n_slides": 10, "paired": [], "methods": [row], "adaptive_curve": curve,
+                "referral": referral}  # fmt: skip
+
+    summary = aggregate({0: results(0.9, 0.05), 1: results(1.0, 0.15)}, "demo")
+    (row,) = summary["methods"]
+    assert row["auc_mean"] == pytest.approx(0.95) and row["mean_frac_mean"] == pytest.approx(0.1)
+    assert [p["mean_frac"] for p in row["per_seed"]] == [0.05, 0.15]
+    point = next(c for c in summary["adaptive_curve"] if c["threshold"] == 0.9)
+    assert point["n_seeds"] == 2 and point["mean_frac_mean"] == pytest.approx(0.09)
+    assert point["auc_mean"] == pytest.approx(0.855)
+    (referral,) = summary["referral"]
+    assert referral["share_referred_mean"] == pytest.approx(0.1)
+    assert summary["budget_curve"][0]["mean_frac_mean"] == pytest.approx(0.1)
+    assert "| sasha_adaptive | 0.10 (cap 0.20) | 0.950 ± 0.071" in format_study(summary)
+
+
+def test_the_adaptive_config_section_is_checked():
+    from sasha_env.config import load_config
+    from sasha_env.pipeline.schema import ConfigError, validate_config
+
+    ok = {"adaptive": {"margin": 0.02, "max_auto_error": 0.1, "calibration": "temperature"}}
+    validate_config(load_config("tiny", overrides=ok))
+    for bad, match in (
+        ({"margin": 2.0}, "must be in"),
+        ({"calibration": "platt"}, "temperature"),
+        ({"treshold": 0.9}, "unknown key 'treshold'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            validate_config(load_config("tiny", overrides={"adaptive": bad}))
+
+
+def test_predict_adaptive_with_full_is_a_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sasha_env.cli", "predict", "--workdir", str(tmp_path / "none"),
+         "x.tiff", "--adaptive", "--full"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--adaptive" in out.stderr and "Traceback" not in out.stderr
