@@ -146,6 +146,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "agents.vec_env": (lambda v: v in ("dummy", "subproc"), "dummy or subproc"),
     "agents.protocol": (lambda v: v in ("sb3", "paper"), "sb3 or paper"),
+    "agents.policy_arch": (lambda v: v in (None, "sasha", "official"), "sasha or official"),
+    "agents.lr_schedule": (lambda v: v in (None, "constant", "cosine"), "constant or cosine"),
     "agents.epochs": (_positive, ">= 1"),
     "agents.episodes_per_slide": (_positive, ">= 1"),
     "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),

@@ -489,7 +489,10 @@ def _stages() -> dict[str, Stage]:
             ("distill", "tsu"),
             "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
             _run_agents,
-            version=2,  # 2: row-pooled rollout buffers (agents.row_pool) by default
+            # 2: row-pooled rollout buffers (agents.row_pool) by default; 3: protocol paper =
+            # the official agent at 6385fe6 (its networks, unmasked update, two optimisers,
+            # constant lr, 15 epochs)
+            version=3,
         ),
         Stage(
             "calibrate",
