@@ -92,6 +92,7 @@ class _SashaPolicyMixin:
     """
 
     net: SashaActorCritic
+    optimizer: torch.optim.Optimizer
 
     def __init__(
         self,
@@ -128,12 +129,13 @@ class _SashaPolicyMixin:
             self.arch,
         )
         if self.two_optimizers:
-            self.optimizer = PerNetworkOptimizer(
+            optimizer: Any = PerNetworkOptimizer(  # used by SB3 as an Optimizer, quacks like one
                 {"actor": self.net.actor_parameters(), "critic": self.net.critic_parameters()},
                 self.optimizer_class,  # type: ignore[attr-defined]
                 lr=lr_schedule(1),
                 **self.optimizer_kwargs,  # type: ignore[attr-defined]
             )
+            self.optimizer = optimizer
             return
         self.optimizer = self.optimizer_class(  # type: ignore[attr-defined]
             self.parameters(),  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ pipeline's config checks and stage plans read it without loading the training co
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..config import dataclass_from_dict
 
@@ -32,7 +33,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 #: Each protocol's own values of the options left at ``None`` (:meth:`AgentConfig.resolved`):
 #: ``paper`` is the official agent at 6385fe6, ``sb3`` ours.
-PROTOCOL_DEFAULTS: dict[str, dict[str, object]] = {
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sb3": {
         "policy_arch": "sasha",
         "masked_update": True,
