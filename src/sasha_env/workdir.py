@@ -92,7 +92,7 @@ class Workdir:
                 f"{self.root / 'models'} holds one TSU per zoom budget (f = {have}): name the "
                 "budget whose TSU to use"
             )
-        nearest = min(per_budget, key=lambda f: (abs(f - float(frac)), -f))
+        nearest = min(per_budget, key=lambda f: (round(abs(f - float(frac)), 9), -f))
         return per_budget[nearest]
 
     def agent_dir(self, name: str) -> Path:

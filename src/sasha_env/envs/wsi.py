@@ -399,7 +399,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         n = self._slide.n
         self._t += 1
         legal = 0 <= a < n and self._visited[a] == 0
-        frozen = legal and self.freeze_covered and self._n_free == 0
+        frozen = bool(legal and self.freeze_covered and self._n_free == 0)
         if frozen:  # every patch covered: the action is spent, the state stays (official)
             self._visited[a] = 1
             self._changed = np.array([a], np.int64)  # its visited flag changed
