@@ -14,6 +14,8 @@ copied across under the official names):
 * ``tsu.train_step``: one training step (loss, learning rate, updated weights) of ours with
   ``anchor_in_target`` against ``step5_tsu_training.train_one_epoch`` on one slide whose anchor
   comes from a seeded ``np.random``.
+* ``tsu.validation_loss``: the loss of ``validation="official"`` against step5's ``evaluate``
+  on the same anchors.
 * ``hafed.*``: level 1 (``get_hr_fa``), the eval-mode forward and ``classify`` against
   ``architecture/transformer.py`` ``HAFED``.
 * ``preset.*``: every env/TSU/HAFED value of ``--preset paper`` against the official
@@ -522,6 +524,76 @@ def tsu_step_checks(official: Path | None, fixtures: Path, write: bool) -> list[
     ]
 
 
+_TSU_VAL_SCRIPT = """
+import step5_tsu_training as step5
+d = int(inputs["d"])
+fg = load(FGlobal(ip_dim=3 * d, op_dim=d, hidden_dim=2 * d), "tsu.")
+conf = SimpleNamespace(cosine_threshold=float(inputs["tau"]), logs="disabled")
+n_slides = int(inputs["n_slides"])
+loader = [{"hr": torch.from_numpy(inputs[f"v{i}"])[None], "lr": torch.from_numpy(inputs[f"z{i}"])[None]}
+          for i in range(n_slides)]
+np.random.seed(int(inputs["seed"]))
+outputs["loss"] = np.array(step5.evaluate(fg, torch.nn.MSELoss(), loader, "cpu", conf, "Val", 0))
+np.random.seed(int(inputs["seed"]))
+outputs["anchors"] = np.array([np.random.choice(list(range(inputs[f"z{i}"].shape[0])))
+                               for i in range(n_slides)])
+"""
+
+
+def tsu_validation_checks(official: Path | None, fixtures: Path, write: bool) -> list[Check]:
+    """The TSU's validation loss with ``validation="official"`` against step5's ``evaluate``
+    on the same anchors (one per slide, from a seeded ``np.random``)."""
+    d, seed = 32, 11
+    rng = np.random.default_rng(12)
+    slides = [
+        grouped_features(rng, groups, d, signs=True) for groups in ([5, 3, 1], [2, 2, 4, 1, 1], [7])
+    ]
+    vs = [(z + 0.5 * rng.standard_normal(z.shape)).astype(np.float32) for z in slides]
+    cfg = TSUConfig(d=d, tau=TAU, anchor_in_target=True, validation="official")
+    init = _seeded(13, lambda: TSU(cfg))
+    inputs: dict[str, np.ndarray] = {
+        "d": np.array(d),
+        "tau": np.array(TAU),
+        "seed": np.array(seed),
+        "n_slides": np.array(len(slides)),
+        **_prefixed("tsu.", official_tsu_state(init)),
+    }
+    for i, (z, v) in enumerate(zip(slides, vs, strict=True)):
+        inputs[f"z{i}"], inputs[f"v{i}"] = z, v
+    theirs = _official(official, fixtures, write, "tsu_validation", _TSU_VAL_SCRIPT, inputs)
+
+    def our_loss(mode: str) -> float:
+        module = TSUModule(TSUConfig(d=d, tau=TAU, validation=mode), seed=0)
+        module.model.load_state_dict(init.state_dict())
+        module.eval()
+        module.on_validation_epoch_start()
+        with torch.no_grad():
+            for i, (z, v) in enumerate(zip(slides, vs, strict=True)):
+                a = torch.tensor([int(theirs["anchors"][i])])
+                batch = sample_tsu_pairs(
+                    torch.from_numpy(z), torch.from_numpy(v), TAU, anchors=a, include_anchor=True
+                )
+                module.validation_step(batch, i)
+        sums = module._val_sums
+        return float(sums[0] / sums[2])
+
+    return [
+        compare(
+            "tsu.validation_loss",
+            our_loss("official"),
+            theirs["loss"],
+            note=f"validation official: mean of per-slide MSE, {len(slides)} slides",
+        ),
+        compare(
+            "tsu.validation_loss.ours_default",
+            our_loss("fixed"),
+            theirs["loss"],
+            note="pooled over pairs (demo default; same anchors here)",
+            counted=False,
+        ),
+    ]
+
+
 # ------------------------------------------------------------------------------ preset values
 
 _PRESET_SCRIPT = """
@@ -646,5 +718,6 @@ def checks(official: Path | None, fixtures: Path, write: bool) -> list[Check]:
         *env_checks(official, fixtures, write),
         *nets_checks(official, fixtures, write),
         *tsu_step_checks(official, fixtures, write),
+        *tsu_validation_checks(official, fixtures, write),
         *preset_checks(official, fixtures, write),
     ]
