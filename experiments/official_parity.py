@@ -3,7 +3,7 @@
     python experiments/official_parity.py --official DIR            # run the official code
     python experiments/official_parity.py --official DIR --write-fixtures
     python experiments/official_parity.py                            # against tests/data fixtures
-    python experiments/official_parity.py --only env                 # checks whose name has "env"
+    python experiments/official_parity.py --only env                 # report the checks whose name has "env"
 
 DIR is an untouched checkout of coglabiisc/SASHA at 6385fe6, outside this repository (the
 project never vendors its code; its licence is non-commercial):
@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fixtures", type=Path, default=FIXTURES, help=f"fixture folder (default {FIXTURES})"
     )
-    parser.add_argument("--only", default=None, help="run only checks whose name contains this")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="report and count only the checks whose name contains this (all still run)",
+    )
     args = parser.parse_args(argv)
     if args.write_fixtures and args.official is None:
         parser.error("--write-fixtures needs --official DIR")
