@@ -122,6 +122,10 @@ def test_agents_trained_with_and_without_row_pooling_agree(workdir, over):
     assert "RowPool" not in kinds[0] and "RowPool" in kinds[1]
     plain, pooled = (m.policy.state_dict() for m in models)
     for name, value in plain.items():
+        if name.endswith("attn.w.bias"):
+            # shifts every row's score alike, so no output depends on it: its gradient is 0 up to
+            # rounding, which Adam turns into steps of any size (the official network has it too)
+            continue
         torch.testing.assert_close(pooled[name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert all(m._n_updates > 0 for m in models)  # both were trained
 

@@ -112,5 +112,5 @@ def test_a_stage_whose_code_changed_its_output_runs_again(workdir, tiny_cohort):
     agents = REGISTRY["agents"]
     keys = {v: p.key(dataclasses.replace(agents, version=v)) for v in (1, 2, 3)}
     assert len(set(keys.values())) == 3
-    # the agents' row-pooled buffers are version 2: agents trained before them train again
-    assert agents.version == 2 and p.key(agents) == keys[2]
+    # version 3 (protocol paper = the official agent): agents trained before train again
+    assert agents.version == 3 and p.key(agents) == keys[3]

@@ -308,9 +308,9 @@ def test_ppo_config_to_sb3_kwargs() -> None:
     assert kw["n_steps"] == 20 and kw["batch_size"] == 20  # two episodes, one full batch
     assert (kw["gamma"], kw["gae_lambda"], kw["clip_range"], kw["n_epochs"]) == (1.0, 0.95, 0.1, 4)
     assert kw["policy_kwargs"]["optimizer_class"] is torch.optim.AdamW
-    lr = kw["learning_rate"]
+    assert kw["learning_rate"] == 1e-5  # constant, as official
+    lr = PPOConfig(n_steps=64, cosine=True).to_sb3_kwargs()["learning_rate"]  # ours, an option
     assert isinstance(lr, CosineLR) and lr(1.0) == pytest.approx(1e-5) and lr(0.0) == 0.0
-    assert PPOConfig(n_steps=64, cosine=False).to_sb3_kwargs()["learning_rate"] == 1e-5
 
     model = MaskablePPO(
         SashaActorCriticPolicy,

@@ -12,6 +12,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sasha_env.agents.config import AgentConfig, steps_for
 from sasha_env.agents.envs import make_env
+from sasha_env.agents.export import load_policy
 from sasha_env.agents.protocol import SlideSchedule
 from sasha_env.agents.train import train_agent
 from sasha_env.envs.wsi import episode_budget
@@ -34,7 +35,7 @@ def test_paper_optimiser_per_budget():
         0.5,
         4,
     )
-    assert kw["learning_rate"](1.0) == pytest.approx(1e-5)
+    assert kw["learning_rate"] == 1e-5  # constant, as official
     assert kw["policy_kwargs"]["optimizer_class"] is torch.optim.AdamW
     assert kw["policy_kwargs"]["optimizer_kwargs"] == {"weight_decay": 1e-4}
 
@@ -98,6 +99,10 @@ def test_each_update_sees_whole_episodes_of_one_slide(tiny_workdir, tmp_path, mo
     assert sorted(s[0] for s in recorder.rollouts) == sorted(budgets)
     meta = json.loads((out / "agent.json").read_text())
     assert meta["timesteps"] == 2 * sum(budgets.values())
+    # the official agent, recorded resolved and exported so that predict rebuilds it
+    assert meta["config"]["policy_arch"] == "official" and meta["config"]["masked_update"] is False
+    policy = load_policy(out)
+    assert policy.net.arch == "official" and not policy.use_coords and not policy.masked_update
 
 
 def test_episodes_per_slide_do_not_depend_on_the_budget(tiny_workdir, tmp_path):
@@ -120,17 +125,22 @@ def test_paper_protocol_is_maskable_ppo_only():
         AgentConfig.from_dict({"protocol": "official"})
 
 
-def test_a_learning_rate_sets_the_peak_of_the_paper_cosine(tiny_workdir):
+def test_a_learning_rate_replaces_the_paper_rate(tiny_workdir):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from sasha_env.agents.train import _algorithm
 
     wd = Workdir(tiny_workdir)
-    for lr, peak in ((None, 1e-5), (2e-4, 2e-4)):
-        cfg = _cfg(learning_rate=lr)
+    for lr, schedule, peak, end in (
+        (None, None, 1e-5, 1e-5),  # the official rate: constant
+        (2e-4, None, 2e-4, 2e-4),
+        (2e-4, "cosine", 2e-4, 0.0),  # ours, as an option: the cosine's peak
+    ):
+        cfg = _cfg(learning_rate=lr, lr_schedule=schedule)
         env = DummyVecEnv([lambda cfg=cfg: SlideSchedule(make_env(wd, "train", 0.1, cfg))])
         model = _algorithm(cfg, env, 0, "cpu", 0.1)
-        assert model.lr_schedule(1.0) == pytest.approx(peak) and model.lr_schedule(0.0) == 0.0
+        assert model.lr_schedule(1.0) == pytest.approx(peak)
+        assert model.lr_schedule(0.0) == pytest.approx(end)
         assert (model.clip_range(1.0), model.gae_lambda) == (0.2, 0.94)  # f = 0.1
 
 

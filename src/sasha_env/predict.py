@@ -228,7 +228,9 @@ class Predictor:
         self.manifest = read_manifest(self.wd.manifest)
         self.class_names = self.manifest.class_names
         self.hafed = load_model(self.wd.require(self.wd.model("hafed"), "hafed")).eval()
-        self.tsu = load_model(self.wd.require(self.wd.model("tsu"), "tsu")).eval()
+        # the TSU of this budget when the workdir has one per budget (tsu.budgets); the
+        # full baseline reads every sub-patch and needs none
+        self.tsu = None if full else load_model(self.wd.tsu_model(self.frac)).eval()
         self.calibration = None
         if calibration is not None:
             key = "hafed@1" if full else f"sasha@{self.frac:g}"

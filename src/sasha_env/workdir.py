@@ -7,6 +7,7 @@
       manifest.csv             the cohort with absolute paths and a split for every slide
       features.zarr/           feature store (low-res, high-res and, after HAFED, distilled)
       models/<name>/model.pt   exported weights (hafed, tsu, lowres, abmil, meanmil, ...)
+      models/tsu-f<f>/model.pt one TSU per zoom budget f instead of models/tsu (tsu.budgets)
       models/<name>/logs/      CSV (and W&B) logs of the training run
       agents/<name>/           trained agents
       stages/<stage>.json      completion markers: a stage whose marker matches is skipped
@@ -53,6 +54,46 @@ class Workdir:
 
     def model(self, name: str) -> Path:
         return self.model_dir(name) / "model.pt"
+
+    def tsu_dir(self, frac: float | None = None) -> Path:
+        """``models/tsu`` (one TSU for every budget), or ``models/tsu-f<f>`` (the TSU of
+        budget ``frac``, when the tsu stage trains one per budget: ``tsu.budgets``)."""
+        return self.model_dir("tsu" if frac is None else f"tsu-f{float(frac):g}")
+
+    def budget_tsus(self) -> dict[float, Path]:
+        """The per-budget TSUs present, ``{f: models/tsu-f<f>/model.pt}`` (empty when the
+        workdir has one TSU for every budget)."""
+        out = {}
+        for path in sorted((self.root / "models").glob("tsu-f*/model.pt")):
+            try:
+                out[float(path.parent.name[len("tsu-f") :])] = path
+            except ValueError:
+                continue
+        return out
+
+    def tsu_model(self, frac: float | None = None) -> Path:
+        """The TSU an environment at zoom budget ``frac`` uses: ``models/tsu-f<f>/model.pt``
+        when the tsu stage trained one per budget, else the shared ``models/tsu/model.pt``.
+
+        A budget without its own TSU in a per-budget workdir (the budget curve's f = 0.05,
+        0.3, 0.5 of the ``paper`` preset) uses the TSU of the nearest budget that has one
+        (the larger on a tie); ``frac=None`` there is an error.
+
+        Raises:
+            FileNotFoundError: no TSU (run the tsu stage), or ``frac=None`` in a per-budget
+                workdir.
+        """
+        per_budget = self.budget_tsus()
+        if not per_budget:
+            return self.require(self.model("tsu"), "tsu")
+        if frac is None:
+            have = ", ".join(f"{f:g}" for f in per_budget)
+            raise FileNotFoundError(
+                f"{self.root / 'models'} holds one TSU per zoom budget (f = {have}): name the "
+                "budget whose TSU to use"
+            )
+        nearest = min(per_budget, key=lambda f: (round(abs(f - float(frac)), 9), -f))
+        return per_budget[nearest]
 
     def agent_dir(self, name: str) -> Path:
         return self.root / "agents" / name

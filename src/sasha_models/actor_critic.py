@@ -1,21 +1,29 @@
 """The SASHA agent's network: a masked, permutation-equivariant actor-critic (no SB3 classes).
 
 The agent sees the slide state ``S`` (N patches × d features, plus per-patch ``visited``,
-``valid`` and ``coords``) and picks the next patch to zoom into. Following SASHA's
-official implementation (``rl_algorithms/ppo.py``: ``Actor``/``Critic``), the network is
+``valid`` and ``coords``) and picks the next patch to zoom into. Two architectures
+(:data:`ARCHS`), both scoring every row on its own, so the logits are permutation-equivariant
+and the same weights work for any number of patches:
 
-- **actor**: every patch row ``[features, visited, coords]`` → small MLP → gated attention
-  score → one logit per patch. Rows are scored independently, so the logits are
-  permutation-equivariant and the same weights work for any number of patches.
-- **critic**: its own MLP and gated attention; attention pooling (softmax over *valid* rows
-  only) → linear → value. Permutation-invariant. Actor and critic share no parameters, as in
-  the official code (which trains them with separate optimisers).
+- ``"official"`` — SASHA's official networks (``rl_algorithms/ppo.py`` at 6385fe6:
+  ``Actor``/``Critic``): the **actor** is gated attention directly on the state rows, one
+  logit per patch; the **critic** pools the raw state rows with its own gated attention
+  (softmax over the rows) and a linear layer gives the value. The input is the state only;
+  ``visited`` only masks the actor's logits. PyTorch's default initialisation.
+- ``"sasha"`` (ours, the default) — every row ``[features, visited, coords]`` goes through a
+  small MLP (Linear, LayerNorm, GELU) before the actor's and the critic's gated attention;
+  the critic pools the MLP's hidden rows; the actor's last layer starts with gain 0.01
+  (a near-uniform first policy).
 
-Masking. The legal actions are ``valid & ~visited`` (:func:`legal_action_mask`). Illegal
-logits are masked both when acting and when PPO re-evaluates log-probabilities in its update
-(the official code forgets the visited mask in the update; here every path goes through
-:func:`masked_distribution`). The SB3 policies that wrap this network are in
-:mod:`sasha_models.policy`.
+Actor and critic share no parameters (the official code trains them with two optimisers;
+:class:`~sasha_models.optim.PerNetworkOptimizer` does the same). Padding rows (``valid`` 0) are
+left out of the critic's softmax and the actor's distribution, so on an unpadded slide the
+``"official"`` outputs equal the official code's.
+
+Masking. The legal actions are ``valid & ~visited`` (:func:`legal_action_mask`); illegal
+logits are masked when acting. In PPO's update the policies mask them too by default; the
+official update does not (its ``Agent.evaluate`` ignores the visited list), which the SB3
+policies reproduce with ``masked_update=False`` (:mod:`sasha_models.policy`).
 
 Row pooling. The network also reads row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`,
 from the agents' rollout buffers): the per-row layers then run once per distinct row of the
@@ -40,6 +48,7 @@ from .projection import ObsProjection
 from .spaces import ROW_INDEX, legal_actions, row_bits
 
 __all__ = [
+    "ARCHS",
     "RowCache",
     "SashaActorCritic",
     "legal_action_mask",
@@ -47,6 +56,9 @@ __all__ = [
     "masked_log_prob",
 ]
 
+
+#: Architectures of :class:`SashaActorCritic` (see the module docstring).
+ARCHS = ("sasha", "official")
 
 # ----------------------------------------------------------------------------- masks
 
@@ -183,17 +195,20 @@ class RowCache:
 class SashaActorCritic(nn.Module):
     """Actor-critic over a set of patches; independent of the number of patches N.
 
-    Each row's input is ``[features (d), visited (1), coords (2, if use_coords)]``.
+    With ``arch="sasha"`` each row's input is ``[features (d), visited (1), coords (2, if
+    use_coords)]``; with ``arch="official"`` it is ``features`` alone (see the module
+    docstring).
 
     Args:
         d_features: feature size d.
         d_hidden: width H of the row MLPs and of the gated attention (official: 128).
         dropout: dropout in the row MLPs and attention (official: 0).
-        use_coords: append the patch's grid position to its row.
+        use_coords: append the patch's grid position to its row (``"sasha"`` only).
         project_from: the state's feature size D when observations carry a projection of it
             (:class:`~sasha_models.projection.ObsProjection`, ``d_features = k``): the
             projection is kept in the network's buffers (so an exported agent carries it),
             and rows given with D features are projected first.
+        arch: ``"sasha"`` (ours) or ``"official"`` (:data:`ARCHS`).
 
     Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
     the network keeps the last call's inputs and per-row outputs (a :class:`RowCache`) and
@@ -219,23 +234,42 @@ class SashaActorCritic(nn.Module):
         dropout: float = 0.0,
         use_coords: bool = True,
         project_from: int | None = None,
+        arch: str = "sasha",
     ) -> None:
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        if arch == "official" and use_coords:
+            raise ValueError("arch 'official' reads the state rows only: use_coords must be False")
         self.d_features, self.d_hidden, self.use_coords = d_features, d_hidden, use_coords
+        self.arch = arch
         self.project_from = project_from
         if project_from is not None:
             self.register_buffer("obs_mean", torch.zeros(project_from))
             self.register_buffer("obs_basis", torch.zeros(project_from, d_features))
-        d_in = d_features + 1 + (2 if use_coords else 0)
-        self.actor_mlp = self._row_mlp(d_in, d_hidden, dropout)
-        self.actor_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
-        self.critic_mlp = self._row_mlp(d_in, d_hidden, dropout)
-        self.critic_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
-        self.value_head = nn.Linear(d_hidden, 1)
-        # Near-uniform initial policy (SB3 uses gain 0.01 on its action head for the same reason).
-        nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
-        nn.init.zeros_(self.actor_attn.w.bias)
+        if arch == "official":  # rl_algorithms/ppo.py: Actor, Critic (PyTorch's default init)
+            self.actor_attn = GatedAttention(d_features, d_hidden, 1, dropout)
+            self.critic_attn = GatedAttention(d_features, d_hidden, 1, dropout)
+            self.value_head = nn.Linear(d_features, 1)
+        else:
+            d_in = d_features + 1 + (2 if use_coords else 0)
+            self.actor_mlp = self._row_mlp(d_in, d_hidden, dropout)
+            self.actor_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
+            self.critic_mlp = self._row_mlp(d_in, d_hidden, dropout)
+            self.critic_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
+            self.value_head = nn.Linear(d_hidden, 1)
+            # Near-uniform initial policy (SB3 uses gain 0.01 on its action head likewise).
+            nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
+            nn.init.zeros_(self.actor_attn.w.bias)
         self._row_cache = RowCache()
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The actor's parameters (its row MLP and gated attention)."""
+        return [p for n, p in self.named_parameters() if n.startswith("actor_")]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The critic's parameters (its row MLP, gated attention and value head)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("actor_")]
 
     @staticmethod
     def _row_mlp(d_in: int, d_hidden: int, dropout: float) -> nn.Sequential:
@@ -264,6 +298,21 @@ class SashaActorCritic(nn.Module):
         self.obs_mean.copy_(torch.from_numpy(projection.mean))
         self.obs_basis.copy_(torch.from_numpy(projection.basis))
 
+    def _project(self, features: Tensor) -> Tensor:
+        """Rows of ``d_features`` columns: full-size state rows are projected first."""
+        if (
+            self.project_from is not None
+            and features.shape[-1] == self.project_from != self.d_features
+        ):
+            features = (features - self.obs_mean) @ self.obs_basis
+        d = features.shape[-1]
+        if d != self.d_features:
+            raise ValueError(
+                f"rows of {d} features, but this network reads {self.d_features}"
+                + (f" (or {self.project_from}, projected)" if self.project_from else "")
+            )
+        return features
+
     def _first_layer(
         self, features: Tensor, visited: Tensor, coords: Tensor | None, *mlps: nn.Sequential
     ) -> Tensor:
@@ -277,17 +326,8 @@ class SashaActorCritic(nn.Module):
         Returns:
             ``(..., n, H · len(mlps))``.
         """
-        if (
-            self.project_from is not None
-            and features.shape[-1] == self.project_from != self.d_features
-        ):
-            features = (features - self.obs_mean) @ self.obs_basis
+        features = self._project(features)
         d = features.shape[-1]
-        if d != self.d_features:
-            raise ValueError(
-                f"rows of {d} features, but this network reads {self.d_features}"
-                + (f" (or {self.project_from}, projected)" if self.project_from else "")
-            )
         firsts = [cast(nn.Linear, m[0]) for m in mlps]
         w = torch.cat([f.weight for f in firsts])  # (H·m, d + 1 [+ 2])
         b = torch.cat([f.bias for f in firsts])
@@ -317,13 +357,22 @@ class SashaActorCritic(nn.Module):
         (the zoomed row and the TSU-updated ones), ``O(r·d·H)`` per zoom instead of
         ``O(N·d·H)`` (how ``sasha predict`` runs the agent).
         """
+        if self.arch == "official":
+            return self.actor_attn(self._project(features)).squeeze(-1)
         a = self._first_layer(features, visited, coords, self.actor_mlp)
         return self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)
 
     def _row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row actor logit ``(..., n)``, critic hidden ``(..., n, H)`` and critic score."""
+        """Per-row actor logit ``(..., n)``, critic row ``(..., n, H)`` and critic score.
+
+        The critic row is what its attention pools: the MLP's hidden row (``"sasha"``) or the
+        state row itself (``"official"``, ``H = d``).
+        """
+        if self.arch == "official":
+            x = self._project(features)
+            return self.actor_attn(x).squeeze(-1), x, self.critic_attn(x).squeeze(-1)
         both = self._first_layer(features, visited, coords, self.actor_mlp, self.critic_mlp)
         a, c = both.split(self.d_hidden, dim=-1)
         logits = self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)  # actor_logits

@@ -167,10 +167,10 @@ class TSUPairDataset(Dataset):
     Args:
         source: a :class:`BagSource` with ``'lowres'`` and ``'distilled'`` features.
         split: which slides.
-        tau, n_anchors: see :func:`sample_tsu_pairs`.
-        resample: True draws new anchors every time (training; uses torch's global RNG, so
-            ``seed_everything`` makes it reproducible); False draws a fixed set per slide from
-            ``seed`` (validation).
+        tau, n_anchors, include_anchor: see :func:`sample_tsu_pairs`.
+        resample: True draws new anchors every time (training, and the official validation;
+            uses torch's global RNG, so ``seed_everything`` makes it reproducible); False
+            draws a fixed set per slide from ``seed`` (our validation).
         seed: seed for the fixed draws.
     """
 
@@ -182,9 +182,11 @@ class TSUPairDataset(Dataset):
         n_anchors: int = 1,
         resample: bool = True,
         seed: int = 0,
+        include_anchor: bool = False,
     ) -> None:
         self.source, self.split = source, split
         self.tau, self.n_anchors, self.resample, self.seed = tau, n_anchors, resample, seed
+        self.include_anchor = include_anchor
         self.slide_ids = list(source.slide_ids(split))
 
     def __len__(self) -> int:
@@ -196,7 +198,14 @@ class TSUPairDataset(Dataset):
         v = torch.as_tensor(np.asarray(self.source.features(sid, "distilled")), dtype=torch.float32)
         seed = int(torch.randint(2**62, ())) if self.resample else self.seed * 1_000_003 + i
         gen = torch.Generator().manual_seed(seed)
-        return sample_tsu_pairs(z, v, self.tau, generator=gen, n_anchors=self.n_anchors)
+        return sample_tsu_pairs(
+            z,
+            v,
+            self.tau,
+            generator=gen,
+            n_anchors=self.n_anchors,
+            include_anchor=self.include_anchor,
+        )
 
 
 def pairs_collate(batch: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
@@ -275,13 +284,17 @@ class BagDataModule(_SplitDataModule):
 
 
 class TSUPairDataModule(_SplitDataModule):
-    """Lightning loaders of :class:`TSUPairDataset`: fresh pairs in train, fixed in val/test.
+    """Lightning loaders of :class:`TSUPairDataset`: fresh pairs in train, fixed in val/test
+    (fresh there too with ``eval_resample``, the official validation).
 
     Args:
         source: a :class:`BagSource` with ``'lowres'`` and ``'distilled'`` features.
-        tau, n_anchors: see :func:`~sasha_models.tsu.sample_tsu_pairs` (training draws).
-        eval_anchors: anchors per slide of the fixed val/test draws (more than one steadies
+        tau, n_anchors, include_anchor: see :func:`~sasha_models.tsu.sample_tsu_pairs`
+            (``include_anchor`` applies to every split).
+        eval_anchors: anchors per slide of the val/test draws (more than one steadies
             the validation loss).
+        eval_resample: draw the val/test anchors afresh at every pass (the official
+            ``step5_tsu_training.py`` ``evaluate``: one random anchor per slide).
         batch_size: slides per batch (official: 1).
         num_workers: DataLoader workers.
         seed: seed of the fixed val/test draws.
@@ -298,11 +311,22 @@ class TSUPairDataModule(_SplitDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        include_anchor: bool = False,
+        eval_resample: bool = False,
     ) -> None:
         super().__init__(source, batch_size, num_workers)
         self.tau, self.n_anchors, self.eval_anchors, self.seed = tau, n_anchors, eval_anchors, seed
+        self.include_anchor, self.eval_resample = include_anchor, eval_resample
 
     def make_dataset(self, split: str) -> Dataset:
         train = split == "train"
         anchors = self.n_anchors if train else self.eval_anchors
-        return TSUPairDataset(self.source, split, self.tau, anchors, resample=train, seed=self.seed)
+        return TSUPairDataset(
+            self.source,
+            split,
+            self.tau,
+            anchors,
+            resample=train or self.eval_resample,
+            seed=self.seed,
+            include_anchor=self.include_anchor,
+        )

@@ -18,9 +18,12 @@ of S per step re-scores only those rows. Use eval mode for that: in train mode `
 random top-K rows and dropout (if any) makes scores random.
 
 Training follows ACMIL (Zhang et al., CVPR 2024) as the official SASHA code does: slide
-cross-entropy + per-branch cross-entropy + a diversity loss (mean pairwise cosine similarity
-between branch attention maps), with stochastic top-K instance masking at both levels while
-training. Eval mode is deterministic.
+cross-entropy + per-branch cross-entropy + a diversity loss, with stochastic top-K instance
+masking at both levels while training. Eval mode is deterministic. Our diversity loss is
+ACMIL's, the mean pairwise cosine similarity between branch attention maps; the official
+``step3_WSI_classification_HAFED.py`` at 6385fe6 indexes its ``(5, N)`` attention by column,
+so its term compares the attention of patches 0–4 across branches instead (the fidelity
+table in ``docs/agents.md``).
 
 The same level-2 classifier trained on low-resolution features alone is the ``lowres_only``
 benchmark row.

@@ -331,12 +331,20 @@ class TSUModule(_SashaModule):
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        """Accumulate ``(error, identity error, weight)``: squared errors and element count
+        (``validation="fixed"``: the loss pools every pair), or one batch's MSE and 1
+        (``"official"``: the mean over slides of each slide's MSE, one slide per batch as in
+        ``step5_tsu_training.py``)."""
         v_a, z_a, z_j, v_j = batch
         if v_j.shape[0] == 0:
             return
-        sse = (self.model(v_a, z_a, z_j) - v_j).pow(2).sum().double()
-        identity = (z_j - v_j).pow(2).sum().double()
-        self._val_sums += torch.stack([sse, identity, sse.new_tensor(float(v_j.numel()))])
+        sq = (self.model(v_a, z_a, z_j) - v_j).pow(2).double()
+        ident = (z_j - v_j).pow(2).double()
+        if self.cfg.validation == "official":
+            row = torch.stack([sq.mean(), ident.mean(), sq.new_tensor(1.0)])
+        else:
+            row = torch.stack([sq.sum(), ident.sum(), sq.new_tensor(float(v_j.numel()))])
+        self._val_sums += row
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums

@@ -1,13 +1,19 @@
 """The SASHA actor-critic as stable-baselines3 / sb3-contrib policies.
 
-The network itself is :class:`~sasha_models.actor_critic.SashaActorCritic`; this module is
-the glue that lets SB3 build, train and act with it. The mask is always derived from the
-observation itself (``valid & ~visited``) and, when sb3-contrib hands over ``action_masks``
-(the env's ``action_masks()``, stored in its rollout buffer), intersected with those. So:
+The network itself is :class:`~sasha_models.actor_critic.SashaActorCritic` (``arch``: ours or
+the official one); this module is the glue that lets SB3 build, train and act with it. When
+acting, the mask is always derived from the observation itself (``valid & ~visited``) and,
+when sb3-contrib hands over ``action_masks`` (the env's ``action_masks()``, stored in its
+rollout buffer), intersected with those. In PPO's update (``evaluate_actions``) the same mask
+applies by default (``masked_update=True``); ``masked_update=False`` is the official update,
+which masks nothing but the padding: log-probabilities and entropy of the distribution over
+every real patch, visited ones included (``Agent.evaluate`` in ``rl_algorithms/ppo.py`` at
+6385fe6). ``two_optimizers=True`` trains the actor and the critic with one optimiser each
+(:class:`~sasha_models.optim.PerNetworkOptimizer`), as the official code does. So:
 
 - :class:`SashaActorCriticPolicy` — for ``sb3_contrib.MaskablePPO``;
 - :class:`SashaPPOPolicy` — the same network and glue for plain ``stable_baselines3.PPO``;
-  it never samples or evaluates an illegal action either.
+  it never samples an illegal action either.
 
 The policies also read row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`, from the
 agents' rollout buffers) and hand them to
@@ -31,6 +37,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor
 
 from .actor_critic import SashaActorCritic, legal_action_mask, masked_distribution
+from .optim import PerNetworkOptimizer
 from .spaces import OBS_KEYS, ROW_INDEX
 
 __all__ = [
@@ -85,6 +92,7 @@ class _SashaPolicyMixin:
     """
 
     net: SashaActorCritic
+    optimizer: torch.optim.Optimizer
 
     def __init__(
         self,
@@ -96,11 +104,15 @@ class _SashaPolicyMixin:
         use_coords: bool = True,
         project_from: int | None = None,
         mask_actions: bool = True,
+        arch: str = "sasha",
+        masked_update: bool = True,
+        two_optimizers: bool = False,
         **kwargs: Any,
     ) -> None:
         self._d_features = _check_obs_space(observation_space, use_coords)
         self.project_from = project_from
         self.mask_actions = bool(mask_actions)
+        self.arch, self.masked_update, self.two_optimizers = arch, masked_update, two_optimizers
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"SASHA policies need a Discrete action space, got {action_space}")
         self.d_hidden, self.dropout, self.use_coords = d_hidden, dropout, use_coords
@@ -111,8 +123,22 @@ class _SashaPolicyMixin:
 
     def _build(self, lr_schedule: Any) -> None:
         self.net = SashaActorCritic(
-            self._d_features, self.d_hidden, self.dropout, self.use_coords, self.project_from
+            self._d_features,
+            self.d_hidden,
+            self.dropout,
+            self.use_coords,
+            self.project_from,
+            self.arch,
         )
+        if self.two_optimizers:
+            optimizer: Any = PerNetworkOptimizer(  # used by SB3 as an Optimizer, quacks like one
+                {"actor": self.net.actor_parameters(), "critic": self.net.critic_parameters()},
+                self.optimizer_class,  # type: ignore[attr-defined]
+                lr=lr_schedule(1),
+                **self.optimizer_kwargs,  # type: ignore[attr-defined]
+            )
+            self.optimizer = optimizer
+            return
         self.optimizer = self.optimizer_class(  # type: ignore[attr-defined]
             self.parameters(),  # type: ignore[attr-defined]
             lr=lr_schedule(1),
@@ -127,17 +153,27 @@ class _SashaPolicyMixin:
             use_coords=self.use_coords,
             project_from=self.project_from,
             mask_actions=self.mask_actions,
+            arch=self.arch,
+            masked_update=self.masked_update,
+            two_optimizers=self.two_optimizers,
         )
         return data
 
     def _net_outputs(
-        self, obs: Any, action_masks: MaskLike | None
+        self, obs: Any, action_masks: MaskLike | None, update: bool = False
     ) -> tuple[MaskableCategoricalDistribution, Tensor]:
-        """Masked action distribution and values ``(B, 1)`` for a batched observation."""
+        """Masked action distribution and values ``(B, 1)`` for a batched observation.
+
+        In the update (``update=True``) with ``masked_update=False`` only padding is masked.
+        """
         x = self._features(obs)
         logits, values = self.net.forward_obs(x)
         if not self.mask_actions:  # every index, padding and visited patches included
             return masked_distribution(logits, torch.ones_like(logits, dtype=torch.bool)), values
+        if update and not self.masked_update:
+            real = x["valid"] > 0.5  # the official update: every real patch, visited or not
+            real = real[x[ROW_INDEX]] if ROW_INDEX in x else real
+            return masked_distribution(logits, real), values
         legal = legal_action_mask(x)
         if ROW_INDEX in x:
             legal = legal[x[ROW_INDEX]]
@@ -160,12 +196,14 @@ class _SashaPolicyMixin:
     def evaluate_actions(
         self, obs: Any, actions: Tensor, action_masks: MaskLike | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """PPO's update: ``values (B, 1)``, masked ``log_prob (B,)``, masked ``entropy (B,)``.
+        """PPO's update: ``values (B, 1)``, ``log_prob (B,)``, ``entropy (B,)``.
 
-        The mask is ``valid & ~visited`` from ``obs``, intersected with ``action_masks`` when
-        given (MaskablePPO passes the rollout buffer's masks here).
+        With ``masked_update`` (the default) the mask is ``valid & ~visited`` from ``obs``,
+        intersected with ``action_masks`` when given (MaskablePPO passes the rollout buffer's
+        masks here); without it, ``valid`` alone (the official update; ``action_masks`` are
+        ignored).
         """
-        dist, values = self._net_outputs(obs, action_masks)
+        dist, values = self._net_outputs(obs, action_masks, update=True)
         return values, dist.log_prob(actions.long().reshape(-1)), dist.entropy()
 
     def get_distribution(
@@ -192,13 +230,19 @@ class SashaActorCriticPolicy(_SashaPolicyMixin, MaskableActorCriticPolicy):
         lr_schedule: SB3 learning-rate schedule.
         d_hidden: network width (official: 128).
         dropout: dropout (official: 0).
-        use_coords: feed each patch's grid position to the network.
+        use_coords: feed each patch's grid position to the network (``arch="sasha"``).
         project_from: the state's feature size when the observations are projected
             (``agents.obs_dim``; see :class:`SashaActorCritic`).
         mask_actions: restrict actions to ``valid & ~visited`` (and the given
             ``action_masks``); ``False`` lets the policy pick any index, as an unmasked agent
             does, and the env's illegal-action penalty is all it learns from (the
             ``ppo_unmasked`` arm of the benchmark).
+        arch: ``"sasha"`` (ours) or ``"official"`` (see :mod:`sasha_models.actor_critic`).
+        masked_update: mask visited patches in PPO's update too (ours); ``False``: the
+            official update, which masks only padding.
+        two_optimizers: one ``optimizer_class`` instance for the actor and one for the critic
+            (:class:`~sasha_models.optim.PerNetworkOptimizer`; clipped per network by an
+            algorithm with :class:`~sasha_models.optim.PerNetworkClipMixin`).
         **kwargs: passed to :class:`MaskableActorCriticPolicy` (e.g. ``optimizer_class``).
     """
 

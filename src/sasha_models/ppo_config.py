@@ -2,7 +2,7 @@
 
 :class:`PPOConfig` holds the PPO hyper-parameters of ``agents.protocol: paper`` and turns them
 into keyword arguments of ``PPO`` / ``MaskablePPO``; :class:`CosineLR` is an optional
-learning-rate schedule. Where a value differs from the official code at commit 6385fe6
+learning-rate schedule (ours; the official rate is constant). Where a value differs from the official code at commit 6385fe6
 (coglabiisc/SASHA), the attribute says so; the docs' fidelity table lists every such value.
 """
 
@@ -51,10 +51,10 @@ class PPOConfig:
     ``step6_rl_training.py`` (rollout and update loop).
 
     Attributes:
-        learning_rate: ``lr: 0.00001``, as official.
-        cosine: ours: a cosine decay to 0 over training (default on). The official RL
+        learning_rate: ``lr: 0.00001``, as official, constant.
+        cosine: ours, off by default: a cosine decay to 0 over training. The official RL
             training keeps 1e-5 constant (its ``adjust_learning_rate`` calls are commented
-            out).
+            out, ``step6_rl_training.py:316-317``).
         n_steps: steps per rollout per env. ``None`` = the official rollout: ``num_envs: 2``
             episodes of the same slide per update (``rollout_episodes``), which needs the
             episode length; without it SB3's default 2048 is used.
@@ -63,21 +63,24 @@ class PPOConfig:
             (one gradient step per epoch on all collected steps).
         n_epochs: ``num_epochs_on_single_roll_out: 4``.
         gamma: ``gamma: 1.0``.
-        gae_lambda: default 0.95 (our f = 0.2 choice); :meth:`paper` sets it per f.
-        clip_range: default 0.1 (our f = 0.2 choice); :meth:`paper` sets it per f.
+        gae_lambda: default 0.95 (our choice for f = 0.2, which the official config leaves
+            unset); :meth:`paper` sets it per f.
+        clip_range: default 0.1 (our choice for f = 0.2, likewise); :meth:`paper` sets it
+            per f.
         ent_coef: ``entropy_coef: 0.001``, a bonus as in SB3: the official loss subtracts
             ``0.001 · entropy`` from the actor loss (at 6385fe6; the sign was flipped to a
             bonus in commit b6ef98e).
         vf_coef: 1.0 — the official critic has its own optimiser and an unweighted MSE loss
             on the GAE returns.
-        max_grad_norm: ``max_grad_norm: 0.5``. Official: clipped per network (two AdamW
-            optimisers, actor and critic); ours: one optimiser, one joint clip.
+        max_grad_norm: ``max_grad_norm: 0.5``, clipped per network when the policy has two
+            optimisers (``two_optimizers``, as official: actor and critic); with one
+            optimiser (ours) the clip is joint.
         weight_decay: ``wd: 0.0001`` with AdamW (``step6_rl_training.py``).
         normalize_advantage: the official code normalises advantages over each rollout.
     """
 
     learning_rate: float = 1e-5
-    cosine: bool = True
+    cosine: bool = False
     n_steps: int | None = None
     rollout_episodes: int = 2
     batch_size: int | None = None

@@ -38,15 +38,25 @@ class TSUConfig:
         d: feature size d (ViT-S/16: 384).
         d_hidden: hidden width; ``None`` = 2d (official 768 = 2 × 384).
         tau: cosine threshold for "similar" patches (``cosine_threshold: 0.95``; TCGA 0.92).
-        n_anchors: anchor patches sampled per slide per training step (official: 1). Ours
-            leaves the anchor out of its own targets; the official step keeps it in (its
-            ``|cos| >= tau`` set always holds the anchor), so an official step is never empty.
+        n_anchors: anchor patches sampled per slide per training step (official: 1).
+        anchor_in_target: the anchor is one of its own targets, as in the official step
+            (``step5_tsu_training.py``: its ``|cos| >= tau`` set always holds the anchor, so
+            a step is never empty; ``[v_a, z_a, z_a] -> v_a`` is one of the pairs). ``False``
+            (ours, the default) trains only on the other similar patches, the only rows the
+            environment ever updates; a slide without one gives a zero-loss step.
+        validation: ``"fixed"`` (ours, the default): ``n_val_anchors`` anchors per val slide
+            drawn once from the seed, loss pooled over every pair (a steady number to select
+            on). ``"official"`` (step5 ``evaluate``): one fresh random anchor per val slide at
+            every validation, loss = mean over slides of each slide's MSE (with the anchor in
+            its target set when ``anchor_in_target``).
+        n_val_anchors: anchors per val slide of ``validation="fixed"``.
         lr: AdamW learning rate after the per-iteration cosine schedule overrides the
             optimiser's initial value (``lr: 0.00004``; TCGA 0.0003).
         weight_decay: AdamW weight decay (``reg: 0.0004``; TCGA 0.005).
-        max_epochs: epochs over the training slides. Ours: 100, one TSU for every budget.
-            Official at 6385fe6: one TSU per budget, ``train_epoch: 1000`` for f = 0.2 and 200
-            for f = 0.1 (the value commented out beside it).
+        max_epochs: epochs over the training slides (default 100). The official code at
+            6385fe6 trains one TSU per budget, ``train_epoch: 1000`` for f = 0.2 and 200 for
+            f = 0.1 (the value commented out beside it): the pipeline's ``tsu.budgets``
+            section does the same (the ``paper`` preset).
         residual: ``False`` (paper): ``LayerNorm(MLP([v_a, z_a, z_j]))``, which suits
             layer-normalised ViT features. ``True``: ``z_j + MLP([v_a, z_a, z_j])`` without the
             output LayerNorm, last layer zero-initialised so training starts at the identity
@@ -56,17 +66,34 @@ class TSUConfig:
             ``"state"`` (official code: the current state row ``S[a]``) or ``"lowres"`` (paper
             text and training pairs: ``z_a``); see :class:`sasha_env.envs.wsi.SashaWSIEnv`.
             Stored with the weights so every env built from this TSU applies it the same way.
+        freeze_covered: the environment's state freezes once every patch is zoomed or
+            TSU-updated (official ``envs/WSI_cosine_env.py``: further actions are ignored, the
+            reward is still −CE of the state); ``False`` (the default) keeps zooming. An
+            environment setting stored with the TSU, like ``anchor``, so every env built from
+            a workdir (training, evaluation, ``sasha predict``) applies it.
     """
 
     d: int = 384
     d_hidden: int | None = None
     tau: float = 0.95
     n_anchors: int = 1
+    anchor_in_target: bool = False
+    validation: str = "fixed"
+    n_val_anchors: int = 8
     lr: float = 4e-5
     weight_decay: float = 4e-4
     max_epochs: int = 100
     residual: bool = False
     anchor: str = "state"
+    freeze_covered: bool = False
+
+    def __post_init__(self) -> None:
+        if self.validation not in ("fixed", "official"):
+            raise ValueError(
+                f"TSU validation must be 'fixed' or 'official', got {self.validation!r}"
+            )
+        if self.n_val_anchors < 1:
+            raise ValueError(f"TSU n_val_anchors must be >= 1, got {self.n_val_anchors}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` of the fields (what checkpoints store)."""
@@ -141,11 +168,14 @@ def sample_tsu_pairs(
     tau: float,
     generator: torch.Generator | None = None,
     n_anchors: int = 1,
+    include_anchor: bool = False,
+    anchors: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw TSU training pairs from one slide.
 
     Picks ``min(n_anchors, N)`` distinct random anchors ``a``; for each, every ``j != a`` with
-    ``|cos(z_j, z_a)| >= tau`` gives one pair.
+    ``|cos(z_j, z_a)| >= tau`` gives one pair (and ``j = a`` too with ``include_anchor``, as
+    the official ``step5_tsu_training.py`` does; targets in row order).
 
     Args:
         z: low-resolution features ``(N, d)``.
@@ -153,18 +183,23 @@ def sample_tsu_pairs(
         tau: cosine threshold.
         generator: optional torch RNG.
         n_anchors: anchors per call.
+        include_anchor: the anchor is one of its own targets.
+        anchors: the anchor rows ``(A,)`` to use instead of random ones (``generator`` and
+            ``n_anchors`` are then unused).
 
     Returns:
-        ``(v_a, z_a, z_j, v_j)``, each ``(P, d)``; P may be 0 when no patch is similar enough.
+        ``(v_a, z_a, z_j, v_j)``, each ``(P, d)``; P may be 0 when no patch is similar enough
+        (never with ``include_anchor``).
     """
     if z.shape != v.shape or z.ndim != 2:
         raise ValueError(f"z and v must both be (N, d), got {tuple(z.shape)}, {tuple(v.shape)}")
     n = z.shape[0]
-    anchors = torch.randperm(n, generator=generator)[: max(0, min(n_anchors, n))]
+    if anchors is None:
+        anchors = torch.randperm(n, generator=generator)[: max(0, min(n_anchors, n))]
     idx_a, idx_j = [], []
     for a in anchors.tolist():
         sim = similar_mask(z, a, tau)
-        sim[a] = False
+        sim[a] = include_anchor
         targets = sim.nonzero().squeeze(-1)
         idx_a.append(torch.full_like(targets, a))
         idx_j.append(targets)

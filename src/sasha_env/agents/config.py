@@ -7,11 +7,20 @@ pipeline's config checks and stage plans read it without loading the training co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..config import dataclass_from_dict
 
-__all__ = ["ALGORITHMS", "PROTOCOLS", "AgentConfig", "agent_name", "steps_for"]
+__all__ = [
+    "ALGORITHMS",
+    "LR_SCHEDULES",
+    "POLICY_ARCHS",
+    "PROTOCOLS",
+    "AgentConfig",
+    "agent_name",
+    "steps_for",
+]
 
 #: ``agents.algo``: sb3-contrib's MaskablePPO (the default, SASHA's), SB3's PPO, A2C and DQN,
 #: and ``ppo_unmasked``: SB3's PPO with the SASHA network choosing among *all* indices, so that
@@ -19,6 +28,27 @@ __all__ = ["ALGORITHMS", "PROTOCOLS", "AgentConfig", "agent_name", "steps_for"]
 ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn", "ppo_unmasked")
 #: ``agents.protocol`` (see :attr:`AgentConfig.protocol`).
 PROTOCOLS = ("sb3", "paper")
+#: ``agents.policy_arch``: ours or the official actor and critic (:mod:`sasha_models.actor_critic`).
+POLICY_ARCHS = ("sasha", "official")
+#: ``agents.lr_schedule``.
+LR_SCHEDULES = ("constant", "cosine")
+
+#: Each protocol's own values of the options left at ``None`` (:meth:`AgentConfig.resolved`):
+#: ``paper`` is the official agent at 6385fe6, ``sb3`` ours.
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sb3": {
+        "policy_arch": "sasha",
+        "masked_update": True,
+        "two_optimizers": False,
+        "lr_schedule": "constant",
+    },
+    "paper": {
+        "policy_arch": "official",
+        "masked_update": False,
+        "two_optimizers": True,
+        "lr_schedule": "constant",
+    },
+}
 
 
 @dataclass
@@ -40,10 +70,12 @@ class AgentConfig:
     epochs, and the official optimiser for f (:meth:`sasha_models.ppo_config.PPOConfig.paper`);
     ``total_timesteps``, ``n_envs``, ``n_steps``, ``batch_size``, ``n_epochs``, ``gamma``,
     ``gae_lambda``, ``clip_range`` and ``ent_coef`` are then not used (``extra`` still
-    overrides any SB3 argument)."""
-    epochs: int = 25
-    """``protocol: paper``: passes over the training slides (official ``train_epoch`` at
-    6385fe6: 15, for the f = 0.1 run; 25 was the value before its commit b6ef98e)."""
+    overrides any SB3 argument). The options left at ``None`` below take the protocol's own
+    values (:data:`PROTOCOL_DEFAULTS`): under ``paper`` the official agent (its actor and
+    critic, an unmasked update, two optimisers, a constant rate), under ``sb3`` ours."""
+    epochs: int = 15
+    """``protocol: paper``: passes over the training slides (official ``train_epoch: 15``,
+    ``config/camelyon_rl_config.yml:2`` at 6385fe6; 25 before its commit b6ef98e)."""
     episodes_per_slide: int = 2
     """``protocol: paper``: episodes of one slide per update (official: 2)."""
     total_timesteps: int = 20_000
@@ -57,9 +89,11 @@ class AgentConfig:
     reward: str = "ce"
     correct_bonus: float = 0.0
     learning_rate: float | None = None
-    """``None``: the protocol's own — 3e-4 constant (``sb3``), 1e-5 with a cosine decay to 0
-    (``paper``; the official rate is a constant 1e-5). A number replaces the constant, or the
-    cosine's peak."""
+    """``None``: the protocol's own — 3e-4 (``sb3``), 1e-5 (``paper``, as official). A number
+    replaces it (the cosine's peak with ``lr_schedule: cosine``)."""
+    lr_schedule: str | None = None
+    """``constant`` (both protocols' own; the official rate is constant) or ``cosine`` (ours:
+    a half-cycle cosine decay to 0 over training)."""
     n_steps: int = 64
     """Steps per env per rollout (PPO/A2C)."""
     batch_size: int = 64
@@ -69,10 +103,25 @@ class AgentConfig:
     clip_range: float = 0.2
     ent_coef: float = 0.01
     d_hidden: int = 128
-    use_coords: bool = True
-    """Feed each patch's grid position to the SASHA policy (the official actor and critic see
-    the state rows only; the visited list only masks the actor's logits); see the ablations in
-    the docs' evaluation page."""
+    policy_arch: str | None = None
+    """The SASHA policy's network (``maskable_ppo``/``ppo``/``a2c``): ``sasha`` (ours: a row MLP
+    with LayerNorm and GELU on ``[features, visited, coords]`` before the gated attention, the
+    critic pooling its hidden rows, a small-gain last actor layer) or ``official`` (the official
+    actor and critic: gated attention on the state rows alone; the visited list only masks the
+    logits). ``None``: the protocol's own (``sb3``: ``sasha``; ``paper``: ``official``)."""
+    masked_update: bool | None = None
+    """PPO's update evaluates log-probabilities and entropy with visited patches masked, as when
+    acting (ours). ``false``: the official update, which masks nothing (only our padding); its
+    ratio then compares an unmasked new log-probability with the masked one of acting.
+    ``None``: the protocol's own (``sb3``: true; ``paper``: false)."""
+    two_optimizers: bool | None = None
+    """Train actor and critic with one optimiser each, the gradient norm clipped per network
+    (official, ``protocol: paper`` only); ``false``: one optimiser, one joint clip (ours).
+    ``None``: the protocol's own (``sb3``: false; ``paper``: true)."""
+    use_coords: bool | None = None
+    """Feed each patch's grid position to the SASHA policy (``policy_arch: sasha`` only: the
+    official actor and critic see the state rows alone); see the ablations in the docs'
+    evaluation page. ``None``: true with ``sasha``, false with ``official``."""
     obs_dim: int | None = None
     """The agent reads a ``obs_dim``-column PCA projection of the state, fitted on the training
     slides' low-res and distilled rows and kept in the exported policy
@@ -113,6 +162,37 @@ class AgentConfig:
             raise ValueError(
                 f"agents.protocol 'paper' trains maskable_ppo only, not {cfg.algo!r}; use "
                 "protocol 'sb3' for the algorithm benchmark"
+            )
+        cfg.resolved()  # checks the options' values
+        return cfg
+
+    def resolved(self) -> AgentConfig:
+        """This config with every option left at ``None`` set to the protocol's own value.
+
+        Raises:
+            ValueError: an option's value is unknown, or options that do not go together.
+        """
+        own = PROTOCOL_DEFAULTS[self.protocol]
+        cfg = replace(self, **{k: v for k, v in own.items() if getattr(self, k) is None})
+        if cfg.use_coords is None:
+            cfg = replace(cfg, use_coords=cfg.policy_arch == "sasha")
+        if cfg.policy_arch not in POLICY_ARCHS:
+            raise ValueError(
+                f"agents.policy_arch {cfg.policy_arch!r}: choose one of {', '.join(POLICY_ARCHS)}"
+            )
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"agents.lr_schedule {cfg.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}"
+            )
+        if cfg.policy_arch == "official" and cfg.use_coords:
+            raise ValueError(
+                "agents.use_coords: the official policy reads the state rows only; set "
+                "policy_arch: sasha to feed it coordinates"
+            )
+        if cfg.two_optimizers and cfg.protocol != "paper":
+            raise ValueError(
+                "agents.two_optimizers needs protocol 'paper' (its PPO clips per network); "
+                "protocol 'sb3' trains one optimiser"
             )
         return cfg
 

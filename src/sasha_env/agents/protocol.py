@@ -1,16 +1,19 @@
 """The paper's agent-training protocol on top of sb3-contrib's ``MaskablePPO``.
 
-SASHA's official training (``step6_rl_training.py``) differs from a stock PPO run in how the
-experience is collected, not in the update:
+SASHA's official training (``step6_rl_training.py`` at 6385fe6) differs from a stock PPO run
+mostly in how the experience is collected:
 
 - **slide-ordered rollouts**: each update sees whole episodes of *one* slide, two back to back
   (``num_envs: 2``), and every training slide comes once per epoch in a shuffled order;
 - **an epoch budget** (``train_epoch``): episodes per slide do not depend on the zoom budget f,
   whereas a fixed number of environment steps gives f = 0.2 half the episodes of f = 0.1;
 - **the official optimiser settings** per f (:meth:`sasha_models.ppo_config.PPOConfig.paper`):
-  AdamW, lr 1e-5 (the official rate is constant; ours decays it with a cosine by default),
-  weight decay 1e-4, entropy bonus 0.001, γ = 1, gradient clipping 0.5 (official: per network,
-  with two optimisers; ours: one optimiser, joint), four full-batch epochs per rollout.
+  AdamW, a constant lr 1e-5, weight decay 1e-4, entropy bonus 0.001, γ = 1, four full-batch
+  epochs per rollout; one AdamW for the actor and one for the critic, each network's gradient
+  norm clipped to 0.5 on its own (:mod:`sasha_models.optim`; ``agents.two_optimizers``);
+- **the official update** is unmasked: the new log-probabilities and the entropy are those of
+  the distribution over every patch, visited ones included (``agents.masked_update: false``,
+  the paper protocol's own; the policy does it, :mod:`sasha_models.policy`).
 
 SB3 expresses all of it with two small pieces, so agents trained this way are ordinary
 ``MaskablePPO`` models (callbacks, ``save``, the export, every policy helper work unchanged):
@@ -20,7 +23,9 @@ SB3 expresses all of it with two small pieces, so agents trained this way are or
   how many steps are left in the current slide's block;
 - :class:`SlideOrderedPPO`, a ``MaskablePPO`` whose rollout is sized, before it starts, to the
   rest of the current block (``episodes_per_slide · ⌈f·N⌉`` steps) and whose update is one
-  full batch of it. SB3's loop, GAE, clipping and logging are untouched.
+  full batch of it, clipped per network when its policy has two optimisers
+  (:class:`~sasha_models.optim.PerNetworkClipMixin`). SB3's loop, GAE and logging are
+  untouched.
 
 Episode lengths are known in advance (an episode on a slide of N patches has exactly
 ``⌈f·N⌉`` steps), which is what lets the rollout be sized before it is collected.
@@ -33,6 +38,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from sb3_contrib import MaskablePPO
+
+from sasha_models.optim import PerNetworkClipMixin
 
 from ..envs.wsi import SashaWSIEnv, episode_budget
 
@@ -116,13 +123,15 @@ class SlideSchedule(gym.Wrapper):
         return self.env.unwrapped.action_masks()
 
 
-class SlideOrderedPPO(MaskablePPO):
+class SlideOrderedPPO(PerNetworkClipMixin, MaskablePPO):
     """``MaskablePPO`` whose every rollout is the rest of one slide's block, updated as one batch.
 
     Needs one environment (``n_envs == 1``) wrapped in :class:`SlideSchedule`. Before each
     rollout the buffer is resized to ``steps_to_block_end()`` and the mini-batch size set to
     the whole rollout, so each update sees exactly the episodes of one slide, as in the
-    official code. Everything else is ``MaskablePPO``.
+    official code. With a policy built with ``two_optimizers=True`` the gradient norm is
+    clipped per network (:class:`~sasha_models.optim.PerNetworkClipMixin`). Everything else is
+    ``MaskablePPO``.
     """
 
     def _setup_model(self) -> None:

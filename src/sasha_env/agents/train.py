@@ -24,7 +24,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
-from sasha_models.ppo_config import PPOConfig
+from sasha_models.ppo_config import CosineLR, PPOConfig
 from sasha_models.projection import ObsProjection
 
 from ..atomic import replace_atomically, write_json
@@ -56,11 +56,20 @@ def _algorithm(
     projection: ObsProjection | None = None,
     total_timesteps: int | None = None,
 ):
+    cfg = cfg.resolved()
     policy_kwargs: dict[str, Any] = {"d_hidden": cfg.d_hidden}
     if cfg.algo == "ppo_unmasked":
         policy_kwargs["mask_actions"] = False
     if not cfg.use_coords:
         policy_kwargs["use_coords"] = False
+    # our network, masked update and one optimiser are the policy's defaults: named only when
+    # they differ, so that an agent trained before these options existed is described as before
+    if cfg.policy_arch != "sasha":
+        policy_kwargs["arch"] = cfg.policy_arch
+    if not cfg.masked_update:
+        policy_kwargs["masked_update"] = False
+    if cfg.two_optimizers:
+        policy_kwargs["two_optimizers"] = True
     if projection is not None:
         if cfg.algo == "dqn":
             raise ValueError("observations with obs_projection need a SASHA policy, not dqn's")
@@ -71,7 +80,7 @@ def _algorithm(
             RowPoolMaskableRolloutBuffer if cfg.algo == "maskable_ppo" else RowPoolRolloutBuffer
         )
     if cfg.protocol == "paper":
-        ppo = PPOConfig.paper(frac)
+        ppo = dataclasses.replace(PPOConfig.paper(frac), cosine=cfg.lr_schedule == "cosine")
         if cfg.learning_rate is not None:
             ppo = dataclasses.replace(ppo, learning_rate=cfg.learning_rate)
         kwargs = ppo.to_sb3_kwargs(
@@ -79,8 +88,9 @@ def _algorithm(
         )  # n_steps is re-sized to each slide's block before every rollout
         kwargs |= {"seed": seed, "device": device, "verbose": 0, **buffer, **cfg.extra}
         return SlideOrderedPPO(SashaActorCriticPolicy, env, **kwargs)
+    lr = 3e-4 if cfg.learning_rate is None else cfg.learning_rate
     common = {
-        "learning_rate": 3e-4 if cfg.learning_rate is None else cfg.learning_rate,
+        "learning_rate": CosineLR(lr) if cfg.lr_schedule == "cosine" else lr,
         "gamma": cfg.gamma,
         "seed": seed,
         "device": device,
@@ -182,7 +192,7 @@ def train_agent(
     only), ``out_dir/episodes.csv`` (the learning curve), ``out_dir/val_curve.csv`` (with
     validation) and ``out_dir/agent.json`` (config, seconds, the kept validation point).
     """
-    cfg = cfg or AgentConfig()
+    cfg = (cfg or AgentConfig()).resolved()
     projection = None
     if cfg.obs_dim is not None and isinstance(env, (Workdir, str, os.PathLike)):
         projection = workdir_projection(

@@ -157,10 +157,12 @@ def resolve_sources(
     manifest: Manifest | PathLike | None = None,
     hafed: nn.Module | PathLike | None = None,
     tsu: nn.Module | PathLike | None = None,
+    frac: float | None = None,
 ) -> Sources:
     """Load and cross-check the store, manifest and checkpoints.
 
-    Explicit arguments win over the workdir's files. Raises ``FileNotFoundError`` naming the
+    Explicit arguments win over the workdir's files. A workdir's TSU is the one of zoom budget
+    ``frac`` when it holds one per budget (:meth:`~sasha_env.workdir.Workdir.tsu_model`). Raises ``FileNotFoundError`` naming the
     stage to run when a workdir lacks an output, :class:`~sasha_env.features.store.StoreError`
     when the store lacks distilled features, and ``ValueError`` for mismatched feature sizes
     or class names.
@@ -182,13 +184,11 @@ def resolve_sources(
     man = need(manifest, wd.manifest if wd else None, "extract", "manifest")
     if not isinstance(man, Manifest):
         man = read_manifest(man)
-    given = {"hafed": hafed, "tsu": tsu}
+    hafed_obj = need(hafed, wd.model("hafed") if wd else None, "hafed", "hafed")
+    if tsu is None and wd is not None:
+        tsu = wd.tsu_model(frac)  # the TSU of this budget when there is one per budget
     models, meta = load_models(
-        store_obj,
-        {
-            name: need(obj, wd.model(name) if wd else None, name, name)
-            for name, obj in given.items()
-        },
+        store_obj, {"hafed": hafed_obj, "tsu": need(tsu, None, "tsu", "tsu")}
     )
     class_names = check_classes(models["hafed"], man, meta.get("hafed", {}))
     slides = select_slides(store_obj, man, split)

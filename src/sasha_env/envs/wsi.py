@@ -78,8 +78,14 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     state row ``S[a]``, which is ``z_a`` unless ``a`` was TSU-updated earlier (the agent may
     zoom an updated patch; only zoomed patches are masked). The paper's text and the TSU's
     training pairs use ``z_a``; ``anchor="lowres"`` gives that variant (``cos(z_j, z_a)``,
-    ``TSU([v_a, z_a, z_j])``). The two differ only when an updated patch is zoomed. Unlike the
-    official code, zooming continues to work after every patch is zoomed or updated.
+    ``TSU([v_a, z_a, z_j])``). The two differ only when an updated patch is zoomed.
+
+    **Every patch covered** (each one zoomed or TSU-updated) before the budget is spent: by
+    default zooming goes on (a zoom still replaces the patch's row by its ``v``). With
+    ``freeze_covered`` the state freezes, as in the official code (``envs/WSI_cosine_env.py``
+    at 6385fe6): the remaining steps ignore the action (it is marked visited, as the official
+    training loop adds it to the agent's visited list, but not zoomed), leave the state
+    unchanged and still give the reward of that state; ``info["frozen"]`` is True on them.
 
     Cost of a step: the similarity test is one ``(n_cand, d) @ (d,)`` product over the rows
     still eligible (a compacted copy of their ``z``), the TSU runs on the r updated rows, and
@@ -119,6 +125,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         tau: cosine threshold τ; ``None`` takes the TSU checkpoint's ``cfg.tau``.
         anchor: ``"state"`` (official code) or ``"lowres"`` (paper text), above; ``None``
             takes the TSU checkpoint's ``cfg.anchor`` (``"state"`` when it has none).
+        freeze_covered: freeze the state once every patch is covered (official code),
+            above; ``None`` takes the TSU checkpoint's ``cfg.freeze_covered`` (``False`` when
+            it has none). A workdir's TSU is the one of budget ``frac`` when it holds one per
+            budget (``tsu.budgets``).
         max_patches: padded size P of the observation and action space: ``"cohort"`` (the
             default: the largest N of every slide of the manifest in the store, so that an
             agent trained on one split runs on another), ``None`` or ``"split"`` (the largest
@@ -161,7 +171,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     Info: ``action_mask`` (bool ``(P,)``, the legal actions, as :meth:`action_masks`) after
     every reset and step, for RL libraries that read masks from infos; every step has
-    ``illegal_action``; ``reset`` gives ``slide_id``, ``label``, ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
+    ``illegal_action`` and ``frozen``; ``reset`` gives ``slide_id``, ``label``, ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
     ``prediction``, ``label``, ``correct``, ``slide_id``, ``zoomed`` (patch indices in zoom
     order), ``zoomed_coords`` (their level-0 ``[x, y]``), ``updated`` (TSU-updated patches
     not zoomed later), ``n_patches`` and ``frac_read``. Lists, not arrays, for the
@@ -188,6 +198,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         illegal_penalty: float = -1.0,
         tau: float | None = None,
         anchor: Literal["state", "lowres"] | None = None,
+        freeze_covered: bool | None = None,
         max_patches: int | Literal["split", "cohort"] | None = "cohort",
         incremental: bool = True,
         cache_mb: float = 1024,
@@ -203,7 +214,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             raise ValueError(f"reward must be 'ce' or 'delta', got {reward!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        src = resolve_sources(workdir, split, store, manifest, hafed, tsu)
+        src = resolve_sources(workdir, split, store, manifest, hafed, tsu, frac=float(frac))
         self.split, self.frac = split, float(frac)
         self.reward_mode = reward
         self.correct_bonus, self.illegal_penalty = float(correct_bonus), float(illegal_penalty)
@@ -224,6 +235,9 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         if anchor not in ("state", "lowres"):
             raise ValueError(f"anchor must be 'state' or 'lowres', got {anchor!r}")
         self.anchor = anchor
+        if freeze_covered is None:
+            freeze_covered = getattr(getattr(self.tsu, "cfg", None), "freeze_covered", False)
+        self.freeze_covered = bool(freeze_covered)
         self.d = int(self.store.feature_dim)
         largest = max(src.slides.n_patches.values())
         if max_patches is None or max_patches == "split":
@@ -304,14 +318,16 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """Patches whose row came from the TSU and that were not zoomed afterwards."""
         if self._updated is None:
             return []
-        mask = self._updated.numpy() & (self._visited[: self._updated.shape[0]] == 0)
+        mask = self._updated.numpy().copy()
+        mask[self._zoomed] = False  # not ``visited``: a frozen step marks without zooming
         return np.flatnonzero(mask).tolist()
 
     @property
     def changed_rows(self) -> np.ndarray:
         """Rows of the observation the last reset or step changed, ``(r,)`` int64: every real
         row after a reset; the zoomed row and the TSU-updated rows after a step (the zoomed
-        row's ``visited`` changed too); none after an illegal step."""
+        row's ``visited`` changed too); the chosen row after a frozen step (only its ``visited``);
+        none after an illegal step."""
         return self._changed.copy()
 
     @property
@@ -392,7 +408,12 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         n = self._slide.n
         self._t += 1
         legal = 0 <= a < n and self._visited[a] == 0
-        if legal:
+        frozen = bool(legal and self.freeze_covered and self._n_free == 0)
+        if frozen:  # every patch covered: the action is spent, the state stays (official)
+            self._visited[a] = 1
+            self._changed = np.array([a], np.int64)  # its visited flag changed
+            reward = -self._ce if self.reward_mode == "ce" else 0.0
+        elif legal:
             ce_before = self._ce
             with torch.inference_mode():
                 rows = self._zoom(a)
@@ -407,7 +428,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             reward = self.illegal_penalty
         confident = legal and self.stop_rule is not None and self.stop_rule.confident(self._probs)
         terminated = self._t >= self._budget or confident
-        info: dict[str, Any] = {"illegal_action": not legal, "action_mask": self.action_masks()}
+        info: dict[str, Any] = {
+            "illegal_action": not legal,
+            "frozen": frozen,
+            "action_mask": self.action_masks(),
+        }
         if terminated:
             info.update(self._final_info())
             if self.stop_rule is not None:

@@ -69,7 +69,8 @@ def _tsu() -> dict[str, Any]:
     from sasha_models.tsu import TSUConfig  # lazy: torch (as above)
 
     keys = _dataclass_keys(TSUConfig, drop=("d",))
-    return {**keys, "tau": float | str, "tau_quantile": float}  # tau may be "auto"
+    # tau may be "auto"; budgets: {f: {key: value}}, one TSU per zoom budget f
+    return {**keys, "tau": float | str, "tau_quantile": float, "budgets": dict}
 
 
 def _mil(name: str) -> dict[str, Any]:
@@ -153,6 +154,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "agents.vec_env": (lambda v: v in ("dummy", "subproc"), "dummy or subproc"),
     "agents.protocol": (lambda v: v in ("sb3", "paper"), "sb3 or paper"),
+    "agents.policy_arch": (lambda v: v in (None, "sasha", "official"), "sasha or official"),
+    "agents.lr_schedule": (lambda v: v in (None, "constant", "cosine"), "constant or cosine"),
     "agents.epochs": (_positive, ">= 1"),
     "agents.episodes_per_slide": (_positive, ">= 1"),
     "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),
@@ -169,6 +172,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "tsu.tau_quantile": (lambda v: 0 < v < 1, "in (0, 1)"),
     "tsu.anchor": (lambda v: v in ("state", "lowres"), "state or lowres"),
+    "tsu.validation": (lambda v: v in ("fixed", "official"), "fixed or official"),
+    "tsu.n_val_anchors": (_positive, ">= 1"),
+    "tsu.budgets": (
+        lambda v: all(not isinstance(f, (str, bool)) and _fraction(f) for f in v),
+        "a mapping from zoom budgets in (0, 1] to the TSU keys of that budget",
+    ),
     "extract.num_workers": (lambda v: v >= 0, ">= 0"),
     "grid.patch_px": (_positive, ">= 1"),
     "grid.zoom": (_positive, ">= 1"),
@@ -270,4 +279,10 @@ def validate_config(cfg: dict[str, Any], sections: Iterable[str] | None = None) 
                         "models: " + ", ".join(BASELINE_STAGES)
                     )
                 _check_keys(f"baselines.models.{model}", values, _mil(model))
+        if name == "tsu":  # per-budget overrides: tsu.budgets.<f>.<key>
+            per_budget = _tsu()
+            for key in ("budgets", "tau", "tau_quantile"):
+                per_budget.pop(key)
+            for frac, values in ((cfg[name] or {}).get("budgets") or {}).items():
+                _check_keys(f"tsu.budgets.{frac}", values, per_budget)
     return cfg

@@ -323,22 +323,68 @@ def distill_store(wd: Workdir, progress: bool = False) -> dict:
 
 
 def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
+    """One TSU for every budget (``models/tsu``), or one per budget f of ``tsu.budgets``
+    (``models/tsu-f<f>``, each with the section's keys overridden by its own, e.g. its
+    epochs: the official code's 200 for f = 0.1 and 1000 for f = 0.2). The other layout's
+    models are removed, so an environment never picks up a stale TSU."""
+    import shutil  # lazy: only when the stage runs
+
     from sasha_models.data import TSUPairDataModule  # lazy: torch, Lightning, when the stage runs
     from sasha_models.lit import TSUModule, train_model  # lazy: as above
     from sasha_models.tsu import TSUConfig, calibrate_tau  # lazy: as above
 
     bags = p.bags()
     section = p.section(ctx.stage)
-    tau = section.pop("tau", 0.95)
-    quantile = float(section.pop("tau_quantile", 0.98))
+    tau = section.get("tau", 0.95)
     if tau == "auto":
-        tau = calibrate_tau(bags, quantile, p.seed)
+        tau = calibrate_tau(bags, float(section.get("tau_quantile", 0.98)), p.seed)
         p.log(f"[tsu] tau calibrated on training slides: {tau:.4f}")
-    cfg = TSUConfig(d=bags.feature_dim, tau=float(tau), **section)
-    module = TSUModule(cfg, seed=p.seed)
-    data = TSUPairDataModule(bags, tau=cfg.tau, n_anchors=cfg.n_anchors, seed=p.seed)
-    path = train_model(module, data, p.wd.model_dir("tsu"), **p.train_kwargs())
-    return {**_export(path), "tau": float(cfg.tau)}
+    configs = tsu_configs(section, bags.feature_dim, float(tau))
+
+    def train(cfg: TSUConfig, out: Path) -> dict:
+        module = TSUModule(cfg, seed=p.seed)
+        data = TSUPairDataModule(
+            bags,
+            tau=cfg.tau,
+            n_anchors=cfg.n_anchors,
+            eval_anchors=1 if cfg.validation == "official" else cfg.n_val_anchors,
+            eval_resample=cfg.validation == "official",
+            include_anchor=cfg.anchor_in_target,
+            seed=p.seed,
+        )
+        return _export(train_model(module, data, out, **p.train_kwargs()))
+
+    stale = [path for f, path in p.wd.budget_tsus().items() if f not in configs]
+    if None not in configs:
+        stale.append(p.wd.model("tsu"))
+    if is_rank_zero():
+        for path in stale:  # the other layout's models
+            if path.parent.name == "tsu":
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path.parent, ignore_errors=True)
+    if None in configs:
+        return {**train(configs[None], p.wd.tsu_dir()), "tau": float(tau)}
+    models = {}
+    for frac, cfg in configs.items():
+        assert frac is not None
+        p.log(f"[tsu] f={frac:g}: {cfg.max_epochs} epochs")
+        models[f"{frac:g}"] = train(cfg, p.wd.tsu_dir(frac))
+    return {"models": models, "tau": float(tau)}
+
+
+def tsu_configs(section: dict, d: int, tau: float) -> dict[float | None, Any]:
+    """The TSU configurations the tsu stage trains from its config ``section``:
+    ``{None: TSUConfig}`` (one TSU for every budget), or ``{f: TSUConfig}`` for each budget
+    of ``section["budgets"]`` (the section's keys overridden by the budget's own), in
+    increasing f. ``tau`` is the resolved threshold (``"auto"`` already calibrated)."""
+    from sasha_models.tsu import TSUConfig  # lazy: torch
+
+    base = {k: v for k, v in section.items() if k not in ("tau", "tau_quantile", "budgets")}
+    budgets = {float(f): dict(o or {}) for f, o in (section.get("budgets") or {}).items()}
+    if not budgets:
+        return {None: TSUConfig(d=d, tau=tau, **base)}
+    return {f: TSUConfig(d=d, tau=tau, **{**base, **budgets[f]}) for f in sorted(budgets)}
 
 
 def _run_mil(p: RunContext, ctx: StageContext) -> dict:
@@ -491,7 +537,9 @@ def _stages() -> dict[str, Stage]:
             "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
             _run_agents,
             # 2: row-pooled rollout buffers (agents.row_pool) by default; 3: SB3's progress.csv
-            # beside each agent, dqn's learning_starts at most a tenth of the budget
+            # beside each agent, dqn's learning_starts at most a tenth of the budget; protocol
+            # paper = the official agent at 6385fe6 (its networks, unmasked update, two
+            # optimisers, constant lr, 15 epochs)
             version=3,
         ),
         Stage(
