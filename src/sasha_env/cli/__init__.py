@@ -1,7 +1,7 @@
 """The ``sasha`` command line: one console script, a verb per stage, ``--help`` on each.
 
 Each module holds a group of verbs, their sub-parsers and their handlers: :mod:`.data`
-(``synth``, ``extract``, ``import``), :mod:`.run` (``pipeline``, ``train``, ``study``,
+(``synth``, ``inspect``, ``extract``, ``import``), :mod:`.run` (``pipeline``, ``train``, ``study``,
 ``demo``) and :mod:`.predict` (``predict``); :mod:`.common` defines the shared options and the
 exit codes. A verb's wing is imported only when the verb runs, so ``sasha --help`` and
 ``sasha predict`` load neither Lightning nor W&B.
@@ -19,6 +19,7 @@ from .common import EXIT_ERROR, EXIT_INTERRUPTED
 EPILOG = """\
 typical use:
   sasha synth cohort/ --preset demo                 # embedded synthetic cohort
+  sasha inspect slides/*.svs --preset he-cpu        # levels, mpp, tissue; how a preset reads them
   sasha extract cohort/manifest.csv --out cohort/features.zarr
   sasha demo runs/demo                              # synth + every stage, prints the table
 """
@@ -26,6 +27,7 @@ typical use:
 #: The verbs in the order ``sasha --help`` lists them, each as the function that registers it.
 VERBS = (
     data.add_synth,
+    data.add_inspect,
     data.add_extract,
     data.add_import,
     run.add_pipeline,
