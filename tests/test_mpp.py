@@ -239,3 +239,31 @@ def test_inspect_reports_levels_mpp_and_tissue_and_goes_on_past_bad_files(tmp_pa
         [*SASHA, "inspect", str(CMU_SVS)], capture_output=True, text=True, timeout=300
     )
     assert ok.returncode == 0 and "tissue:" in ok.stdout
+
+
+def test_every_verb_that_reads_slides_takes_mpp(tmp_path):
+    from sasha_env.cli import build_parser
+    from sasha_env.cli.run import _overrides
+
+    parser = build_parser()
+    verbs = {
+        "extract": ["extract", "m.csv", "--out", "s.zarr"],
+        "pipeline": ["pipeline", "--workdir", "w"],
+        "study": ["study", "--manifest", "m.csv", "--workdir", "w"],
+        "predict": ["predict", "--workdir", "w", "s.svs"],
+        "inspect": ["inspect", "s.svs"],
+    }
+    for name, argv in verbs.items():
+        args = parser.parse_args([*argv, "--mpp", "0.25"])
+        assert args.mpp == 0.25, name
+        if name in ("pipeline", "study"):  # into the config: extract.mpp, in the stage keys
+            assert _overrides(args) == {"extract": {"mpp": 0.25}}
+    store = tmp_path / "s.zarr"
+    proc = subprocess.run(
+        [*SASHA, "extract", str(tmp_path / "m.csv"), "--out", str(store), "--mpp", "300"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and not store.exists()
+    assert "--mpp: 300 um/px is not a microscope scan's level-0 resolution" in proc.stderr
