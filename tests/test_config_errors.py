@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from sasha_env.config import load_config
+from sasha_env.config import PRESETS, load_config
 from sasha_env.pipeline.schema import SECTIONS, ConfigError, validate_config
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo", "paper"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_is_valid(preset):
     assert validate_config(load_config(preset)) is not None
 

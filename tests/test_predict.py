@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import CMU_SVS, write_single_level_tiff
+from conftest import CMU_SVS, tissue_image, write_single_level_tiff
 from sasha_env.features.store import FeatureStore
 from sasha_env.predict import Predictor
 from sasha_env.slides.manifest import read_manifest
-from sasha_env.slides.slide import Slide
+from sasha_env.slides.slide import Slide, SlideError
 from sasha_env.workdir import Workdir
 from sasha_models.calibration import read_calibrations
 
@@ -198,11 +198,20 @@ def test_slide_at_another_mpp_is_read_at_the_cohort_resolution(tiny_workdir, tmp
         img = s.read_rect(0, 0, *s.dimensions, 1.0)
     big = np.repeat(np.repeat(img, 2, axis=0), 2, axis=1)  # the same tissue scanned at 0.25 um/px
     path = write_single_level_tiff(tmp_path / "hires.tif", big, mpp=0.25)
-    out = Predictor(wd.root, frac=0.1).predict(path)
-    assert "differs from the cohort" in out["note"]
+    predictor = Predictor(wd.root, frac=0.1)
+    out = predictor.predict(path)
+    assert "note" not in out  # the grid is fixed in um/px: nothing to adjust
     assert out["n_patches"] == pytest.approx(
         FeatureStore(wd.store).slide_info(record.slide_id).n_patches, rel=0.2
     )
+    # the same file without mpp metadata: an error naming --mpp; with --mpp, the same grid
+    bare = write_single_level_tiff(tmp_path / "bare.tif", big, mpp=None)
+    with pytest.raises(SlideError, match=r"bare.tif: no usable mpp metadata.*--mpp"):
+        predictor.predict(bare)
+    assumed = Predictor(wd.root, frac=0.1, mpp=0.25).predict(bare)
+    assert assumed["n_patches"] == out["n_patches"]
+    assert assumed["note"] == "slide read as 0.25 um/px at level 0 (assumed)"
+    assert predictor.predict(bare, mpp=0.25)["zoomed_coords"] == assumed["zoomed_coords"]
 
 
 def _with_zeroed_tiles(src, dst, level: int):
@@ -221,8 +230,8 @@ def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_pa
     good = _test_slides(wd)[0].path
     (tmp_path / "text.svs").write_text("not a slide")
     blank = write_single_level_tiff(tmp_path / "blank.tif", np.full((256, 256, 3), 241, np.uint8))
-    small = tmp_path / "small.tif"
-    tifffile.imwrite(small, np.full((20, 20, 3), 120, np.uint8), photometric="rgb")
+    small = write_single_level_tiff(tmp_path / "small.tif", np.full((20, 20, 3), 120, np.uint8))
+    bare = write_single_level_tiff(tmp_path / "bare.tif", tissue_image(256, 256), mpp=None)
     corrupt = _with_zeroed_tiles(good, tmp_path / "corrupt.tiff", level=0)
     cmd = [
         *SASHA,
@@ -233,19 +242,22 @@ def test_bad_slides_get_error_records_and_the_batch_goes_on(tiny_workdir, tmp_pa
         str(blank),
         str(small),
         str(corrupt),
+        str(bare),
         str(good),
     ]
     cmd += ["--pictures", str(tmp_path / "pics")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == 5
+    assert len(records) == 6
     assert "not a readable whole-slide image" in records[0]["error"]
     assert "no tissue" in records[1]["error"]
     assert "smaller than one low-res patch" in records[2]["error"]
     assert "corrupt.tiff: cannot read region" in records[3]["error"]
     assert "level 0" in records[3]["error"]
-    assert "error" not in records[4] and records[4]["label"] in ("normal", "tumor")
+    assert "bare.tif: no usable mpp metadata" in records[4]["error"]  # never a silent guess
+    assert "--mpp" in records[4]["error"]
+    assert "error" not in records[5] and records[5]["label"] in ("normal", "tumor")
     assert (tmp_path / "pics" / f"{good.stem}.png").is_file()
 
 

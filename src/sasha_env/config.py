@@ -20,7 +20,7 @@ import yaml
 
 __all__ = ["PRESETS", "load_config", "dataclass_from_dict", "deep_merge", "say", "quiet_lightning"]
 
-PRESETS = ("tiny", "demo", "paper", "large")
+PRESETS = ("tiny", "demo", "he-cpu", "paper", "large")
 T = TypeVar("T")
 
 

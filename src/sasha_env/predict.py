@@ -38,7 +38,7 @@ from .features.store import FeatureStore
 from .slides.grid import GridConfig, build_grid
 from .slides.manifest import read_manifest
 from .slides.patches import LowResRows, read_patch
-from .slides.slide import Slide
+from .slides.slide import Slide, check_mpp
 from .workdir import Workdir
 
 __all__ = ["Predictor", "default_batch_size", "unique_slide_ids"]
@@ -180,6 +180,8 @@ class Predictor:
             val split by the calibrate stage, ``agents/<algo>-<f>/adaptive.json``), f being
             the cap; records add ``stopped`` (``confident``/``cap``), ``referred`` and
             ``confidence``.
+        mpp: level-0 µm/px assumed for a slide whose metadata has no usable mpp (``--mpp``);
+            without it such a slide fails with a message naming ``--mpp``, as in extraction.
     """
 
     def __init__(
@@ -191,11 +193,13 @@ class Predictor:
         device: str | torch.device = "cpu",
         calibration: str | None = "temperature+bias",
         adaptive: bool = False,
+        mpp: float | None = None,
     ):
         if adaptive and full:
             raise ValueError("--adaptive stops the agent's reading early: it cannot go with --full")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.fallback_mpp = None if mpp is None else check_mpp(mpp, "--mpp")
         self.wd = Workdir(workdir)
         self.full, self.frac, self.adaptive = full, float(frac), adaptive
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
@@ -255,18 +259,25 @@ class Predictor:
 
     # ------------------------------------------------------------------ geometry
     def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:
-        """The grid for this slide: the cohort's, at the cohort's mpp when the slide differs."""
-        cfg = self.grid_cfg
+        """The grid for this slide: the cohort's. A grid fixed in µm/px (every preset's) reads
+        every slide at the cohort's resolution by itself; a store made by downsample
+        (``grid.hi_mpp`` null) is read at the cohort's mpp when the slide's differs."""
+        cfg, notes = self.grid_cfg, []
+        if slide.mpp is not None and slide.mpp_source != "metadata":
+            notes.append(f"slide read as {slide.mpp:g} um/px at level 0 ({slide.mpp_source})")
         differs = (
             self.cohort_mpp and slide.mpp and abs(slide.mpp / self.cohort_mpp - 1) > MPP_TOLERANCE
         )
         if cfg.hi_mpp is None and differs:
             target = self.cohort_mpp * cfg.hi_downsample
-            note = f"slide mpp {slide.mpp:g} differs from the cohort's {self.cohort_mpp:g}: read at {target:g} um/px"
-            return replace(cfg, hi_mpp=target), note
-        if slide.mpp is None and self.cohort_mpp:
-            return cfg, "slide declares no mpp: assumed to match the cohort"
-        return cfg, None
+            notes.append(
+                f"slide mpp {slide.mpp:g} differs from the cohort's {self.cohort_mpp:g}: "
+                f"read at {target:g} um/px"
+            )
+            cfg = replace(cfg, hi_mpp=target)
+        elif cfg.hi_mpp is None and slide.mpp is None and self.cohort_mpp:
+            notes.append("slide declares no mpp: assumed to match the cohort")
+        return cfg, "; ".join(notes) or None
 
     def _embed(self, pixels: np.ndarray) -> torch.Tensor:
         """``(n, P, P, 3)`` uint8 → ``(n, dim)`` float32 CPU features, ``batch_size`` at a time."""
@@ -312,6 +323,7 @@ class Predictor:
         picture: Path | None = None,
         geojson: Path | None = None,
         slide_id: str | None = None,
+        mpp: float | None = None,
     ) -> Prediction:
         """One JSON-ready record for the slide at ``path`` (:class:`Prediction`).
 
@@ -321,6 +333,11 @@ class Predictor:
                 :mod:`~sasha_env.envs.geojson`).
             slide_id: the record's id and the GeoJSON's file name; default: the file's stem
                 (:func:`unique_slide_ids` gives ids unique across a batch).
+            mpp: the slide's level-0 µm/px, instead of its metadata (a manifest's ``mpp``).
+
+        Raises:
+            SlideError: the slide is unreadable, has no tissue, or its resolution is unknown
+                (no usable mpp metadata, no ``mpp`` and no ``--mpp``).
         """
         if geojson is not None and self.full:
             raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
@@ -328,7 +345,7 @@ class Predictor:
         t_start = t0 = time.perf_counter()
         path = Path(path)
         sid = slide_id or path.stem
-        with Slide(path) as slide:
+        with Slide(path, mpp=mpp, fallback_mpp=self.fallback_mpp) as slide:
             grid_cfg, note = self.grid_config(slide)
             grid, *_ = build_grid(slide, grid_cfg)
             t0 = timer.add("tissue", t0)

@@ -1,10 +1,10 @@
 """The ``sasha`` command line: one console script, a verb per stage, ``--help`` on each.
 
 Each module holds a group of verbs, their sub-parsers and their handlers: :mod:`.data`
-(``synth``, ``extract``, ``import``), :mod:`.cohort` (``cohort``: public cohorts with SASHA's
-splits), :mod:`.run` (``pipeline``, ``train``, ``study``, ``demo``), :mod:`.predict`
-(``predict``) and :mod:`.experiments` (``sweep``, ``trial``, ``benchmark``); :mod:`.common`
-defines the shared options and the
+(``synth``, ``inspect``, ``extract``, ``import``), :mod:`.cohort` (``cohort``: public cohorts
+with SASHA's splits), :mod:`.run` (``pipeline``, ``train``, ``study``, ``demo``),
+:mod:`.predict` (``predict``) and :mod:`.experiments` (``sweep``, ``trial``, ``benchmark``);
+:mod:`.common` defines the shared options and the
 exit codes. A verb's wing is imported only when the verb runs, so ``sasha --help`` and
 ``sasha predict`` load neither Lightning nor W&B.
 """
@@ -22,6 +22,7 @@ EPILOG = """\
 typical use:
   sasha synth cohort/ --preset demo                 # embedded synthetic cohort
   sasha cohort camelyon16 /data/camelyon16 --out c16.csv   # CAMELYON16 with SASHA's splits
+  sasha inspect slides/*.svs --preset he-cpu        # levels, mpp, tissue; how a preset reads them
   sasha extract cohort/manifest.csv --out cohort/features.zarr
   sasha demo runs/demo                              # synth + every stage, prints the table
 """
@@ -29,6 +30,7 @@ typical use:
 #: The verbs in the order ``sasha --help`` lists them, each as the function that registers it.
 VERBS = (
     data.add_synth,
+    data.add_inspect,
     data.add_extract,
     data.add_import,
     cohort.add_cohort,

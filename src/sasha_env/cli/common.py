@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..config import PRESETS
+from ..slides.slide import check_mpp
 
 #: What ``ArgumentParser.add_subparsers`` returns: each verb's ``add_*`` adds its parser to it.
 SubParsers = argparse._SubParsersAction
@@ -43,6 +44,38 @@ def zoom_budget(value: str) -> float:
     return frac
 
 
+def mpp_value(value: str) -> float:
+    """An ``argparse`` type for ``--mpp``: a level-0 resolution in µm/px a microscope gives.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or outside
+            :data:`~sasha_env.slides.slide.MPP_RANGE` (a usage error, status 2).
+    """
+    try:
+        return check_mpp(value, "--mpp")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_mpp(p: argparse.ArgumentParser) -> None:
+    """Add ``--mpp X`` (``args.mpp``): the level-0 µm/px assumed for slides without usable
+    mpp metadata."""
+    p.add_argument(
+        "--mpp",
+        type=mpp_value,
+        default=None,
+        metavar="X",
+        help="level-0 um/px to assume for slides whose metadata has no usable mpp (e.g. 0.25 "
+        "for 40x, 0.5 for 20x); without it such a slide stops with an error. A manifest's "
+        "mpp column wins, slide by slide. Check a slide with 'sasha inspect SLIDE'",
+    )
+
+
+def mpp_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides ``--mpp`` asks for (``{}`` without it)."""
+    return {} if args.mpp is None else {"extract": {"mpp": args.mpp}}
+
+
 def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
     """Add ``--preset NAME`` (a settings bundle of :data:`sasha_env.config.PRESETS`) and
     ``--config YAML`` (sections that override it)."""
@@ -50,9 +83,10 @@ def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
         "--preset",
         choices=PRESETS,
         default=default,
-        help=f"settings bundle: tiny (seconds, tests), demo (the embedded cohort), "
-        f"paper (SASHA's CAMELYON16 settings, for a GPU), large (the demo's settings on "
-        f"CAMELYON-sized synthetic slides, >= 8,000 patches) (default: {default})",
+        help=f"settings bundle: tiny (seconds, tests), demo (the synthetic cohort's), he-cpu "
+        f"(real H&E on a CPU: 64-px sub-patches at 0.5 um/px), paper (SASHA's CAMELYON16 "
+        f"settings, for a GPU), large (the demo's settings on CAMELYON-sized synthetic "
+        f"slides, >= 8,000 patches) (default: {default})",
     )
     p.add_argument(
         "--config",

@@ -1,21 +1,26 @@
-"""The data verbs: ``synth`` (a synthetic cohort), ``extract`` (slides -> feature store) and
-``import`` (TRIDENT/CLAM h5 files -> feature store)."""
+"""The data verbs: ``synth`` (a synthetic cohort), ``inspect`` (what slides say about
+themselves), ``extract`` (slides -> feature store) and ``import`` (TRIDENT/CLAM h5 files ->
+feature store)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
-from ..config import load_config
+from ..config import PRESETS, load_config
 from ..distributed import is_rank_zero
 from ..pipeline.schema import validate_config
 from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
     SubParsers,
+    add_mpp,
     add_preset,
     add_quiet,
     add_scaleout,
+    mpp_overrides,
     parse_devices,
 )
 
@@ -45,6 +50,31 @@ def add_synth(sub: SubParsers) -> None:
     p.set_defaults(func=_cmd_synth)
 
 
+def add_inspect(sub: SubParsers) -> None:
+    """Register ``sasha inspect SLIDE ...``."""
+    p = sub.add_parser(
+        "inspect",
+        help="print what slides say about themselves: vendor, levels with mpp, size, tissue",
+        description="For each slide: the scanner vendor, every pyramid level with its "
+        "downsample and um/px, the objective power, the size in pixels and mm, and the share "
+        "of the slide that is tissue (the segmentation the patch grid uses). With --preset, "
+        "also the levels that preset reads its high- and low-res patches from and how many "
+        "patches the slide gives. A file that cannot be read gets an error line (a record "
+        "with 'error' under --json) and the others go on; the exit status is then 1, as it "
+        "is when --preset cannot lay its grid on a slide (unknown mpp, no tissue).",
+    )
+    p.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="also say how this preset's grid reads each slide",
+    )
+    add_mpp(p)
+    p.add_argument("--json", action="store_true", help="one JSON record per slide and line")
+    p.set_defaults(func=_cmd_inspect)
+
+
 def add_extract(sub: SubParsers) -> None:
     """Register ``sasha extract CSV --out STORE``."""
     p = sub.add_parser(
@@ -66,6 +96,7 @@ def add_extract(sub: SubParsers) -> None:
         help="feature store directory (e.g. features.zarr)",
     )
     add_preset(p)
+    add_mpp(p)
     p.add_argument(
         "--backbone",
         default=None,
@@ -162,6 +193,33 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ..slides.grid import GridConfig  # lazy: scipy, scikit-image
+    from ..slides.inspect import format_inspection, inspect_slide  # lazy: as above
+
+    grid = None
+    if args.preset is not None:
+        cfg = validate_config(load_config(args.preset), ["grid"])
+        grid = GridConfig.from_dict(cfg.get("grid"))
+    failed = 0
+    for i, path in enumerate(args.slides):
+        try:
+            record = inspect_slide(path, grid=grid, fallback_mpp=args.mpp)
+        except Exception as exc:  # one bad file never stops the others
+            failed += 1
+            if args.json:
+                print(json.dumps({"slide": str(path), "error": str(exc)}), flush=True)
+            else:
+                print(f"sasha inspect: error: {exc}", file=sys.stderr, flush=True)
+            continue
+        failed += "error" in record.get("grid", {})
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            print(("\n" if i else "") + format_inspection(record, args.preset), flush=True)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from ..features.extract import ExtractConfig, extract_cohort  # lazy: torch, Lightning
     from ..slides.grid import GridConfig  # lazy: scipy, scikit-image
@@ -178,6 +236,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    overrides.update(mpp_overrides(args).get("extract", {}))
     cfg = validate_config(
         load_config(args.preset, args.config, {"extract": overrides}), ["grid", "extract"]
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..slides.manifest import read_manifest
-from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, zoom_budget
+from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, add_mpp, zoom_budget
 
 #: ``--adaptive``'s default cap: the budget of the agent that reads at most this much.
 F_MAX = 0.2
@@ -101,6 +101,7 @@ def add_predict(sub: SubParsers) -> None:
         help="where the backbone runs, e.g. cpu or cuda (default: cpu); the small models stay "
         "on the CPU",
     )
+    add_mpp(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -109,10 +110,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     slides: list[Path] = [Path(s) for s in args.slides]
     given: list[str | None] = [None] * len(slides)
+    mpps: list[float | None] = [None] * len(slides)
     if args.manifest is not None:
         records = read_manifest(args.manifest).records
         slides += [r.path for r in records]
         given += [r.slide_id for r in records]
+        mpps += [r.mpp for r in records]
     if not slides:
         raise ValueError("give slide files or --manifest CSV")
     if args.geojson is not None and args.full:
@@ -128,13 +131,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         calibration=None if args.calibration == "none" else args.calibration,
+        mpp=args.mpp,
     )
     failed = 0
-    for path, sid in zip(slides, unique_slide_ids(slides, given), strict=True):
+    for path, sid, mpp in zip(slides, unique_slide_ids(slides, given), mpps, strict=True):
         picture = args.pictures / f"{sid}.png" if args.pictures else None
         record: Prediction | dict[str, str]
         try:
-            record = predictor.predict(path, picture=picture, geojson=args.geojson, slide_id=sid)
+            record = predictor.predict(
+                path, picture=picture, geojson=args.geojson, slide_id=sid, mpp=mpp
+            )
         except Exception as exc:  # one bad slide never stops the batch
             failed += 1
             record = {"slide": str(path), "slide_id": sid, "error": f"{type(exc).__name__}: {exc}"}

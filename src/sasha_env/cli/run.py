@@ -20,8 +20,10 @@ from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
     SubParsers,
+    add_mpp,
     add_preset,
     add_run_options,
+    mpp_overrides,
     parse_devices,
     wandb_overrides,
 )
@@ -62,6 +64,7 @@ def add_pipeline(sub: SubParsers) -> None:
         "extract.",
     )
     add_preset(p)
+    add_mpp(p)
     p.add_argument(
         "--stages",
         nargs="+",
@@ -116,6 +119,7 @@ def add_study(sub: SubParsers) -> None:
     p.add_argument("--manifest", type=Path, required=True, metavar="CSV", help="cohort manifest")
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR", help="study folder")
     add_preset(p)
+    add_mpp(p)
     p.add_argument(
         "--seeds",
         type=int,
@@ -177,13 +181,19 @@ def _pipeline(
         features=features,
         preset=args.preset,
         config_path=args.config,
-        overrides=wandb_overrides(args),
+        overrides=_overrides(args),
         devices=parse_devices(getattr(args, "devices", "1")),
         strategy=getattr(args, "strategy", "auto"),
         accelerator=getattr(args, "accelerator", "cpu"),
         num_nodes=getattr(args, "num_nodes", 1),
         progress=not args.quiet,
     )
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The config overrides of ``--wandb`` and, for the verbs that read slides, ``--mpp``."""
+    mpp = mpp_overrides(args) if getattr(args, "mpp", None) is not None else {}
+    return {**wandb_overrides(args), **mpp}
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -258,7 +268,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             seeds=tuple(range(args.seeds)),
             preset=args.preset,
             config_path=args.config,
-            overrides=wandb_overrides(args),
+            overrides=_overrides(args),
             keep_split=args.keep_split,
             progress=not args.quiet,
         ).run()

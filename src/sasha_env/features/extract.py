@@ -56,6 +56,9 @@ class ExtractConfig:
     batch_size: int = 256
     """Images per backbone forward (a patch brings 1 low-res + k high-res images)."""
     num_workers: int = 1
+    mpp: float | None = None
+    """Level-0 µm/px assumed for slides whose metadata has no usable mpp (``--mpp``); without
+    it such a slide fails with a message naming ``--mpp``. A manifest's ``mpp`` column wins."""
 
     @classmethod
     def from_dict(cls, d: dict | None) -> ExtractConfig:
@@ -174,9 +177,11 @@ class _SlidePatches(IterableDataset):
         grid_cfg: GridConfig,
         patches_per_batch: int,
         qc_dir: Path | None,
+        fallback_mpp: float | None = None,
     ):
         self.records = records
         self.grid_cfg = grid_cfg
+        self.fallback_mpp = fallback_mpp
         self.patches_per_batch = max(1, patches_per_batch)
         self.qc_dir = qc_dir
 
@@ -207,9 +212,14 @@ class _SlidePatches(IterableDataset):
     ) -> Iterator[SlideHeader | SlideFailed | tuple[str, int, np.ndarray, np.ndarray]]:
         """A header, then ``(slide_id, i, lo, hi)`` per patch; or a failure."""
         try:
-            slide = Slide(record.path)
+            slide = Slide(record.path, mpp=record.mpp, fallback_mpp=self.fallback_mpp)
+        except Exception as exc:
+            yield SlideFailed(record.slide_id, _message(exc))
+            return
+        try:
             grid, thumb, mask, thumb_ds = build_grid(slide, self.grid_cfg)
         except Exception as exc:
+            slide.close()
             yield SlideFailed(record.slide_id, _message(exc))
             return
         if self.qc_dir is not None:
@@ -223,6 +233,7 @@ class _SlidePatches(IterableDataset):
                 source=file_identity(record.path),
                 dimensions=tuple(slide.dimensions),  # type: ignore[arg-type]
                 mpp=slide.mpp,
+                mpp_source=slide.mpp_source,
                 level_downsamples=tuple(slide.level_downsamples),
                 n_patches=grid.n,
                 shape=tuple(grid.shape),  # type: ignore[arg-type]
@@ -465,7 +476,7 @@ def extract_cohort(
                 report.skipped.append(record.slide_id)
             else:
                 report.failed[record.slide_id] = f"{record.path}: file not found"
-        elif record.slide_id in store and not _changed(store, record):
+        elif record.slide_id in store and not _changed(store, record, extract_cfg.mpp):
             report.skipped.append(record.slide_id)
         else:
             pending.append(record)  # new, or its file changed: (re-)extracted, then replaced
@@ -495,19 +506,39 @@ def extract_cohort(
     return report
 
 
-def _changed(store: FeatureStore, record: SlideRecord) -> bool:
-    """Whether the slide file differs from the one its store group was extracted from.
+def _changed(store: FeatureStore, record: SlideRecord, fallback_mpp: float | None = None) -> bool:
+    """Whether the slide file differs from the one its store group was extracted from, or its
+    resolution was given otherwise (another manifest ``mpp``, or another ``--mpp`` for a slide
+    without usable metadata).
 
     Size and time first; the content fingerprint only when they differ (a copied cohort has new
     times but the same content). Groups written before sources were recorded count as unchanged.
     """
-    source = store.slide_info(record.slide_id).source
+    info = store.slide_info(record.slide_id)
+    if _mpp_changed(info, record, fallback_mpp):
+        return True
+    source = info.source
     if not source:
         return False
     now = file_identity(record.path, fingerprint=False)
     if (now["size"], now["mtime_ns"]) == (source.get("size"), source.get("mtime_ns")):
         return False
     return file_identity(record.path)["fingerprint"] != source.get("fingerprint")
+
+
+def _mpp_changed(info: SlideInfo, record: SlideRecord, fallback_mpp: float | None) -> bool:
+    """Whether the mpp a slide would be read at now differs from the one its group was read at,
+    where a value other than the file's metadata decided it (then or now): a manifest ``mpp``
+    wins; a slide read at ``--mpp`` before takes today's ``--mpp`` (none: it fails again, naming
+    ``--mpp``); the others read their metadata, which changes only with the file."""
+    before = (info.mpp_source, info.mpp) if info.mpp_source in ("manifest", "assumed") else None
+    if record.mpp is not None:
+        now: tuple[str, float | None] | None = ("manifest", record.mpp)
+    elif before is not None:
+        now = ("assumed", fallback_mpp)
+    else:
+        now = None
+    return before != now
 
 
 class _ExtractData(L.LightningDataModule):
@@ -545,6 +576,7 @@ class _ExtractData(L.LightningDataModule):
             self.grid_cfg,
             patches_per_batch=self.extract_cfg.batch_size // images_per_patch,
             qc_dir=self.qc_dir,
+            fallback_mpp=self.extract_cfg.mpp,
         )
         workers = self.extract_cfg.num_workers
         return DataLoader(

@@ -158,7 +158,10 @@ class SlideInfo:
             ``{"size", "mtime_ns", "fingerprint"}`` of the slide file, imported ones
             ``{"fingerprint", "lowres", "highres"}`` (each feature file's identity).
         dimensions: level-0 ``(width, height)`` in pixels.
-        mpp: level-0 resolution in µm/px (``None``: the slide does not say).
+        mpp: level-0 resolution in µm/px the slide was read at (``None``: unknown).
+        mpp_source: where ``mpp`` came from: ``"metadata"`` (the file), ``"manifest"`` (the
+            manifest's ``mpp`` column) or ``"assumed"`` (``--mpp``); ``None`` in stores written
+            before it was recorded (their mpp is the file's).
         level_downsamples: the pyramid's downsample of each level (extracted slides).
         n_patches: N, the number of low-res patches.
         shape: ``(rows, cols)`` of the cell lattice over the slide.
@@ -178,6 +181,7 @@ class SlideInfo:
     source: Mapping[str, Any] | None = None
     dimensions: tuple[int, int] | None = None
     mpp: float | None = None
+    mpp_source: str | None = None
     level_downsamples: tuple[float, ...] | None = None
     n_patches: int | None = None
     shape: tuple[int, int] | None = None
@@ -222,6 +226,7 @@ class SlideInfo:
             "cell_px": self.cell_px,
             "sub_px": self.sub_px,
             "import": None if self.import_info is None else dict(self.import_info),
+            "mpp_source": self.mpp_source,
         }
         layout = _IMPORTED_LAYOUT if self.import_info is not None else _EXTRACTED_LAYOUT
         extra = [k for k, v in values.items() if v is not None and k not in (*layout, "k")]
@@ -237,6 +242,7 @@ class SlideInfo:
             source=attrs.get("source"),
             dimensions=_tuple(attrs.get("dimensions")),
             mpp=attrs.get("mpp"),
+            mpp_source=attrs.get("mpp_source"),
             level_downsamples=_tuple(attrs.get("level_downsamples")),
             n_patches=attrs.get("n_patches"),
             shape=_tuple(attrs.get("shape")),

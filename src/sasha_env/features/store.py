@@ -100,6 +100,9 @@ class FeatureStore:
                 for k in _KEYS_THAT_MUST_MATCH
                 if _jsonable(old.get(k)) != _jsonable(attrs.get(k))
             }
+            if set(diffs) == {"hi_mpp"} and store._read_at(attrs.get("hi_mpp")):
+                store._adopt_root(attrs)  # the same grid, now named by mpp
+                return store
             if diffs:
                 detail = "; ".join(
                     f"{k}: store has {a!r}, run asks {b!r}" for k, (a, b) in diffs.items()
@@ -114,6 +117,27 @@ class FeatureStore:
         root.attrs.update(_jsonable(attrs))
         zarr.open_group(str(path / "slides"), mode="w")
         return cls(path, mode="a")
+
+    def _read_at(self, hi_mpp: float | None) -> bool:
+        """Whether this store fixed its high-res level by downsample (``hi_mpp`` null, as
+        ``tiny`` and ``demo`` did before they fixed it in µm/px) and every slide in it was
+        nonetheless read at ``hi_mpp`` µm/px: a run asking for ``hi_mpp`` would make the same
+        store."""
+        if self.info.hi_mpp is not None or hi_mpp is None:
+            return False
+        for sid in self.slide_ids():
+            info = self.slide_info(sid)
+            if info.mpp is None or info.hi_downsample is None:
+                return False
+            if abs(info.mpp * info.hi_downsample / hi_mpp - 1) > 1e-6:
+                return False
+        return True
+
+    def _adopt_root(self, attrs: dict) -> None:
+        """Rewrite the root attributes with ``attrs``' grid (:meth:`_read_at` holds)."""
+        root = zarr.open_group(str(self.path), mode="a")
+        root.attrs.update(_jsonable({k: attrs[k] for k in ("hi_mpp", "grid") if k in attrs}))
+        self.info = StoreInfo.from_attrs(root.attrs)
 
     # ------------------------------------------------------------------ reading
     def slide_ids(self) -> list[str]:

@@ -264,7 +264,8 @@ class Pipeline:
         return marker
 
     def _cohort_files(self) -> list:
-        """The workdir manifest's slides: id, path, size and time of the file, label, split."""
+        """The workdir manifest's slides: id, path, size and time of the file, label, split
+        (and mpp, where the manifest gives one)."""
         rows = []
         for r in read_manifest(self.wd.manifest).records:
             ident = file_identity(r.path, fingerprint=False) if r.path.is_file() else {}
@@ -277,6 +278,7 @@ class Pipeline:
                     r.label,
                     r.split,
                 ]
+                + ([r.mpp] if r.mpp is not None else [])  # as before for rows without one
             )
         return rows
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..agents.config import AgentConfig
+from ..slides.slide import MPP_RANGE
 from .stages import BASELINE_STAGES
 
 __all__ = ["ConfigError", "SECTIONS", "validate_config"]
@@ -130,6 +131,10 @@ def _positive(v: Any) -> bool:
     return v is None or v > 0
 
 
+def _plausible_mpp(v: Any) -> bool:
+    return v is None or MPP_RANGE[0] <= v <= MPP_RANGE[1]
+
+
 def _fraction(v: Any) -> bool:
     return 0 < v <= 1
 
@@ -180,6 +185,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "extract.num_workers": (lambda v: v >= 0, ">= 0"),
     "grid.patch_px": (_positive, ">= 1"),
+    "grid.hi_mpp": (_positive, "> 0 (um/px; null: read by grid.hi_downsample)"),
+    "grid.hi_downsample": (_positive, "> 0"),
+    "extract.mpp": (_plausible_mpp, "a level-0 um/px in [0.05, 20] (or null)"),
     "grid.zoom": (_positive, ">= 1"),
     "grid.min_tissue": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }

@@ -243,19 +243,18 @@ def _adopt_features(p: RunContext) -> dict:
 
 def cohort_digest(p: RunContext, store: FeatureStore) -> str:
     """Identity of the cohort the models see: id, label, split and file content of every
-    manifest slide in the store. Later stages are keyed on it (through extract's outputs), so
+    manifest slide in the store (and the mpp it was read at, where the user gave it). Later stages are keyed on it (through extract's outputs), so
     a relabelled, re-split, added, removed or changed slide retrains them, while a copied
     cohort (new file times, same content) does not."""
-    entries = [
-        (
-            r.slide_id,
-            r.label,
-            r.split,
-            store.slide_info(r.slide_id).fingerprint,
-        )
-        for r in read_manifest(p.wd.manifest).records
-        if r.slide_id in store
-    ]
+    entries = []
+    for r in read_manifest(p.wd.manifest).records:
+        if r.slide_id not in store:
+            continue
+        info = store.slide_info(r.slide_id)
+        entry: tuple = (r.slide_id, r.label, r.split, info.fingerprint)
+        if info.mpp_source in ("manifest", "assumed"):  # read at a resolution the user gave
+            entry += (info.mpp_source, info.mpp)
+        entries.append(entry)
     return hashlib.sha256(json.dumps(sorted(entries, key=str)).encode()).hexdigest()[:16]
 
 

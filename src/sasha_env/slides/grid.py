@@ -30,9 +30,11 @@ class GridConfig:
     """Where and how a slide is cut into patches (see the presets for values)."""
 
     hi_downsample: float = 1.0
-    """Resolution of high-res sub-patches relative to level 0 (used when mpp is unknown)."""
-    hi_mpp: float | None = None
-    """Resolution of high-res sub-patches in microns/pixel; wins over hi_downsample when the slide has an mpp."""
+    """Resolution of high-res sub-patches relative to level 0; used only when ``hi_mpp`` is null."""
+    hi_mpp: float | None = 0.5
+    """Resolution of high-res sub-patches in µm/px (every preset sets it: the same tissue on
+    every scanner). A slide whose mpp is unknown then stops with an error naming ``--mpp``;
+    null reads at ``hi_downsample`` of level 0 instead, whatever the scanner."""
     patch_px: int = 32
     """Side, in pixels at their own resolution, of a low-res patch and of a high-res sub-patch."""
     zoom: int = 4

@@ -1,7 +1,9 @@
-"""The cohort manifest: a CSV with ``slide_id,path,label`` and optional ``split`` and ``mask``.
+"""The cohort manifest: a CSV with ``slide_id,path,label`` and optional ``split``, ``mask``
+and ``mpp``.
 
 ``mask`` (optional) names a tumour mask image (PNG/TIFF, any downsample of the slide, nonzero =
-tumour), used only for analysis (tumour-hit rates), never for training.
+tumour), used only for analysis (tumour-hit rates), never for training. ``mpp`` (optional, may
+be empty per row) is the slide's level-0 resolution in µm/px, used instead of its metadata.
 
 ``path`` is absolute or relative to the CSV's folder. ``label`` is a class name or an
 integer. Without ``split``, a stratified train/val/test split is drawn from a seed (and
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import replace_atomically
+from .slide import check_mpp
 
 __all__ = [
     "Manifest",
@@ -55,6 +58,8 @@ class SlideRecord:
     label: str
     split: str | None
     mask: Path | None = None
+    mpp: float | None = None
+    """Level-0 µm/px from the manifest's ``mpp`` column, used instead of the slide's metadata."""
 
 
 @dataclass
@@ -92,14 +97,16 @@ class Manifest:
         return Manifest(self.path, records, self.class_names)
 
     def write(self, path: str | Path) -> None:
-        """Write as CSV with absolute paths and the split column."""
+        """Write as CSV with absolute paths and the split column (and ``mpp`` when a row has one)."""
+        with_mpp = any(r.mpp is not None for r in self.records)
 
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["slide_id", "path", "label", "split", "mask"])
+                w.writerow(["slide_id", "path", "label", "split", "mask"] + ["mpp"] * with_mpp)
                 for r in self.records:
-                    w.writerow([r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")])
+                    row = [r.slide_id, str(r.path), r.label, r.split or "", str(r.mask or "")]
+                    w.writerow(row + [repr(r.mpp) if r.mpp is not None else ""] * with_mpp)
 
         replace_atomically(path, write)
 
@@ -295,12 +302,19 @@ def read_manifest_lenient(path: str | Path, check_files: bool = False) -> Parsed
         if problem:
             errors[sid] = f"{where}: {problem}"
             continue
+        try:
+            mpp = (
+                check_mpp(row["mpp"], f"{where}: mpp of slide {sid!r}") if row.get("mpp") else None
+            )
+        except ValueError as exc:
+            errors[sid] = str(exc)
+            continue
         slide_path = resolve_csv_path(path, row["path"])
         mask_path = resolve_csv_path(path, row["mask"]) if row.get("mask") else None
         if check_files and not slide_path.is_file():
             errors[sid] = f"{where}: slide file {slide_path} not found"
             continue
-        records.append(SlideRecord(sid, slide_path, row["label"], split, mask_path))
+        records.append(SlideRecord(sid, slide_path, row["label"], split, mask_path, mpp))
     if not records:
         return ParsedManifest(None, errors)
     labels = {r.label for r in records}
