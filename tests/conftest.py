@@ -93,7 +93,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
-    """The tiny synthetic cohort (12 slides); returns its manifest."""
+    """The tiny synthetic cohort (32 slides: 16 train, 8 val, 8 test); returns its manifest."""
     from sasha_env.config import load_config
     from sasha_env.slides.synth import SynthConfig, synthesize_cohort
 
