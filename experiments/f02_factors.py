@@ -487,35 +487,36 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_table(args: argparse.Namespace) -> int:
+    """One row per (workdir, f, factor): each training seed's test AUC and accuracy, and the
+    AUC difference from the workdir's own agent (``base``) at that f."""
     evals = [json.loads(p.read_text()) for d in args.folders for p in Path(d).rglob("eval.json")]
     if not evals:
         raise SystemExit(f"no eval.json under {args.folders}")
-    base = {(e["workdir"], e["frac"]): e for e in evals if e["factor"] == "base"}
-    groups: dict[tuple[str, float], list[dict]] = {}
+    base = {(e["workdir"], e["frac"]): e["test"]["auc"] for e in evals if e["factor"] == "base"}
+    groups: dict[tuple[str, float, str], list[dict]] = {}
     for e in evals:
-        groups.setdefault((e["factor"], e["frac"]), []).append(e)
+        groups.setdefault((e["workdir"], e["frac"], e["factor"]), []).append(e)
     lines = [
-        "| factor | f | runs | test slides | AUC mean ± sd | accuracy mean ± sd "
-        "| ΔAUC vs base (paired) | steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workdir | f | factor | test slides | seeds | AUC per seed | accuracy per seed "
+        "| ΔAUC vs base | steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {f: i for i, f in enumerate(FACTORS)}
-    for (factor, frac), es in sorted(
-        groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99))
+    for (wd, frac, factor), es in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))
     ):
-        auc = [e["test"]["auc"] for e in es]
-        acc = [e["test"]["accuracy"] for e in es]
-        diffs = [
-            e["test"]["auc"] - base[(e["workdir"], frac)]["test"]["auc"]
-            for e in es
-            if (e["workdir"], frac) in base and factor != "base"
-        ]
-        n = sorted({e["test"]["n_slides"] for e in es})
+        es = sorted(es, key=lambda e: e["seed"] or 0)
+        aucs = [e["test"]["auc"] for e in es]
+        accs = [e["test"]["accuracy"] for e in es]
+        b = base.get((wd, frac))
+        diff = "–" if factor == "base" or b is None else _ms([a - b for a in aucs], signed=True)
         lines.append(
-            f"| {factor} | {frac:g} | {len(es)} | {'/'.join(map(str, n))} | {_ms(auc)} | {_ms(acc)} "
-            f"| {_ms(diffs, signed=True) if diffs else '–'} | "
-            f"{int(np.mean([e['timesteps'] for e in es]))} | "
-            f"{np.mean([e['train_seconds'] or 0 for e in es]):.0f} |"
+            f"| {Path(wd).name} | {frac:g} | {factor} | {es[0]['test']['n_slides']} "
+            f"| {', '.join(str(e['seed']) for e in es)} "
+            f"| {', '.join(f'{a:.3f}' for a in aucs)} "
+            f"| {', '.join(f'{a:.3f}' for a in accs)} | {diff} "
+            f"| {int(np.mean([e['timesteps'] for e in es]))} "
+            f"| {np.mean([e['train_seconds'] or 0 for e in es]):.0f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

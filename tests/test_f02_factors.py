@@ -83,3 +83,26 @@ def test_drift_writes_one_row_per_step_and_a_summary(f02, wd, tmp_path):
     summary = list(csv.DictReader((tmp_path / "drift_summary.csv").read_text().splitlines()))
     assert len(summary) == 5 * (1 + len(f02.CHECKPOINTS))
     assert "| privileged_topk | 0.1 |" in (tmp_path / "drift_summary.md").read_text()
+
+
+def test_each_factor_changes_one_thing(f02):
+    from dataclasses import asdict
+
+    from sasha_env.agents.config import AgentConfig, steps_for
+
+    base = AgentConfig(total_timesteps=10_000, equal_episodes=True, clip_range=0.2)
+    changed = {
+        f: {k for k, v in asdict(f02.factor_config(base, f, 0.2)).items() if v != asdict(base)[k]}
+        for f in f02.FACTORS
+    }
+    assert changed == {
+        "base": set(),
+        "retrain": set(),
+        "half-episodes": {"equal_episodes"},
+        "double-episodes": {"total_timesteps"},
+        "paper-clip-lambda": {"clip_range"},  # λ is 0.95 in both
+        "delta-reward": {"reward"},
+    }
+    assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
+    assert steps_for(base, 0.2) == 20_000
+    assert f02.factor_config(base, "paper-clip-lambda", 0.1).gae_lambda == 0.94
