@@ -1,0 +1,108 @@
+"""experiments/f02_factors.py: the drift measurement on a small synthetic workdir."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sasha_env.envs.wsi import SashaWSIEnv, episode_budget
+from sasha_env.testing import make_workdir
+
+SCRIPT = Path(__file__).parents[1] / "experiments" / "f02_factors.py"
+
+
+@pytest.fixture(scope="module")
+def f02():
+    spec = importlib.util.spec_from_file_location("f02_factors", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def wd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("f02") / "wd"
+    make_workdir(root, n_slides=8, n_patches=(10, 20), fracs=(0.1, 0.2), tau=0.8, timesteps=32)
+    return root
+
+
+def test_state_probe_builds_the_oracle_and_off_states(f02, wd):
+    env = SashaWSIEnv(wd, split=None, frac=0.2, tau=0.0)  # tau 0: every zoom updates every row
+    env.reset(options={"slide_id": env.slide_ids[0]})
+    env.step(0)
+    slide, clf = env.slide, env.hafed.level2
+    updated = np.ones(slide.n, bool)
+    updated[0] = False
+    got = f02.StateProbe(env)(env.zoomed, updated)
+
+    def p(S):
+        with torch.inference_mode():
+            return float(torch.softmax(clf.classify(S.float()).reshape(-1), -1)[-1])
+
+    off = slide.z.clone()
+    off[0] = slide.v[0]
+    assert got["off"][0] == pytest.approx(p(off), abs=1e-6)
+    assert got["oracle"][0] == pytest.approx(p(slide.v), abs=1e-6)  # zoomed + updated = all v
+    assert got["tsu"][0] == pytest.approx(p(torch.from_numpy(env.state())), abs=1e-6)
+    assert got["tsu"][0] != pytest.approx(got["oracle"][0], abs=1e-6)  # an untrained TSU
+
+
+def test_drift_writes_one_row_per_step_and_a_summary(f02, wd, tmp_path):
+    assert (
+        f02.main(["drift", "--workdir", str(wd), "--out", str(tmp_path), "--random-seeds", "1"])
+        == 0
+    )
+    rows = list(csv.DictReader((tmp_path / "drift_steps.csv").read_text().splitlines()))
+    per_episode: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        per_episode.setdefault((r["policy"], r["slide_id"]), []).append(r)
+    policies = {p for p, _ in per_episode}
+    assert policies == {
+        "sasha-0.1",
+        "sasha-0.2",
+        "greedy_attention",
+        "privileged_topk",
+        "random-s0",
+    }
+    for ep in per_episode.values():
+        n = int(ep[0]["n_patches"])
+        assert [int(r["t"]) for r in ep] == list(range(episode_budget(0.2, n) + 1))
+        assert ep[0]["p_tsu"] == ep[0]["p_oracle"] == ep[0]["p_off"]  # t = 0: the low-res state
+        actions = [int(r["action"]) for r in ep[1:]]
+        assert len(set(actions)) == len(actions)  # legal zooms only
+        for r in ep:  # rows the TSU updated are compared with their true v
+            assert (r["cos_tsu"] == "") == (int(r["n_updated_step"]) == 0)
+    check = json.loads((tmp_path / "drift_check.json").read_text())
+    assert check["identical"] is True
+    summary = list(csv.DictReader((tmp_path / "drift_summary.csv").read_text().splitlines()))
+    assert len(summary) == 5 * (1 + len(f02.CHECKPOINTS))
+    assert "| privileged_topk | 0.1 |" in (tmp_path / "drift_summary.md").read_text()
+
+
+def test_each_factor_changes_one_thing(f02):
+    from dataclasses import asdict
+
+    from sasha_env.agents.config import AgentConfig, steps_for
+
+    base = AgentConfig(total_timesteps=10_000, equal_episodes=True, clip_range=0.2)
+    changed = {
+        f: {k for k, v in asdict(f02.factor_config(base, f, 0.2)).items() if v != asdict(base)[k]}
+        for f in f02.FACTORS
+    }
+    assert changed == {
+        "base": set(),
+        "retrain": set(),
+        "half-episodes": {"equal_episodes"},
+        "double-episodes": {"total_timesteps"},
+        "paper-clip-lambda": {"clip_range"},  # λ is 0.95 in both
+        "delta-reward": {"reward"},
+    }
+    assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
+    assert steps_for(base, 0.2) == 20_000
+    assert f02.factor_config(base, "paper-clip-lambda", 0.1).gae_lambda == 0.94
