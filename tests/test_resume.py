@@ -155,20 +155,3 @@ def test_pipeline_killed_anywhere_resumes_to_the_same_results(tiny_cohort, tiny_
     run = Run(command(wd))
     assert run.wait() == 0, (kills, run.text()[-3000:])
     assert json.loads(wd.results.read_text()) == expected, kills
-    for stage in STAGES:  # every model, agent and feature array the same bits
-        ours = json.loads(wd.marker(stage).read_text())["outputs"]
-        theirs = json.loads(reference.marker(stage).read_text())["outputs"]
-        assert _digests(ours) == _digests(theirs), (stage, kills)
-
-
-def _digests(outputs: object) -> list:
-    """The SHA-256s and digests in a stage's outputs (paths differ between workdirs)."""
-    if isinstance(outputs, dict):
-        return [
-            (k, v) if k in ("sha256", "hafed_sha256", "cohort") else (k, _digests(v))
-            for k, v in sorted(outputs.items())
-            if k not in ("model", "agent", "results", "calibration")
-        ]
-    if isinstance(outputs, list):
-        return [_digests(v) for v in outputs]
-    return [outputs]
