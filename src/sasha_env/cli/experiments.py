@@ -158,7 +158,7 @@ def add_benchmark(sub: SubParsers) -> None:
         description="Train every algorithm x seed on each workdir's train split (a task per "
         "workdir), score the argmax policy on its test split, and write OUT/results.json, "
         "OUT/table.md and figures with rliable's aggregates (IQM, median, mean, optimality gap; "
-        "95%% stratified-bootstrap intervals), performance profiles and probabilities of "
+        "95 % stratified-bootstrap intervals), performance profiles and probabilities of "
         "improvement. Runs are keyed on everything that defines them (algorithm, "
         "hyper-parameters, frac, preset, timesteps, seed, the workdir's models): a finished "
         "run is reused only when all of it matches.",
