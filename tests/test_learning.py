@@ -64,8 +64,8 @@ def test_agents_stage_trains_a2c_and_ppo_that_learn(tiny_workdir, tmp_path, monk
     built: dict[float, tuple[object, object]] = {}
     build = train_module._algorithm
 
-    def spy(cfg, env, seed, device, frac, projection=None):  # the model the stage trains
-        model = build(cfg, env, seed, device, frac, projection)
+    def spy(cfg, env, seed, device, frac, *args, **kwargs):  # the model the stage trains
+        model = build(cfg, env, seed, device, frac, *args, **kwargs)
         built[frac] = (model, copy.deepcopy(model.policy))  # and its policy before training
         return model
 

@@ -47,7 +47,11 @@ def test_own_synthetic_pyramid_levels_match_level0(tiny_cohort):
         full = s.read(0, 0, 256, 1.0).astype(float)
         coarse = s.read(0, 0, 64, 4.0).astype(float)
         box = full.reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
-        assert np.abs(coarse - box).mean() < 4  # JPEG + area averaging
+        # JPEG + area averaging: 2.9-4.6 grey levels on the tiny cohort's 32 slides, against
+        # 10.8-18.4 for the same level read two coarse pixels off
+        err = np.abs(coarse - box).mean()
+        assert err < 6
+        assert err < 0.5 * np.abs(coarse[2:] - box[:-2]).mean()
 
 
 def test_not_a_slide_and_truncated_file_raise_clear_errors(tmp_path):

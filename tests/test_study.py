@@ -77,7 +77,15 @@ def test_study_runs_each_seed_on_its_own_split_with_shared_features(
     for m in summary["methods"]:
         assert {"auc_mean", "auc_sd", "auc_ci", "accuracy_mean", "f1_mean", "ece_mean"} <= set(m)
         assert [p["seed"] for p in m["per_seed"]] == [0, 1]
-    assert {p["a"] for p in summary["paired"]} == {"sasha@0.1", "sasha@0.2"}
+    assert {p["a"] for p in summary["paired"]} == {
+        "sasha@0.1",
+        "sasha@0.2",
+        "sasha_adaptive@0.1",  # adaptive reading, capped at each trained budget
+        "sasha_adaptive@0.2",
+    }
+    for frac in (0.1, 0.2):  # adaptive reading against HAFED and SASHA at a fixed budget
+        against = {p["b"] for p in summary["paired"] if p["a"] == f"sasha_adaptive@{frac:g}"}
+        assert "hafed@1" in against and any(b.startswith("sasha@") for b in against), against
     rows = {(m["method"], m["frac"]) for m in summary["methods"]}
     baselines = ("random", "attention_topk", "greedy_attention", "lowres_attention_topk")
     for frac in (0.1, 0.2):  # every same-harness baseline, paired with SASHA at its budget
