@@ -128,7 +128,8 @@ class FactSlide:
     Attributes:
         slide_id: the official name, without extension.
         label: class name (empty where no official file gives it).
-        patient: patient id (TCGA barcode ``TCGA-XX-XXXX``), None where not known.
+        patient: the patient's id, for TCGA the first 12 characters of the slide's barcode
+            (``TCGA-05-4244``); None where no official file gives it (CAMELYON16).
         splits: ``train``/``val``/``test`` per fold, ``""`` where the fold leaves it out.
     """
 
