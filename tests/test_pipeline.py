@@ -56,6 +56,27 @@ def check_results_values(results: dict, agents: AgentConfig) -> None:
         assert p["diff"] == pytest.approx(a[p["metric"]] - b[p["metric"]], abs=1e-9), p
         lo, hi = p["ci"]
         assert -1.0 <= lo <= hi <= 1.0, p
+    check_learned_stop_rows(results)
+
+
+def check_learned_stop_rows(results: dict) -> None:
+    """The ``sasha_learned_stop`` rows (``agents.stop: learned``), if any: the adaptive rows'
+    shape (cap, fractions read), and paired with the threshold rule at the same cap, SASHA at
+    its cap and HAFED."""
+    names = {f"{m['method']}@{m['frac']:g}" for m in results["methods"]}
+    pairs = {(p["a"], p["b"], p["metric"]) for p in results["paired"]}
+    for m in results["methods"]:
+        if m["method"] != "sasha_learned_stop":
+            continue
+        assert 0.0 < m["frac"] <= 1.0 and m["zoom_cost"] >= 0.0, m
+        assert 0.0 <= m["frac_p50"] <= m["frac_p90"] <= 1.0, m
+        assert 0.0 <= m["mean_frac"] <= 1.0 and 0.0 <= m["share_stopped"] <= 1.0, m
+        for metric in ("auc", "accuracy", "f1"):
+            assert m[f"{metric}_ci"] is not None, (m, metric)
+        a = f"sasha_learned_stop@{m['frac']:g}"
+        for b in (f"sasha_adaptive@{m['frac']:g}", f"sasha@{m['frac']:g}", "hafed@1"):
+            if b in names:
+                assert {(a, b, "auc"), (a, b, "accuracy")} <= pairs, (a, b)
 
 
 def printed_row(stdout: str, method: str, frac: str) -> list[str]:

@@ -25,6 +25,14 @@ logits are masked when acting. In PPO's update the policies mask them too by def
 official update does not (its ``Agent.evaluate`` ignores the visited list), which the SB3
 policies reproduce with ``masked_update=False`` (:mod:`sasha_models.policy`).
 
+Learned stopping. With ``stop_action=True`` the actor also gives one logit for "stop" (the
+env's ``stop_action``, index N), from the whole slide: the actor's rows (its row MLP's hidden
+rows, or the state rows under ``"official"``) pooled by a gated attention of their own
+(softmax over the real rows), followed by the fraction of real patches zoomed so far, through
+a linear layer (small gain, like the patch logits: a near-uniform first policy over the legal
+patches and stop). The stop logit is invariant to the order of the rows. It is part of the
+actor (its parameters start with ``actor_``); actor and critic still share nothing.
+
 Row pooling. The network also reads row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`,
 from the agents' rollout buffers): the per-row layers then run once per distinct row of the
 batch (:meth:`SashaActorCritic.forward_pooled`), which is most of PPO's update at real N.
@@ -63,16 +71,17 @@ ARCHS = ("sasha", "official")
 # ----------------------------------------------------------------------------- masks
 
 
-def legal_action_mask(obs: Mapping[str, Tensor]) -> Tensor:
-    """Legal actions derived from the observation: ``valid & ~visited``.
+def legal_action_mask(obs: Mapping[str, Tensor], stop: bool = False) -> Tensor:
+    """Legal actions derived from the observation: ``valid & ~visited`` (and stop, always).
 
     Args:
         obs: ``visited`` and ``valid``, ``(B, N)``, any dtype holding 0/1.
+        stop: append the stop action's column (always True).
 
     Returns:
-        bool ``(B, N)``.
+        bool ``(B, N)``, or ``(B, N + 1)`` with ``stop``.
     """
-    return legal_actions(obs["valid"], obs["visited"])
+    return legal_actions(obs["valid"], obs["visited"], stop=stop)
 
 
 def masked_distribution(logits: Tensor, mask: Tensor) -> MaskableCategoricalDistribution:
@@ -209,6 +218,8 @@ class SashaActorCritic(nn.Module):
             projection is kept in the network's buffers (so an exported agent carries it),
             and rows given with D features are projected first.
         arch: ``"sasha"`` (ours) or ``"official"`` (:data:`ARCHS`).
+        stop_action: one more logit, for the stop action (learned stopping; see the module
+            docstring).
 
     Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
     the network keeps the last call's inputs and per-row outputs (a :class:`RowCache`) and
@@ -221,7 +232,8 @@ class SashaActorCritic(nn.Module):
 
     Shapes:
         ``forward(features (B, N, d), visited (B, N), valid (B, N), coords (B, N, 2) | None)
-        -> logits (B, N), value (B, 1)``
+        -> logits (B, N), value (B, 1)``; with ``stop_action`` the logits are ``(B, N + 1)``,
+        the last one stop's.
     """
 
     obs_mean: Tensor  # buffers, with project_from: (D,) and (D, d_features)
@@ -235,6 +247,7 @@ class SashaActorCritic(nn.Module):
         use_coords: bool = True,
         project_from: int | None = None,
         arch: str = "sasha",
+        stop_action: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -261,6 +274,13 @@ class SashaActorCritic(nn.Module):
             # Near-uniform initial policy (SB3 uses gain 0.01 on its action head likewise).
             nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
             nn.init.zeros_(self.actor_attn.w.bias)
+        self.stop_action = bool(stop_action)
+        if self.stop_action:  # created last: the other weights draw the same numbers as before
+            d_rows = d_features if arch == "official" else d_hidden
+            self.actor_stop_attn = GatedAttention(d_rows, d_hidden, 1, dropout)
+            self.actor_stop = nn.Linear(d_rows + 1, 1)
+            nn.init.orthogonal_(self.actor_stop.weight, gain=0.01)
+            nn.init.zeros_(self.actor_stop.bias)
         self._row_cache = RowCache()
 
     def actor_parameters(self) -> list[nn.Parameter]:
@@ -364,20 +384,57 @@ class SashaActorCritic(nn.Module):
 
     def _row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row actor logit ``(..., n)``, critic row ``(..., n, H)`` and critic score.
+    ) -> tuple[Tensor, ...]:
+        """Per-row actor logit ``(..., n)``, critic row ``(..., n, H)`` and critic score; with
+        ``stop_action`` also the actor row ``(..., n, H_a)`` and its stop-pooling score.
 
         The critic row is what its attention pools: the MLP's hidden row (``"sasha"``) or the
-        state row itself (``"official"``, ``H = d``).
+        state row itself (``"official"``, ``H = d``); the actor row likewise for the actor.
         """
         if self.arch == "official":
             x = self._project(features)
-            return self.actor_attn(x).squeeze(-1), x, self.critic_attn(x).squeeze(-1)
-        both = self._first_layer(features, visited, coords, self.actor_mlp, self.critic_mlp)
-        a, c = both.split(self.d_hidden, dim=-1)
-        logits = self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)  # actor_logits
-        h = self._rest(self.critic_mlp, c)
-        return logits, h, self.critic_attn(h).squeeze(-1)
+            out: tuple[Tensor, ...] = (
+                self.actor_attn(x).squeeze(-1),
+                x,
+                self.critic_attn(x).squeeze(-1),
+            )
+            rows = x
+        else:
+            both = self._first_layer(features, visited, coords, self.actor_mlp, self.critic_mlp)
+            a, c = both.split(self.d_hidden, dim=-1)
+            rows = self._rest(self.actor_mlp, a)
+            h = self._rest(self.critic_mlp, c)
+            out = (self.actor_attn(rows).squeeze(-1), h, self.critic_attn(h).squeeze(-1))
+        if self.stop_action:
+            out += (rows, self.actor_stop_attn(rows).squeeze(-1))
+        return out
+
+    @staticmethod
+    def _pool(
+        scores: Tensor, valid: Tensor, rows: Tensor, row_index: Tensor | None = None
+    ) -> Tensor:
+        """Attention pooling of ``rows`` by ``scores`` (softmax over the real rows), ``(B, H)``.
+
+        Args:
+            scores, valid: ``(B, N)``, or ``(U,)`` with ``row_index``.
+            rows: ``(B, N, H)``, or the U distinct rows ``(U, H)`` with ``row_index``.
+            row_index: ``(B, N)`` long, each slot's row among the U (a row-pooled batch).
+        """
+        if row_index is None:
+            weights = masked_softmax(scores, valid > 0.5)  # (B, N)
+            return torch.einsum("bn,bnh->bh", weights, rows)
+        weights = masked_softmax(scores[row_index], valid[row_index] > 0.5)  # (B, N)
+        # Σ_n w[b, n] rows[row_index[b, n]] as (B, U) @ (U, H): slots sharing a row add up
+        per_row = weights.new_zeros(row_index.shape[0], rows.shape[0])
+        return per_row.scatter_add(1, row_index, weights) @ rows
+
+    def _stop_logit(self, pooled: Tensor, visited: Tensor, valid: Tensor) -> Tensor:
+        """The stop logit ``(B, 1)`` from the pooled actor rows ``(B, H_a)`` and the fraction
+        of real patches zoomed (``visited``, ``valid`` ``(B, N)``)."""
+        real = (valid > 0.5).to(pooled.dtype)
+        zoomed = ((visited > 0.5).to(pooled.dtype) * real).sum(-1)
+        read = zoomed / real.sum(-1).clamp(min=1.0)  # (B,)
+        return self.actor_stop(torch.cat([pooled, read[:, None]], dim=-1))
 
     def _cached_row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None
@@ -394,11 +451,15 @@ class SashaActorCritic(nn.Module):
         self, features: Tensor, visited: Tensor, valid: Tensor, coords: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         if self.training or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-            logits, h, scores = self._row_outputs(features, visited, coords)
+            outputs = self._row_outputs(features, visited, coords)
         else:  # acting: most rows are the last call's
-            logits, h, scores = self._cached_row_outputs(features, visited, coords)
-        weights = masked_softmax(scores, valid > 0.5)  # (B, N)
-        value = self.value_head(torch.einsum("bn,bnh->bh", weights, h))  # (B, 1)
+            outputs = self._cached_row_outputs(features, visited, coords)
+        logits, h, scores = outputs[:3]
+        value = self.value_head(self._pool(scores, valid, h))  # (B, 1)
+        if self.stop_action:
+            rows, stop_scores = outputs[3:]
+            pooled = self._pool(stop_scores, valid, rows)
+            logits = torch.cat([logits, self._stop_logit(pooled, visited, valid)], dim=-1)
         return logits, value
 
     def forward_pooled(
@@ -417,15 +478,19 @@ class SashaActorCritic(nn.Module):
             row_index: ``(B, N)`` long, each slot's row among the U.
 
         Returns:
-            ``logits (B, N)``, ``value (B, 1)``: those of :meth:`forward` on the unpooled batch
-            (up to float rounding).
+            ``logits (B, N)`` (``(B, N + 1)`` with ``stop_action``), ``value (B, 1)``: those of
+            :meth:`forward` on the unpooled batch (up to float rounding).
         """
-        logits, h, scores = self._row_outputs(features, visited, coords)
-        weights = masked_softmax(scores[row_index], valid[row_index] > 0.5)  # (B, N)
-        # Σ_n w[b, n] h[row_index[b, n]] as (B, U) @ (U, H): slots sharing a row add up
-        per_row = weights.new_zeros(row_index.shape[0], h.shape[0])
-        pooled = per_row.scatter_add(1, row_index, weights) @ h
-        return logits[row_index], self.value_head(pooled)
+        outputs = self._row_outputs(features, visited, coords)
+        logits, h, scores = outputs[:3]
+        value = self.value_head(self._pool(scores, valid, h, row_index))
+        logits = logits[row_index]
+        if self.stop_action:
+            rows, stop_scores = outputs[3:]
+            pooled = self._pool(stop_scores, valid, rows, row_index)
+            stop = self._stop_logit(pooled, visited[row_index], valid[row_index])
+            logits = torch.cat([logits, stop], dim=-1)
+        return logits, value
 
     def forward_obs(self, obs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """:meth:`forward` on an observation dict (batched tensors, or row-pooled ones with

@@ -15,6 +15,11 @@ every real patch, visited ones included (``Agent.evaluate`` in ``rl_algorithms/p
 - :class:`SashaPPOPolicy` — the same network and glue for plain ``stable_baselines3.PPO``;
   it never samples an illegal action either.
 
+With one more action than patch slots (``Discrete(P + 1)``: the env's ``stop_action``,
+learned stopping) the network adds its stop logit (``SashaActorCritic(stop_action=True)``) and
+every mask gets a last column, always True: stop is legal whatever was zoomed. The policies'
+arguments do not change; the action space says which it is.
+
 The policies also read row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`, from the
 agents' rollout buffers) and hand them to
 :meth:`~sasha_models.actor_critic.SashaActorCritic.forward_pooled`. The PPO hyper-parameters
@@ -38,7 +43,7 @@ from torch import Tensor
 
 from .actor_critic import SashaActorCritic, legal_action_mask, masked_distribution
 from .optim import PerNetworkOptimizer
-from .spaces import OBS_KEYS, ROW_INDEX
+from .spaces import OBS_KEYS, ROW_INDEX, with_stop
 
 __all__ = [
     "DictPassthroughExtractor",
@@ -115,6 +120,13 @@ class _SashaPolicyMixin:
         self.arch, self.masked_update, self.two_optimizers = arch, masked_update, two_optimizers
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"SASHA policies need a Discrete action space, got {action_space}")
+        n_slots = int(observation_space["features"].shape[0])  # type: ignore[index]
+        if int(action_space.n) not in (n_slots, n_slots + 1):
+            raise ValueError(
+                f"SASHA policies need Discrete({n_slots}) (one action per patch slot) or "
+                f"Discrete({n_slots + 1}) (and stop), got {action_space}"
+            )
+        self.stop_action = int(action_space.n) == n_slots + 1
         self.d_hidden, self.dropout, self.use_coords = d_hidden, dropout, use_coords
         kwargs.setdefault("features_extractor_class", DictPassthroughExtractor)
         kwargs.setdefault("ortho_init", False)
@@ -129,6 +141,7 @@ class _SashaPolicyMixin:
             self.use_coords,
             self.project_from,
             self.arch,
+            stop_action=self.stop_action,
         )
         if self.two_optimizers:
             optimizer: Any = PerNetworkOptimizer(  # used by SB3 as an Optimizer, quacks like one
@@ -173,10 +186,12 @@ class _SashaPolicyMixin:
         if update and not self.masked_update:
             real = x["valid"] > 0.5  # the official update: every real patch, visited or not
             real = real[x[ROW_INDEX]] if ROW_INDEX in x else real
+            real = with_stop(real) if self.stop_action else real
             return masked_distribution(logits, real), values
         legal = legal_action_mask(x)
         if ROW_INDEX in x:
             legal = legal[x[ROW_INDEX]]
+        legal = with_stop(legal) if self.stop_action else legal
         return masked_distribution(logits, _combine(legal, action_masks)), values
 
     def _features(self, obs: Any) -> dict[str, Tensor]:
@@ -226,7 +241,8 @@ class SashaActorCriticPolicy(_SashaPolicyMixin, MaskableActorCriticPolicy):
     Args:
         observation_space: ``Dict`` with ``features (N, d)``, ``visited (N,)``, ``valid (N,)``
             and ``coords (N, 2)``.
-        action_space: ``Discrete(N)``.
+        action_space: ``Discrete(N)``, or ``Discrete(N + 1)`` with the stop action (the
+            network then has its stop logit).
         lr_schedule: SB3 learning-rate schedule.
         d_hidden: network width (official: 128).
         dropout: dropout (official: 0).

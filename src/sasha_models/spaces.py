@@ -15,6 +15,8 @@ coords       ``Box(0, 1, (P, 2), f32)``       lattice (row, col) / (shape − 1)
 =========== ============================== ==================================================
 
 Action: ``Discrete(P)``, the patch to zoom; legal = ``valid & ~visited`` (:func:`legal_actions`).
+With a stop action (learned stopping, the env's ``stop_action``): ``Discrete(P + 1)``, index
+``P`` (:func:`stop_index`) ends the episode and is always legal.
 
 A batch of observations may also come **row-pooled** (from the agents' rollout buffers,
 :mod:`sasha_env.agents.buffers`): the per-row keys hold the batch's distinct rows ``(U, ...)``
@@ -24,7 +26,7 @@ and :data:`ROW_INDEX` ``(B, P)`` gives each slot's row among them, so observatio
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from gymnasium import spaces
@@ -36,6 +38,8 @@ __all__ = [
     "legal_actions",
     "observation_space",
     "row_bits",
+    "stop_index",
+    "with_stop",
 ]
 
 #: Keys of the observation ``Dict`` (a policy reads ``coords`` only when it uses positions).
@@ -60,21 +64,45 @@ def observation_space(max_patches: int, d: int) -> spaces.Dict:
     )
 
 
-def action_space(max_patches: int) -> spaces.Discrete:
-    """One action per patch slot: the patch to zoom."""
-    return spaces.Discrete(int(max_patches))
+def action_space(max_patches: int, stop: bool = False) -> spaces.Discrete:
+    """One action per patch slot, the patch to zoom; with ``stop``, one more: index
+    ``max_patches`` (:func:`stop_index`) stops reading."""
+    return spaces.Discrete(int(max_patches) + int(bool(stop)))
 
 
-def legal_actions(valid: A, visited: A) -> A:
-    """The legal-action rule: a real patch not zoomed yet, ``valid & ~visited``.
+def stop_index(max_patches: int) -> int:
+    """The stop action's index in ``action_space(max_patches, stop=True)``: the last one, P."""
+    return int(max_patches)
+
+
+def legal_actions(valid: A, visited: A, stop: bool = False) -> A:
+    """The legal-action rule: a real patch not zoomed yet, ``valid & ~visited``; with ``stop``,
+    followed by the stop action, always legal (:func:`with_stop`).
 
     Args:
         valid, visited: ``(..., P)`` numpy arrays or torch tensors holding 0/1 (any dtype).
+        stop: the action space has the stop action (``(..., P + 1)`` out).
 
     Returns:
-        bool, the same shape and library as the inputs.
+        bool ``(..., P)`` (``(..., P + 1)`` with ``stop``), the same library as the inputs.
     """
-    return (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator, return-value]
+    legal: Any = (valid > 0.5) & ~(visited > 0.5)  # type: ignore[operator]
+    return with_stop(legal) if stop else legal
+
+
+def with_stop(mask: A) -> A:
+    """A patch mask ``(..., P)`` with the stop action's column appended, always True:
+    bool ``(..., P + 1)``, the same library (numpy or torch) and device as ``mask``."""
+    m: Any = mask
+    out: Any
+    if isinstance(m, np.ndarray):
+        out = np.concatenate([m.astype(bool), np.ones(m.shape[:-1] + (1,), bool)], axis=-1)
+        return out
+    import torch  # lazy: as in row_bits
+
+    t = m.to(torch.bool)
+    out = torch.cat([t, torch.ones(t.shape[:-1] + (1,), dtype=torch.bool, device=t.device)], -1)
+    return out
 
 
 def row_bits(x: A) -> A:

@@ -8,7 +8,10 @@
   not its best. Every ``every`` rollouts it runs one argmax episode per validation slide,
   writes a row of ``val_curve.csv``, and remembers the weights with the lowest criterion; when
   training ends those weights are put back into the model, so the saved and exported agent is
-  the selected one. It works with any SB3 algorithm the agents stage trains.
+  the selected one. It works with any SB3 algorithm the agents stage trains. A learned-stop
+  agent (an env with ``stop_action``) is selected on the criterion plus its env's ``zoom_cost``
+  times the mean number of zooms, the per-zoom price it is trained to weigh (otherwise the
+  checkpoint that reads most would tend to win).
 """
 
 from __future__ import annotations
@@ -107,13 +110,17 @@ class ValSelection(BaseCallback):
     Args:
         env: an environment over the validation split (same ``max_patches`` as training).
         every: rollouts between validations (``>= 1``); the last policy is validated too.
-        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``);
-            ``None`` keeps the rows in :attr:`rows` only.
+        out_dir: where ``val_curve.csv`` goes (``timestep, auc, f1, accuracy, ce, score``, and
+            ``mean_frac`` for a learned-stop agent); ``None`` keeps the rows in :attr:`rows`
+            only.
         slide_ids: the slides of ``env`` it validates on (default: all of them); a sweep
             selects checkpoints on one half of val and scores trials on the other.
 
     Each validation is also recorded in SB3's logger as ``val/auc``, ``val/f1``,
     ``val/accuracy``, ``val/ce`` and ``val/score`` (so in ``progress.csv`` and W&B).
+
+    With the stop action (``env.stop_action``) the score adds ``env.zoom_cost`` times the mean
+    zooms per slide, and the row ``mean_frac`` (mean fraction read; also ``val/mean_frac``).
     """
 
     def __init__(
@@ -129,6 +136,11 @@ class ValSelection(BaseCallback):
         self.env, self.every = env, int(every)
         self.slide_ids = list(env.slide_ids if slide_ids is None else slide_ids)
         self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
+        base_env = getattr(env, "unwrapped", env)
+        stop = getattr(base_env, "stop_action", False)
+        self.zoom_cost = float(getattr(base_env, "zoom_cost", 0.0)) if stop else None
+        base = ["timestep", "auc", "f1", "accuracy", "ce", "score"]
+        self.columns = base if self.zoom_cost is None else [*base, "mean_frac"]
         self.rows: list[dict] = []
         self.rollouts = 0
         self.best: dict | None = None
@@ -138,7 +150,7 @@ class ValSelection(BaseCallback):
     def _on_training_start(self) -> None:
         self.csv = None
         if self.path is not None:
-            self.csv = PartialCSV(self.path, ["timestep", "auc", "f1", "accuracy", "ce", "score"])
+            self.csv = PartialCSV(self.path, self.columns)
 
     def _on_step(self) -> bool:
         return True
@@ -160,13 +172,16 @@ class ValSelection(BaseCallback):
         probs = np.stack([e["probabilities"] for e in episodes])
         labels = np.array([e["label"] for e in episodes])
         row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
+        if self.zoom_cost is not None:  # learned stopping: what reading cost, as in training
+            row["mean_frac"] = float(np.mean([e["frac_read"] for e in episodes]))
+            row["score"] += self.zoom_cost * float(np.mean([len(e["zoomed"]) for e in episodes]))
         self.rows.append(row)
         logger = getattr(self.model, "logger", None)  # SB3's (absent on stand-in models)
         if logger is not None:
-            for key in VAL_KEYS:
+            for key in VAL_KEYS + (("mean_frac",) if "mean_frac" in row else ()):
                 logger.record(f"val/{key}", row[key])
         if self.csv is not None:
-            self.csv.write([row[k] for k in ("timestep", "auc", "f1", "accuracy", "ce", "score")])
+            self.csv.write([row[k] for k in self.columns])
         if self.best is None or row["score"] < self.best["score"]:
             self.best = row
             self._best_state = copy.deepcopy(self.model.policy.state_dict())

@@ -7,6 +7,7 @@ pipeline's config checks and stage plans read it without loading the training co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "LR_SCHEDULES",
     "POLICY_ARCHS",
     "PROTOCOLS",
+    "STOP_MODES",
     "AgentConfig",
     "agent_name",
     "steps_for",
@@ -32,6 +34,10 @@ PROTOCOLS = ("sb3", "paper")
 POLICY_ARCHS = ("sasha", "official")
 #: ``agents.lr_schedule``.
 LR_SCHEDULES = ("constant", "cosine")
+#: ``agents.stop`` (see :attr:`AgentConfig.stop`).
+STOP_MODES = ("none", "learned")
+#: Suffix of a learned-stop agent's folder name (:func:`agent_name`).
+STOP_SUFFIX = "-stop"
 
 #: Each protocol's own values of the options left at ``None`` (:meth:`AgentConfig.resolved`):
 #: ``paper`` is the official agent at 6385fe6, ``sb3`` ours.
@@ -88,6 +94,23 @@ class AgentConfig:
     """``dummy`` (one process) or ``subproc`` (a process per env)."""
     reward: str = "ce"
     correct_bonus: float = 0.0
+    stop: str = "none"
+    """``none``: every agent reads its whole budget (the threshold rule of the calibrate stage
+    stops it afterwards, ``sasha_adaptive``). ``learned``: for each f, also train an agent
+    whose environment has the always-legal stop action and charges ``zoom_cost`` per zoom
+    (``SashaWSIEnv(stop_action=True)``), capped at ⌈f·N⌉ zooms, in ``agents/<name>-stop/``
+    beside the fixed-budget agent (which stays as it is); evaluation reports it as
+    ``sasha_learned_stop``. ``protocol: sb3`` only."""
+    zoom_cost: float = 0.01
+    """Reward subtracted per zoom in the learned-stop agent's environment, in nats of the CE
+    reward (``>= 0``). A zoom pays when it lowers the slide's CE by more than this
+    (``reward: delta``; by more than this over the steps left under ``ce``, whose stop holds
+    the state to the cap). The default, 0.01: on the two-class cohorts a slide's CE falls from
+    about ln 2 ≈ 0.69 at the low-res state to ~0.1 over the budget, so reading a whole cap of
+    15 zooms (f = 0.1 on the demo's ~150-patch slides) costs 0.15 nats, a fraction of what
+    reading gains, while a zoom that lowers the CE by less than 0.01 nats is not worth
+    taking. Scale it with N: on CAMELYON16-sized slides (~1,000 zooms at f = 0.1) the
+    same cost adds up to 10 nats."""
     learning_rate: float | None = None
     """``None``: the protocol's own — 3e-4 (``sb3``), 1e-5 (``paper``, as official). A number
     replaces it (the cosine's peak with ``lr_schedule: cosine``)."""
@@ -194,6 +217,20 @@ class AgentConfig:
                 "agents.two_optimizers needs protocol 'paper' (its PPO clips per network); "
                 "protocol 'sb3' trains one optimiser"
             )
+        if cfg.stop not in STOP_MODES:
+            raise ValueError(f"agents.stop {cfg.stop!r}: choose one of {', '.join(STOP_MODES)}")
+        cost = cfg.zoom_cost
+        if (
+            isinstance(cost, bool)
+            or not isinstance(cost, (int, float))
+            or not (math.isfinite(cost) and cost >= 0)
+        ):
+            raise ValueError(f"agents.zoom_cost must be a number >= 0, got {cost!r}")
+        if cfg.stop == "learned" and cfg.protocol == "paper":
+            raise ValueError(
+                "agents.stop 'learned' needs protocol 'sb3': the paper protocol sizes every "
+                "rollout to whole episodes of ⌈f·N⌉ steps, and a learned stop ends them earlier"
+            )
         return cfg
 
 
@@ -204,7 +241,8 @@ def steps_for(cfg: AgentConfig, frac: float) -> int:
     return int(round(cfg.total_timesteps * frac / min(cfg.fracs)))
 
 
-def agent_name(frac: float, algo: str = "maskable_ppo") -> str:
-    """Folder name of an agent: ``sasha-0.1`` for the default algorithm, else ``ppo-0.1``..."""
+def agent_name(frac: float, algo: str = "maskable_ppo", learned_stop: bool = False) -> str:
+    """Folder name of an agent: ``sasha-0.1`` for the default algorithm, else ``ppo-0.1``...;
+    a learned-stop agent (``agents.stop: learned``) adds ``-stop``: ``sasha-0.1-stop``."""
     prefix = "sasha" if algo == "maskable_ppo" else algo
-    return f"{prefix}-{frac:g}"
+    return f"{prefix}-{frac:g}" + (STOP_SUFFIX if learned_stop else "")

@@ -46,18 +46,31 @@ __all__ = [
 ]
 
 
-def make_env(wd: Workdir, split: str, frac: float, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+def make_env(
+    wd: Workdir,
+    split: str | None,
+    frac: float,
+    cfg: AgentConfig,
+    *,
+    learned_stop: bool = False,
+    **kw: Any,
+) -> SashaWSIEnv:
     """An agent's environment over one split of a workdir, at zoom budget ``frac``.
 
     Args:
         wd: the pipeline workdir (its store, manifest, HAFED and TSU).
-        split: ``train``, ``val`` or ``test``.
-        frac: zoom budget f: episodes of ⌈f·N⌉ zooms.
-        cfg: the agents' config (its ``reward`` and ``correct_bonus``).
+        split: ``train``, ``val`` or ``test`` (``None``: every slide).
+        frac: zoom budget f: episodes of ⌈f·N⌉ zooms (the cap, with ``learned_stop``).
+        cfg: the agents' config (its ``reward`` and ``correct_bonus``; with ``learned_stop``
+            its ``zoom_cost``).
+        learned_stop: the environment of a learned-stop agent (``agents.stop: learned``): with
+            the stop action and ``cfg.zoom_cost`` per zoom.
         kw: further :class:`~sasha_env.envs.wsi.SashaWSIEnv` arguments (``obs_projection``,
             ``copy_obs``...); ``max_patches`` defaults to the cohort's largest slide, so that one
             agent serves every split.
     """
+    if learned_stop:
+        kw = {"stop_action": True, "zoom_cost": cfg.zoom_cost, **kw}
     return SashaWSIEnv(
         wd.root,
         split=split,
@@ -114,10 +127,12 @@ def training_env(
     cfg: AgentConfig,
     seed: int,
     projection: ObsProjection | None = None,
+    learned_stop: bool = False,
 ) -> tuple[VecEnv, float, Workdir | None, SlideSchedule | None]:
     """``(vec_env, frac, workdir or None, slide schedule or None)`` for
     :func:`~sasha_env.agents.train.train_agent`;
-    only a workdir's environments are built here (and closed after training).
+    only a workdir's environments are built here (and closed after training), with the stop
+    action when ``learned_stop`` (:func:`make_env`).
 
     Environments are wrapped in SB3's ``Monitor`` (episode returns and lengths in
     ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``); a ``VecEnv`` is used as given.
@@ -126,16 +141,16 @@ def training_env(
         wd = source if isinstance(source, Workdir) else Workdir(source)
         if frac is None:
             raise ValueError("train_agent on a workdir needs frac, the zoom budget")
+        env_kw = {"copy_obs": False, "obs_projection": projection, "learned_stop": learned_stop}
         if cfg.protocol == "paper":
-            train_env = make_env(wd, "train", frac, cfg, copy_obs=False, obs_projection=projection)
+            _fixed_length(learned_stop)
+            train_env = make_env(wd, "train", frac, cfg, **env_kw)
             schedule = SlideSchedule(train_env, cfg.episodes_per_slide, seed)
             return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
 
         def factory(rank: int) -> Callable[[], gym.Env]:
             def make() -> gym.Env:
-                env = make_env(  # copy_obs=False: the VecEnv copies
-                    wd, "train", frac, cfg, copy_obs=False, obs_projection=projection
-                )
+                env = make_env(wd, "train", frac, cfg, **env_kw)  # copy_obs=False: VecEnv copies
                 env.reset(seed=seed + rank)
                 return Monitor(env)
 
@@ -150,6 +165,11 @@ def training_env(
                 "(train_agent(env, ...)), not a VecEnv"
             )
         return source, _env_frac(source.get_attr("frac")[0], frac), None, None
+    if learned_stop:
+        raise ValueError(
+            "learned_stop builds a workdir's environments with the stop action; given "
+            "environments are used as they are: build them with stop_action=True instead"
+        )
     envs = (
         [source]
         if isinstance(source, gym.Env)
@@ -166,9 +186,20 @@ def training_env(
     if cfg.protocol == "paper":
         if len(envs) != 1:
             raise ValueError(f"protocol 'paper' trains on one environment, got {len(envs)}")
+        _fixed_length(bool(getattr(envs[0].unwrapped, "stop_action", False)))
         schedule = SlideSchedule(envs[0], cfg.episodes_per_slide, seed)
         return DummyVecEnv([lambda: Monitor(schedule)]), frac, None, schedule
     return DummyVecEnv([lambda e=e: Monitor(e) for e in envs]), frac, None, None
+
+
+def _fixed_length(stop_action: bool) -> None:
+    """The paper protocol sizes rollouts to whole ⌈f·N⌉-step episodes: no stop action."""
+    if stop_action:
+        raise ValueError(
+            "protocol 'paper' sizes every rollout to whole episodes of ⌈f·N⌉ steps; an "
+            "environment with the stop action (learned stopping) ends them earlier: use "
+            "protocol 'sb3'"
+        )
 
 
 def _env_frac(env_frac: float | None, frac: float | None) -> float:
@@ -205,34 +236,56 @@ class Agent:
     projection: ObsProjection | None
     """The observation projection it reads through (``agents.obs_dim``), or ``None``: its
     environments must apply it (:meth:`make_env` does)."""
+    learned_stop: bool = False
+    """It has the stop action (``agents.stop: learned``): ``frac`` is its cap, and its
+    environments must have the stop action too (:meth:`make_env` gives it)."""
 
-    def make_env(self, wd: Workdir, split: str, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
+    def make_env(self, wd: Workdir, split: str | None, cfg: AgentConfig, **kw: Any) -> SashaWSIEnv:
         """The environment this agent acts in over ``split``: :func:`make_env` at its budget f,
-        observing through its projection."""
+        observing through its projection, with the stop action if it has one."""
+        kw.setdefault("learned_stop", self.learned_stop)
         return make_env(wd, split, self.frac, cfg, obs_projection=self.projection, **kw)
 
 
-def has_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo") -> bool:
-    """Whether ``wd`` holds a trained agent of ``algo`` at budget ``frac`` (its folder)."""
-    return wd.agent_dir(agent_name(frac, algo)).is_dir()
+def has_agent(
+    wd: Workdir, frac: float, algo: str = "maskable_ppo", learned_stop: bool = False
+) -> bool:
+    """Whether ``wd`` holds a trained agent of ``algo`` at budget ``frac`` (its folder); with
+    ``learned_stop``, the learned-stop agent of that cap."""
+    return wd.agent_dir(agent_name(frac, algo, learned_stop)).is_dir()
 
 
-def load_agent(wd: Workdir, frac: float, algo: str = "maskable_ppo", device: str = "cpu") -> Agent:
-    """The trained agent of ``wd`` at budget ``frac``, from ``agents/<algo>-<f>/``.
+def load_agent(
+    wd: Workdir,
+    frac: float,
+    algo: str = "maskable_ppo",
+    device: str = "cpu",
+    learned_stop: bool = False,
+) -> Agent:
+    """The trained agent of ``wd`` at budget ``frac``, from ``agents/<algo>-<f>/`` (with
+    ``learned_stop``: the learned-stop agent capped at f, ``agents/<algo>-<f>-stop/``).
 
     Only the weights-only export is read (:func:`~sasha_env.agents.export.load_policy`):
     nothing is unpickled.
 
     Args:
         wd: the pipeline workdir.
-        frac: zoom budget f.
+        frac: zoom budget f (the cap of a learned-stop agent).
         algo: the algorithm it was trained with (``agents.algo``).
         device: torch device of the policy.
+        learned_stop: load the learned-stop agent (``agents.stop: learned``).
 
     Raises:
         FileNotFoundError: no such agent (run the agents stage), or a folder without an export.
-        ValueError: an export that does not describe a known policy, or weights that do not fit.
+        ValueError: an export that does not describe a known policy, or weights that do not fit,
+            or an agent whose stop action is not the one asked for.
     """
-    path = wd.require(wd.agent_dir(agent_name(frac, algo)), "agents")
+    path = wd.require(wd.agent_dir(agent_name(frac, algo, learned_stop)), "agents")
     policy = load_policy(path, device)
-    return Agent(policy, frac, algo, path, agent_projection(policy))
+    has_stop = int(policy.action_space.n) == int(policy.observation_space["features"].shape[0]) + 1
+    if has_stop != learned_stop:
+        raise ValueError(
+            f"{path} holds an agent {'with' if has_stop else 'without'} the stop action, "
+            f"but one {'with' if learned_stop else 'without'} it was asked for"
+        )
+    return Agent(policy, frac, algo, path, agent_projection(policy), learned_stop)

@@ -6,6 +6,8 @@ pipeline trains is therefore also exported as::
 
     agents/<name>/policy.pt     the policy's state_dict: tensors only (torch.load weights_only=True)
     agents/<name>/policy.json   which policy class, its keyword arguments and its spaces
+                                (n_actions = max_patches, or max_patches + 1 with the stop
+                                action of learned stopping)
 
 and evaluation, ``sasha predict`` and the sweep read only these; nothing in this package loads
 the zip. It stays beside them for resuming training with SB3's own loader, on trusted input.
@@ -120,9 +122,13 @@ def load_policy(agent_dir: str | os.PathLike, device: str = "cpu") -> Any:
         kwargs = dict(desc.get("policy_kwargs") or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{desc_path}: not a valid agent description ({exc!r})") from exc
-    if int(desc.get("n_actions", P)) != P:
-        raise ValueError(f"{desc_path}: n_actions {desc['n_actions']} != max_patches {P}")
-    policy = cls(observation_space(P, d), action_space(P), lambda _: 0.0, **kwargs)
+    n_actions = int(desc.get("n_actions", P))
+    if n_actions not in (P, P + 1):  # one action per patch slot, and stop (learned stopping)
+        raise ValueError(
+            f"{desc_path}: n_actions {n_actions} is neither max_patches {P} nor {P + 1} (with stop)"
+        )
+    space = action_space(P, stop=n_actions == P + 1)
+    policy = cls(observation_space(P, d), space, lambda _: 0.0, **kwargs)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
         policy.load_state_dict(state)

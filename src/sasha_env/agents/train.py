@@ -141,6 +141,17 @@ def _algorithm(
     return DQN("MultiInputPolicy", env, **kwargs)
 
 
+def _stop_cost(vec_env: Any) -> float | None:
+    """The zoom cost of a vector env of ours with the stop action, else ``None``."""
+    slots = int(vec_env.observation_space["features"].shape[0])
+    if int(vec_env.action_space.n) != slots + 1:
+        return None
+    try:
+        return float(vec_env.get_attr("zoom_cost")[0])
+    except AttributeError:  # someone else's env with a stop action
+        return None
+
+
 def train_agent(
     env: EnvSource,
     frac: float | None = None,
@@ -156,6 +167,7 @@ def train_agent(
     wandb_run: Any = None,
     run_config: Mapping[str, Any] | None = None,
     val_slides: Sequence[str] | None = None,
+    learned_stop: bool = False,
 ) -> BaseAlgorithm:
     """Train an agent on ``Sasha-WSI-v0`` and return it (an SB3 / sb3-contrib model).
 
@@ -179,6 +191,10 @@ def train_agent(
             pipeline config); the run config always holds ``agents`` (every field of ``cfg``),
             ``frac``, ``seed`` and ``algo``.
         val_slides: the slides of ``eval_env`` that validation selects on (default: all).
+        learned_stop: train a learned-stop agent (``agents.stop: learned``): the workdir's
+            environments get the always-legal stop action and ``cfg.zoom_cost`` per zoom,
+            ``frac`` is the cap, and a workdir's default folder is ``agents/<algo>-<f>-stop/``.
+            Given environments are used as they are (build them with ``stop_action=True``).
 
     Logs: SB3's logger writes ``out_dir/progress.csv`` (``rollout/ep_rew_mean``,
     ``rollout/ep_len_mean``, ``time/fps``, the algorithm's ``train/*`` keys, ``val/auc``,
@@ -198,10 +214,11 @@ def train_agent(
         projection = workdir_projection(
             env if isinstance(env, Workdir) else Workdir(env), cfg.obs_dim
         )
-    vec_env, frac, wd, schedule = training_env(env, frac, cfg, seed, projection)
+    vec_env, frac, wd, schedule = training_env(env, frac, cfg, seed, projection, learned_stop)
     projection = projection or env_projection(vec_env)
+    stop_cost = _stop_cost(vec_env)
     if out_dir is None and wd is not None:
-        out_dir = wd.agent_dir(agent_name(frac, cfg.algo))
+        out_dir = wd.agent_dir(agent_name(frac, cfg.algo, learned_stop))
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +229,7 @@ def train_agent(
         "frac": frac,
         "seed": seed,
         "algo": cfg.algo,
+        **({"learned_stop": True} if learned_stop else {}),
     }
     own_run = wandb_run is None and wandb is not None
     if own_run:
@@ -219,7 +237,7 @@ def train_agent(
 
         kw = {"mode": "offline", "project": "sasha", **(wandb or {})}
         wandb_run = wandb_lib.init(
-            name=out.name if out else agent_name(frac, cfg.algo),
+            name=out.name if out else agent_name(frac, cfg.algo, learned_stop),
             dir=None if out is None else str(out),
             config=config,
             reinit=True,
@@ -246,14 +264,16 @@ def train_agent(
             tensorboard=cfg.extra.get("tensorboard_log"),
         )
         model.set_logger(logger)
-        name = out.name if out else agent_name(frac, cfg.algo)
+        name = out.name if out else agent_name(frac, cfg.algo, learned_stop)
         episodes = None if out is None else out / "episodes.csv"
         chain: list[BaseCallback] = [EpisodeLog(episodes, wandb_run, progress, total, name)]
         if cfg.val_every:
             if eval_env is None:
                 if wd is None:
                     raise ValueError("agents.val_every needs validation slides: pass eval_env")
-                eval_env = make_env(wd, "val", frac, cfg, obs_projection=projection)
+                eval_env = make_env(
+                    wd, "val", frac, cfg, obs_projection=projection, learned_stop=learned_stop
+                )
             # under the paper protocol a rollout is one slide's block: validate per epoch
             every = cfg.val_every * (len(schedule.slide_ids) if schedule else 1)
             chain.append(selection := ValSelection(eval_env, every, out, val_slides))
@@ -285,6 +305,8 @@ def train_agent(
         "max_patches": int(model.observation_space["features"].shape[0]),
         "policy": POLICY_WEIGHTS,
     }
+    if stop_cost is not None:
+        meta["learned_stop"] = {"zoom_cost": stop_cost}
     if selection is not None:
         meta["selected_on_val"] = selection.best
     write_json(out / "agent.json", meta)

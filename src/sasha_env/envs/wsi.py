@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
 from sasha_models.projection import ObsProjection
-from sasha_models.spaces import action_space, legal_actions, observation_space
+from sasha_models.spaces import action_space, legal_actions, observation_space, stop_index
 from sasha_models.stopping import StopRule
 
 from ..features.store import FeatureStore
@@ -100,7 +100,23 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     * ``reward="ce"`` (the paper's default): ``r_t = −CE_t``;
     * ``reward="delta"``: ``r_t = CE_{t−1} − CE_t`` with ``CE_0`` on ``S_0 = z``, so the
       rewards of an episode sum to ``CE_0 − CE_T`` (the official code gives ``−CE_1`` at t = 1);
-    * plus ``correct_bonus`` on the last step when the final prediction is right.
+    * plus ``correct_bonus`` on the last step when the final prediction is right;
+    * minus ``zoom_cost`` on every zoom (a step that reads a patch; not on illegal, frozen or
+      stop steps).
+
+    **Learned stopping** (``stop_action=True``): the action space gets one more action, index
+    ``P`` (:func:`~sasha_models.spaces.stop_index`), always legal. Choosing it ends the episode
+    (``terminated``) on the current state: no zoom, the prediction is HAFED's on S_t, and the
+    reward is what the rest of the budget would give if the state were held there, at no zoom
+    cost: ``(⌈frac·N⌉ − t) · (−CE_t)`` under ``"ce"`` (t zooms or other steps taken so far),
+    ``0`` under ``"delta"`` (the state does not change), plus ``correct_bonus`` as at the cap.
+    So, with γ = 1, an episode's return counts the same ⌈frac·N⌉ CE terms whether it stops or
+    reads to the cap, and ``zoom_cost`` is what makes reading less worth it: a zoom pays when
+    it lowers CE by more than ``zoom_cost`` (``"delta"``), or by more than
+    ``zoom_cost / steps left`` (``"ce"``). (A stop paid the one-step reward ``−CE_t`` instead
+    would make ``"ce"`` episodes cheaper the shorter they are, and an agent learn to stop at
+    once.) ``⌈frac·N⌉`` is the cap; the last ``info`` adds ``stopped`` (``"learned"`` or
+    ``"cap"``). Exclusive with ``stop_rule``.
 
     **Illegal actions** (a zoomed patch, a padding index ``≥ N``, or out of range) from agents
     that ignore :meth:`action_masks` never raise: the step is consumed without a zoom (it
@@ -157,6 +173,12 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             rule's threshold; ``⌈frac·N⌉`` is then the cap. The last ``info`` adds
             ``stopped`` (``"confident"`` or ``"cap"``), ``confidence``, ``referred`` and
             ``calibrated_probabilities``. ``None`` (the default): every episode reads the cap.
+            Not with ``stop_action`` (one stopping rule at a time).
+        stop_action: add the always-legal stop action (learned stopping, above); the action
+            space becomes ``Discrete(P + 1)`` and :meth:`action_masks` ``(P + 1,)``.
+        zoom_cost: subtracted from the reward of every zoom (``>= 0``; in the reward's units,
+            nats of cross-entropy). Meant for learned stopping; without ``stop_action`` every
+            episode pays it ``⌈frac·N⌉`` times, whatever the agent does.
 
     Observation (``Dict``), P = ``max_patches``, rows ≥ N are padding (zeros):
         ``features`` ``Box(-inf, inf, (P, d), float32)`` — the state S;
@@ -167,14 +189,16 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         fresh copies every step unless ``copy_obs=False``. :attr:`changed_rows` names the
         rows the last reset or step changed, for agents that cache per-row work.
 
-    Action: ``Discrete(P)``, the patch to zoom. :meth:`action_masks` gives the legal ones.
+    Action: ``Discrete(P)``, the patch to zoom; with ``stop_action``, ``Discrete(P + 1)``, the
+    last one stopping. :meth:`action_masks` gives the legal ones.
 
     Info: ``action_mask`` (bool ``(P,)``, the legal actions, as :meth:`action_masks`) after
     every reset and step, for RL libraries that read masks from infos; every step has
     ``illegal_action`` and ``frozen``; ``reset`` gives ``slide_id``, ``label``, ``n_patches`` and ``budget``; the last step adds ``probabilities`` (C,) float32,
     ``prediction``, ``label``, ``correct``, ``slide_id``, ``zoomed`` (patch indices in zoom
     order), ``zoomed_coords`` (their level-0 ``[x, y]``), ``updated`` (TSU-updated patches
-    not zoomed later), ``n_patches`` and ``frac_read``. Lists, not arrays, for the
+    not zoomed later), ``n_patches`` and ``frac_read`` (``len(zoomed) / N``), and ``stopped``
+    with ``stop_action`` or ``stop_rule``. Lists, not arrays, for the
     variable-length entries, so that Gymnasium's vector envs can batch infos.
 
     The models run under ``torch.inference_mode()`` in eval mode (modules passed in are put
@@ -207,6 +231,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         copy_obs: bool = True,
         obs_projection: ObsProjection | None = None,
         stop_rule: StopRule | None = None,
+        stop_action: bool = False,
+        zoom_cost: float = 0.0,
     ) -> None:
         if not 0.0 < float(frac) <= 1.0:
             raise ValueError(f"frac must be in (0, 1], got {frac}")
@@ -214,6 +240,13 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             raise ValueError(f"reward must be 'ce' or 'delta', got {reward!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        if stop_action and stop_rule is not None:
+            raise ValueError(
+                "stop_action (learned stopping) and stop_rule (the confidence threshold) are two "
+                "stopping rules; give one of them"
+            )
+        if not (math.isfinite(float(zoom_cost)) and float(zoom_cost) >= 0.0):
+            raise ValueError(f"zoom_cost must be a finite number >= 0, got {zoom_cost}")
         src = resolve_sources(workdir, split, store, manifest, hafed, tsu, frac=float(frac))
         self.split, self.frac = split, float(frac)
         self.reward_mode = reward
@@ -264,9 +297,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             )
         self.obs_projection = obs_projection
         self.stop_rule = stop_rule
+        self.stop_action, self.zoom_cost = bool(stop_action), float(zoom_cost)
         d_obs = d if obs_projection is None else obs_projection.d_out
         self.observation_space = observation_space(P, d_obs)
-        self.action_space = action_space(P)
+        self.action_space = action_space(P, stop=self.stop_action)
 
         # Episode state. ``_features`` is the padded observation buffer; ``_S`` views its
         # first N rows and is what the models read and write.
@@ -290,6 +324,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._changed = np.zeros(0, np.int64)
         self._t = 0
         self._budget = 0
+        self._done = False  # the episode ended (at the cap, or stopped)
         self._ce = 0.0
         self._probs = np.zeros(len(self.class_names), np.float32)
 
@@ -380,6 +415,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._zoomed = []
         self._changed = np.arange(n, dtype=np.int64)
         self._t, self._budget = 0, episode_budget(self.frac, n)
+        self._done = False
         with torch.inference_mode():
             self._S = torch.from_numpy(self._features)[:n]
             self._free = torch.ones(n, dtype=torch.bool)
@@ -402,9 +438,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """Zoom into patch ``action``; see the class docstring for dynamics and rewards."""
         if self._slide is None:
             raise RuntimeError("call reset() before step()")
-        if self._t >= self._budget:
+        if self._done:
             raise RuntimeError("the episode has terminated; call reset()")
         a = int(action)
+        if self.stop_action and a == stop_index(self.max_patches):
+            return self._stop()
         n = self._slide.n
         self._t += 1
         legal = 0 <= a < n and self._visited[a] == 0
@@ -423,6 +461,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                 changed = self._changed
                 self._obs_features[changed] = self.obs_projection(self._features[changed])
             reward = -self._ce if self.reward_mode == "ce" else ce_before - self._ce
+            reward -= self.zoom_cost
         else:
             self._changed = np.zeros(0, np.int64)
             reward = self.illegal_penalty
@@ -434,13 +473,33 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             "action_mask": self.action_masks(),
         }
         if terminated:
+            self._done = True
             info.update(self._final_info())
             if self.stop_rule is not None:
                 info.update(self._stop_info(confident))
+            if self.stop_action:
+                info["stopped"] = "cap"
             if info["correct"]:
                 reward += self.correct_bonus
         # a terminal observation outlives the next reset (vector envs keep it in the info)
         return self._obs(fresh=terminated), float(reward), terminated, False, info
+
+    def _stop(self) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """The stop action: end the episode on the current state (see the class docstring)."""
+        held = self._budget - self._t  # budget steps left, which would hold this state
+        reward = held * -self._ce if self.reward_mode == "ce" else 0.0
+        self._done = True
+        self._changed = np.zeros(0, np.int64)
+        info: dict[str, Any] = {
+            "illegal_action": False,
+            "frozen": False,
+            "action_mask": self.action_masks(),
+            **self._final_info(),
+            "stopped": "learned",
+        }
+        if info["correct"]:
+            reward += self.correct_bonus
+        return self._obs(fresh=True), float(reward), True, False, info
 
     def attention(self) -> np.ndarray:
         """HAFED's level-2 attention over the current state's N patches, ``(N,)`` summing to 1
@@ -459,8 +518,9 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             return torch.softmax(clf.classify(self._S.float().unsqueeze(1)).float(), -1).numpy()
 
     def action_masks(self) -> np.ndarray:
-        """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention)."""
-        return legal_actions(self._valid, self._visited)
+        """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention);
+        with ``stop_action``, ``(P + 1,)``, the last (stop) always True."""
+        return legal_actions(self._valid, self._visited, stop=self.stop_action)
 
     def render(self) -> np.ndarray | None:
         """``(h, w, 3)`` uint8: thumbnail, patch grid, TSU-updated and zoomed patches.

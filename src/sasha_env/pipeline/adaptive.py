@@ -12,6 +12,13 @@ the calibrate stage, ``agents/<algo>-<f>/adaptive.json``) cuts each trace where 
   fixed beforehand, not chosen on test), the test slides' mean fraction read and AUC with its
   bootstrap interval;
 - ``referral``: :func:`~sasha_models.stopping.referral_metrics` of the rule on test.
+
+Learned stopping (``agents.stop: learned``) is the other way to stop: an agent trained with an
+always-legal stop action and a per-zoom cost (``agents/<algo>-<f>-stop/``) decides itself
+when to stop. Evaluation runs it on the test slides in its own environment (it changes where
+the episode ends, so no trace of the fixed agent can stand in for it) and reports a
+``sasha_learned_stop`` row per cap in the same shape (:func:`reading_stats`), paired against
+``sasha_adaptive`` at the same cap.
 """
 
 from __future__ import annotations
@@ -28,9 +35,24 @@ from sasha_models.stopping import THRESHOLDS, StopRule, apply_rule, referral_met
 from ..atomic import write_json
 from .calibrate import method_name
 
-__all__ = ["adaptive_results"]
+__all__ = ["LEARNED_METHOD", "METHOD", "adaptive_results", "nearest", "reading_stats"]
 
+#: The threshold rule's rows (the calibrate stage's stop rule on the fixed agent's traces).
 METHOD = "sasha_adaptive"
+#: The learned rule's rows (an agent trained with the stop action, ``agents.stop: learned``).
+LEARNED_METHOD = "sasha_learned_stop"
+
+
+def reading_stats(frac_read: np.ndarray) -> dict[str, float]:
+    """How much a stopping rule read over the test slides: ``mean_frac``, ``frac_p50`` and
+    ``frac_p90``, the mean, median and 90th percentile of ``frac_read`` (``(n,)``, the
+    fraction of each slide's patches zoomed)."""
+    fr = np.asarray(frac_read, np.float64)
+    return {
+        "mean_frac": float(fr.mean()),
+        "frac_p50": float(np.percentile(fr, 50)),
+        "frac_p90": float(np.percentile(fr, 90)),
+    }
 
 
 def adaptive_episodes(episodes: list[dict], rule: StopRule) -> list[dict]:
@@ -98,9 +120,7 @@ def adaptive_results(
                 "frac": float(frac),
                 **metrics,
                 "n_slides": len(eps),
-                "mean_frac": float(fr.mean()),
-                "frac_p50": float(np.percentile(fr, 50)),
-                "frac_p90": float(np.percentile(fr, 90)),
+                **reading_stats(fr),
                 "share_confident": float(np.mean([e["stopped"] == "confident" for e in eps])),
                 "threshold": rule.threshold,
                 "refer_below": rule.refer_below,

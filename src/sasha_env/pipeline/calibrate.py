@@ -14,7 +14,10 @@ Evaluation reports every calibrated method's accuracy, F1 and ECE before and aft
 
 Each agent's stop rule (:mod:`~sasha_env.agents.adaptive`: stop when confident, refer when
 not) is fitted here too, on the same val episodes traced zoom by zoom, and written beside the
-agent (``agents/<algo>-<f>/adaptive.json``). The test split is never looked at here.
+agent (``agents/<algo>-<f>/adaptive.json``). With ``agents.stop: learned`` each learned-stop
+agent's final states (where it stopped on val) get their calibration too
+(``sasha_learned_stop@<f>``); it has no threshold rule (it stops by itself). The test split is
+never looked at here.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def method_name(method: str, frac: float) -> str:
 def calibrate_workdir(
     wd: Workdir, cfg: dict, split: str = "val", log: Callable[[str], None] = say
 ) -> dict:
-    """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent."""
+    """Fit and write ``calibration.json`` for HAFED and every trained SASHA agent (learned-stop
+    agents included), and each fixed-budget agent's stop rule."""
     from sasha_models.calibration import (  # lazy: torch, when the stage runs
         KINDS,
         Calibration,
@@ -97,6 +101,18 @@ def calibrate_workdir(
             f"[calibrate] {name}: stop when confidence > {rule.threshold:g} (val: mean fraction "
             f"read {rule.info['val_mean_frac']:.3f}, AUC {_fmt(rule.info['val_auc'])}, HAFED "
             f"{_fmt(target)}); refer below {rule.refer_below:.3f} at the cap"
+        )
+    for frac in acfg.fracs if acfg.stop == "learned" else ():
+        if not has_agent(wd, frac, acfg.algo, learned_stop=True):
+            continue
+        stopper = load_agent(wd, frac, acfg.algo, learned_stop=True)
+        episodes = run_episodes(
+            stopper.make_env(wd, split, acfg), agent_policy(stopper.policy), ids
+        )
+        fit(
+            method_name("sasha_learned_stop", frac),
+            np.stack([e["probabilities"] for e in episodes]),
+            np.array([e["label"] for e in episodes]),
         )
     out = {"split": split, "n_slides": len(ids), "kinds": list(KINDS), "methods": fitted}
     write_json(wd.calibration, out)

@@ -26,7 +26,7 @@ from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..slides.tumour import hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
-from .adaptive import adaptive_results, nearest
+from .adaptive import LEARNED_METHOD, METHOD, adaptive_results, nearest, reading_stats
 from .calibrate import method_name
 from .report import markdown_table
 
@@ -140,7 +140,10 @@ def add_uncertainty(
     replacement within each class), so that ``auc_ci``, ``accuracy_ci`` and ``f1_ci`` say how
     much the numbers would move with other slides of the same kind, and a paired difference's
     interval (``paired``: SASHA against each of :data:`PAIRED_BASELINES` at its budget and
-    against HAFED, on AUC and accuracy) says whether one method beats another on these slides.
+    against HAFED, on AUC and accuracy; ``sasha_adaptive`` against the fixed budgets nearest its
+    mean fraction read and HAFED; ``sasha_learned_stop`` against ``sasha_adaptive`` and SASHA at
+    its cap, the fixed budgets nearest its mean fraction read and HAFED) says whether one
+    method beats another on these slides.
     Methods with several runs (random over seeds) are averaged over runs inside each resample.
     """
     from sasha_models.metrics import bootstrap_metrics  # lazy: torchmetrics
@@ -165,11 +168,14 @@ def add_uncertainty(
         a = method_name(row["method"], row["frac"])
         if row["method"] == "sasha":
             against = [method_name(m, row["frac"]) for m in PAIRED_BASELINES]
-        elif row["method"] == "sasha_adaptive":  # the fixed budgets nearest its mean fraction
+        elif row["method"] == METHOD:  # the fixed budgets nearest its mean fraction
             against = [nearest(rows, m, row["mean_frac"]) for m in ("sasha", "random")]
+        elif row["method"] == LEARNED_METHOD:  # the threshold rule and the agent at its cap
+            against = [method_name(m, row["frac"]) for m in (METHOD, "sasha")]
+            against += [nearest(rows, m, row["mean_frac"]) for m in ("sasha", "random")]
         else:
             continue
-        for b in (*against, "hafed@1"):
+        for b in dict.fromkeys((*against, "hafed@1")):  # each once, in order
             if b not in boots:
                 continue
             for metric in ("auc", "accuracy"):
@@ -234,10 +240,12 @@ def evaluate_sampling(
     for figures and analysis. Tumour-hit rates are added when the manifest has masks.
     ``adaptive``, when given, receives for each agent with a stop rule (``adaptive.json``)
     ``{f: (rule, its test episodes traced zoom by zoom)}``
-    (:mod:`~sasha_env.pipeline.adaptive`).
+    (:mod:`~sasha_env.pipeline.adaptive`). With ``agents.stop: learned``, each learned-stop
+    agent (``agents/<algo>-<f>-stop/``) runs in its own environment (with the stop action) and
+    gives a ``sasha_learned_stop`` row at its cap f: the metrics of HAFED's probabilities where
+    it stopped, ``mean_frac``, ``frac_p50``, ``frac_p90``, ``share_stopped`` (before the cap)
+    and the ``zoom_cost`` it was trained with.
     """
-    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
-
     # lazy: SB3 and torch load only when agents are evaluated
     from ..agents.adaptive import read_stop_rule
     from ..agents.envs import has_agent, load_agent, make_env
@@ -253,7 +261,6 @@ def evaluate_sampling(
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)
     tumour = tumour_patches(wd, bags.store, ids)
-    positive = bags.class_names[-1]
     lowres = None
     if wd.model("lowres").is_file():  # optional: the low-res classifier's choice of patches
         from sasha_models.checkpoint import load_model  # lazy: torch
@@ -282,47 +289,84 @@ def evaluate_sampling(
             runs = [run_episodes(env, policy, ids, trace) for policy in policies]
             if trace:
                 adaptive[frac] = (rule, runs[0])  # type: ignore[index]
-            if predictions is not None:
-                predictions[method_name(method, frac)] = (
-                    [e["slide_id"] for e in runs[0]],
-                    [np.stack([e["probabilities"] for e in run]) for run in runs],
-                )
-            per_run = []
-            for episodes in runs:
-                probs = np.stack([e["probabilities"] for e in episodes])
-                labels = np.array([e["label"] for e in episodes])
-                per_run.append(_clean(classification_metrics(probs, labels)))
-            metrics = {k: _mean([m[k] for m in per_run]) for k in per_run[0]}
-            row: dict[str, Any] = {
-                "method": method,
-                "frac": float(frac),
-                **metrics,
-                "n_slides": len(ids),
-            }
-            if len(runs) > 1:
-                row["n_seeds"] = len(runs)
-                row["auc_sd"] = float(np.std([m["auc"] for m in per_run if m["auc"] is not None]))
-            if tumour:
-                pos = [
-                    e
-                    for run in runs
-                    for e in run
-                    if e["slide_id"] in tumour and bags.class_names[e["label"]] == positive
-                ]
-                hit, chance = hit_rate(
-                    [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
-                )
-                row["tumour_hit_rate"], row["chance_hit_rate"] = _nan_none(hit), _nan_none(chance)
+            rows.append(_sampling_row(wd, bags, method, frac, runs, tumour, predictions, log))
+        if frac in acfg.fracs and acfg.stop == "learned":  # the learned rule, capped at f
+            if not has_agent(wd, frac, acfg.algo, learned_stop=True):
+                log(f"[evaluate] no learned-stop agent at cap {frac:g}: run the agents stage")
+                continue
+            stopper = load_agent(wd, frac, acfg.algo, learned_stop=True)
+            stop_env = stopper.make_env(wd, split, acfg)
+            runs = [run_episodes(stop_env, agent_policy(stopper.policy), ids)]
+            row = _sampling_row(wd, bags, LEARNED_METHOD, frac, runs, tumour, predictions, log)
+            row |= reading_stats(np.array([e["frac_read"] for e in runs[0]]))
+            row["share_stopped"] = float(np.mean([e["stopped"] == "learned" for e in runs[0]]))
+            row["zoom_cost"] = acfg.zoom_cost
             rows.append(row)
-            _save_episodes(wd.root / "episodes" / f"{method}-{frac:g}.json", runs[0])
             log(
-                f"[evaluate] {method} f={frac:g}: AUC {_fmt(row['auc'])}, hit rate {_fmt(row.get('tumour_hit_rate'))}"
+                f"[evaluate] {LEARNED_METHOD} cap {frac:g}: mean fraction read "
+                f"{row['mean_frac']:.3f}, {row['share_stopped']:.2f} stopped before the cap"
             )
     return rows
 
 
+def _sampling_row(
+    wd: Workdir,
+    bags: StoreBags,
+    method: str,
+    frac: float,
+    runs: list[list[dict]],
+    tumour: dict[str, np.ndarray],
+    predictions: dict[str, tuple[list[str], list[np.ndarray]]] | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The row of a zoom policy at budget ``frac`` from its runs (one per seed) of
+    :func:`~sasha_env.agents.episodes.run_episodes` over the test slides: metrics (averaged over
+    runs), tumour-hit rates when masks are known; its probabilities go to ``predictions`` and
+    its first run to ``WORKDIR/episodes/<method>-<f>.json``."""
+    from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
+
+    if predictions is not None:
+        predictions[method_name(method, frac)] = (
+            [e["slide_id"] for e in runs[0]],
+            [np.stack([e["probabilities"] for e in run]) for run in runs],
+        )
+    per_run = []
+    for episodes in runs:
+        probs = np.stack([e["probabilities"] for e in episodes])
+        labels = np.array([e["label"] for e in episodes])
+        per_run.append(_clean(classification_metrics(probs, labels)))
+    metrics = {k: _mean([m[k] for m in per_run]) for k in per_run[0]}
+    row: dict[str, Any] = {
+        "method": method,
+        "frac": float(frac),
+        **metrics,
+        "n_slides": len(runs[0]),
+    }
+    if len(runs) > 1:
+        row["n_seeds"] = len(runs)
+        row["auc_sd"] = float(np.std([m["auc"] for m in per_run if m["auc"] is not None]))
+    if tumour:
+        positive = bags.class_names[-1]
+        pos = [
+            e
+            for run in runs
+            for e in run
+            if e["slide_id"] in tumour and bags.class_names[e["label"]] == positive
+        ]
+        hit, chance = hit_rate(
+            [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
+        )
+        row["tumour_hit_rate"], row["chance_hit_rate"] = _nan_none(hit), _nan_none(chance)
+    _save_episodes(wd.root / "episodes" / f"{method}-{frac:g}.json", runs[0])
+    log(
+        f"[evaluate] {method} f={frac:g}: AUC {_fmt(row['auc'])}, hit rate {_fmt(row.get('tumour_hit_rate'))}"
+    )
+    return row
+
+
 def _save_episodes(path: Path, episodes: list[dict]) -> None:
     keep = ("slide_id", "label", "prediction", "zoomed", "updated", "return", "frac_read")
+    keep += ("stopped",)  # learned-stop episodes: "learned" or "cap"
     data = [
         {k: e[k] for k in keep if k in e}
         | {"probabilities": [float(p) for p in e["probabilities"]]}

@@ -258,8 +258,9 @@ def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str)
 
     Args:
         points: ``{"method", "frac", "auc", "lo", "hi"}`` of the fixed-budget rows (``sasha``,
-            ``random``, ``hafed`` as a reference line) and the ``sasha_adaptive`` rows, which
-            add ``mean_frac``.
+            ``random``, ``hafed`` as a reference line) and the ``sasha_adaptive`` rows (the
+            threshold rule) and ``sasha_learned_stop`` rows (the learned rule, drawn as
+            diamonds in its cap's colour), which add ``mean_frac``.
         curve: ``{"frac" (cap), "threshold", "mean_frac", "auc", "lo", "hi"}`` per point.
     """
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
@@ -312,6 +313,20 @@ def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str)
                     ls="none",
                     label=f"rule fitted on val, cap {cap:g}",
                 )
+    learned = [
+        p for p in points if p["method"] == "sasha_learned_stop" and p.get("auc") is not None
+    ]
+    for p in sorted(learned, key=lambda p: p["frac"]):
+        at = caps.index(p["frac"]) if p["frac"] in caps else len(caps)
+        ax.plot(
+            [p["mean_frac"]],
+            [p["auc"]],
+            marker="D",
+            ms=7,
+            color=blues[at % len(blues)],
+            ls="none",
+            label=f"learned stop, cap {p['frac']:g}",
+        )
     for p in points:
         if p["method"] == "hafed" and p.get("auc") is not None:
             ax.axhline(p["auc"], ls=":", lw=1, color="black", label=f"hafed (f=1): {p['auc']:.3f}")

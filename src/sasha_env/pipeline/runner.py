@@ -204,10 +204,18 @@ class Pipeline:
         per_model = dict(section.pop("models", None) or {}).get(stage.name, {})
         return {**section, **per_model}
 
-    def key(self, stage: Stage) -> str:
-        """Hash of the stage's configuration, seed, code version and upstream stages' outputs."""
+    def key(self, stage: Stage, drop: tuple[str, ...] = ()) -> str:
+        """Hash of the stage's configuration, seed, code version and upstream stages' outputs.
+
+        Args:
+            stage: the stage.
+            drop: keys of the stage's own section to leave out: the key of a unit of its work
+                that does not depend on them (the fixed-budget agents do not depend on
+                ``agents.stop``). Without them in the section, the stage's key itself.
+        """
         own: dict[str, Any] = {sec: self.cfg.get(sec) for sec in stage.sections[1:]}
-        own[stage.sections[0]] = self.section(stage)
+        section = self.section(stage)
+        own[stage.sections[0]] = {k: v for k, v in section.items() if k not in drop}
         if stage.seeded:
             own["seed"] = self.seed
         if stage.version > 1:

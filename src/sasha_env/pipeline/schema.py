@@ -164,6 +164,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.epochs": (_positive, ">= 1"),
     "agents.episodes_per_slide": (_positive, ">= 1"),
     "agents.reward": (lambda v: v in ("ce", "delta"), "ce or delta"),
+    "agents.stop": (lambda v: v in ("none", "learned"), "none or learned"),
+    "agents.zoom_cost": (lambda v: 0 <= v < float("inf"), ">= 0 (reward per zoom, nats)"),
     "adaptive.margin": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.max_auto_error": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.calibration": (

@@ -79,6 +79,11 @@ class RunContext(Protocol):
         """Keyword arguments of ``sasha_models.lit.train_model``."""
         ...
 
+    def key(self, stage: Stage, drop: tuple[str, ...] = ()) -> str:
+        """The stage's cache key; ``drop``: keys of its own section left out (a unit that does
+        not depend on them keeps its key when only they change)."""
+        ...
+
 
 @dataclass
 class StageContext:
@@ -101,6 +106,7 @@ class StageContext:
         unit: str,
         compute: Callable[[], dict],
         intact: Callable[[dict], bool] = lambda outputs: True,
+        key: str | None = None,
     ) -> tuple[dict, bool]:
         """One unit of the stage's work, computed once per key.
 
@@ -109,19 +115,22 @@ class StageContext:
             compute: does the work; returns its JSON-ready outputs.
             intact: whether recorded outputs still stand (e.g. their files exist unchanged);
                 a unit whose outputs do not is computed again.
+            key: the unit's own key, for a unit that depends on less than the whole stage
+                (:meth:`RunContext.key` with ``drop``); default the stage's key.
 
         Returns:
             ``(outputs, was_cached)``: the unit's outputs, from an earlier run with the same
             key when there is one, else from ``compute()`` (then recorded, rank zero only).
         """
+        key = self.key if key is None else key
         path = self.units_dir / f"{unit}.json"
         if path.is_file() and not self.force:
             done = json.loads(path.read_text())
-            if done.get("key") == self.key and intact(done["outputs"]):
+            if done.get("key") == key and intact(done["outputs"]):
                 return done["outputs"], True
         outputs = compute()
         if is_rank_zero():
-            write_json(path, {"key": self.key, "outputs": outputs})
+            write_json(path, {"key": key, "outputs": outputs})
         return outputs, False
 
 
@@ -404,46 +413,66 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     return _export(train_model(module, data, p.wd.model_dir(name), **train_kwargs))
 
 
+#: ``agents`` keys only the learned-stop agents depend on: the fixed-budget agents' units are
+#: keyed without them, so turning learned stopping on (or changing its cost) keeps them.
+LEARNED_STOP_KEYS = ("stop", "zoom_cost")
+
+
 def _run_agents(p: RunContext, ctx: StageContext) -> dict:
-    """One agent per zoom budget f; each is a cached unit, so a killed run keeps finished agents."""
+    """One agent per zoom budget f, and with ``agents.stop: learned`` one learned-stop agent per
+    f beside it (``agents/<name>-stop/``); each is a cached unit, so a killed run keeps finished
+    agents. The fixed-budget agents' units are keyed without :data:`LEARNED_STOP_KEYS`."""
     from ..agents.export import POLICY_WEIGHTS  # lazy: torch and SB3, only when agents train
     from ..agents.train import train_agent  # lazy: as above
 
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
     device = "cuda" if p.accelerator == "gpu" else "cpu"
-    agents = {}
+    fixed_key = p.key(ctx.stage, drop=LEARNED_STOP_KEYS)
+    kinds = [False] + ([True] if cfg.stop == "learned" else [])
+    agents: dict[str, dict] = {}
+    learned: dict[str, dict] = {}
     for frac in cfg.fracs:
-        out = p.wd.agent_dir(agent_name(frac, cfg.algo))
+        for learned_stop in kinds:
+            out = p.wd.agent_dir(agent_name(frac, cfg.algo, learned_stop))
+            what = f"f={frac:g}" + (" learned stop" if learned_stop else "")
 
-        def train(frac: float = frac, out: Path = out) -> dict:
-            budget = (
-                f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
-                if cfg.protocol == "paper"
-                else f"{steps_for(cfg, frac)} steps"
+            def train(frac: float = frac, out: Path = out, stop: bool = learned_stop) -> dict:
+                budget = (
+                    f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
+                    if cfg.protocol == "paper"
+                    else f"{steps_for(cfg, frac)} steps"
+                )
+                extra = f", learned stop at {cfg.zoom_cost:g} per zoom" if stop else ""
+                p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}{extra}")
+                train_agent(
+                    p.wd,
+                    frac,
+                    cfg,
+                    seed=p.seed,
+                    out_dir=out,
+                    wandb=p.train_kwargs()["wandb"],
+                    progress=p.progress,
+                    device=device,
+                    run_config={"pipeline": p.cfg},  # the whole resolved config in the W&B run
+                    learned_stop=stop,
+                )
+                weights = out / POLICY_WEIGHTS
+                return {"agent": str(weights), "sha256": file_sha256(weights)}
+
+            def intact(outputs: dict) -> bool:
+                weights = Path(outputs["agent"])
+                return weights.is_file() and file_sha256(weights) == outputs["sha256"]
+
+            key = None if learned_stop else fixed_key
+            (learned if learned_stop else agents)[f"{frac:g}"], cached = ctx.cached(
+                out.name, train, intact, key
             )
-            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}")
-            train_agent(
-                p.wd,
-                frac,
-                cfg,
-                seed=p.seed,
-                out_dir=out,
-                wandb=p.train_kwargs()["wandb"],
-                progress=p.progress,
-                device=device,
-                run_config={"pipeline": p.cfg},  # the whole resolved config in the W&B run
-            )
-            weights = out / POLICY_WEIGHTS
-            return {"agent": str(weights), "sha256": file_sha256(weights)}
-
-        def intact(outputs: dict) -> bool:
-            weights = Path(outputs["agent"])
-            return weights.is_file() and file_sha256(weights) == outputs["sha256"]
-
-        agents[f"{frac:g}"], cached = ctx.cached(out.name, train, intact)
-        if cached:
-            p.log(f"[agents] f={frac:g}: trained earlier, kept")
-    return {"agents": agents, "algo": cfg.algo}
+            if cached:
+                p.log(f"[agents] {what}: trained earlier, kept")
+    outputs: dict[str, Any] = {"agents": agents, "algo": cfg.algo}
+    if learned:  # only then: the outputs (and downstream keys) of other runs stay as they were
+        outputs["learned_stop"] = learned
+    return outputs
 
 
 def _run_calibrate(p: RunContext, ctx: StageContext) -> dict:
@@ -533,7 +562,8 @@ def _stages() -> dict[str, Stage]:
             "agents",
             ("agents",),
             ("distill", "tsu"),
-            "agents/<algo>-<f>/ (one trained agent per zoom budget f)",
+            "agents/<algo>-<f>/ (one trained agent per zoom budget f; with agents.stop: "
+            "learned also agents/<algo>-<f>-stop/)",
             _run_agents,
             # 2: row-pooled rollout buffers (agents.row_pool) by default; 3: SB3's progress.csv
             # beside each agent, dqn's learning_starts at most a tenth of the budget; protocol

@@ -47,8 +47,9 @@ __all__ = ["Study", "aggregate", "format_study"]
 _HOST = socket.gethostname()
 #: Metrics summarised across seeds.
 METRICS = ("auc", "accuracy", "f1", "ece")
-#: What adaptive rows (``sasha_adaptive``) add, summarised across seeds too.
-ADAPTIVE_KEYS = ("mean_frac", "frac_p50", "frac_p90", "share_confident")
+#: What adaptive rows (``sasha_adaptive``, the threshold rule; ``sasha_learned_stop``, the
+#: learned rule) add, summarised across seeds too.
+ADAPTIVE_KEYS = ("mean_frac", "frac_p50", "frac_p90", "share_confident", "share_stopped")
 
 
 @dataclass
