@@ -72,3 +72,24 @@ def test_median_optimality_gap_and_profiles_by_hand_and_against_rliable():
     taus = np.linspace(0, 1, 11)
     point, _ = rly.create_performance_profile({"x": x}, taus)
     assert performance_profile(x, taus) == pytest.approx(point["x"])
+
+
+
+def test_auc_of_a_perfect_ranking_is_exactly_one() -> None:
+    """torchmetrics' float32 AUROC gives 1.0000001 on these 21 slides (11 negative, 10 positive,
+    perfectly ranked); results.json and the benchmark's tables must say 1.0."""
+    import torch
+
+    from sasha_models.metrics import classification_metrics
+
+    p1 = torch.tensor([
+        0.28018438816070557, 0.6327850818634033, 0.3554917871952057, 0.7965039014816284,
+        0.04279908537864685, 0.6163788437843323, 0.46240702271461487, 0.5781302452087402,
+        0.2289990484714508, 0.5999546051025391, 0.15202972292900085, 0.9087328910827637,
+        0.14880484342575073, 0.9583863019943237, 0.39292845129966736, 0.7460613250732422,
+        0.22209453582763672, 0.6604255437850952, 0.337130069732666, 0.9604921340942383,
+        0.43654707074165344,
+    ])  # fmt: skip
+    y = torch.arange(21) % 2
+    probs = torch.stack([1 - p1, p1], 1)
+    assert classification_metrics(probs, y)["auc"] == 1.0
