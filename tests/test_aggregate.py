@@ -74,7 +74,6 @@ def test_median_optimality_gap_and_profiles_by_hand_and_against_rliable():
     assert performance_profile(x, taus) == pytest.approx(point["x"])
 
 
-
 def test_auc_of_a_perfect_ranking_is_exactly_one() -> None:
     """torchmetrics' float32 AUROC gives 1.0000001 on these 21 slides (11 negative, 10 positive,
     perfectly ranked); results.json and the benchmark's tables must say 1.0."""
