@@ -394,10 +394,20 @@ def test_segment_outer():
 
 
 @pytest.mark.parametrize("incremental", [True, False])
-def test_batched_classifier_equals_single_ones(incremental):
-    """E states of different N, rows changed in place step after step (some logits far above
-    the shift, so states are rebuilt): the batched logits equal E single classifiers'."""
+def test_batched_classifier_equals_single_ones(incremental, monkeypatch):
+    """E states of different N, rows changed in place step after step (attention logits spread
+    over hundreds, so a new row can rise far above a state's shift or a removed one can take
+    most of its sum: the state is rebuilt): the batched logits equal E single classifiers'."""
     hafed, _ = random_models(D, tau=0.9, n_branches=3)
+    with torch.no_grad():
+        hafed.level2.attention.w.weight.mul_(300.0)
+    rebuilds = []
+    rebuild = BatchedIncrementalClassifier._rebuild
+    monkeypatch.setattr(
+        BatchedIncrementalClassifier,
+        "_rebuild",
+        lambda self, e: rebuilds.append(e) or rebuild(self, e),
+    )
     g = torch.Generator().manual_seed(2)
     sizes, P = [5, 9, 7], 9
     S = torch.zeros(len(sizes), P, D)
@@ -424,6 +434,8 @@ def test_batched_classifier_equals_single_ones(incremental):
                 rows = torch.tensor([r for x, r in zip(env, row, strict=True) if x == e])
                 want = singles[e].update(S[e, :n].clone(), rows) if len(rows) else singles[e].logits
                 torch.testing.assert_close(logits[e], want, rtol=RTOL, atol=ATOL)
+    if incremental:
+        assert len(rebuilds) > len(sizes)  # beyond the resets
 
 
 def test_exported_from_the_package():
