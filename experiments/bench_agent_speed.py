@@ -12,7 +12,8 @@ per second of training (collection and updates) and of collection alone (the rol
 steps, policy forward passes, buffer), each per wall-clock second and per CPU-second of the
 process (one torch thread: on a machine shared with other jobs the CPU time is the steadier
 measure), the ratios of the CPU rates to ``DummyVecEnv``'s run just before, the seconds per
-update, and the peak memory. One rollout is 8 × 64 steps; ``--repeats`` alternates the pair
+update, and the peak memory; then both vector envs stepped alone (64 steps of random legal
+actions, the same for both, steps per CPU-second) and their ratio. One rollout is 8 × 64 steps; ``--repeats`` alternates the pair
 again. The default run is 1 rollout per run: a few minutes on a quiet 2-core machine, most of
 it PPO's update at N = 8,192 (about 2 min per run there, the same for both).
 
@@ -112,16 +113,50 @@ class Clock(BaseCallback):
         self.cpu_seconds = time.process_time() - self.cpu0
 
 
-def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
-    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+def workdir_for(root: Path, n: int, d: int) -> Path:
+    """The synthetic workdir for N, d under ``root`` (built on first use)."""
     from bench_env import synthetic_workdir  # next to this script
-    from procfs import proc_kib
-    from sasha_env.agents.config import AgentConfig
-    from sasha_env.agents.train import train_agent
 
     wd = root / f"n{n}-d{d}"
     if not (wd / "manifest.csv").is_file():
         synthetic_workdir(wd, N_SLIDES, (int(n * 0.9), n), d)
+    return wd
+
+
+def run_env_only(root: Path, n: int, d: int, mode: str, steps: int = N_STEPS) -> dict:
+    """In this process: the agents stage's training env of ``mode`` (:data:`VEC_MODES`)
+    stepped alone, ``steps`` steps of random legal actions (the same for both modes) after a
+    reset; returns its CPU seconds in ``step``."""
+    import numpy as np
+    import torch
+
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import training_env
+
+    torch.set_num_threads(1)  # as the agents stage trains (agents.cpu_threads)
+    cfg = AgentConfig(fracs=(0.1,), **VEC_MODES[mode])
+    venv, _, _, _ = training_env(workdir_for(root, n, d), 0.1, cfg, seed=0)
+    venv.reset()
+    rng, cpu = np.random.default_rng(0), 0.0
+    for _ in range(steps):
+        masks = np.stack(venv.env_method("action_masks"))
+        actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
+        t0 = time.process_time()
+        venv.step(actions)
+        cpu += time.process_time() - t0
+    venv.close()
+    return {"steps": steps * cfg.n_envs, "cpu_seconds": cpu}
+
+
+def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
+    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+    from procfs import proc_kib
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.train import train_agent
+
+    if mode.startswith("env only: "):
+        return run_env_only(root, n, d, mode.removeprefix("env only: "))
+    wd = workdir_for(root, n, d)
     options = {"n_envs": N_ENVS, **MODES.get(mode, VEC_MODES.get(mode, {}))}
     cfg = AgentConfig(
         fracs=(0.1,), total_timesteps=rollouts * options["n_envs"] * N_STEPS, n_steps=N_STEPS,
@@ -213,12 +248,14 @@ def child(root: str, n: int, d: int, mode: str, rollouts: int) -> dict:
 
 def compare_vec_envs(sizes: list[str], rollouts: int, repeats: int) -> None:
     """``--vec``: each size's two vector envs, alternating, one fresh process each, ``repeats``
-    times; each run's rates and their ratios to the baseline run just before it."""
+    times; each run's rates and their ratios to the baseline run just before it. Then the two
+    vector envs stepped alone, per size."""
     print(
         f"| N | d | vector env | training steps/s | per CPU-s | vs {VEC_BASELINE} (CPU) | "
         "collection steps/s | per CPU-s | vs (CPU) | update s | peak GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    alone = []
     with tempfile.TemporaryDirectory(prefix="bench_agent_speed_") as tmp:
         for size in sizes:
             n, d = (int(x) for x in size.split(":"))
@@ -238,6 +275,16 @@ def compare_vec_envs(sizes: list[str], rollouts: int, repeats: int) -> None:
                         f"{collect_cpu / base[1]:.2f}x | {update:.1f} | {r['peak_gib']:.2f} |",
                         flush=True,
                     )
+            env_rates = []
+            for mode in VEC_MODES:
+                r = child(tmp, n, d, f"env only: {mode}", rollouts)
+                env_rates.append(r["steps"] / r["cpu_seconds"])
+            alone.append((n, d, *env_rates))
+    print(f"\nThe vector envs alone ({N_STEPS} steps of 8 envs, random legal actions):\n")
+    print(f"| N | d | {' | '.join(VEC_MODES)} (steps/CPU-s) | ratio |")
+    print("|---|---|---|---|---|")
+    for n, d, base_rate, rate in alone:
+        print(f"| {n} | {d} | {base_rate:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
 
 
 if __name__ == "__main__":

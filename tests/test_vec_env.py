@@ -206,6 +206,8 @@ def test_sb3_vec_env_api(workdir):
     assert all(info["illegal_action"] for info in infos) and list(rewards) == [-3.0, -3.0]
     with pytest.raises(ValueError, match="shared"):
         vec.set_attr("tau", 0.5, indices=0)
+    with pytest.raises(ValueError, match="fixed"):
+        vec.set_attr("max_patches", 4)
     vec.set_attr("note", "x", indices=1)
     assert vec.get_attr("note", indices=1) == ["x"]
     vec.close()

@@ -28,7 +28,7 @@ from .batch import BatchStep, EpisodeBatch
 from .slide_data import SlideData
 from .wsi import SashaWSIEnv
 
-__all__ = ["SHARED_SETTINGS", "SashaVecEnv", "UnsupportedOption"]
+__all__ = ["SETTABLE", "SHARED_SETTINGS", "SashaVecEnv", "UnsupportedOption"]
 
 PathLike = str | os.PathLike
 
@@ -37,7 +37,8 @@ PathLike = str | os.PathLike
 UNBATCHED = ("render_mode", "stop_rule")
 
 #: Settings, models and sizes every env of a :class:`SashaVecEnv` shares: ``get_attr`` gives
-#: the same value for every env, ``set_attr`` sets it for all of them at once.
+#: the same value for every env; ``set_attr`` may change those of :data:`SETTABLE`, for all
+#: envs at once.
 SHARED_SETTINGS = (
     "split",
     "frac",
@@ -59,6 +60,10 @@ SHARED_SETTINGS = (
     "incremental",
     "stop_rule",
 )
+
+
+#: The shared settings ``set_attr`` may change (the step reads them every time).
+SETTABLE = ("reward_mode", "correct_bonus", "illegal_penalty", "tau", "anchor", "freeze_covered")
 
 
 class UnsupportedOption(ValueError):
@@ -102,7 +107,8 @@ class SashaVecEnv(VecEnv):
     ``env_method("action_masks")`` (how sb3-contrib's ``MaskablePPO`` asks) a list of E rows.
     ``get_attr`` answers the single env's per-episode attributes (``slide``, ``zoomed``,
     ``updated``, ``changed_rows``, ``budget``, ``probabilities``, ``np_random``) per env and
-    :data:`SHARED_SETTINGS` for all. Infos are those of a ``Monitor``-wrapped single env in a
+    :data:`SHARED_SETTINGS` for all (``set_attr`` changes those of :data:`SETTABLE` for all).
+    Infos are those of a ``Monitor``-wrapped single env in a
     ``DummyVecEnv`` (``env_is_wrapped(Monitor)`` is True): ``info["episode"]`` holds the
     episode's return ``r`` (rounded to 6 decimals), length ``l`` and seconds since
     construction ``t``.
@@ -126,7 +132,6 @@ class SashaVecEnv(VecEnv):
                     f"SashaVecEnv does not batch {name}=; use SB3's DummyVecEnv of "
                     "SashaWSIEnv (agents.vec_env: dummy)"
                 )
-        kwargs.pop("copy_obs", None)
         self.template = SashaWSIEnv(workdir, split, frac, **kwargs)
         """The single env whose settings, models, spaces and slide cache every env shares."""
         self.batch = EpisodeBatch(self.template, num_envs, device, layout)
@@ -178,10 +183,6 @@ class SashaVecEnv(VecEnv):
     def close(self) -> None:
         self._actions = None
 
-    def seed(self, seed: int | None = None) -> Sequence[int | None]:
-        """Seeds ``seed + e`` for env e's next reset (SB3's convention); ``None`` draws one."""
-        return super().seed(seed)
-
     def action_masks(self) -> np.ndarray:
         """Legal actions, bool ``(E, P)``: real patches not zoomed yet (sb3-contrib convention)."""
         return self.batch.action_masks()
@@ -192,6 +193,8 @@ class SashaVecEnv(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         envs = self._indices(indices)
         if attr_name in SHARED_SETTINGS:
+            if attr_name not in SETTABLE:
+                raise ValueError(f"{attr_name!r} of a SashaVecEnv is fixed when it is built")
             if sorted(envs) != list(range(self.num_envs)):
                 raise ValueError(
                     f"{attr_name!r} is shared by every env of a SashaVecEnv: set it for all"
