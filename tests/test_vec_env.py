@@ -91,7 +91,7 @@ def drive(vec, ref, steps, seed=0, illegal=0.25):
     _assert_obs(obs, want, "reset")
     for e in range(vec.num_envs):
         _assert_info(vec.reset_infos[e], ref.reset_infos[e], f"reset info {e}")
-    seen = {"done": 0, "illegal": 0, "frozen": 0, "updated": 0}
+    seen = {"done": 0, "illegal": 0, "frozen": 0, "updated": 0, "stopped": 0}
     for t in range(steps):
         masks = np.stack(vec.env_method("action_masks"))
         np.testing.assert_array_equal(masks, np.stack(ref.env_method("action_masks")))
@@ -116,6 +116,7 @@ def drive(vec, ref, steps, seed=0, illegal=0.25):
         seen["done"] += int(dones.sum())
         seen["illegal"] += sum(info["illegal_action"] for info in infos)
         seen["frozen"] += sum(info["frozen"] for info in infos)
+        seen["stopped"] += sum(info.get("stopped") == "learned" for info in infos)
     return seen
 
 
@@ -125,6 +126,8 @@ CASES = {
     "frozen when covered": {"frac": 0.9, "tau": 0.5, "freeze_covered": True},
     "full re-scoring": {"incremental": False, "illegal_penalty": -2.0},
     "max_patches 16": {"max_patches": 16, "reward": "delta"},
+    "learned stop": {"stop_action": True, "zoom_cost": 0.05},
+    "learned stop, delta": {"stop_action": True, "zoom_cost": 0.02, "reward": "delta"},
 }
 
 
@@ -139,6 +142,8 @@ def test_equals_single_envs_in_a_dummy_vec_env(workdir, case):
     assert seen["done"] >= 2 * E and seen["illegal"] > 0 and seen["updated"] > 0, seen
     if kw.get("freeze_covered"):
         assert seen["frozen"] > 0, seen
+    if kw.get("stop_action"):
+        assert seen["stopped"] > 0 and vec.action_space.n == vec.get_attr("max_patches")[0] + 1
     # a padded, unequal cohort: episodes ran on slides of different N
     assert len({info["n_patches"] for info in vec.reset_infos}) > 1 or seen["done"] > E
 
@@ -258,6 +263,14 @@ def test_agents_stage_uses_it_by_default(workdir, monkeypatch):
     dummy, _, _, _ = training_env(workdir, 0.5, AgentConfig(n_envs=2, vec_env="dummy"), seed=3)
     assert isinstance(vec, SashaVecEnv) and isinstance(dummy, DummyVecEnv) and frac == 0.5
     assert vec.copy_obs is False
+    drive(vec, dummy, steps=15, seed=3, illegal=0.0)
+    stop_cfg = AgentConfig(n_envs=2, stop="learned", zoom_cost=0.05)
+    vec, _, _, _ = training_env(workdir, 0.5, stop_cfg, seed=3, learned_stop=True)
+    dummy, _, _, _ = training_env(
+        workdir, 0.5, AgentConfig(n_envs=2, vec_env="dummy", stop="learned", zoom_cost=0.05),
+        seed=3, learned_stop=True,
+    )  # fmt: skip
+    assert isinstance(vec, SashaVecEnv) and vec.get_attr("stop_action") == [True, True]
     drive(vec, dummy, steps=15, seed=3, illegal=0.0)
 
     def refuse(*args, **kwargs):

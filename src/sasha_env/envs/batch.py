@@ -15,7 +15,8 @@ them at once. A step of E actions is:
    (:meth:`sasha_models.tsu.TSU.forward_anchors`);
 4. HAFED's classifier re-scoring the changed rows of every env in one call and updating every
    env's pooled sums (:class:`~sasha_models.incremental_batch.BatchedIncrementalClassifier`);
-5. rewards, terminations and predictions as ``(E,)`` arrays.
+5. rewards (with ``zoom_cost``, and the stop action's held reward with ``stop_action``),
+   terminations and predictions as ``(E,)`` arrays.
 
 No autoreset, random numbers or output copies here: :class:`~sasha_env.envs.vector.SashaVecEnv`
 adds them. The host keeps the observation buffers (``features``, ``visited``, ``valid``,
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from sasha_models.incremental_batch import BatchedIncrementalClassifier
-from sasha_models.spaces import legal_actions
+from sasha_models.spaces import legal_actions, stop_index
 
 from .similarity import Candidates
 from .slide_data import SlideData
@@ -54,6 +55,8 @@ class BatchStep(NamedTuple):
     """``(E,)`` bool: the action was illegal (no zoom, ``illegal_penalty``)."""
     frozen: np.ndarray
     """``(E,)`` bool: every patch was covered and ``freeze_covered`` ignored the action."""
+    stopped: np.ndarray
+    """``(E,)`` bool: the env took the stop action (``stop_action``; it ended the episode)."""
 
 
 class EpisodeBatch:
@@ -62,9 +65,9 @@ class EpisodeBatch:
     Args:
         spec: a :class:`~sasha_env.envs.wsi.SashaWSIEnv` whose settings (``tau``, ``anchor``,
             ``freeze_covered``, ``reward_mode``, ``correct_bonus``, ``illegal_penalty``,
-            ``frac``, ``obs_projection``, ``incremental``), models and sizes (``max_patches``
-            P, ``d``) apply to every episode; read at every step, so changing a setting on it
-            changes the batch's dynamics too.
+            ``zoom_cost``, ``stop_action``, ``frac``, ``obs_projection``, ``incremental``),
+            models and sizes (``max_patches`` P, ``d``) apply to every episode; read at every
+            step, so changing a setting on it changes the batch's dynamics too.
         n_envs: E.
         device: where the states and models live (``"cpu"``, ``"cuda"``...). The models are
             copied there when they are elsewhere; observations always come back to the host.
@@ -109,6 +112,7 @@ class EpisodeBatch:
         self.t = np.zeros(E, np.int64)
         self.budget = np.zeros(E, np.int64)
         self.n_free = np.zeros(E, np.int64)
+        self.done = np.zeros(E, bool)  # the episode ended (at the cap, or stopped)
         self.labels = np.zeros(E, np.int64)
         self.ce = np.zeros(E, np.float64)
         self.probs = np.zeros((E, len(spec.class_names)), np.float32)
@@ -168,13 +172,15 @@ class EpisodeBatch:
         self.coords[e, :n], self.coords[e, n:] = data.grid, 0.0
         self.slides[e], self.n[e], self.labels[e] = data, n, data.label
         self.t[e], self.budget[e], self.n_free[e] = 0, episode_budget(self.spec.frac, n), n
+        self.done[e] = False
         self.zoomed[e] = []
         self.changed[e] = np.arange(n, dtype=np.int64)
         self._set_predictions(np.array([e]), logits.unsqueeze(0))
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None) -> BatchStep:
-        """Zoom into ``actions[e]`` in every active env ``e`` (all by default); see
-        :class:`~sasha_env.envs.wsi.SashaWSIEnv` for dynamics and rewards.
+        """Zoom into ``actions[e]`` in every active env ``e`` (all by default), or stop it
+        (``stop_action``); see :class:`~sasha_env.envs.wsi.SashaWSIEnv` for dynamics and
+        rewards.
 
         Args:
             actions: ``(E,)`` patch indices (any integers: illegal ones are penalised).
@@ -188,11 +194,13 @@ class EpisodeBatch:
         on = np.ones(E, bool) if active is None else np.asarray(active, bool).reshape(E)
         if any(self.slides[e] is None for e in np.flatnonzero(on)):
             raise RuntimeError("call reset() before step()")
-        if (on & (self.t >= self.budget)).any():
+        if (on & self.done).any():
             raise RuntimeError("an episode has terminated; reset it first")
-        self.t[on] += 1
+        stop = on & bool(spec.stop_action) & (a == stop_index(spec.max_patches))
+        moving = on & ~stop  # a zoom, a frozen or an illegal step: one of the budget's
+        self.t[moving] += 1
         in_range = (a >= 0) & (a < self.n)
-        legal = on & in_range
+        legal = moving & in_range
         legal[legal] = self.visited[legal, a[legal]] == 0
         frozen = legal & bool(spec.freeze_covered) & (self.n_free == 0)
         zoom = legal & ~frozen
@@ -205,18 +213,24 @@ class EpisodeBatch:
         ce_before = self.ce.copy()
         if zoom.any():
             self._zoom(np.flatnonzero(zoom), a[zoom])
-        kept = -self.ce if spec.reward_mode == "ce" else np.zeros(E)
-        gain = -self.ce if spec.reward_mode == "ce" else ce_before - self.ce
+        ce = spec.reward_mode == "ce"
+        kept = -self.ce if ce else np.zeros(E)
+        gain = (-self.ce if ce else ce_before - self.ce) - spec.zoom_cost
+        # a stop holds the state for the budget's steps left, at no zoom cost
+        held = (self.budget - self.t) * -self.ce if ce else np.zeros(E)
         reward = np.where(zoom, gain, np.where(frozen, kept, spec.illegal_penalty))
+        reward = np.where(stop, held, reward)
         reward[~on] = 0.0
-        terminated = on & (self.t >= self.budget)
+        terminated = on & ((self.t >= self.budget) | stop)
+        self.done |= terminated
         correct = self.probs.argmax(1) == self.labels
         reward[terminated & correct] += spec.correct_bonus
-        return BatchStep(reward, terminated, on & ~legal, frozen)
+        return BatchStep(reward, terminated, moving & ~legal, frozen, stop)
 
     def action_masks(self) -> np.ndarray:
-        """Legal actions, bool ``(E, P)``: real patches not zoomed yet."""
-        return legal_actions(self.valid, self.visited)
+        """Legal actions, bool ``(E, P)``: real patches not zoomed yet; with ``stop_action``
+        ``(E, P + 1)``, the last (stop) always True."""
+        return legal_actions(self.valid, self.visited, stop=self.spec.stop_action)
 
     def updated_rows(self, e: int) -> list[int]:
         """Env ``e``'s patches whose row came from the TSU and were not zoomed afterwards."""

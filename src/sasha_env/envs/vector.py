@@ -59,11 +59,21 @@ SHARED_SETTINGS = (
     "obs_projection",
     "incremental",
     "stop_rule",
+    "stop_action",
+    "zoom_cost",
 )
 
 
 #: The shared settings ``set_attr`` may change (the step reads them every time).
-SETTABLE = ("reward_mode", "correct_bonus", "illegal_penalty", "tau", "anchor", "freeze_covered")
+SETTABLE = (
+    "reward_mode",
+    "correct_bonus",
+    "illegal_penalty",
+    "zoom_cost",
+    "tau",
+    "anchor",
+    "freeze_covered",
+)
 
 
 class UnsupportedOption(ValueError):
@@ -98,7 +108,8 @@ class SashaVecEnv(VecEnv):
         kwargs: further :class:`~sasha_env.envs.wsi.SashaWSIEnv` arguments (``store``,
             ``manifest``, ``hafed``, ``tsu``, ``reward``, ``correct_bonus``,
             ``illegal_penalty``, ``tau``, ``anchor``, ``freeze_covered``, ``max_patches``,
-            ``incremental``, ``cache_mb``, ``obs_projection``). ``render_mode`` and
+            ``incremental``, ``cache_mb``, ``obs_projection``, ``stop_action``,
+            ``zoom_cost``). ``render_mode`` and
             ``stop_rule`` raise :class:`UnsupportedOption`, as does ``reset`` with
             ``options={"slide_data": ...}``.
 
@@ -184,7 +195,8 @@ class SashaVecEnv(VecEnv):
         self._actions = None
 
     def action_masks(self) -> np.ndarray:
-        """Legal actions, bool ``(E, P)``: real patches not zoomed yet (sb3-contrib convention)."""
+        """Legal actions, bool ``(E, P)`` (``(E, P + 1)`` with ``stop_action``, the stop always
+        legal): real patches not zoomed yet (sb3-contrib convention)."""
         return self.batch.action_masks()
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
@@ -272,6 +284,8 @@ class SashaVecEnv(VecEnv):
             }
             if result.terminated[e]:
                 info.update(self.batch.final_info(e))
+                if self.template.stop_action:
+                    info["stopped"] = "learned" if result.stopped[e] else "cap"
             self._out.touch(e, self.batch.changed[e])
             infos.append(info)
         return result, infos
@@ -347,8 +361,8 @@ class EnvView:
         return None
 
     def action_masks(self) -> np.ndarray:
-        batch = self._venv.batch
-        return legal_actions(batch.valid[self._e], batch.visited[self._e])
+        batch, stop = self._venv.batch, self._venv.template.stop_action
+        return legal_actions(batch.valid[self._e], batch.visited[self._e], stop=stop)
 
     def state(self) -> np.ndarray:
         """A copy of env e's state ``S (N, d)`` (no padding)."""
