@@ -76,7 +76,10 @@ bench-scale: $(STAMP)
 	$(PY) experiments/bench_env.py
 	$(PY) experiments/bench_agent_speed.py
 
-bench-agents: $(STAMP)   # needs a finished demo workdir (make demo)
+# SashaVecEnv against 8 DummyVecEnvs (training steps/s, side by side; no workdir needed), then
+# the RL algorithms on the demo workdir (needs a finished `make demo`).
+bench-agents: $(STAMP)
+	$(PY) experiments/bench_agent_speed.py --vec
 	$(VENV)/bin/sasha benchmark --workdir $(DEMO_DIR) --algos maskable_ppo ppo ppo_unmasked a2c dqn \
 		--seeds 0 1 2 --frac 0.1 --out $(DEMO_DIR)/benchmark
 

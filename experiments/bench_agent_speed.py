@@ -1,6 +1,23 @@
 """Agent training throughput and memory at real N and d: MaskablePPO with the SASHA policy.
 
     python experiments/bench_agent_speed.py [--sizes 100:1280 800:1280 8192:384] [--rollouts 2]
+    python experiments/bench_agent_speed.py --vec [--sizes 800:1280 8192:384] [--rollouts 1]
+
+``--vec`` (what ``make bench-agents`` runs first): the agents stage's training on 8 envs, its
+vector env the only difference: SB3's ``DummyVecEnv`` of 8 single envs (``agents.vec_env:
+dummy``, the default before ``SashaVecEnv``) against ``SashaVecEnv`` with 8 envs (``sasha``,
+the default now), same algorithm, settings and seed, side by side (alternating fresh
+processes) at N ≈ 800 (d = 1,280) and N = 8,192 (d = 384). Printed per run: environment steps
+per second of training (collection and updates) and of collection alone (the rollouts: env
+steps, policy forward passes, buffer), each per wall-clock second and per CPU-second of the
+process (one torch thread: on a machine shared with other jobs the CPU time is the steadier
+measure), the ratios of the CPU rates to ``DummyVecEnv``'s run just before, the seconds per
+update, and the peak memory; then both vector envs stepped alone (64 steps of random legal
+actions, the same for both, steps per CPU-second) and their ratio. One rollout is 8 × 64 steps; ``--repeats`` alternates the pair
+again. The default run is 1 rollout per run: a few minutes on a quiet 2-core machine, most of
+it PPO's update at N = 8,192 (about 2 min per run there, the same for both).
+
+Without ``--vec``:
 
 For each ``N:d``, a workdir of 8 training slides of about N clustered random features
 (``bench_env.synthetic_workdir``; random-init HAFED and TSU) and the agents stage's training
@@ -52,6 +69,12 @@ MODES = {
     "row pool, paper protocol": {"protocol": "paper", "epochs": 1},
 }
 BASELINE = "SB3 buffer"
+#: ``--vec``: the agents stage's default training on 8 envs, with either vector env.
+VEC_MODES = {
+    "8 DummyVecEnvs": {"vec_env": "dummy", "n_envs": 8},
+    "SashaVecEnv, 8 envs": {"vec_env": "sasha", "n_envs": 8},
+}
+VEC_BASELINE = "8 DummyVecEnvs"
 LARGE_N = 2048
 LARGE_MODES = [BASELINE, "row pool", "row pool, obs_dim 128", "row pool, paper protocol"]
 N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
@@ -67,9 +90,15 @@ class Clock(BaseCallback):
         self.rollouts, self.done = rollouts, 0
 
     def _on_training_start(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.collect_seconds = self.collect_cpu = 0.0
+
+    def _on_rollout_start(self) -> None:
+        self.rollout_t0, self.rollout_cpu0 = time.perf_counter(), time.process_time()
 
     def _on_rollout_end(self) -> None:  # the buffer is full, the update comes next
+        self.collect_seconds += time.perf_counter() - self.rollout_t0
+        self.collect_cpu += time.process_time() - self.rollout_cpu0
         self.done += 1
         buffer = self.model.rollout_buffer
         self.steps = int(self.num_timesteps)
@@ -81,23 +110,59 @@ class Clock(BaseCallback):
 
     def _on_training_end(self) -> None:
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.cpu0
 
 
-def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
-    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+def workdir_for(root: Path, n: int, d: int) -> Path:
+    """The synthetic workdir for N, d under ``root`` (built on first use)."""
     from bench_env import synthetic_workdir  # next to this script
-    from procfs import proc_kib
-    from sasha_env.agents.config import AgentConfig
-    from sasha_env.agents.train import train_agent
 
     wd = root / f"n{n}-d{d}"
     if not (wd / "manifest.csv").is_file():
         synthetic_workdir(wd, N_SLIDES, (int(n * 0.9), n), d)
+    return wd
+
+
+def run_env_only(root: Path, n: int, d: int, mode: str, steps: int = N_STEPS) -> dict:
+    """In this process: the agents stage's training env of ``mode`` (:data:`VEC_MODES`)
+    stepped alone, ``steps`` steps of random legal actions (the same for both modes) after a
+    reset; returns its CPU seconds in ``step``."""
+    import numpy as np
+    import torch
+
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import training_env
+
+    torch.set_num_threads(1)  # as the agents stage trains (agents.cpu_threads)
+    cfg = AgentConfig(fracs=(0.1,), **VEC_MODES[mode])
+    venv, _, _, _ = training_env(workdir_for(root, n, d), 0.1, cfg, seed=0)
+    venv.reset()
+    rng, cpu = np.random.default_rng(0), 0.0
+    for _ in range(steps):
+        masks = np.stack(venv.env_method("action_masks"))
+        actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
+        t0 = time.process_time()
+        venv.step(actions)
+        cpu += time.process_time() - t0
+    venv.close()
+    return {"steps": steps * cfg.n_envs, "cpu_seconds": cpu}
+
+
+def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
+    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+    from procfs import proc_kib
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.train import train_agent
+
+    if mode.startswith("env only: "):
+        return run_env_only(root, n, d, mode.removeprefix("env only: "))
+    wd = workdir_for(root, n, d)
+    options = {"n_envs": N_ENVS, **MODES.get(mode, VEC_MODES.get(mode, {}))}
     cfg = AgentConfig(
-        fracs=(0.1,), total_timesteps=rollouts * N_ENVS * N_STEPS, n_steps=N_STEPS,
-        n_envs=N_ENVS, batch_size=64, n_epochs=4, **MODES[mode],
+        fracs=(0.1,), total_timesteps=rollouts * options["n_envs"] * N_STEPS, n_steps=N_STEPS,
+        batch_size=64, n_epochs=4, **options,
     )  # fmt: skip
-    paper = MODES[mode].get("protocol") == "paper"
+    paper = options.get("protocol") == "paper"
     clock = Clock(rollouts if paper else None)  # paper: a rollout is one slide's two episodes
     model = train_agent(
         wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock]
@@ -108,6 +173,10 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
         "buffer_steps": clock.buffer_steps,
         "steps": clock.steps,
         "seconds": clock.seconds,
+        "collect_seconds": clock.collect_seconds,
+        "cpu_seconds": clock.cpu_seconds,
+        "collect_cpu": clock.collect_cpu,
+        "rollouts": clock.done,
         "peak_gib": proc_kib("VmHWM") / 2**20,
         "P": int(model.observation_space["features"].shape[0]),
         "k": k,
@@ -118,8 +187,14 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sizes", nargs="+", default=["100:1280", "800:1280", "8192:384"])
-    p.add_argument("--rollouts", type=int, default=2, help="rollouts of 4 x 64 steps per run")
+    p.add_argument("--vec", action="store_true", help="SashaVecEnv against 8 DummyVecEnvs")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        help="N:d (default 100:1280 800:1280 8192:384; --vec: 800:1280 8192:384)",
+    )
+    p.add_argument("--rollouts", type=int, help="rollouts per run (default 2; --vec: 1)")
+    p.add_argument("--repeats", type=int, default=1, help="--vec: runs of each vector env per size")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument(
         "--modes-large", nargs="+", default=LARGE_MODES, choices=list(MODES),
@@ -127,10 +202,15 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--child", nargs=4, metavar=("ROOT", "N", "D", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.rollouts = args.rollouts or (1 if args.vec else 2)
     if args.child:
         root, n, d, mode = args.child
         print(json.dumps(run_one(Path(root), int(n), int(d), mode, args.rollouts)))
         return
+    if args.vec:
+        compare_vec_envs(args.sizes or ["800:1280", "8192:384"], args.rollouts, args.repeats)
+        return
+    args.sizes = args.sizes or ["100:1280", "800:1280", "8192:384"]
     print(
         f"| N | d | mode | steps/s | vs {BASELINE} | peak GiB | observation MB | "
         "rollout buffer GiB (as run) | paper-protocol SB3 buffer GiB |"
@@ -141,9 +221,7 @@ def main() -> None:
             n, d = (int(x) for x in size.split(":"))
             base = None
             for mode in args.modes if n <= LARGE_N else args.modes_large:
-                cmd = [sys.executable, __file__, "--rollouts", str(args.rollouts), "--child", tmp, str(n), str(d), mode]  # fmt: skip
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
+                r = child(tmp, n, d, mode, args.rollouts)
                 rate = r["steps"] / r["seconds"]
                 base = rate if mode == BASELINE else base
                 obs = r["P"] * (4 * r["k"] + 10)
@@ -159,6 +237,54 @@ def main() -> None:
                     f"{obs / 1e6:.2f} | {buffer / 2**30:.3f} | {paper / 2**30:.2f} |",
                     flush=True,
                 )
+
+
+def child(root: str, n: int, d: int, mode: str, rollouts: int) -> dict:
+    """:func:`run_one` in a fresh process (its own peak memory, its own caches)."""
+    cmd = [sys.executable, __file__, "--rollouts", str(rollouts), "--child", root, str(n), str(d), mode]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare_vec_envs(sizes: list[str], rollouts: int, repeats: int) -> None:
+    """``--vec``: each size's two vector envs, alternating, one fresh process each, ``repeats``
+    times; each run's rates and their ratios to the baseline run just before it. Then the two
+    vector envs stepped alone, per size."""
+    print(
+        f"| N | d | vector env | training steps/s | per CPU-s | vs {VEC_BASELINE} (CPU) | "
+        "collection steps/s | per CPU-s | vs (CPU) | update s | peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    alone = []
+    with tempfile.TemporaryDirectory(prefix="bench_agent_speed_") as tmp:
+        for size in sizes:
+            n, d = (int(x) for x in size.split(":"))
+            for _ in range(repeats):
+                base: tuple[float, float] | None = None
+                for mode in VEC_MODES:
+                    r = child(tmp, n, d, mode, rollouts)
+                    steps = r["steps"]
+                    rate, cpu_rate = steps / r["seconds"], steps / r["cpu_seconds"]
+                    collect, collect_cpu = steps / r["collect_seconds"], steps / r["collect_cpu"]
+                    base = (cpu_rate, collect_cpu) if mode == VEC_BASELINE else base
+                    assert base is not None
+                    update = (r["seconds"] - r["collect_seconds"]) / max(r["rollouts"], 1)
+                    print(
+                        f"| {n} | {d} | {mode} | {rate:.1f} | {cpu_rate:.1f} | "
+                        f"{cpu_rate / base[0]:.2f}x | {collect:.1f} | {collect_cpu:.1f} | "
+                        f"{collect_cpu / base[1]:.2f}x | {update:.1f} | {r['peak_gib']:.2f} |",
+                        flush=True,
+                    )
+            env_rates = []
+            for mode in VEC_MODES:
+                r = child(tmp, n, d, f"env only: {mode}", rollouts)
+                env_rates.append(r["steps"] / r["cpu_seconds"])
+            alone.append((n, d, *env_rates))
+    print(f"\nThe vector envs alone ({N_STEPS} steps of 8 envs, random legal actions):\n")
+    print(f"| N | d | {' | '.join(VEC_MODES)} (steps/CPU-s) | ratio |")
+    print("|---|---|---|---|---|")
+    for n, d, base_rate, rate in alone:
+        print(f"| {n} | {d} | {base_rate:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
 ``import sasha_env`` registers ``Sasha-WSI-v0`` with Gymnasium and loads nothing heavy; the
 main objects are importable from here and load their module on first use::
 
-    from sasha_env import SashaWSIEnv, FeatureStore, Pipeline, Predictor
+    from sasha_env import SashaWSIEnv, SashaVecEnv, FeatureStore, Pipeline, Predictor
 
 The package's rooms follow the data flow (a wing imports only itself and the wings before it):
 
 - :mod:`sasha_env.slides` — reading slides, tissue and patch grid, patch pixels, the cohort
   manifest, tumour masks, the synthetic cohort;
 - :mod:`sasha_env.features` — backbones, embedding, extraction, the zarr feature store, bags;
-- :mod:`sasha_env.envs` — ``Sasha-WSI-v0``, what it reads, rendering;
+- :mod:`sasha_env.envs` — ``Sasha-WSI-v0``, its batched vector env (``SashaVecEnv``), what it
+  reads, rendering;
 - :mod:`sasha_env.agents` — training SB3 agents, zoom policies, running episodes;
 - :mod:`sasha_env.pipeline` — the stage registry, the cached runner, evaluation, figures;
 - :mod:`sasha_env.predict` and :mod:`sasha_env.cli` — new slides, and the ``sasha`` command;
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (
     from .agents.episodes import run_episodes as run_episodes
     from .agents.train import train_agent as train_agent
     from .config import load_config as load_config
+    from .envs.gym_vector import SashaVectorEnv as SashaVectorEnv
+    from .envs.vector import SashaVecEnv as SashaVecEnv
     from .envs.wsi import SashaWSIEnv as SashaWSIEnv
     from .features.store import FeatureStore as FeatureStore
     from .pipeline.runner import Pipeline as Pipeline
@@ -49,6 +52,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily (
 #: Public name → the module that defines it (imported on first access).
 _API = {
     "SashaWSIEnv": "sasha_env.envs.wsi",
+    "SashaVecEnv": "sasha_env.envs.vector",
+    "SashaVectorEnv": "sasha_env.envs.gym_vector",
     "FeatureStore": "sasha_env.features.store",
     "Manifest": "sasha_env.slides.manifest",
     "read_manifest": "sasha_env.slides.manifest",
@@ -80,9 +85,17 @@ def __dir__() -> list[str]:
 
 
 def _register() -> None:
-    """Register ``Sasha-WSI-v0`` with Gymnasium (once; ``gymnasium.make`` imports the env lazily)."""
+    """Register ``Sasha-WSI-v0`` with Gymnasium (once; ``gymnasium.make`` imports the env lazily).
+
+    ``gymnasium.make_vec`` builds the batched :class:`~sasha_env.envs.gym_vector.SashaVectorEnv`
+    (the vector entry point) unless ``vectorization_mode="sync"`` or ``"async"`` is asked.
+    """
     if "Sasha-WSI-v0" not in gymnasium.registry:
-        gymnasium.register(id="Sasha-WSI-v0", entry_point="sasha_env.envs.wsi:SashaWSIEnv")
+        gymnasium.register(
+            id="Sasha-WSI-v0",
+            entry_point="sasha_env.envs.wsi:SashaWSIEnv",
+            vector_entry_point="sasha_env.envs.gym_vector:SashaVectorEnv",
+        )
 
 
 _register()

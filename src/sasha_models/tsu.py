@@ -137,6 +137,27 @@ class TSU(nn.Module):
             out = self.net(torch.cat([v_a, z_a, z_j], dim=-1))
         return z_j + out if self.cfg.residual else out
 
+    def forward_anchors(self, v_a: Tensor, z_a: Tensor, z_j: Tensor, owner: Tensor) -> Tensor:
+        """Several zooms' updates as one product: row i of ``z_j`` is a target of anchor
+        ``owner[i]``.
+
+        Equals ``self(v_a[owner[i]], z_a[owner[i]], z_j[i])`` row by row, to float rounding
+        (batched products round differently in the last bits); the anchors' part of the first
+        layer is computed once per anchor, as in a single zoom.
+
+        Args:
+            v_a, z_a: the anchors ``(A, d)``.
+            z_j: the targets ``(R, d)``.
+            owner: ``(R,)`` int64, each target's anchor in ``[0, A)``.
+
+        Returns:
+            ``(R, d)``.
+        """
+        first, d = cast(nn.Linear, self.net[0]), self.cfg.d
+        anchor = F.linear(torch.cat([v_a, z_a], dim=-1), first.weight[:, : 2 * d], first.bias)
+        out = self._targets(z_j, anchor[owner])
+        return z_j + out if self.cfg.residual else out
+
     def _one_anchor(self, v_a: Tensor, z_a: Tensor, z_j: Tensor) -> Tensor:
         """One anchor ``(d,)``, many targets ``(..., d)`` (a zoom's update): the anchor's part
         of the first layer, ``W_v v_a + W_a z_a + b``, is computed once instead of per target,
@@ -144,7 +165,13 @@ class TSU(nn.Module):
         first, d = cast(nn.Linear, self.net[0]), self.cfg.d
         w = first.weight  # (hidden, 3d): columns for v_a, z_a, z_j
         anchor = torch.addmv(first.bias, w[:, : 2 * d], torch.cat([v_a, z_a]))
-        return self.net[1:](F.linear(z_j, w[:, 2 * d :]) + anchor)
+        return self._targets(z_j, anchor)
+
+    def _targets(self, z_j: Tensor, anchor: Tensor) -> Tensor:
+        """The network after its first layer's anchor part ``anchor`` (broadcast to the
+        targets' rows) is known: the targets' part ``W_j z_j`` added, then the rest."""
+        first, d = cast(nn.Linear, self.net[0]), self.cfg.d
+        return self.net[1:](F.linear(z_j, first.weight[:, 2 * d :]) + anchor)
 
 
 def similar_mask(z: Tensor, anchor: int | Tensor, tau: float) -> Tensor:

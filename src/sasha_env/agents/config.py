@@ -19,6 +19,7 @@ __all__ = [
     "POLICY_ARCHS",
     "PROTOCOLS",
     "STOP_MODES",
+    "VEC_ENVS",
     "AgentConfig",
     "agent_name",
     "steps_for",
@@ -38,6 +39,8 @@ LR_SCHEDULES = ("constant", "cosine")
 STOP_MODES = ("none", "learned")
 #: Suffix of a learned-stop agent's folder name (:func:`agent_name`).
 STOP_SUFFIX = "-stop"
+#: ``agents.vec_env``: our batched vector env (the default), or SB3's vector envs of single envs.
+VEC_ENVS = ("sasha", "dummy", "subproc")
 
 #: Each protocol's own values of the options left at ``None`` (:meth:`AgentConfig.resolved`):
 #: ``paper`` is the official agent at 6385fe6, ``sb3`` ours.
@@ -90,8 +93,12 @@ class AgentConfig:
     scales with f, so that every budget trains on about the same number of episodes (a fixed
     step budget gives f = 0.2 half the episodes of f = 0.1)."""
     n_envs: int = 4
-    vec_env: str = "dummy"
-    """``dummy`` (one process) or ``subproc`` (a process per env)."""
+    vec_env: str = "sasha"
+    """How the ``n_envs`` training envs run (``protocol: sb3``): ``sasha`` (the default):
+    :class:`~sasha_env.envs.vector.SashaVecEnv`, all envs stepped as one vectorised operation
+    (the same slides and episodes as ``dummy``, to float rounding; options it does not batch
+    fall back to ``dummy`` with a warning); ``dummy``: SB3's ``DummyVecEnv`` of single envs
+    (one process); ``subproc``: SB3's ``SubprocVecEnv`` (a process per env)."""
     reward: str = "ce"
     correct_bonus: float = 0.0
     stop: str = "none"
@@ -172,6 +179,8 @@ class AgentConfig:
         cfg = dataclass_from_dict(cls, d, "agents")
         if cfg.algo not in ALGORITHMS:
             raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+        if cfg.vec_env not in VEC_ENVS:
+            raise ValueError(f"agents.vec_env {cfg.vec_env!r}: choose one of {', '.join(VEC_ENVS)}")
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(
                 f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"

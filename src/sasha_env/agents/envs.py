@@ -12,6 +12,7 @@ projection of ``agents.obs_dim``. :func:`load_agent` is the one way a trained ag
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sasha_models.projection import ObsProjection, fit_obs_projection
 
+from ..envs.vector import SashaVecEnv, UnsupportedOption
 from ..envs.wsi import SashaWSIEnv
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
@@ -37,6 +39,7 @@ __all__ = [
     "Agent",
     "EnvSource",
     "agent_projection",
+    "env_options",
     "env_projection",
     "has_agent",
     "load_agent",
@@ -44,6 +47,21 @@ __all__ = [
     "training_env",
     "workdir_projection",
 ]
+
+
+def env_options(cfg: AgentConfig, learned_stop: bool = False, **kw: Any) -> dict[str, Any]:
+    """The :class:`~sasha_env.envs.wsi.SashaWSIEnv` arguments of an agent's environment: the
+    config's ``reward`` and ``correct_bonus``, ``max_patches="cohort"`` (the cohort's largest
+    slide, so that one agent serves every split) unless ``kw`` names it, with
+    ``learned_stop`` the stop action and ``cfg.zoom_cost`` per zoom, and ``kw``."""
+    if learned_stop:
+        kw = {"stop_action": True, "zoom_cost": cfg.zoom_cost, **kw}
+    return {
+        "reward": cfg.reward,
+        "correct_bonus": cfg.correct_bonus,
+        "max_patches": kw.pop("max_patches", "cohort"),
+        **kw,
+    }
 
 
 def make_env(
@@ -69,17 +87,7 @@ def make_env(
             ``copy_obs``...); ``max_patches`` defaults to the cohort's largest slide, so that one
             agent serves every split.
     """
-    if learned_stop:
-        kw = {"stop_action": True, "zoom_cost": cfg.zoom_cost, **kw}
-    return SashaWSIEnv(
-        wd.root,
-        split=split,
-        frac=frac,
-        reward=cfg.reward,
-        correct_bonus=cfg.correct_bonus,
-        max_patches=kw.pop("max_patches", "cohort"),  # one agent serves every split
-        **kw,
-    )
+    return SashaWSIEnv(wd.root, split=split, frac=frac, **env_options(cfg, learned_stop, **kw))
 
 
 def workdir_projection(
@@ -134,8 +142,13 @@ def training_env(
     only a workdir's environments are built here (and closed after training), with the stop
     action when ``learned_stop`` (:func:`make_env`).
 
-    Environments are wrapped in SB3's ``Monitor`` (episode returns and lengths in
-    ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``); a ``VecEnv`` is used as given.
+    A workdir's ``agents.n_envs`` training envs are a
+    :class:`~sasha_env.envs.vector.SashaVecEnv` (``agents.vec_env: sasha``, the default; its
+    env e seeded with ``seed + e``, as the single envs were) or SB3's ``DummyVecEnv`` /
+    ``SubprocVecEnv`` of single envs (``dummy``, ``subproc``, and the fallback when an option
+    is not batched). Single environments are wrapped in SB3's ``Monitor`` (episode returns and
+    lengths in ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``; ``SashaVecEnv`` adds
+    the same); a ``VecEnv`` is used as given.
     """
     if isinstance(source, (Workdir, str, os.PathLike)):
         wd = source if isinstance(source, Workdir) else Workdir(source)
@@ -147,6 +160,22 @@ def training_env(
             train_env = make_env(wd, "train", frac, cfg, **env_kw)
             schedule = SlideSchedule(train_env, cfg.episodes_per_slide, seed)
             return DummyVecEnv([lambda: Monitor(schedule)]), frac, wd, schedule
+
+        if cfg.vec_env == "sasha":
+            try:  # copy_obs=False: SB3 copies what it keeps within the next step
+                vec = SashaVecEnv(
+                    cfg.n_envs,
+                    wd.root,
+                    split="train",
+                    frac=frac,
+                    copy_obs=False,
+                    **env_options(cfg, learned_stop, obs_projection=projection),
+                )
+            except UnsupportedOption as err:
+                warnings.warn(f"{err}; training on SB3's DummyVecEnv instead", stacklevel=2)
+            else:
+                vec.seed(seed)  # env i draws the slides of a single env reset with seed + i
+                return vec, frac, wd, None
 
         def factory(rank: int) -> Callable[[], gym.Env]:
             def make() -> gym.Env:

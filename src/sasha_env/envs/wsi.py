@@ -19,10 +19,17 @@ from sasha_models.stopping import StopRule
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest
 from .render import ThumbnailCache, draw_patches
+from .similarity import Candidates
 from .slide_data import SlideCache, SlideData
 from .sources import resolve_sources
 
-__all__ = ["SashaWSIEnv", "episode_budget", "mean_attention", "observation_nbytes"]
+__all__ = [
+    "SashaWSIEnv",
+    "episode_budget",
+    "final_info",
+    "mean_attention",
+    "observation_nbytes",
+]
 
 PathLike = str | os.PathLike
 _EPS = 1e-8
@@ -316,9 +323,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._S: Tensor | None = None
         self._free: Tensor | None = None  # (N,) bool: neither zoomed nor TSU-updated
         self._updated: Tensor | None = None  # (N,) bool: ever TSU-updated
-        # Similarity candidates: row indices (a superset of the free rows), their z rows
-        # (contiguous) and norms; compacted when most have become stale.
-        self._cand: tuple[Tensor, Tensor, Tensor] = (torch.empty(0, dtype=torch.long),) * 3
+        self._cand = Candidates(torch.zeros(0, 1), torch.zeros(0))  # the similarity test
         self._n_free = 0
         self._zoomed: list[int] = []
         self._changed = np.zeros(0, np.int64)
@@ -370,6 +375,11 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """Steps of the current episode, ``⌈frac·N⌉``."""
         return self._budget
 
+    def load_slide(self, slide_id: str) -> SlideData:
+        """The arrays of a slide this env can load (any slide of the manifest in the store),
+        from its per-slide cache."""
+        return self._slides.get(str(slide_id))
+
     def state(self) -> np.ndarray:
         """A copy of the current state ``S (N, d)`` (no padding)."""
         n = 0 if self._slide is None else self._slide.n
@@ -394,7 +404,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             sid = options.get("slide_id")
             if sid is None:
                 sid = self.slide_ids[int(self.np_random.integers(len(self.slide_ids)))]
-            data = self._slides.get(str(sid))
+            data = self.load_slide(sid)
         n = data.n
         if n > self.max_patches:
             raise ValueError(
@@ -419,7 +429,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         with torch.inference_mode():
             self._S = torch.from_numpy(self._features)[:n]
             self._free = torch.ones(n, dtype=torch.bool)
-            self._cand = (torch.arange(n), data.z, data.z_norm)
+            self._cand = Candidates(data.z, data.z_norm)
             self._n_free = n
             self._updated = torch.zeros(n, dtype=torch.bool)
             self._set_prediction(self._clf.reset(self._S))
@@ -545,13 +555,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         assert self._updated is not None
         anchor = (S[a] if self.anchor == "state" else data.z[a]).clone()  # (d,)
         free[a] = False
-        # Candidates (neither zoomed nor updated) still hold z_j, so cos(S_j, anchor) is
-        # cos(z_j, anchor): one (n_cand, d) @ (d,) product over a compacted copy of the
-        # candidates' z rows, with their cached norms.
-        idx, zc, norm = self._cand
-        dots = zc @ anchor
-        hit = dots.abs_() >= norm * (self.tau * float(anchor.norm()))
-        targets = idx[hit & free[idx]]
+        targets = self._cand.similar(anchor, self.tau, free)
         v_a = data.v[a]
         if targets.numel():
             S[targets] = self.tsu(v_a, anchor, data.z[targets])
@@ -561,9 +565,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._visited[a] = 1
         self._zoomed.append(a)
         self._n_free -= 1 + targets.numel()
-        if len(idx) > 2 * self._n_free + 256:  # most candidates are stale: compact
-            keep = torch.nonzero(free).squeeze(1)
-            self._cand = (keep, data.z[keep], data.z_norm[keep])
+        self._cand.compact(free, self._n_free)
         return torch.cat([torch.tensor([a]), targets])
 
     def _set_prediction(self, logits: Tensor) -> None:
@@ -595,19 +597,32 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         }
 
     def _final_info(self) -> dict[str, Any]:
-        data = self._slide
-        assert data is not None
-        prediction = int(np.argmax(self._probs))
-        zoomed = list(self._zoomed)
-        return {
-            "probabilities": self._probs.copy(),
-            "prediction": prediction,
-            "label": data.label,
-            "correct": prediction == data.label,
-            "slide_id": data.slide_id,
-            "zoomed": zoomed,
-            "zoomed_coords": data.coords[zoomed].tolist(),
-            "updated": self.updated,
-            "n_patches": data.n,
-            "frac_read": len(zoomed) / data.n,
-        }
+        assert self._slide is not None
+        return final_info(self._slide, self._probs, self._zoomed, self.updated)
+
+
+def final_info(
+    data: SlideData, probs: np.ndarray, zoomed: list[int], updated: list[int]
+) -> dict[str, Any]:
+    """The entries the last ``info`` of an episode adds (see :class:`SashaWSIEnv`).
+
+    Args:
+        data: the episode's slide.
+        probs: HAFED's class probabilities on the final state ``(C,)`` (copied).
+        zoomed: the patches zoomed, in order (copied).
+        updated: the TSU-updated patches not zoomed later.
+    """
+    prediction = int(np.argmax(probs))
+    zoomed = list(zoomed)
+    return {
+        "probabilities": np.array(probs, np.float32),
+        "prediction": prediction,
+        "label": data.label,
+        "correct": prediction == data.label,
+        "slide_id": data.slide_id,
+        "zoomed": zoomed,
+        "zoomed_coords": data.coords[zoomed].tolist(),
+        "updated": list(updated),
+        "n_patches": data.n,
+        "frac_read": len(zoomed) / data.n,
+    }

@@ -157,7 +157,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v in ("maskable_ppo", "ppo", "a2c", "dqn"),
         "one of maskable_ppo, ppo, a2c, dqn",
     ),
-    "agents.vec_env": (lambda v: v in ("dummy", "subproc"), "dummy or subproc"),
+    "agents.vec_env": (
+        lambda v: v in ("sasha", "dummy", "subproc"),
+        "sasha, dummy or subproc",
+    ),
     "agents.protocol": (lambda v: v in ("sb3", "paper"), "sb3 or paper"),
     "agents.policy_arch": (lambda v: v in (None, "sasha", "official"), "sasha or official"),
     "agents.lr_schedule": (lambda v: v in (None, "constant", "cosine"), "constant or cosine"),
