@@ -6,16 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..slides.manifest import read_manifest
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, add_mpp, zoom_budget
 
 #: ``--adaptive``'s default cap: the budget of the agent that reads at most this much.
 F_MAX = 0.2
-
-if TYPE_CHECKING:
-    from ..predict import Prediction
 
 
 def add_predict(sub: SubParsers) -> None:
@@ -96,6 +92,16 @@ def add_predict(sub: SubParsers) -> None:
         "224 px, more for smaller patches, which keeps activations in cache)",
     )
     p.add_argument(
+        "--batch-slides",
+        type=_at_least_one,
+        default=None,
+        metavar="B",
+        help="slides zoomed in lockstep: each zoom step reads the patches the agents of B slides "
+        "chose (a small thread pool) and embeds their sub-patches in one backbone forward; the "
+        "records are those of one slide at a time, in input order. Memory grows with B (each "
+        "slide in flight holds its N x d state). 1: one slide at a time (default: 8)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="where the backbone runs, e.g. cpu or cuda (default: cpu); the small models stay "
@@ -105,8 +111,19 @@ def add_predict(sub: SubParsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _at_least_one(text: str) -> int:
+    """An integer of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import Predictor, unique_slide_ids  # lazy: torch, zarr
+    from ..predict import BATCH_SLIDES, Predictor, SlideRequest, unique_slide_ids  # lazy: torch
 
     slides: list[Path] = [Path(s) for s in args.slides]
     given: list[str | None] = [None] * len(slides)
@@ -133,16 +150,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         calibration=None if args.calibration == "none" else args.calibration,
         mpp=args.mpp,
     )
+    requests = [
+        SlideRequest(path, sid, mpp, args.pictures / f"{sid}.png" if args.pictures else None)
+        for path, sid, mpp in zip(slides, unique_slide_ids(slides, given), mpps, strict=True)
+    ]
+    batch_slides = args.batch_slides or BATCH_SLIDES
     failed = 0
-    for path, sid, mpp in zip(slides, unique_slide_ids(slides, given), mpps, strict=True):
-        picture = args.pictures / f"{sid}.png" if args.pictures else None
-        record: Prediction | dict[str, str]
-        try:
-            record = predictor.predict(
-                path, picture=picture, geojson=args.geojson, slide_id=sid, mpp=mpp
-            )
-        except Exception as exc:  # one bad slide never stops the batch
-            failed += 1
-            record = {"slide": str(path), "slide_id": sid, "error": f"{type(exc).__name__}: {exc}"}
+    for record in predictor.predict_many(requests, args.geojson, batch_slides):
+        failed += "error" in record  # one bad slide never stops the others
         print(json.dumps(record), flush=True)
     return EXIT_PARTIAL if failed else EXIT_OK
