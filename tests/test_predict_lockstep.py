@@ -149,7 +149,7 @@ class _Job:
         from dataclasses import replace
         from types import SimpleNamespace
 
-        from sasha_env.lockstep import PhaseTimer, ZoomEpisode, ZoomRows
+        from sasha_env.agents.lockstep import PhaseTimer, ZoomEpisode, ZoomRows
 
         self.sid, self.reads, self.bad_at, self.closed = sid, reads, bad_at, False
         env.reset(options={"slide_id": sid})
@@ -175,8 +175,8 @@ def _lockstep(root, slides: list[str], batch_slides: int, bad: dict | None = Non
     """``({slide: EpisodeResult or exception}, {slide: patches read})``."""
     import torch
 
+    from sasha_env.agents.lockstep import run_lockstep
     from sasha_env.envs.wsi import SashaWSIEnv
-    from sasha_env.lockstep import run_lockstep
 
     reads: dict[str, list] = {s: [] for s in slides}
     jobs = []

@@ -8,7 +8,7 @@ demand). ``full=True`` is the baseline SASHA is measured against: every high-res
 read and embedded, then HAFED on the slide's ``(N, k, d)`` feature bag. Both modes embed
 pixels as they are read, so only one batch of pixels is ever held.
 
-:meth:`Predictor.predict_many` zooms several slides in lockstep (:mod:`sasha_env.lockstep`):
+:meth:`Predictor.predict_many` zooms several slides in lockstep (:mod:`sasha_env.agents.lockstep`):
 each zoom step embeds the sub-patches that all of them chose in one backbone forward.
 """
 
@@ -28,6 +28,7 @@ from PIL import Image
 from sasha_models.calibration import read_calibrations
 from sasha_models.checkpoint import load_model
 
+from .agents.lockstep import EpisodeResult, PhaseTimer, ZoomEpisode, ZoomRows, run_lockstep
 from .atomic import replace_atomically
 from .envs.geojson import episode_geojson, write_geojson
 from .envs.render import ThumbnailCache, draw_patches
@@ -36,7 +37,6 @@ from .envs.wsi import SashaWSIEnv
 from .features.backbones import build_backbone
 from .features.embed import embed_patches
 from .features.store import FeatureStore
-from .lockstep import EpisodeResult, PhaseTimer, ZoomEpisode, ZoomRows, run_lockstep
 from .slides.grid import GridConfig, PatchGrid, build_grid
 from .slides.manifest import read_manifest
 from .slides.patches import LowResRows, read_patch
@@ -356,7 +356,7 @@ class Predictor:
         At each zoom step the agents of up to B = ``batch_slides`` slides choose their
         patches, the chosen regions are read by a small thread pool, and their B·k
         sub-patches go through the backbone in one forward (at small patches a forward's
-        fixed cost dominates; see :mod:`sasha_env.lockstep`). Each slide's record equals
+        fixed cost dominates; see :mod:`sasha_env.agents.lockstep`). Each slide's record equals
         :meth:`predict`'s (the same zooms, bytes read and, to float rounding, probabilities),
         apart from ``seconds``. B = 1 predicts one slide at a time; ``full`` ignores B.
 
@@ -477,7 +477,7 @@ class Predictor:
 
 
 class _SlideRun:
-    """One slide from opening to its record (a :class:`~sasha_env.lockstep.LockstepJob`).
+    """One slide from opening to its record (a :class:`~sasha_env.agents.lockstep.LockstepJob`).
 
     Opening runs everything before the first zoom: tissue and grid, then the low-res pass and
     the episode's reset (SASHA), or every high-res sub-patch and HAFED (``full``). The slide

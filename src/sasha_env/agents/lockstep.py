@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .envs.slide_data import SlideData
-from .envs.wsi import SashaWSIEnv
+from ..envs.slide_data import SlideData
+from ..envs.wsi import SashaWSIEnv
 
 if TYPE_CHECKING:
     from sasha_models.actor_critic import RowCache
