@@ -289,6 +289,21 @@ class Predictor:
         ]
         return torch.cat(out)
 
+    def _embed_zooms(self, pixels: np.ndarray, batch_slides: int) -> torch.Tensor:
+        """Features of the sub-patches of a lockstep step, ``(m·k, P, P, 3)`` uint8 →
+        ``(m·k, dim)``: embedded in one forward padded with blank images to ``k·2^j`` images
+        (at most ``batch_slides·k``), so that forwards take at most ``1 + log2(B)`` shapes. A
+        CPU backbone (oneDNN) keeps memory for every batch shape it has run, about 20 MB each
+        for EfficientNet-Lite0 at 32 px; the blanks cost compute only while fewer than B
+        slides remain at the end of a run."""
+        k, n = self.grid_cfg.zoom**2, len(pixels)
+        m = -(-n // k)  # slides in this step
+        size = k * min(batch_slides, 1 << (m - 1).bit_length())
+        if size > n:
+            blank = np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)
+            pixels = np.concatenate([pixels, blank])
+        return self._embed(pixels)[:n]
+
     def _embed_stream(
         self, groups: Iterator[np.ndarray], timer: PhaseTimer, read: str, embed: str
     ) -> torch.Tensor:
@@ -405,9 +420,16 @@ class Predictor:
             with torch.inference_mode():
                 return self.hafed.distill(feats)
 
-        yield from run_lockstep(
-            requests, lambda r: _SlideRun(self, r, geojson), self._embed, distill, batch_slides
-        )
+        try:
+            yield from run_lockstep(
+                requests,
+                lambda r: _SlideRun(self, r, geojson),
+                lambda pixels: self._embed_zooms(pixels, batch_slides),
+                distill,
+                batch_slides,
+            )
+        finally:  # keep one environment for the next call, not B slides' buffers
+            del self._idle_envs[1:]
 
     def _named(self, probs: np.ndarray) -> dict[str, float]:
         return {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..slides.manifest import read_manifest
@@ -123,6 +124,11 @@ def _at_least_one(text: str) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    # OpenMP threads that finish a parallel region wait passively, not spinning: between two
+    # backbone forwards predict reads tiles and steps environments on one thread, and on a
+    # shared CPU spinning threads took the cores those need (10-35x slower, docs/benchmarks.md).
+    # Read when torch loads its OpenMP, below; OMP_WAIT_POLICY=ACTIVE in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..predict import BATCH_SLIDES, Predictor, SlideRequest, unique_slide_ids  # lazy: torch
 
     slides: list[Path] = [Path(s) for s in args.slides]
