@@ -370,8 +370,8 @@ class Predictor:
 
         At each zoom step the agents of up to B = ``batch_slides`` slides choose their
         patches, the chosen regions are read by a small thread pool, and their B·k
-        sub-patches go through the backbone in one forward (at small patches a forward's
-        fixed cost dominates; see :mod:`sasha_env.agents.lockstep`). Each slide's record equals
+        sub-patches go through the backbone in one forward (one zoom's k images are too few to
+        keep a CPU's threads busy; see :mod:`sasha_env.agents.lockstep`). Each slide's record equals
         :meth:`predict`'s (the same zooms, bytes read and, to float rounding, probabilities),
         apart from ``seconds``. B = 1 predicts one slide at a time; ``full`` ignores B.
 
