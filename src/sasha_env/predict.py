@@ -305,31 +305,35 @@ class Predictor:
         return self._embed(pixels)[:n]
 
     def _embed_stream(
-        self, groups: Iterator[np.ndarray], timer: PhaseTimer, read: str, embed: str
+        self, groups: Iterator[np.ndarray], n: int, timer: PhaseTimer, read: str, embed: str
     ) -> torch.Tensor:
-        """Embed images as they are read, ``batch_size`` at a time: one batch of pixels is held.
+        """Embed images as they are read, ``batch_size`` at a time: one batch of pixels is held,
+        and the features go straight into their ``(n, dim)`` array (no second copy to join).
 
         Args:
-            groups: arrays ``(m, P, P, 3)`` uint8, read lazily (time spent in it is ``read``).
+            groups: arrays ``(m, P, P, 3)`` uint8, ``n`` images in all, read lazily (time spent
+                in it is ``read``).
 
         Returns:
             ``(n, dim)`` float32 features on the CPU, in input order.
         """
-        out: list[torch.Tensor] = []
+        out = torch.empty(n, self.backbone.dim)
+        done = 0
         pending: list[np.ndarray] = []  # images read but not embedded yet
         t0 = time.perf_counter()
         for group in groups:
             pending.extend(group)
-            while len(pending) >= self.batch_size:
+            while len(pending) >= self.batch_size or pending and done + len(pending) == n:
                 t0 = timer.add(read, t0)
-                out.append(self._embed(np.stack(pending[: self.batch_size])))
-                del pending[: self.batch_size]
+                batch = np.stack(pending[: self.batch_size])
+                out[done : done + len(batch)] = self._embed(batch)
+                done += len(batch)
+                del pending[: len(batch)]
                 t0 = timer.add(embed, t0)
-        t0 = timer.add(read, t0)
-        if pending:
-            out.append(self._embed(np.stack(pending)))
-            timer.add(embed, t0)
-        return torch.cat(out)
+        timer.add(read, t0)
+        if done != n:
+            raise RuntimeError(f"expected {n} images to embed, read {done + len(pending)}")
+        return out
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -436,8 +440,9 @@ class Predictor:
 
     def _full(self, slide: Slide, grid: PatchGrid, timer: PhaseTimer) -> EpisodeResult:
         hi = (read_patch(slide, grid, i, low=False)[1] for i in range(grid.n))
-        feats = self._embed_stream(hi, timer, "read_highres", "embed_highres")
-        feats = feats.reshape(grid.n, grid.zoom**2, -1)  # the bag HAFED takes: (N, k, d)
+        k = grid.zoom**2
+        feats = self._embed_stream(hi, grid.n * k, timer, "read_highres", "embed_highres")
+        feats = feats.reshape(grid.n, k, -1)  # the bag HAFED takes: (N, k, d)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self.hafed(feats.unsqueeze(0))["slide_logits"][0]
@@ -526,7 +531,7 @@ class _SlideRun:
                 return
             rows = LowResRows(self.slide, self.grid)
             lo = (rows[i][None] for i in range(self.grid.n))
-            z = p._embed_stream(lo, self.timer, "read_lowres", "embed_lowres")
+            z = p._embed_stream(lo, self.grid.n, self.timer, "read_lowres", "embed_lowres")
             self.fetched["lowres"] = self.slide.bytes_read - self.fetched["tissue"]
             self.episode = p._episode(self.slide, self.grid, z, self.timer, geojson is not None)
             self._env = self.episode.env
