@@ -73,6 +73,7 @@ bench-scale: $(STAMP)
 	test -f $(DEMO_DIR)/results.json || $(VENV)/bin/sasha demo $(DEMO_DIR)
 	$(VENV)/bin/sasha synth bench-large --preset large
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR) --slides-from bench-large/manifest.csv --slides 1
+	$(PY) experiments/bench_predict_process.py --workdir $(DEMO_DIR) --slides-from bench-large/manifest.csv --rounds 1
 	$(PY) experiments/bench_env.py
 	$(PY) experiments/bench_agent_speed.py
 
@@ -85,6 +86,7 @@ bench-agents: $(STAMP)
 
 bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)
+	$(PY) experiments/bench_predict_process.py --workdir $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments

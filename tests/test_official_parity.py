@@ -113,9 +113,12 @@ def test_state_freezes_once_every_patch_is_covered_only_with_the_option(tmp_path
     env = SashaWSIEnv(root, split=None, frac=0.5)  # 5 steps; freeze_covered from the TSU
     assert env.freeze_covered is freeze
     obs, _ = env.reset(options={"slide_id": "one"})
+    assert env.zooms_into(0)
     obs, r1, term, _, info = env.step(0)  # covers all 10 rows (the TSU updates 9)
     assert not info["frozen"] and len(env.updated) == 9
     S1 = obs["features"].copy()
+    assert not env.zooms_into(0)  # zoomed: illegal
+    assert env.zooms_into(4) is not freeze  # a frozen step reads no v (sasha predict: no pixels)
     obs, r2, term, _, info = env.step(4)
     assert info["frozen"] is freeze
     if freeze:  # the action is spent and marked, nothing else changes; reward of the same state

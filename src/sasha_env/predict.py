@@ -7,17 +7,18 @@ environment's own dynamics (``SashaWSIEnv`` with a slide whose ``v`` rows are co
 demand). ``full=True`` is the baseline SASHA is measured against: every high-res sub-patch
 read and embedded, then HAFED on the slide's ``(N, k, d)`` feature bag. Both modes embed
 pixels as they are read, so only one batch of pixels is ever held.
+
+:meth:`Predictor.predict_many` zooms several slides in lockstep (:mod:`sasha_env.agents.lockstep`):
+each zoom step embeds the sub-patches that all of them chose in one backbone forward.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from PIL import Image
 from sasha_models.calibration import read_calibrations
 from sasha_models.checkpoint import load_model
 
+from .agents.lockstep import EpisodeResult, PhaseTimer, ZoomEpisode, ZoomRows, run_lockstep
 from .atomic import replace_atomically
 from .envs.geojson import episode_geojson, write_geojson
 from .envs.render import ThumbnailCache, draw_patches
@@ -35,16 +37,26 @@ from .envs.wsi import SashaWSIEnv
 from .features.backbones import build_backbone
 from .features.embed import embed_patches
 from .features.store import FeatureStore
-from .slides.grid import GridConfig, build_grid
+from .slides.grid import GridConfig, PatchGrid, build_grid
 from .slides.manifest import read_manifest
 from .slides.patches import LowResRows, read_patch
 from .slides.slide import Slide, check_mpp
 from .workdir import Workdir
 
-__all__ = ["Predictor", "default_batch_size", "unique_slide_ids"]
+__all__ = [
+    "BATCH_SLIDES",
+    "Prediction",
+    "Predictor",
+    "SlideRequest",
+    "default_batch_size",
+    "unique_slide_ids",
+]
 
 #: a slide whose mpp differs from the cohort's by more than this is read at the cohort's mpp
 MPP_TOLERANCE = 0.1
+
+#: slides zoomed in lockstep by :meth:`Predictor.predict_many` (``sasha predict --batch-slides``)
+BATCH_SLIDES = 8
 
 
 def default_batch_size(input_px: int, device: torch.device) -> int:
@@ -59,37 +71,20 @@ def default_batch_size(input_px: int, device: torch.device) -> int:
     return int(min(256, max(4, round(4 * (224 / input_px) ** 2))))
 
 
-class _Timer(defaultdict):
-    """Seconds per phase."""
+class SlideRequest(NamedTuple):
+    """A slide to predict (:meth:`Predictor.predict_many`).
 
-    def __init__(self) -> None:
-        super().__init__(float)
+    Attributes:
+        path: the slide file.
+        slide_id: the record's id and the GeoJSON's file name; ``None``: the file's stem.
+        mpp: the slide's level-0 µm/px, instead of its metadata (a manifest's ``mpp``).
+        picture: write the zoom path as a PNG here (SASHA mode).
+    """
 
-    def add(self, phase: str, t0: float) -> float:
-        now = time.perf_counter()
-        self[phase] += now - t0
-        return now
-
-
-class _LazyDistilled:
-    """``v[a]`` for one patch: read its high-res region, embed k sub-patches, HAFED level 1."""
-
-    def __init__(self, predictor: Predictor, slide: Slide, grid, timer: _Timer):
-        self.p, self.slide, self.grid, self.timer = predictor, slide, grid, timer
-        self.n_read = 0
-        self.seconds = 0.0
-
-    def __getitem__(self, a: int) -> torch.Tensor:
-        start = t0 = time.perf_counter()
-        _, hi = read_patch(self.slide, self.grid, int(a), low=False)
-        t0 = self.timer.add("read_highres", t0)
-        feats = self.p._embed(hi)
-        t0 = self.timer.add("embed_highres", t0)
-        with torch.inference_mode():
-            v = self.p.hafed.distill(feats.unsqueeze(0))[0]
-        self.seconds += self.timer.add("distill", t0) - start
-        self.n_read += 1
-        return v
+    path: Path
+    slide_id: str | None = None
+    mpp: float | None = None
+    picture: Path | None = None
 
 
 class Prediction(TypedDict, total=False):
@@ -103,10 +98,14 @@ class Prediction(TypedDict, total=False):
     ``bytes_read`` (bytes fetched from the slide file: the TIFF's structure, the tissue
     thumbnail, the low-res pass and the zooms, counted at the reader; ``bytes_read_phases``
     splits it into ``tissue``, ``lowres``, ``highres``) and ``seconds`` (per phase,
-    ``total``). With ``adaptive``: ``stopped`` (``confident`` or ``cap``), ``referred`` (read
-    this slide in full) and ``confidence`` (calibrated, at the stop).
+    ``total``: the slide's share of the run's time; slides zoomed in lockstep share the reads,
+    backbone forwards and distillation of each step equally). With ``adaptive``: ``stopped``
+    (``confident`` or ``cap``), ``referred`` (read this slide in full) and ``confidence``
+    (calibrated, at the stop).
     With a calibration: ``probabilities_raw`` and ``calibration`` (``temperature``, ``bias``).
     When asked or relevant: ``picture``, ``geojson`` (paths written) and ``note``.
+    A slide that failed in :meth:`Predictor.predict_many` has only ``slide``, ``slide_id`` and
+    ``error`` (the exception's type and message).
     """
 
     slide: str
@@ -131,6 +130,7 @@ class Prediction(TypedDict, total=False):
     picture: str
     geojson: str
     note: str
+    error: str
 
 
 def unique_slide_ids(paths: list[Path], given: list[str | None] | None = None) -> list[str]:
@@ -240,7 +240,7 @@ class Predictor:
             key = "hafed@1" if full else f"sasha@{self.frac:g}"
             self.calibration = read_calibrations(self.wd.calibration, calibration).get(key)
         self.policy = None
-        self._env_cache: SashaWSIEnv | None = None
+        self._idle_envs: list[SashaWSIEnv] = []  # environments between slides
         if not full:
             from .agents.envs import load_agent  # lazy: loads SB3, which --full never needs
 
@@ -289,32 +289,51 @@ class Predictor:
         ]
         return torch.cat(out)
 
+    def _embed_zooms(self, pixels: np.ndarray, batch_slides: int) -> torch.Tensor:
+        """Features of the sub-patches of a lockstep step, ``(m·k, P, P, 3)`` uint8 →
+        ``(m·k, dim)``: embedded in one forward padded with blank images to ``k·2^j`` images
+        (at most ``batch_slides·k``), so that forwards take at most ``1 + log2(B)`` shapes. A
+        CPU backbone (oneDNN) keeps memory for every batch shape it has run, about 20 MB each
+        for EfficientNet-Lite0 at 32 px; the blanks cost compute only while fewer than B
+        slides remain at the end of a run."""
+        k, n = self.grid_cfg.zoom**2, len(pixels)
+        m = -(-n // k)  # slides in this step
+        size = k * min(batch_slides, 1 << (m - 1).bit_length())
+        if size > n:
+            blank = np.zeros((size - n, *pixels.shape[1:]), pixels.dtype)
+            pixels = np.concatenate([pixels, blank])
+        return self._embed(pixels)[:n]
+
     def _embed_stream(
-        self, groups: Iterator[np.ndarray], timer: _Timer, read: str, embed: str
+        self, groups: Iterator[np.ndarray], n: int, timer: PhaseTimer, read: str, embed: str
     ) -> torch.Tensor:
-        """Embed images as they are read, ``batch_size`` at a time: one batch of pixels is held.
+        """Embed images as they are read, ``batch_size`` at a time: one batch of pixels is held,
+        and the features go straight into their ``(n, dim)`` array (no second copy to join).
 
         Args:
-            groups: arrays ``(m, P, P, 3)`` uint8, read lazily (time spent in it is ``read``).
+            groups: arrays ``(m, P, P, 3)`` uint8, ``n`` images in all, read lazily (time spent
+                in it is ``read``).
 
         Returns:
             ``(n, dim)`` float32 features on the CPU, in input order.
         """
-        out: list[torch.Tensor] = []
+        out = torch.empty(n, self.backbone.dim)
+        done = 0
         pending: list[np.ndarray] = []  # images read but not embedded yet
         t0 = time.perf_counter()
         for group in groups:
             pending.extend(group)
-            while len(pending) >= self.batch_size:
+            while len(pending) >= self.batch_size or pending and done + len(pending) == n:
                 t0 = timer.add(read, t0)
-                out.append(self._embed(np.stack(pending[: self.batch_size])))
-                del pending[: self.batch_size]
+                batch = np.stack(pending[: self.batch_size])
+                out[done : done + len(batch)] = self._embed(batch)
+                done += len(batch)
+                del pending[: len(batch)]
                 t0 = timer.add(embed, t0)
-        t0 = timer.add(read, t0)
-        if pending:
-            out.append(self._embed(np.stack(pending)))
-            timer.add(embed, t0)
-        return torch.cat(out)
+        timer.add(read, t0)
+        if done != n:
+            raise RuntimeError(f"expected {n} images to embed, read {done + len(pending)}")
+        return out
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -339,99 +358,108 @@ class Predictor:
             SlideError: the slide is unreadable, has no tissue, or its resolution is unknown
                 (no usable mpp metadata, no ``mpp`` and no ``--mpp``).
         """
+        request = SlideRequest(Path(path), slide_id, mpp, picture)
+        ((_, out),) = self._run([request], geojson, batch_slides=1)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def predict_many(
+        self,
+        slides: Iterable[SlideRequest | str | Path],
+        geojson: Path | None = None,
+        batch_slides: int = BATCH_SLIDES,
+    ) -> Iterator[Prediction]:
+        """Records for many slides, in input order, zooming ``batch_slides`` of them in lockstep.
+
+        At each zoom step the agents of up to B = ``batch_slides`` slides choose their
+        patches, the chosen regions are read by a small thread pool, and their B·k
+        sub-patches go through the backbone in one forward (one zoom's k images are too few to
+        keep a CPU's threads busy; see :mod:`sasha_env.agents.lockstep`). Each slide's record equals
+        :meth:`predict`'s (the same zooms, bytes read and, to float rounding, probabilities),
+        apart from ``seconds``. B = 1 predicts one slide at a time; ``full`` ignores B.
+
+        A slide that fails gets ``{"slide", "slide_id", "error"}`` and the others go on.
+        Memory grows with B: each slide in flight holds its ``N × d`` state.
+
+        Args:
+            slides: paths or :class:`SlideRequest` s.
+            geojson: write ``<geojson>/<slide_id>.geojson`` for each (SASHA mode).
+            batch_slides: B, at least 1.
+        """
+        requests = [s if isinstance(s, SlideRequest) else SlideRequest(Path(s)) for s in slides]
+        done: dict[int, Prediction | Exception] = {}
+        upcoming = 0
+        for i, out in self._run(requests, geojson, batch_slides):
+            done[i] = out
+            while upcoming in done:  # in input order
+                out = done.pop(upcoming)
+                if isinstance(out, Exception):
+                    r = requests[upcoming]
+                    out = {
+                        "slide": str(r.path),
+                        "slide_id": r.slide_id or Path(r.path).stem,
+                        "error": f"{type(out).__name__}: {out}",
+                    }
+                yield out
+                upcoming += 1
+
+    def _run(
+        self, requests: list[SlideRequest], geojson: Path | None, batch_slides: int
+    ) -> Iterator[tuple[int, Prediction | Exception]]:
+        """``(index, record or the exception that stopped it)`` as slides finish."""
         if geojson is not None and self.full:
             raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
-        timer = _Timer()
-        t_start = t0 = time.perf_counter()
-        path = Path(path)
-        sid = slide_id or path.stem
-        with Slide(path, mpp=mpp, fallback_mpp=self.fallback_mpp) as slide:
-            grid_cfg, note = self.grid_config(slide)
-            grid, *_ = build_grid(slide, grid_cfg)
-            t0 = timer.add("tissue", t0)
-            fetched = {"tissue": slide.bytes_read}  # bytes from the file, by phase
-            trace: dict[str, Any] = {}
-            if self.full:  # the baseline needs no low-res view
-                probs, zoomed, updated, n_read = self._full(slide, grid, timer)
-            else:
-                rows = LowResRows(slide, grid)
-                lo = (rows[i][None] for i in range(grid.n))
-                z = self._embed_stream(lo, timer, "read_lowres", "embed_lowres")
-                fetched["lowres"] = slide.bytes_read - fetched["tissue"]
-                probs, zoomed, updated, n_read, trace = self._sample(
-                    slide, grid, z, timer, scores=geojson is not None
-                )
-            bytes_read = slide.bytes_read
-            fetched["highres"] = bytes_read - sum(fetched.values())
-        raw = probs
-        if self.calibration is not None:
-            probs = self.calibration.apply(raw)
-        record: Prediction = {
-            "slide": str(path),
-            "slide_id": sid,
-            "mode": "full"
-            if self.full
-            else f"sasha-{'adaptive-' if self.adaptive else ''}{self.frac:g}",
-            "probabilities": self._named(probs),
-            "label": self.class_names[int(np.argmax(probs))],
-            "calibrated": self.calibration is not None,
-            "n_patches": grid.n,
-            "zoomed_coords": grid.coords[zoomed].tolist(),
-            "zoomed_size_px": float(grid.cell_px),
-            "frac_read": n_read / grid.n,
-            "fraction_read": n_read / grid.n,
-            "bytes_read": bytes_read,
-            "bytes_read_phases": fetched,
-            "seconds": {k: round(v, 4) for k, v in timer.items()}
-            | {"total": round(time.perf_counter() - t_start, 4)},
-        }
-        if self.stop_rule is not None:
-            record["stopped"] = trace["stop"]["stopped"]
-            record["referred"] = trace["stop"]["referred"]
-            record["confidence"] = trace["stop"]["confidence"]
-        if self.calibration is not None:
-            record["probabilities_raw"] = self._named(raw)
-            record["calibration"] = {
-                "temperature": self.calibration.temperature,
-                "bias": list(self.calibration.bias),
-            }
-        if note:
-            record["note"] = note
-        if picture is not None and not self.full:
-            self._draw(path, grid, zoomed, updated, picture)
-            record["picture"] = str(picture)
-        if geojson is not None:
-            collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
-                sid, trace["dimensions"], grid.coords, grid.cell_px, zoomed, updated,
-                self.class_names, trace["attention"], trace["patch_probabilities"],
-                trace["step_probabilities"], raw,
-            )  # fmt: skip
-            record["geojson"] = str(write_geojson(collection, geojson, sid))
-        return record
+        if batch_slides < 1:
+            raise ValueError(f"batch_slides must be at least 1, got {batch_slides}")
+        if self.full:  # no zooms to batch: one slide at a time
+            for i, request in enumerate(requests):
+                try:
+                    yield i, _SlideRun(self, request, None).finish()
+                except Exception as exc:  # this slide only
+                    yield i, exc
+            return
+
+        def distill(feats: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.hafed.distill(feats)
+
+        try:
+            yield from run_lockstep(
+                requests,
+                lambda r: _SlideRun(self, r, geojson),
+                lambda pixels: self._embed_zooms(pixels, batch_slides),
+                distill,
+                batch_slides,
+            )
+        finally:  # keep one environment for the next call, not B slides' buffers
+            del self._idle_envs[1:]
 
     def _named(self, probs: np.ndarray) -> dict[str, float]:
         return {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
 
-    def _full(self, slide: Slide, grid, timer: _Timer):
+    def _full(self, slide: Slide, grid: PatchGrid, timer: PhaseTimer) -> EpisodeResult:
         hi = (read_patch(slide, grid, i, low=False)[1] for i in range(grid.n))
-        feats = self._embed_stream(hi, timer, "read_highres", "embed_highres")
-        feats = feats.reshape(grid.n, grid.zoom**2, -1)  # the bag HAFED takes: (N, k, d)
+        k = grid.zoom**2
+        feats = self._embed_stream(hi, grid.n * k, timer, "read_highres", "embed_highres")
+        feats = feats.reshape(grid.n, k, -1)  # the bag HAFED takes: (N, k, d)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self.hafed(feats.unsqueeze(0))["slide_logits"][0]
         timer.add("classify", t0)
-        return torch.softmax(logits.float(), -1).numpy(), [], [], grid.n
+        probs = torch.softmax(logits.float(), -1).numpy()
+        return EpisodeResult(probs, [], [], grid.n, {})
 
-    def _sample(self, slide: Slide, grid, z: torch.Tensor, timer: _Timer, scores: bool = False):
-        from sasha_models.actor_critic import RowCache  # lazy: sb3-contrib, SASHA mode only
-
-        lazy = _LazyDistilled(self, slide, grid, timer)
-        env = self._env(grid.n)
+    def _episode(
+        self, slide: Slide, grid: PatchGrid, z: torch.Tensor, timer: PhaseTimer, scores: bool
+    ) -> ZoomEpisode:
+        """The agent's episode on a slide, reset on its low-res features ``z (N, d)``."""
+        assert self.policy is not None
         data = SlideData(
             slide_id=Path(slide.path).stem,
             label=0,  # unknown: the reward is not used here
             z=z.float().contiguous(),
-            v=lazy,  # type: ignore[arg-type]
+            v=ZoomRows(),  # type: ignore[arg-type]  # rows computed for the zoomed patches only
             z_norm=z.float().norm(dim=1),
             coords=grid.coords,
             grid=grid.grid_positions(),
@@ -439,53 +467,33 @@ class Predictor:
             dimensions=slide.dimensions,
             cell_px=grid.cell_px,
         )
-        obs, _ = env.reset(options={"slide_data": data})
-        done, info, steps = False, {}, []
-        n = grid.n
-        # the env's own buffers (copy_obs=False): read before each step, never kept
-        features, visited = torch.from_numpy(obs["features"]), torch.from_numpy(obs["visited"])
-        coords = torch.from_numpy(obs["coords"]) if self.policy.use_coords else None
-        rows_in = [features[:n], visited[:n]] + ([] if coords is None else [coords[:n]])
-        actor = self.policy.actor_logits
-        cache = RowCache()  # the actor's logit of each of the n real rows
-        while not done:
-            t0 = time.perf_counter()
-            with torch.inference_mode():  # re-score only the rows the last step changed
-                rows = torch.from_numpy(env.changed_rows)
-                (logits,) = cache(lambda *x: (actor(*x),), rows_in, rows=rows)
-                legal = torch.from_numpy(env.action_masks()[:n])
-                action = int(torch.argmax(logits.masked_fill(~legal, -math.inf)))
-            timer.add("agent", t0)
-            t0, v_before = time.perf_counter(), lazy.seconds
-            obs, _, done, _, info = env.step(action)
-            # reading, embedding and distilling are timed by `lazy`; the rest is TSU + classifier
-            timer["update"] += time.perf_counter() - t0 - (lazy.seconds - v_before)
-            steps.append(env.probabilities)
-        trace = {  # for GeoJSON: what a viewer shows beside the zooms
-            "dimensions": slide.dimensions,
-            "step_probabilities": np.stack(steps),
-            "attention": env.attention() if scores else None,
-            "patch_probabilities": env.patch_probabilities() if scores else None,
-            "stop": {k: info[k] for k in ("stopped", "referred", "confidence") if k in info},
-        }
-        return info["probabilities"], info["zoomed"], info["updated"], lazy.n_read, trace
+        return ZoomEpisode(self._take_env(grid.n), self.policy, data, timer, scores)
 
-    def _env(self, n_patches: int) -> SashaWSIEnv:
-        """The environment that runs the agent, built once (again only for a larger slide)."""
-        if self._env_cache is None or self._env_cache.max_patches < n_patches:
-            self._env_cache = SashaWSIEnv(
-                store=self.store,
-                manifest=self.manifest,
-                hafed=self.hafed,
-                tsu=self.tsu,
-                split=None,
-                frac=self.frac,
-                max_patches=max(n_patches, self.cohort_max_patches),
-                copy_obs=False,
-                obs_projection=self.policy.projection if self.policy is not None else None,
-                stop_rule=self.stop_rule,
-            )
-        return self._env_cache
+    def _take_env(self, n_patches: int) -> SashaWSIEnv:
+        """An environment for a slide of ``n_patches``: an idle one that fits, else a new one
+        (replacing the smallest idle one); :meth:`_give_env` returns it. At most as many exist
+        as slides are in flight."""
+        fits = [e for e in self._idle_envs if e.max_patches >= n_patches]
+        if fits:
+            self._idle_envs.remove(fits[0])
+            return fits[0]
+        if self._idle_envs:  # too small for this slide: let it go
+            self._idle_envs.remove(min(self._idle_envs, key=lambda e: e.max_patches))
+        return SashaWSIEnv(
+            store=self.store,
+            manifest=self.manifest,
+            hafed=self.hafed,
+            tsu=self.tsu,
+            split=None,
+            frac=self.frac,
+            max_patches=max(n_patches, self.cohort_max_patches),
+            copy_obs=False,
+            obs_projection=self.policy.projection if self.policy is not None else None,
+            stop_rule=self.stop_rule,
+        )
+
+    def _give_env(self, env: SashaWSIEnv) -> None:
+        self._idle_envs.append(env)
 
     def _draw(self, path: Path, grid, zoomed: list[int], updated: list[int], out: Path) -> None:
         """The slide thumbnail with the zoomed (red) and TSU-updated (blue) patches."""
@@ -493,3 +501,115 @@ class Predictor:
         img = draw_patches(thumb, ds, grid.coords, grid.cell_px, zoomed, updated, grid=False)
         out.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(out, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
+
+
+class _SlideRun:
+    """One slide from opening to its record (a :class:`~sasha_env.agents.lockstep.LockstepJob`).
+
+    Opening runs everything before the first zoom: tissue and grid, then the low-res pass and
+    the episode's reset (SASHA), or every high-res sub-patch and HAFED (``full``). The slide
+    stays open until :meth:`finish` or :meth:`close`.
+    """
+
+    def __init__(self, p: Predictor, request: SlideRequest, geojson: Path | None) -> None:
+        self.p, self.request, self.geojson = p, request, geojson
+        self.path = Path(request.path)
+        self.sid = request.slide_id or self.path.stem
+        self.timer = PhaseTimer()
+        self.result: EpisodeResult | None = None
+        self._env: SashaWSIEnv | None = None
+        t0 = time.perf_counter()
+        self.slide = Slide(self.path, mpp=request.mpp, fallback_mpp=p.fallback_mpp)
+        self.dimensions = self.slide.dimensions
+        try:
+            grid_cfg, self.note = p.grid_config(self.slide)
+            self.grid, *_ = build_grid(self.slide, grid_cfg)
+            self.timer.add("tissue", t0)
+            self.fetched = {"tissue": self.slide.bytes_read}  # bytes from the file, by phase
+            if p.full:  # the baseline needs no low-res view
+                self.result = p._full(self.slide, self.grid, self.timer)
+                return
+            rows = LowResRows(self.slide, self.grid)
+            lo = (rows[i][None] for i in range(self.grid.n))
+            z = p._embed_stream(lo, self.grid.n, self.timer, "read_lowres", "embed_lowres")
+            self.fetched["lowres"] = self.slide.bytes_read - self.fetched["tissue"]
+            self.episode = p._episode(self.slide, self.grid, z, self.timer, geojson is not None)
+            self._env = self.episode.env
+        except BaseException:
+            self.close()
+            raise
+
+    def read_zoom(self, a: int) -> np.ndarray:
+        """``(k, P, P, 3)`` uint8: patch ``a``'s high-res sub-patches."""
+        return read_patch(self.slide, self.grid, a, low=False)[1]
+
+    def close(self) -> None:
+        """Close the slide and hand the environment back (idempotent)."""
+        if self._env is not None:
+            self.p._give_env(self._env)
+            self._env = None
+        if self.slide is not None:
+            self.slide.close()
+            self.slide = None  # type: ignore[assignment]
+
+    def finish(self) -> Prediction:
+        """The slide's record (closes the slide)."""
+        t0 = time.perf_counter()
+        try:
+            if self.result is None:
+                self.result = self.episode.result()
+            bytes_read = self.slide.bytes_read
+        finally:
+            self.close()
+        self.fetched["highres"] = bytes_read - sum(self.fetched.values())
+        record = self._record(self.result, bytes_read)
+        self.timer.add("write", t0)
+        record["seconds"] = {k: round(v, 4) for k, v in self.timer.items()} | {
+            "total": round(sum(self.timer.values()), 4)
+        }
+        return record
+
+    def _record(self, result: EpisodeResult, bytes_read: int) -> Prediction:
+        p, grid, trace = self.p, self.grid, result.trace
+        raw = probs = result.probabilities
+        if p.calibration is not None:
+            probs = p.calibration.apply(raw)
+        record: Prediction = {
+            "slide": str(self.path),
+            "slide_id": self.sid,
+            "mode": "full" if p.full else f"sasha-{'adaptive-' if p.adaptive else ''}{p.frac:g}",
+            "probabilities": p._named(probs),
+            "label": p.class_names[int(np.argmax(probs))],
+            "calibrated": p.calibration is not None,
+            "n_patches": grid.n,
+            "zoomed_coords": grid.coords[result.zoomed].tolist(),
+            "zoomed_size_px": float(grid.cell_px),
+            "frac_read": result.n_read / grid.n,
+            "fraction_read": result.n_read / grid.n,
+            "bytes_read": bytes_read,
+            "bytes_read_phases": self.fetched,
+        }
+        if p.stop_rule is not None:
+            record["stopped"] = trace["stop"]["stopped"]
+            record["referred"] = trace["stop"]["referred"]
+            record["confidence"] = trace["stop"]["confidence"]
+        if p.calibration is not None:
+            record["probabilities_raw"] = p._named(raw)
+            record["calibration"] = {
+                "temperature": p.calibration.temperature,
+                "bias": list(p.calibration.bias),
+            }
+        if self.note:
+            record["note"] = self.note
+        picture = self.request.picture
+        if picture is not None and not p.full:
+            p._draw(self.path, grid, result.zoomed, result.updated, picture)
+            record["picture"] = str(picture)
+        if self.geojson is not None:
+            collection = episode_geojson(  # HAFED's raw probabilities throughout, as per zoom
+                self.sid, self.dimensions, grid.coords, grid.cell_px, result.zoomed,
+                result.updated, p.class_names, trace["attention"], trace["patch_probabilities"],
+                trace["step_probabilities"], raw,
+            )  # fmt: skip
+            record["geojson"] = str(write_geojson(collection, self.geojson, self.sid))
+        return record

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..slides.manifest import read_manifest
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, add_mpp, zoom_budget
 
 #: ``--adaptive``'s default cap: the budget of the agent that reads at most this much.
 F_MAX = 0.2
-
-if TYPE_CHECKING:
-    from ..predict import Prediction
 
 
 def add_predict(sub: SubParsers) -> None:
@@ -96,6 +93,16 @@ def add_predict(sub: SubParsers) -> None:
         "224 px, more for smaller patches, which keeps activations in cache)",
     )
     p.add_argument(
+        "--batch-slides",
+        type=_at_least_one,
+        default=None,
+        metavar="B",
+        help="slides zoomed in lockstep: each zoom step reads the patches the agents of B slides "
+        "chose (a small thread pool) and embeds their sub-patches in one backbone forward; the "
+        "records are those of one slide at a time, in input order. Memory grows with B (each "
+        "slide in flight holds its N x d state). 1: one slide at a time (default: 8)",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="where the backbone runs, e.g. cpu or cuda (default: cpu); the small models stay "
@@ -105,8 +112,24 @@ def add_predict(sub: SubParsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _at_least_one(text: str) -> int:
+    """An integer of at least 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from ..predict import Predictor, unique_slide_ids  # lazy: torch, zarr
+    # OpenMP threads that finish a parallel region wait passively, not spinning: between two
+    # backbone forwards predict reads tiles and steps environments on one thread, and on a
+    # shared CPU spinning threads took the cores those need (10-35x slower, docs/benchmarks.md).
+    # Read when torch loads its OpenMP, below; OMP_WAIT_POLICY=ACTIVE in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ..predict import BATCH_SLIDES, Predictor, SlideRequest, unique_slide_ids  # lazy: torch
 
     slides: list[Path] = [Path(s) for s in args.slides]
     given: list[str | None] = [None] * len(slides)
@@ -133,16 +156,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         calibration=None if args.calibration == "none" else args.calibration,
         mpp=args.mpp,
     )
+    requests = [
+        SlideRequest(path, sid, mpp, args.pictures / f"{sid}.png" if args.pictures else None)
+        for path, sid, mpp in zip(slides, unique_slide_ids(slides, given), mpps, strict=True)
+    ]
+    batch_slides = args.batch_slides or BATCH_SLIDES
     failed = 0
-    for path, sid, mpp in zip(slides, unique_slide_ids(slides, given), mpps, strict=True):
-        picture = args.pictures / f"{sid}.png" if args.pictures else None
-        record: Prediction | dict[str, str]
-        try:
-            record = predictor.predict(
-                path, picture=picture, geojson=args.geojson, slide_id=sid, mpp=mpp
-            )
-        except Exception as exc:  # one bad slide never stops the batch
-            failed += 1
-            record = {"slide": str(path), "slide_id": sid, "error": f"{type(exc).__name__}: {exc}"}
+    for record in predictor.predict_many(requests, args.geojson, batch_slides):
+        failed += "error" in record  # one bad slide never stops the others
         print(json.dumps(record), flush=True)
     return EXIT_PARTIAL if failed else EXIT_OK

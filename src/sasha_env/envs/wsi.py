@@ -453,10 +453,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         a = int(action)
         if self.stop_action and a == stop_index(self.max_patches):
             return self._stop()
-        n = self._slide.n
         self._t += 1
-        legal = 0 <= a < n and self._visited[a] == 0
-        frozen = bool(legal and self.freeze_covered and self._n_free == 0)
+        legal, frozen = self._kind(a)
         if frozen:  # every patch covered: the action is spent, the state stays (official)
             self._visited[a] = 1
             self._changed = np.array([a], np.int64)  # its visited flag changed
@@ -527,6 +525,15 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         with torch.inference_mode():
             return torch.softmax(clf.classify(self._S.float().unsqueeze(1)).float(), -1).numpy()
 
+    def zooms_into(self, action: int | np.integer) -> bool:
+        """Whether :meth:`step` with ``action`` would zoom, i.e. read the slide's ``v[action]``:
+        a legal action on a step that is not frozen. A caller that computes ``v`` rows on demand
+        for several slides at once (``sasha predict --batch-slides``) asks this before stepping."""
+        if self._slide is None:
+            raise RuntimeError("call reset() before zooms_into()")
+        legal, frozen = self._kind(int(action))
+        return legal and not frozen
+
     def action_masks(self) -> np.ndarray:
         """Legal actions, bool ``(P,)``: real patches not zoomed yet (sb3-contrib convention);
         with ``stop_action``, ``(P + 1,)``, the last (stop) always True."""
@@ -548,6 +555,12 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         return draw_patches(thumb, ds, data.coords, data.cell_px, self._zoomed, self.updated)
 
     # ------------------------------------------------------------------ internals
+    def _kind(self, a: int) -> tuple[bool, bool]:
+        """``(legal, frozen)`` of action ``a`` on the current step (class docstring)."""
+        assert self._slide is not None
+        legal = bool(0 <= a < self._slide.n and self._visited[a] == 0)
+        return legal, bool(legal and self.freeze_covered and self._n_free == 0)
+
     def _zoom(self, a: int) -> Tensor:
         """Apply one zoom to ``_S`` in place; returns the changed rows ``(1 + n_updated,)``."""
         data, S, free = self._slide, self._S, self._free
