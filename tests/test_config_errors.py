@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sasha_env.agents.config import ALGORITHMS, VEC_ENVS
 from sasha_env.config import PRESETS, load_config
 from sasha_env.pipeline.schema import SECTIONS, ConfigError, validate_config
 
@@ -70,6 +71,13 @@ def test_good_values_of_every_kind_pass():
     )
     assert validate_config(cfg) is cfg
     assert set(SECTIONS) >= set(cfg)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.parametrize("vec_env", VEC_ENVS)
+def test_every_algorithm_and_vector_env_the_agents_stage_trains_validates(algo, vec_env):
+    cfg = load_config("tiny", overrides={"agents": {"algo": algo, "vec_env": vec_env}})
+    assert validate_config(cfg) is cfg
 
 
 def _sasha(*args: str, cwd=None) -> subprocess.CompletedProcess:

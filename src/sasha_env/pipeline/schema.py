@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..agents.config import AgentConfig
+from ..agents.config import ALGORITHMS, VEC_ENVS, AgentConfig
 from ..slides.slide import MPP_RANGE
 from .stages import BASELINE_STAGES
 
@@ -153,13 +153,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.n_envs": (_positive, ">= 1"),
     "agents.val_every": (lambda v: v >= 0, ">= 0 (0: keep the last policy)"),
     "agents.n_steps": (_positive, ">= 1"),
-    "agents.algo": (
-        lambda v: v in ("maskable_ppo", "ppo", "a2c", "dqn"),
-        "one of maskable_ppo, ppo, a2c, dqn",
-    ),
+    "agents.algo": (lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)),
     "agents.vec_env": (
-        lambda v: v in ("sasha", "dummy", "subproc"),
-        "sasha, dummy or subproc",
+        lambda v: v in VEC_ENVS,
+        "one of " + ", ".join(VEC_ENVS),
     ),
     "agents.protocol": (lambda v: v in ("sb3", "paper"), "sb3 or paper"),
     "agents.policy_arch": (lambda v: v in (None, "sasha", "official"), "sasha or official"),
