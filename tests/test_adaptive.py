@@ -71,6 +71,26 @@ def test_the_stop_threshold_is_the_least_reading_within_the_margin_of_the_target
     assert far.info["val_auc"] == best
 
 
+def test_a_threshold_inside_a_dip_of_the_val_curve_is_not_chosen():
+    # Loose thresholds stop every slide early and happen to rank the four right; at 0.9 the
+    # second positive stops on a confidently wrong step (p = 0.06) and the AUC dips; from 0.95
+    # on every slide reads on to where it is right. A fit that takes the least reading
+    # threshold with AUC 1 takes the fluke (0.5); the stable fit takes 0.95.
+    val = [
+        _trace([0.18, 0.07, 0.04, 0.02]),
+        _trace([0.4, 0.08, 0.04, 0.01]),
+        _trace([0.87, 0.06, 0.5, 0.995]),
+        _trace([0.6, 0.7, 0.96, 0.999]),
+    ]
+    labels = np.array([0, 0, 1, 1])
+    rule = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0)
+    curve = {c["threshold"]: c for c in rule.info["val_curve"]}
+    assert curve[0.5]["auc"] == 1.0 and curve[0.5]["mean_frac"] < curve[0.95]["mean_frac"]
+    assert curve[0.9]["auc"] < 1.0
+    assert rule.threshold == 0.95
+    assert all(c["auc"] == 1.0 for t, c in curve.items() if t >= rule.threshold)
+
+
 def test_the_referral_threshold_refers_the_fewest_slides_that_bring_the_error_down():
     # every slide reaches the cap (threshold 1); two wrong ones at low confidence
     val = [_trace([p]) for p in (0.95, 0.9, 0.85, 0.6, 0.55)]

@@ -207,6 +207,18 @@ def threshold_curve(
     return out
 
 
+def _stable_within(curve: list[dict[str, Any]], target: float | None) -> list[dict[str, Any]]:
+    """The points of ``curve`` whose val AUC and every stricter threshold's reach ``target``."""
+    if target is None:
+        return []
+    ok: list[dict[str, Any]] = []
+    for c in sorted(curve, key=lambda c: -c["threshold"]):  # strictest first
+        if c["auc"] is None or c["auc"] < target:
+            break
+        ok.append(c)
+    return ok
+
+
 def fit_stop_rule(
     traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
     labels: np.ndarray,
@@ -218,10 +230,13 @@ def fit_stop_rule(
 ) -> StopRule:
     """Fit both thresholds on validation traces (never on test slides).
 
-    Stop threshold: of :data:`THRESHOLDS`, the one with the smallest mean fraction read whose
-    val AUC is at least ``target_auc − margin`` (``target_auc``: HAFED's val AUC on every
-    patch); when none reaches it (or AUC is undefined), the one of highest val AUC, and of
-    those the least reading. Referral threshold: the smallest confidence in ``[0, threshold]``
+    Stop threshold: of :data:`THRESHOLDS`, the one with the smallest mean fraction read from
+    which on the val AUC stays at least ``target_auc − margin`` (``target_auc``: HAFED's val
+    AUC on every patch) at this threshold *and every stricter one*. On a val split of 15 slides
+    an early stop can rank them right by luck and a stricter threshold then ranks them wrong
+    (the val curve dips); a threshold inside such a dip is a fluke, not a level of confidence
+    at which reading more stops mattering, and is not chosen. When no threshold qualifies (or
+    AUC is undefined), the one of highest val AUC, and of those the least reading. Referral threshold: the smallest confidence in ``[0, threshold]``
     (0 and the cap confidences of the val slides) at which the automatic decisions on val
     (slides not referred) err on at most ``max_auto_error`` of them.
 
@@ -241,7 +256,7 @@ def fit_stop_rule(
     y = np.asarray(labels)
     curve = threshold_curve(traces, y, calibration, thresholds)
     target = None if target_auc is None else float(target_auc) - margin
-    ok = [c for c in curve if target is not None and c["auc"] is not None and c["auc"] >= target]
+    ok = _stable_within(curve, target)
     if ok:
         best = min(ok, key=lambda c: (c["mean_frac"], -c["threshold"]))
     else:

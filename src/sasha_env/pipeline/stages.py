@@ -578,7 +578,7 @@ def _stages() -> dict[str, Stage]:
             "calibration.json (temperature and bias per method, fitted on val), "
             "agents/<algo>-<f>/adaptive.json (each agent's stop rule, fitted on val)",
             _run_calibrate,
-            version=2,  # 2: fits each agent's stop rule (adaptive.json)
+            version=3,  # 2: fits each agent's stop rule (adaptive.json); 3: a stable threshold
         ),
         Stage(
             "evaluate",
