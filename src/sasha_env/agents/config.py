@@ -170,7 +170,8 @@ class AgentConfig:
     competes. 0 (the official code's rule): any validated policy can be kept. On a small val
     split (the demo's 14–15 slides) the val criterion saturates or swings early, and a policy
     validated before it has left the uniform distribution can win (docs' agents page, "Why
-    SASHA trails HAFED on the demo study"); the ``demo`` preset keeps from half-way on."""
+    SASHA trails HAFED on the demo study": 0.5 lifted one of two demo seeds, changed nothing
+    on the other)."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
