@@ -171,3 +171,15 @@ def test_val_start_must_be_a_share_of_training():
 
     with pytest.raises(ValueError, match="val_start"):
         validate_config({"agents": {"val_start": 1.0}})
+
+
+def test_demo_preset_trains_longer_and_keeps_from_half_way():
+    """The demo study's fix (docs/agents.md, "Why SASHA trails HAFED on the demo study"):
+    10,000 / 20,000 steps left seed 1's agents undertrained, and the official rule kept
+    near-uniform early policies on seed 2."""
+    from sasha_env.agents.config import steps_for
+    from sasha_env.config import load_config
+
+    cfg = AgentConfig.from_dict(load_config("demo")["agents"])
+    assert cfg.val_every > 0 and cfg.val_start == 0.5
+    assert (steps_for(cfg, 0.1), steps_for(cfg, 0.2)) == (20_000, 40_000)
