@@ -94,3 +94,92 @@ def test_the_best_weights_come_back_even_when_the_last_policy_is_worse(tmp_path,
     callback._on_training_end()
     assert policy.weight.item() == 2.0 and callback.best["timestep"] == 20
     assert len((tmp_path / VAL_CURVE).read_text().splitlines()) == 5  # header + 4 checks
+
+
+def _scripted_selection(tmp_path, monkeypatch, scores, start, n_updates=None):
+    """A ValSelection over four policies (weights 1, 2, 3 at steps 10, 20, 30; weight 4 at the
+    end, step 40) whose val scores are ``scores``; returns the callback and the policy."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sasha_env.agents import callbacks
+
+    it = iter(scores)
+    episode = {"probabilities": np.array([0.5, 0.5]), "label": 0}
+    monkeypatch.setattr(callbacks, "run_episodes", lambda env, policy, ids: [episode])
+    monkeypatch.setattr(callbacks, "agent_policy", lambda model: None)
+    monkeypatch.setattr(callbacks, "selection_score", lambda p, y: dict.fromkeys(("auc", "f1", "accuracy", "ce"), 0.0) | {"score": next(it)})  # fmt: skip
+    policy = torch.nn.Linear(1, 1, bias=False)
+    callback = callbacks.ValSelection(
+        SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path, start=start
+    )
+    callback.model = SimpleNamespace(policy=policy)
+    callback._on_training_start()
+    for step, weight in ((10, 1.0), (20, 2.0), (30, 3.0)):
+        policy.weight.data.fill_(weight)
+        callback.num_timesteps = step
+        if n_updates is not None:
+            callback.model._n_updates = n_updates[step]
+        callback._on_rollout_end()
+    if n_updates is None:
+        policy.weight.data.fill_(4.0)
+        callback.num_timesteps = 40
+    callback._on_training_end()
+    return callback, policy
+
+
+def test_val_start_keeps_no_policy_validated_before_it(tmp_path, monkeypatch):
+    # the step-20 policy has the best score, but it was validated before start = 25
+    callback, policy = _scripted_selection(tmp_path, monkeypatch, [1.0, 0.5, 0.9, 0.95], 25)
+    assert policy.weight.item() == 3.0 and callback.best["timestep"] == 30
+    assert len((tmp_path / VAL_CURVE).read_text().splitlines()) == 5  # every check is written
+    # start 0 (the default, the official rule): the step-20 policy
+    callback, policy = _scripted_selection(tmp_path, monkeypatch, [1.0, 0.5, 0.9, 0.95], 0)
+    assert policy.weight.item() == 2.0
+
+
+def test_val_start_past_every_check_keeps_the_last_policy(tmp_path, monkeypatch):
+    callback, policy = _scripted_selection(tmp_path, monkeypatch, [1.0, 0.5, 0.9, 2.0], 1000)
+    assert policy.weight.item() == 4.0 and callback.best["timestep"] == 40
+    # the last policy was already validated at the last rollout (no update since): it is kept
+    updates = {10: 1, 20: 2, 30: 3}
+    callback, policy = _scripted_selection(
+        tmp_path, monkeypatch, [1.0, 0.5, 0.9], 1000, n_updates=updates
+    )
+    assert policy.weight.item() == 3.0 and callback.best["timestep"] == 30
+
+
+def test_val_start_in_training_keeps_a_late_policy(tiny_workdir, tmp_path):
+    cfg = AgentConfig(
+        total_timesteps=192, n_envs=2, n_steps=16, batch_size=16, n_epochs=2, d_hidden=16,
+        learning_rate=3e-3, val_every=1, val_start=0.5,
+    )  # fmt: skip
+    out = tmp_path / "agent"
+    train_agent(Workdir(tiny_workdir), 0.2, cfg, out_dir=out, progress=False)
+    with (out / VAL_CURVE).open() as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    late = [r for r in rows if r["timestep"] >= 96]
+    assert len(late) < len(rows)  # there were earlier checks, and they are on the curve
+    kept = json.loads((out / "agent.json").read_text())["selected_on_val"]
+    assert kept["timestep"] >= 96
+    assert kept["score"] == pytest.approx(min(r["score"] for r in late))
+
+
+def test_val_start_must_be_a_share_of_training():
+    from sasha_env.pipeline.schema import validate_config
+
+    with pytest.raises(ValueError, match="val_start"):
+        validate_config({"agents": {"val_start": 1.0}})
+
+
+def test_demo_preset_trains_longer_and_keeps_from_half_way():
+    """The demo study's fix (docs/agents.md, "Why SASHA trails HAFED on the demo study"):
+    10,000 / 20,000 steps left seed 1's agents undertrained, and the official rule kept
+    near-uniform early policies on seed 2."""
+    from sasha_env.agents.config import steps_for
+    from sasha_env.config import load_config
+
+    cfg = AgentConfig.from_dict(load_config("demo")["agents"])
+    assert cfg.val_every > 0 and cfg.val_start == 0.5
+    assert (steps_for(cfg, 0.1), steps_for(cfg, 0.2)) == (20_000, 40_000)

@@ -115,6 +115,9 @@ class ValSelection(BaseCallback):
             only.
         slide_ids: the slides of ``env`` it validates on (default: all of them); a sweep
             selects checkpoints on one half of val and scores trials on the other.
+        start: the timestep from which a validated policy can be kept (earlier ones are
+            scored and written, not kept); the last policy, validated when training ends,
+            always competes. 0: any.
 
     Each validation is also recorded in SB3's logger as ``val/auc``, ``val/f1``,
     ``val/accuracy``, ``val/ce`` and ``val/score`` (so in ``progress.csv`` and W&B).
@@ -129,11 +132,12 @@ class ValSelection(BaseCallback):
         every: int,
         out_dir: Path | None,
         slide_ids: Sequence[str] | None = None,
+        start: int = 0,
     ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"validate every >= 1 rollouts, got {every}")
-        self.env, self.every = env, int(every)
+        self.env, self.every, self.start = env, int(every), int(start)
         self.slide_ids = list(env.slide_ids if slide_ids is None else slide_ids)
         self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
         base_env = getattr(env, "unwrapped", env)
@@ -160,12 +164,14 @@ class ValSelection(BaseCallback):
         if self.rollouts % self.every == 0:
             self._validate()
 
-    def _validate(self) -> None:
+    def _validate(self, last: bool = False) -> None:
         # A rollout ends before its update, so a validation there scores the policy of the
         # previous update; at the end of training the last update's policy is new and is
         # scored too. Skip only when the weights have not changed since the last check.
         updates = int(getattr(self.model, "_n_updates", self.num_timesteps))
         if updates == self._last_updates:
+            if last and self.best is None and self.rows:  # the last policy, scored already
+                self._keep(self.rows[-1])
             return
         self._last_updates = updates
         episodes = run_episodes(self.env, agent_policy(self.model), self.slide_ids)
@@ -182,12 +188,16 @@ class ValSelection(BaseCallback):
                 logger.record(f"val/{key}", row[key])
         if self.csv is not None:
             self.csv.write([row[k] for k in self.columns])
-        if self.best is None or row["score"] < self.best["score"]:
-            self.best = row
-            self._best_state = copy.deepcopy(self.model.policy.state_dict())
+        eligible = last or self.num_timesteps >= self.start
+        if eligible and (self.best is None or row["score"] < self.best["score"]):
+            self._keep(row)
+
+    def _keep(self, row: dict) -> None:
+        self.best = row
+        self._best_state = copy.deepcopy(self.model.policy.state_dict())
 
     def _on_training_end(self) -> None:
-        self._validate()  # the last policy competes too
+        self._validate(last=True)  # the last policy competes too
         if self.csv is not None:
             self.csv.close()
         if self._best_state is not None:

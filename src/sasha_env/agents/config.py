@@ -171,6 +171,14 @@ class AgentConfig:
     ``protocol: paper``) and keep the best
     by the official criterion ``(2 − AUC − F1) + CE`` (:mod:`~sasha_env.agents.selection`);
     0 keeps the last policy."""
+    val_start: float = 0.0
+    """With ``val_every``: the share of training (in ``[0, 1)``) before which validated
+    policies are scored and written to ``val_curve.csv`` but not kept; the last policy always
+    competes. 0 (the official code's rule): any validated policy can be kept. On a small val
+    split (the demo's 14–15 slides) the val criterion saturates or swings early, and a policy
+    validated before it has left the uniform distribution can win (docs' agents page, "Why
+    SASHA trails HAFED on the demo study": 0.5 lifted one of two demo seeds, changed nothing
+    on the other)."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 

@@ -152,6 +152,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.total_timesteps": (_positive, ">= 1"),
     "agents.n_envs": (_positive, ">= 1"),
     "agents.val_every": (lambda v: v >= 0, ">= 0 (0: keep the last policy)"),
+    "agents.val_start": (lambda v: 0 <= v < 1, "in [0, 1) (a share of training)"),
     "agents.n_steps": (_positive, ">= 1"),
     "agents.algo": (lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)),
     "agents.vec_env": (
