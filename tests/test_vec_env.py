@@ -376,6 +376,26 @@ def test_the_gpu_layout_on_the_cpu(workdir, case):
     assert seen["updated"] > 0
 
 
+def test_train_agent_puts_the_envs_on_its_device(workdir, monkeypatch):
+    """``train_agent(device=...)`` (the agents stage passes ``cuda`` on a GPU) builds the
+    training ``SashaVecEnv`` on that device, not only the policy."""
+    from sasha_env import train_agent
+
+    device, seen = torch.device("cpu"), {}
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr("sasha_env.agents.envs.SashaVecEnv", spy)
+    with pytest.raises(Built):
+        train_agent(workdir, 0.5, AgentConfig(n_envs=2), device=device, progress=False)
+    assert seen["device"] is device
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_on_a_gpu_equals_the_cpu(workdir):
     cpu, gpu = SashaVecEnv(E, workdir, frac=0.5), SashaVecEnv(E, workdir, frac=0.5, device="cuda")

@@ -20,6 +20,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
@@ -136,6 +137,7 @@ def training_env(
     seed: int,
     projection: ObsProjection | None = None,
     learned_stop: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[VecEnv, float, Workdir | None, SlideSchedule | None]:
     """``(vec_env, frac, workdir or None, slide schedule or None)`` for
     :func:`~sasha_env.agents.train.train_agent`;
@@ -144,7 +146,8 @@ def training_env(
 
     A workdir's ``agents.n_envs`` training envs are a
     :class:`~sasha_env.envs.vector.SashaVecEnv` (``agents.vec_env: sasha``, the default; its
-    env e seeded with ``seed + e``, as the single envs were) or SB3's ``DummyVecEnv`` /
+    env e seeded with ``seed + e``, as the single envs were; its states and models on
+    ``device``) or SB3's ``DummyVecEnv`` /
     ``SubprocVecEnv`` of single envs (``dummy``, ``subproc``, and the fallback when an option
     is not batched). Single environments are wrapped in SB3's ``Monitor`` (episode returns and
     lengths in ``info["episode"]``, so SB3 logs ``rollout/ep_rew_mean``; ``SashaVecEnv`` adds
@@ -169,6 +172,7 @@ def training_env(
                     split="train",
                     frac=frac,
                     copy_obs=False,
+                    device=device,
                     **env_options(cfg, learned_stop, obs_projection=projection),
                 )
             except UnsupportedOption as err:

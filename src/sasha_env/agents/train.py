@@ -51,7 +51,7 @@ def _algorithm(
     cfg: AgentConfig,
     env,
     seed: int,
-    device: str,
+    device: str | torch.device,
     frac: float,
     projection: ObsProjection | None = None,
     total_timesteps: int | None = None,
@@ -160,7 +160,7 @@ def train_agent(
     out_dir: str | os.PathLike | None = None,
     wandb: dict | None = None,
     progress: bool = True,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     callbacks: Sequence[BaseCallback] = (),
     eval_env: SashaWSIEnv | None = None,
     *,
@@ -182,7 +182,9 @@ def train_agent(
         wandb: ``wandb.init`` keyword arguments (offline by default), or ``None``: a W&B run
             per agent, finished when training ends.
         progress: show a progress bar.
-        device: torch device of the policy.
+        device: torch device of the policy and, for a workdir's ``SashaVecEnv``
+            (``agents.vec_env: sasha``), of the environments' states and models; single
+            environments (``DummyVecEnv``, the paper protocol) step on the CPU.
         callbacks: further SB3 callbacks, called after ours.
         eval_env: an env over validation slides for ``cfg.val_every`` (default: the workdir's
             val split, with the same ``max_patches``).
@@ -214,7 +216,9 @@ def train_agent(
         projection = workdir_projection(
             env if isinstance(env, Workdir) else Workdir(env), cfg.obs_dim
         )
-    vec_env, frac, wd, schedule = training_env(env, frac, cfg, seed, projection, learned_stop)
+    vec_env, frac, wd, schedule = training_env(
+        env, frac, cfg, seed, projection, learned_stop, device
+    )
     projection = projection or env_projection(vec_env)
     stop_cost = _stop_cost(vec_env)
     if out_dir is None and wd is not None:
