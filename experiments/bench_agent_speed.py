@@ -2,6 +2,7 @@
 
     python experiments/bench_agent_speed.py [--sizes 100:1280 800:1280 8192:384] [--rollouts 2]
     python experiments/bench_agent_speed.py --vec [--sizes 800:1280 8192:384] [--rollouts 1]
+    python experiments/bench_agent_speed.py --vec --device cuda [--n-envs 8 64]
 
 ``--vec`` (what ``make bench-agents`` runs first): the agents stage's training on 8 envs, its
 vector env the only difference: SB3's ``DummyVecEnv`` of 8 single envs (``agents.vec_env:
@@ -12,10 +13,15 @@ per second of training (collection and updates) and of collection alone (the rol
 steps, policy forward passes, buffer), each per wall-clock second and per CPU-second of the
 process (one torch thread: on a machine shared with other jobs the CPU time is the steadier
 measure), the ratios of the CPU rates to ``DummyVecEnv``'s run just before, the seconds per
-update, and the peak memory; then both vector envs stepped alone (64 steps of random legal
+update, and the peak memory (with ``--device cuda`` also the GPU's peak allocation); then both
+vector envs stepped alone (64 steps of random legal
 actions, the same for both, steps per CPU-second) and their ratio. One rollout is 8 × 64 steps; ``--repeats`` alternates the pair
 again. The default run is 1 rollout per run: a few minutes on a quiet 2-core machine, most of
 it PPO's update at N = 8,192 (about 2 min per run there, the same for both).
+
+``--device cuda``: the policy on the GPU in both runs, and ``SashaVecEnv``'s states, TSU and
+HAFED there too (``train_agent(device=...)``); ``DummyVecEnv``'s single envs step on the CPU as
+they must. ``--n-envs`` runs the pair at each of several environment counts (default 8).
 
 Without ``--vec``:
 
@@ -55,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from stable_baselines3.common.callbacks import BaseCallback
@@ -71,10 +78,10 @@ MODES = {
 BASELINE = "SB3 buffer"
 #: ``--vec``: the agents stage's default training on 8 envs, with either vector env.
 VEC_MODES = {
-    "8 DummyVecEnvs": {"vec_env": "dummy", "n_envs": 8},
-    "SashaVecEnv, 8 envs": {"vec_env": "sasha", "n_envs": 8},
+    "DummyVecEnv": {"vec_env": "dummy", "n_envs": 8},
+    "SashaVecEnv": {"vec_env": "sasha", "n_envs": 8},
 }
-VEC_BASELINE = "8 DummyVecEnvs"
+VEC_BASELINE = "DummyVecEnv"
 LARGE_N = 2048
 LARGE_MODES = [BASELINE, "row pool", "row pool, obs_dim 128", "row pool, paper protocol"]
 N_SLIDES, N_ENVS, N_STEPS = 8, 4, 64
@@ -123,7 +130,10 @@ def workdir_for(root: Path, n: int, d: int) -> Path:
     return wd
 
 
-def run_env_only(root: Path, n: int, d: int, mode: str, steps: int = N_STEPS) -> dict:
+def run_env_only(
+    root: Path, n: int, d: int, mode: str, steps: int = N_STEPS, device: str = "cpu",
+    n_envs: int | None = None,
+) -> dict:  # fmt: skip
     """In this process: the agents stage's training env of ``mode`` (:data:`VEC_MODES`)
     stepped alone, ``steps`` steps of random legal actions (the same for both modes) after a
     reset; returns its CPU seconds in ``step``."""
@@ -134,30 +144,40 @@ def run_env_only(root: Path, n: int, d: int, mode: str, steps: int = N_STEPS) ->
     from sasha_env.agents.envs import training_env
 
     torch.set_num_threads(1)  # as the agents stage trains (agents.cpu_threads)
-    cfg = AgentConfig(fracs=(0.1,), **VEC_MODES[mode])
-    venv, _, _, _ = training_env(workdir_for(root, n, d), 0.1, cfg, seed=0)
+    cfg = AgentConfig(fracs=(0.1,), **{**VEC_MODES[mode], **({"n_envs": n_envs} if n_envs else {})})
+    venv, _, _, _ = training_env(workdir_for(root, n, d), 0.1, cfg, seed=0, device=device)
     venv.reset()
     rng, cpu = np.random.default_rng(0), 0.0
     for _ in range(steps):
         masks = np.stack(venv.env_method("action_masks"))
         actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
         t0 = time.process_time()
-        venv.step(actions)
+        venv.step(actions)  # observations come back as NumPy arrays: the GPU has finished
         cpu += time.process_time() - t0
     venv.close()
     return {"steps": steps * cfg.n_envs, "cpu_seconds": cpu}
 
 
-def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
-    """In this process: build (or reuse) the workdir for N, d and train; return measurements."""
+def run_one(
+    root: Path, n: int, d: int, mode: str, rollouts: int, device: str = "cpu",
+    n_envs: int | None = None,
+) -> dict:  # fmt: skip
+    """In this process: build (or reuse) the workdir for N, d and train; return measurements.
+    ``n_envs`` overrides the mode's number of environments."""
+    import torch
+
     from procfs import proc_kib
     from sasha_env.agents.config import AgentConfig
     from sasha_env.agents.train import train_agent
 
     if mode.startswith("env only: "):
-        return run_env_only(root, n, d, mode.removeprefix("env only: "))
+        return run_env_only(
+            root, n, d, mode.removeprefix("env only: "), device=device, n_envs=n_envs
+        )
     wd = workdir_for(root, n, d)
     options = {"n_envs": N_ENVS, **MODES.get(mode, VEC_MODES.get(mode, {}))}
+    if n_envs:
+        options["n_envs"] = n_envs
     cfg = AgentConfig(
         fracs=(0.1,), total_timesteps=rollouts * options["n_envs"] * N_STEPS, n_steps=N_STEPS,
         batch_size=64, n_epochs=4, **options,
@@ -165,8 +185,9 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
     paper = options.get("protocol") == "paper"
     clock = Clock(rollouts if paper else None)  # paper: a rollout is one slide's two episodes
     model = train_agent(
-        wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock]
-    )
+        wd, frac=0.1, cfg=cfg, out_dir=root / "agents" / mode, progress=False, callbacks=[clock],
+        device=device,
+    )  # fmt: skip
     k = int(model.observation_space["features"].shape[1])
     return {
         "pool_rows": clock.pool_rows,
@@ -178,6 +199,11 @@ def run_one(root: Path, n: int, d: int, mode: str, rollouts: int) -> dict:
         "collect_cpu": clock.collect_cpu,
         "rollouts": clock.done,
         "peak_gib": proc_kib("VmHWM") / 2**20,
+        "gpu_peak_gib": (
+            torch.cuda.max_memory_allocated() / 2**30
+            if torch.device(device).type == "cuda"
+            else None
+        ),
         "P": int(model.observation_space["features"].shape[0]),
         "k": k,
     }
@@ -200,15 +226,27 @@ def main() -> None:
         "--modes-large", nargs="+", default=LARGE_MODES, choices=list(MODES),
         help=f"modes at N > {LARGE_N} (SB3's buffer there runs at ~1 step/s)",
     )  # fmt: skip
+    p.add_argument(
+        "--device", default="cpu",
+        help="--vec: torch device of the policy and of SashaVecEnv (cpu, cuda)",
+    )  # fmt: skip
+    p.add_argument(
+        "--n-envs", nargs="+", type=int, default=[8], help="--vec: environment counts to run"
+    )
     p.add_argument("--child", nargs=4, metavar=("ROOT", "N", "D", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--child-envs", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.rollouts = args.rollouts or (1 if args.vec else 2)
     if args.child:
         root, n, d, mode = args.child
-        print(json.dumps(run_one(Path(root), int(n), int(d), mode, args.rollouts)))
+        result = run_one(
+            Path(root), int(n), int(d), mode, args.rollouts, args.device, args.child_envs
+        )
+        print(json.dumps(result))
         return
     if args.vec:
-        compare_vec_envs(args.sizes or ["800:1280", "8192:384"], args.rollouts, args.repeats)
+        sizes = args.sizes or ["800:1280", "8192:384"]
+        compare_vec_envs(sizes, args.rollouts, args.repeats, args.device, args.n_envs)
         return
     args.sizes = args.sizes or ["100:1280", "800:1280", "8192:384"]
     print(
@@ -239,52 +277,67 @@ def main() -> None:
                 )
 
 
-def child(root: str, n: int, d: int, mode: str, rollouts: int) -> dict:
+def child(
+    root: str, n: int, d: int, mode: str, rollouts: int, device: str = "cpu",
+    n_envs: int | None = None,
+) -> dict:  # fmt: skip
     """:func:`run_one` in a fresh process (its own peak memory, its own caches)."""
-    cmd = [sys.executable, __file__, "--rollouts", str(rollouts), "--child", root, str(n), str(d), mode]  # fmt: skip
+    cmd = [sys.executable, __file__, "--rollouts", str(rollouts), "--device", device, "--child", root, str(n), str(d), mode]  # fmt: skip
+    if n_envs:
+        cmd += ["--child-envs", str(n_envs)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare_vec_envs(sizes: list[str], rollouts: int, repeats: int) -> None:
-    """``--vec``: each size's two vector envs, alternating, one fresh process each, ``repeats``
-    times; each run's rates and their ratios to the baseline run just before it. Then the two
-    vector envs stepped alone, per size."""
+def compare_vec_envs(
+    sizes: list[str], rollouts: int, repeats: int, device: str = "cpu", env_counts: Sequence[int] = (8,)
+) -> None:  # fmt: skip
+    """``--vec``: at each size and environment count, the two vector envs, alternating, one
+    fresh process each, ``repeats`` times; each run's rates and their ratios to the baseline
+    run just before it (per wall-clock second, the measure on a machine of one's own, and per
+    CPU-second, the steadier one on a shared machine). Then the two vector envs stepped alone."""
+    gpu = device != "cpu"
+    print(f"Device: {device} (policy{' and SashaVecEnv' if gpu else ''})\n")
     print(
-        f"| N | d | vector env | training steps/s | per CPU-s | vs {VEC_BASELINE} (CPU) | "
-        "collection steps/s | per CPU-s | vs (CPU) | update s | peak GiB |"
+        f"| N | d | envs | vector env | training steps/s | vs {VEC_BASELINE} | per CPU-s | "
+        "vs (CPU) | collection steps/s | vs | update s | peak GiB |"
+        + (" GPU peak GiB |" if gpu else "")
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     alone = []
     with tempfile.TemporaryDirectory(prefix="bench_agent_speed_") as tmp:
         for size in sizes:
             n, d = (int(x) for x in size.split(":"))
-            for _ in range(repeats):
-                base: tuple[float, float] | None = None
+            for envs in env_counts:
+                for _ in range(repeats):
+                    base: tuple[float, float, float] | None = None
+                    for mode in VEC_MODES:
+                        r = child(tmp, n, d, mode, rollouts, device, envs)
+                        steps = r["steps"]
+                        rate, cpu_rate = steps / r["seconds"], steps / r["cpu_seconds"]
+                        collect = steps / r["collect_seconds"]
+                        base = (rate, cpu_rate, collect) if mode == VEC_BASELINE else base
+                        assert base is not None
+                        update = (r["seconds"] - r["collect_seconds"]) / max(r["rollouts"], 1)
+                        gpu_peak = f" {r['gpu_peak_gib']:.2f} |" if gpu else ""
+                        print(
+                            f"| {n} | {d} | {envs} | {mode} | {rate:.1f} | "
+                            f"{rate / base[0]:.2f}x | {cpu_rate:.1f} | {cpu_rate / base[1]:.2f}x | "
+                            f"{collect:.1f} | {collect / base[2]:.2f}x | {update:.1f} | "
+                            f"{r['peak_gib']:.2f} |{gpu_peak}",
+                            flush=True,
+                        )
+                env_rates = []
                 for mode in VEC_MODES:
-                    r = child(tmp, n, d, mode, rollouts)
-                    steps = r["steps"]
-                    rate, cpu_rate = steps / r["seconds"], steps / r["cpu_seconds"]
-                    collect, collect_cpu = steps / r["collect_seconds"], steps / r["collect_cpu"]
-                    base = (cpu_rate, collect_cpu) if mode == VEC_BASELINE else base
-                    assert base is not None
-                    update = (r["seconds"] - r["collect_seconds"]) / max(r["rollouts"], 1)
-                    print(
-                        f"| {n} | {d} | {mode} | {rate:.1f} | {cpu_rate:.1f} | "
-                        f"{cpu_rate / base[0]:.2f}x | {collect:.1f} | {collect_cpu:.1f} | "
-                        f"{collect_cpu / base[1]:.2f}x | {update:.1f} | {r['peak_gib']:.2f} |",
-                        flush=True,
-                    )
-            env_rates = []
-            for mode in VEC_MODES:
-                r = child(tmp, n, d, f"env only: {mode}", rollouts)
-                env_rates.append(r["steps"] / r["cpu_seconds"])
-            alone.append((n, d, *env_rates))
-    print(f"\nThe vector envs alone ({N_STEPS} steps of 8 envs, random legal actions):\n")
-    print(f"| N | d | {' | '.join(VEC_MODES)} (steps/CPU-s) | ratio |")
-    print("|---|---|---|---|---|")
-    for n, d, base_rate, rate in alone:
-        print(f"| {n} | {d} | {base_rate:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
+                    r = child(tmp, n, d, f"env only: {mode}", rollouts, device, envs)
+                    env_rates.append(r["steps"] / r["cpu_seconds"])
+                alone.append((n, d, envs, *env_rates))
+    print(f"\nThe vector envs alone ({N_STEPS} steps, random legal actions):\n")
+    names = " | ".join(VEC_MODES)
+    print(f"| N | d | envs | {names} (steps/CPU-s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for n, d, envs, base_rate, rate in alone:
+        print(f"| {n} | {d} | {envs} | {base_rate:.1f} | {rate:.1f} | {rate / base_rate:.2f}x |")
 
 
 if __name__ == "__main__":
