@@ -12,7 +12,7 @@ processes) at N ≈ 800 (d = 1,280) and N = 8,192 (d = 384). Printed per run: en
 per second of training (collection and updates) and of collection alone (the rollouts: env
 steps, policy forward passes, buffer), each per wall-clock second and per CPU-second of the
 process (one torch thread: on a machine shared with other jobs the CPU time is the steadier
-measure), the ratios of the CPU rates to ``DummyVecEnv``'s run just before, the seconds per
+measure), the ratios of both rates to ``DummyVecEnv``'s run just before, the seconds per
 update, and the peak memory (with ``--device cuda`` also the GPU's peak allocation); then both
 vector envs stepped alone (64 steps of random legal
 actions, the same for both, steps per CPU-second) and their ratio. One rollout is 8 × 64 steps; ``--repeats`` alternates the pair
