@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from sasha_env.agents.config import ALGORITHMS, VEC_ENVS
+from sasha_env.agents.config import ALGORITHMS, VEC_ENVS, AgentConfig
 from sasha_env.config import PRESETS, load_config
 from sasha_env.pipeline.schema import SECTIONS, ConfigError, validate_config
 
@@ -195,3 +196,30 @@ def test_dropped_rows_and_slides_are_reported_and_change_the_exit_status(tiny_co
     again = _sasha("pipeline", "--workdir", str(workdir), "--preset", "tiny",
                    "--stages", "extract", "--quiet")  # fmt: skip
     assert again.returncode == 1 and "gone:" in again.stderr
+
+
+ABLATION_DIR = Path(__file__).parents[1] / "experiments" / "ablations"
+ABLATIONS = sorted(ABLATION_DIR.glob("*.yaml"))
+#: What the agents stage reads under ``protocol: paper`` (the SB3 settings are unused there).
+PAPER_FIELDS = (
+    "protocol", "algo", "fracs", "epochs", "episodes_per_slide", "learning_rate",
+    "lr_schedule", "policy_arch", "masked_update", "two_optimizers", "use_coords", "reward",
+    "d_hidden", "val_every", "val_start", "equal_episodes", "stop",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_every_shipped_ablation_config_is_valid_on_the_demo_preset(path):
+    assert validate_config(load_config("demo", path)) is not None
+
+
+def test_the_paper_agents_ablation_trains_the_paper_presets_agents():
+    """``paper-agents.yaml`` on the demo preset must not inherit the demo's SB3 settings where
+    the official protocol reads them (a learning rate left at the demo's 3e-4, say)."""
+    ours = AgentConfig.from_dict(
+        load_config("demo", ABLATION_DIR / "paper-agents.yaml")["agents"]
+    ).resolved()
+    paper = AgentConfig.from_dict(load_config("paper")["agents"]).resolved()
+    assert {f: getattr(ours, f) for f in PAPER_FIELDS} == {
+        f: getattr(paper, f) for f in PAPER_FIELDS
+    }
