@@ -31,18 +31,11 @@ from bench_env import synthetic_workdir  # noqa: E402
 from sasha_env.envs.vector import SashaVecEnv  # noqa: E402
 
 
-def drive(venv: SashaVecEnv, actions: list[np.ndarray]) -> tuple[list, float]:
-    """Step ``venv`` through ``actions`` (one array of E actions per step) after a reset;
-    returns ``(records, seconds)``: per step the features, rewards, dones, masks and slides."""
-    records = []
-    venv.reset()
-    t0 = time.perf_counter()
-    for a in actions:
-        obs, rewards, dones, infos = venv.step(a)
-        masks = venv.action_masks()
-        slides = [None if s is None else s.slide_id for s in venv.batch.slides]
-        records.append((obs["features"].copy(), rewards.copy(), dones.copy(), masks.copy(), slides))
-    return records, time.perf_counter() - t0
+def record(venv: SashaVecEnv, step: tuple) -> tuple:
+    """One step's features, rewards, dones, masks and slides, copied."""
+    obs, rewards, dones, _ = step
+    slides = [None if s is None else s.slide_id for s in venv.batch.slides]
+    return obs["features"].copy(), rewards.copy(), dones.copy(), venv.action_masks().copy(), slides
 
 
 def main() -> int:
@@ -65,24 +58,24 @@ def main() -> int:
             n, d = (int(x) for x in size.split(":"))
             wd = Path(tmp) / f"n{n}-d{d}"
             synthetic_workdir(wd, 8, (int(n * 0.9), n), d)
-            venvs = {
-                dev: SashaVecEnv(args.envs, wd, frac=0.1, device=dev)
-                for dev in ("cpu", args.device)
-            }
-            for venv in venvs.values():
+            venvs = [
+                SashaVecEnv(args.envs, wd, frac=0.1, device=dev) for dev in ("cpu", args.device)
+            ]
+            for venv in venvs:
                 venv.seed(0)
-            # the actions: random legal ones, drawn on the CPU env's masks as it goes
-            rng, actions = np.random.default_rng(0), []
-            ref = venvs["cpu"]
-            ref.reset()
+                venv.reset()
+            # both in lockstep, on random legal actions drawn from the CPU env's masks
+            rng, seconds = np.random.default_rng(0), [0.0, 0.0]
+            cpu, gpu = [], []
             for _ in range(args.steps):
-                masks = ref.action_masks()
+                masks = venvs[0].action_masks()
                 a = np.array([rng.choice(np.flatnonzero(m)) for m in masks])
-                actions.append(a)
-                ref.step(a)
-            ref.seed(0)
-            runs = {dev: drive(venv, actions) for dev, venv in venvs.items()}
-            (cpu, t_cpu), (gpu, t_gpu) = runs["cpu"], runs[args.device]
+                for i, out in enumerate((cpu, gpu)):
+                    t0 = time.perf_counter()
+                    step = venvs[i].step(a)
+                    seconds[i] += time.perf_counter() - t0
+                    out.append(record(venvs[i], step))
+            t_cpu, t_gpu = seconds
             d_obs = max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(cpu, gpu, strict=True))
             d_rew = max(float(np.abs(a[1] - b[1]).max()) for a, b in zip(cpu, gpu, strict=True))
             same = all(
