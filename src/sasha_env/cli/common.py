@@ -6,6 +6,7 @@ Each option is defined here once; a verb's module adds it to its sub-parser with
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..config import PRESETS
@@ -94,6 +95,39 @@ def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
         default=None,
         metavar="YAML",
         help="YAML file whose sections (synth, grid, extract, ...) override the preset",
+    )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a batch job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def jobs_value(value: str) -> int:
+    """An ``argparse`` type for ``--jobs``: a count of processes, or ``auto`` (one per usable
+    core, :func:`usable_cores`).
+
+    Raises:
+        argparse.ArgumentTypeError: neither ``auto`` nor a whole number ≥ 1 (status 2).
+    """
+    if value == "auto":
+        return usable_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of processes >= 1, or auto")
+    return int(value)
+
+
+def add_jobs(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    """Add ``--jobs J`` (``args.jobs``, an int): ``what`` says what runs at once."""
+    p.add_argument(
+        "--jobs",
+        type=jobs_value,
+        default=jobs_value(default),
+        metavar="J",
+        help=f"{what}; 'auto' = one per usable core ({usable_cores()} here) (default: {default})",
     )
 
 

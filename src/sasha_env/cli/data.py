@@ -16,6 +16,7 @@ from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
     SubParsers,
+    add_jobs,
     add_mpp,
     add_preset,
     add_quiet,
@@ -46,6 +47,7 @@ def add_synth(sub: SubParsers) -> None:
         help="number of slides (default: the preset's)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    add_jobs(p, "auto", "render J slides at once, one process each (the same cohort for any J)")
     add_quiet(p)
     p.set_defaults(func=_cmd_synth)
 
@@ -188,7 +190,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         if args.slides < 2:
             raise ValueError("--slides must be at least 2 (one per class)")
         synth_cfg.n_slides = args.slides
-    manifest = synthesize_cohort(args.out_dir, synth_cfg, seed=args.seed, progress=not args.quiet)
+    manifest = synthesize_cohort(
+        args.out_dir, synth_cfg, seed=args.seed, progress=not args.quiet, jobs=args.jobs
+    )
     print(f"wrote {synth_cfg.n_slides} slides; manifest: {manifest}")
     return EXIT_OK
 

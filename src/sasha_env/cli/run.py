@@ -20,6 +20,7 @@ from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
     SubParsers,
+    add_jobs,
     add_mpp,
     add_preset,
     add_run_options,
@@ -30,6 +31,15 @@ from .common import (
 
 if TYPE_CHECKING:
     from ..pipeline.runner import Pipeline
+
+
+_JOBS_HELP = (
+    "run up to J stages at once, each in its own process, as soon as the stages it reads are "
+    "done: after extraction, HAFED -> distill -> TSU beside the low-res classifier and the MIL "
+    "baselines, then one agent per budget at once. Same outputs as one at a time; progress "
+    "bars are off, each stage prints its start and end. A DDP run (--devices > 1) runs one "
+    "at a time"
+)
 
 
 def add_pipeline(sub: SubParsers) -> None:
@@ -81,6 +91,7 @@ def add_pipeline(sub: SubParsers) -> None:
         metavar="STAGE",
         help="re-run these stages even if cached",
     )
+    add_jobs(p, "1", _JOBS_HELP)
     add_run_options(p)
     p.set_defaults(func=_cmd_pipeline)
 
@@ -164,6 +175,7 @@ def add_demo(sub: SubParsers) -> None:
         help="(default: demo-run)",
     )
     add_preset(p)
+    add_jobs(p, "auto", "render slides and " + _JOBS_HELP[4:])
     add_run_options(p, scaleout=False)
     p.set_defaults(func=_cmd_demo)
 
@@ -200,7 +212,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from ..pipeline.evaluate import format_table  # lazy: zarr
 
     pipe = _pipeline(args, args.workdir, args.manifest, args.features)
-    pipe.run(args.stages, force=tuple(args.force))
+    pipe.run(args.stages, force=tuple(args.force), jobs=args.jobs)
     if (
         is_rank_zero()
         and pipe.wd.results.is_file()
@@ -243,9 +255,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         SynthConfig.from_dict(cfg["synth"]),
         seed=int(cfg.get("seed", 0)),
         progress=not args.quiet,
+        jobs=args.jobs,
     )
     pipe = _pipeline(args, args.dir, manifest)
-    pipe.run()
+    pipe.run(jobs=args.jobs)
     if is_rank_zero():
         print()
         print(format_table(pipe.wd.results))

@@ -89,9 +89,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
     def run(
-        self, stages: tuple[str, ...] | list[str] | None = None, force: tuple[str, ...] = ()
+        self,
+        stages: tuple[str, ...] | list[str] | None = None,
+        force: tuple[str, ...] = (),
+        jobs: int = 1,
     ) -> dict:
         """Run ``stages`` (default: all) in order; ``force`` re-runs those even when cached.
+
+        Args:
+            stages: the stages to run (default: all), in registry order whatever the order given.
+            force: stages to re-run even when cached.
+            jobs: at most this many stages (or units of a stage, such as one agent per budget)
+                at once, each in its own process, as soon as the stages it reads are done
+                (:func:`~sasha_env.pipeline.parallel.run_parallel`). 1: one after another, in
+                this process. The outputs are the same either way. A DDP run
+                (``devices`` or ``num_nodes`` above 1) runs one stage at a time.
 
         Returns:
             The markers of the stages run or skipped, by stage name.
@@ -100,7 +112,13 @@ class Pipeline:
         unknown = (set(stages) | set(force)) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
         self._prepare(replace_store="extract" in force)
+        if jobs > 1 and self.devices == 1 and self.num_nodes == 1:
+            from .parallel import run_parallel  # lazy: multiprocessing, only with jobs
+
+            return run_parallel(self, [s for s in STAGES if s in stages], force, jobs)
         return {
             name: self._run_stage(REGISTRY[name], force=name in force)
             for name in STAGES
@@ -228,8 +246,18 @@ class Pipeline:
             upstream.append(json.loads(marker.read_text())["outputs"] if marker.is_file() else None)
         return _hash([stage.name, own, upstream])
 
-    def _run_stage(self, stage: Stage, force: bool = False) -> dict:
+    def _run_stage(
+        self,
+        stage: Stage,
+        force: bool = False,
+        collecting: bool = False,
+        started: float | None = None,
+    ) -> dict:
         """Run one stage, or skip it when its marker holds the same key.
+
+        ``collecting`` and ``started`` (a ``time.perf_counter()``) are for a stage whose units
+        other processes have just run (:func:`~sasha_env.pipeline.parallel.run_parallel`):
+        the run gathers their outputs, and its time counts from ``started``.
 
         Under DDP every process runs this. Rank 0 decides, and takes away the marker of a stage
         it will run; the others then decide from the markers rank 0 left. Lightning stages
@@ -241,9 +269,7 @@ class Pipeline:
         stale = marker_path.is_file()
         if is_rank_zero():
             key = self._checked_key(stage)
-            cached = self._cached_marker(marker_path, key, force)
-            if cached is None:
-                marker_path.unlink(missing_ok=True)
+            cached = self.cached_stage(stage, force, key)
             barrier()
         else:
             barrier()
@@ -256,9 +282,10 @@ class Pipeline:
             self.log(f"[{name}] configuration or upstream changed: running again")
         if not stage.distributed and not is_rank_zero():
             return self._await_marker(marker_path, key, name)
-        self.log(f"[{name}] running")
-        t0 = time.perf_counter()
-        ctx = StageContext(stage, key, self.wd.root / "stages" / f"{name}.units", force=force)
+        if not collecting:
+            self.log(f"[{name}] running")
+        t0 = time.perf_counter() if started is None else started
+        ctx = StageContext(stage, key, self.units_dir(stage), force=force, collecting=collecting)
         outputs = stage.run(self, ctx)
         marker = {
             "stage": name,
@@ -270,6 +297,37 @@ class Pipeline:
             write_json(marker_path, marker)
         self.log(f"[{name}] finished in {marker['seconds']:.1f} s")
         return marker
+
+    def cached_stage(
+        self, stage: Stage, force: bool = False, key: str | None = None
+    ) -> dict | None:
+        """The stage's marker when it holds the stage's current key (and ``force`` is off);
+        otherwise ``None``, and a marker left from other inputs is removed: the stage runs.
+
+        Raises:
+            FileNotFoundError: a stage ``stage`` reads has not run.
+        """
+        key = self._checked_key(stage) if key is None else key
+        path = self.wd.marker(stage.name)
+        cached = self._cached_marker(path, key, force)
+        if cached is None:
+            path.unlink(missing_ok=True)
+        return cached
+
+    def units_dir(self, stage: Stage) -> Path:
+        """Where ``stage`` records its finished units (:meth:`StageContext.cached`)."""
+        return self.wd.root / "stages" / f"{stage.name}.units"
+
+    def run_unit(self, stage: Stage, unit: str, force: bool = False) -> None:
+        """Compute one unit of ``stage`` (e.g. one budget's agent) and record it, without the
+        stage's marker: a later :meth:`run` of the stage finds it cached.
+
+        Raises:
+            FileNotFoundError: a stage ``stage`` reads has not run.
+        """
+        key = self._checked_key(stage)
+        ctx = StageContext(stage, key, self.units_dir(stage), force=force, only=unit)
+        stage.run(self, ctx)
 
     def _cohort_files(self) -> list:
         """The workdir manifest's slides: id, path, size and time of the file, label, split

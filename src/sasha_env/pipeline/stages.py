@@ -94,12 +94,23 @@ class StageContext:
         key: the cache key of this run (configuration, seed and upstream outputs).
         units_dir: where :meth:`cached` keeps the stage's finished units.
         force: recompute every unit (``--force``), whatever was cached.
+        only: run this one unit and skip the others (:meth:`wants`): the stage's units then
+            run in separate processes (``sasha pipeline --jobs``), and a last run with every
+            unit cached collects their outputs. ``None``: every unit.
+        collecting: this run collects units other processes have just computed (their cached
+            outputs are not news, so a stage need not say it kept them).
     """
 
     stage: Stage
     key: str
     units_dir: Path
     force: bool = False
+    only: str | None = None
+    collecting: bool = False
+
+    def wants(self, unit: str) -> bool:
+        """Whether this run computes ``unit`` (every unit unless :attr:`only` names another)."""
+        return self.only is None or unit == self.only
 
     def cached(
         self,
@@ -154,6 +165,10 @@ class Stage:
         version: raised when the stage's code changes what it produces with the same
             configuration (a new default, say), so that workdirs run before re-run it. Part of
             the key from version 2 on: markers written before versions existed stay valid.
+        units: for a stage whose work splits into independent units (one agent per budget),
+            ``units(pipeline) -> [unit name, ...]``, the longest first: with ``--jobs`` they
+            run in separate processes at once, each a run of the stage with
+            :attr:`StageContext.only` set, started in this order.
     """
 
     name: str
@@ -166,6 +181,7 @@ class Stage:
     reads_manifest: bool = False
     distributed: bool = False
     version: int = 1
+    units: Callable[[RunContext], list[str]] | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -418,6 +434,22 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
 LEARNED_STOP_KEYS = ("stop", "zoom_cost")
 
 
+def _agent_units(cfg: AgentConfig) -> list[tuple[float, bool]]:
+    """The agents stage's units, in training order: ``(f, learned_stop)`` for each budget f,
+    the learned-stop agent (with ``agents.stop: learned``) after the fixed-budget one."""
+    kinds = [False] + ([True] if cfg.stop == "learned" else [])
+    return [(frac, learned_stop) for frac in cfg.fracs for learned_stop in kinds]
+
+
+def _agent_unit_names(p: RunContext) -> list[str]:
+    """The agents stage's unit names (the agents' folder names), for ``--jobs``: the largest
+    budget first, the longest to train (more zooms per episode; with ``equal_episodes`` more
+    steps too), so that it does not start last."""
+    cfg = AgentConfig.from_dict(p.section(REGISTRY["agents"]))
+    units = sorted(_agent_units(cfg), key=lambda unit: (-unit[0], unit[1]))
+    return [agent_name(frac, cfg.algo, stop) for frac, stop in units]
+
+
 def _run_agents(p: RunContext, ctx: StageContext) -> dict:
     """One agent per zoom budget f, and with ``agents.stop: learned`` one learned-stop agent per
     f beside it (``agents/<name>-stop/``); each is a cached unit, so a killed run keeps finished
@@ -428,47 +460,47 @@ def _run_agents(p: RunContext, ctx: StageContext) -> dict:
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
     device = "cuda" if p.accelerator == "gpu" else "cpu"
     fixed_key = p.key(ctx.stage, drop=LEARNED_STOP_KEYS)
-    kinds = [False] + ([True] if cfg.stop == "learned" else [])
     agents: dict[str, dict] = {}
     learned: dict[str, dict] = {}
-    for frac in cfg.fracs:
-        for learned_stop in kinds:
-            out = p.wd.agent_dir(agent_name(frac, cfg.algo, learned_stop))
-            what = f"f={frac:g}" + (" learned stop" if learned_stop else "")
+    for frac, learned_stop in _agent_units(cfg):
+        out = p.wd.agent_dir(agent_name(frac, cfg.algo, learned_stop))
+        if not ctx.wants(out.name):
+            continue
+        what = f"f={frac:g}" + (" learned stop" if learned_stop else "")
 
-            def train(frac: float = frac, out: Path = out, stop: bool = learned_stop) -> dict:
-                budget = (
-                    f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
-                    if cfg.protocol == "paper"
-                    else f"{steps_for(cfg, frac)} steps"
-                )
-                extra = f", learned stop at {cfg.zoom_cost:g} per zoom" if stop else ""
-                p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}{extra}")
-                train_agent(
-                    p.wd,
-                    frac,
-                    cfg,
-                    seed=p.seed,
-                    out_dir=out,
-                    wandb=p.train_kwargs()["wandb"],
-                    progress=p.progress,
-                    device=device,
-                    run_config={"pipeline": p.cfg},  # the whole resolved config in the W&B run
-                    learned_stop=stop,
-                )
-                weights = out / POLICY_WEIGHTS
-                return {"agent": str(weights), "sha256": file_sha256(weights)}
-
-            def intact(outputs: dict) -> bool:
-                weights = Path(outputs["agent"])
-                return weights.is_file() and file_sha256(weights) == outputs["sha256"]
-
-            key = None if learned_stop else fixed_key
-            (learned if learned_stop else agents)[f"{frac:g}"], cached = ctx.cached(
-                out.name, train, intact, key
+        def train(frac: float = frac, out: Path = out, stop: bool = learned_stop) -> dict:
+            budget = (
+                f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
+                if cfg.protocol == "paper"
+                else f"{steps_for(cfg, frac)} steps"
             )
-            if cached:
-                p.log(f"[agents] {what}: trained earlier, kept")
+            extra = f", learned stop at {cfg.zoom_cost:g} per zoom" if stop else ""
+            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}{extra}")
+            train_agent(
+                p.wd,
+                frac,
+                cfg,
+                seed=p.seed,
+                out_dir=out,
+                wandb=p.train_kwargs()["wandb"],
+                progress=p.progress,
+                device=device,
+                run_config={"pipeline": p.cfg},  # the whole resolved config in the W&B run
+                learned_stop=stop,
+            )
+            weights = out / POLICY_WEIGHTS
+            return {"agent": str(weights), "sha256": file_sha256(weights)}
+
+        def intact(outputs: dict) -> bool:
+            weights = Path(outputs["agent"])
+            return weights.is_file() and file_sha256(weights) == outputs["sha256"]
+
+        key = None if learned_stop else fixed_key
+        (learned if learned_stop else agents)[f"{frac:g}"], cached = ctx.cached(
+            out.name, train, intact, key
+        )
+        if cached and not ctx.collecting:
+            p.log(f"[agents] {what}: trained earlier, kept")
     outputs: dict[str, Any] = {"agents": agents, "algo": cfg.algo}
     if learned:  # only then: the outputs (and downstream keys) of other runs stay as they were
         outputs["learned_stop"] = learned
@@ -565,6 +597,7 @@ def _stages() -> dict[str, Stage]:
             "agents/<algo>-<f>/ (one trained agent per zoom budget f; with agents.stop: "
             "learned also agents/<algo>-<f>-stop/)",
             _run_agents,
+            units=_agent_unit_names,
             # 2: row-pooled rollout buffers (agents.row_pool) by default; 3: SB3's progress.csv
             # beside each agent, dqn's learning_starts at most a tenth of the budget; protocol
             # paper = the official agent at 6385fe6 (its networks, unmasked update, two

@@ -23,7 +23,11 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import repeat
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -852,8 +856,38 @@ def _slide_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
+def _write_slide(out: Path, cfg: SynthConfig, seed: int, slide: PlannedSlide) -> dict[str, Any]:
+    """Render one planned slide, write its TIFF and mask under ``out``; its ``cohort.json``
+    statistics."""
+    label = _LABEL_NAMES.index(slide.label)
+    render = render_layers if tuple(cfg.mosaic) == (1, 1) else render_mosaic
+    layers = render(cfg, label, _slide_rng(seed, slide.index))
+    write_pyramid_tiff(
+        out / "slides" / f"{slide.slide_id}.tiff",
+        layers.image,
+        cfg.downsamples,
+        cfg.mpp,
+        cfg.tile_px,
+    )
+    _write_mask_png(out / "masks" / f"{slide.slide_id}.png", layers.tumour)
+    tissue_px = int(layers.tissue.sum())
+    return {
+        "label": slide.label,
+        "width": int(layers.image.shape[1]),
+        "height": int(layers.image.shape[0]),
+        "tissue_fraction": round(tissue_px / layers.tissue.size, 4),
+        "tumour_share": round(int(layers.tumour.sum()) / max(tissue_px, 1), 5),
+        "n_foci": layers.n_foci,
+        "n_mimics": layers.n_mimics,
+    }
+
+
 def synthesize_cohort(
-    out_dir: str | Path, cfg: SynthConfig, seed: int = 0, progress: bool = True
+    out_dir: str | Path,
+    cfg: SynthConfig,
+    seed: int = 0,
+    progress: bool = True,
+    jobs: int = 1,
 ) -> Path:
     """Write a synthetic cohort, resuming where an earlier run of the same seed and config stopped.
 
@@ -868,6 +902,8 @@ def synthesize_cohort(
         cfg: the cohort configuration.
         seed: cohort seed; slide ``i`` draws from ``SeedSequence([seed, i])``.
         progress: show a tqdm progress bar.
+        jobs: render this many slides at once, one process each (each slide draws from its
+            own stream, so the cohort is the same with any number).
 
     Returns:
         Path of ``manifest.csv``.
@@ -903,27 +939,34 @@ def synthesize_cohort(
         record["slides"] = old.get("slides", {})
 
     plan = plan_cohort(cfg, seed)
-    for slide in tqdm(plan, desc="synthesizing slides", disable=not progress):
-        slide_path = out / "slides" / f"{slide.slide_id}.tiff"
-        mask_path = out / "masks" / f"{slide.slide_id}.png"
-        if slide.slide_id in record["slides"] and slide_path.is_file() and mask_path.is_file():
-            continue
-        label = _LABEL_NAMES.index(slide.label)
-        render = render_layers if tuple(cfg.mosaic) == (1, 1) else render_mosaic
-        layers = render(cfg, label, _slide_rng(seed, slide.index))
-        write_pyramid_tiff(slide_path, layers.image, cfg.downsamples, cfg.mpp, cfg.tile_px)
-        _write_mask_png(mask_path, layers.tumour)
-        tissue_px = int(layers.tissue.sum())
-        record["slides"][slide.slide_id] = {
-            "label": slide.label,
-            "width": int(layers.image.shape[1]),
-            "height": int(layers.image.shape[0]),
-            "tissue_fraction": round(tissue_px / layers.tissue.size, 4),
-            "tumour_share": round(int(layers.tumour.sum()) / max(tissue_px, 1), 5),
-            "n_foci": layers.n_foci,
-            "n_mimics": layers.n_mimics,
-        }
-        write_json(record_path, record, indent=1)
+    todo = [
+        slide
+        for slide in plan
+        if not (
+            slide.slide_id in record["slides"]
+            and (out / "slides" / f"{slide.slide_id}.tiff").is_file()
+            and (out / "masks" / f"{slide.slide_id}.png").is_file()
+        )
+    ]
+    bar = tqdm(
+        total=len(plan),
+        initial=len(plan) - len(todo),
+        desc="synthesizing slides",
+        disable=not progress,
+    )
+    with ExitStack() as stack:
+        if jobs > 1 and len(todo) > 1:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"))
+            )
+            done = pool.map(_write_slide, repeat(out), repeat(cfg), repeat(seed), todo)
+        else:
+            done = map(_write_slide, repeat(out), repeat(cfg), repeat(seed), todo)
+        for slide, stats in zip(todo, done, strict=True):  # in plan order, as with one job
+            record["slides"][slide.slide_id] = stats
+            write_json(record_path, record, indent=1)
+            bar.update()
+    bar.close()
 
     manifest = out / "manifest.csv"
 

@@ -1,0 +1,182 @@
+"""``--jobs J``: the pipeline's independent stages at once, each in its own process.
+
+The stages form a graph through what each reads (:attr:`~sasha_env.pipeline.stages.Stage.reads`):
+after ``extract``, the chain ``hafed → distill → tsu`` and the low-res classifier and the MIL
+baselines are independent of one another, and so are the agents stage's budgets (its
+:attr:`~sasha_env.pipeline.stages.Stage.units`). :func:`run_parallel` starts each stage, or each
+unit of a stage with units, on one of ``jobs`` worker processes as soon as the stages it reads
+are done, in registry order among those ready (so the longest chain, HAFED → TSU →
+agents, goes first). Each process runs the same stage code on the same workdir as a run with one
+job, with the same threads (the training stages set their own), so the outputs are the same: a
+stage writes its own marker, a unit its own record, and a stage with units is finished in this
+process once they are done, by a run of it that finds every unit recorded.
+
+A stage that fails stops new starts; the tasks already running finish and are kept, so the
+same command resumes after the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .stages import REGISTRY, STAGES
+
+if TYPE_CHECKING:
+    from .runner import Pipeline
+
+__all__ = ["run_parallel"]
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One process's work: a whole stage, or one unit of a stage with units."""
+
+    stage: str
+    unit: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.unit is None else f"{self.stage} {self.unit}"
+
+
+def _settings(pipe: Pipeline) -> dict[str, Any]:
+    """The :class:`~sasha_env.pipeline.runner.Pipeline` arguments of a worker: the parent's,
+    printing its messages (a custom ``log`` stays in the parent); progress bars are set per
+    task (several would share one terminal)."""
+    return {
+        "workdir": pipe.workdir,
+        "features": pipe.features,
+        "preset": pipe.preset,
+        "config_path": pipe.config_path,
+        "overrides": pipe.overrides,
+        "devices": pipe.devices,
+        "strategy": pipe.strategy,
+        "accelerator": pipe.accelerator,
+        "num_nodes": pipe.num_nodes,
+    }
+
+
+def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
+    """A worker process's task: run it on a pipeline over the same workdir."""
+    from .runner import Pipeline  # lazy: a spawned worker imports it on its first task
+
+    pipe = Pipeline(**settings)
+    stage = REGISTRY[task.stage]
+    if task.unit is None:
+        pipe._run_stage(stage, force=force)
+    else:
+        pipe.run_unit(stage, task.unit, force=force)
+
+
+def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs: int) -> dict:
+    """Run ``stages`` of a prepared pipeline on up to ``jobs`` worker processes at once.
+
+    The workers are started once (spawned: a fork of a process holding torch's threads can
+    hang) and take one task after another, so each imports torch and Lightning once.
+
+    Args:
+        pipe: the pipeline (its workdir already prepared by :meth:`Pipeline.run`).
+        stages: stage names, in registry order. A stage they read that is not among them must
+            have run before.
+        force: stages to run even when cached.
+        jobs: the most tasks at once (≥ 2).
+
+    Returns:
+        The markers of the stages run or skipped, by stage name, in registry order.
+
+    Raises:
+        RuntimeError: a stage failed (raised after the tasks running beside it finished).
+        FileNotFoundError: a stage reads one that neither ran before nor is in ``stages``.
+    """
+    settings = _settings(pipe)
+    wanted = set(stages)
+    pending = list(stages)  # not queued yet, registry order
+    markers: dict[str, dict] = {}
+    queue: list[_Task] = []  # ready, not started
+    running: dict[Future, _Task] = {}
+    units_left: dict[str, set[str]] = {}
+    started: dict[str, float] = {}
+    failed: list[str] = []
+
+    def ready(name: str) -> bool:
+        return all(up in markers or up not in wanted for up in REGISTRY[name].reads)
+
+    def promote() -> None:
+        """Queue the stages whose inputs are done; a cached stage is done at once."""
+        changed = True
+        while changed:
+            changed = False
+            for name in [n for n in pending if ready(n)]:
+                pending.remove(name)
+                changed = True
+                stage = REGISTRY[name]
+                stale = pipe.wd.marker(name).is_file()
+                marker = pipe.cached_stage(stage, force=name in force)
+                if marker is not None:
+                    pipe.log(f"[{name}] done earlier, skipped ({pipe.wd.marker(name)})")
+                    markers[name] = marker
+                    continue
+                if stale:
+                    pipe.log(f"[{name}] configuration or upstream changed: running again")
+                started[name] = time.perf_counter()
+                units = stage.units(pipe) if stage.units is not None else []
+                if len(units) > 1:
+                    pipe.log(f"[{name}] running: {len(units)} units, up to {jobs} at once")
+                    units_left[name] = set(units)
+                    queue.extend(_Task(name, unit) for unit in units)
+                else:
+                    queue.append(_Task(name))
+        queue.sort(key=lambda t: STAGES.index(t.stage))  # stable: units keep their order
+
+    def finished(task: _Task) -> None:
+        if task.unit is None:
+            markers[task.stage] = json.loads(pipe.wd.marker(task.stage).read_text())
+            return
+        units_left[task.stage].discard(task.unit)
+        if not units_left[task.stage]:  # every unit recorded: gather them into the marker
+            stage = REGISTRY[task.stage]
+            markers[task.stage] = pipe._run_stage(
+                stage, collecting=True, started=started[task.stage]
+            )
+
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        promote()
+        while queue or running:
+            while queue and len(running) < jobs and not failed:
+                task = queue.pop(0)
+                # progress bars only for a task nothing will run beside (extraction, evaluation)
+                alone = {**settings, "progress": pipe.progress and not (queue or running)}
+                running[pool.submit(_work, alone, task, task.stage in force)] = task
+            if not running:
+                break  # a failure left queued tasks unstarted
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                exc = future.exception()
+                if exc is not None:
+                    failed.append(task.label)
+                    pipe.log(f"[{task.label}] FAILED: {type(exc).__name__}: {exc}")
+                    cause = exc.__cause__  # the worker's traceback, as text
+                    if cause is not None:
+                        print(str(cause).strip(), file=sys.stderr, flush=True)
+                elif not failed:
+                    finished(task)
+                    promote()
+    finally:  # after Ctrl-C (which the workers got too) or an error: no new task starts
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        raise RuntimeError(
+            f"stage(s) {', '.join(failed)} failed (messages above); what finished is kept, "
+            "so the same command resumes after the fix"
+        )
+    missing = [name for name in pending if name not in markers]
+    if missing:  # cannot happen with registry order; a guard against a cycle
+        raise RuntimeError(f"stage(s) {', '.join(missing)} never became ready")
+    return {name: markers[name] for name in stages if name in markers}
