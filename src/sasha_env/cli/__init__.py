@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from .. import __version__
+from ..memory import keep_freed_memory
 from . import cohort, data, experiments, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args._extra = extra
     args._argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..memory import keep_freed_memory
 from .stages import REGISTRY, STAGES
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
     """A worker process's task: run it on a pipeline over the same workdir."""
     from .runner import Pipeline  # lazy: a spawned worker imports it on its first task
 
+    keep_freed_memory()  # as the CLI does for itself
     pipe = Pipeline(**settings)
     stage = REGISTRY[task.stage]
     if task.unit is None:

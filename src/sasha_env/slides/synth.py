@@ -38,6 +38,7 @@ from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_json
+from ..memory import keep_freed_memory
 from .manifest import stratified_split
 
 __all__ = [
@@ -957,7 +958,11 @@ def synthesize_cohort(
     with ExitStack() as stack:
         if jobs > 1 and len(todo) > 1:
             pool = stack.enter_context(
-                ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"))
+                ProcessPoolExecutor(
+                    min(jobs, len(todo)),
+                    mp_context=get_context("spawn"),
+                    initializer=keep_freed_memory,
+                )
             )
             done = pool.map(_write_slide, repeat(out), repeat(cfg), repeat(seed), todo)
         else:
