@@ -15,7 +15,7 @@ TORCH_VERSION ?= 2.13.0
 LOCK_FIND_LINKS ?= /opt/wheels
 UV_VERSION := 0.13.9
 
-.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict lint format clean
+.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict bench-demo lint format clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench-agents: $(STAMP)
 	$(VENV)/bin/sasha benchmark --workdir $(DEMO_DIR) --algos maskable_ppo ppo ppo_unmasked a2c dqn \
 		--seeds 0 1 2 --frac 0.1 --out $(DEMO_DIR)/benchmark
 
+# `make demo` from scratch side by side: this checkout (--jobs auto) against itself with --jobs 1,
+# alternating, two rounds (about 30 min on 2 cores); BASELINE=/path/to/checkout/src compares
+# with another commit instead. Prints wall times, stage times, the ratio, identical results.
+bench-demo: $(STAMP)
+	$(PY) experiments/bench_demo.py --out bench-demo $(if $(BASELINE),--baseline $(BASELINE))
+
 bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)
 	$(PY) experiments/bench_predict_process.py --workdir $(DEMO_DIR)
@@ -98,4 +104,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests experiments
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large .pytest_cache .mypy_cache site
+	rm -rf $(VENV) $(DEMO_DIR) bench-predict-run bench-large bench-demo .pytest_cache .mypy_cache site
