@@ -13,6 +13,7 @@ import torch
 
 from sasha_env.cli.common import jobs_value, usable_cores
 from sasha_env.config import load_config
+from sasha_env.pipeline.parallel import _downstream_depth
 from sasha_env.pipeline.runner import Pipeline
 from sasha_env.pipeline.stages import REGISTRY
 from sasha_env.slides.synth import SynthConfig, synthesize_cohort
@@ -35,7 +36,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_jobs_give_the_outputs_of_one(tiny_cohort, tiny_store, tiny_workdir, tmp_path):
+def test_two_jobs_give_the_outputs_of_one(tiny_cohort, tiny_store, tiny_workdir, tmp_path, capfd):
     wd = tmp_path / "wd"
     wd.mkdir()
     shutil.copytree(tiny_store, wd / "features.zarr")
@@ -45,8 +46,13 @@ def test_two_jobs_give_the_outputs_of_one(tiny_cohort, tiny_store, tiny_workdir,
     ).run(jobs=2)
 
     assert list(markers) == list(REGISTRY)  # every stage, in order
-    # the agents stage ran its two budgets as units, largest first, and gathered them
+    # the agents stage ran its two budgets as units in the workers, each once, and this
+    # process only gathered them
     assert "[agents] running: 2 units, up to 2 at once" in messages
+    printed = capfd.readouterr().out  # the workers print to the same stdout
+    for frac in ("0.1", "0.2"):
+        assert printed.count(f"[agents] f={frac}: training") == 1, printed
+    assert not any("training" in m for m in messages)
     one, two = Workdir(tiny_workdir), Workdir(wd)
     assert json.loads(two.results.read_text()) == json.loads(one.results.read_text())
     models = sorted(p.relative_to(one.root) for p in one.root.glob("models/*/model.pt"))
@@ -59,7 +65,26 @@ def test_two_jobs_give_the_outputs_of_one(tiny_cohort, tiny_store, tiny_workdir,
     # a second run finds every stage done, in this process, starting no worker
     messages.clear()
     Pipeline(wd, preset="tiny", progress=False, log=messages.append).run(jobs=2)
+    assert len(messages) == len(REGISTRY)
     assert all("done earlier, skipped" in m for m in messages), messages
+
+
+@pytest.mark.slow
+def test_forced_units_train_once_each_to_the_same_agents(tiny_workdir, tmp_path, capfd):
+    root = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, root)
+    wd = Workdir(root)
+    before = {f: _weights(wd.agent_dir(f"sasha-{f}") / "policy.pt") for f in ("0.1", "0.2")}
+    messages: list[str] = []
+    Pipeline(root, preset="tiny", progress=False, log=messages.append).run(
+        ["agents"], force=("agents",), jobs=2
+    )
+    printed = capfd.readouterr().out
+    for frac, weights in before.items():
+        assert printed.count(f"[agents] f={frac}: training") == 1, printed
+        after = _weights(wd.agent_dir(f"sasha-{frac}") / "policy.pt")
+        assert all(torch.equal(weights[k], after[k]) for k in weights)  # seeded: the same agent
+    assert wd.marker("agents").is_file()
 
 
 @pytest.mark.slow
@@ -67,16 +92,26 @@ def test_a_failing_stage_stops_new_starts_and_keeps_what_finished(tiny_workdir, 
     root = tmp_path / "wd"
     shutil.copytree(tiny_workdir, root)
     wd = Workdir(root)
-    for name in ("distill", "lowres", "tsu"):
+    for name in ("distill", "lowres", "abmil", "meanmil"):
         wd.marker(name).unlink()
-    wd.model("hafed").write_bytes(b"not a model")  # distill loads it and fails
+    wd.model("hafed").write_bytes(b"not a model")  # distill loads it and fails at once
     messages: list[str] = []
-    pipe = Pipeline(root, preset="tiny", progress=False, log=messages.append)
+    # lowres trains for a while beside it (100 epochs), so distill fails while it runs
+    pipe = Pipeline(
+        root,
+        preset="tiny",
+        overrides={"lowres": {"max_epochs": 100}},
+        progress=False,
+        log=messages.append,
+    )
     with pytest.raises(RuntimeError, match=r"stage\(s\) distill failed"):
-        pipe.run(["distill", "tsu", "lowres"], jobs=2)
+        pipe.run(["distill", "lowres", "abmil", "meanmil"], jobs=2)
     assert any(m.startswith("[distill] FAILED") for m in messages), messages
-    assert wd.marker("lowres").is_file()  # ran beside it: kept
-    assert not wd.marker("distill").is_file() and not wd.marker("tsu").is_file()
+    assert any(m.startswith("waiting for the 1 task(s) running") for m in messages), messages
+    assert wd.marker("lowres").is_file()  # ran beside it: finished and kept
+    assert not wd.marker("distill").is_file()
+    # queued behind them, never started after the failure
+    assert not wd.marker("abmil").is_file() and not wd.marker("meanmil").is_file()
 
 
 def test_the_agents_units_start_with_the_largest_budget(tiny_workdir):
@@ -84,6 +119,22 @@ def test_the_agents_units_start_with_the_largest_budget(tiny_workdir):
     units = REGISTRY["agents"].units
     assert units is not None
     assert units(pipe) == ["sasha-0.2", "sasha-0.1"]
+    twice = Pipeline(
+        tiny_workdir,
+        preset="tiny",
+        overrides={"agents": {"fracs": [0.1, 0.2, 0.1]}},
+        log=lambda m: None,
+    )
+    assert units(twice) == ["sasha-0.2", "sasha-0.1"]  # a budget listed twice: one agent
+    with pytest.raises(ValueError, match="no unit 'sasha-0.3'"):
+        pipe.run_unit(REGISTRY["agents"], "sasha-0.3")
+
+
+def test_the_longest_chain_starts_first():
+    depth = _downstream_depth()
+    assert depth["hafed"] > depth["lowres"]  # HAFED -> TSU -> agents before a baseline
+    assert depth["agents"] > max(depth[b] for b in ("lowres", "abmil", "transmil"))
+    assert depth["evaluate"] == 0
 
 
 def test_jobs_option(tmp_path):

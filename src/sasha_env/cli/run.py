@@ -37,8 +37,8 @@ _JOBS_HELP = (
     "run up to J stages at once, each in its own process, as soon as the stages it reads are "
     "done: after extraction, HAFED -> distill -> TSU beside the low-res classifier and the MIL "
     "baselines, then one agent per budget at once. Same outputs as one at a time; progress "
-    "bars are off, each stage prints its start and end. A DDP run (--devices > 1) runs one "
-    "at a time"
+    "bars only for a stage nothing runs beside, the others print their start and end. A DDP "
+    "run (--devices other than 1) runs one at a time"
 )
 
 

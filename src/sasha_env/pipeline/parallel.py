@@ -5,20 +5,25 @@ after ``extract``, the chain ``hafed → distill → tsu`` and the low-res class
 baselines are independent of one another, and so are the agents stage's budgets (its
 :attr:`~sasha_env.pipeline.stages.Stage.units`). :func:`run_parallel` starts each stage, or each
 unit of a stage with units, on one of ``jobs`` worker processes as soon as the stages it reads
-are done, in registry order among those ready (so the longest chain, HAFED → TSU →
-agents, goes first). Each process runs the same stage code on the same workdir as a run with one
+are done; among those ready, the one with the longest chain of stages after it first (HAFED →
+TSU → agents → calibrate → evaluate before a baseline), then registry order. Each process runs the same stage code on the same workdir as a run with one
 job, with the same threads (the training stages set their own), so the outputs are the same: a
 stage writes its own marker, a unit its own record, and a stage with units is finished in this
 process once they are done, by a run of it that finds every unit recorded.
 
 A stage that fails stops new starts; the tasks already running finish and are kept, so the
-same command resumes after the fix.
+same command resumes after the fix. A worker the system kills (out of memory, say) breaks the
+pool: the tasks beside it are reported failed too, and what they had not recorded is
+computed again by the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import multiprocessing as mp
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
     from .runner import Pipeline
 
 __all__ = ["run_parallel"]
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -48,14 +55,14 @@ class _Task:
 
 def _settings(pipe: Pipeline) -> dict[str, Any]:
     """The :class:`~sasha_env.pipeline.runner.Pipeline` arguments of a worker: the parent's,
-    printing its messages (a custom ``log`` stays in the parent); progress bars are set per
-    task (several would share one terminal)."""
+    with its configuration as resolved at the start (a config file edited during the run does
+    not reach the workers), printing its messages (a custom ``log`` stays in the parent);
+    progress bars are set per task (several would share one terminal)."""
     return {
         "workdir": pipe.workdir,
         "features": pipe.features,
         "preset": pipe.preset,
-        "config_path": pipe.config_path,
-        "overrides": pipe.overrides,
+        "overrides": pipe.cfg,  # merged over the preset, the resolved config itself
         "devices": pipe.devices,
         "strategy": pipe.strategy,
         "accelerator": pipe.accelerator,
@@ -63,17 +70,43 @@ def _settings(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
+def _worker_started(threads: int) -> None:
+    """A worker's set-up: the parent's torch threads (stages that do not set their own compute
+    as in the parent), freed memory kept as the CLI keeps it, and, on Linux, an end when the
+    parent ends (killed, it cannot stop its workers itself)."""
+    import torch  # lazy: a spawned worker loads it here
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
 def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
     """A worker process's task: run it on a pipeline over the same workdir."""
     from .runner import Pipeline  # lazy: a spawned worker imports it on its first task
 
-    keep_freed_memory()  # as the CLI does for itself
     pipe = Pipeline(**settings)
     stage = REGISTRY[task.stage]
     if task.unit is None:
         pipe._run_stage(stage, force=force)
     else:
         pipe.run_unit(stage, task.unit, force=force)
+
+
+def _downstream_depth() -> dict[str, int]:
+    """Per stage, the most stages that must run after it (its longest chain of dependents):
+    among ready tasks the deepest starts first, so the critical path (HAFED → TSU → agents →
+    calibrate → evaluate) is never queued behind a baseline."""
+    depth: dict[str, int] = {}
+    for name in reversed(STAGES):  # a stage's dependents come after it in the registry
+        below = [depth[d] + 1 for d in STAGES if name in REGISTRY[d].reads]
+        depth[name] = max(below, default=0)
+    return depth
 
 
 def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs: int) -> dict:
@@ -96,7 +129,10 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
         RuntimeError: a stage failed (raised after the tasks running beside it finished).
         FileNotFoundError: a stage reads one that neither ran before nor is in ``stages``.
     """
+    import torch  # lazy: the stages' processes inherit its thread count
+
     settings = _settings(pipe)
+    depth = _downstream_depth()
     wanted = set(stages)
     pending = list(stages)  # not queued yet, registry order
     markers: dict[str, dict] = {}
@@ -134,7 +170,8 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
                     queue.extend(_Task(name, unit) for unit in units)
                 else:
                     queue.append(_Task(name))
-        queue.sort(key=lambda t: STAGES.index(t.stage))  # stable: units keep their order
+        # the deepest first, then registry order; stable, so units keep their order
+        queue.sort(key=lambda t: (-depth[t.stage], STAGES.index(t.stage)))
 
     def finished(task: _Task) -> None:
         if task.unit is None:
@@ -147,7 +184,12 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
                 stage, collecting=True, started=started[task.stage]
             )
 
-    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_started,
+        initargs=(torch.get_num_threads(),),
+    )
     try:
         promote()
         while queue or running:
@@ -168,10 +210,19 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
                     cause = exc.__cause__  # the worker's traceback, as text
                     if cause is not None:
                         print(str(cause).strip(), file=sys.stderr, flush=True)
+                    if running:
+                        pipe.log(
+                            f"waiting for the {len(running)} task(s) running to finish "
+                            "(kept); no new task starts"
+                        )
                 elif not failed:
                     finished(task)
                     promote()
-    finally:  # after Ctrl-C (which the workers got too) or an error: no new task starts
+    except BaseException:  # Ctrl-C (which the workers got too) or an error here
+        if running:
+            pipe.log(f"waiting for the {len(running)} task(s) running to finish")
+        raise
+    finally:  # no new task starts
         pool.shutdown(wait=True, cancel_futures=True)
     if failed:
         raise RuntimeError(

@@ -115,7 +115,9 @@ class Pipeline:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self._prepare(replace_store="extract" in force)
-        if jobs > 1 and self.devices == 1 and self.num_nodes == 1:
+        if jobs > 1 and (self.devices != 1 or self.num_nodes != 1):
+            self.log(f"--jobs {jobs} with --devices {self.devices}: one stage at a time (DDP)")
+        elif jobs > 1:
             from .parallel import run_parallel  # lazy: multiprocessing, only with jobs
 
             return run_parallel(self, [s for s in STAGES if s in stages], force, jobs)
@@ -324,7 +326,11 @@ class Pipeline:
 
         Raises:
             FileNotFoundError: a stage ``stage`` reads has not run.
+            ValueError: ``unit`` is not one of the stage's units (with this configuration).
         """
+        units = stage.units(self) if stage.units is not None else []
+        if unit not in units:
+            raise ValueError(f"stage '{stage.name}' has no unit {unit!r}; its units: {units}")
         key = self._checked_key(stage)
         ctx = StageContext(stage, key, self.units_dir(stage), force=force, only=unit)
         stage.run(self, ctx)

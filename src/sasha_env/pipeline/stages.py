@@ -447,7 +447,8 @@ def _agent_unit_names(p: RunContext) -> list[str]:
     steps too), so that it does not start last."""
     cfg = AgentConfig.from_dict(p.section(REGISTRY["agents"]))
     units = sorted(_agent_units(cfg), key=lambda unit: (-unit[0], unit[1]))
-    return [agent_name(frac, cfg.algo, stop) for frac, stop in units]
+    names = [agent_name(frac, cfg.algo, stop) for frac, stop in units]
+    return list(dict.fromkeys(names))  # a budget listed twice is one agent
 
 
 def _run_agents(p: RunContext, ctx: StageContext) -> dict:
