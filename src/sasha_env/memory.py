@@ -7,8 +7,10 @@ of 0.1–30 MB per batch (extraction's activations, an update's mini-batch), so 
 of its time in the kernel: on the project's 2-core machine, extracting 12 demo slides took
 9.7 s of system time beside 29 s of user time, and 1 s with the settings below. The CLI and the
 pipeline's workers therefore keep freed memory in the process (:func:`keep_freed_memory`);
-the numbers computed are the same, and the peak memory too (a freed block is reused, not
-added to).
+the numbers computed are the same, and extraction's peak memory too (a freed block is reused,
+not added to). ``sasha predict`` keeps glibc's defaults: on the demo's test slides the setting
+made ``--full`` faster but raised the peak memory of one-slide-at-a-time SASHA from 567–591 to
+657 MiB (docs/benchmarks.md), and predict's memory is one of its targets.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args._extra = extra
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
+    if args.command != "predict":  # predict: glibc's defaults keep its peak memory lower
+        keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
