@@ -6,10 +6,11 @@ baselines are independent of one another, and so are the agents stage's budgets 
 :attr:`~sasha_env.pipeline.stages.Stage.units`). :func:`run_parallel` starts each stage, or each
 unit of a stage with units, on one of ``jobs`` worker processes as soon as the stages it reads
 are done; among those ready, the one with the longest chain of stages after it first (HAFED →
-TSU → agents → calibrate → evaluate before a baseline), then registry order. Each process runs the same stage code on the same workdir as a run with one
-job, with the same threads (the training stages set their own), so the outputs are the same: a
-stage writes its own marker, a unit its own record, and a stage with units is finished in this
-process once they are done, by a run of it that finds every unit recorded.
+TSU → agents → calibrate → evaluate before a baseline), then registry order. Each process runs
+the same stage code on the same workdir as a run with one job, with the same threads (the
+training stages set their own), so the outputs are the same: a stage writes its own marker, a
+unit its own record, and a stage with units is finished in this process once they are done,
+by a run of it that finds every unit recorded.
 
 A stage that fails stops new starts; the tasks already running finish and are kept, so the
 same command resumes after the fix. A worker the system kills (out of memory, say) breaks the
