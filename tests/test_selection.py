@@ -96,7 +96,7 @@ def test_the_best_weights_come_back_even_when_the_last_policy_is_worse(tmp_path,
     assert len((tmp_path / VAL_CURVE).read_text().splitlines()) == 5  # header + 4 checks
 
 
-def _scripted_selection(tmp_path, monkeypatch, scores, start, n_updates=None):
+def _scripted_selection(tmp_path, monkeypatch, scores, start, n_updates=None, keep="best"):
     """A ValSelection over four policies (weights 1, 2, 3 at steps 10, 20, 30; weight 4 at the
     end, step 40) whose val scores are ``scores``; returns the callback and the policy."""
     from types import SimpleNamespace
@@ -112,7 +112,7 @@ def _scripted_selection(tmp_path, monkeypatch, scores, start, n_updates=None):
     monkeypatch.setattr(callbacks, "selection_score", lambda p, y: dict.fromkeys(("auc", "f1", "accuracy", "ce"), 0.0) | {"score": next(it)})  # fmt: skip
     policy = torch.nn.Linear(1, 1, bias=False)
     callback = callbacks.ValSelection(
-        SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path, start=start
+        SimpleNamespace(slide_ids=[]), every=1, out_dir=tmp_path, start=start, keep=keep
     )
     callback.model = SimpleNamespace(policy=policy)
     callback._on_training_start()
@@ -148,6 +148,44 @@ def test_val_start_past_every_check_keeps_the_last_policy(tmp_path, monkeypatch)
         tmp_path, monkeypatch, [1.0, 0.5, 0.9], 1000, n_updates=updates
     )
     assert policy.weight.item() == 3.0 and callback.best["timestep"] == 30
+
+
+def test_keep_average_is_the_mean_of_the_policies_validated_from_start_on(tmp_path, monkeypatch):
+    # checks at steps 10, 20, 30 (weights 1, 2, 3), the last policy (weight 4) at step 40; the
+    # averaged policy is validated once more (score 0.1), and that is the row kept
+    scores = [1.0, 0.5, 0.9, 0.95, 0.1]
+    callback, policy = _scripted_selection(tmp_path, monkeypatch, scores, 15, keep="average")
+    assert policy.weight.item() == pytest.approx((2 + 3 + 4) / 3)  # not step 10: before start
+    assert callback.best["rule"] == "average" and callback.best["checkpoints"] == 3
+    assert callback.best["first_timestep"] == 20 and callback.best["score"] == 0.1
+    assert len((tmp_path / VAL_CURVE).read_text().splitlines()) == 5  # the four checks only
+    # start 0: all four
+    callback, policy = _scripted_selection(tmp_path, monkeypatch, scores, 0, keep="average")
+    assert policy.weight.item() == pytest.approx(2.5) and callback.best["checkpoints"] == 4
+
+
+def test_keep_average_counts_a_last_policy_validated_twice_once(tmp_path, monkeypatch):
+    # no update after the step-30 check: the end of training validates nothing new, and the
+    # step-30 weights are averaged once (with step 20's), not twice
+    updates = {10: 1, 20: 2, 30: 3}
+    callback, policy = _scripted_selection(
+        tmp_path, monkeypatch, [1.0, 0.5, 0.9, 0.3], 15, n_updates=updates, keep="average"
+    )
+    assert policy.weight.item() == pytest.approx(2.5) and callback.best["checkpoints"] == 2
+    # start past every check: the last policy alone
+    callback, policy = _scripted_selection(
+        tmp_path, monkeypatch, [1.0, 0.5, 0.9, 0.3], 1000, n_updates=updates, keep="average"
+    )
+    assert policy.weight.item() == 3.0 and callback.best["checkpoints"] == 1
+
+
+def test_keep_rule_is_checked():
+    from sasha_env.pipeline.schema import validate_config
+
+    with pytest.raises(ValueError, match="agents.keep"):
+        AgentConfig.from_dict({"keep": "median"})
+    with pytest.raises(ValueError, match="agents.keep"):
+        validate_config({"agents": {"keep": "median"}})
 
 
 def test_val_start_in_training_keeps_a_late_policy(tiny_workdir, tmp_path):

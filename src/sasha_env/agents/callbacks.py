@@ -12,6 +12,14 @@
   agent (an env with ``stop_action``) is selected on the criterion plus its env's ``zoom_cost``
   times the mean number of zooms, the per-zoom price it is trained to weigh (otherwise the
   checkpoint that reads most would tend to win).
+
+  With ``keep="average"`` it keeps, instead of the one best check, the mean of the weights of
+  every policy validated from ``start`` on (the last included): stochastic weight averaging
+  over the second part of training (Izmailov et al., UAI 2018; for RL, Nikishin et al., 2018).
+  Where the val split is too small to rank checkpoints (the criterion saturates at AUC 1 and
+  is then decided by CE differences of hundredths), the mean keeps what the late policies
+  share and averages out their swings. The averaged policy is validated once more and that
+  row is the one recorded as kept. Not the official rule: the ``paper`` protocol keeps the best.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import PartialCSV
 from ..envs.wsi import SashaWSIEnv
+from .config import KEEP_RULES
 from .episodes import agent_policy, run_episodes
 from .logs import STEP_METRIC
 from .selection import selection_score
@@ -118,6 +127,11 @@ class ValSelection(BaseCallback):
         start: the timestep from which a validated policy can be kept (earlier ones are
             scored and written, not kept); the last policy, validated when training ends,
             always competes. 0: any.
+        keep: ``"best"`` (the official rule) keeps the eligible policy with the lowest
+            criterion; ``"average"`` keeps the element-wise mean of the floating-point weights
+            of every eligible validated policy (the last included), validated once more when
+            training ends. :attr:`best` is then that row, with ``rule: "average"``,
+            ``checkpoints`` (how many were averaged) and ``first_timestep``.
 
     Each validation is also recorded in SB3's logger as ``val/auc``, ``val/f1``,
     ``val/accuracy``, ``val/ce`` and ``val/score`` (so in ``progress.csv`` and W&B).
@@ -133,11 +147,14 @@ class ValSelection(BaseCallback):
         out_dir: Path | None,
         slide_ids: Sequence[str] | None = None,
         start: int = 0,
+        keep: str = "best",
     ) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"validate every >= 1 rollouts, got {every}")
-        self.env, self.every, self.start = env, int(every), int(start)
+        if keep not in KEEP_RULES:
+            raise ValueError(f"keep {keep!r}: choose one of {', '.join(KEEP_RULES)}")
+        self.env, self.every, self.start, self.keep = env, int(every), int(start), keep
         self.slide_ids = list(env.slide_ids if slide_ids is None else slide_ids)
         self.path = None if out_dir is None else Path(out_dir) / VAL_CURVE
         base_env = getattr(env, "unwrapped", env)
@@ -150,6 +167,8 @@ class ValSelection(BaseCallback):
         self.best: dict | None = None
         self._best_state: dict | None = None
         self._last_updates = -1  # the policy's update count at the last validation
+        self._sum: dict | None = None  # keep="average": running sum of the eligible weights
+        self._averaged: list[int] = []  # ... and the timesteps that went into it
 
     def _on_training_start(self) -> None:
         self.csv = None
@@ -170,17 +189,11 @@ class ValSelection(BaseCallback):
         # scored too. Skip only when the weights have not changed since the last check.
         updates = int(getattr(self.model, "_n_updates", self.num_timesteps))
         if updates == self._last_updates:
-            if last and self.best is None and self.rows:  # the last policy, scored already
-                self._keep(self.rows[-1])
+            if last and self.rows and self.best is None and self._sum is None:
+                self._keep(self.rows[-1])  # the last policy, scored already
             return
         self._last_updates = updates
-        episodes = run_episodes(self.env, agent_policy(self.model), self.slide_ids)
-        probs = np.stack([e["probabilities"] for e in episodes])
-        labels = np.array([e["label"] for e in episodes])
-        row = {"timestep": self.num_timesteps, **selection_score(probs, labels)}
-        if self.zoom_cost is not None:  # learned stopping: what reading cost, as in training
-            row["mean_frac"] = float(np.mean([e["frac_read"] for e in episodes]))
-            row["score"] += self.zoom_cost * float(np.mean([len(e["zoomed"]) for e in episodes]))
+        row = {"timestep": self.num_timesteps, **self._score()}
         self.rows.append(row)
         logger = getattr(self.model, "logger", None)  # SB3's (absent on stand-in models)
         if logger is not None:
@@ -189,18 +202,67 @@ class ValSelection(BaseCallback):
         if self.csv is not None:
             self.csv.write([row[k] for k in self.columns])
         eligible = last or self.num_timesteps >= self.start
-        if eligible and (self.best is None or row["score"] < self.best["score"]):
+        if eligible and (
+            self.keep == "average" or self.best is None or row["score"] < self.best["score"]
+        ):
             self._keep(row)
 
+    def _score(self) -> dict[str, float]:
+        """One argmax episode per validation slide with the model's current weights."""
+        episodes = run_episodes(self.env, agent_policy(self.model), self.slide_ids)
+        probs = np.stack([e["probabilities"] for e in episodes])
+        labels = np.array([e["label"] for e in episodes])
+        row = selection_score(probs, labels)
+        if self.zoom_cost is not None:  # learned stopping: what reading cost, as in training
+            row["mean_frac"] = float(np.mean([e["frac_read"] for e in episodes]))
+            row["score"] += self.zoom_cost * float(np.mean([len(e["zoomed"]) for e in episodes]))
+        return row
+
     def _keep(self, row: dict) -> None:
+        """The model's current weights (validated as ``row``) are eligible: keep them."""
+        if self.keep == "average":
+            self._add_to_average(row["timestep"])
+            return
         self.best = row
         self._best_state = copy.deepcopy(self.model.policy.state_dict())
+
+    def _add_to_average(self, timestep: int) -> None:
+        if timestep in self._averaged:  # the last policy, validated twice: counted once
+            return
+        state = self.model.policy.state_dict()
+        if self._sum is None:
+            self._sum = {
+                k: v.detach().double().clone() if v.is_floating_point() else v.detach().clone()
+                for k, v in state.items()
+            }
+        else:
+            for k, v in state.items():
+                if v.is_floating_point():
+                    self._sum[k] += v.detach().double()
+                else:  # integer buffers (counters): the latest
+                    self._sum[k] = v.detach().clone()
+        self._averaged.append(int(timestep))
 
     def _on_training_end(self) -> None:
         self._validate(last=True)  # the last policy competes too
         if self.csv is not None:
             self.csv.close()
-        if self._best_state is not None:
+        if self.keep == "average" and self._sum is not None:
+            n = len(self._averaged)
+            own = self.model.policy.state_dict()
+            mean = {
+                k: (v / n).to(own[k].dtype) if own[k].is_floating_point() else v
+                for k, v in self._sum.items()
+            }
+            self.model.policy.load_state_dict(mean)
+            self.best = {
+                "timestep": self.num_timesteps,
+                **self._score(),
+                "rule": "average",
+                "checkpoints": n,
+                "first_timestep": self._averaged[0],
+            }
+        elif self._best_state is not None:
             self.model.policy.load_state_dict(self._best_state)
 
 

@@ -31,6 +31,10 @@ __all__ = [
 ALGORITHMS = ("maskable_ppo", "ppo", "a2c", "dqn", "ppo_unmasked")
 #: ``agents.protocol`` (see :attr:`AgentConfig.protocol`).
 PROTOCOLS = ("sb3", "paper")
+
+#: What training ends with, given validation (``agents.keep``): the best validated policy
+#: (the official rule) or the mean of the weights validated from ``val_start`` on.
+KEEP_RULES = ("best", "average")
 #: ``agents.policy_arch``: ours or the official actor and critic (:mod:`sasha_models.actor_critic`).
 POLICY_ARCHS = ("sasha", "official")
 #: ``agents.lr_schedule``.
@@ -179,6 +183,12 @@ class AgentConfig:
     validated before it has left the uniform distribution can win (docs' agents page, "Why
     SASHA trails HAFED on the demo study": 0.5 lifted one of two demo seeds, changed nothing
     on the other)."""
+    keep: str = "best"
+    """With ``val_every``: which weights training ends with. ``best`` (the official rule): the
+    validated policy with the lowest criterion; ``average``: the mean of the weights of every
+    policy validated from ``val_start`` on, the last included (stochastic weight averaging;
+    :class:`~sasha_env.agents.callbacks.ValSelection`). Both rules see the same training
+    trajectory: only what is kept at the end differs."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
@@ -189,6 +199,8 @@ class AgentConfig:
             raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
         if cfg.vec_env not in VEC_ENVS:
             raise ValueError(f"agents.vec_env {cfg.vec_env!r}: choose one of {', '.join(VEC_ENVS)}")
+        if cfg.keep not in KEEP_RULES:
+            raise ValueError(f"agents.keep {cfg.keep!r}: choose one of {', '.join(KEEP_RULES)}")
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(
                 f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"

@@ -281,7 +281,8 @@ def train_agent(
             # under the paper protocol a rollout is one slide's block: validate per epoch
             every = cfg.val_every * (len(schedule.slide_ids) if schedule else 1)
             start = int(cfg.val_start * total)
-            chain.append(selection := ValSelection(eval_env, every, out, val_slides, start))
+            selection = ValSelection(eval_env, every, out, val_slides, start, keep=cfg.keep)
+            chain.append(selection)
         # SB3's A2C dumps its log every 100 rollouts by default: every rollout here, as PPO
         log_interval = 4 if cfg.algo == "dqn" else 1  # DQN: every 4 episodes (SB3's default)
         model.learn(
