@@ -67,6 +67,18 @@ def test_val_curves_figure(tmp_path):
     )
     out = val_curves({"sasha-0.1": path}, tmp_path / "val.png")
     assert out.stat().st_size > 10_000
+    averaged = {"timestep": 192, "auc": 1.0, "score": 0.6, "rule": "average", "checkpoints": 2}
+    out = val_curves({"sasha-0.1": path}, tmp_path / "avg.png", {"sasha-0.1": averaged})
+    assert out.stat().st_size > 10_000
+
+
+def test_the_figure_marks_the_check_that_was_kept_not_the_lowest():
+    from sasha_env.pipeline.figures import kept_check
+
+    t, score = np.array([64.0, 128.0, 192.0]), np.array([0.5, 0.9, 0.8])
+    # val_start kept step 192 although step 64 scored lower: the circle goes where the weights came from
+    assert kept_check(t, score, {"timestep": 192, "score": 0.8}) == 2
+    assert kept_check(t, score, None) == 0  # no record: the lowest criterion
 
 
 def test_the_best_weights_come_back_even_when_the_last_policy_is_worse(tmp_path, monkeypatch):
@@ -202,6 +214,34 @@ def test_val_start_in_training_keeps_a_late_policy(tiny_workdir, tmp_path):
     kept = json.loads((out / "agent.json").read_text())["selected_on_val"]
     assert kept["timestep"] >= 96
     assert kept["score"] == pytest.approx(min(r["score"] for r in late))
+
+
+def test_keep_average_in_training_sees_the_same_trajectory_as_best(tiny_workdir, tmp_path):
+    import torch
+
+    from sasha_env.agents.export import load_policy
+
+    kw = dict(
+        total_timesteps=192, n_envs=2, n_steps=16, batch_size=16, n_epochs=2, d_hidden=16,
+        learning_rate=3e-3, val_every=1, val_start=0.5,
+    )  # fmt: skip
+    runs = {}
+    for keep in ("best", "average"):
+        out = tmp_path / keep
+        train_agent(
+            Workdir(tiny_workdir), 0.2, AgentConfig(keep=keep, **kw), out_dir=out, progress=False
+        )
+        runs[keep] = out
+    # the rule changes only what is kept: every validated check is the same, number for number
+    assert (runs["best"] / VAL_CURVE).read_text() == (runs["average"] / VAL_CURVE).read_text()
+    with (runs["average"] / VAL_CURVE).open() as f:
+        late = [r for r in csv.DictReader(f) if float(r["timestep"]) >= 96]
+    kept = json.loads((runs["average"] / "agent.json").read_text())["selected_on_val"]
+    assert kept["rule"] == "average" and kept["checkpoints"] == len(late) >= 2
+    assert kept["first_timestep"] == int(float(late[0]["timestep"]))
+    best = load_policy(runs["best"]).state_dict()
+    mean = load_policy(runs["average"]).state_dict()
+    assert any(not torch.equal(best[k], mean[k]) for k in best)  # a different policy was kept
 
 
 def test_val_start_must_be_a_share_of_training():

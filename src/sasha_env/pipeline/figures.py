@@ -166,9 +166,23 @@ def has_pixels(info: SlideInfo) -> bool:
     return Path(info.path or "").suffix.lower() not in (".h5", ".hdf5", "")
 
 
-def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
+def kept_check(timesteps: np.ndarray, scores: np.ndarray, kept: dict | None) -> int:
+    """Index of the check an agent kept: the one at ``kept['timestep']`` (its ``agent.json``'s
+    ``selected_on_val``; the last check there when a timestep was validated twice), else the
+    lowest criterion (old workdirs without the record)."""
+    at = np.flatnonzero(timesteps == float(kept["timestep"])) if kept else np.array([], int)
+    return int(at[-1]) if len(at) else int(np.argmin(scores))
+
+
+def val_curves(curve_csvs: dict[str, Path], out: Path, kept: dict[str, dict] | None = None) -> Path:
     """Validation AUC and the selection criterion against environment steps, one line per
-    agent, with the kept (lowest-criterion) point marked."""
+    agent, with the weights each agent kept marked.
+
+    ``kept`` maps an agent's name to its ``agent.json``'s ``selected_on_val``: a circle on the
+    kept check (``agents.keep: best``), or a star at the end of training for the averaged
+    policy (``keep: average``). Without it the lowest-criterion check is circled.
+    """
+    kept = kept or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, rows in _curves(curve_csvs):
         t = np.array([float(r["timestep"]) for r in rows])
@@ -176,14 +190,19 @@ def val_curves(curve_csvs: dict[str, Path], out: Path) -> Path:
         score = np.array([float(r["score"]) for r in rows])
         (line,) = axes[0].plot(t, auc, marker=".", label=name)
         axes[1].plot(t, score, marker=".", color=line.get_color(), label=name)
-        best = int(np.argmin(score))
+        row = kept.get(name)
+        if row is not None and row.get("rule") == "average":
+            for ax, key in ((axes[0], "auc"), (axes[1], "score")):
+                ax.scatter([row["timestep"]], [row[key]], s=90, marker="*", color=line.get_color())
+            continue
+        best = kept_check(t, score, row)
         for ax, y in ((axes[0], auc), (axes[1], score)):
             ax.scatter([t[best]], [y[best]], s=60, facecolors="none", edgecolors=line.get_color())
     axes[0].set(xlabel="environment steps", ylabel="validation AUC", title="validation AUC")
     axes[1].set(
         xlabel="environment steps",
         ylabel="(2 − AUC − F1) + CE",
-        title="selection criterion (circle: kept)",
+        title="selection criterion (circle: kept; star: averaged)",
     )
     return _save(fig, out, legend_axes=axes)
 
@@ -472,7 +491,14 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
         written.append(learning_curves(csvs, figs / "learning_curves.png"))
     val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
     if val:
-        written.append(val_curves(val, figs / "val_curves.png"))
+        kept = {}
+        for name, path in val.items():
+            meta = path.with_name("agent.json")
+            if meta.exists():
+                kept[name] = json.loads(meta.read_text()).get("selected_on_val")
+        written.append(
+            val_curves(val, figs / "val_curves.png", {k: v for k, v in kept.items() if v})
+        )
     store = FeatureStore(wd.store)
     without = [s for s in store.slide_ids() if not has_pixels(store.slide_info(s))]
     if without and log is not None:
