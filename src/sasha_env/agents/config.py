@@ -35,6 +35,10 @@ PROTOCOLS = ("sb3", "paper")
 #: What training ends with, given validation (``agents.keep``): the best validated policy
 #: (the official rule) or the mean of the weights validated from ``val_start`` on.
 KEEP_RULES = ("best", "average")
+
+#: ``agents.warm_start``: RL from random weights, or after imitating ``greedy_attention``
+#: (:mod:`~sasha_env.agents.warm_start`, which holds the code; kept here free of SB3).
+WARM_STARTS = ("none", "greedy_attention")
 #: ``agents.policy_arch``: ours or the official actor and critic (:mod:`sasha_models.actor_critic`).
 POLICY_ARCHS = ("sasha", "official")
 #: ``agents.lr_schedule``.
@@ -189,6 +193,16 @@ class AgentConfig:
     policy validated from ``val_start`` on, the last included (stochastic weight averaging;
     :class:`~sasha_env.agents.callbacks.ValSelection`). Both rules see the same training
     trajectory: only what is kept at the end differs."""
+    warm_start: str = "none"
+    """``greedy_attention``: before RL, fit the actor to the ``greedy_attention`` heuristic's
+    zooms (one episode per training slide) and the critic to their returns
+    (:mod:`~sasha_env.agents.warm_start`); ``none``: RL from random weights (the official
+    start). SASHA policies (``maskable_ppo``, ``ppo``, ``ppo_unmasked``, ``a2c``) only."""
+    warm_start_epochs: int = 30
+    """Passes over the demonstrations with ``warm_start`` (mini-batches of ``batch_size``)."""
+    warm_start_lr: float = 1e-3
+    """Adam's learning rate for ``warm_start`` (an optimizer of its own: the RL algorithm's
+    starts untouched)."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
@@ -199,6 +213,14 @@ class AgentConfig:
             raise ValueError(f"agents.algo {cfg.algo!r}: choose one of {', '.join(ALGORITHMS)}")
         if cfg.vec_env not in VEC_ENVS:
             raise ValueError(f"agents.vec_env {cfg.vec_env!r}: choose one of {', '.join(VEC_ENVS)}")
+        if cfg.warm_start not in WARM_STARTS:
+            raise ValueError(
+                f"agents.warm_start {cfg.warm_start!r}: choose one of {', '.join(WARM_STARTS)}"
+            )
+        if cfg.warm_start != "none" and cfg.algo == "dqn":
+            raise ValueError(
+                "agents.warm_start needs a SASHA actor-critic policy, not dqn's Q-network"
+            )
         if cfg.keep not in KEEP_RULES:
             raise ValueError(f"agents.keep {cfg.keep!r}: choose one of {', '.join(KEEP_RULES)}")
         if cfg.protocol not in PROTOCOLS:

@@ -152,6 +152,49 @@ def _stop_cost(vec_env: Any) -> float | None:
         return None
 
 
+def _warm_start(
+    model: BaseAlgorithm,
+    wd: Workdir | None,
+    frac: float,
+    cfg: AgentConfig,
+    projection: ObsProjection | None,
+    seed: int,
+    learned_stop: bool,
+) -> dict:
+    """``agents.warm_start``: fit the model's policy to the heuristic's zooms on the training
+    slides (:mod:`.warm_start`); returns what ``agent.json`` records of it."""
+    from .warm_start import clone_policy, collect_demonstrations, heuristic
+
+    if wd is None:
+        raise ValueError("agents.warm_start needs a workdir (its train split is demonstrated)")
+    if learned_stop:
+        raise ValueError("agents.warm_start is for fixed-budget agents, not a learned stop")
+    t0 = time.perf_counter()
+    env = make_env(wd, "train", frac, cfg, obs_projection=projection)
+    try:
+        demos = collect_demonstrations(
+            env, heuristic(cfg.warm_start), list(env.slide_ids), cfg.gamma
+        )
+    finally:
+        env.close()
+    history = clone_policy(
+        model.policy,
+        demos,
+        cfg.warm_start_epochs,
+        cfg.batch_size,
+        seed,
+        learning_rate=cfg.warm_start_lr,
+    )
+    return {
+        "heuristic": cfg.warm_start,
+        "steps": len(demos),
+        "epochs": cfg.warm_start_epochs,
+        "first_epoch": history[0],
+        "last_epoch": history[-1],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
 def train_agent(
     env: EnvSource,
     frac: float | None = None,
@@ -257,10 +300,13 @@ def train_agent(
     t0 = time.perf_counter()
     selection = None
     logger = None
+    warm: dict | None = None
     try:
         model = _algorithm(cfg, vec_env, seed, device, frac, projection, total)
         if projection is not None:  # the exported policy carries it (evaluation, predict)
             model.policy.net.set_projection(projection)
+        if cfg.warm_start != "none":
+            warm = _warm_start(model, wd, frac, cfg, projection, seed, learned_stop)
         logger = sb3_logger(
             out,
             wandb_run,
@@ -315,5 +361,7 @@ def train_agent(
         meta["learned_stop"] = {"zoom_cost": stop_cost}
     if selection is not None:
         meta["selected_on_val"] = selection.best
+    if warm is not None:
+        meta["warm_start"] = warm
     write_json(out / "agent.json", meta)
     return model

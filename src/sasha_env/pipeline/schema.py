@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..agents.config import ALGORITHMS, KEEP_RULES, VEC_ENVS, AgentConfig
+from ..agents.config import ALGORITHMS, KEEP_RULES, VEC_ENVS, WARM_STARTS, AgentConfig
 from ..slides.slide import MPP_RANGE
 from .stages import BASELINE_STAGES
 
@@ -154,6 +154,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.val_every": (lambda v: v >= 0, ">= 0 (0: keep the last policy)"),
     "agents.val_start": (lambda v: 0 <= v < 1, "in [0, 1) (a share of training)"),
     "agents.keep": (lambda v: v in KEEP_RULES, "one of " + ", ".join(KEEP_RULES)),
+    "agents.warm_start": (lambda v: v in WARM_STARTS, "one of " + ", ".join(WARM_STARTS)),
+    "agents.warm_start_epochs": (_positive, ">= 1"),
+    "agents.warm_start_lr": (_positive, "> 0"),
     "agents.n_steps": (_positive, ">= 1"),
     "agents.algo": (lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)),
     "agents.vec_env": (
