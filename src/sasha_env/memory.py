@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "libc"]
 
 #: ``mallopt`` parameters (glibc's ``malloc.h``).
 _M_TRIM_THRESHOLD = -1
@@ -40,18 +41,30 @@ def keep_freed_memory() -> bool:
         Whether the thresholds were set: ``False`` off Linux, without glibc, or with the
         environment variable ``SASHA_KEEP_FREED_MEMORY=0``.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(ENV_SWITCH) == "0":
+    if os.environ.get(ENV_SWITCH) == "0":
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    c = libc()
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+        mallopt = None if c is None else c.mallopt
+    except AttributeError:  # musl and others: no mallopt
+        return False
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library of this process (Linux only; loaded once), or ``None``: what
+    :func:`keep_freed_memory` sets ``mallopt`` through and the pipeline's workers call
+    ``prctl`` through."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

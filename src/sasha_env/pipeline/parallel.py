@@ -20,8 +20,6 @@ computed again by the next run.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import multiprocessing as mp
 import signal
@@ -31,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..memory import keep_freed_memory
+from ..memory import keep_freed_memory, libc
 from .stages import REGISTRY, STAGES
 
 if TYPE_CHECKING:
@@ -79,12 +77,9 @@ def _worker_started(threads: int) -> None:
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
+    c = libc()
+    if c is not None and hasattr(c, "prctl"):
+        c.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
