@@ -44,12 +44,9 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV_SWITCH) == "0":
         return False
     c = libc()
-    try:
-        mallopt = None if c is None else c.mallopt
-    except AttributeError:  # musl and others: no mallopt
+    if c is None or not hasattr(c, "mallopt"):  # musl and others: no mallopt
         return False
-    if mallopt is None:
-        return False
+    mallopt = c.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(

@@ -168,8 +168,7 @@ class ValSelection(BaseCallback):
         self._best_state: dict | None = None
         self._last_updates = -1  # the policy's update count at the last validation
         self._sum: dict | None = None  # keep="average": running sum of the eligible weights
-        self._averaged: list[int] = []  # ... the timesteps that went into it
-        self._averaged_updates: list[int] = []  # ... and the policy's update count at each
+        self._averaged: list[int] = []  # ... and the timesteps that went into it
 
     def _on_training_start(self) -> None:
         self.csv = None
@@ -228,10 +227,8 @@ class ValSelection(BaseCallback):
         self._best_state = copy.deepcopy(self.model.policy.state_dict())
 
     def _add_to_average(self, timestep: int) -> None:
-        # the weights are the same as at the last check when no update came between them (the
-        # end of training right after a rollout's check): counted once
-        if self._averaged_updates and self._averaged_updates[-1] == self._last_updates:
-            return
+        # each call follows an update (``_validate`` skips a check with unchanged weights), so
+        # no policy is added twice
         state = self.model.policy.state_dict()
         if self._sum is None:
             self._sum = {
@@ -245,7 +242,6 @@ class ValSelection(BaseCallback):
                 else:  # integer buffers (counters): the latest
                     self._sum[k] = v.detach().clone()
         self._averaged.append(int(timestep))
-        self._averaged_updates.append(self._last_updates)
 
     def _on_training_end(self) -> None:
         self._validate(last=True)  # the last policy competes too

@@ -491,13 +491,14 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
         written.append(learning_curves(csvs, figs / "learning_curves.png"))
     val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
     if val:
-        kept = {}
-        for name, path in val.items():
-            meta = path.with_name("agent.json")
-            if meta.exists():
-                kept[name] = json.loads(meta.read_text()).get("selected_on_val")
+        metas = {name: path.with_name("agent.json") for name, path in val.items()}
+        kept = {
+            n: json.loads(m.read_text()).get("selected_on_val")
+            for n, m in metas.items()
+            if m.exists()
+        }
         written.append(
-            val_curves(val, figs / "val_curves.png", {k: v for k, v in kept.items() if v})
+            val_curves(val, figs / "val_curves.png", {n: k for n, k in kept.items() if k})
         )
     store = FeatureStore(wd.store)
     without = [s for s in store.slide_ids() if not has_pixels(store.slide_info(s))]
