@@ -5,6 +5,9 @@
   Classifiers log ``val/auc``, ``val/f1``, ``val/acc``, ``val/ece``, ``val/loss`` and
   ``val/score = auc + f1`` (the official checkpoint-selection rule); the TSU logs ``val/loss``
   (MSE) and ``val/identity_loss`` (MSE of predicting ``z_j`` itself).
+- :class:`TieBreakCheckpoint` — the best checkpoint by ``val/score``, ties going to the lower
+  ``val/loss`` (``select_ties="loss"``, the default) or to the first epoch (``"first"``, the
+  official rule).
 - :func:`train_model` — seeded fit with CSV (and optional offline W&B) logging, best-checkpoint
   selection, single process or DDP; exports ``model.pt``.
 - ``model.pt`` is a plain dict ``{'state_dict', 'config', 'kind', 'meta'}`` of tensors and
@@ -49,6 +52,8 @@ __all__ = [
     "HAFEDModule",
     "MILModule",
     "TSUModule",
+    "SELECT_TIES",
+    "TieBreakCheckpoint",
     "build_model",
     "check_feature_dim",
     "load_checkpoint",
@@ -386,6 +391,60 @@ def _as_config(cls: type, cfg: Any) -> Any:
 
 
 # ------------------------------------------------------------------------ training
+#: ``select_ties`` of :func:`train_model`: which of several epochs with the same best
+#: ``val/score`` is kept: the one with the lowest ``val/loss``, or the first (official).
+SELECT_TIES = ("loss", "first")
+
+
+class TieBreakCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``save_top_k=1``) whose ties go to a second metric.
+
+    The official rule keeps an epoch only if its val AUC + F1 is strictly above the best so far,
+    so of the epochs that share the best score the *first* is kept. A small validation split
+    saturates early: on the demo's 15 val slides HAFED reaches AUC = F1 = 1 at epoch 3 of 30,
+    with val CE 0.59 (0.07 by epoch 20), so the kept model is nearly untrained — its
+    probabilities on partial states sit within 0.1 of 0.5, and the agents' CE reward barely
+    moves with what they zoom. Here a later epoch with the same score replaces the kept one
+    when its ``tie_break`` metric is lower (``val/loss``: the better-fitted of equally ranked
+    models). Where no two epochs tie — a validation split that does not saturate — it keeps
+    what the official rule keeps.
+
+    Args:
+        tie_break: the metric (lower is better) that decides between equal ``monitor`` values;
+            ``None`` keeps the first, as ``ModelCheckpoint``.
+        **kwargs: ``ModelCheckpoint``'s; ``save_top_k`` must be 1 when ``tie_break`` is set.
+    """
+
+    def __init__(self, tie_break: str | None = "val/loss", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tie_break is not None and self.save_top_k != 1:
+            raise ValueError(f"tie_break needs save_top_k=1, got {self.save_top_k}")
+        self.tie_break = tie_break
+        self.best_tie_value: float | None = None
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: Tensor | None = None) -> bool:
+        """Whether ``current`` replaces the kept checkpoint: a better score, or an equal score
+        with a lower ``tie_break`` value."""
+        if current is None:
+            return False
+        tie = trainer.callback_metrics.get(self.tie_break) if self.tie_break else None
+        keep = super().check_monitor_top_k(trainer, current)
+        if not keep and tie is not None and self.best_k_models:
+            best = self.best_k_models[self.kth_best_model_path]
+            lower = self.best_tie_value is None or float(tie) < self.best_tie_value
+            keep = trainer.strategy.reduce_boolean_decision(float(current) == float(best) and lower)
+        if keep and tie is not None:
+            self.best_tie_value = float(tie)
+        return keep
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_tie_value": self.best_tie_value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_tie_value = state_dict.get("best_tie_value")
+
+
 def train_model(
     module: _SashaModule,
     datamodule: L.LightningDataModule,
@@ -398,6 +457,7 @@ def train_model(
     wandb: dict[str, Any] | None = None,
     monitor: str | None = None,
     mode: str | None = None,
+    select_ties: str = "loss",
     progress: bool = True,
     cpu_threads: int | None = None,
     **trainer_kw: Any,
@@ -423,6 +483,9 @@ def train_model(
             folder name.
         monitor, mode: checkpoint selection; ``None`` = the module's (``val/score``/max for
             classifiers, ``val/loss``/min for the TSU).
+        select_ties: of the epochs with the best ``monitor`` value, keep the one with the lowest
+            ``val/loss`` (``"loss"``) or the first (``"first"``, the official rule); see
+            :class:`TieBreakCheckpoint`. Ignored when ``monitor`` is ``val/loss`` itself.
         progress: show the progress bar and model summary.
         cpu_threads: torch intra-op threads during the fit (restored afterwards); ``1`` is
             much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
@@ -437,6 +500,9 @@ def train_model(
     max_epochs = int(module.max_epochs if max_epochs is None else max_epochs)
     monitor = monitor or module.monitor
     mode = mode or module.monitor_mode
+    if select_ties not in SELECT_TIES:
+        raise ValueError(f"select_ties must be one of {SELECT_TIES}, got {select_ties!r}")
+    tie_break = "val/loss" if select_ties == "loss" and monitor != "val/loss" else None
     has_val = getattr(datamodule, "has_split", lambda s: True)("val")
 
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="logs")]
@@ -447,7 +513,8 @@ def train_model(
         kw.setdefault("name", out_dir.name)
         (out_dir / "wandb").mkdir(exist_ok=True)
         loggers.append(WandbLogger(save_dir=str(out_dir), **kw))
-    ckpt = ModelCheckpoint(
+    ckpt = TieBreakCheckpoint(
+        tie_break=tie_break if has_val else None,
         dirpath=out_dir / "checkpoints",
         filename="best",
         monitor=monitor if has_val else None,
@@ -491,16 +558,21 @@ def train_model(
     path = out_dir / "model.pt"
     if trainer.is_global_zero:
         best = ckpt.best_model_path
+        best_epoch = None
         if best and Path(best).exists():
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            module.load_state_dict(state)
+            kept = torch.load(best, map_location="cpu", weights_only=True)
+            module.load_state_dict(kept["state_dict"])
+            best_epoch = kept.get("epoch")
         blob = module.export()
         score = ckpt.best_model_score
         blob["meta"] = {
             "monitor": monitor if has_val else None,
             "mode": mode,
+            "select_ties": select_ties if tie_break else "first",
             "best_score": None if score is None else float(score),
+            "best_tie_value": ckpt.best_tie_value,
             "best_checkpoint": str(best) if best else None,
+            "best_epoch": best_epoch,
             "seed": int(seed),
             "init_seed": getattr(module, "seed", None),
             "max_epochs": max_epochs,

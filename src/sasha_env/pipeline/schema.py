@@ -63,7 +63,7 @@ def _extract() -> dict[str, Any]:
 def _hafed() -> dict[str, Any]:
     from sasha_models.hafed import HAFEDConfig  # lazy: torch (as above)
 
-    return _dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes"))
+    return {**_dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes")), "select_ties": str}
 
 
 def _tsu() -> dict[str, Any]:
@@ -83,6 +83,7 @@ def _mil(name: str) -> dict[str, Any]:
         "weight_decay": float,
         "max_epochs": int,
         "cpu_threads": int,
+        "select_ties": str,
         **_signature_keys(MIL_MODELS[name], drop=("self", "d_in", "n_classes")),
     }
 
@@ -147,6 +148,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_positive, ">= 1"),
     "cpu_threads": (_positive, ">= 1 (or null)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "select_ties": (lambda v: v in ("loss", "first"), "loss or first (the official rule)"),
     "agents.fracs": (lambda v: len(v) > 0 and all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.total_timesteps": (_positive, ">= 1"),

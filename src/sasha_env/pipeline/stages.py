@@ -293,12 +293,13 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.lit import HAFEDModule, train_model  # lazy: as above
 
     bags = p.bags()
-    cfg = HAFEDConfig(
-        d_in=bags.feature_dim, n_classes=len(bags.class_names), **p.section(ctx.stage)
-    )
+    section = p.section(ctx.stage)
+    select_ties = section.pop("select_ties", "loss")
+    cfg = HAFEDConfig(d_in=bags.feature_dim, n_classes=len(bags.class_names), **section)
     module = HAFEDModule(cfg, seed=p.seed)
     data = BagDataModule(bags, "highres")
-    return _export(train_model(module, data, p.wd.model_dir("hafed"), **p.train_kwargs()))
+    out = p.wd.model_dir("hafed")
+    return _export(train_model(module, data, out, select_ties=select_ties, **p.train_kwargs()))
 
 
 def _run_distill(p: RunContext, ctx: StageContext) -> dict:
@@ -422,6 +423,7 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     train_kwargs = p.train_kwargs()
     if "cpu_threads" in section:  # e.g. a transformer wants every core, small bags one
         train_kwargs["cpu_threads"] = section.pop("cpu_threads")
+    train_kwargs["select_ties"] = section.pop("select_ties", "loss")
     model = "attention_mil" if name == "lowres" else name
     kind = "lowres" if name == "lowres" else "highres"
     module = MILModule(model, bags.feature_dim, len(bags.class_names), seed=p.seed, **section)
@@ -552,6 +554,8 @@ def _stages() -> dict[str, Stage]:
             _run_hafed,
             retrainable=True,
             distributed=True,
+            # 2: of the epochs with the best val AUC + F1, the lowest val loss (select_ties)
+            version=2,
         ),
         Stage(
             "distill",
@@ -578,6 +582,8 @@ def _stages() -> dict[str, Stage]:
             _run_mil,
             retrainable=True,
             distributed=True,
+            # 2: of the epochs with the best val AUC + F1, the lowest val loss (select_ties)
+            version=2,
         ),
         *(
             Stage(
@@ -588,6 +594,8 @@ def _stages() -> dict[str, Stage]:
                 _run_mil,
                 retrainable=True,
                 distributed=True,
+                # 2: of the epochs with the best val AUC + F1, the lowest val loss (select_ties)
+                version=2,
             )
             for name in BASELINE_STAGES
         ),
