@@ -34,7 +34,8 @@ def test_every_preset_is_valid(preset):
         (
             {"baselines": {"models": {"transmil": {"n_head": 2}}}},
             "unknown key 'n_head' in config section 'baselines.models.transmil'; valid keys: "
-            "cpu_threads, d_model, dropout, exact_max, landmarks, lr, max_epochs, n_heads, weight_decay",
+            "cpu_threads, d_model, dropout, exact_max, landmarks, lr, max_epochs, n_heads, select_ties, "
+            "weight_decay",
         ),
         ({"baselines": {"models": {"clam": {}}}}, "unknown model 'clam' in config section"),
         ({"agents": {"n_env": 2}}, "unknown key 'n_env' in config section 'agents'"),
@@ -52,6 +53,10 @@ def test_every_preset_is_valid(preset):
         ({"split": {"shares": [0.5, 0.5]}}, "'split.shares' = [0.5, 0.5] is not of type"),
         ({"seed": "zero"}, "config 'seed' = 'zero' is not of type int"),
         ({"hafed": [1, 2]}, "config section 'hafed' must be a mapping of keys"),
+        (
+            {"hafed": {"select_ties": "last"}},
+            "'hafed.select_ties' = 'last' must be loss or first (the official rule)",
+        ),
     ],
 )
 def test_bad_config_names_the_key_its_section_and_the_fix(override, message):
@@ -68,6 +73,8 @@ def test_good_values_of_every_kind_pass():
             "grid": {"hi_mpp": 0.5},
             "agents": {"fracs": [0.05, 1], "extra": {"vf_coef": 0.5}, "cpu_threads": None},
             "baselines": {"models": {"transmil": {"n_heads": 4, "cpu_threads": 2}}},
+            "hafed": {"select_ties": "first"},
+            "lowres": {"select_ties": "loss"},
         },
     )
     assert validate_config(cfg) is cfg

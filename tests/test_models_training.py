@@ -161,3 +161,65 @@ def test_same_seeds_reproduce_the_run(tmp_path):
     ]
     a, b = (load_checkpoint(p)["state_dict"] for p in paths)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _val_epochs(path):
+    """(epoch, val/score, val/loss) of every validated epoch, from the run's CSV log."""
+    with open(path.parent / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["val/score"]]
+    return [(int(r["epoch"]), float(r["val/score"]), float(r["val/loss"])) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tie_runs(tmp_path_factory):
+    """One HAFED run per ``select_ties`` rule, same seed: a toy whose val split saturates."""
+    source, _ = planted_bags(n_slides=40, d=D, k=4, n_patches=(20, 40), seed=1)
+    cfg = HAFEDConfig(d_in=D, d_hidden=32, lr=5e-3, max_epochs=12)
+    out = tmp_path_factory.mktemp("ties")
+    return source, {
+        rule: train_model(
+            HAFEDModule(cfg, seed=0),
+            BagDataModule(source, "highres"),
+            out / rule,
+            seed=0,
+            select_ties=rule,
+            progress=False,
+            cpu_threads=1,
+        )
+        for rule in ("loss", "first")
+    }
+
+
+def test_ties_in_val_score_go_to_the_lowest_val_loss(tie_runs):
+    source, paths = tie_runs
+    epochs = _val_epochs(paths["loss"])
+    assert epochs == _val_epochs(paths["first"]), "the rule must not change the training itself"
+    best = max(score for _, score, _ in epochs)
+    tied = [(loss, epoch) for epoch, score, loss in epochs if score == best]
+    assert len(tied) >= 3, f"the toy must saturate for the test to mean anything: {epochs}"
+    first_epoch = min(epoch for _, epoch in tied)
+    lowest_loss, lowest_epoch = min(tied)
+    assert lowest_epoch != first_epoch, "the lowest loss must come after the first tie here"
+
+    meta = {rule: torch.load(p, weights_only=True)["meta"] for rule, p in paths.items()}
+    assert meta["loss"]["select_ties"] == "loss" and meta["first"]["select_ties"] == "first"
+    assert meta["loss"]["best_epoch"] == lowest_epoch
+    assert meta["first"]["best_epoch"] == first_epoch  # the official rule
+    assert meta["loss"]["best_tie_value"] == pytest.approx(lowest_loss, rel=1e-5)
+
+    # the exported weights are the kept epoch's: their val CE is the one logged for it
+    ids, probs, labels = predict_probs(load_model(paths["loss"]), source, "val", "highres")
+    ce = -torch.log(torch.as_tensor(probs)[torch.arange(len(ids)), torch.as_tensor(labels)])
+    assert float(ce.mean()) == pytest.approx(lowest_loss, rel=1e-4)
+
+
+def test_select_ties_is_checked(tmp_path):
+    source, _ = planted_bags(n_slides=12, d=D, seed=3)
+    with pytest.raises(ValueError, match="select_ties must be one of"):
+        train_model(
+            HAFEDModule(HAFEDConfig(d_in=D, d_hidden=8), seed=0),
+            BagDataModule(source, "highres"),
+            tmp_path,
+            select_ties="last",
+            progress=False,
+        )
