@@ -669,7 +669,9 @@ def paper_values(d: int = 384) -> dict[str, np.ndarray]:
     section = dict(cfg.get("tsu") or {})
     tau = float(section.get("tau", 0.95))
     tsus = tsu_configs(section, d, tau)
-    hafed = HAFEDConfig(d_in=d, n_classes=2, **(cfg.get("hafed") or {}))
+    # select_ties is how the hafed stage picks its checkpoint, not a HAFEDConfig key
+    hafed_section = {k: v for k, v in (cfg.get("hafed") or {}).items() if k != "select_ties"}
+    hafed = HAFEDConfig(d_in=d, n_classes=2, **hafed_section)
     tsu_batch = inspect.signature(TSUPairDataModule).parameters["batch_size"].default
     bag_batch = inspect.signature(BagDataModule).parameters["batch_size"].default
     return {

@@ -233,6 +233,12 @@ def test_paper_preset_resolves_one_tsu_per_budget_with_the_official_epochs():
         validate_config(load_config("paper", overrides={"tsu": {"budgets": {2.0: {}}}}))
 
 
+def test_paper_preset_keeps_hafeds_first_best_checkpoint_as_the_official_script():
+    # step3_WSI_classification_HAFED.py at 6385fe6 saves on a strictly higher val AUC + F1
+    assert validate_config(load_config("paper"))["hafed"]["select_ties"] == "first"
+    assert "select_ties" not in (load_config("demo")["hafed"] or {})  # ours: the lowest val loss
+
+
 # ------------------------------------------------------------------ TSU training and validation
 def test_anchor_in_target_adds_the_anchor_pair_only_with_the_option():
     base = torch.randn(6)
