@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import CMU_SVS
+from sasha_env.agents.config import agent_name
 from sasha_env.predict import Predictor, SlideRequest
 from sasha_env.slides.manifest import read_manifest
 from sasha_env.workdir import Workdir
@@ -59,10 +61,22 @@ class _Counting:
         return self.method(pixels, *args)
 
 
+def _with_stop_threshold(workdir: Path, out: Path, frac: float, threshold: float) -> Path:
+    """A copy of ``workdir`` whose budget-``frac`` agent stops at ``threshold``: the tiny run's
+    own rule, fitted on 8 val slides, stops every slide after its first zoom."""
+    shutil.copytree(workdir, out)
+    path = Workdir(out).agent_dir(agent_name(frac)) / "adaptive.json"
+    rule = json.loads(path.read_text())
+    path.write_text(json.dumps({**rule, "threshold": threshold}))
+    return out
+
+
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 def test_lockstep_records_equal_one_slide_at_a_time(tiny_workdir, tmp_path, adaptive):
     frac = 0.2 if adaptive else 0.1
     paths = _slides(tiny_workdir)
+    if adaptive:  # slides that stop at different steps, some confident and some at the cap
+        tiny_workdir = _with_stop_threshold(tiny_workdir, tmp_path / "wd", frac, 0.9)
     alone = Predictor(tiny_workdir, frac=frac, adaptive=adaptive)
     want = [alone.predict(p, geojson=tmp_path / "alone") for p in paths]
     assert len({r["n_patches"] for r in want}) >= 3  # different sizes: ragged ends
