@@ -275,6 +275,22 @@ def test_tumour_masks_map_onto_patches(tmp_path):
             assert not (frac > 0).any()
 
 
+def test_found_rate_counts_slides_with_a_zoom_on_tumour_and_its_chance():
+    from itertools import combinations
+
+    from sasha_env.slides.tumour import found_rate
+
+    a = np.array([1, 1, 0, 0, 0, 0], bool)  # N = 6, T = 2
+    b = np.array([0, 0, 0, 1], bool)  # N = 4, T = 1
+    found, chance = found_rate([np.array([0, 5]), np.array([0, 1])], [a, b])
+    assert found == 0.5  # the first slide's zooms reach tumour, the second's do not
+    # chance by enumeration: every k-subset equally likely
+    exact = [np.mean([t[list(c)].any() for c in combinations(range(len(t)), 2)]) for t in (a, b)]
+    assert chance == pytest.approx(np.mean(exact))  # (1 - 6/15 + 1 - 3/6) / 2
+    assert found_rate([np.arange(5)], [a]) == (1.0, 1.0)  # more zooms than normal patches
+    assert all(np.isnan(found_rate([], [])))
+
+
 def test_a_mosaic_slide_reuses_its_sections_and_keeps_tumour_in_one():
     """``--preset large``'s construction, small: the sections are symmetries of
     ``distinct_sections`` rendered ones, and a positive slide's tumour is in one place."""

@@ -24,7 +24,7 @@ from ..config import say
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
-from ..slides.tumour import hit_rate, patch_tumour_fraction
+from ..slides.tumour import found_rate, hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
 from .adaptive import LEARNED_METHOD, METHOD, adaptive_results, nearest, reading_stats
 from .calibrate import method_name
@@ -353,10 +353,13 @@ def _sampling_row(
             for e in run
             if e["slide_id"] in tumour and bags.class_names[e["label"]] == positive
         ]
-        hit, chance = hit_rate(
-            [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
-        )
+        zooms = [np.array(e["zoomed"]) for e in pos]
+        masks = [tumour[e["slide_id"]] for e in pos]
+        hit, chance = hit_rate(zooms, masks)
         row["tumour_hit_rate"], row["chance_hit_rate"] = _nan_none(hit), _nan_none(chance)
+        found, chance_found = found_rate(zooms, masks)
+        row["tumour_found"], row["chance_found"] = _nan_none(found), _nan_none(chance_found)
+        row["tumour_slides"] = len(pos) // len(runs)
     _save_episodes(wd.root / "episodes" / f"{method}-{frac:g}.json", runs[0])
     log(
         f"[evaluate] {method} f={frac:g}: AUC {_fmt(row['auc'])}, hit rate {_fmt(row.get('tumour_hit_rate'))}"
@@ -395,6 +398,14 @@ def _clean(metrics: dict) -> dict:
     }
 
 
+def _found(row: dict) -> str:
+    """``found of slides (chance)``: the tumour slides with a zoom on tumour."""
+    found, n = row.get("tumour_found"), row.get("tumour_slides")
+    if found is None or not n:
+        return ""
+    return f"{found * n:.3g} of {n} (chance {row['chance_found'] * n:.1f})"
+
+
 def format_table(results: dict | str | Path) -> str:
     """The results as Markdown tables: every method, then paired differences and calibration."""
     data: dict = results if isinstance(results, dict) else json.loads(Path(results).read_text())
@@ -408,9 +419,10 @@ def format_table(results: dict | str | Path) -> str:
             [m["method"], frac, _with_ci(m, "auc"), _with_ci(m, "accuracy")]
             + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]
             + ["" if hit is None else f"{hit:.2f} (chance {m['chance_hit_rate']:.2f})"]
+            + [_found(m)]
         )
     columns = ["method", "frac", "AUC [95% CI]", "accuracy [95% CI]", "F1", "ECE"]
-    tables = [markdown_table([*columns, "tumour-hit rate"], rows)]
+    tables = [markdown_table([*columns, "tumour-hit rate", "tumour found"], rows)]
     if data.get("paired"):
         rows = []
         for p in data["paired"]:

@@ -628,7 +628,8 @@ def _stages() -> dict[str, Stage]:
             ("hafed", "lowres", *BASELINE_STAGES, "agents", "calibrate"),
             "results.json, episodes/, figures/ (every method on the test split)",
             _run_evaluate,
-            version=2,  # 2: sasha_adaptive rows, adaptive_curve and referral
+            # 2: sasha_adaptive rows, adaptive_curve and referral; 3: tumour slides found
+            version=3,
         ),
     ]
     return {s.name: s for s in stages}

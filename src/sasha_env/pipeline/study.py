@@ -50,6 +50,8 @@ METRICS = ("auc", "accuracy", "f1", "ece")
 #: What adaptive rows (``sasha_adaptive``, the threshold rule; ``sasha_learned_stop``, the
 #: learned rule) add, summarised across seeds too.
 ADAPTIVE_KEYS = ("mean_frac", "frac_p50", "frac_p90", "share_confident", "share_stopped")
+#: Sampling rows' tumour measures (when the manifest has masks): mean and sd over seeds.
+TUMOUR_KEYS = ("tumour_hit_rate", "tumour_found")
 
 
 @dataclass
@@ -297,6 +299,19 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             }
             for s in sorted(by_seed)
         ]
+        for key in TUMOUR_KEYS:  # sampling rows, with masks: where the zooms landed
+            if any(by_seed[s].get(key) is not None for s in by_seed):
+                row[f"{key}_mean"], row[f"{key}_sd"] = mean_sd(
+                    [by_seed[s].get(key) for s in by_seed]
+                )
+                for entry in row["per_seed"]:
+                    entry[key] = by_seed[entry["seed"]].get(key)
+        if row.get("tumour_found_mean") is not None:  # counts over every seed's test slides
+            seen = [s for s in by_seed if by_seed[s].get("tumour_found") is not None]
+            slides = [int(by_seed[s].get("tumour_slides") or 0) for s in seen]
+            found = [by_seed[s]["tumour_found"] * n for s, n in zip(seen, slides, strict=True)]
+            row["tumour_slides_total"] = sum(slides)
+            row["tumour_missed_total"] = round(sum(slides) - sum(found), 3)
         for key in ADAPTIVE_KEYS:  # adaptive rows: how much each seed read
             if any(key in by_seed[s] for s in by_seed):
                 row[f"{key}_mean"], row[f"{key}_sd"] = mean_sd(
@@ -419,6 +434,36 @@ def format_study(summary: dict[str, Any]) -> str:
             "mean ± sd [95% CI of the mean].",
         )
     ]
+    found = [r for r in summary["methods"] if r.get("tumour_found_mean") is not None]
+    if found:
+        rows = [
+            [
+                r["method"],
+                _frac(r),
+                f"{r['tumour_slides_total'] - r['tumour_missed_total']:.3g} of "
+                f"{r['tumour_slides_total']}",
+                f"{r['tumour_found_mean']:.3f} ± {r['tumour_found_sd']:.3f}",
+                "n/a"
+                if r.get("tumour_hit_rate_mean") is None
+                else f"{r['tumour_hit_rate_mean']:.3f}",
+            ]
+            for r in found
+        ]
+        tables.append(
+            markdown_table(
+                [
+                    "method",
+                    "frac",
+                    "tumour slides found",
+                    "share found per seed",
+                    "zooms on tumour",
+                ],
+                rows,
+                "Where the zooms landed on the test slides with tumour masks: slides with at "
+                "least one zoom on tumour (over every seed; random: the mean of its draws), "
+                "and the share of zooms on tumour (mean over seeds):",
+            )
+        )
     if summary["paired"]:
         rows = []
         for p in summary["paired"]:

@@ -1,4 +1,4 @@
-"""Tumour annotations for analysis: which patches overlap tumour, and tumour-hit rates.
+"""Tumour annotations for analysis: which patches overlap tumour, tumour-hit and found rates.
 
 Masks are images (any downsample of level 0; nonzero = tumour) named in the manifest's
 optional ``mask`` column. They are used to *measure* where an agent looks — never to train.
@@ -13,7 +13,7 @@ from PIL import Image
 
 from .grid import box_fraction
 
-__all__ = ["patch_tumour_fraction", "hit_rate"]
+__all__ = ["patch_tumour_fraction", "hit_rate", "found_rate"]
 
 
 def patch_tumour_fraction(
@@ -52,3 +52,33 @@ def hit_rate(zoomed: list[np.ndarray], tumour: list[np.ndarray]) -> tuple[float,
     hits = sum(int(t[np.asarray(z, dtype=int)].sum()) for z, t in zip(zoomed, tumour, strict=True))
     chance = sum(len(z) * float(t.mean()) for z, t in zip(zoomed, tumour, strict=True))
     return hits / n_zooms, chance / n_zooms
+
+
+def found_rate(zoomed: list[np.ndarray], tumour: list[np.ndarray]) -> tuple[float, float]:
+    """Share of slides on which at least one zoom landed on tumour, and the share that
+    uniform random zooms (as many, without replacement) would reach.
+
+    A sharp classifier scores a tumour slide by whether any zoom read its tumour, so a slide
+    none of whose zooms did is a detection the policy missed whatever the rest of the episode.
+    Chance per slide is ``1 − C(N − T, k) / C(N, k)`` for ``T`` tumour patches of ``N`` and
+    ``k`` zooms.
+
+    Args:
+        zoomed: per slide, the indices of the zoomed patches.
+        tumour: per slide, ``(N,)`` bool — the patch overlaps tumour (use tumour slides).
+
+    Returns:
+        ``(found, chance)``, both ``nan`` without slides.
+    """
+    if not zoomed:
+        return float("nan"), float("nan")
+    found = chance = 0.0
+    for z, t in zip(zoomed, tumour, strict=True):
+        idx = np.asarray(z, dtype=int)
+        found += float(bool(t[idx].any()))
+        n, n_tumour, k = len(t), int(t.sum()), len(idx)
+        # P(no tumour in k draws without replacement) = prod_{i<k} (n - T - i) / (n - i)
+        i = np.arange(k)
+        miss = float(np.prod((n - n_tumour - i) / (n - i))) if k <= n - n_tumour else 0.0
+        chance += 1.0 - miss
+    return found / len(zoomed), chance / len(zoomed)
