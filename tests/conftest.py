@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -56,6 +59,22 @@ def write_ome_pyramid(
         for ds in downsamples[1:]:
             tif.write(image[::ds, ::ds], subfiletype=1, **opts)
     return path
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import ``experiments/<name>.py`` (not a package) as module ``name``; the scripts import
+    their neighbours (``bench_env``, ``f02_factors``), so the folder goes on ``sys.path``."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 240) -> None:

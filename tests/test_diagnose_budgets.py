@@ -4,31 +4,23 @@ states, per-step tumour hits and drift, and the validation-selection summary."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_experiment
 from sasha_env import AgentConfig
 from sasha_env.agents.envs import make_env
 from sasha_env.agents.episodes import random_policy, run_episodes
 from sasha_env.testing import make_workdir
 from sasha_env.workdir import Workdir
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "diagnose_budgets.py"
-
 
 @pytest.fixture(scope="module")
 def diag():
-    spec = importlib.util.spec_from_file_location("diagnose_budgets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["diagnose_budgets"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("diagnose_budgets")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_experiment
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget
 from sasha_env.testing import make_workdir
-
-SCRIPT = Path(__file__).parents[1] / "experiments" / "f02_factors.py"
 
 
 @pytest.fixture(scope="module")
 def f02():
-    spec = importlib.util.spec_from_file_location("f02_factors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("f02_factors")
 
 
 @pytest.fixture(scope="module")

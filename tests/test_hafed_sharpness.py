@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_experiment
 from sasha_env.features.store import FeatureStore
 from sasha_env.slides.manifest import read_manifest
 from sasha_env.testing import make_workdir
 from sasha_env.workdir import Workdir
 from sasha_models.checkpoint import load_model
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "hafed_sharpness.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("hafed_sharpness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hafed_sharpness"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("hafed_sharpness")
 
 
 def test_probabilities_are_hafeds_on_each_state_averaged_by_class(script, tmp_path):

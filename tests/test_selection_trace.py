@@ -4,19 +4,16 @@ trajectory unchanged by the test passes."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import load_experiment
 from sasha_env.agents.config import AgentConfig
 from sasha_env.agents.train import train_agent
 from sasha_env.testing import make_workdir
 from sasha_env.workdir import Workdir
 
-SCRIPT = Path(__file__).parents[1] / "experiments" / "selection_trace.py"
 AGENTS = {
     "total_timesteps": 96, "n_envs": 2, "n_steps": 16, "batch_size": 16, "n_epochs": 1,
     "d_hidden": 16, "val_every": 1,
@@ -25,11 +22,7 @@ AGENTS = {
 
 @pytest.fixture(scope="module")
 def trace():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("selection_trace", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("selection_trace")
 
 
 def test_keep_follows_val_start(trace):

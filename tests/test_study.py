@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import kill_when
+from conftest import kill_when, load_experiment
 from sasha_env.pipeline.study import Study, aggregate, format_study
 from sasha_env.slides.manifest import read_manifest
 
@@ -185,13 +185,7 @@ def test_jobs_helpers_run_one_job_each_even_with_an_abbreviated_option():
 
 
 def test_study_bars_script_reads_study_json(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "study_bars.py"
-    spec = importlib.util.spec_from_file_location("study_bars", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_experiment("study_bars")
 
     def results(s1, s2, r1, h):
         rows = [
