@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +174,29 @@ def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir, t
     assert any("[abmil] configuration or upstream changed" in m for m in messages)
     assert wd.model("abmil").stat().st_mtime > before
     assert tree_digest(tiny_workdir) == built
+
+
+def test_a_moved_workdir_keeps_its_trained_agents(tiny_workdir, tmp_path):
+    first = tmp_path / "first"
+    shutil.copytree(tiny_workdir, first)
+    for unit in (first / "stages" / "agents.units").glob("*.json"):  # as if trained here
+        done = json.loads(unit.read_text())
+        trained = Path(done["outputs"]["agent"])
+        done["outputs"]["agent"] = str(first / trained.relative_to(tiny_workdir))
+        unit.write_text(json.dumps(done))
+    quiet = {"preset": "tiny", "progress": False, "log": lambda m: None}
+    moved = tmp_path / "moved"
+    first.rename(moved)  # the recorded paths now name a folder that is gone
+    agent = Workdir(moved).agent_dir("sasha-0.1") / "policy.pt"
+    before = agent.stat().st_mtime_ns
+    messages: list[str] = []
+    # a change only the learned-stop agents depend on: the stage runs, its fixed-budget units
+    # keep their key, and the agents trained before the move stand
+    overrides = {"agents": {"zoom_cost": 0.02}}
+    Pipeline(moved, **quiet | {"log": messages.append}, overrides=overrides).run(["agents"])
+    assert any("[agents] configuration or upstream changed" in m for m in messages)
+    assert sum("trained earlier, kept" in m for m in messages) == 2, messages
+    assert agent.stat().st_mtime_ns == before
 
 
 def test_unknown_config_key_and_missing_upstream_are_clear(tiny_cohort, tmp_path):
