@@ -494,10 +494,9 @@ def _run_agents(p: RunContext, ctx: StageContext) -> dict:
             weights = out / POLICY_WEIGHTS
             return {"agent": str(weights), "sha256": file_sha256(weights)}
 
-        def intact(outputs: dict) -> bool:
+        def intact(outputs: dict, weights: Path = out / POLICY_WEIGHTS) -> bool:
             # this workdir's own file: the recorded path is where the agent was trained, which
             # is another folder once the workdir has been moved or copied
-            weights = out / POLICY_WEIGHTS
             return weights.is_file() and file_sha256(weights) == outputs["sha256"]
 
         key = None if learned_stop else fixed_key
