@@ -1,5 +1,6 @@
 """End-to-end training through ``train_model``: HAFED on a planted-instance toy, checkpoints."""
 
+import copy
 import csv
 
 import pytest
@@ -223,3 +224,30 @@ def test_select_ties_is_checked(tmp_path):
             select_ties="last",
             progress=False,
         )
+
+
+def test_fused_adamw_takes_the_loops_steps():
+    """The modules' optimiser: torch's fused AdamW on the CPU, the same update as the
+    per-tensor loop (to float rounding), and the loop where a parameter has no fused kernel."""
+    from sasha_models.lit import fused_adamw
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))]
+    nets.append(copy.deepcopy(nets[0]))
+    start = copy.deepcopy(nets[0])
+    opts = [
+        fused_adamw(list(nets[0].parameters()), 1e-2, 1e-3),
+        torch.optim.AdamW(nets[1].parameters(), lr=1e-2, weight_decay=1e-3),
+    ]
+    assert opts[0].defaults["fused"] is True
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(20):
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (nets[0][0].weight - start[0].weight).abs().max() > 1e-2  # 20 steps of 1e-2 moved it
+    other = torch.nn.Parameter(torch.zeros(3, device="meta"))  # no fused kernel there
+    assert not fused_adamw([other], 1e-3, 0.0).defaults["fused"]

@@ -93,6 +93,21 @@ def slide_logits(
     return out["slide_logits"] if isinstance(out, dict) else out
 
 
+def fused_adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel when every parameter is a floating-point tensor on the
+    CPU or a CUDA device, the per-tensor loop otherwise.
+
+    The same update to float rounding, one kernel over all tensors instead of about a dozen
+    small ops per tensor: on one CPU thread a training step of the TSU at the official width on
+    the demo's d = 1,280 features (13 million parameters) takes about half the time
+    (``experiments/bench_optimizer.py``).
+    """
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class _SashaModule(L.LightningModule, abc.ABC):
     """Shared optimiser/schedule and export logic."""
 
@@ -128,10 +143,8 @@ class _SashaModule(L.LightningModule, abc.ABC):
         return export_dict(self.model, self.kind, self.model_config())
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(
-            (p for p in self.parameters() if p.requires_grad),
-            lr=self.lr,
-            weight_decay=self.weight_decay,
+        opt = fused_adamw(
+            [p for p in self.parameters() if p.requires_grad], self.lr, self.weight_decay
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.0)
