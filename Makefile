@@ -15,7 +15,7 @@ TORCH_VERSION ?= 2.13.0
 LOCK_FIND_LINKS ?= /opt/wheels
 UV_VERSION := 0.13.9
 
-.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict bench-demo lint format clean
+.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict bench-demo bench-official lint format clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,13 @@ bench-agents: $(STAMP)
 # with another commit instead. Prints wall times, stage times, the ratio, identical results.
 bench-demo: $(STAMP)
 	$(PY) experiments/bench_demo.py --out bench-demo $(if $(BASELINE),--baseline $(BASELINE))
+
+# The env step against the official SASHA code's (not shipped here: OFFICIAL=/path/to/a checkout
+# of coglabiisc/SASHA), N = 8,192, one thread, side by side; also the optimiser benchmark.
+bench-official: $(STAMP)
+	@test -n "$(OFFICIAL)" || { echo "set OFFICIAL=/path/to/a checkout of coglabiisc/SASHA"; exit 2; }
+	$(PY) experiments/bench_official_env.py --official $(OFFICIAL)
+	$(PY) experiments/bench_optimizer.py
 
 bench-predict: $(STAMP)  # the demo's 32-px patches; needs a finished demo workdir (make demo)
 	$(PY) experiments/bench_predict.py --workdir $(DEMO_DIR)

@@ -8,7 +8,8 @@
    HAFED (paper config: 5 branches, hidden 128) and TSU (τ = 0.95), written to a temporary
    store. Three environments on the same data take the same random legal actions for at
    least one whole episode (f = 0.1), in alternating blocks so all see the same machine
-   state: ``incremental=True`` with fresh observation copies (the default), the same with
+   state: ``incremental=True`` with the default observations (read-only snapshots refreshed
+   row by row, ``sasha_env.envs.obs_pool``), the same with
    ``copy_obs=False`` (views of the env's buffers, as the agents stage and ``sasha predict``
    use it: SB3's vector envs copy anyway), and ``incremental=False`` (all N rows re-scored
    every step). Prints steps per CPU-second of each, the ratios, and the rows changed per
@@ -144,7 +145,7 @@ def bench_speed(sizes: list[int], d: int, steps: int, root: Path, profile_top: i
     write_store(root / "speed.zarr", d, slides)
     print(f"step rate, d = {d}, HAFED 5 branches x hidden 128, TSU tau 0.95, frac 0.1")
     print(
-        "| N | incremental, copies (steps/s) | incremental, views | full re-score | views / copies | views / full | rows changed per step |"
+        "| N | incremental, snapshots (steps/s) | incremental, views | full re-score | views / snapshots | views / full | rows changed per step |"
     )
     print("|---|---|---|---|---|---|---|")
     for n in sizes:

@@ -8,8 +8,10 @@ their HAFED (``architecture/transformer.py``, built as ``step6_rl_training.py`` 
 from ``config/camelyon_config.yml``: hidden 128, 5 branches) and their TSU
 (``modules/fglobal_mlp.py``: ``FGlobal(3d → d)``), random-initialised, in eval mode, on the CPU,
 with ``camelyon_rl_config.yml``'s settings (f = 0.1, τ = 0.95, CE reward). Ours runs with our
-HAFED and TSU of the same sizes, with fresh observation copies (the default) and with
-``copy_obs=False`` (the agents stage and ``sasha predict``). All three get the same features
+HAFED and TSU of the same sizes, three ways: the default (read-only snapshots refreshed row by
+row, ``sasha_env.envs.obs_pool``), ``copy_obs=False`` (the agents stage and ``sasha
+predict``), and whole fresh copies of every observation (the default before the snapshots: a
+``copy_obs=False`` env whose observation is copied inside the timed step). All four get the same features
 (``bench_env.clustered_features``: clusters of ~32 rows with |cos| ≈ 0.98, so the TSU updates
 ~10 rows per step in both) and the same legal actions, one torch thread, in alternating blocks
 so that all see the same machine load; CPU time inside ``step`` only. The official code is
@@ -72,11 +74,14 @@ def official_env(root: Path, z: np.ndarray, v: np.ndarray, label: int, d: int):
     return step, env.reset, int(env.max_time_steps)
 
 
-def ours_env(env: SashaWSIEnv, sid: str):
+def ours_env(env: SashaWSIEnv, sid: str, whole_copies: bool = False):
     env.reset(options={"slide_id": sid})
 
     def step(a: int) -> bool:
-        return bool(env.step(a)[2])
+        obs, _, done, *_ = env.step(a)
+        if whole_copies:
+            obs = {key: array.copy() for key, array in obs.items()}
+        return bool(done)
 
     return step, lambda: env.reset(options={"slide_id": sid}), env.budget
 
@@ -103,12 +108,15 @@ def main() -> None:
         write_store(root / "s.zarr", d, {"s": (z, v, str(label))})
         write_manifest(root / "m.csv", [("s", str(label), "train"), ("o", "0", "test")])
         kw = dict(store=root / "s.zarr", manifest=root / "m.csv", hafed=hafed, tsu=tsu, frac=0.1)
-        runs["ours, copies"] = ours_env(SashaWSIEnv(**kw), "s")
+        runs["ours, default (snapshots)"] = ours_env(SashaWSIEnv(**kw), "s")
         runs["ours, copy_obs=False"] = ours_env(SashaWSIEnv(**kw, copy_obs=False), "s")
+        runs["ours, whole copies (before)"] = ours_env(
+            SashaWSIEnv(**kw, copy_obs=False), "s", whole_copies=True
+        )
         budget = runs["official"][2]
         assert all(r[2] == budget for r in runs.values())
         rng = np.random.default_rng(1)
-        actions = rng.permutation(n)[:budget].tolist()  # one episode, legal in all three
+        actions = rng.permutation(n)[:budget].tolist()  # one episode, legal in all four
         for _, reset, _ in runs.values():  # warm-up, then a fresh episode
             reset()
         spent = dict.fromkeys(runs, 0.0)

@@ -18,6 +18,7 @@ from sasha_models.stopping import StopRule
 
 from ..features.store import FeatureStore
 from ..slides.manifest import Manifest
+from .obs_pool import ObservationPool
 from .render import ThumbnailCache, draw_patches
 from .similarity import Candidates
 from .slide_data import SlideCache, SlideData
@@ -162,13 +163,18 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         render_mode: ``None`` or ``"rgb_array"``: :meth:`render` draws the slide thumbnail
             (read once per slide) with the patch grid, TSU-updated and zoomed patches.
         render_px: longest side of the rendered thumbnail in pixels.
-        copy_obs: return fresh arrays from every reset and step (the default). ``False``
-            returns views of the env's buffers, which the next step changes in place (the last
-            step of an episode still returns a copy, since vector envs keep it past the
-            reset): for callers that copy anyway (SB3's vector envs copy every observation
-            into their own buffers; the agents stage trains this way) or read the observation
-            before stepping again (``sasha predict``). At N = 8,192 and d = 1,280 the copy is
-            42 MB per step; at d = 384 it halves the step's time.
+        copy_obs: every reset and step returns its own read-only snapshot (the default),
+            which no later step changes while the caller holds it (or a view of it, or a
+            tensor made from it); snapshots the caller has dropped are brought up to date row
+            by row and handed out again (:class:`~sasha_env.envs.obs_pool.ObservationPool`),
+            so a step copies the rows it changed, not the whole state (at N = 8,192 and
+            d = 384 a whole copy is 12.6 MB, as long as the rest of the step). Write into a
+            copy (``np.array(obs["features"])``). ``False`` returns the env's buffers
+            themselves, which the next step changes in place: for callers that copy anyway
+            (SB3's vector envs copy every observation into their own buffers; the agents
+            stage trains this way) or read the observation before stepping again
+            (``sasha predict``). The last step of an episode returns writable copies either
+            way, since vector envs keep it past the reset.
         obs_projection: observations carry ``(S − μ) W`` (``k`` columns,
             :class:`~sasha_models.projection.ObsProjection`) instead of the state S; updated
             in the changed rows only. The models and rewards still use S. For agents at real
@@ -193,7 +199,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         ``valid`` ``Box(0, 1, (P,), int8)`` — 1 on the slide's N real patches;
         ``coords`` ``Box(0, 1, (P, 2), float32)`` — lattice (row, col) / (shape − 1).
         One observation is :func:`observation_nbytes` ``= P·(4d + 10)`` bytes; arrays are
-        fresh copies every step unless ``copy_obs=False``. :attr:`changed_rows` names the
+        read-only snapshots unless ``copy_obs=False`` (see ``copy_obs``), writable copies
+        on the last step of an episode. :attr:`changed_rows` names the
         rows the last reset or step changed, for agents that cache per-row work.
 
     Action: ``Discrete(P)``, the patch to zoom; with ``stop_action``, ``Discrete(P + 1)``, the
@@ -332,6 +339,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._done = False  # the episode ended (at the cap, or stopped)
         self._ce = 0.0
         self._probs = np.zeros(len(self.class_names), np.float32)
+        self._copies = ObservationPool()  # read-only snapshots, refreshed row by row
 
     # ------------------------------------------------------------------ properties
     @property
@@ -424,6 +432,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._coords[n:] = 0.0
         self._zoomed = []
         self._changed = np.arange(n, dtype=np.int64)
+        self._copies.changed(None)  # the padding, valid and coords rows too
         self._t, self._budget = 0, episode_budget(self.frac, n)
         self._done = False
         with torch.inference_mode():
@@ -473,6 +482,7 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         else:
             self._changed = np.zeros(0, np.int64)
             reward = self.illegal_penalty
+        self._copies.changed(self._changed)
         confident = legal and self.stop_rule is not None and self.stop_rule.confident(self._probs)
         terminated = self._t >= self._budget or confident
         info: dict[str, Any] = {
@@ -594,8 +604,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
             "valid": self._valid,
             "coords": self._coords,
         }
-        if self.copy_obs or fresh:
+        if fresh:  # writable copies: vector envs keep it past the reset and make tensors of it
             return {key: array.copy() for key, array in buffers.items()}
+        if self.copy_obs:
+            return self._copies.copy(buffers)
         return buffers
 
     def _stop_info(self, confident: bool) -> dict[str, Any]:
