@@ -12,7 +12,9 @@ step costs a few rows instead of the whole state.
 The snapshots are read-only (``flags.writeable`` is ``False``), which is what lets the pool
 trust that a returned set still holds what it was filled with; write into a copy
 (``np.array(obs["features"])``). A set whose arrays were made writeable again is refilled in
-full.
+full. Writes that go around the flag are not seen: a tensor made by ``torch.from_numpy`` shares
+the memory (torch warns that it must not be written), and an array made writeable, written and
+made read-only again looks untouched; such writes would reach later observations.
 """
 
 from __future__ import annotations
