@@ -220,13 +220,30 @@ def test_every_shipped_ablation_config_is_valid_on_the_demo_preset(path):
     assert validate_config(load_config("demo", path)) is not None
 
 
-def test_the_paper_agents_ablation_trains_the_paper_presets_agents():
-    """``paper-agents.yaml`` on the demo preset must not inherit the demo's SB3 settings where
-    the official protocol reads them (a learning rate left at the demo's 3e-4, say)."""
+@pytest.mark.parametrize("name", ["paper-agents", "paper-tsu"])
+def test_the_paper_ablations_train_the_paper_presets_agents(name):
+    """``paper-agents.yaml`` and ``paper-tsu.yaml`` on the demo preset must not inherit the
+    demo's SB3 settings where the official protocol reads them (a learning rate left at the
+    demo's 3e-4, say)."""
     ours = AgentConfig.from_dict(
-        load_config("demo", ABLATION_DIR / "paper-agents.yaml")["agents"]
+        load_config("demo", ABLATION_DIR / f"{name}.yaml")["agents"]
     ).resolved()
     paper = AgentConfig.from_dict(load_config("paper")["agents"]).resolved()
     assert {f: getattr(ours, f) for f in PAPER_FIELDS} == {
         f: getattr(paper, f) for f in PAPER_FIELDS
     }
+
+
+def test_the_paper_tsu_ablation_trains_the_paper_presets_tsus():
+    """``paper-tsu.yaml`` on the demo preset trains the ``paper`` preset's per-budget TSUs,
+    field by field (the demo's residual, width, anchors and learning rate all reset), with only
+    tau calibrated on the demo's features."""
+    from sasha_env.pipeline.stages import tsu_configs
+
+    ours = load_config("demo", ABLATION_DIR / "paper-tsu.yaml")["tsu"]
+    paper = load_config("paper")["tsu"]
+    assert ours["tau"] == "auto"
+    mine, theirs = tsu_configs(ours, 1280, 0.9), tsu_configs(paper, 1280, 0.9)
+    assert sorted(mine) == [0.1, 0.2]
+    assert {f: c.to_dict() for f, c in mine.items()} == {f: c.to_dict() for f, c in theirs.items()}
+    assert mine[0.2].max_epochs == 1000 and not mine[0.2].residual
