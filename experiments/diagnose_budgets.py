@@ -307,7 +307,6 @@ def diagnose(
     """Every measurement above for one workdir (read only)."""
     wd = Workdir(workdir)
     cfg = agents_config(wd)
-    torch.set_num_threads(1)
     records = read_manifest(wd.manifest).records
     test_ids = [r.slide_id for r in records if r.split == "test"]
     store = FeatureStore(wd.store)
@@ -451,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reward-range", action="store_true", help="skip the CE-range pass")
     ap.add_argument("--out", type=Path, help="write every measurement here (JSON)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # small networks: threads only add contention
     results = []
     for w in args.workdirs:
         results.append(diagnose(w, args.fracs, args.methods, not args.no_reward_range))

@@ -562,7 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     tb.add_argument("folders", nargs="+")
     tb.add_argument("--md", help="also write the table here")
     args = ap.parse_args(argv)
-    return {"drift": run_drift, "train": run_train, "table": run_table}[args.cmd](args)
+    threads = torch.get_num_threads()  # run_drift measures on one thread; an in-process caller
+    try:  # (the tests) keeps its own count
+        return {"drift": run_drift, "train": run_train, "table": run_table}[args.cmd](args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,19 @@ DATA = Path(__file__).parent / "data"
 CMU_SVS = DATA / "cmu_small_region.svs"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """Every test leaves torch's intra-op thread count as it found it. The session's workdir
+    fixtures are built in this process and ``--jobs`` workers take the parent's count, so a
+    count changed by one test (an experiment script run in-process sets 1) would make a later
+    test's workers compute with other rounding than the fixture it compares against."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tissue_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """An RGB image with a pink-purple tissue blob on white glass, (h, w, 3) uint8."""
     rng = np.random.default_rng(seed)
