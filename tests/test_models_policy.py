@@ -74,10 +74,7 @@ class ZoomEnv(gym.Env):
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny networks: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)  # conftest's _torch_threads_kept restores the count
 
 
 def make_policy(cls, env: ZoomEnv | None = None, **kwargs):

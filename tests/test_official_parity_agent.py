@@ -31,10 +31,7 @@ FIXTURES = Path(__file__).resolve().parent / "data" / "official_parity"
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)  # conftest's _torch_threads_kept restores the count
 
 
 # ------------------------------------------------------------------ the differential check
