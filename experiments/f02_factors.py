@@ -44,7 +44,14 @@ Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentCo
 * ``paper-clip-lambda``: PPO clip and GAE λ of :data:`sasha_models.ppo_config.PAPER_PER_FRAC`
   for f (0.2 / 0.94 at f = 0.1, 0.1 / 0.95 at f = 0.2);
 * ``delta-reward``: ``reward: delta`` (the CE change per step; its sum does not grow with the
-  episode length as ``−Σ CE_t`` does).
+  episode length as ``−Σ CE_t`` does);
+* ``start-from-f0.1``: the same config, but PPO starts from the workdir's trained f = 0.1
+  agent's weights (``agents/<algo>-0.1/policy.pt``) instead of random ones (fresh optimiser):
+  on the demo the f = 0.1 agent is the better searcher (``drift``), so this asks whether the
+  f = 0.2 agent's weakness is where its training starts.
+
+``train``'s ``eval.json`` also counts the test slides with tumour on which a zoom read tumour
+(``tumour_found`` of ``tumour_slides``, from the manifest's masks).
 
 Examples (a copy of a demo workdir in ``W``)::
 
@@ -69,6 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from stable_baselines3.common.callbacks import BaseCallback
 
 from sasha_env.agents import config as agent_config
 from sasha_env.agents.envs import load_agent, make_env
@@ -91,7 +99,11 @@ FACTORS = (
     "double-episodes",
     "paper-clip-lambda",
     "delta-reward",
+    "start-from-f0.1",
 )
+
+#: The factor whose training starts from the workdir's trained f = 0.1 agent.
+START_FROM_F01 = "start-from-f0.1"
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -108,7 +120,7 @@ def split_ids(wd: Workdir, splits: list[str]) -> list[tuple[str, str]]:
 
 def factor_config(cfg: agent_config.AgentConfig, factor: str, frac: float):
     """``cfg`` with one factor changed (module docstring)."""
-    if factor in ("base", "retrain"):
+    if factor in ("base", "retrain", START_FROM_F01):  # the last changes the start, not cfg
         return cfg
     if factor == "half-episodes":
         return replace(cfg, equal_episodes=False)
@@ -417,8 +429,28 @@ def _f(x: Any, nd: int = 3) -> str:
 
 
 # --------------------------------------------------------------------------- train / evaluate
+class StartFrom(BaseCallback):
+    """Load an exported agent's weights (``policy.pt``) into the policy before the first rollout.
+
+    The policies must have the same architecture and ``max_patches`` (two budgets of one
+    workdir do); the optimiser starts fresh.
+    """
+
+    def __init__(self, agent_dir: Path) -> None:
+        super().__init__()
+        self.weights = Path(agent_dir) / "policy.pt"
+
+    def _on_training_start(self) -> None:
+        state = torch.load(self.weights, map_location=self.model.device, weights_only=True)
+        self.model.policy.load_state_dict(state)
+
+    def _on_step(self) -> bool:
+        return True
+
+
 def evaluate_agent(wd: Workdir, agent_dir: Path, frac: float, cfg) -> dict:
-    """Test-split AUC/accuracy/F1 of the agent exported in ``agent_dir`` (argmax actions)."""
+    """Test-split AUC/accuracy/F1 of the agent exported in ``agent_dir`` (argmax actions), and
+    how many test slides with a tumour mask had a zoom on tumour."""
     # lazy: SB3 policies load only here
     from sasha_env.agents.episodes import run_episodes
     from sasha_env.agents.export import load_policy
@@ -430,9 +462,17 @@ def evaluate_agent(wd: Workdir, agent_dir: Path, frac: float, cfg) -> dict:
     probs = np.stack([e["probabilities"] for e in eps])
     labels = np.array([e["label"] for e in eps])
     m = classification_metrics(probs, labels)
+    tumour = tumour_patches(wd, FeatureStore(wd.store), ids)
+    found = [
+        bool(np.asarray(tumour[e["slide_id"]])[list(e["zoomed"])].any())
+        for e in eps
+        if e["label"] == 1 and e["slide_id"] in tumour
+    ]
     return {
         **m,
         "n_slides": len(ids),
+        "tumour_found": sum(found),
+        "tumour_slides": len(found),
         "p_positive": probs[:, -1].tolist(),
         "labels": labels.tolist(),
         "slide_ids": ids,
@@ -463,8 +503,15 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         from sasha_env.agents.train import train_agent  # lazy: SB3 training
 
+        callbacks = []
+        if args.factor == START_FROM_F01:
+            start = wd.agent_dir(agent_config.agent_name(0.1, base.algo))
+            callbacks.append(StartFrom(start))
+            info["start_from"] = str(start)
         t0 = time.perf_counter()
-        model = train_agent(wd, args.frac, cfg, seed=args.seed, out_dir=dest, progress=False)
+        model = train_agent(
+            wd, args.frac, cfg, seed=args.seed, out_dir=dest, progress=False, callbacks=callbacks
+        )
         meta = json.loads((dest / "agent.json").read_text())
         info |= {
             "train_seconds": round(time.perf_counter() - t0, 1),
@@ -481,7 +528,8 @@ def run_train(args: argparse.Namespace) -> int:
     t = info["test"]
     print(
         f"{args.factor} f={args.frac:g} seed={args.seed}: test AUC {t['auc']:.3f} "
-        f"acc {t['accuracy']:.3f} ({t['n_slides']} slides), {info['train_seconds']} s"
+        f"acc {t['accuracy']:.3f} ({t['n_slides']} slides; tumour found on "
+        f"{t['tumour_found']} of {t['tumour_slides']}), {info['train_seconds']} s"
     )
     return 0
 

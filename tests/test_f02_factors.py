@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import load_experiment
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget
@@ -96,7 +99,58 @@ def test_each_factor_changes_one_thing(f02):
         "double-episodes": {"total_timesteps"},
         "paper-clip-lambda": {"clip_range"},  # λ is 0.95 in both
         "delta-reward": {"reward"},
+        "start-from-f0.1": set(),  # the start changes (StartFrom), not the config
     }
     assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
     assert steps_for(base, 0.2) == 20_000
     assert f02.factor_config(base, "paper-clip-lambda", 0.1).gae_lambda == 0.94
+
+
+def test_start_from_loads_the_f01_agent_before_the_first_rollout(f02, wd):
+    from types import SimpleNamespace
+
+    from sasha_env.agents.export import load_policy
+    from sasha_env.workdir import Workdir
+
+    w = Workdir(wd)
+    algo = f02.agents_config(w).algo
+    f01, f02_dir = (w.agent_dir(f02.agent_config.agent_name(f, algo)) for f in (0.1, 0.2))
+    policy = load_policy(f02_dir)
+    want = torch.load(f01 / "policy.pt", weights_only=True)
+    assert any(not torch.equal(v, want[k]) for k, v in policy.state_dict().items())
+    cb = f02.StartFrom(f01)
+    cb.model = SimpleNamespace(policy=policy, device=torch.device("cpu"))
+    cb._on_training_start()
+    got = policy.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_train_from_the_f01_agent_records_its_start_and_the_tumours_found(f02, tmp_path):
+    root = tmp_path / "wd"
+    made = make_workdir(root, n_slides=8, n_patches=(10, 20), fracs=(0.1, 0.2), timesteps=32)
+    (root / "config.yaml").write_text(yaml.safe_dump(made.config))  # the agents' own settings
+    start = made.agents[0.1] / "policy.pt"  # shifted by 1: far from any agent trained here
+    torch.save(
+        {
+            k: v + 1 if v.is_floating_point() else v
+            for k, v in torch.load(start, weights_only=True).items()
+        },
+        start,
+    )
+    out = tmp_path / "out"
+    args = ["train", "--workdir", str(root), "--out", str(out), "--frac", "0.2"]
+    assert f02.main([*args, "--factor", "start-from-f0.1"]) == 0
+    info = json.loads((out / "start-from-f0.1/seed-0/sasha-0.2/eval.json").read_text())
+    assert info["start_from"].endswith("sasha-0.1")
+    assert info["timesteps"] >= 32
+
+    def weights(agent: str | os.PathLike) -> torch.Tensor:
+        state = torch.load(Path(agent) / "policy.pt", weights_only=True)
+        return torch.cat([v.flatten().float() for v in state.values()])
+
+    new, f01 = weights(out / "start-from-f0.1/seed-0/sasha-0.2"), weights(made.agents[0.1])
+    assert (new - f01).abs().max() < 0.05  # PPO began at the (shifted) f = 0.1 weights
+    assert (weights(made.agents[0.2]) - f01).abs().max() > 0.5  # which no other start is near
+    test = info["test"]
+    assert 0 <= test["tumour_found"] <= test["tumour_slides"] <= sum(test["labels"])
