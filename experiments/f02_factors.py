@@ -85,6 +85,7 @@ from sasha_env.envs.wsi import SashaWSIEnv, episode_budget, mean_attention
 from sasha_env.features.store import FeatureStore
 from sasha_env.pipeline.evaluate import tumour_patches
 from sasha_env.slides.manifest import read_manifest
+from sasha_env.slides.tumour import found_rate
 from sasha_env.workdir import Workdir
 from sasha_models.metrics import classification_metrics
 from sasha_models.ppo_config import PAPER_PER_FRAC
@@ -92,6 +93,9 @@ from sasha_models.ppo_config import PAPER_PER_FRAC
 CHECKPOINTS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2)
 """Read fractions c at which ``drift`` summarises: step ``⌈c·N⌉`` of each slide."""
 STATES = ("tsu", "oracle", "off")
+#: The factor whose training starts from the workdir's trained f = 0.1 agent.
+START_FROM_F01 = "start-from-f0.1"
+
 FACTORS = (
     "base",
     "retrain",
@@ -99,11 +103,8 @@ FACTORS = (
     "double-episodes",
     "paper-clip-lambda",
     "delta-reward",
-    "start-from-f0.1",
+    START_FROM_F01,
 )
-
-#: The factor whose training starts from the workdir's trained f = 0.1 agent.
-START_FROM_F01 = "start-from-f0.1"
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -463,16 +464,15 @@ def evaluate_agent(wd: Workdir, agent_dir: Path, frac: float, cfg) -> dict:
     labels = np.array([e["label"] for e in eps])
     m = classification_metrics(probs, labels)
     tumour = tumour_patches(wd, FeatureStore(wd.store), ids)
-    found = [
-        bool(np.asarray(tumour[e["slide_id"]])[list(e["zoomed"])].any())
-        for e in eps
-        if e["label"] == 1 and e["slide_id"] in tumour
-    ]
+    pos = [e for e in eps if e["label"] == 1 and e["slide_id"] in tumour]
+    found, _ = found_rate(
+        [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
+    )
     return {
         **m,
         "n_slides": len(ids),
-        "tumour_found": sum(found),
-        "tumour_slides": len(found),
+        "tumour_found": round(found * len(pos)) if pos else 0,
+        "tumour_slides": len(pos),
         "p_positive": probs[:, -1].tolist(),
         "labels": labels.tolist(),
         "slide_ids": ids,
