@@ -132,6 +132,88 @@ def test_a_rule_round_trips_and_refuses_bad_thresholds():
         StopRule(0.9, -0.1)
 
 
+def test_per_class_thresholds_stop_on_each_class_at_its_own_level():
+    rule = StopRule.per_class((0.99, 0.7))  # rule out at 0.99, rule in at 0.7
+    assert rule.threshold == 0.99
+    neg = apply_rule(*_trace([0.1, 0.05, 0.02, 0.005]), rule)  # p(normal) 0.9, 0.95, 0.98, 0.995
+    assert (neg.steps, neg.stopped) == (4, "confident")
+    pos = apply_rule(*_trace([0.4, 0.75, 0.9]), rule)
+    assert (pos.steps, pos.stopped) == (2, "confident")
+    shared = StopRule(0.9)
+    assert apply_rule(*_trace([0.1, 0.05]), shared).steps == 2  # 0.95 > 0.9: rules out at once
+    # (t, t) is the shared rule
+    for conf in ([0.1, 0.05, 0.02], [0.4, 0.75, 0.95], [0.5, 0.5]):
+        a = apply_rule(*_trace(conf), StopRule.per_class((0.9, 0.9)))
+        assert a.steps == apply_rule(*_trace(conf), shared).steps
+    with pytest.raises(ValueError, match="largest"):
+        StopRule(0.9, 0.0, None, {}, (0.99, 0.7))
+    with pytest.raises(ValueError, match="class thresholds"):
+        StopRule.per_class((0.9, 0.8)).confident(np.array([0.2, 0.3, 0.5]))
+    back = StopRule.from_dict(json.loads(json.dumps(rule.to_dict())))
+    assert back == rule and back.class_thresholds == (0.99, 0.7)
+    legacy = {k: v for k, v in StopRule(0.9).to_dict().items() if k != "class_thresholds"}
+    assert StopRule.from_dict(legacy).class_thresholds is None
+
+
+def _search_traces() -> tuple[list, np.ndarray]:
+    """Four negatives that look normal from the first zoom, three positives whose tumour is
+    reached at step 1, 3 and 5 of 6 (looking normal before it). A shared threshold that rules
+    out early also stops the late positives before their tumour; per class, ruling in at once
+    and ruling out only at the cap ranks every slide right."""
+    neg = [_trace([0.2, 0.15, 0.1, 0.08, 0.06, 0.05]) for _ in range(4)]
+    pos = [
+        _trace([0.9, 0.95, 0.97, 0.98, 0.99, 0.99]),
+        _trace([0.06, 0.05, 0.9, 0.95, 0.97, 0.99]),
+        _trace([0.05, 0.04, 0.03, 0.03, 0.9, 0.97]),
+    ]
+    return neg + pos, np.array([0] * 4 + [1] * 3)
+
+
+def test_the_per_class_fit_rules_in_early_and_out_late_where_the_shared_one_cannot():
+    val, labels = _search_traces()
+    shared = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0)
+    per = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0, per_class=True)
+    assert per.info["val_auc"] == 1.0 and shared.info["val_auc"] == 1.0
+    assert per.info["val_mean_frac"] < shared.info["val_mean_frac"]
+    assert per.class_thresholds is not None and per.info["per_class"] is True
+    t_normal, t_tumour = per.class_thresholds
+    assert t_tumour < t_normal  # ruled in sooner than out
+    # on the val traces themselves the fitted rule is what the fit says it is
+    outs = [apply_rule(p, z, n, per) for p, z, n in val]
+    assert np.mean([o.frac_read for o in outs]) == pytest.approx(per.info["val_mean_frac"])
+    # every stricter rule also keeps the target, so loosening the normal class is not chosen
+    # if it breaks the ranking: ruling out at 0.85 stops the late positives before their
+    # tumour, below the negatives (which stop at 0.1)
+    assert t_normal >= 0.97
+    loose = StopRule.per_class((0.85, t_tumour))
+    probs = np.stack([apply_rule(p, z, n, loose).probabilities for p, z, n in val])
+    assert probs[-2:, 1].min() < probs[:4, 1].min()
+
+
+def test_the_per_class_grid_agrees_with_the_rule_applied_slide_by_slide():
+    from sasha_models.stopping import _per_class_grid
+
+    val, labels = _search_traces()
+    cal = Calibration(temperature=1.5, bias=(0.0, 0.3))
+    grid = (0.6, 0.8, 0.9, 0.97, 1.0)
+    index, frac, auc = _per_class_grid(val, labels, cal, grid)
+    assert len(index) == len(grid) ** 2
+    from sasha_models.metrics import classification_metrics
+
+    for g in (0, 3, 7, 12, 24):
+        rule = StopRule.per_class([grid[i] for i in index[g]], 0.0, cal)
+        outs = [apply_rule(p, z, n, rule) for p, z, n in val]
+        assert frac[g] == pytest.approx(np.mean([o.frac_read for o in outs]))
+        probs = np.stack([o.probabilities for o in outs])
+        assert auc[g] == pytest.approx(classification_metrics(probs, labels)["auc"])
+
+
+def test_the_per_class_fit_refuses_many_classes():
+    p = np.full((3, 4), 0.25, np.float32)
+    with pytest.raises(ValueError, match="per_class: false"):
+        fit_stop_rule([(p, [1, 2, 3], 10)], np.array([0]), None, 1.0, per_class=True)
+
+
 # ----------------------------------------------------------------------------- workdir
 
 
@@ -144,7 +226,8 @@ def made(tmp_path_factory):
     )
 
 
-def test_the_env_option_never_reads_past_a_slides_threshold(made):
+@pytest.mark.parametrize("per_class", [False, True], ids=["shared", "per-class"])
+def test_the_env_option_never_reads_past_a_slides_threshold(made, per_class):
     from sasha_env.agents.adaptive import traces
     from sasha_env.agents.config import AgentConfig
     from sasha_env.agents.envs import load_agent
@@ -158,15 +241,23 @@ def test_the_env_option_never_reads_past_a_slides_threshold(made):
     full = run_episodes(agent.make_env(wd, None, cfg), policy, ids, trace=True)
     cal = Calibration(temperature=0.5, bias=(0.0, 0.1))
     conf = np.concatenate([StopRule(1.0, 0, cal).confidence(e["step_probabilities"]) for e in full])
-    rule = StopRule(float(np.median(conf)), 0.9, cal)  # some slides stop early, some do not
+    t = float(np.median(conf))  # some slides stop early, some do not
+    if per_class:  # class 1 rules in at the median, class 0 only at a stricter level
+        t0 = float(np.quantile(conf, 0.9))
+        rule = StopRule.per_class((t0, t), 0.9, cal)
+        thresholds = np.array([t0, t], np.float32)
+    else:
+        rule = StopRule(t, 0.9, cal)
+        thresholds = np.array([t, t], np.float32)
     env = agent.make_env(wd, None, cfg, stop_rule=rule)
     stopped = run_episodes(env, policy, ids, trace=True)
     kinds = set()
     for e, f, tr in zip(stopped, full, traces(full), strict=True):
-        seen = rule.confidence(e["step_probabilities"])
-        assert np.all(seen[:-1] <= rule.threshold), "read on past a confident zoom"
+        seen = rule.calibrated(e["step_probabilities"])
+        past = (seen > thresholds).any(axis=1)
+        assert not past[:-1].any(), "read on past a confident zoom"
         if e["stopped"] == "confident":
-            assert seen[-1] > rule.threshold
+            assert past[-1]
         else:
             assert len(seen) == len(f["step_probabilities"])  # the cap
         out = apply_rule(*tr, rule)  # the trace of the full episode gives the same stop
@@ -337,10 +428,18 @@ def test_the_adaptive_config_section_is_checked():
     from sasha_env.config import load_config
     from sasha_env.pipeline.schema import ConfigError, validate_config
 
-    ok = {"adaptive": {"margin": 0.02, "max_auto_error": 0.1, "calibration": "temperature"}}
+    ok = {
+        "adaptive": {
+            "margin": 0.02,
+            "max_auto_error": 0.1,
+            "calibration": "temperature",
+            "per_class": True,
+        }
+    }
     validate_config(load_config("tiny", overrides=ok))
     for bad, match in (
         ({"margin": 2.0}, "must be in"),
+        ({"per_class": "yes"}, "per_class"),
         ({"calibration": "platt"}, "temperature"),
         ({"treshold": 0.9}, "unknown key 'treshold'"),
     ):

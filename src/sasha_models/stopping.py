@@ -6,6 +6,9 @@ states) give a confidence ``max_c p_c``. :class:`StopRule` stops the episode at 
 whose confidence *exceeds* ``threshold``, or at the cap (the agent's budget ⌈f·N⌉ zooms); a
 slide that reaches the cap with confidence below ``refer_below`` is *referred* (a pathologist
 reads it in full). A threshold of 1 never fires: the rule then reads every slide to the cap.
+With ``class_thresholds`` each class has its own: stop when ``p_c`` exceeds class c's. A
+tumour search wants that asymmetry — a slide can be ruled in by the first zoom on tumour, but
+ruling it out early risks stopping before the tumour was reached.
 
 The rule's two thresholds are fitted on validation slides only (:func:`fit_stop_rule`), from
 each slide's *trace* — the raw class probabilities after every zoom of one argmax episode to
@@ -31,6 +34,7 @@ import numpy as np
 from .calibration import Calibration
 
 __all__ = [
+    "MAX_PER_CLASS",
     "THRESHOLDS",
     "Outcome",
     "StopRule",
@@ -56,29 +60,72 @@ THRESHOLDS: tuple[float, ...] = (
 
 @dataclass(frozen=True)
 class StopRule:
-    """Stop after the first zoom whose calibrated confidence exceeds ``threshold``; refer a
-    slide that reaches the cap with confidence below ``refer_below``.
+    """Stop after the first zoom whose calibrated confidence exceeds ``threshold`` (or, with
+    ``class_thresholds``, whose probability of some class c exceeds class c's threshold);
+    refer a slide that reaches the cap with confidence below ``refer_below``.
 
     Attributes:
         threshold: in (0, 1]; the episode stops when ``max(calibration.apply(p)) > threshold``
-            (1: never, read to the cap).
+            (1: never, read to the cap). With ``class_thresholds``, their largest (the
+            strictest; what logs and result rows show as the rule's threshold).
         refer_below: in [0, 1]; at the cap, ``confidence < refer_below`` → referred (0: never).
         calibration: applied to the classifier's probabilities before the confidence is taken
             (identity when ``None``).
         info: how the thresholds were fitted (split, slides, margin, the val curve...), kept
             with the rule in its JSON.
+        class_thresholds: ``None`` (every class stops at ``threshold``), or one threshold in
+            (0, 1] per class: stop when ``calibration.apply(p)[c] > class_thresholds[c]`` for
+            some c. ``(t, …, t)`` is the rule with ``threshold = t``.
     """
 
     threshold: float = 1.0
     refer_below: float = 0.0
     calibration: Calibration | None = None
     info: dict[str, Any] = field(default_factory=dict, compare=False)
+    class_thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"stop threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 <= self.refer_below <= 1.0:
             raise ValueError(f"referral threshold must be in [0, 1], got {self.refer_below}")
+        if self.class_thresholds is not None:
+            ct = tuple(float(t) for t in self.class_thresholds)
+            if len(ct) < 2 or not all(0.0 < t <= 1.0 for t in ct):
+                raise ValueError(
+                    f"class_thresholds must be one threshold in (0, 1] per class (at least 2), "
+                    f"got {self.class_thresholds}"
+                )
+            if self.threshold != max(ct):
+                raise ValueError(
+                    f"with class_thresholds {ct} the rule's threshold is their largest, "
+                    f"{max(ct)}; got {self.threshold}"
+                )
+            object.__setattr__(self, "class_thresholds", ct)
+
+    @classmethod
+    def per_class(
+        cls,
+        class_thresholds: Sequence[float],
+        refer_below: float = 0.0,
+        calibration: Calibration | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> StopRule:
+        """A rule with one stop threshold per class (``threshold`` set to their largest)."""
+        ct = tuple(float(t) for t in class_thresholds)
+        return cls(max(ct), refer_below, calibration, dict(info or {}), ct)
+
+    def fires(self, probs: np.ndarray) -> np.ndarray:
+        """``(T,)`` bool: whether the rule stops on each row of ``(T, C)`` raw probabilities."""
+        p = self.calibrated(np.atleast_2d(probs))
+        if self.class_thresholds is None:
+            return np.asarray(p.max(axis=-1) > self.threshold)
+        if len(self.class_thresholds) != p.shape[-1]:
+            raise ValueError(
+                f"the stop rule has {len(self.class_thresholds)} class thresholds, "
+                f"the classifier {p.shape[-1]} classes"
+            )
+        return np.asarray((p > np.asarray(self.class_thresholds, np.float32)).any(axis=-1))
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """``(…, C)`` probabilities after the rule's calibration."""
@@ -92,7 +139,7 @@ class StopRule:
 
     def confident(self, probs: np.ndarray) -> bool:
         """Whether the rule stops on these ``(C,)`` raw probabilities."""
-        return bool(self.confidence(probs) > self.threshold)
+        return bool(self.fires(np.asarray(probs).reshape(1, -1))[0])
 
     def referred(self, probs: np.ndarray) -> bool:
         """Whether a slide that reached the cap with these ``(C,)`` raw probabilities is referred."""
@@ -101,6 +148,9 @@ class StopRule:
     def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
+            "class_thresholds": None
+            if self.class_thresholds is None
+            else list(self.class_thresholds),
             "refer_below": self.refer_below,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             **self.info,
@@ -108,14 +158,17 @@ class StopRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StopRule:
-        """Inverse of :meth:`to_dict`; bad values are a ``ValueError``."""
-        known = ("threshold", "refer_below", "calibration")
+        """Inverse of :meth:`to_dict`; bad values are a ``ValueError``. Files written before
+        per-class thresholds existed (no ``class_thresholds`` key) read as shared ones."""
+        known = ("threshold", "refer_below", "calibration", "class_thresholds")
         cal = d.get("calibration")
+        ct = d.get("class_thresholds")
         return cls(
             float(d["threshold"]),
             float(d["refer_below"]),
             None if cal is None else Calibration.from_dict(cal),
             {k: v for k, v in d.items() if k not in known},
+            None if ct is None else tuple(float(t) for t in ct),
         )
 
 
@@ -159,7 +212,7 @@ def apply_rule(
     if probs.ndim != 2 or len(probs) == 0 or len(n_zoomed) != len(probs):
         raise ValueError(f"a trace is (T, C) probabilities and T counts; got {probs.shape}")
     conf = np.asarray(rule.confidence(probs)).reshape(-1)
-    hits = np.flatnonzero(conf > rule.threshold)
+    hits = np.flatnonzero(rule.fires(probs))
     t = int(hits[0]) if hits.size else len(probs) - 1
     stopped = "confident" if hits.size else "cap"
     p = rule.calibrated(probs[t])
@@ -219,6 +272,53 @@ def _stable_within(curve: list[dict[str, Any]], target: float | None) -> list[di
     return ok
 
 
+#: Most classes :func:`fit_stop_rule` searches per-class thresholds for (the grid has
+#: ``len(THRESHOLDS) ** C`` points).
+MAX_PER_CLASS = 3
+
+
+def _per_class_grid(
+    traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    labels: np.ndarray,
+    calibration: Calibration | None,
+    thresholds: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every per-class rule of the grid ``thresholds ** C`` on the traces, vectorised.
+
+    Returns:
+        ``(index (G**C, C), mean_frac (G**C,), auc (G**C,))``: each rule's threshold indices,
+        mean fraction read and AUC (NaN where undefined), rules in C-order of the grid.
+    """
+    cal = StopRule(1.0, 0.0, calibration)
+    thr = np.asarray(thresholds, np.float64)
+    steps = [cal.calibrated(np.asarray(p, np.float32)) for p, _, _ in traces]
+    n_classes = steps[0].shape[1]
+    index = np.stack(
+        np.meshgrid(*[np.arange(len(thr))] * n_classes, indexing="ij"), axis=-1
+    ).reshape(-1, n_classes)
+    stop = np.empty((len(traces), len(index)), np.int64)
+    for s, p in enumerate(steps):
+        above = p[:, :, None] > thr.astype(np.float32)[None, None, :]  # (T, C, G), as fires()
+        first = np.where(above.any(0), above.argmax(0), len(p) - 1)  # (C, G): cap if never
+        stop[s] = first[np.arange(n_classes)[None, :], index].min(axis=1)
+    frac = np.stack([np.asarray(z)[stop[s]] / n for s, (_, z, n) in enumerate(traces)])  # (S, G**C)
+    y = np.asarray(labels)
+    aucs = [
+        _auc(np.stack([steps[s][stop[s, g]] for s in range(len(steps))]), y)
+        for g in range(len(index))
+    ]
+    auc = np.array([np.nan if a is None else a for a in aucs], np.float64)
+    return index, frac.mean(axis=0), auc
+
+
+def _stable_grid(ok: np.ndarray) -> np.ndarray:
+    """``ok`` on a C-dimensional grid of thresholds (axis values increasing) → True where
+    ``ok`` holds at that point and at every stricter one (no threshold lower, componentwise)."""
+    for axis in range(ok.ndim):
+        ok = np.flip(np.logical_and.accumulate(np.flip(ok, axis), axis=axis), axis)
+    return ok
+
+
 def fit_stop_rule(
     traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
     labels: np.ndarray,
@@ -227,6 +327,7 @@ def fit_stop_rule(
     margin: float = 0.01,
     max_auto_error: float = 0.05,
     thresholds: Sequence[float] = THRESHOLDS,
+    per_class: bool = False,
 ) -> StopRule:
     """Fit both thresholds on validation traces (never on test slides).
 
@@ -236,9 +337,18 @@ def fit_stop_rule(
     an early stop can rank them right by luck and a stricter threshold then ranks them wrong
     (the val curve dips); a threshold inside such a dip is a fluke, not a level of confidence
     at which reading more stops mattering, and is not chosen. When no threshold qualifies (or
-    AUC is undefined), the one of highest val AUC, and of those the least reading. Referral threshold: the smallest confidence in ``[0, threshold]``
-    (0 and the cap confidences of the val slides) at which the automatic decisions on val
-    (slides not referred) err on at most ``max_auto_error`` of them.
+    AUC is undefined), the one of highest val AUC, and of those the least reading.
+
+    With ``per_class`` every class gets its own stop threshold, chosen the same way over the
+    grid ``THRESHOLDS ** C`` ("every stricter one": every rule whose thresholds are each at
+    least as high), so a tumour slide can stop at the first zoom that rules it in while a
+    slide that looks normal reads on. The shared thresholds are points of that grid (its
+    diagonal), so on val the per-class rule never reads more than the shared one for the same
+    target. At most :data:`MAX_PER_CLASS` classes.
+
+    Referral threshold: the smallest confidence in ``[0, threshold]`` (0 and the cap
+    confidences of the val slides) at which the automatic decisions on val (slides not
+    referred) err on at most ``max_auto_error`` of them.
 
     Args:
         traces: per val slide ``(step_probs (T, C), n_zoomed (T,), n_patches)``.
@@ -247,22 +357,28 @@ def fit_stop_rule(
         target_auc: HAFED's val AUC, or ``None``.
         margin: how far below ``target_auc`` the val AUC may be.
         max_auto_error: error rate allowed on val among the slides not referred.
+        per_class: one stop threshold per class instead of one for all.
 
     Returns:
-        The :class:`StopRule`, its ``info`` holding the val curve and the fit's inputs.
+        The :class:`StopRule`, its ``info`` holding the val curve (of shared thresholds) and
+        the fit's inputs.
     """
     if not traces:
         raise ValueError("fit_stop_rule needs at least one validation slide")
     y = np.asarray(labels)
     curve = threshold_curve(traces, y, calibration, thresholds)
     target = None if target_auc is None else float(target_auc) - margin
-    ok = _stable_within(curve, target)
-    if ok:
-        best = min(ok, key=lambda c: (c["mean_frac"], -c["threshold"]))
+    if per_class:
+        rule, val_frac, val_auc = _fit_per_class(traces, y, calibration, thresholds, target)
     else:
-        best = min(curve, key=lambda c: (-(c["auc"] or 0.0), c["mean_frac"], -c["threshold"]))
-    threshold = best["threshold"]
-    rule = StopRule(threshold, 0.0, calibration)
+        ok = _stable_within(curve, target)
+        if ok:
+            best = min(ok, key=lambda c: (c["mean_frac"], -c["threshold"]))
+        else:
+            best = min(curve, key=lambda c: (-(c["auc"] or 0.0), c["mean_frac"], -c["threshold"]))
+        rule = StopRule(best["threshold"], 0.0, calibration)
+        val_frac, val_auc = best["mean_frac"], best["auc"]
+    threshold = rule.threshold
     outs = [apply_rule(p, z, n, rule) for p, z, n in traces]
     conf = np.array([o.confidence for o in outs])
     at_cap = np.array([o.stopped == "cap" for o in outs])
@@ -280,11 +396,44 @@ def fit_stop_rule(
         "target_auc": target_auc,
         "margin": margin,
         "max_auto_error": max_auto_error,
-        "val_mean_frac": best["mean_frac"],
-        "val_auc": best["auc"],
+        "per_class": per_class,
+        "val_mean_frac": val_frac,
+        "val_auc": val_auc,
         "val_curve": curve,
     }
-    return StopRule(threshold, float(refer), calibration, info)
+    return StopRule(threshold, float(refer), calibration, info, rule.class_thresholds)
+
+
+def _fit_per_class(
+    traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    labels: np.ndarray,
+    calibration: Calibration | None,
+    thresholds: Sequence[float],
+    target: float | None,
+) -> tuple[StopRule, float, float | None]:
+    """The per-class rule of :func:`fit_stop_rule`: ``(rule, val mean fraction, val AUC)``."""
+    n_classes = np.asarray(traces[0][0]).shape[1]
+    if n_classes > MAX_PER_CLASS:
+        raise ValueError(
+            f"per-class stop thresholds are searched for at most {MAX_PER_CLASS} classes "
+            f"(a grid of {len(thresholds)}**C rules); this classifier has {n_classes}: "
+            "set adaptive.per_class: false"
+        )
+    thr = np.asarray(thresholds, np.float64)
+    index, frac, auc = _per_class_grid(traces, labels, calibration, thresholds)
+    strictness = thr[index].sum(axis=1)
+    ok = np.zeros(len(index), bool)
+    if target is not None:
+        grid = (~np.isnan(auc) & (auc >= target)).reshape((len(thr),) * n_classes)
+        ok = _stable_grid(grid).reshape(-1)
+    if ok.any():
+        cand = np.flatnonzero(ok)
+        g = cand[np.lexsort((-strictness[cand], frac[cand]))[0]]
+    else:
+        a = np.nan_to_num(auc, nan=0.0)
+        g = np.lexsort((-strictness, frac, -a))[0]
+    rule = StopRule.per_class(thr[index[g]].tolist(), 0.0, calibration)
+    return rule, float(frac[g]), None if np.isnan(auc[g]) else float(auc[g])
 
 
 def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ is the rule's cap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class AdaptiveConfig:
     calibration: str = "temperature+bias"
     """Which of the calibrate stage's calibrations gives the confidence (``temperature`` or
     ``temperature+bias``)."""
+    per_class: bool = False
+    """One stop threshold per class, fitted on val the same way (a slide can be ruled in by
+    the first zoom on tumour and ruled out only later), instead of one for every class."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AdaptiveConfig:
@@ -90,10 +94,16 @@ def fit_agent_rule(
     """
     labels = np.array([e["label"] for e in episodes])
     rule = fit_stop_rule(
-        traces(episodes), labels, calibration, target_auc, acfg.margin, acfg.max_auto_error
+        traces(episodes),
+        labels,
+        calibration,
+        target_auc,
+        acfg.margin,
+        acfg.max_auto_error,
+        per_class=acfg.per_class,
     )
     info = {**rule.info, "cap": float(cap), "calibration_kind": acfg.calibration}
-    return StopRule(rule.threshold, rule.refer_below, rule.calibration, info)
+    return dataclasses.replace(rule, info=info)
 
 
 def write_stop_rule(agent_dir: str | Path, rule: StopRule) -> Path:
