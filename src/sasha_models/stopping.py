@@ -342,9 +342,10 @@ def fit_stop_rule(
     With ``per_class`` every class gets its own stop threshold, chosen the same way over the
     grid ``THRESHOLDS ** C`` ("every stricter one": every rule whose thresholds are each at
     least as high), so a tumour slide can stop at the first zoom that rules it in while a
-    slide that looks normal reads on. The shared thresholds are points of that grid (its
-    diagonal), so on val the per-class rule never reads more than the shared one for the same
-    target. At most :data:`MAX_PER_CLASS` classes.
+    slide that looks normal reads on. The shared thresholds are the grid's diagonal; stability
+    is asked of more rules here (every componentwise stricter one, not only the diagonal's), so
+    the per-class rule may read more on val than the shared one. At most
+    :data:`MAX_PER_CLASS` classes.
 
     Referral threshold: the smallest confidence in ``[0, threshold]`` (0 and the cap
     confidences of the val slides) at which the automatic decisions on val (slides not
