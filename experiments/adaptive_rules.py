@@ -1,20 +1,25 @@
-"""Shared against per-class stop thresholds, on finished workdirs (issue 23, item 6).
+"""Ways of fitting the stop rule, compared on finished workdirs (issue 23, item 6).
 
-    python experiments/adaptive_rules.py study/seed-0 study/seed-1 ... [--out rules.json]
+    python experiments/adaptive_rules.py study/seed-* [--cache rules-cache] [--out rows.json]
+        [--variants shared per_class nll0.1 ...]
 
 For each workdir and each trained agent (budget f = the cap), the agent's argmax episodes are
-run on the val and the test slides, traced zoom by zoom (as the calibrate and evaluate stages
-do). Both stop rules are fitted on the val traces only, the same way the calibrate stage fits
-them (`adaptive.margin` and `adaptive.max_auto_error` of the workdir's config, the agent's
-`temperature+bias` calibration from calibration.json, HAFED's val AUC as the target): the
-shared threshold (the default) and one threshold per class (`adaptive.per_class: true`). Each
-is then applied to the test traces. Nothing in the workdir is written.
+run on the val and the test slides, traced zoom by zoom, as the calibrate and evaluate stages
+do (with ``--cache DIR`` the traces are kept there as JSON, one file per workdir, and read back
+on the next run). Every variant of the rule is fitted on the val traces only, as the calibrate
+stage fits it (the workdir's ``adaptive`` settings, the agent's calibration from
+calibration.json, HAFED's val AUC as the target) with the variant's options on top, then
+applied to the test traces. Nothing in the workdir is written.
 
-The shared rule's test row must equal the workdir's own `sasha_adaptive` row in results.json
-(printed side by side as a check). Prints, per cap, the mean over workdirs of test AUC and
-mean fraction read for HAFED, fixed-budget SASHA, and both rules, with the paired differences
-(per-class − shared, per-class − HAFED, per-class − SASHA at the cap) and their 95 % t
-intervals over the workdirs.
+Variants (``VARIANTS``): ``shared`` (the default rule: one threshold, held to val AUC),
+``per_class`` (``adaptive.per_class``), ``nll<m>`` (``adaptive.nll_margin: m``: also held to
+the val likelihood), ``per_class+nll<m>``, and ``rule_in`` (``adaptive.stop_classes``: only the
+last class, tumour, may stop a slide early; the others read to the cap). The ``shared`` variant must reproduce the
+workdir's own ``sasha_adaptive`` row of results.json (printed as a check).
+
+Prints, per cap and variant, the mean over workdirs of test AUC and of the mean fraction read
+(tumour / normal slides), with paired differences against ``shared``, HAFED and fixed-budget
+SASHA at the cap (95 % t intervals over the workdirs).
 """
 
 from __future__ import annotations
@@ -23,16 +28,28 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 from scipy import stats
 
+#: Variant name → extra keyword arguments of ``fit_stop_rule``.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "shared": {},
+    "per_class": {"per_class": True},
+    "nll0.05": {"nll_margin": 0.05},
+    "nll0.1": {"nll_margin": 0.1},
+    "nll0.2": {"nll_margin": 0.2},
+    "per_class+nll0.1": {"per_class": True, "nll_margin": 0.1},
+    "rule_in": {"stop_classes": "last"},
+}
 
-def rules_on_workdir(root: Path, cfg: dict | None = None) -> list[dict]:
-    """Per agent: both rules fitted on val, measured on test (see the module docstring).
-    ``cfg``: the workdir's configuration (default: its ``config.yaml``)."""
-    from sasha_env.agents.adaptive import AdaptiveConfig, traces
+
+def collect(root: Path, cfg: dict | None = None) -> dict[str, Any]:
+    """What the variants are fitted and measured on: HAFED's val and test AUC, and per agent
+    its calibration, val and test traces, and fixed-budget test AUC. JSON-ready."""
+    from sasha_env.agents.adaptive import AdaptiveConfig
     from sasha_env.agents.config import AgentConfig
     from sasha_env.agents.envs import has_agent, load_agent
     from sasha_env.agents.episodes import agent_policy, run_episodes
@@ -40,10 +57,8 @@ def rules_on_workdir(root: Path, cfg: dict | None = None) -> list[dict]:
     from sasha_env.features.store import FeatureStore
     from sasha_env.slides.manifest import read_manifest
     from sasha_env.workdir import Workdir
-    from sasha_models.calibration import Calibration
     from sasha_models.lit import load_model, predict_probs
     from sasha_models.metrics import classification_metrics
-    from sasha_models.stopping import apply_rule, fit_stop_rule
 
     wd = Workdir(root)
     if cfg is None:
@@ -60,61 +75,102 @@ def rules_on_workdir(root: Path, cfg: dict | None = None) -> list[dict]:
         )
     calibrations = json.loads(wd.calibration.read_text())["methods"]
     results = json.loads((wd.root / "results.json").read_text())
-    out = []
+    agents = []
     for frac in acfg.fracs:
         if not has_agent(wd, frac, acfg.algo):
             continue
         agent = load_agent(wd, frac, acfg.algo)
-        cal = Calibration.from_dict(calibrations[f"sasha@{frac:g}"][adaptive.calibration])
-        eps = {}
+        entry: dict[str, Any] = {
+            "frac": float(frac),
+            "calibration": calibrations[f"sasha@{frac:g}"][adaptive.calibration],
+        }
         for split in ("val", "test"):
             env = agent.make_env(wd, split, acfg)
-            eps[split] = run_episodes(
-                env, agent_policy(agent.policy), bags.slide_ids(split), trace=True
-            )
-        y_val = np.array([e["label"] for e in eps["val"]])
-        y_test = np.array([e["label"] for e in eps["test"]])
-        fixed = np.stack([e["probabilities"] for e in eps["test"]])
-        row = {
-            "workdir": str(root),
-            "frac": float(frac),
-            "n_test": len(y_test),
-            "hafed_auc": hafed_auc["test"],
-            "sasha_auc": float(classification_metrics(fixed, y_test)["auc"]),
-        }
-        for name, per_class in (("shared", False), ("per_class", True)):
-            rule = fit_stop_rule(
-                traces(eps["val"]),
-                y_val,
-                cal,
-                hafed_auc["val"],
-                adaptive.margin,
-                adaptive.max_auto_error,
-                per_class=per_class,
-            )
-            outs = [apply_rule(p, z, n, rule) for p, z, n in traces(eps["test"])]
-            probs = np.stack([o.probabilities for o in outs])
-            pos = np.array([o.frac_read for o in outs])[y_test == y_test.max()]
-            neg = np.array([o.frac_read for o in outs])[y_test != y_test.max()]
-            row[name] = {
-                "thresholds": list(rule.class_thresholds or (rule.threshold,)),
-                "auc": float(classification_metrics(probs, y_test)["auc"]),
-                "mean_frac": float(np.mean([o.frac_read for o in outs])),
-                "mean_frac_tumour": float(pos.mean()) if pos.size else None,
-                "mean_frac_normal": float(neg.mean()) if neg.size else None,
-                "val_auc": rule.info["val_auc"],
-                "val_mean_frac": rule.info["val_mean_frac"],
-            }
+            eps = run_episodes(env, agent_policy(agent.policy), bags.slide_ids(split), trace=True)
+            entry[split] = [
+                {
+                    "label": int(e["label"]),
+                    "step_probabilities": np.asarray(e["step_probabilities"]).tolist(),
+                    "step_zoomed": [int(z) for z in e["step_zoomed"]],
+                    "n_patches": int(e["n_patches"]),
+                    "probabilities": np.asarray(e["probabilities"]).tolist(),
+                }
+                for e in eps
+            ]
+        fixed = np.array([e["probabilities"] for e in entry["test"]], np.float32)
+        y_test = np.array([e["label"] for e in entry["test"]])
+        entry["sasha_auc"] = float(classification_metrics(fixed, y_test)["auc"])
         stored = [
             r
             for r in results["methods"]
             if r["method"] == "sasha_adaptive" and math.isclose(r["frac"], frac)
         ]
-        row["results_json_shared"] = (
+        entry["results_json_shared"] = (
             {"auc": stored[0]["auc"], "mean_frac": stored[0]["mean_frac"]} if stored else None
         )
-        out.append(row)
-    return out
+        agents.append(entry)
+    return {
+        "workdir": str(root),
+        "adaptive": adaptive.to_dict(),
+        "hafed_auc": hafed_auc,
+        "agents": agents,
+    }
+
+
+def measure(data: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
+    """One row per agent and variant: the rule fitted on val, its test AUC and reading."""
+    from sasha_models.calibration import Calibration
+    from sasha_models.metrics import classification_metrics
+    from sasha_models.stopping import apply_rule, fit_stop_rule
+
+    adaptive = data["adaptive"]
+    rows = []
+    for a in data["agents"]:
+        cal = Calibration.from_dict(a["calibration"])
+        tr = {
+            split: [
+                (np.array(e["step_probabilities"], np.float32), e["step_zoomed"], e["n_patches"])
+                for e in a[split]
+            ]
+            for split in ("val", "test")
+        }
+        y_val = np.array([e["label"] for e in a["val"]])
+        y_test = np.array([e["label"] for e in a["test"]])
+        tumour = y_test == y_test.max()
+        n_classes = len(a["val"][0]["probabilities"])
+        for name in variants:
+            options = dict(VARIANTS[name])
+            if options.get("stop_classes") == "last":
+                options["stop_classes"] = [n_classes - 1]
+            rule = fit_stop_rule(
+                tr["val"],
+                y_val,
+                cal,
+                data["hafed_auc"]["val"],
+                adaptive["margin"],
+                adaptive["max_auto_error"],
+                **options,
+            )
+            outs = [apply_rule(p, z, n, rule) for p, z, n in tr["test"]]
+            probs = np.stack([o.probabilities for o in outs])
+            fr = np.array([o.frac_read for o in outs])
+            rows.append(
+                {
+                    "workdir": data["workdir"],
+                    "frac": a["frac"],
+                    "variant": name,
+                    "thresholds": list(rule.class_thresholds or (rule.threshold,)),
+                    "auc": float(classification_metrics(probs, y_test)["auc"]),
+                    "mean_frac": float(fr.mean()),
+                    "mean_frac_tumour": float(fr[tumour].mean()) if tumour.any() else None,
+                    "mean_frac_normal": float(fr[~tumour].mean()) if (~tumour).any() else None,
+                    "hafed_auc": data["hafed_auc"]["test"],
+                    "sasha_auc": a["sasha_auc"],
+                    "results_json_shared": a["results_json_shared"],
+                    "n_test": len(y_test),
+                }
+            )
+    return rows
 
 
 def _paired(d: np.ndarray) -> str:
@@ -124,53 +180,84 @@ def _paired(d: np.ndarray) -> str:
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: per cap, means over workdirs and the paired differences."""
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per cap and variant, means over workdirs and the paired differences."""
     lines = [
-        "| cap | workdirs | HAFED | SASHA (fixed) | shared rule: AUC (read) | per-class rule: AUC "
-        "(read; tumour / normal slides) | per-class − shared | per-class − HAFED | "
-        "per-class − SASHA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cap | rule | workdirs | AUC (mean ± sd) | read (tumour / normal) | − shared | − HAFED "
+        "| − SASHA at the cap |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     for frac in sorted({r["frac"] for r in rows}):
-        rs = [r for r in rows if r["frac"] == frac]
-        a = {k: np.array([r[k] for r in rs]) for k in ("hafed_auc", "sasha_auc")}
-        sh = np.array([r["shared"]["auc"] for r in rs])
-        pc = np.array([r["per_class"]["auc"] for r in rs])
-        fr = {k: np.mean([r[k]["mean_frac"] for r in rs]) for k in ("shared", "per_class")}
-        ft = np.mean([r["per_class"]["mean_frac_tumour"] for r in rs])
-        fn = np.mean([r["per_class"]["mean_frac_normal"] for r in rs])
+        base = {r["workdir"]: r for r in rows if r["frac"] == frac and r["variant"] == "shared"}
+        first = next(r for r in rows if r["frac"] == frac)
+        n = sum(1 for r in rows if r["frac"] == frac and r["variant"] == first["variant"])
+        ref = [r for r in rows if r["frac"] == frac and r["variant"] == first["variant"]]
         lines.append(
-            f"| {frac:g} | {len(rs)} | {a['hafed_auc'].mean():.3f} | {a['sasha_auc'].mean():.3f} | "
-            f"{sh.mean():.3f} ± {sh.std(ddof=1) if len(sh) > 1 else 0:.3f} ({fr['shared']:.3f}) | "
-            f"{pc.mean():.3f} ± {pc.std(ddof=1) if len(pc) > 1 else 0:.3f} ({fr['per_class']:.3f}; "
-            f"{ft:.3f} / {fn:.3f}) | {_paired(pc - sh)} | {_paired(pc - a['hafed_auc'])} | "
-            f"{_paired(pc - a['sasha_auc'])} |"
+            f"| {frac:g} | HAFED / SASHA (fixed) | {n} | "
+            f"{np.mean([r['hafed_auc'] for r in ref]):.3f} / "
+            f"{np.mean([r['sasha_auc'] for r in ref]):.3f} | 1 / {frac:g} | | | |"
         )
+        for v in variants:
+            rs = [r for r in rows if r["frac"] == frac and r["variant"] == v]
+            auc = np.array([r["auc"] for r in rs])
+            sd = auc.std(ddof=1) if len(auc) > 1 else 0.0
+            vs_shared = (
+                _paired(np.array([r["auc"] - base[r["workdir"]]["auc"] for r in rs]))
+                if v != "shared" and all(r["workdir"] in base for r in rs)
+                else ""
+            )
+            ft = np.mean([r["mean_frac_tumour"] for r in rs])
+            fn = np.mean([r["mean_frac_normal"] for r in rs])
+            lines.append(
+                f"| {frac:g} | {v} | {len(rs)} | {auc.mean():.3f} ± {sd:.3f} | "
+                f"{np.mean([r['mean_frac'] for r in rs]):.3f} ({ft:.3f} / {fn:.3f}) | "
+                f"{vs_shared} | {_paired(auc - np.array([r['hafed_auc'] for r in rs]))} | "
+                f"{_paired(auc - np.array([r['sasha_auc'] for r in rs]))} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("workdirs", nargs="+", type=Path, help="finished pipeline workdirs")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--cache", type=Path, help="keep each workdir's traces here (JSON)")
     ap.add_argument("--out", type=Path, help="write every row as JSON here")
     args = ap.parse_args()
-    rows = []
+    variants = ["shared", *(v for v in args.variants if v != "shared")]
+    rows, skipped = [], []
     for root in args.workdirs:
-        for r in rules_on_workdir(root):
+        if not (root / "results.json").is_file():
+            print(f"skipping {root}: no results.json (its pipeline has not finished)", flush=True)
+            skipped.append(root)
+            continue
+        cached = None
+        if args.cache is not None:
+            args.cache.mkdir(parents=True, exist_ok=True)
+            cached = args.cache / f"{root.resolve().parent.name}-{root.name}.json"
+        if cached is not None and cached.is_file():
+            data = json.loads(cached.read_text())
+        else:
+            data = collect(root)
+            if cached is not None:
+                cached.write_text(json.dumps(data))
+        for r in measure(data, variants):
             rows.append(r)
-            check = r["results_json_shared"]
-            stored = "-" if check is None else f"{check['auc']:.3f} at {check['mean_frac']:.3f}"
-            print(
-                f"{root} cap {r['frac']:g}: shared {r['shared']['auc']:.3f} at "
-                f"{r['shared']['mean_frac']:.3f} (results.json: {stored}); "
-                f"per-class {r['per_class']['thresholds']} {r['per_class']['auc']:.3f} at "
-                f"{r['per_class']['mean_frac']:.3f}",
-                flush=True,
-            )
+            if r["variant"] == "shared":
+                check = r["results_json_shared"]
+                stored = "-" if check is None else f"{check['auc']:.3f} at {check['mean_frac']:.3f}"
+                print(
+                    f"{root} cap {r['frac']:g}: shared {r['auc']:.3f} at {r['mean_frac']:.3f} "
+                    f"(results.json: {stored})",
+                    flush=True,
+                )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if skipped:
+        raise SystemExit(f"{len(skipped)} workdir(s) skipped: {', '.join(map(str, skipped))}")
 
 
 if __name__ == "__main__":

@@ -190,13 +190,44 @@ def test_the_per_class_fit_rules_in_early_and_out_late_where_the_shared_one_cann
     assert probs[-2:, 1].min() < probs[:4, 1].min()
 
 
+def test_the_likelihood_criterion_refuses_a_confident_wrong_stop_that_still_ranks_right():
+    # Negatives look normal at once (p = 0.04); one positive looks just as normal (p = 0.045)
+    # until its tumour is reached at step 3. Stopping at 0.95 rules it out with p = 0.045,
+    # still ranked above every negative, so val AUC stays 1; its likelihood does not.
+    neg = [_trace([0.04, 0.04, 0.04, 0.04]) for _ in range(3)]
+    pos = [_trace([0.9, 0.99, 0.99, 0.99]), _trace([0.045, 0.045, 0.9, 0.99])]
+    val, labels = neg + pos, np.array([0, 0, 0, 1, 1])
+    auc_only = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0)
+    assert auc_only.threshold < 0.955 and auc_only.info["val_auc"] == 1.0
+    late = apply_rule(*val[-1], auc_only)
+    assert late.steps == 1  # ruled out before its tumour
+    nll = fit_stop_rule(val, labels, None, target_auc=1.0, margin=0.0, nll_margin=0.1)
+    assert nll.threshold > 0.955 and nll.info["nll_margin"] == 0.1
+    assert apply_rule(*val[-1], nll).probabilities[1] > 0.9  # read on to its tumour
+    for per_class in (False, True):
+        rule = fit_stop_rule(val, labels, None, 1.0, 0.0, nll_margin=0.1, per_class=per_class)
+        assert apply_rule(*val[-1], rule).steps >= 3
+
+
+def test_stop_classes_rule_slides_in_early_and_never_out():
+    val, labels = _search_traces()
+    rule = fit_stop_rule(val, labels, None, 1.0, 0.0, stop_classes=[1])
+    assert rule.class_thresholds is not None and rule.class_thresholds[0] == 1.0
+    assert rule.info["stop_classes"] == [1] and rule.info["val_auc"] == 1.0
+    outs = [apply_rule(p, z, n, rule) for p, z, n in val]
+    assert all(o.stopped == "cap" for o in outs[:4])  # normal-looking slides read to the cap
+    assert outs[4].steps == 1  # ruled in at its first zoom
+    with pytest.raises(ValueError, match="class indices"):
+        fit_stop_rule(val, labels, None, 1.0, stop_classes=[2])
+
+
 def test_the_per_class_grid_agrees_with_the_rule_applied_slide_by_slide():
     from sasha_models.stopping import _per_class_grid
 
     val, labels = _search_traces()
     cal = Calibration(temperature=1.5, bias=(0.0, 0.3))
     grid = (0.6, 0.8, 0.9, 0.97, 1.0)
-    index, frac, auc = _per_class_grid(val, labels, cal, grid)
+    index, frac, auc, nll = _per_class_grid(val, labels, cal, grid)
     assert len(index) == len(grid) ** 2
     from sasha_models.metrics import classification_metrics
 
@@ -434,12 +465,14 @@ def test_the_adaptive_config_section_is_checked():
             "max_auto_error": 0.1,
             "calibration": "temperature",
             "per_class": True,
+            "nll_margin": 0.05,
         }
     }
     validate_config(load_config("tiny", overrides=ok))
     for bad, match in (
         ({"margin": 2.0}, "must be in"),
         ({"per_class": "yes"}, "per_class"),
+        ({"nll_margin": -0.1}, "nll_margin"),
         ({"calibration": "platt"}, "temperature"),
         ({"treshold": 0.9}, "unknown key 'treshold'"),
     ):

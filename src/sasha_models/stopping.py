@@ -240,9 +240,10 @@ def threshold_curve(
     calibration: Calibration | None,
     thresholds: Sequence[float] = THRESHOLDS,
 ) -> list[dict[str, Any]]:
-    """``[{"threshold", "mean_frac", "auc", "accuracy"}]``: the rule at each threshold on the
-    slides of ``traces`` (``(step_probs, n_zoomed, n_patches)`` per slide, as
-    :func:`apply_rule` takes them), AUC and accuracy of the calibrated probabilities at the stop."""
+    """``[{"threshold", "mean_frac", "auc", "accuracy", "nll"}]``: the rule at each threshold on
+    the slides of ``traces`` (``(step_probs, n_zoomed, n_patches)`` per slide, as
+    :func:`apply_rule` takes them): AUC, accuracy and mean negative log-likelihood of the
+    calibrated probabilities at the stop."""
     y = np.asarray(labels)
     out = []
     for t in thresholds:
@@ -255,18 +256,30 @@ def threshold_curve(
                 "mean_frac": float(np.mean([o.frac_read for o in outs])),
                 "auc": _auc(probs, y),
                 "accuracy": float(np.mean(probs.argmax(1) == y)),
+                "nll": _nll(probs, y),
             }
         )
     return out
 
 
-def _stable_within(curve: list[dict[str, Any]], target: float | None) -> list[dict[str, Any]]:
-    """The points of ``curve`` whose val AUC and every stricter threshold's reach ``target``."""
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean ``−log p[label]`` of ``(n, C)`` probabilities (clipped at 1e-7)."""
+    p = np.asarray(probs, np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(p, 1e-7, 1.0)).mean())
+
+
+def _stable_within(
+    curve: list[dict[str, Any]], target: float | None, nll_max: float | None = None
+) -> list[dict[str, Any]]:
+    """The points of ``curve`` whose val AUC and every stricter threshold's reach ``target``
+    (and whose val NLL stays at most ``nll_max``, when given)."""
     if target is None:
         return []
     ok: list[dict[str, Any]] = []
     for c in sorted(curve, key=lambda c: -c["threshold"]):  # strictest first
         if c["auc"] is None or c["auc"] < target:
+            break
+        if nll_max is not None and c["nll"] > nll_max:
             break
         ok.append(c)
     return ok
@@ -282,20 +295,28 @@ def _per_class_grid(
     labels: np.ndarray,
     calibration: Calibration | None,
     thresholds: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    free: Sequence[bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every per-class rule of the grid ``thresholds ** C`` on the traces, vectorised.
 
+    ``free[c]`` False fixes class c's threshold at 1 (it never stops a slide): the grid then
+    spans the free classes only.
+
     Returns:
-        ``(index (G**C, C), mean_frac (G**C,), auc (G**C,))``: each rule's threshold indices,
-        mean fraction read and AUC (NaN where undefined), rules in C-order of the grid.
+        ``(index (G**C, C), mean_frac (G**C,), auc (G**C,), nll (G**C,))``: each rule's
+        threshold indices, mean fraction read, AUC (NaN where undefined) and mean negative
+        log-likelihood, rules in C-order of the grid.
     """
     cal = StopRule(1.0, 0.0, calibration)
     thr = np.asarray(thresholds, np.float64)
     steps = [cal.calibrated(np.asarray(p, np.float32)) for p, _, _ in traces]
     n_classes = steps[0].shape[1]
-    index = np.stack(
-        np.meshgrid(*[np.arange(len(thr))] * n_classes, indexing="ij"), axis=-1
-    ).reshape(-1, n_classes)
+    never = int(np.flatnonzero(thr == 1.0)[0])
+    axes = [
+        np.arange(len(thr)) if free is None or free[c] else np.array([never])
+        for c in range(n_classes)
+    ]
+    index = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, n_classes)
     stop = np.empty((len(traces), len(index)), np.int64)
     for s, p in enumerate(steps):
         above = p[:, :, None] > thr.astype(np.float32)[None, None, :]  # (T, C, G), as fires()
@@ -303,12 +324,13 @@ def _per_class_grid(
         stop[s] = first[np.arange(n_classes)[None, :], index].min(axis=1)
     frac = np.stack([np.asarray(z)[stop[s]] / n for s, (_, z, n) in enumerate(traces)])  # (S, G**C)
     y = np.asarray(labels)
-    aucs = [
-        _auc(np.stack([steps[s][stop[s, g]] for s in range(len(steps))]), y)
-        for g in range(len(index))
+    at_stop = [
+        np.stack([steps[s][stop[s, g]] for s in range(len(steps))]) for g in range(len(index))
     ]
+    aucs = [_auc(p, y) for p in at_stop]
     auc = np.array([np.nan if a is None else a for a in aucs], np.float64)
-    return index, frac.mean(axis=0), auc
+    nll = np.array([_nll(p, y) for p in at_stop])
+    return index, frac.mean(axis=0), auc, nll
 
 
 def _stable_grid(ok: np.ndarray) -> np.ndarray:
@@ -328,6 +350,8 @@ def fit_stop_rule(
     max_auto_error: float = 0.05,
     thresholds: Sequence[float] = THRESHOLDS,
     per_class: bool = False,
+    nll_margin: float | None = None,
+    stop_classes: Sequence[int] | None = None,
 ) -> StopRule:
     """Fit both thresholds on validation traces (never on test slides).
 
@@ -347,6 +371,16 @@ def fit_stop_rule(
     the per-class rule may read more on val than the shared one. At most
     :data:`MAX_PER_CLASS` classes.
 
+    With ``nll_margin`` a rule must also keep the val slides' mean negative log-likelihood at
+    the stop within ``nll_margin`` of reading every slide to the cap (at it, and at every
+    stricter rule). AUC on 15 slides cannot tell a tumour slide ruled out at p = 0.05 (still
+    ranked above normal slides at 0.04) from one ruled in at 0.95; its likelihood can.
+
+    With ``stop_classes`` (per class only) only those classes may stop a slide early; the
+    others' thresholds are 1 (e.g. ``[tumour]``: a slide is ruled in as soon as the classifier
+    is sure of tumour, and never ruled out before the cap, as a negative is signed out only
+    after a full search).
+
     Referral threshold: the smallest confidence in ``[0, threshold]`` (0 and the cap
     confidences of the val slides) at which the automatic decisions on val (slides not
     referred) err on at most ``max_auto_error`` of them.
@@ -359,6 +393,10 @@ def fit_stop_rule(
         margin: how far below ``target_auc`` the val AUC may be.
         max_auto_error: error rate allowed on val among the slides not referred.
         per_class: one stop threshold per class instead of one for all.
+        nll_margin: ``None`` (off), or how far above the read-to-the-cap val NLL a rule's
+            val NLL may be.
+        stop_classes: the class indices that may stop a slide early (``None``: every class);
+            implies ``per_class``.
 
     Returns:
         The :class:`StopRule`, its ``info`` holding the val curve (of shared thresholds) and
@@ -369,10 +407,16 @@ def fit_stop_rule(
     y = np.asarray(labels)
     curve = threshold_curve(traces, y, calibration, thresholds)
     target = None if target_auc is None else float(target_auc) - margin
-    if per_class:
-        rule, val_frac, val_auc = _fit_per_class(traces, y, calibration, thresholds, target)
+    nll_max = None
+    if nll_margin is not None:
+        to_cap = [apply_rule(p, z, n, StopRule(1.0, 0.0, calibration)) for p, z, n in traces]
+        nll_max = _nll(np.stack([o.probabilities for o in to_cap]), y) + float(nll_margin)
+    if per_class or stop_classes is not None:
+        rule, val_frac, val_auc = _fit_per_class(
+            traces, y, calibration, thresholds, target, nll_max, stop_classes
+        )
     else:
-        ok = _stable_within(curve, target)
+        ok = _stable_within(curve, target, nll_max)
         if ok:
             best = min(ok, key=lambda c: (c["mean_frac"], -c["threshold"]))
         else:
@@ -397,7 +441,10 @@ def fit_stop_rule(
         "target_auc": target_auc,
         "margin": margin,
         "max_auto_error": max_auto_error,
-        "per_class": per_class,
+        "per_class": per_class or stop_classes is not None,
+        "stop_classes": None if stop_classes is None else [int(c) for c in stop_classes],
+        "nll_margin": nll_margin,
+        "val_nll_max": nll_max,
         "val_mean_frac": val_frac,
         "val_auc": val_auc,
         "val_curve": curve,
@@ -411,21 +458,36 @@ def _fit_per_class(
     calibration: Calibration | None,
     thresholds: Sequence[float],
     target: float | None,
+    nll_max: float | None = None,
+    stop_classes: Sequence[int] | None = None,
 ) -> tuple[StopRule, float, float | None]:
     """The per-class rule of :func:`fit_stop_rule`: ``(rule, val mean fraction, val AUC)``."""
     n_classes = np.asarray(traces[0][0]).shape[1]
-    if n_classes > MAX_PER_CLASS:
+    free = [True] * n_classes
+    if stop_classes is not None:
+        bad = [c for c in stop_classes if not 0 <= int(c) < n_classes]
+        if bad or not stop_classes:
+            raise ValueError(
+                f"stop classes {list(stop_classes)}: give class indices in [0, {n_classes})"
+            )
+        free = [c in {int(k) for k in stop_classes} for c in range(n_classes)]
+    if 1.0 not in [float(t) for t in thresholds]:
+        raise ValueError("per-class thresholds need 1 (never stop) in the threshold grid")
+    if sum(free) > MAX_PER_CLASS:
         raise ValueError(
             f"per-class stop thresholds are searched for at most {MAX_PER_CLASS} classes "
             f"(a grid of {len(thresholds)}**C rules); this classifier has {n_classes}: "
             "set adaptive.per_class: false"
         )
     thr = np.asarray(thresholds, np.float64)
-    index, frac, auc = _per_class_grid(traces, labels, calibration, thresholds)
+    index, frac, auc, nll = _per_class_grid(traces, labels, calibration, thresholds, free)
     strictness = thr[index].sum(axis=1)
     ok = np.zeros(len(index), bool)
     if target is not None:
-        grid = (~np.isnan(auc) & (auc >= target)).reshape((len(thr),) * n_classes)
+        good = ~np.isnan(auc) & (auc >= target)
+        if nll_max is not None:
+            good &= nll <= nll_max
+        grid = good.reshape(tuple(len(thr) if f else 1 for f in free))
         ok = _stable_grid(grid).reshape(-1)
     if ok.any():
         cand = np.flatnonzero(ok)

@@ -52,10 +52,17 @@ class AdaptiveConfig:
     per_class: bool = False
     """One stop threshold per class, fitted on val the same way (a slide can be ruled in by
     the first zoom on tumour and ruled out only later), instead of one for every class."""
+    nll_margin: float | None = None
+    """``None``: the stop threshold is held to val AUC only. A number: also to the val slides'
+    mean negative log-likelihood at the stop, at most this much above reading every slide to
+    the cap (AUC on 15 slides cannot see a slide ruled out with a confident wrong answer that
+    still ranks right)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AdaptiveConfig:
         cfg = dataclass_from_dict(cls, d, "adaptive")
+        if cfg.nll_margin is not None and cfg.nll_margin < 0:
+            raise ValueError(f"adaptive.nll_margin must be >= 0 or null; got {cfg.nll_margin}")
         if not 0 <= cfg.margin <= 1 or not 0 <= cfg.max_auto_error <= 1:
             raise ValueError(
                 f"adaptive.margin and adaptive.max_auto_error must be in [0, 1]; got {cfg}"
@@ -101,6 +108,7 @@ def fit_agent_rule(
         acfg.margin,
         acfg.max_auto_error,
         per_class=acfg.per_class,
+        nll_margin=acfg.nll_margin,
     )
     info = {**rule.info, "cap": float(cap), "calibration_kind": acfg.calibration}
     return dataclasses.replace(rule, info=info)

@@ -174,6 +174,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.stop": (lambda v: v in ("none", "learned"), "none or learned"),
     "agents.zoom_cost": (lambda v: 0 <= v < float("inf"), ">= 0 (reward per zoom, nats)"),
     "adaptive.margin": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "adaptive.nll_margin": (lambda v: v is None or v >= 0, ">= 0, or null (off)"),
     "adaptive.max_auto_error": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.calibration": (
         lambda v: v in ("temperature", "temperature+bias"),
