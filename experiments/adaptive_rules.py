@@ -38,11 +38,13 @@ from scipy import stats
 VARIANTS: dict[str, dict[str, Any]] = {
     "shared": {},
     "per_class": {"per_class": True},
+    "nll0": {"nll_margin": 0.0},
     "nll0.05": {"nll_margin": 0.05},
     "nll0.1": {"nll_margin": 0.1},
     "nll0.2": {"nll_margin": 0.2},
     "per_class+nll0.1": {"per_class": True, "nll_margin": 0.1},
     "rule_in": {"stop_classes": "last"},
+    "rule_in+nll0": {"stop_classes": "last", "nll_margin": 0.0},
 }
 
 

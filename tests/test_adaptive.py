@@ -343,6 +343,33 @@ def test_the_stop_rule_is_fitted_on_val_slides_only(made, monkeypatch):
         manifest.write_text(text)
 
 
+def test_the_calibrate_stage_fits_the_configured_rule(made):
+    import copy
+
+    from sasha_env.agents.adaptive import read_stop_rule
+    from sasha_env.pipeline.calibrate import calibrate_workdir
+    from sasha_env.workdir import Workdir
+
+    wd = Workdir(made)
+    cfg = copy.deepcopy(made.config)
+    try:
+        cfg["adaptive"] = {"stop_classes": ["tumor"]}
+        calibrate_workdir(wd, cfg, log=lambda m: None)
+        rule = read_stop_rule(made.agents[0.5])
+        assert rule.class_thresholds is not None and rule.class_thresholds[0] == 1.0
+        assert rule.info["stop_classes"] == [1]  # tumor is class 1 (sorted names)
+        cfg["adaptive"] = {"per_class": True, "nll_margin": 0.1}
+        calibrate_workdir(wd, cfg, log=lambda m: None)
+        rule = read_stop_rule(made.agents[0.5])
+        assert len(rule.class_thresholds) == 2 and rule.info["nll_margin"] == 0.1
+        cfg["adaptive"] = {"stop_classes": ["metastasis"]}
+        with pytest.raises(ValueError, match=r"not classes of this cohort.*normal"):
+            calibrate_workdir(wd, cfg, log=lambda m: None)
+    finally:
+        calibrate_workdir(wd, made.config, log=lambda m: None)  # the default rule again
+    assert read_stop_rule(made.agents[0.5]).class_thresholds is None
+
+
 def test_evaluation_reports_the_adaptive_row_curve_and_referral(made):
     from sasha_env.agents.adaptive import read_stop_rule
     from sasha_env.agents.config import AgentConfig
@@ -473,6 +500,8 @@ def test_the_adaptive_config_section_is_checked():
         ({"margin": 2.0}, "must be in"),
         ({"per_class": "yes"}, "per_class"),
         ({"nll_margin": -0.1}, "nll_margin"),
+        ({"stop_classes": "tumor"}, "list"),
+        ({"stop_classes": []}, "class names"),
         ({"calibration": "platt"}, "temperature"),
         ({"treshold": 0.9}, "unknown key 'treshold'"),
     ):

@@ -28,6 +28,7 @@ __all__ = [
     "AdaptiveConfig",
     "fit_agent_rule",
     "read_stop_rule",
+    "stop_class_indices",
     "traces",
     "write_stop_rule",
 ]
@@ -52,6 +53,11 @@ class AdaptiveConfig:
     per_class: bool = False
     """One stop threshold per class, fitted on val the same way (a slide can be ruled in by
     the first zoom on tumour and ruled out only later), instead of one for every class."""
+    stop_classes: list[str] | None = None
+    """Class names (the manifest's labels) that may stop a slide early, each with its own
+    threshold fitted on val; the other classes never stop it (e.g. ``[tumor]``: rule a slide in
+    as soon as the classifier is sure of tumour, never rule it out before the cap). ``None``:
+    every class (with ``per_class``, each its own threshold; without, one for all)."""
     nll_margin: float | None = None
     """``None``: the stop threshold is held to val AUC only. A number: also to the val slides'
     mean negative log-likelihood at the stop, at most this much above reading every slide to
@@ -61,6 +67,8 @@ class AdaptiveConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AdaptiveConfig:
         cfg = dataclass_from_dict(cls, d, "adaptive")
+        if cfg.stop_classes is not None and not cfg.stop_classes:
+            raise ValueError("adaptive.stop_classes must name at least one class, or be null")
         if cfg.nll_margin is not None and cfg.nll_margin < 0:
             raise ValueError(f"adaptive.nll_margin must be >= 0 or null; got {cfg.nll_margin}")
         if not 0 <= cfg.margin <= 1 or not 0 <= cfg.max_auto_error <= 1:
@@ -89,6 +97,7 @@ def fit_agent_rule(
     calibration: Calibration | None,
     target_auc: float | None,
     cap: float,
+    class_names: list[str] | None = None,
 ) -> StopRule:
     """Fit an agent's stop rule on its val episodes (:func:`~sasha_models.stopping.fit_stop_rule`).
 
@@ -98,6 +107,7 @@ def fit_agent_rule(
         calibration: the agent's final-state calibration (kind ``acfg.calibration``).
         target_auc: HAFED's AUC on the same val slides.
         cap: the agent's budget f, recorded with the rule.
+        class_names: the classes in index order (needed with ``acfg.stop_classes``).
     """
     labels = np.array([e["label"] for e in episodes])
     rule = fit_stop_rule(
@@ -109,9 +119,25 @@ def fit_agent_rule(
         acfg.max_auto_error,
         per_class=acfg.per_class,
         nll_margin=acfg.nll_margin,
+        stop_classes=stop_class_indices(acfg, class_names),
     )
     info = {**rule.info, "cap": float(cap), "calibration_kind": acfg.calibration}
     return dataclasses.replace(rule, info=info)
+
+
+def stop_class_indices(acfg: AdaptiveConfig, class_names: list[str] | None) -> list[int] | None:
+    """The indices of ``acfg.stop_classes`` among ``class_names``; a name that is not a class
+    is a ``ValueError`` naming the classes there are."""
+    if acfg.stop_classes is None:
+        return None
+    names = [str(c) for c in class_names or []]
+    missing = [c for c in acfg.stop_classes if str(c) not in names]
+    if missing:
+        raise ValueError(
+            f"adaptive.stop_classes {missing} are not classes of this cohort; its classes are "
+            f"{names}"
+        )
+    return [names.index(str(c)) for c in acfg.stop_classes]
 
 
 def write_stop_rule(agent_dir: str | Path, rule: StopRule) -> Path:

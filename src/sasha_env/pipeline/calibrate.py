@@ -99,7 +99,7 @@ def calibrate_workdir(
             np.array([e["label"] for e in episodes]),
         )
         calibration = Calibration.from_dict(fitted[name][adaptive.calibration])
-        rule = fit_agent_rule(episodes, adaptive, calibration, target, frac)
+        rule = fit_agent_rule(episodes, adaptive, calibration, target, frac, bags.class_names)
         write_stop_rule(agent.path, rule)
         log(
             f"[calibrate] {name}: stop when {_describe(rule)} (val: mean fraction "

@@ -175,6 +175,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.zoom_cost": (lambda v: 0 <= v < float("inf"), ">= 0 (reward per zoom, nats)"),
     "adaptive.margin": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.nll_margin": (lambda v: v is None or v >= 0, ">= 0, or null (off)"),
+    "adaptive.stop_classes": (lambda v: len(v) > 0, "a list of class names (or null: every class)"),
     "adaptive.max_auto_error": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.calibration": (
         lambda v: v in ("temperature", "temperature+bias"),
@@ -221,6 +222,9 @@ def _fits(value: Any, annotation: Any) -> bool:
             return False
         item = args[0] if args else Any
         return all(_fits(v, item) for v in value) if len(set(args) - {Ellipsis}) <= 1 else True
+    if origin is list or annotation is list:
+        args = typing.get_args(annotation)
+        return isinstance(value, list) and all(_fits(v, args[0] if args else Any) for v in value)
     if origin is dict or annotation is dict:
         return isinstance(value, dict)
     if annotation is float:
