@@ -153,6 +153,8 @@ def test_per_class_thresholds_stop_on_each_class_at_its_own_level():
     assert back == rule and back.class_thresholds == (0.99, 0.7)
     legacy = {k: v for k, v in StopRule(0.9).to_dict().items() if k != "class_thresholds"}
     assert StopRule.from_dict(legacy).class_thresholds is None
+    assert rule.describe() == "p[0] > 0.99 or p[1] > 0.7"
+    assert shared.describe() == "confidence > 0.9"
 
 
 def _search_traces() -> tuple[list, np.ndarray]:

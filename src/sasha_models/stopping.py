@@ -127,6 +127,13 @@ class StopRule:
             )
         return np.asarray((p > np.asarray(self.class_thresholds, np.float32)).any(axis=-1))
 
+    def describe(self) -> str:
+        """The rule in words, for logs: ``confidence > 0.9``, or per class
+        ``p[0] > 0.99 or p[1] > 0.7``."""
+        if self.class_thresholds is None:
+            return f"confidence > {self.threshold:g}"
+        return " or ".join(f"p[{c}] > {t:g}" for c, t in enumerate(self.class_thresholds))
+
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """``(…, C)`` probabilities after the rule's calibration."""
         p = np.asarray(probs, np.float32)

@@ -158,7 +158,7 @@ def adaptive_results(
             _save(episodes_dir / f"{METHOD}-{frac:g}.json", eps)
         log(
             f"[evaluate] {METHOD} cap {frac:g}: AUC {_fmt(metrics['auc'])} at mean fraction "
-            f"read {fr.mean():.3f} ({_thresholds(rule)} fixed on val); "
+            f"read {fr.mean():.3f} (stop when {rule.describe()}, fixed on val); "
             f"{referral[-1]['share_referred']:.2f} referred"
         )
     return rows, curve, referral, predictions
@@ -182,12 +182,6 @@ def _save(path: Path, episodes: list[dict]) -> None:
 
 def _none(v: float) -> float | None:
     return None if v is None or np.isnan(v) else float(v)
-
-
-def _thresholds(rule: StopRule) -> str:
-    if rule.class_thresholds is None:
-        return f"threshold {rule.threshold:g}"
-    return "class thresholds " + ", ".join(f"{t:g}" for t in rule.class_thresholds)
 
 
 def _fmt(v: float | None) -> str:

@@ -23,7 +23,6 @@ never looked at here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,9 +33,6 @@ from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..workdir import Workdir
-
-if TYPE_CHECKING:  # torch, loaded only when the stage runs
-    from sasha_models.stopping import StopRule
 
 __all__ = ["calibrate_workdir", "method_name"]
 
@@ -102,7 +98,7 @@ def calibrate_workdir(
         rule = fit_agent_rule(episodes, adaptive, calibration, target, frac, bags.class_names)
         write_stop_rule(agent.path, rule)
         log(
-            f"[calibrate] {name}: stop when {_describe(rule)} (val: mean fraction "
+            f"[calibrate] {name}: stop when {rule.describe()} (val: mean fraction "
             f"read {rule.info['val_mean_frac']:.3f}, AUC {_fmt(rule.info['val_auc'])}, HAFED "
             f"{_fmt(target)}); refer below {rule.refer_below:.3f} at the cap"
         )
@@ -121,13 +117,6 @@ def calibrate_workdir(
     out = {"split": split, "n_slides": len(ids), "kinds": list(KINDS), "methods": fitted}
     write_json(wd.calibration, out)
     return out
-
-
-def _describe(rule: StopRule) -> str:
-    """``confidence > 0.9``, or per class ``p[0] > 0.99 or p[1] > 0.7``."""
-    if rule.class_thresholds is None:
-        return f"confidence > {rule.threshold:g}"
-    return " or ".join(f"p[{c}] > {t:g}" for c, t in enumerate(rule.class_thresholds))
 
 
 def _fmt(v: float | None) -> str:
