@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from sasha_models.incremental import IncrementalClassifier
 from sasha_models.projection import ObsProjection
-from sasha_models.spaces import action_space, legal_actions, observation_space, stop_index
+from sasha_models.spaces import (
+    action_space,
+    episode_budget,
+    legal_actions,
+    observation_space,
+    stop_index,
+)
 from sasha_models.stopping import StopRule
 
 from ..features.store import FeatureStore
@@ -34,17 +40,6 @@ __all__ = [
 
 PathLike = str | os.PathLike
 _EPS = 1e-8
-
-
-def episode_budget(frac: float, n: int) -> int:
-    """Zooms per episode, ``⌈frac·N⌉`` (at least 1, at most N).
-
-    ``frac·N`` is rounded to 9 decimals first, so that a product that lands a rounding error
-    above an integer is not rounded up a whole zoom (0.07 × 100 is 7.000000000000001 in double
-    precision: 7 zooms, not 8). For f = 0.1 and 0.2 this equals the official ``ceil(N·f)``
-    (``envs/WSI_cosine_env.py`` at 6385fe6) for every N up to 200,000 (checked).
-    """
-    return max(1, min(n, math.ceil(round(frac * n, 9))))
 
 
 def mean_attention(clf: nn.Module, S: Tensor) -> np.ndarray:
