@@ -11,14 +11,17 @@ stage fits it (the workdir's ``adaptive`` settings, the agent's calibration from
 calibration.json, HAFED's val AUC as the target) with the variant's options on top, then
 applied to the test traces. Nothing in the workdir is written.
 
-Variants (``VARIANTS``): ``shared`` (the default rule: one threshold, held to val AUC),
-``per_class`` (``adaptive.per_class``), ``nll<m>`` (``adaptive.nll_margin: m``: also held to
-the val likelihood), ``per_class+nll<m>``, and ``rule_in`` (``adaptive.stop_classes``: only the
-last class, tumour, may stop a slide early; the others read to the cap). The ``shared`` variant must reproduce the
-workdir's own ``sasha_adaptive`` row of results.json (printed as a check).
+Variants (``VARIANTS``, each a set of ``adaptive`` settings): ``workdir`` (the workdir's own
+settings: it must reproduce the workdir's ``sasha_adaptive`` row of results.json, printed as a
+check), ``shared`` (one threshold for every class, held to val AUC), ``per_class``
+(``adaptive.per_class``), ``nll<m>`` (``adaptive.nll_margin: m``: also held to the val
+likelihood), ``per_class+nll<m>``, ``rule_in`` (``adaptive.stop_classes``: only the last class,
+tumour, may stop a slide early; the others read to the cap), ``rule_in+nll0``, and
+``rule_in+mean<m>`` (``adaptive.mean_frac: m``: the cap lowered until the rule reads at most m
+on average on val).
 
 Prints, per cap and variant, the mean over workdirs of test AUC and of the mean fraction read
-(tumour / normal slides), with paired differences against ``shared``, HAFED and fixed-budget
+(tumour / normal slides), with paired differences against ``workdir``, HAFED and fixed-budget
 SASHA at the cap (95 % t intervals over the workdirs).
 """
 
@@ -34,8 +37,18 @@ import numpy as np
 import yaml
 from scipy import stats
 
-#: Variant name → extra keyword arguments of ``fit_stop_rule``.
-VARIANTS: dict[str, dict[str, Any]] = {
+#: What every variant but ``workdir`` starts from: the shared threshold, read to the budget.
+BASE: dict[str, Any] = {
+    "per_class": False,
+    "stop_classes": None,
+    "nll_margin": None,
+    "mean_frac": None,
+}
+
+#: Variant name → ``adaptive`` settings over the workdir's (``None``: the workdir's own);
+#: ``stop_classes: "last"`` is the last class (tumour).
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "workdir": None,
     "shared": {},
     "per_class": {"per_class": True},
     "nll0": {"nll_margin": 0.0},
@@ -45,7 +58,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "per_class+nll0.1": {"per_class": True, "nll_margin": 0.1},
     "rule_in": {"stop_classes": "last"},
     "rule_in+nll0": {"stop_classes": "last", "nll_margin": 0.0},
+    "rule_in+mean0.1": {"stop_classes": "last", "mean_frac": 0.1},
 }
+
+
+def settings(adaptive: dict[str, Any], variant: str, class_names: list[str]) -> dict[str, Any]:
+    """The ``adaptive`` section a variant fits with, over the workdir's ``adaptive``."""
+    over = VARIANTS[variant]
+    if over is None:
+        return dict(adaptive)
+    out = {**adaptive, **BASE, **over}
+    if out["stop_classes"] == "last":
+        out["stop_classes"] = [class_names[-1]]
+    return out
 
 
 def collect(root: Path, cfg: dict | None = None) -> dict[str, Any]:
@@ -107,12 +132,13 @@ def collect(root: Path, cfg: dict | None = None) -> dict[str, Any]:
             for r in results["methods"]
             if r["method"] == "sasha_adaptive" and math.isclose(r["frac"], frac)
         ]
-        entry["results_json_shared"] = (
+        entry["results_json_row"] = (
             {"auc": stored[0]["auc"], "mean_frac": stored[0]["mean_frac"]} if stored else None
         )
         agents.append(entry)
     return {
         "workdir": str(root),
+        "class_names": list(bags.class_names),
         "adaptive": adaptive.to_dict(),
         "hafed_auc": hafed_auc,
         "agents": agents,
@@ -121,11 +147,11 @@ def collect(root: Path, cfg: dict | None = None) -> dict[str, Any]:
 
 def measure(data: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
     """One row per agent and variant: the rule fitted on val, its test AUC and reading."""
+    from sasha_env.agents.adaptive import AdaptiveConfig, fit_agent_rule
     from sasha_models.calibration import Calibration
     from sasha_models.metrics import classification_metrics
-    from sasha_models.stopping import apply_rule, fit_stop_rule
+    from sasha_models.stopping import apply_rule
 
-    adaptive = data["adaptive"]
     rows = []
     for a in data["agents"]:
         cal = Calibration.from_dict(a["calibration"])
@@ -139,19 +165,14 @@ def measure(data: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
         y_val = np.array([e["label"] for e in a["val"]])
         y_test = np.array([e["label"] for e in a["test"]])
         tumour = y_test == y_test.max()
-        n_classes = len(a["val"][0]["probabilities"])
+        val = [
+            {"label": y, "step_probabilities": p, "step_zoomed": z, "n_patches": n}
+            for y, (p, z, n) in zip(y_val, tr["val"], strict=True)
+        ]
         for name in variants:
-            options = dict(VARIANTS[name])
-            if options.get("stop_classes") == "last":
-                options["stop_classes"] = [n_classes - 1]
-            rule = fit_stop_rule(
-                tr["val"],
-                y_val,
-                cal,
-                data["hafed_auc"]["val"],
-                adaptive["margin"],
-                adaptive["max_auto_error"],
-                **options,
+            acfg = AdaptiveConfig.from_dict(settings(data["adaptive"], name, data["class_names"]))
+            rule = fit_agent_rule(
+                val, acfg, cal, data["hafed_auc"]["val"], a["frac"], data["class_names"]
             )
             outs = [apply_rule(p, z, n, rule) for p, z, n in tr["test"]]
             probs = np.stack([o.probabilities for o in outs])
@@ -162,13 +183,14 @@ def measure(data: dict[str, Any], variants: list[str]) -> list[dict[str, Any]]:
                     "frac": a["frac"],
                     "variant": name,
                     "thresholds": list(rule.class_thresholds or (rule.threshold,)),
+                    "max_frac": rule.max_frac,
                     "auc": float(classification_metrics(probs, y_test)["auc"]),
                     "mean_frac": float(fr.mean()),
                     "mean_frac_tumour": float(fr[tumour].mean()) if tumour.any() else None,
                     "mean_frac_normal": float(fr[~tumour].mean()) if (~tumour).any() else None,
                     "hafed_auc": data["hafed_auc"]["test"],
                     "sasha_auc": a["sasha_auc"],
-                    "results_json_shared": a["results_json_shared"],
+                    "results_json_row": a["results_json_row"],
                     "n_test": len(y_test),
                 }
             )
@@ -185,13 +207,13 @@ def _paired(d: np.ndarray) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per cap and variant, means over workdirs and the paired differences."""
     lines = [
-        "| cap | rule | workdirs | AUC (mean ± sd) | read (tumour / normal) | − shared | − HAFED "
+        "| cap | rule | workdirs | AUC (mean ± sd) | read (tumour / normal) | − workdir | − HAFED "
         "| − SASHA at the cap |",
         "|---|---|---|---|---|---|---|---|",
     ]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for frac in sorted({r["frac"] for r in rows}):
-        base = {r["workdir"]: r for r in rows if r["frac"] == frac and r["variant"] == "shared"}
+        base = {r["workdir"]: r for r in rows if r["frac"] == frac and r["variant"] == "workdir"}
         first = next(r for r in rows if r["frac"] == frac)
         n = sum(1 for r in rows if r["frac"] == frac and r["variant"] == first["variant"])
         ref = [r for r in rows if r["frac"] == frac and r["variant"] == first["variant"]]
@@ -204,9 +226,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             rs = [r for r in rows if r["frac"] == frac and r["variant"] == v]
             auc = np.array([r["auc"] for r in rs])
             sd = auc.std(ddof=1) if len(auc) > 1 else 0.0
-            vs_shared = (
+            vs_workdir = (
                 _paired(np.array([r["auc"] - base[r["workdir"]]["auc"] for r in rs]))
-                if v != "shared" and all(r["workdir"] in base for r in rs)
+                if v != "workdir" and all(r["workdir"] in base for r in rs)
                 else ""
             )
             ft = np.mean([r["mean_frac_tumour"] for r in rs])
@@ -214,7 +236,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {frac:g} | {v} | {len(rs)} | {auc.mean():.3f} ± {sd:.3f} | "
                 f"{np.mean([r['mean_frac'] for r in rs]):.3f} ({ft:.3f} / {fn:.3f}) | "
-                f"{vs_shared} | {_paired(auc - np.array([r['hafed_auc'] for r in rs]))} | "
+                f"{vs_workdir} | {_paired(auc - np.array([r['hafed_auc'] for r in rs]))} | "
                 f"{_paired(auc - np.array([r['sasha_auc'] for r in rs]))} |"
             )
     return "\n".join(lines)
@@ -227,7 +249,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="keep each workdir's traces here (JSON)")
     ap.add_argument("--out", type=Path, help="write every row as JSON here")
     args = ap.parse_args()
-    variants = ["shared", *(v for v in args.variants if v != "shared")]
+    variants = ["workdir", *(v for v in args.variants if v != "workdir")]
     rows, skipped = [], []
     for root in args.workdirs:
         if not (root / "results.json").is_file():
@@ -246,11 +268,11 @@ def main() -> None:
                 cached.write_text(json.dumps(data))
         for r in measure(data, variants):
             rows.append(r)
-            if r["variant"] == "shared":
-                check = r["results_json_shared"]
+            if r["variant"] == "workdir":
+                check = r["results_json_row"]
                 stored = "-" if check is None else f"{check['auc']:.3f} at {check['mean_frac']:.3f}"
                 print(
-                    f"{root} cap {r['frac']:g}: shared {r['auc']:.3f} at {r['mean_frac']:.3f} "
+                    f"{root} cap {r['frac']:g}: workdir {r['auc']:.3f} at {r['mean_frac']:.3f} "
                     f"(results.json: {stored})",
                     flush=True,
                 )

@@ -15,6 +15,7 @@ from sasha_models.calibration import Calibration
 from sasha_models.stopping import (
     StopRule,
     apply_rule,
+    fit_capped_rule,
     fit_stop_rule,
     referral_metrics,
     risk_coverage,
@@ -241,6 +242,44 @@ def test_the_per_class_grid_agrees_with_the_rule_applied_slide_by_slide():
         assert auc[g] == pytest.approx(classification_metrics(probs, labels)["auc"])
 
 
+def test_a_rule_with_its_own_cap_reads_no_further():
+    rise = [0.1, 0.2, 0.3, 0.4, 0.95, 0.99]  # confident at zoom 5 of 6 (N = 10)
+    assert apply_rule(*_trace(rise), StopRule(0.9)).steps == 5
+    capped = StopRule(0.9, 0.85, max_frac=0.3)  # at most ceil(0.3 * 10) = 3 zooms
+    out = apply_rule(*_trace(rise), capped)
+    assert (out.steps, out.n_zoomed, out.stopped) == (3, 3, "cap")
+    assert out.confidence == pytest.approx(0.7) and out.referred  # 0.7 < 0.85, at its cap
+    assert apply_rule(*_trace([0.95, 0.99]), capped).steps == 1  # stops before its cap too
+    assert apply_rule(*_trace(rise), StopRule(0.9, max_frac=0.9)).steps == 5  # cap above T
+    back = StopRule.from_dict(json.loads(json.dumps(capped.to_dict())))
+    assert back == capped and back.max_frac == 0.3
+    assert capped.describe() == "confidence > 0.9, reading at most 0.3"
+    legacy = {k: v for k, v in StopRule(0.9).to_dict().items() if k != "max_frac"}
+    assert StopRule.from_dict(legacy).max_frac is None
+    with pytest.raises(ValueError, match="max_frac"):
+        StopRule(0.9, max_frac=0.0)
+
+
+def test_a_mean_reading_budget_lowers_the_cap_not_the_rule_in_threshold():
+    traces, y = _search_traces()  # 6 zooms of N = 10: the agent's cap is 0.6
+    kw = {"margin": 0.01, "stop_classes": [1]}
+    free = fit_stop_rule(traces, y, None, 1.0, **kw)
+    assert free.info["val_mean_frac"] == pytest.approx((4 * 0.6 + 0.1 + 0.3 + 0.5) / 7)
+    within = fit_capped_rule(traces, y, None, 1.0, 0.5, 0.6, 0.1, **kw)
+    assert within.max_frac is None and within.class_thresholds == free.class_thresholds
+    rule = fit_capped_rule(traces, y, None, 1.0, 0.4, 0.6, 0.1, **kw)
+    # cap 0.5 reads (4 * 0.5 + 0.1 + 0.3 + 0.5) / 7 = 0.414 > 0.4; cap 0.4 reads 0.343
+    assert rule.max_frac == pytest.approx(0.4)
+    assert rule.class_thresholds[0] == 1.0  # still never rules a slide out before the cap
+    read = [apply_rule(*t, rule).frac_read for t in traces]
+    assert np.mean(read) == pytest.approx(rule.info["val_mean_frac"]) and np.mean(read) <= 0.4
+    assert max(read) <= 0.4 and rule.info["mean_frac_budget"] == 0.4
+    # a budget no cap meets takes the smallest
+    assert fit_capped_rule(traces, y, None, 1.0, 0.01, 0.6, 0.1, **kw).max_frac == 0.1
+    with pytest.raises(ValueError, match="mean reading budget"):
+        fit_capped_rule(traces, y, None, 1.0, 0.0, 0.6)
+
+
 def test_the_per_class_fit_refuses_many_classes():
     p = np.full((3, 4), 0.25, np.float32)
     with pytest.raises(ValueError, match="per_class: false"):
@@ -305,6 +344,25 @@ def test_the_env_option_never_reads_past_a_slides_threshold(made, per_class):
     assert kinds == {"confident", "cap"}
 
 
+def test_the_env_ends_an_episode_at_the_rules_own_cap(made):
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import load_agent
+    from sasha_env.agents.episodes import agent_policy, run_episodes
+    from sasha_env.envs.wsi import episode_budget
+    from sasha_env.workdir import Workdir
+
+    wd, cfg = Workdir(made), AgentConfig.from_dict(made.config["agents"])
+    agent = load_agent(wd, 0.5)
+    ids, policy = list(made.slide_ids), agent_policy(agent.policy)
+    full = run_episodes(agent.make_env(wd, None, cfg), policy, ids, trace=True)
+    rule = StopRule(1.0, 0.0, max_frac=0.2)  # never confident: every slide reads to 0.2
+    capped = run_episodes(agent.make_env(wd, None, cfg, stop_rule=rule), policy, ids, trace=True)
+    for e, f in zip(capped, full, strict=True):
+        n = int(f["n_patches"])
+        assert len(e["zoomed"]) == episode_budget(0.2, n) < len(f["zoomed"])
+        assert e["zoomed"] == f["zoomed"][: len(e["zoomed"])] and e["stopped"] == "cap"
+
+
 def test_the_stop_rule_is_fitted_on_val_slides_only(made, monkeypatch):
     from sasha_env.agents import episodes as ep
     from sasha_env.agents.adaptive import read_stop_rule
@@ -360,16 +418,24 @@ def test_the_calibrate_stage_fits_the_configured_rule(made):
         rule = read_stop_rule(made.agents[0.5])
         assert rule.class_thresholds is not None and rule.class_thresholds[0] == 1.0
         assert rule.info["stop_classes"] == [1]  # tumor is class 1 (sorted names)
+        rule_in = rule
         cfg["adaptive"] = {"per_class": True, "nll_margin": 0.1}
         calibrate_workdir(wd, cfg, log=lambda m: None)
         rule = read_stop_rule(made.agents[0.5])
         assert len(rule.class_thresholds) == 2 and rule.info["nll_margin"] == 0.1
+        budget = rule_in.info["val_mean_frac"] - 0.01  # less than ruling in reads at 0.5
+        cfg["adaptive"] = {"stop_classes": ["tumor"], "mean_frac": budget}
+        calibrate_workdir(wd, cfg, log=lambda m: None)
+        rule = read_stop_rule(made.agents[0.5])
+        assert rule.max_frac is not None and rule.max_frac < 0.5
+        assert rule.info["val_mean_frac"] <= budget or rule.max_frac == pytest.approx(0.01)
         cfg["adaptive"] = {"stop_classes": ["metastasis"]}
         with pytest.raises(ValueError, match=r"not classes of this cohort.*normal"):
             calibrate_workdir(wd, cfg, log=lambda m: None)
     finally:
         calibrate_workdir(wd, made.config, log=lambda m: None)  # the default rule again
     assert read_stop_rule(made.agents[0.5]).class_thresholds is None
+    assert read_stop_rule(made.agents[0.5]).max_frac is None
 
 
 def test_evaluation_reports_the_adaptive_row_curve_and_referral(made):

@@ -24,6 +24,7 @@ automatically at 100 % sensitivity, and the risk–coverage curve with its area 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import Calibration
+from .spaces import episode_budget
 
 __all__ = [
     "MAX_PER_CLASS",
@@ -39,6 +41,7 @@ __all__ = [
     "Outcome",
     "StopRule",
     "apply_rule",
+    "fit_capped_rule",
     "fit_stop_rule",
     "referral_metrics",
     "risk_coverage",
@@ -76,6 +79,10 @@ class StopRule:
         class_thresholds: ``None`` (every class stops at ``threshold``), or one threshold in
             (0, 1] per class: stop when ``calibration.apply(p)[c] > class_thresholds[c]`` for
             some c. ``(t, …, t)`` is the rule with ``threshold = t``.
+        max_frac: ``None`` (read to the episode's cap, the agent's budget f), or the rule's own
+            cap below it, a fraction of the slide's patches: at most
+            :func:`~sasha_models.spaces.episode_budget` ``(max_frac, N)`` zooms
+            (:func:`fit_capped_rule` lowers it to meet a mean reading budget).
     """
 
     threshold: float = 1.0
@@ -83,8 +90,11 @@ class StopRule:
     calibration: Calibration | None = None
     info: dict[str, Any] = field(default_factory=dict, compare=False)
     class_thresholds: tuple[float, ...] | None = None
+    max_frac: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_frac is not None and not 0.0 < self.max_frac <= 1.0:
+            raise ValueError(f"a stop rule's max_frac must be in (0, 1], got {self.max_frac}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"stop threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 <= self.refer_below <= 1.0:
@@ -110,10 +120,18 @@ class StopRule:
         refer_below: float = 0.0,
         calibration: Calibration | None = None,
         info: dict[str, Any] | None = None,
+        max_frac: float | None = None,
     ) -> StopRule:
         """A rule with one stop threshold per class (``threshold`` set to their largest)."""
         ct = tuple(float(t) for t in class_thresholds)
-        return cls(max(ct), refer_below, calibration, dict(info or {}), ct)
+        return cls(max(ct), refer_below, calibration, dict(info or {}), ct, max_frac)
+
+    def cap_steps(self, n_patches: int, steps: int) -> int:
+        """Zooms the rule reads at most of an episode of ``steps`` on a slide of ``n_patches``:
+        ``steps``, or fewer when the rule's own ``max_frac`` caps it lower."""
+        if self.max_frac is None:
+            return int(steps)
+        return min(int(steps), episode_budget(self.max_frac, int(n_patches)))
 
     def fires(self, probs: np.ndarray) -> np.ndarray:
         """``(T,)`` bool: whether the rule stops on each row of ``(T, C)`` raw probabilities."""
@@ -131,8 +149,10 @@ class StopRule:
         """The rule in words, for logs: ``confidence > 0.9``, or per class
         ``p[0] > 0.99 or p[1] > 0.7``."""
         if self.class_thresholds is None:
-            return f"confidence > {self.threshold:g}"
-        return " or ".join(f"p[{c}] > {t:g}" for c, t in enumerate(self.class_thresholds))
+            text = f"confidence > {self.threshold:g}"
+        else:
+            text = " or ".join(f"p[{c}] > {t:g}" for c, t in enumerate(self.class_thresholds))
+        return text if self.max_frac is None else f"{text}, reading at most {self.max_frac:g}"
 
     def calibrated(self, probs: np.ndarray) -> np.ndarray:
         """``(…, C)`` probabilities after the rule's calibration."""
@@ -159,6 +179,7 @@ class StopRule:
             if self.class_thresholds is None
             else list(self.class_thresholds),
             "refer_below": self.refer_below,
+            "max_frac": self.max_frac,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             **self.info,
         }
@@ -166,16 +187,19 @@ class StopRule:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StopRule:
         """Inverse of :meth:`to_dict`; bad values are a ``ValueError``. Files written before
-        per-class thresholds existed (no ``class_thresholds`` key) read as shared ones."""
-        known = ("threshold", "refer_below", "calibration", "class_thresholds")
+        per-class thresholds existed (no ``class_thresholds`` key) read as shared ones, and
+        those before ``max_frac`` as reading to the episode's cap."""
+        known = ("threshold", "refer_below", "calibration", "class_thresholds", "max_frac")
         cal = d.get("calibration")
         ct = d.get("class_thresholds")
+        mf = d.get("max_frac")
         return cls(
             float(d["threshold"]),
             float(d["refer_below"]),
             None if cal is None else Calibration.from_dict(cal),
             {k: v for k, v in d.items() if k not in known},
             None if ct is None else tuple(float(t) for t in ct),
+            None if mf is None else float(mf),
         )
 
 
@@ -213,11 +237,12 @@ def apply_rule(
         n_zoomed: ``(T,)`` patches zoomed after each step (the step count unless the agent
             took illegal actions).
         n_patches: N, the slide's patches.
-        rule: the stop rule.
+        rule: the stop rule (with ``max_frac``, the trace is read to that cap at most).
     """
     probs = np.asarray(step_probs, np.float32)
     if probs.ndim != 2 or len(probs) == 0 or len(n_zoomed) != len(probs):
         raise ValueError(f"a trace is (T, C) probabilities and T counts; got {probs.shape}")
+    probs = probs[: rule.cap_steps(n_patches, len(probs))]
     conf = np.asarray(rule.confidence(probs)).reshape(-1)
     hits = np.flatnonzero(rule.fires(probs))
     t = int(hits[0]) if hits.size else len(probs) - 1
@@ -457,6 +482,50 @@ def fit_stop_rule(
         "val_curve": curve,
     }
     return StopRule(threshold, float(refer), calibration, info, rule.class_thresholds)
+
+
+def fit_capped_rule(
+    traces: Sequence[tuple[np.ndarray, Sequence[int], int]],
+    labels: np.ndarray,
+    calibration: Calibration | None,
+    target_auc: float | None,
+    mean_frac: float,
+    cap: float,
+    step: float = 0.01,
+    **fit: Any,
+) -> StopRule:
+    """:func:`fit_stop_rule` under a mean reading budget, on validation traces only.
+
+    The rule's own cap (``max_frac``) is the largest of ``cap, cap − step, cap − 2·step, …``
+    (down to ``step``) at which the rule fitted on the traces cut to that cap reads at most
+    ``mean_frac`` of the val slides' patches on average; the thresholds are refitted at each
+    cap. A rule within the budget at ``cap`` keeps ``max_frac = None``; when no cap is, the
+    smallest is taken (its val reading is in ``info["val_mean_frac"]``).
+
+    A tumour search that rules slides in early (``stop_classes``) reads every normal-looking
+    slide to the cap. Lowering the cap is how such a rule meets a mean budget: lowering the
+    thresholds instead would rule tumour slides out before their tumour is reached.
+
+    Args:
+        traces, labels, calibration, target_auc: as :func:`fit_stop_rule`.
+        mean_frac: in (0, 1], the most the rule may read on average over the val slides.
+        cap: the traces' own cap, the agent's budget f.
+        step: the spacing of the caps tried.
+        **fit: the other arguments of :func:`fit_stop_rule` (``margin``, ``stop_classes``...).
+    """
+    if not 0.0 < mean_frac <= 1.0:
+        raise ValueError(f"a mean reading budget must be in (0, 1], got {mean_frac}")
+    if not 0.0 < step <= cap:
+        raise ValueError(f"the cap's step must be in (0, cap = {cap}], got {step}")
+    lower = [round(k * step, 9) for k in range(math.ceil(round(cap / step, 9)) - 1, 0, -1)]
+    for c in [cap, *lower]:
+        cut = [(p[: episode_budget(c, n)], z[: episode_budget(c, n)], n) for p, z, n in traces]
+        rule = fit_stop_rule(cut, labels, calibration, target_auc, **fit)
+        if rule.info["val_mean_frac"] <= mean_frac:
+            break
+    max_frac = None if c == cap else c
+    info = {**rule.info, "mean_frac_budget": mean_frac, "cap_step": step}
+    return dataclasses.replace(rule, max_frac=max_frac, info=info)
 
 
 def _fit_per_class(

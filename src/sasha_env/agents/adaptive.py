@@ -4,7 +4,7 @@ The calibrate stage fits a :class:`~sasha_models.stopping.StopRule` per agent on
 split (:func:`fit_agent_rule`) and writes it to ``agents/<algo>-<f>/adaptive.json``
 (:func:`write_stop_rule`); evaluation, ``sasha predict --adaptive`` and
 ``SashaWSIEnv(stop_rule=...)`` read it back with :func:`read_stop_rule`. The agent's budget f
-is the rule's cap.
+is the rule's cap, unless ``adaptive.mean_frac`` lowered it (the rule's ``max_frac``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sasha_models.calibration import KINDS, Calibration
-from sasha_models.stopping import StopRule, fit_stop_rule
+from sasha_models.stopping import StopRule, fit_capped_rule, fit_stop_rule
 
 from ..atomic import write_json
 from ..config import dataclass_from_dict
@@ -63,6 +63,12 @@ class AdaptiveConfig:
     mean negative log-likelihood at the stop, at most this much above reading every slide to
     the cap (AUC on 15 slides cannot see a slide ruled out with a confident wrong answer that
     still ranks right)."""
+    mean_frac: float | None = None
+    """``None``: each agent's rule reads at most to the agent's budget f. A fraction of the
+    patches: the most a rule may read on average over the val slides; each agent's cap is
+    lowered from f in steps of 0.01, the thresholds refitted at each, until its rule meets it
+    on val (:func:`~sasha_models.stopping.fit_capped_rule`; e.g. 0.1 with ``stop_classes:
+    [tumor]`` reads tumour slides until ruled in and normal-looking ones to the lowered cap)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> AdaptiveConfig:
@@ -71,6 +77,8 @@ class AdaptiveConfig:
             raise ValueError("adaptive.stop_classes must name at least one class, or be null")
         if cfg.nll_margin is not None and cfg.nll_margin < 0:
             raise ValueError(f"adaptive.nll_margin must be >= 0 or null; got {cfg.nll_margin}")
+        if cfg.mean_frac is not None and not 0 < cfg.mean_frac <= 1:
+            raise ValueError(f"adaptive.mean_frac must be in (0, 1] or null; got {cfg.mean_frac}")
         if not 0 <= cfg.margin <= 1 or not 0 <= cfg.max_auto_error <= 1:
             raise ValueError(
                 f"adaptive.margin and adaptive.max_auto_error must be in [0, 1]; got {cfg}"
@@ -106,21 +114,24 @@ def fit_agent_rule(
             each to its cap.
         calibration: the agent's final-state calibration (kind ``acfg.calibration``).
         target_auc: HAFED's AUC on the same val slides.
-        cap: the agent's budget f, recorded with the rule.
+        cap: the agent's budget f, recorded with the rule (with ``acfg.mean_frac``, the rule's
+            own cap may be lower: its ``max_frac``).
         class_names: the classes in index order (needed with ``acfg.stop_classes``).
     """
     labels = np.array([e["label"] for e in episodes])
-    rule = fit_stop_rule(
-        traces(episodes),
-        labels,
-        calibration,
-        target_auc,
-        acfg.margin,
-        acfg.max_auto_error,
-        per_class=acfg.per_class,
-        nll_margin=acfg.nll_margin,
-        stop_classes=stop_class_indices(acfg, class_names),
-    )
+    fit: dict[str, Any] = {
+        "margin": acfg.margin,
+        "max_auto_error": acfg.max_auto_error,
+        "per_class": acfg.per_class,
+        "nll_margin": acfg.nll_margin,
+        "stop_classes": stop_class_indices(acfg, class_names),
+    }
+    if acfg.mean_frac is None:
+        rule = fit_stop_rule(traces(episodes), labels, calibration, target_auc, **fit)
+    else:
+        rule = fit_capped_rule(
+            traces(episodes), labels, calibration, target_auc, acfg.mean_frac, cap, **fit
+        )
     info = {**rule.info, "cap": float(cap), "calibration_kind": acfg.calibration}
     return dataclasses.replace(rule, info=info)
 

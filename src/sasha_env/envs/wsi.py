@@ -178,9 +178,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         stop_rule: stop when confident (:class:`~sasha_models.stopping.StopRule`, fitted on
             val by the calibrate stage and stored beside each agent): the episode also ends
             (``terminated``) after the first zoom whose calibrated confidence exceeds the
-            rule's threshold; ``⌈frac·N⌉`` is then the cap. The last ``info`` adds
-            ``stopped`` (``"confident"`` or ``"cap"``), ``confidence``, ``referred`` and
-            ``calibrated_probabilities``. ``None`` (the default): every episode reads the cap.
+            rule's threshold; ``⌈frac·N⌉`` is then the cap (``⌈max_frac·N⌉`` when the rule has
+            a lower cap of its own, ``max_frac``; ``reset``'s ``budget`` says which). The last
+            ``info`` adds ``stopped`` (``"confident"`` or ``"cap"``), ``confidence``,
+            ``referred`` and ``calibrated_probabilities``. ``None`` (the default): every episode reads the cap.
             Not with ``stop_action`` (one stopping rule at a time).
         stop_action: add the always-legal stop action (learned stopping, above); the action
             space becomes ``Discrete(P + 1)`` and :meth:`action_masks` ``(P + 1,)``.
@@ -428,7 +429,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._zoomed = []
         self._changed = np.arange(n, dtype=np.int64)
         self._copies.changed(None)  # the padding, valid and coords rows too
-        self._t, self._budget = 0, episode_budget(self.frac, n)
+        budget = episode_budget(self.frac, n)
+        if self.stop_rule is not None:  # its own cap, when it has one below the budget
+            budget = self.stop_rule.cap_steps(n, budget)
+        self._t, self._budget = 0, budget
         self._done = False
         with torch.inference_mode():
             self._S = torch.from_numpy(self._features)[:n]

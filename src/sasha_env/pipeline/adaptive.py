@@ -5,12 +5,14 @@ traced zoom by zoom (the ``sasha`` row is its end). The agent's stop rule (fitte
 the calibrate stage, ``agents/<algo>-<f>/adaptive.json``) cuts each trace where it fires
 (:func:`~sasha_models.stopping.apply_rule`: the same as running the episode under the rule):
 
-- ``sasha_adaptive`` row, ``frac`` = the cap: metrics of the calibrated probabilities at each
-  slide's stop, ``mean_frac``, ``frac_p50``, ``frac_p90`` (fraction of patches read),
-  ``share_confident``, the rule's ``threshold`` and ``refer_below``;
+- ``sasha_adaptive`` row, ``frac`` = the agent's budget: metrics of the calibrated
+  probabilities at each slide's stop, ``mean_frac``, ``frac_p50``, ``frac_p90`` (fraction of
+  patches read), ``share_confident``, the rule's ``threshold``, ``refer_below`` and
+  ``max_frac`` (its own cap, when ``adaptive.mean_frac`` lowered it below the budget; else
+  ``None``: the cap is ``frac``);
 - ``adaptive_curve``: at every threshold of :data:`~sasha_models.stopping.THRESHOLDS` (a grid
-  fixed beforehand, not chosen on test), the test slides' mean fraction read and AUC with its
-  bootstrap interval;
+  fixed beforehand, not chosen on test; shared by every class, at the rule's cap), the test
+  slides' mean fraction read and AUC with its bootstrap interval;
 - ``referral``: :func:`~sasha_models.stopping.referral_metrics` of the rule on test.
 
 Learned stopping (``agents.stop: learned``) is the other way to stop: an agent trained with an
@@ -127,6 +129,7 @@ def adaptive_results(
                 if rule.class_thresholds is None
                 else list(rule.class_thresholds),
                 "refer_below": rule.refer_below,
+                "max_frac": rule.max_frac,
             }
         )
         predictions[method_name(METHOD, frac)] = ([e["slide_id"] for e in eps], [probs])
@@ -139,7 +142,9 @@ def adaptive_results(
             }
         )
         for t in THRESHOLDS:
-            at = adaptive_episodes(episodes, StopRule(t, 0.0, rule.calibration))
+            at = adaptive_episodes(
+                episodes, StopRule(t, 0.0, rule.calibration, max_frac=rule.max_frac)
+            )
             p = np.empty((len(at), probs.shape[1]), np.float32)
             p[order] = np.stack([e["probabilities"] for e in at])  # slide_ids order
             auc = classification_metrics(p, labels)["auc"]

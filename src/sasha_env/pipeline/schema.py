@@ -175,6 +175,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.zoom_cost": (lambda v: 0 <= v < float("inf"), ">= 0 (reward per zoom, nats)"),
     "adaptive.margin": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.nll_margin": (lambda v: v is None or v >= 0, ">= 0, or null (off)"),
+    "adaptive.mean_frac": (
+        lambda v: v is None or 0 < v <= 1,
+        "in (0, 1] (the most read on average), or null (each agent's budget)",
+    ),
     "adaptive.stop_classes": (lambda v: len(v) > 0, "a list of class names (or null: every class)"),
     "adaptive.max_auto_error": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adaptive.calibration": (
