@@ -498,6 +498,7 @@ def fixed_mean_frac(made, wd) -> float:
 
 
 def test_the_study_carries_the_adaptive_row_and_curve_over_seeds():
+    from sasha_env.pipeline.evaluate import format_table
     from sasha_env.pipeline.study import aggregate, format_study
 
     def results(auc, mean_frac):
@@ -548,6 +549,19 @@ def test_the_study_carries_the_adaptive_row_and_curve_over_seeds():
     assert referral["share_referred_mean"] == pytest.approx(0.1)
     assert summary["budget_curve"][0]["mean_frac_mean"] == pytest.approx(0.1)
     assert "| sasha_adaptive | 0.10 (cap 0.20) | 0.950 ± 0.071" in format_study(summary)
+    # caps lowered by adaptive.mean_frac, on two seeds of three: the mean cap
+    lowered = {0: results(0.9, 0.05), 1: results(1.0, 0.15), 2: results(1.0, 0.1)}
+    lowered[0]["methods"][0]["max_frac"] = 0.14
+    lowered[1]["methods"][0]["max_frac"] = 0.16
+    lowered[2]["methods"][0]["max_frac"] = None
+    (row,) = aggregate(lowered, "demo")["methods"]
+    assert row["max_frac_mean"] == pytest.approx(0.5 / 3)  # (0.14 + 0.16 + 0.2) / 3
+    assert [p["max_frac"] for p in row["per_seed"]] == [0.14, 0.16, None]
+    assert "| sasha_adaptive | 0.10 (cap 0.17 of 0.20) |" in format_study(
+        aggregate(lowered, "demo")
+    )
+    one = {"methods": [lowered[0]["methods"][0]], "paired": []}  # one run's table too
+    assert "| sasha_adaptive | 0.05 (cap 0.14 of 0.20) |" in format_table(one)
 
 
 def test_the_adaptive_config_section_is_checked():

@@ -414,7 +414,8 @@ def format_table(results: dict | str | Path) -> str:
         hit = m.get("tumour_hit_rate")
         frac = f"{m['frac']:.2f}"
         if "mean_frac" in m:  # adaptive: what it read on average, and its cap
-            frac = f"{m['mean_frac']:.2f} (cap {m['frac']:.2f})"
+            lowered = "" if m.get("max_frac") is None else f"{m['max_frac']:.2f} of "
+            frac = f"{m['mean_frac']:.2f} (cap {lowered}{m['frac']:.2f})"
         rows.append(
             [m["method"], frac, _with_ci(m, "auc"), _with_ci(m, "accuracy")]
             + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]

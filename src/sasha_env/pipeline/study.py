@@ -49,7 +49,14 @@ _HOST = socket.gethostname()
 METRICS = ("auc", "accuracy", "f1", "ece")
 #: What adaptive rows (``sasha_adaptive``, the threshold rule; ``sasha_learned_stop``, the
 #: learned rule) add, summarised across seeds too.
-ADAPTIVE_KEYS = ("mean_frac", "frac_p50", "frac_p90", "share_confident", "share_stopped")
+ADAPTIVE_KEYS = (
+    "mean_frac",
+    "frac_p50",
+    "frac_p90",
+    "share_confident",
+    "share_stopped",
+    "max_frac",
+)
 #: Sampling rows' tumour measures (when the manifest has masks): mean and sd over seeds.
 TUMOUR_KEYS = ("tumour_hit_rate", "tumour_found")
 
@@ -314,9 +321,10 @@ def aggregate(per_seed: dict[int, dict[str, Any]], preset: str) -> dict[str, Any
             row["tumour_missed_total"] = round(sum(slides) - sum(found), 3)
         for key in ADAPTIVE_KEYS:  # adaptive rows: how much each seed read
             if any(key in by_seed[s] for s in by_seed):
-                row[f"{key}_mean"], row[f"{key}_sd"] = mean_sd(
-                    [by_seed[s].get(key) for s in by_seed]
-                )
+                values = [by_seed[s].get(key) for s in by_seed]
+                if key == "max_frac" and any(v is not None for v in values):
+                    values = [row["frac"] if v is None else v for v in values]  # cap not lowered
+                row[f"{key}_mean"], row[f"{key}_sd"] = mean_sd(values)
                 for entry in row["per_seed"]:
                     entry[key] = by_seed[entry["seed"]].get(key)
         calibrated = [by_seed[s]["calibrated"] for s in by_seed if by_seed[s].get("calibrated")]
@@ -409,9 +417,12 @@ def _plus(mean: float | None, sd: float | None) -> float | None:
 
 
 def _frac(row: dict) -> str:
-    """A row's budget; adaptive rows: their mean fraction read over seeds, and the cap."""
+    """A row's budget; adaptive rows: their mean fraction read over seeds, and the cap (the
+    mean of the caps ``adaptive.mean_frac`` lowered, with the agents' budget)."""
     if row.get("mean_frac_mean") is not None:
-        return f"{row['mean_frac_mean']:.2f} (cap {row['frac']:.2f})"
+        cap = row.get("max_frac_mean")
+        lowered = "" if cap is None else f"{cap:.2f} of "
+        return f"{row['mean_frac_mean']:.2f} (cap {lowered}{row['frac']:.2f})"
     return f"{row['frac']:.2f}"
 
 
