@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sasha_models.calibration import Calibration
+from sasha_models.spaces import episode_budget
 from sasha_models.stopping import (
     StopRule,
     apply_rule,
@@ -490,6 +491,56 @@ def test_evaluation_reports_the_adaptive_row_curve_and_referral(made):
     written = write_adaptive_figures(wd, results)
     names = ["adaptive_curve.png", "adaptive_fraction_read.png", "risk_coverage.png"]
     assert [p.name for p in written] == names and all(p.stat().st_size > 0 for p in written)
+
+
+def test_the_curve_varies_the_rule_it_reports_ruling_in_at_its_own_cap(made):
+    import copy
+
+    from sasha_env.agents.adaptive import read_stop_rule
+    from sasha_env.pipeline.calibrate import calibrate_workdir
+    from sasha_env.pipeline.evaluate import evaluate_workdir
+    from sasha_env.workdir import Workdir
+
+    wd = Workdir(made)
+    cfg = copy.deepcopy(made.config)
+    cfg["adaptive"] = {"stop_classes": ["tumor"]}
+    try:
+        calibrate_workdir(wd, cfg, log=lambda m: None)
+        budget = read_stop_rule(made.agents[0.5]).info["val_mean_frac"] - 0.01
+        cfg["adaptive"]["mean_frac"] = budget  # a cap below 0.5 too
+        calibrate_workdir(wd, cfg, log=lambda m: None)
+        rule = read_stop_rule(made.agents[0.5])
+        assert rule.max_frac is not None and rule.class_thresholds[0] == 1.0
+        results = evaluate_workdir(wd, cfg, log=lambda m: None)
+    finally:
+        calibrate_workdir(wd, made.config, log=lambda m: None)
+        evaluate_workdir(wd, made.config, log=lambda m: None)
+    (row,) = [m for m in results["methods"] if m["method"] == "sasha_adaptive"]
+    assert row["max_frac"] == rule.max_frac
+    curve = {c["threshold"]: c for c in results["adaptive_curve"]}
+    # the fitted rule is a point of its curve: tumour's threshold varies, normal never stops
+    at_rule = curve[rule.class_thresholds[1]]
+    assert at_rule["auc"] == row["auc"] and at_rule["mean_frac"] == row["mean_frac"]
+    # and the curve never reads past the rule's own cap
+    saved = json.loads((made.root / "episodes" / "sasha-0.5.json").read_text())
+    n = [round(len(e["zoomed"]) / e["frac_read"]) for e in saved]  # each test slide's N
+    cap = np.mean([episode_budget(rule.max_frac, k) / k for k in n])
+    assert curve[1.0]["mean_frac"] == pytest.approx(cap)
+    assert max(c["mean_frac"] for c in curve.values()) <= cap + 1e-9
+
+
+def test_a_rule_of_each_kind_at_another_threshold():
+    cal = Calibration(2.0, (0.0, 0.5))
+    shared = StopRule(0.9, 0.7, cal, max_frac=0.2).at_threshold(0.6)
+    assert (shared.threshold, shared.refer_below, shared.calibration, shared.max_frac) == (
+        0.6,
+        0.0,
+        cal,
+        0.2,
+    )
+    rule_in = StopRule.per_class((1.0, 0.8), 0.5, cal, {"stop_classes": [1]})
+    assert rule_in.at_threshold(0.6).class_thresholds == (1.0, 0.6)
+    assert StopRule.per_class((0.99, 0.8)).at_threshold(0.6).class_thresholds == (0.6, 0.6)
 
 
 def fixed_mean_frac(made, wd) -> float:

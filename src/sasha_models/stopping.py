@@ -145,6 +145,24 @@ class StopRule:
             )
         return np.asarray((p > np.asarray(self.class_thresholds, np.float32)).any(axis=-1))
 
+    def at_threshold(self, threshold: float) -> StopRule:
+        """The rule of the same kind at another confidence threshold, for curves over
+        :data:`THRESHOLDS`: a shared rule at ``threshold``; a per-class one with every class
+        that may stop a slide at ``threshold`` (``info["stop_classes"]`` when it was fitted
+        with them, else every class) and the others still never stopping it. Calibration and
+        ``max_frac`` are kept; nothing is referred."""
+        if self.class_thresholds is None:
+            return StopRule(threshold, 0.0, self.calibration, max_frac=self.max_frac)
+        n = len(self.class_thresholds)
+        stop = self.info.get("stop_classes")
+        free = set(range(n)) if stop is None else {int(c) for c in stop}
+        return StopRule.per_class(
+            [threshold if c in free else 1.0 for c in range(n)],
+            0.0,
+            self.calibration,
+            max_frac=self.max_frac,
+        )
+
     def describe(self) -> str:
         """The rule in words, for logs: ``confidence > 0.9``, or per class
         ``p[0] > 0.99 or p[1] > 0.7``."""
@@ -271,15 +289,22 @@ def threshold_curve(
     labels: np.ndarray,
     calibration: Calibration | None,
     thresholds: Sequence[float] = THRESHOLDS,
+    stop_classes: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """``[{"threshold", "mean_frac", "auc", "accuracy", "nll"}]``: the rule at each threshold on
     the slides of ``traces`` (``(step_probs, n_zoomed, n_patches)`` per slide, as
     :func:`apply_rule` takes them): AUC, accuracy and mean negative log-likelihood of the
-    calibrated probabilities at the stop."""
+    calibrated probabilities at the stop. With ``stop_classes`` only those classes stop at
+    the threshold (the others never do), as :meth:`StopRule.at_threshold`."""
     y = np.asarray(labels)
+    kind = StopRule(1.0, 0.0, calibration)
+    if stop_classes is not None:
+        n = np.asarray(traces[0][0]).shape[1]
+        info = {"stop_classes": [int(c) for c in stop_classes]}
+        kind = StopRule.per_class([1.0] * n, 0.0, calibration, info)
     out = []
     for t in thresholds:
-        rule = StopRule(float(t), 0.0, calibration)
+        rule = kind.at_threshold(float(t))
         outs = [apply_rule(p, z, n, rule) for p, z, n in traces]
         probs = np.stack([o.probabilities for o in outs])
         out.append(
@@ -431,13 +456,13 @@ def fit_stop_rule(
             implies ``per_class``.
 
     Returns:
-        The :class:`StopRule`, its ``info`` holding the val curve (of shared thresholds) and
-        the fit's inputs.
+        The :class:`StopRule`, its ``info`` holding the val curve (:func:`threshold_curve`:
+        shared thresholds, or with ``stop_classes`` theirs) and the fit's inputs.
     """
     if not traces:
         raise ValueError("fit_stop_rule needs at least one validation slide")
     y = np.asarray(labels)
-    curve = threshold_curve(traces, y, calibration, thresholds)
+    curve = threshold_curve(traces, y, calibration, thresholds, stop_classes)
     target = None if target_auc is None else float(target_auc) - margin
     nll_max = None
     if nll_margin is not None:

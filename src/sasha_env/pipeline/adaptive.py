@@ -11,8 +11,10 @@ the calibrate stage, ``agents/<algo>-<f>/adaptive.json``) cuts each trace where 
   ``max_frac`` (its own cap, when ``adaptive.mean_frac`` lowered it below the budget; else
   ``None``: the cap is ``frac``);
 - ``adaptive_curve``: at every threshold of :data:`~sasha_models.stopping.THRESHOLDS` (a grid
-  fixed beforehand, not chosen on test; shared by every class, at the rule's cap), the test
-  slides' mean fraction read and AUC with its bootstrap interval;
+  fixed beforehand, not chosen on test), the test slides' mean fraction read and AUC with its
+  bootstrap interval, for the rule of the fitted one's kind at that threshold
+  (:meth:`~sasha_models.stopping.StopRule.at_threshold`: a rule-in rule varies its stop
+  classes' threshold only, at the rule's cap);
 - ``referral``: :func:`~sasha_models.stopping.referral_metrics` of the rule on test.
 
 Learned stopping (``agents.stop: learned``) is the other way to stop: an agent trained with an
@@ -142,9 +144,7 @@ def adaptive_results(
             }
         )
         for t in THRESHOLDS:
-            at = adaptive_episodes(
-                episodes, StopRule(t, 0.0, rule.calibration, max_frac=rule.max_frac)
-            )
+            at = adaptive_episodes(episodes, rule.at_threshold(t))
             p = np.empty((len(at), probs.shape[1]), np.float32)
             p[order] = np.stack([e["probabilities"] for e in at])  # slide_ids order
             auc = classification_metrics(p, labels)["auc"]
