@@ -37,6 +37,9 @@ import numpy as np
 import yaml
 from scipy import stats
 
+#: The traces' format: a ``--cache`` file of another is collected again.
+CACHE_VERSION = 2
+
 #: What every variant but ``workdir`` starts from: the shared threshold, read to the budget.
 BASE: dict[str, Any] = {
     "per_class": False,
@@ -137,6 +140,7 @@ def collect(root: Path, cfg: dict | None = None) -> dict[str, Any]:
         )
         agents.append(entry)
     return {
+        "version": CACHE_VERSION,
         "workdir": str(root),
         "class_names": list(bags.class_names),
         "adaptive": adaptive.to_dict(),
@@ -260,9 +264,8 @@ def main() -> None:
         if args.cache is not None:
             args.cache.mkdir(parents=True, exist_ok=True)
             cached = args.cache / f"{root.resolve().parent.name}-{root.name}.json"
-        if cached is not None and cached.is_file():
-            data = json.loads(cached.read_text())
-        else:
+        data = json.loads(cached.read_text()) if cached is not None and cached.is_file() else None
+        if data is None or data.get("version") != CACHE_VERSION:
             data = collect(root)
             if cached is not None:
                 cached.write_text(json.dumps(data))

@@ -274,9 +274,15 @@ def test_a_mean_reading_budget_lowers_the_cap_not_the_rule_in_threshold():
     assert rule.class_thresholds[0] == 1.0  # still never rules a slide out before the cap
     read = [apply_rule(*t, rule).frac_read for t in traces]
     assert np.mean(read) == pytest.approx(rule.info["val_mean_frac"]) and np.mean(read) <= 0.4
-    assert max(read) <= 0.4 and rule.info["mean_frac_budget"] == 0.4
-    # a budget no cap meets takes the smallest
-    assert fit_capped_rule(traces, y, None, 1.0, 0.01, 0.6, 0.1, **kw).max_frac == 0.1
+    assert max(read) <= 0.4 and rule.info["mean_frac_budget"] == 0.4 and rule.info["budget_met"]
+    # a budget no cap meets takes the smallest, and says so
+    least = fit_capped_rule(traces, y, None, 1.0, 0.01, 0.6, 0.1, **kw)
+    assert least.max_frac == 0.1 and least.info["budget_met"] is False
+    # a budget not a multiple of the step: the caps below it are (0.55 reads 6 zooms of 10)
+    odd = fit_capped_rule(traces, y, None, 1.0, 0.45, 0.55, 0.1, **kw)
+    assert odd.max_frac == pytest.approx(0.5) and odd.info["val_mean_frac"] == pytest.approx(
+        (4 * 0.5 + 0.1 + 0.3 + 0.5) / 7
+    )
     with pytest.raises(ValueError, match="mean reading budget"):
         fit_capped_rule(traces, y, None, 1.0, 0.0, 0.6)
 
@@ -346,10 +352,10 @@ def test_the_env_option_never_reads_past_a_slides_threshold(made, per_class):
 
 
 def test_the_env_ends_an_episode_at_the_rules_own_cap(made):
+    from sasha_env.agents.adaptive import traces
     from sasha_env.agents.config import AgentConfig
     from sasha_env.agents.envs import load_agent
     from sasha_env.agents.episodes import agent_policy, run_episodes
-    from sasha_env.envs.wsi import episode_budget
     from sasha_env.workdir import Workdir
 
     wd, cfg = Workdir(made), AgentConfig.from_dict(made.config["agents"])
@@ -362,6 +368,15 @@ def test_the_env_ends_an_episode_at_the_rules_own_cap(made):
         n = int(f["n_patches"])
         assert len(e["zoomed"]) == episode_budget(0.2, n) < len(f["zoomed"])
         assert e["zoomed"] == f["zoomed"][: len(e["zoomed"])] and e["stopped"] == "cap"
+    # confident stops and the rule's cap together: as the trace of the full episode says
+    conf = np.concatenate([StopRule(1.0).confidence(e["step_probabilities"]) for e in full])
+    both = StopRule(float(np.quantile(conf, 0.7)), 0.0, max_frac=0.3)
+    stopped = run_episodes(agent.make_env(wd, None, cfg, stop_rule=both), policy, ids, trace=True)
+    for e, tr in zip(stopped, traces(full), strict=True):
+        out = apply_rule(*tr, both)
+        assert (len(e["zoomed"]), e["stopped"]) == (out.n_zoomed, out.stopped)
+        assert len(e["zoomed"]) <= episode_budget(0.3, tr[2])
+    assert {e["stopped"] for e in stopped} == {"confident", "cap"}
 
 
 def test_the_stop_rule_is_fitted_on_val_slides_only(made, monkeypatch):
@@ -429,7 +444,7 @@ def test_the_calibrate_stage_fits_the_configured_rule(made):
         calibrate_workdir(wd, cfg, log=lambda m: None)
         rule = read_stop_rule(made.agents[0.5])
         assert rule.max_frac is not None and rule.max_frac < 0.5
-        assert rule.info["val_mean_frac"] <= budget or rule.max_frac == pytest.approx(0.01)
+        assert rule.info["budget_met"] == (rule.info["val_mean_frac"] <= budget)
         cfg["adaptive"] = {"stop_classes": ["metastasis"]}
         with pytest.raises(ValueError, match=r"not classes of this cohort.*normal"):
             calibrate_workdir(wd, cfg, log=lambda m: None)

@@ -178,7 +178,7 @@ class Predictor:
             probabilities are kept in the record too.
         adaptive: stop each slide when the agent's stop rule fires (thresholds fitted on the
             val split by the calibrate stage, ``agents/<algo>-<f>/adaptive.json``), f being
-            the cap; records add ``stopped`` (``confident``/``cap``), ``referred`` and
+            the cap (or the rule's own lower one, ``max_frac``); records add ``stopped`` (``confident``/``cap``), ``referred`` and
             ``confidence``.
         mpp: level-0 µm/px assumed for a slide whose metadata has no usable mpp (``--mpp``);
             without it such a slide fails with a message naming ``--mpp``, as in extraction.

@@ -3,7 +3,8 @@
 An agent zooms patch after patch; after each zoom the state is classified, and the calibrated
 probabilities ``p`` (:class:`~sasha_models.calibration.Calibration` of the agent's final
 states) give a confidence ``max_c p_c``. :class:`StopRule` stops the episode at the first zoom
-whose confidence *exceeds* ``threshold``, or at the cap (the agent's budget ⌈f·N⌉ zooms); a
+whose confidence *exceeds* ``threshold``, or at the cap (the agent's budget ⌈f·N⌉ zooms, or
+the rule's own lower cap ⌈max_frac·N⌉, :func:`fit_capped_rule`); a
 slide that reaches the cap with confidence below ``refer_below`` is *referred* (a pathologist
 reads it in full). A threshold of 1 never fires: the rule then reads every slide to the cap.
 With ``class_thresholds`` each class has its own: stop when ``p_c`` exceeds class c's. A
@@ -521,11 +522,14 @@ def fit_capped_rule(
 ) -> StopRule:
     """:func:`fit_stop_rule` under a mean reading budget, on validation traces only.
 
-    The rule's own cap (``max_frac``) is the largest of ``cap, cap − step, cap − 2·step, …``
-    (down to ``step``) at which the rule fitted on the traces cut to that cap reads at most
-    ``mean_frac`` of the val slides' patches on average; the thresholds are refitted at each
-    cap. A rule within the budget at ``cap`` keeps ``max_frac = None``; when no cap is, the
-    smallest is taken (its val reading is in ``info["val_mean_frac"]``).
+    The rule's own cap (``max_frac``) is the largest of ``cap`` and the multiples of ``step``
+    below it (down to ``step``) at which the rule fitted on the traces cut to that cap reads at
+    most ``mean_frac`` of the val slides' patches on average; the thresholds are refitted at
+    each cap (a cap that cuts no slide shorter than the last one tried is skipped: its rule is
+    the same). A rule within the budget at ``cap`` keeps ``max_frac = None``; when no cap is,
+    the smallest is taken. ``info["budget_met"]`` says which, ``info["val_mean_frac"]`` what it
+    read. With ``nll_margin`` the likelihood guard is relative to reading to the cap being
+    tried, not to ``cap``.
 
     A tumour search that rules slides in early (``stop_classes``) reads every normal-looking
     slide to the cap. Lowering the cap is how such a rule meets a mean budget: lowering the
@@ -541,16 +545,24 @@ def fit_capped_rule(
     if not 0.0 < mean_frac <= 1.0:
         raise ValueError(f"a mean reading budget must be in (0, 1], got {mean_frac}")
     if not 0.0 < step <= cap:
-        raise ValueError(f"the cap's step must be in (0, cap = {cap}], got {step}")
+        raise ValueError(
+            f"a mean reading budget lowers the cap in steps of {step}: the agent's budget "
+            f"{cap} is below one step"
+        )
     lower = [round(k * step, 9) for k in range(math.ceil(round(cap / step, 9)) - 1, 0, -1)]
+    last: list[int] | None = None
     for c in [cap, *lower]:
-        cut = [(p[: episode_budget(c, n)], z[: episode_budget(c, n)], n) for p, z, n in traces]
-        rule = fit_stop_rule(cut, labels, calibration, target_auc, **fit)
+        lengths = [min(len(p), episode_budget(c, n)) for p, _, n in traces]
+        if lengths == last:
+            continue  # cuts no slide shorter than the cap before: the same rule
+        last = lengths
+        cut = [(p[:k], z[:k], n) for (p, z, n), k in zip(traces, lengths, strict=True)]
+        rule, at = fit_stop_rule(cut, labels, calibration, target_auc, **fit), c
         if rule.info["val_mean_frac"] <= mean_frac:
             break
-    max_frac = None if c == cap else c
-    info = {**rule.info, "mean_frac_budget": mean_frac, "cap_step": step}
-    return dataclasses.replace(rule, max_frac=max_frac, info=info)
+    met = rule.info["val_mean_frac"] <= mean_frac
+    info = {**rule.info, "mean_frac_budget": mean_frac, "cap_step": step, "budget_met": met}
+    return dataclasses.replace(rule, max_frac=None if at == cap else at, info=info)
 
 
 def _fit_per_class(

@@ -96,9 +96,10 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
     (:class:`~sasha_models.incremental.IncrementalClassifier`): ``O(N·d + r·d·h)`` instead of
     the ``O(N·d·h)`` of re-running the classifier (``incremental=False``).
 
-    Episodes last ``⌈frac·N⌉`` steps; ``terminated`` is set at the budget (``truncated`` comes
-    only from wrappers such as ``TimeLimit``). The reward uses the frozen HAFED slide classifier
-    on the new state, ``CE_t = −log p(label | S_t)``:
+    Episodes last ``⌈frac·N⌉`` steps (fewer under a ``stop_rule``, below); ``terminated`` is
+    set at the budget (``truncated`` comes only from wrappers such as ``TimeLimit``). The
+    reward uses the frozen HAFED slide classifier on the new state,
+    ``CE_t = −log p(label | S_t)``:
 
     * ``reward="ce"`` (the paper's default): ``r_t = −CE_t``;
     * ``reward="delta"``: ``r_t = CE_{t−1} − CE_t`` with ``CE_0`` on ``S_0 = z``, so the
@@ -376,7 +377,8 @@ class SashaWSIEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     @property
     def budget(self) -> int:
-        """Steps of the current episode, ``⌈frac·N⌉``."""
+        """Steps of the current episode at most, ``⌈frac·N⌉`` (``⌈max_frac·N⌉`` when a stop
+        rule has a lower cap of its own)."""
         return self._budget
 
     def load_slide(self, slide_id: str) -> SlideData:

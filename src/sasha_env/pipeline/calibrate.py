@@ -102,6 +102,12 @@ def calibrate_workdir(
             f"read {rule.info['val_mean_frac']:.3f}, AUC {_fmt(rule.info['val_auc'])}, HAFED "
             f"{_fmt(target)}); refer below {rule.refer_below:.3f} at the cap"
         )
+        if rule.info.get("budget_met") is False:
+            log(
+                f"[calibrate] warning: {name}: no cap meets adaptive.mean_frac = "
+                f"{adaptive.mean_frac:g} on val; the rule reads at most {rule.max_frac:g} "
+                f"({rule.info['val_mean_frac']:.3f} on average on val)"
+            )
     for frac in acfg.fracs if acfg.stop == "learned" else ():
         if not has_agent(wd, frac, acfg.algo, learned_stop=True):
             continue

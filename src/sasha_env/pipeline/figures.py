@@ -309,13 +309,19 @@ def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str)
         if not pts:
             continue
         x = [c["mean_frac"] for c in pts]
+        lowered = [
+            p.get("max_frac")
+            for p in points
+            if p["method"] == "sasha_adaptive" and p["frac"] == cap and p.get("max_frac")
+        ]
+        cap_text = f"{lowered[0]:g} of {cap:g}" if lowered else f"{cap:g}"
         ax.plot(
             x,
             [c["auc"] for c in pts],
             ls="--",
             marker=".",
             color=colour,
-            label=f"sasha_adaptive, cap {cap:g} (thresholds)",
+            label=f"sasha_adaptive, cap {cap_text} (thresholds)",
         )
         if all(c.get("lo") is not None for c in pts):
             ax.fill_between(
@@ -330,7 +336,7 @@ def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str)
                     ms=12,
                     color=colour,
                     ls="none",
-                    label=f"rule fitted on val, cap {cap:g}",
+                    label=f"rule fitted on val, cap {cap_text}",
                 )
     learned = [
         p for p in points if p["method"] == "sasha_learned_stop" and p.get("auc") is not None
@@ -437,6 +443,7 @@ def write_adaptive_figures(wd: Workdir, results: dict) -> list[Path]:
             "frac": m["frac"],
             "auc": m.get("auc"),
             "mean_frac": m.get("mean_frac"),
+            "max_frac": m.get("max_frac"),
             "lo": (m.get("auc_ci") or [None, None])[0],
             "hi": (m.get("auc_ci") or [None, None])[1],
         }

@@ -621,7 +621,9 @@ def _stages() -> dict[str, Stage]:
             "calibration.json (temperature and bias per method, fitted on val), "
             "agents/<algo>-<f>/adaptive.json (each agent's stop rule, fitted on val)",
             _run_calibrate,
-            version=3,  # 2: fits each agent's stop rule (adaptive.json); 3: a stable threshold
+            # 2: fits each agent's stop rule (adaptive.json); 3: a stable threshold; 4: the rule
+            # keeps its own cap (max_frac), and a stop_classes rule's val curve is its kind's
+            version=4,
         ),
         Stage(
             "evaluate",
@@ -629,8 +631,9 @@ def _stages() -> dict[str, Stage]:
             ("hafed", "lowres", *BASELINE_STAGES, "agents", "calibrate"),
             "results.json, episodes/, figures/ (every method on the test split)",
             _run_evaluate,
-            # 2: sasha_adaptive rows, adaptive_curve and referral; 3: tumour slides found
-            version=3,
+            # 2: sasha_adaptive rows, adaptive_curve and referral; 3: tumour slides found; 4: the
+            # adaptive_curve of the fitted rule's kind, and max_frac in the rows
+            version=4,
         ),
     ]
     return {s.name: s for s in stages}
