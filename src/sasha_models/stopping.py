@@ -552,7 +552,7 @@ def fit_capped_rule(
     lower = [round(k * step, 9) for k in range(math.ceil(round(cap / step, 9)) - 1, 0, -1)]
     last: list[int] | None = None
     for c in [cap, *lower]:
-        lengths = [min(len(p), episode_budget(c, n)) for p, _, n in traces]
+        lengths = [StopRule(max_frac=c).cap_steps(n, len(p)) for p, _, n in traces]
         if lengths == last:
             continue  # cuts no slide shorter than the cap before: the same rule
         last = lengths

@@ -28,7 +28,7 @@ from ..slides.tumour import found_rate, hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
 from .adaptive import LEARNED_METHOD, METHOD, adaptive_results, nearest, reading_stats
 from .calibrate import method_name
-from .report import markdown_table
+from .report import cap_label, markdown_table
 
 __all__ = [
     "evaluate_workdir",
@@ -414,8 +414,7 @@ def format_table(results: dict | str | Path) -> str:
         hit = m.get("tumour_hit_rate")
         frac = f"{m['frac']:.2f}"
         if "mean_frac" in m:  # adaptive: what it read on average, and its cap
-            lowered = "" if m.get("max_frac") is None else f"{m['max_frac']:.2f} of "
-            frac = f"{m['mean_frac']:.2f} (cap {lowered}{m['frac']:.2f})"
+            frac = f"{m['mean_frac']:.2f} (cap {cap_label(m['frac'], m.get('max_frac'))})"
         rows.append(
             [m["method"], frac, _with_ci(m, "auc"), _with_ci(m, "accuracy")]
             + ["n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in ("f1", "ece")]

@@ -23,6 +23,7 @@ from ..features.records import SlideInfo  # noqa: E402
 from ..features.store import FeatureStore  # noqa: E402
 from ..slides.manifest import read_manifest  # noqa: E402
 from ..workdir import Workdir  # noqa: E402
+from .report import cap_label  # noqa: E402
 
 __all__ = [
     "adaptive_curve",
@@ -310,11 +311,11 @@ def adaptive_curve(points: list[dict], curve: list[dict], out: Path, title: str)
             continue
         x = [c["mean_frac"] for c in pts]
         lowered = [
-            p.get("max_frac")
+            p["max_frac"]
             for p in points
             if p["method"] == "sasha_adaptive" and p["frac"] == cap and p.get("max_frac")
         ]
-        cap_text = f"{lowered[0]:g} of {cap:g}" if lowered else f"{cap:g}"
+        cap_text = cap_label(cap, lowered[0] if lowered else None, "g")
         ax.plot(
             x,
             [c["auc"] for c in pts],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["markdown_table"]
+__all__ = ["cap_label", "markdown_table"]
 
 
 def markdown_table(
@@ -41,3 +41,9 @@ def markdown_table(
 
 def _line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def cap_label(frac: float, max_frac: float | None, spec: str = ".2f") -> str:
+    """An adaptive row's cap in tables and legends: the agent's budget ``0.20``, or
+    ``0.15 of 0.20`` when the stop rule's own cap (``max_frac``) is lower."""
+    return f"{frac:{spec}}" if max_frac is None else f"{max_frac:{spec}} of {frac:{spec}}"

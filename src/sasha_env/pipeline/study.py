@@ -38,7 +38,7 @@ from ..features.store import link_store
 from ..slides.grid import GridConfig
 from ..slides.manifest import Manifest, read_manifest
 from ..workdir import Workdir
-from .report import markdown_table
+from .report import cap_label, markdown_table
 from .runner import Pipeline
 from .schema import validate_config
 
@@ -420,9 +420,8 @@ def _frac(row: dict) -> str:
     """A row's budget; adaptive rows: their mean fraction read over seeds, and the cap (the
     mean of the caps ``adaptive.mean_frac`` lowered, with the agents' budget)."""
     if row.get("mean_frac_mean") is not None:
-        cap = row.get("max_frac_mean")
-        lowered = "" if cap is None else f"{cap:.2f} of "
-        return f"{row['mean_frac_mean']:.2f} (cap {lowered}{row['frac']:.2f})"
+        cap = cap_label(row["frac"], row.get("max_frac_mean"))
+        return f"{row['mean_frac_mean']:.2f} (cap {cap})"
     return f"{row['frac']:.2f}"
 
 
