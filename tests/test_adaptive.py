@@ -565,6 +565,7 @@ def fixed_mean_frac(made, wd) -> float:
 
 def test_the_study_carries_the_adaptive_row_and_curve_over_seeds():
     from sasha_env.pipeline.evaluate import format_table
+    from sasha_env.pipeline.report import cap_label
     from sasha_env.pipeline.study import aggregate, format_study
 
     def results(auc, mean_frac):
@@ -628,6 +629,9 @@ def test_the_study_carries_the_adaptive_row_and_curve_over_seeds():
     )
     one = {"methods": [lowered[0]["methods"][0]], "paired": []}  # one run's table too
     assert "| sasha_adaptive | 0.05 (cap 0.14 of 0.20) |" in format_table(one)
+    # a mean cap that rounds to the budget keeps a digit more; the budget itself is no lower cap
+    assert cap_label(0.2, 0.198) == "0.198 of 0.20" and cap_label(0.2, 0.2) == "0.20"
+    assert cap_label(0.2, 0.15, "g") == "0.15 of 0.2"
 
 
 def test_the_adaptive_config_section_is_checked():

@@ -45,5 +45,12 @@ def _line(cells: Sequence[str]) -> str:
 
 def cap_label(frac: float, max_frac: float | None, spec: str = ".2f") -> str:
     """An adaptive row's cap in tables and legends: the agent's budget ``0.20``, or
-    ``0.15 of 0.20`` when the stop rule's own cap (``max_frac``) is lower."""
-    return f"{frac:{spec}}" if max_frac is None else f"{max_frac:{spec}} of {frac:{spec}}"
+    ``0.15 of 0.20`` when the stop rule's own cap (``max_frac``; over seeds, their mean) is
+    lower, with a digit more where it would print as the budget (``0.198 of 0.20``)."""
+    budget = f"{frac:{spec}}"
+    if max_frac is None or max_frac >= frac:
+        return budget
+    cap = f"{max_frac:{spec}}"
+    if cap == budget:
+        cap = f"{max_frac:.3f}".rstrip("0")
+    return f"{cap} of {budget}"
