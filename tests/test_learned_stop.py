@@ -240,6 +240,38 @@ def test_row_pooled_and_cached_passes_give_the_stop_logit_of_a_full_pass():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("arch", ["sasha", "official"])
+def test_row_wise_actor_outputs_give_the_forward_logits_and_stop_logit(arch):
+    """``actor_outputs`` of a few rows are those rows' part of the forward pass, and
+    ``stop_logit`` on every row's outputs is its last logit: what ``sasha predict`` keeps row
+    by row for a learned-stop agent."""
+    torch.manual_seed(0)
+    kw = {"use_coords": arch == "sasha", "arch": arch}
+    net = SashaActorCritic(D, d_hidden=16, stop_action=True, **kw).eval()
+    torch.nn.init.normal_(net.actor_stop.weight)
+    torch.nn.init.normal_(net.actor_stop_attn.w.weight, std=5.0)  # a pooling far from uniform
+    feats, visited, valid, coords = random_batch(2, 12)
+    valid[:] = 1  # one slide's real rows, as predict holds them
+    coords = coords if arch == "sasha" else None
+    with torch.no_grad():
+        logits, _ = net(feats, visited, valid, coords)
+        outs = net.actor_outputs(feats, visited, coords)
+        stop = net.stop_logit(outs[1], outs[2], visited, valid)
+        rows = torch.tensor([0, 5, 11])
+        some = net.actor_outputs(
+            feats[1, rows], visited[1, rows], None if coords is None else coords[1, rows]
+        )
+    assert len(outs) == 3 and outs[1].shape[:2] == (2, 12)
+    torch.testing.assert_close(outs[0], logits[:, :12])
+    torch.testing.assert_close(stop, logits[:, 12:])
+    for kept, fresh in zip(outs, some, strict=True):
+        torch.testing.assert_close(fresh, kept[1, rows])
+    plain = SashaActorCritic(D, d_hidden=16, **kw)
+    assert len(plain.actor_outputs(feats, visited, coords)) == 1
+    with pytest.raises(ValueError, match="no stop action"):
+        plain.stop_logit(outs[1], outs[2], visited, valid)
+
+
 @pytest.mark.parametrize("cls", [SashaActorCriticPolicy, SashaPPOPolicy])
 def test_policies_mask_patches_and_never_stop(cls):
     P = 6

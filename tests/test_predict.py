@@ -89,6 +89,108 @@ def test_full_mode_matches_hafed_on_stored_features(tiny_workdir):
     )
 
 
+def test_a_learned_stop_agent_stops_where_its_evaluation_stops(tiny_workdir, tmp_path, capsys):
+    """``--learned-stop``: the agent's own stop logit (pooled actor rows and the fraction
+    read), computed row by row from the kept outputs, ends each slide where the evaluation's
+    full forward on stored features does, with the same zooms, stop kinds and calibration."""
+    import torch
+    import yaml
+
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import load_agent
+    from sasha_env.agents.episodes import agent_policy, run_episodes
+    from sasha_env.agents.export import POLICY_WEIGHTS
+    from sasha_env.agents.train import train_agent
+    from sasha_env.cli import main
+    from sasha_env.pipeline.calibrate import calibrate_workdir
+
+    root = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, root)
+    wd = Workdir(root)
+    slide = _test_slides(wd)[0].path
+    # no learned-stop agent yet: the error says how to train one
+    assert main(["predict", "--workdir", str(root), "--learned-stop", str(slide)]) == 2
+    assert "agents: {stop: learned}" in capsys.readouterr().err
+    assert (
+        main(["predict", "--workdir", str(root), "--learned-stop", "--adaptive", str(slide)]) == 2
+    )
+    assert "not go with --adaptive" in capsys.readouterr().err
+
+    config = yaml.safe_load(wd.config.read_text())
+    config["agents"] = {**config["agents"], "stop": "learned", "zoom_cost": 0.02}
+    cfg = AgentConfig.from_dict(config["agents"])
+    train_agent(wd, 0.5, cfg, seed=0, progress=False, learned_stop=True)
+    agent = load_agent(wd, 0.5, learned_stop=True)
+    net = agent.policy.net  # stop near 30 % read, moved by the rows its attention picks
+    head = net.actor_stop
+    with torch.no_grad():
+        net.actor_stop_attn.w.weight.mul_(200.0)  # a peaked pooling, not the near-uniform start
+        head.weight[0, :-1] = torch.randn(
+            head.weight.shape[1] - 1, generator=torch.Generator().manual_seed(0)
+        )
+        head.weight[0, -1] = 40.0
+        head.bias.fill_(-40.0 * 0.3)
+    torch.save(agent.policy.state_dict(), agent.path / POLICY_WEIGHTS)
+    calibrate_workdir(
+        wd, {**config, "agents": {**config["agents"], "fracs": [0.5]}}, log=lambda m: None
+    )
+
+    stopper = load_agent(wd, 0.5, learned_stop=True)
+    ids = [r.slide_id for r in _test_slides(wd)]
+    episodes = run_episodes(stopper.make_env(wd, "test", cfg), agent_policy(stopper.policy), ids)
+    store = FeatureStore(wd.store)
+    predictor = Predictor(wd.root, frac=0.5, learned_stop=True)
+    calibration = read_calibrations(wd.calibration, "temperature+bias")["sasha_learned_stop@0.5"]
+    for record, ep in zip(_test_slides(wd), episodes, strict=True):
+        out = predictor.predict(record.path)
+        coords = store.read(record.slide_id, "coords")
+        assert out["zoomed_coords"] == coords[ep["zoomed"]].tolist()
+        assert out["stopped"] == ep["stopped"] and "referred" not in out
+        assert out["mode"] == "sasha-learned-stop-0.5"
+        assert out["frac_read"] == pytest.approx(len(ep["zoomed"]) / out["n_patches"])
+        raw = [out["probabilities_raw"][c] for c in predictor.class_names]
+        np.testing.assert_allclose(raw, ep["probabilities"], atol=1e-4)
+        assert out["calibration"]["temperature"] == calibration.temperature
+    stops = [ep["stopped"] for ep in episodes]
+    assert "learned" in stops  # the stop logit decided, on slides of different sizes
+    assert len({len(ep["zoomed"]) / ep["n_patches"] for ep in episodes}) > 1
+
+
+def test_predict_runs_the_workdirs_algorithm_and_any_sb3_network(tiny_workdir, tmp_path):
+    """A workdir trained with ``agents.algo: dqn``: predict takes ``agents/dqn-<f>`` (not the
+    default algorithm's folder) and its Q-network, which acts on the whole observation at
+    every step, zooms where the evaluation's episodes do."""
+    import yaml
+
+    from sasha_env.agents.config import AgentConfig
+    from sasha_env.agents.envs import load_agent
+    from sasha_env.agents.episodes import agent_policy, run_episodes
+    from sasha_env.agents.train import train_agent
+
+    root = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, root)
+    wd = Workdir(root)
+    config = yaml.safe_load(wd.config.read_text())
+    config["agents"] = {**config["agents"], "algo": "dqn", "total_timesteps": 256}
+    wd.config.write_text(yaml.safe_dump(config))
+    cfg = AgentConfig.from_dict(config["agents"])
+    train_agent(wd, 0.1, cfg, seed=0, progress=False)
+    shutil.rmtree(wd.agent_dir("sasha-0.1"))  # only the DQN agent is left to take
+    agent = load_agent(wd, 0.1, "dqn")
+    records = _test_slides(wd)[:3]
+    episodes = run_episodes(
+        agent.make_env(wd, "test", cfg), agent_policy(agent.policy), [r.slide_id for r in records]
+    )
+    store = FeatureStore(wd.store)
+    predictor = Predictor(wd.root, frac=0.1, calibration=None)
+    assert predictor.policy is not None and not hasattr(predictor.policy, "actor_outputs")
+    for record, ep in zip(records, episodes, strict=True):
+        out = predictor.predict(record.path)
+        assert out["zoomed_coords"] == store.read(record.slide_id, "coords")[ep["zoomed"]].tolist()
+        probs = [out["probabilities"][c] for c in predictor.class_names]
+        np.testing.assert_allclose(probs, ep["probabilities"], atol=1e-4)
+
+
 def test_predict_on_a_real_aperio_slide(tiny_workdir, tmp_path):
     """The vendored CC0 CMU SVS: a scanner's file, not one ``sasha synth`` wrote."""
     wd = Workdir(tiny_workdir)

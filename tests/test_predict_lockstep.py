@@ -177,7 +177,7 @@ class _Job:
         self.sid, self.reads, self.bad_at, self.closed = sid, reads, bad_at, False
         env.reset(options={"slide_id": sid})
         data = replace(env.slide, v=ZoomRows())
-        agent = SimpleNamespace(use_coords=False, actor_logits=lambda f, visited: f[:, 0])
+        agent = SimpleNamespace(use_coords=False, actor_outputs=lambda f, visited: (f[:, 0],))
         self.episode = ZoomEpisode(env, agent, data, PhaseTimer(), scores=False)
 
     def read_zoom(self, a: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from sasha_models.calibration import read_calibrations
 from sasha_models.checkpoint import load_model
+from sasha_models.projection import ObsProjection
 
 from .agents.lockstep import EpisodeResult, PhaseTimer, ZoomEpisode, ZoomRows, run_lockstep
 from .atomic import replace_atomically
@@ -101,7 +102,7 @@ class Prediction(TypedDict, total=False):
     ``total``: the slide's share of the run's time; slides zoomed in lockstep share the reads,
     backbone forwards and distillation of each step equally). With ``adaptive``: ``stopped``
     (``confident`` or ``cap``), ``referred`` (read this slide in full) and ``confidence``
-    (calibrated, at the stop).
+    (calibrated, at the stop). With ``learned_stop``: ``stopped`` (``learned`` or ``cap``).
     With a calibration: ``probabilities_raw`` and ``calibration`` (``temperature``, ``bias``).
     When asked or relevant: ``picture``, ``geojson`` (paths written) and ``note``.
     A slide that failed in :meth:`Predictor.predict_many` has only ``slide``, ``slide_id`` and
@@ -165,7 +166,9 @@ class Predictor:
 
     Args:
         workdir: a finished pipeline workdir.
-        frac: zoom budget f; its agent (``agents/sasha-<f>``) must exist. Ignored with ``full``.
+        frac: zoom budget f; its agent, of the workdir's ``agents.algo``
+            (``agents/sasha-<f>`` for MaskablePPO, ``agents/<algo>-<f>`` else), must exist.
+            Ignored with ``full``.
         full: read every high-res sub-patch instead (the baseline).
         batch_size: images per backbone forward, in every phase (a zoom's k sub-patches are
             cut into such batches too); ``None``: :func:`default_batch_size`.
@@ -178,8 +181,12 @@ class Predictor:
             probabilities are kept in the record too.
         adaptive: stop each slide when the agent's stop rule fires (thresholds fitted on the
             val split by the calibrate stage, ``agents/<algo>-<f>/adaptive.json``), f being
-            the cap (or the rule's own lower one, ``max_frac``); records add ``stopped`` (``confident``/``cap``), ``referred`` and
-            ``confidence``.
+            the cap (or the rule's own lower one, ``max_frac``); records add ``stopped``
+            (``confident``/``cap``), ``referred`` and ``confidence``.
+        learned_stop: run the learned-stop agent of cap f (``agents.stop: learned``,
+            ``agents/<algo>-<f>-stop/``), which stops by itself: records add ``stopped``
+            (``learned``/``cap``); no referral (the learned rule has no threshold). Not with
+            ``adaptive`` or ``full``.
         mpp: level-0 µm/px assumed for a slide whose metadata has no usable mpp (``--mpp``);
             without it such a slide fails with a message naming ``--mpp``, as in extraction.
     """
@@ -194,14 +201,21 @@ class Predictor:
         calibration: str | None = "temperature+bias",
         adaptive: bool = False,
         mpp: float | None = None,
+        learned_stop: bool = False,
     ):
         if adaptive and full:
             raise ValueError("--adaptive stops the agent's reading early: it cannot go with --full")
+        if learned_stop and (adaptive or full):
+            raise ValueError(
+                "--learned-stop runs the agent that stops by itself: it cannot go with "
+                + ("--adaptive (the threshold rule)" if adaptive else "--full")
+            )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.fallback_mpp = None if mpp is None else check_mpp(mpp, "--mpp")
         self.wd = Workdir(workdir)
         self.full, self.frac, self.adaptive = full, float(frac), adaptive
+        self.learned_stop = learned_stop
         cfg = yaml.safe_load(self.wd.require(self.wd.config, "pipeline").read_text())
         self.store = FeatureStore(self.wd.require(self.wd.store, "extract"))
         info = self.store.info
@@ -237,15 +251,29 @@ class Predictor:
         self.tsu = None if full else load_model(self.wd.tsu_model(self.frac)).eval()
         self.calibration = None
         if calibration is not None:
-            key = "hafed@1" if full else f"sasha@{self.frac:g}"
+            method = "hafed" if full else "sasha_learned_stop" if learned_stop else "sasha"
+            key = f"{method}@{1 if full else self.frac:g}"
             self.calibration = read_calibrations(self.wd.calibration, calibration).get(key)
-        self.policy = None
+        self.policy: Any = None
+        self.projection: ObsProjection | None = None
         self._idle_envs: list[SashaWSIEnv] = []  # environments between slides
         if not full:
-            from .agents.envs import load_agent  # lazy: loads SB3, which --full never needs
+            # lazy: loads SB3, which --full never needs
+            from .agents.config import agent_name
+            from .agents.envs import has_agent, load_agent
 
-            agent = load_agent(self.wd, self.frac)  # weights only: nothing unpickled
-            self.policy = agent.policy.net.eval()
+            algo = str((cfg.get("agents") or {}).get("algo") or "maskable_ppo")
+            if learned_stop and not has_agent(self.wd, self.frac, algo, learned_stop=True):
+                raise FileNotFoundError(
+                    f"{self.wd.agent_dir(agent_name(self.frac, algo, True))} does not exist: "
+                    f"this workdir has no learned-stop agent at cap {self.frac:g}. Train one "
+                    "with 'agents: {stop: learned}' in a config file (sasha pipeline --workdir "
+                    f"{self.wd.root} --config FILE), or use --adaptive (the threshold rule)"
+                )
+            agent = load_agent(self.wd, self.frac, algo, learned_stop=learned_stop)  # weights only
+            net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
+            self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
+            self.projection = agent.projection
         self.stop_rule = None
         if adaptive:
             from .agents.adaptive import read_stop_rule  # lazy: as above
@@ -256,6 +284,15 @@ class Predictor:
                     f"{agent.path} has no stop rule (adaptive.json): run the calibrate stage "
                     f"(sasha pipeline --workdir {self.wd.root} --force calibrate)"
                 )
+
+    @property
+    def mode(self) -> str:
+        """The records' ``mode``: ``full``, ``sasha-<f>``, ``sasha-adaptive-<f>`` or
+        ``sasha-learned-stop-<f>``."""
+        if self.full:
+            return "full"
+        kind = "adaptive-" if self.adaptive else "learned-stop-" if self.learned_stop else ""
+        return f"sasha-{kind}{self.frac:g}"
 
     # ------------------------------------------------------------------ geometry
     def grid_config(self, slide: Slide) -> tuple[GridConfig, str | None]:
@@ -488,8 +525,9 @@ class Predictor:
             frac=self.frac,
             max_patches=max(n_patches, self.cohort_max_patches),
             copy_obs=False,
-            obs_projection=self.policy.projection if self.policy is not None else None,
+            obs_projection=self.projection,
             stop_rule=self.stop_rule,
+            stop_action=self.learned_stop,
         )
 
     def _give_env(self, env: SashaWSIEnv) -> None:
@@ -577,7 +615,7 @@ class _SlideRun:
         record: Prediction = {
             "slide": str(self.path),
             "slide_id": self.sid,
-            "mode": "full" if p.full else f"sasha-{'adaptive-' if p.adaptive else ''}{p.frac:g}",
+            "mode": p.mode,
             "probabilities": p._named(probs),
             "label": p.class_names[int(np.argmax(probs))],
             "calibrated": p.calibration is not None,
@@ -593,6 +631,8 @@ class _SlideRun:
             record["stopped"] = trace["stop"]["stopped"]
             record["referred"] = trace["stop"]["referred"]
             record["confidence"] = trace["stop"]["confidence"]
+        elif p.learned_stop:
+            record["stopped"] = trace["stop"]["stopped"]
         if p.calibration is not None:
             record["probabilities_raw"] = p._named(raw)
             record["calibration"] = {

@@ -377,10 +377,44 @@ class SashaActorCritic(nn.Module):
         (the zoomed row and the TSU-updated ones), ``O(r·d·H)`` per zoom instead of
         ``O(N·d·H)`` (how ``sasha predict`` runs the agent).
         """
+        return self.actor_attn(self._actor_rows(features, visited, coords)).squeeze(-1)
+
+    def actor_outputs(
+        self, features: Tensor, visited: Tensor, coords: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """The actor's row-wise outputs: each row's logit ``(..., n)`` and, with
+        ``stop_action``, each actor row ``(..., n, H_a)`` and its stop-pooling score
+        ``(..., n)``, which :meth:`stop_logit` pools.
+
+        Row by row like :meth:`actor_logits`, so an agent acting on one slide can keep them
+        and recompute only the rows a zoom changed (how ``sasha predict`` runs a learned-stop
+        agent).
+        """
+        rows = self._actor_rows(features, visited, coords)
+        logits = self.actor_attn(rows).squeeze(-1)
+        if not self.stop_action:
+            return (logits,)
+        return logits, rows, self.actor_stop_attn(rows).squeeze(-1)
+
+    def stop_logit(self, rows: Tensor, scores: Tensor, visited: Tensor, valid: Tensor) -> Tensor:
+        """The stop logit ``(B, 1)`` from :meth:`actor_outputs`' actor rows ``(B, N, H_a)`` and
+        stop-pooling scores ``(B, N)``, with ``visited`` and ``valid`` ``(B, N)``: the last
+        logit of :meth:`forward` on the same state.
+
+        Raises:
+            ValueError: the network has no stop action.
+        """
+        if not self.stop_action:
+            raise ValueError("this network has no stop action (stop_action=False)")
+        return self._stop_logit(self._pool(scores, valid, rows), visited, valid)
+
+    def _actor_rows(self, features: Tensor, visited: Tensor, coords: Tensor | None) -> Tensor:
+        """What the actor's attention scores, row by row: the projected state rows
+        (``"official"``) or the actor MLP's hidden rows, ``(..., n, H_a)``."""
         if self.arch == "official":
-            return self.actor_attn(self._project(features)).squeeze(-1)
+            return self._project(features)
         a = self._first_layer(features, visited, coords, self.actor_mlp)
-        return self.actor_attn(self._rest(self.actor_mlp, a)).squeeze(-1)
+        return self._rest(self.actor_mlp, a)
 
     def _row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None = None

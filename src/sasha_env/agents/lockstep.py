@@ -25,11 +25,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from sasha_models.spaces import stop_index
 
 from ..envs.slide_data import SlideData
 from ..envs.wsi import SashaWSIEnv
@@ -112,12 +114,18 @@ class ZoomEpisode:
     """One slide's agent episode, stepped from outside: :meth:`choose`, then :meth:`step` with
     the zoomed patch's distilled row (computed by the caller, for many slides at once).
 
-    The agent takes the argmax of its actor's logits over the legal patches; the logits of
-    the rows a step did not change are kept (:class:`~sasha_models.actor_critic.RowCache`).
+    The agent takes the argmax of its actor's logits over the legal patches (and, with the
+    stop action, the stop logit: a learned-stop agent in an environment with
+    ``stop_action``); the actor's outputs for the rows a step did not change are kept
+    (:class:`~sasha_models.actor_critic.RowCache`). Any other SB3 policy (DQN's Q-network)
+    acts on the whole observation at every step
+    (:func:`~sasha_env.agents.episodes.agent_policy`): the same actions, without the cache.
 
     Args:
-        env: the environment to run in (reset here on ``data``; built with ``copy_obs=False``).
-        policy: the agent's :class:`~sasha_models.actor_critic.SashaActorCritic`.
+        env: the environment to run in (reset here on ``data``; built with ``copy_obs=False``,
+            and with ``stop_action`` for a learned-stop agent).
+        policy: the agent's :class:`~sasha_models.actor_critic.SashaActorCritic`, or an SB3
+            policy of another network.
         data: the slide's arrays; its ``v`` is a :class:`ZoomRows`.
         timer: where ``agent`` and ``update`` (reset, TSU and classifier) seconds go.
         scores: keep HAFED's attention and per-patch probabilities on the final state.
@@ -138,11 +146,27 @@ class ZoomEpisode:
         obs, _ = env.reset(options={"slide_data": data})
         n = data.n
         self.n: int = n
-        # the env's own buffers (copy_obs=False): read before each step, never kept
-        keys = ("features", "visited", "coords") if policy.use_coords else ("features", "visited")
-        self._inputs: list[Tensor] = [torch.from_numpy(obs[key])[:n] for key in keys]
-        self._actor: Callable[..., Tensor] = policy.actor_logits
-        self._cache: RowCache = RowCache()  # the actor's logit of each of the n real rows
+        self._obs: dict[str, np.ndarray] = obs  # the env's own buffers (copy_obs=False)
+        self._stop: bool = bool(getattr(policy, "stop_action", False))
+        if self._stop != env.stop_action:
+            raise ValueError(
+                f"the agent's stop action ({self._stop}) and the environment's stop_action "
+                f"({env.stop_action}) differ: a learned-stop agent acts with the stop action, "
+                "any other agent without it"
+            )
+        self._net: nn.Module | None = policy if hasattr(policy, "actor_outputs") else None
+        self._act: Callable[[SashaWSIEnv, dict], int] | None = None
+        self._inputs: list[Tensor] = []
+        if self._net is None:  # another network: the whole observation at every step
+            from .episodes import agent_policy  # lazy: sb3-contrib
+
+            self._act = agent_policy(policy)
+        else:  # read before each step, never kept
+            keys = (
+                ("features", "visited", "coords") if policy.use_coords else ("features", "visited")
+            )
+            self._inputs = [torch.from_numpy(obs[key])[:n] for key in keys]
+        self._cache: RowCache = RowCache()  # the actor's outputs for each of the n real rows
         self._steps: list[np.ndarray] = []
         self._info: dict[str, Any] = {}
         self.done: bool = False
@@ -151,12 +175,25 @@ class ZoomEpisode:
     def choose(self) -> int:
         """The patch the agent zooms next."""
         t0 = time.perf_counter()
+        if self._act is not None:
+            action = self._act(self.env, self._obs)
+            self.timer.add("agent", t0)
+            return action
+        net = cast(Any, self._net)
         with torch.inference_mode():  # re-score only the rows the last step changed
             rows = torch.from_numpy(self.env.changed_rows)
-            (logits,) = self._cache(lambda *x: (self._actor(*x),), self._inputs, rows=rows)
+            outputs = self._cache(net.actor_outputs, self._inputs, rows=rows)
             legal = torch.from_numpy(self.env.action_masks()[: self.n])
-            action = int(torch.argmax(logits.masked_fill(~legal, -math.inf)))
+            logits = outputs[0].masked_fill(~legal, -math.inf)
+            if self._stop:  # the stop logit last: a patch of equal logit wins, as in argmax
+                actor_rows, pool_scores = outputs[1][None], outputs[2][None]
+                visited = self._inputs[1][None]
+                stop = net.stop_logit(actor_rows, pool_scores, visited, torch.ones_like(visited))
+                logits = torch.cat([logits, stop[0]])
+            action = int(torch.argmax(logits))
         self.timer.add("agent", t0)
+        if self._stop and action == self.n:
+            return stop_index(self.env.max_patches)
         return action
 
     def zooms_into(self, action: int) -> bool:
@@ -168,7 +205,7 @@ class ZoomEpisode:
         if v is not None:
             self.rows.put(action, v)
         t0 = time.perf_counter()
-        _, _, self.done, _, info = self.env.step(action)
+        self._obs, _, self.done, _, info = self.env.step(action)
         self._steps.append(self.env.probabilities)
         if self.done:
             self._info = info

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..slides.manifest import read_manifest
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, add_mpp, zoom_budget
 
-#: ``--adaptive``'s default cap: the budget of the agent that reads at most this much.
+#: ``--adaptive``'s and ``--learned-stop``'s default cap: the budget of the agent that reads at most this much.
 F_MAX = 0.2
 
 
@@ -26,7 +26,8 @@ def add_predict(sub: SubParsers) -> None:
         "(probabilities, predicted label, zoomed patch coordinates in level-0 pixels with their "
         "side, fraction of high-res sub-patches read, bytes read from the slide file, seconds "
         "per phase). --full reads every high-res sub-patch instead (the baseline); --adaptive "
-        "stops each slide when the agent is confident. Probabilities are calibrated with the "
+        "stops each slide when the agent is confident; --learned-stop runs an agent trained "
+        "to stop by itself. Probabilities are calibrated with the "
         "temperature and bias the calibrate stage fitted on the val split, when the workdir has "
         "them (--calibration; 'calibrated': true, the raw ones in 'probabilities_raw'). "
         "A slide that fails gets a record with "
@@ -60,6 +61,13 @@ def add_predict(sub: SubParsers) -> None:
         help="stop each slide when the calibrated classifier is confident (thresholds fitted on "
         "the val split, stored with the agent) or at the agent's budget --frac (the cap); "
         "records add 'stopped' (confident/cap) and 'referred' (true: read this slide in full)",
+    )
+    p.add_argument(
+        "--learned-stop",
+        action="store_true",
+        help="run the learned-stop agent of cap --frac (trained with 'agents: {stop: learned}'; "
+        "default cap 0.2), which decides by itself when to stop; records add 'stopped' "
+        "(learned/cap)",
     )
     p.add_argument(
         "--geojson",
@@ -145,11 +153,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("--geojson draws the agent's zooms: it needs SASHA mode, not --full")
     if args.adaptive and args.full:
         raise ValueError("--adaptive stops the agent's reading early: it cannot go with --full")
-    frac = args.frac if args.frac is not None else F_MAX if args.adaptive else 0.1
+    stops_early = args.adaptive or args.learned_stop
+    frac = args.frac if args.frac is not None else F_MAX if stops_early else 0.1
     predictor = Predictor(
         args.workdir,
         frac=frac,
         adaptive=args.adaptive,
+        learned_stop=args.learned_stop,
         full=args.full,
         batch_size=args.batch_size,
         device=args.device,
