@@ -41,6 +41,7 @@ def test_every_preset_is_valid(preset):
         ({"agents": {"n_env": 2}}, "unknown key 'n_env' in config section 'agents'"),
         ({"grid": {"zoom_level": 2}}, "unknown key 'zoom_level' in config section 'grid'"),
         ({"train": {"wandbb": None}}, "unknown key 'wandbb' in config section 'train'"),
+        ({"train": {"resume_every_s": -1}}, "'train.resume_every_s' = -1 must be >= 0 (seconds"),
         ({"tsu": {"max_epochs": "ten"}}, "config 'tsu.max_epochs' = 'ten' is not of type int"),
         ({"hafed": {"lr": True}}, "config 'hafed.lr' = True is not of type float"),
         (
@@ -75,6 +76,7 @@ def test_good_values_of_every_kind_pass():
             "baselines": {"models": {"transmil": {"n_heads": 4, "cpu_threads": 2}}},
             "hafed": {"select_ties": "first"},
             "lowres": {"select_ties": "loss"},
+            "train": {"resume_every_s": 30},
         },
     )
     assert validate_config(cfg) is cfg

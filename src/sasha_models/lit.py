@@ -9,7 +9,8 @@
   ``val/loss`` (``select_ties="loss"``, the default) or to the first epoch (``"first"``, the
   official rule).
 - :func:`train_model` — seeded fit with CSV (and optional offline W&B) logging, best-checkpoint
-  selection, single process or DDP; exports ``model.pt``.
+  selection, single process or DDP; exports ``model.pt``. With a ``resume_key`` a killed fit
+  resumes from its last resume point (:class:`ResumePoint`) to the bits of an unkilled one.
 - ``model.pt`` is a plain dict ``{'state_dict', 'config', 'kind', 'meta'}`` of tensors and
   Python scalars/containers, read back with ``torch.load(weights_only=True)`` by
   :func:`load_model` — no pickled objects.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import abc
 import math
 import os
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,8 +31,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from .baselines import build_baseline
@@ -52,6 +55,7 @@ __all__ = [
     "HAFEDModule",
     "MILModule",
     "TSUModule",
+    "ResumePoint",
     "SELECT_TIES",
     "TieBreakCheckpoint",
     "build_model",
@@ -458,6 +462,92 @@ class TieBreakCheckpoint(ModelCheckpoint):
         self.best_tie_value = state_dict.get("best_tie_value")
 
 
+#: where :class:`ResumePoint` keeps a fit's last resume point, below ``out_dir``
+RESUME_CHECKPOINT = Path("checkpoints") / "resume.ckpt"
+
+
+class ResumePoint(Callback):
+    """A killed fit's way back: the whole training state at the end of an epoch, at most every
+    ``every_s`` seconds, to ``path`` (written whole, then renamed).
+
+    Lightning's checkpoint holds the weights, the optimiser and schedule, the loops and the
+    callbacks (the kept best checkpoint too); this callback adds the random states that the
+    next epochs draw from (torch's, NumPy's and Python's global generators: the data order,
+    the TSU's fresh pairs, dropout), taken after the epoch's validation, and the run's ``key``.
+    A fit resumed from it (:func:`train_model` with the same ``resume_key``) computes the
+    same bits as one never killed, on the same machine and settings. Everything in it reads
+    back with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the resume checkpoint (``out_dir/checkpoints/resume.ckpt``).
+        key: what the run is (the stage's cache key); a checkpoint of another key is not
+            resumed from.
+        every_s: seconds between resume points (0: every epoch); the first is due
+            ``every_s`` after the fit starts.
+    """
+
+    def __init__(self, path: Path, key: str, every_s: float) -> None:
+        self.path, self.key, self.every_s = Path(path), str(key), float(every_s)
+        self._last = time.monotonic()
+        self._restored = False  # random states put back from a resume point
+        self.resumed_epoch: int | None = None  # the first epoch a resumed fit ran
+
+    @property
+    def state_key(self) -> str:
+        return "ResumePoint"
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, *rest = cast(tuple, np.random.get_state(legacy=True))
+        return {
+            "key": self.key,
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # put back at once: Lightning makes the next epoch's data iterator (which draws the
+        # data order) after restoring the callbacks and before ``on_train_epoch_start``
+        torch.set_rng_state(state_dict["torch"])
+        name, keys, *rest = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        self._restored = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restored:
+            self.resumed_epoch, self._restored = int(trainer.current_epoch), False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = time.monotonic() - self._last >= self.every_s
+        if not trainer.strategy.broadcast(due) or trainer.current_epoch + 1 >= (
+            trainer.max_epochs or 0
+        ):
+            return  # not due, or the last epoch: the fit is about to end
+        tmp = self.partial
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+        self._last = time.monotonic()
+
+    @property
+    def partial(self) -> Path:
+        """Where a resume point is written before it is renamed into place (a kill while
+        writing leaves it behind; the next fit removes it)."""
+        return self.path.with_name(f".{self.path.name}.tmp")
+
+    @staticmethod
+    def key_of(path: Path) -> str | None:
+        """The ``key`` a resume checkpoint was written for, or ``None`` if unreadable."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return str(ckpt["callbacks"]["ResumePoint"]["key"])
+        except Exception:  # a file cut short by a kill, or not ours: start afresh
+            return None
+
+
 def train_model(
     module: _SashaModule,
     datamodule: L.LightningDataModule,
@@ -473,6 +563,8 @@ def train_model(
     select_ties: str = "loss",
     progress: bool = True,
     cpu_threads: int | None = None,
+    resume_key: str | None = None,
+    resume_every_s: float = 120.0,
     **trainer_kw: Any,
 ) -> Path:
     """Fit ``module`` and export its best weights to ``out_dir/model.pt``.
@@ -502,6 +594,12 @@ def train_model(
         progress: show the progress bar and model summary.
         cpu_threads: torch intra-op threads during the fit (restored afterwards); ``1`` is
             much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
+        resume_key: what this fit is (a pipeline stage passes its cache key). With it, the fit
+            leaves a resume point every ``resume_every_s`` seconds (at an epoch's end,
+            :class:`ResumePoint`, ``out_dir/checkpoints/resume.ckpt``) and a fit killed before
+            its end resumes from the last one of the same key, to the same bits; the file is
+            removed when the fit ends. ``None``: every fit starts afresh.
+        resume_every_s: seconds between resume points (0: every epoch).
         **trainer_kw: extra ``lightning.Trainer`` arguments.
 
     Returns:
@@ -537,13 +635,25 @@ def train_model(
         enable_version_counter=False,
         save_weights_only=True,  # model.pt is exported from it; optimizer state would triple the I/O
     )
+    callbacks: list[Callback] = [ckpt]
+    resume_from = None
+    if resume_key is not None:
+        resume_path = out_dir / RESUME_CHECKPOINT
+        if resume_path.is_file():
+            if ResumePoint.key_of(resume_path) == resume_key:
+                resume_from = resume_path
+            elif getattr(rank_zero_only, "rank", 0) == 0:
+                resume_path.unlink()  # another run's, or cut short: not this fit's way back
+        callbacks.append(resume := ResumePoint(resume_path, resume_key, resume_every_s))
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            resume.partial.unlink(missing_ok=True)  # a point a kill cut short
     trainer_args: dict[str, Any] = {
         "max_epochs": max_epochs,
         "accelerator": accelerator,
         "devices": devices,
         "strategy": strategy,
         "logger": loggers,
-        "callbacks": [ckpt],
+        "callbacks": callbacks,
         "deterministic": "warn",
         "enable_progress_bar": progress,
         "enable_model_summary": progress,
@@ -563,7 +673,7 @@ def train_model(
     t0 = time.time()
     try:
         trainer = L.Trainer(**trainer_args)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     finally:
         torch.use_deterministic_algorithms(det_state[0], warn_only=det_state[1])
         torch.set_num_threads(threads)
@@ -590,6 +700,7 @@ def train_model(
             "init_seed": getattr(module, "seed", None),
             "max_epochs": max_epochs,
             "epochs_trained": int(trainer.current_epoch),
+            "resumed_at_epoch": resume.resumed_epoch if resume_key is not None else None,
             "train_seconds": round(time.time() - t0, 3),
             "world_size": int(trainer.world_size),
             "class_names": _class_names(datamodule),
@@ -600,6 +711,8 @@ def train_model(
             "lightning_version": str(L.__version__),
         }
         save_export(path, blob)  # written whole, then renamed
+        if resume_key is not None:  # finished: nothing to resume
+            (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
         if wandb is not None:
             import wandb as wandb_lib  # lazy: W&B, only when a run logs to it
 

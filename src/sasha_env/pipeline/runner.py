@@ -392,7 +392,7 @@ class Pipeline:
         """Keyword arguments of :func:`sasha_models.lit.train_model` from the run's settings."""
         train = self.cfg.get("train", {})
         wandb = train.get("wandb")
-        return {
+        kw = {
             "seed": self.seed,
             "devices": self.devices,
             "strategy": self.strategy,
@@ -402,3 +402,6 @@ class Pipeline:
             "cpu_threads": train.get("cpu_threads"),
             "wandb": dict(wandb) if isinstance(wandb, dict) else None,
         }
+        if train.get("resume_every_s") is not None:  # else train_model's default
+            kw["resume_every_s"] = float(train["resume_every_s"])
+        return kw

@@ -299,7 +299,10 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     module = HAFEDModule(cfg, seed=p.seed)
     data = BagDataModule(bags, "highres")
     out = p.wd.model_dir("hafed")
-    return _export(train_model(module, data, out, select_ties=select_ties, **p.train_kwargs()))
+    kw = p.train_kwargs()
+    return _export(
+        train_model(module, data, out, select_ties=select_ties, resume_key=ctx.key, **kw)
+    )
 
 
 def _run_distill(p: RunContext, ctx: StageContext) -> dict:
@@ -377,7 +380,7 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
             include_anchor=cfg.anchor_in_target,
             seed=p.seed,
         )
-        return _export(train_model(module, data, out, **p.train_kwargs()))
+        return _export(train_model(module, data, out, resume_key=ctx.key, **p.train_kwargs()))
 
     stale = [path for f, path in p.wd.budget_tsus().items() if f not in configs]
     if None not in configs:
@@ -428,7 +431,8 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     kind = "lowres" if name == "lowres" else "highres"
     module = MILModule(model, bags.feature_dim, len(bags.class_names), seed=p.seed, **section)
     data = BagDataModule(bags, kind, flatten_highres=kind == "highres")
-    return _export(train_model(module, data, p.wd.model_dir(name), **train_kwargs))
+    out = p.wd.model_dir(name)
+    return _export(train_model(module, data, out, resume_key=ctx.key, **train_kwargs))
 
 
 #: ``agents`` keys only the learned-stop agents depend on: the fixed-budget agents' units are
