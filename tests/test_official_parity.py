@@ -186,9 +186,9 @@ def test_env_loads_the_tsu_of_its_budget(tmp_path):
 class _Run:
     """The parts of a pipeline run the tsu stage uses."""
 
-    def __init__(self, wd: Workdir, section: dict) -> None:
+    def __init__(self, wd: Workdir, section: dict, log=lambda msg: None) -> None:
         self.wd, self._section, self.seed = wd, section, 0
-        self.log = lambda msg: None
+        self.log = log
 
     def section(self, stage):
         return dict(self._section)
@@ -213,6 +213,14 @@ def test_tsu_stage_trains_one_tsu_per_budget_and_removes_the_other_layout(tmp_pa
     for f, epochs in ((0.1, 1), (0.2, 2)):
         tsu = SashaWSIEnv(wd.root, split=None, frac=f).tsu
         assert tsu.cfg.max_epochs == epochs and tsu.cfg.anchor_in_target
+    # each budget's TSU is a unit: a run killed in the f = 0.2 fit keeps the f = 0.1 TSU
+    first = load_model(wd.model("tsu-f0.2"))
+    wd.model("tsu-f0.2").unlink()
+    messages: list[str] = []
+    again = stage.run(_Run(wd, section, messages.append), ctx)
+    assert messages == ["[tsu] f=0.1: trained earlier, kept", "[tsu] f=0.2: 2 epochs"]
+    assert again["models"]["0.1"] == out["models"]["0.1"]
+    assert _same_weights(load_model(wd.model("tsu-f0.2")), first)  # the same seed, the same TSU
     out = stage.run(_Run(wd, {"max_epochs": 1}), ctx)  # back to one shared TSU
     assert wd.budget_tsus() == {} and Path(out["model"]) == wd.model("tsu")
     assert SashaWSIEnv(wd.root, split=None, frac=0.2).tsu.cfg.max_epochs == 1

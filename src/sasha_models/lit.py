@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -673,7 +674,9 @@ def train_model(
     t0 = time.time()
     try:
         trainer = L.Trainer(**trainer_args)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        with warnings.catch_warnings():  # ours: a re-run or a resumed fit finds its checkpoints
+            warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     finally:
         torch.use_deterministic_algorithms(det_state[0], warn_only=det_state[1])
         torch.set_num_threads(threads)

@@ -394,10 +394,20 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
     if None in configs:
         return {**train(configs[None], p.wd.tsu_dir()), "tau": float(tau)}
     models = {}
-    for frac, cfg in configs.items():
+    for frac, cfg in configs.items():  # each budget's TSU a unit: a killed run keeps those done
         assert frac is not None
-        p.log(f"[tsu] f={frac:g}: {cfg.max_epochs} epochs")
-        models[f"{frac:g}"] = train(cfg, p.wd.tsu_dir(frac))
+        out = p.wd.tsu_dir(frac)
+
+        def compute(frac: float = frac, cfg: TSUConfig = cfg, out: Path = out) -> dict:
+            p.log(f"[tsu] f={frac:g}: {cfg.max_epochs} epochs")
+            return train(cfg, out)
+
+        def intact(outputs: dict, model: Path = out / "model.pt") -> bool:
+            return model.is_file() and file_sha256(model) == outputs["sha256"]
+
+        models[f"{frac:g}"], cached = ctx.cached(out.name, compute, intact)
+        if cached:
+            p.log(f"[tsu] f={frac:g}: trained earlier, kept")
     return {"models": models, "tau": float(tau)}
 
 
