@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from sasha_models.data import BagDataModule, TSUPairDataModule
+from sasha_models.fit_callbacks import RESUME_CHECKPOINT, ResumePoint
 from sasha_models.hafed import HAFEDConfig
-from sasha_models.lit import (
-    RESUME_CHECKPOINT,
-    HAFEDModule,
-    ResumePoint,
-    TSUModule,
-    load_checkpoint,
-    train_model,
-)
+from sasha_models.lit import HAFEDModule, TSUModule, load_checkpoint, train_model
 from sasha_models.toy import planted_bags, tsu_problem
 from sasha_models.tsu import TSUConfig
 

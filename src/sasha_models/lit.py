@@ -5,12 +5,14 @@
   Classifiers log ``val/auc``, ``val/f1``, ``val/acc``, ``val/ece``, ``val/loss`` and
   ``val/score = auc + f1`` (the official checkpoint-selection rule); the TSU logs ``val/loss``
   (MSE) and ``val/identity_loss`` (MSE of predicting ``z_j`` itself).
-- :class:`TieBreakCheckpoint` — the best checkpoint by ``val/score``, ties going to the lower
-  ``val/loss`` (``select_ties="loss"``, the default) or to the first epoch (``"first"``, the
-  official rule).
+- :class:`~sasha_models.fit_callbacks.TieBreakCheckpoint` — the best checkpoint by
+  ``val/score``, ties going to the lower ``val/loss`` (``select_ties="loss"``, the default) or
+  to the first epoch (``"first"``, the official rule); kept in
+  :mod:`~sasha_models.fit_callbacks` with :class:`~sasha_models.fit_callbacks.ResumePoint`.
 - :func:`train_model` — seeded fit with CSV (and optional offline W&B) logging, best-checkpoint
   selection, single process or DDP; exports ``model.pt``. With a ``resume_key`` a killed fit
-  resumes from its last resume point (:class:`ResumePoint`) to the bits of an unkilled one.
+  resumes from its last resume point (:class:`~sasha_models.fit_callbacks.ResumePoint`) to
+  the bits of an unkilled one.
 - ``model.pt`` is a plain dict ``{'state_dict', 'config', 'kind', 'meta'}`` of tensors and
   Python scalars/containers, read back with ``torch.load(weights_only=True)`` by
   :func:`load_model` — no pickled objects.
@@ -21,7 +23,6 @@ from __future__ import annotations
 import abc
 import math
 import os
-import random
 import time
 import warnings
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ from .checkpoint import (  # noqa: F401  (re-exported)
     save_export,
 )
 from .data import BagDataset, BagSource
+from .fit_callbacks import RESUME_CHECKPOINT, ResumePoint, TieBreakCheckpoint
 from .hafed import HAFED, HAFEDConfig, acmil_loss, hafed_loss
 from .metrics import classification_metrics
 from .tsu import TSU, TSUConfig
@@ -56,7 +58,6 @@ __all__ = [
     "HAFEDModule",
     "MILModule",
     "TSUModule",
-    "ResumePoint",
     "SELECT_TIES",
     "TieBreakCheckpoint",
     "build_model",
@@ -414,141 +415,6 @@ def _as_config(cls: type, cfg: Any) -> Any:
 SELECT_TIES = ("loss", "first")
 
 
-class TieBreakCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` (``save_top_k=1``) whose ties go to a second metric.
-
-    The official rule keeps an epoch only if its val AUC + F1 is strictly above the best so far,
-    so of the epochs that share the best score the *first* is kept. A small validation split
-    saturates early: on the demo's 15 val slides HAFED reaches AUC = F1 = 1 at epoch 3 of 30,
-    with val CE 0.59 (0.07 by epoch 20), so the kept model is nearly untrained — its
-    probabilities on partial states sit within 0.1 of 0.5, and the agents' CE reward barely
-    moves with what they zoom. Here a later epoch with the same score replaces the kept one
-    when its ``tie_break`` metric is lower (``val/loss``: the better-fitted of equally ranked
-    models). Where no two epochs tie — a validation split that does not saturate — it keeps
-    what the official rule keeps.
-
-    Args:
-        tie_break: the metric (lower is better) that decides between equal ``monitor`` values;
-            ``None`` keeps the first, as ``ModelCheckpoint``.
-        **kwargs: ``ModelCheckpoint``'s; ``save_top_k`` must be 1 when ``tie_break`` is set.
-    """
-
-    def __init__(self, tie_break: str | None = "val/loss", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if tie_break is not None and self.save_top_k != 1:
-            raise ValueError(f"tie_break needs save_top_k=1, got {self.save_top_k}")
-        self.tie_break = tie_break
-        self.best_tie_value: float | None = None
-
-    def check_monitor_top_k(self, trainer: L.Trainer, current: Tensor | None = None) -> bool:
-        """Whether ``current`` replaces the kept checkpoint: a better score, or an equal score
-        with a lower ``tie_break`` value."""
-        if current is None:
-            return False
-        tie = trainer.callback_metrics.get(self.tie_break) if self.tie_break else None
-        keep = super().check_monitor_top_k(trainer, current)
-        if not keep and tie is not None and self.best_k_models:
-            best = self.best_k_models[self.kth_best_model_path]
-            lower = self.best_tie_value is None or float(tie) < self.best_tie_value
-            keep = trainer.strategy.reduce_boolean_decision(float(current) == float(best) and lower)
-        if keep and tie is not None:
-            self.best_tie_value = float(tie)
-        return keep
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "best_tie_value": self.best_tie_value}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.best_tie_value = state_dict.get("best_tie_value")
-
-
-#: where :class:`ResumePoint` keeps a fit's last resume point, below ``out_dir``
-RESUME_CHECKPOINT = Path("checkpoints") / "resume.ckpt"
-
-
-class ResumePoint(Callback):
-    """A killed fit's way back: the whole training state at the end of an epoch, at most every
-    ``every_s`` seconds, to ``path`` (written whole, then renamed).
-
-    Lightning's checkpoint holds the weights, the optimiser and schedule, the loops and the
-    callbacks (the kept best checkpoint too); this callback adds the random states that the
-    next epochs draw from (torch's, NumPy's and Python's global generators: the data order,
-    the TSU's fresh pairs, dropout), taken after the epoch's validation, and the run's ``key``.
-    A fit resumed from it (:func:`train_model` with the same ``resume_key``) computes the
-    same bits as one never killed, on the same machine and settings. Everything in it reads
-    back with ``torch.load(weights_only=True)``.
-
-    Args:
-        path: the resume checkpoint (``out_dir/checkpoints/resume.ckpt``).
-        key: what the run is (the stage's cache key); a checkpoint of another key is not
-            resumed from.
-        every_s: seconds between resume points (0: every epoch); the first is due
-            ``every_s`` after the fit starts.
-    """
-
-    def __init__(self, path: Path, key: str, every_s: float) -> None:
-        self.path, self.key, self.every_s = Path(path), str(key), float(every_s)
-        self._last = time.monotonic()
-        self._restored = False  # random states put back from a resume point
-        self.resumed_epoch: int | None = None  # the first epoch a resumed fit ran
-
-    @property
-    def state_key(self) -> str:
-        return "ResumePoint"
-
-    def state_dict(self) -> dict[str, Any]:
-        name, keys, *rest = cast(tuple, np.random.get_state(legacy=True))
-        return {
-            "key": self.key,
-            "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
-            "python": random.getstate(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # put back at once: Lightning makes the next epoch's data iterator (which draws the
-        # data order) after restoring the callbacks and before ``on_train_epoch_start``
-        torch.set_rng_state(state_dict["torch"])
-        name, keys, *rest = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        self._restored = True
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._restored:
-            self.resumed_epoch, self._restored = int(trainer.current_epoch), False
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        due = time.monotonic() - self._last >= self.every_s
-        if not trainer.strategy.broadcast(due) or trainer.current_epoch + 1 >= (
-            trainer.max_epochs or 0
-        ):
-            return  # not due, or the last epoch: the fit is about to end
-        tmp = self.partial
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier()
-        self._last = time.monotonic()
-
-    @property
-    def partial(self) -> Path:
-        """Where a resume point is written before it is renamed into place (a kill while
-        writing leaves it behind; the next fit removes it)."""
-        return self.path.with_name(f".{self.path.name}.tmp")
-
-    @staticmethod
-    def key_of(path: Path) -> str | None:
-        """The ``key`` a resume checkpoint was written for, or ``None`` if unreadable."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            return str(ckpt["callbacks"]["ResumePoint"]["key"])
-        except Exception:  # a file cut short by a kill, or not ours: start afresh
-            return None
-
-
 def train_model(
     module: _SashaModule,
     datamodule: L.LightningDataModule,
@@ -597,7 +463,8 @@ def train_model(
             much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
         resume_key: what this fit is (a pipeline stage passes its cache key). With it, the fit
             leaves a resume point every ``resume_every_s`` seconds (at an epoch's end,
-            :class:`ResumePoint`, ``out_dir/checkpoints/resume.ckpt``) and a fit killed before
+            :class:`~sasha_models.fit_callbacks.ResumePoint`,
+            ``out_dir/checkpoints/resume.ckpt``) and a fit killed before
             its end resumes from the last one of the same key, to the same bits; the file is
             removed when the fit ends. ``None``: every fit starts afresh.
         resume_every_s: seconds between resume points (0: every epoch).
