@@ -189,6 +189,22 @@ def test_predict_runs_the_workdirs_algorithm_and_any_sb3_network(tiny_workdir, t
         assert out["zoomed_coords"] == store.read(record.slide_id, "coords")[ep["zoomed"]].tolist()
         probs = [out["probabilities"][c] for c in predictor.class_names]
         np.testing.assert_allclose(probs, ep["probabilities"], atol=1e-4)
+    # its input has a fixed size: a slide with more patches is refused, saying why
+    with pytest.raises(ValueError, match="more than the .* dqn agent's network reads"):
+        predictor.predict(CMU_SVS)
+    # a DQN learned-stop agent (its policy has no stop_action of its own): the env's stop
+    stop_cfg = AgentConfig.from_dict({**config["agents"], "stop": "learned"})
+    train_agent(wd, 0.5, stop_cfg, seed=0, progress=False, learned_stop=True)
+    stopper = load_agent(wd, 0.5, "dqn", learned_stop=True)
+    ids = [r.slide_id for r in records]
+    episodes = run_episodes(
+        stopper.make_env(wd, "test", stop_cfg), agent_policy(stopper.policy), ids
+    )
+    learned = Predictor(wd.root, frac=0.5, calibration=None, learned_stop=True)
+    for record, ep in zip(records, episodes, strict=True):
+        out = learned.predict(record.path)
+        assert out["zoomed_coords"] == store.read(record.slide_id, "coords")[ep["zoomed"]].tolist()
+        assert out["stopped"] == ep["stopped"]
 
 
 def test_predict_on_a_real_aperio_slide(tiny_workdir, tmp_path):

@@ -65,38 +65,54 @@ def fit(out: Path, make: tuple[Callable, Callable], kill: int | None = None, **k
 
 @pytest.mark.parametrize("make", [hafed_fit, tsu_fit], ids=["hafed", "tsu"])
 def test_a_fit_killed_between_epochs_resumes_to_the_same_bits(make, tmp_path):
+    """Killed in every epoch after the first: whatever the last point holds (the kept best
+    epoch being the one just judged, or an earlier one), the resumed fit exports what an
+    unkilled one does."""
     problem = make()
     whole = load_checkpoint(fit(tmp_path / "whole", problem))
-    out = tmp_path / "killed"
-    with pytest.raises(Killed):
-        fit(out, problem, kill=4, resume_key="k1", resume_every_s=0)
-    resume = out / RESUME_CHECKPOINT
-    assert ResumePoint.key_of(resume) == "k1"
-    assert torch.load(resume, weights_only=True)["epoch"] == 3  # the last finished epoch
-    again = load_checkpoint(fit(out, problem, resume_key="k1", resume_every_s=0))
-    assert again["meta"]["resumed_at_epoch"] == 4 and whole["meta"]["resumed_at_epoch"] is None
-    for name, tensor in whole["state_dict"].items():
-        assert torch.equal(again["state_dict"][name], tensor), name
-    for key in ("best_epoch", "best_score", "best_tie_value", "epochs_trained"):
-        assert again["meta"][key] == whole["meta"][key], key
-    assert not resume.exists()  # finished: nothing left to resume
+    assert whole["meta"]["resumed_at_epoch"] is None
+    for kill in range(1, 6):
+        out = tmp_path / f"killed-{kill}"
+        with pytest.raises(Killed):
+            fit(out, problem, kill=kill, resume_key="k1", resume_every_s=0)
+        resume = out / RESUME_CHECKPOINT
+        assert ResumePoint.key_of(resume) == "k1"
+        assert torch.load(resume, weights_only=True)["epoch"] == kill - 1  # the last finished
+        again = load_checkpoint(fit(out, problem, resume_key="k1", resume_every_s=0))
+        assert again["meta"]["resumed_at_epoch"] == kill
+        for name, tensor in whole["state_dict"].items():
+            assert torch.equal(again["state_dict"][name], tensor), (kill, name)
+        for key in ("best_epoch", "best_score", "best_tie_value", "epochs_trained"):
+            assert again["meta"][key] == whole["meta"][key], (kill, key)
+        assert not resume.exists()  # finished: nothing left to resume
 
 
 def test_a_resume_point_of_another_run_is_not_resumed_from(tmp_path):
     problem = hafed_fit()
+    whole = load_checkpoint(fit(tmp_path / "whole", problem))
+
+    def same(blob) -> bool:
+        return all(torch.equal(blob["state_dict"][k], v) for k, v in whole["state_dict"].items())
+
     out = tmp_path / "fit"
+    resume = out / RESUME_CHECKPOINT
     with pytest.raises(Killed):
         fit(out, problem, kill=2, resume_key="old config", resume_every_s=0)
     again = load_checkpoint(fit(out, problem, resume_key="new config", resume_every_s=0))
-    assert again["meta"]["resumed_at_epoch"] is None  # started afresh
-    whole = load_checkpoint(fit(tmp_path / "whole", problem))
-    assert all(torch.equal(again["state_dict"][k], v) for k, v in whole["state_dict"].items())
-    (out / RESUME_CHECKPOINT).write_bytes(b"cut short by a kill")
-    partial = out / RESUME_CHECKPOINT.parent / f".{RESUME_CHECKPOINT.name}.tmp"
+    assert again["meta"]["resumed_at_epoch"] is None and same(again)  # started afresh
+    # a forced re-run (restart) discards a point of its own key
+    with pytest.raises(Killed):
+        fit(out, problem, kill=3, resume_key="k", resume_every_s=0)
+    forced = load_checkpoint(fit(out, problem, resume_key="k", restart=True))
+    assert forced["meta"]["resumed_at_epoch"] is None and same(forced)
+    # a point cut short, and a partial one, go when the next fit starts, not when it ends
+    resume.write_bytes(b"cut short by a kill")
+    partial = resume.parent / f".{resume.name}.tmp"
     partial.write_bytes(b"a point the kill stopped while it was written")
-    assert ResumePoint.key_of(out / RESUME_CHECKPOINT) is None
-    assert fit(out, problem, resume_key="new config").is_file()  # a broken file is ignored
-    assert not partial.exists() and not (out / RESUME_CHECKPOINT).exists()
+    assert ResumePoint.key_of(resume) is None
+    with pytest.raises(Killed):
+        fit(out, problem, kill=2, resume_key="k", resume_every_s=3600)
+    assert not partial.exists() and not resume.exists()
 
 
 def test_resume_points_are_spaced_by_time_and_absent_without_a_key(tmp_path):

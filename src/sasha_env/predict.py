@@ -177,7 +177,8 @@ class Predictor:
         calibration: ``"temperature+bias"`` (default: on the 5-seed demo study it lowered
             ECE and raised accuracy for HAFED and SASHA), ``"temperature"`` or ``None``: apply
             that calibration, fitted on the val split by the calibrate stage for this mode
-            (``hafed@1`` with ``full``, else ``sasha@<f>``), when the workdir has it; the raw
+            (``hafed@1`` with ``full``, ``sasha_learned_stop@<f>`` with ``learned_stop``, else
+            ``sasha@<f>``), when the workdir has it; the raw
             probabilities are kept in the record too.
         adaptive: stop each slide when the agent's stop rule fires (thresholds fitted on the
             val split by the calibrate stage, ``agents/<algo>-<f>/adaptive.json``), f being
@@ -256,13 +257,15 @@ class Predictor:
             self.calibration = read_calibrations(self.wd.calibration, calibration).get(key)
         self.policy: Any = None
         self.projection: ObsProjection | None = None
+        self.fixed_patches: int | None = None  # the patches a fixed-size network reads
+        self.algo = "maskable_ppo"
         self._idle_envs: list[SashaWSIEnv] = []  # environments between slides
         if not full:
             # lazy: loads SB3, which --full never needs
             from .agents.config import agent_name
             from .agents.envs import has_agent, load_agent
 
-            algo = str((cfg.get("agents") or {}).get("algo") or "maskable_ppo")
+            algo = self.algo = str((cfg.get("agents") or {}).get("algo") or "maskable_ppo")
             if learned_stop and not has_agent(self.wd, self.frac, algo, learned_stop=True):
                 raise FileNotFoundError(
                     f"{self.wd.agent_dir(agent_name(self.frac, algo, True))} does not exist: "
@@ -274,6 +277,9 @@ class Predictor:
             net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
             self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
             self.projection = agent.projection
+            if self.policy is agent.policy:  # another network (DQN's): a fixed-size input
+                space = agent.policy.observation_space["features"]  # type: ignore[index]
+                self.fixed_patches = int(space.shape[0])
         self.stop_rule = None
         if adaptive:
             from .agents.adaptive import read_stop_rule  # lazy: as above
@@ -510,7 +516,17 @@ class Predictor:
         """An environment for a slide of ``n_patches``: an idle one that fits, else a new one
         (replacing the smallest idle one); :meth:`_give_env` returns it. At most as many exist
         as slides are in flight."""
-        fits = [e for e in self._idle_envs if e.max_patches >= n_patches]
+        size = max(n_patches, self.cohort_max_patches)
+        if self.fixed_patches is not None:
+            if n_patches > self.fixed_patches:
+                raise ValueError(
+                    f"{n_patches} patches, more than the {self.fixed_patches} that the "
+                    f"{self.algo} agent's network reads (a fixed-size input). Only SASHA's "
+                    "actor-critic (agents.algo maskable_ppo, ppo or a2c) reads any number of "
+                    "patches; predict this slide with such an agent or with --full"
+                )
+            size = self.fixed_patches
+        fits = [e for e in self._idle_envs if e.max_patches >= size]
         if fits:
             self._idle_envs.remove(fits[0])
             return fits[0]
@@ -523,7 +539,7 @@ class Predictor:
             tsu=self.tsu,
             split=None,
             frac=self.frac,
-            max_patches=max(n_patches, self.cohort_max_patches),
+            max_patches=size,
             copy_obs=False,
             obs_projection=self.projection,
             stop_rule=self.stop_rule,

@@ -375,7 +375,8 @@ class SashaActorCritic(nn.Module):
         A row is scored on its own, so its logit changes only when its row does: an agent
         acting on one slide can keep the logits and re-score only the rows a zoom changed
         (the zoomed row and the TSU-updated ones), ``O(r·d·H)`` per zoom instead of
-        ``O(N·d·H)`` (how ``sasha predict`` runs the agent).
+        ``O(N·d·H)``; ``sasha predict`` keeps :meth:`actor_outputs`, these logits and, with
+        ``stop_action``, what the stop logit pools.
         """
         return self.actor_attn(self._actor_rows(features, visited, coords)).squeeze(-1)
 

@@ -17,7 +17,7 @@ from typing import Any, cast
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from torch import Tensor
 
 __all__ = ["RESUME_CHECKPOINT", "ResumePoint", "TieBreakCheckpoint"]
@@ -76,17 +76,22 @@ class TieBreakCheckpoint(ModelCheckpoint):
 RESUME_CHECKPOINT = Path("checkpoints") / "resume.ckpt"
 
 
-class ResumePoint(Callback):
+class ResumePoint(Checkpoint):
     """A killed fit's way back: the whole training state at the end of an epoch, at most every
     ``every_s`` seconds, to ``path`` (written whole, then renamed).
 
     Lightning's checkpoint holds the weights, the optimiser and schedule, the loops and the
-    callbacks (the kept best checkpoint too); this callback adds the random states that the
-    next epochs draw from (torch's, NumPy's and Python's global generators: the data order,
-    the TSU's fresh pairs, dropout), taken after the epoch's validation, and the run's ``key``.
-    A fit resumed from it (:func:`train_model` with the same ``resume_key``) computes the
-    same bits as one never killed, on the same machine and settings. Everything in it reads
-    back with ``torch.load(weights_only=True)``.
+    callbacks (the kept best checkpoint, as :class:`TieBreakCheckpoint` left it after judging
+    the epoch: a checkpoint callback itself, this one runs after it); this callback adds the
+    random states the next epochs draw from (torch's, its CUDA generators', NumPy's and
+    Python's global generators: the data order, the TSU's fresh pairs, dropout, HAFED's random
+    top-K), taken after the epoch's validation, and the run's ``key``. A fit resumed from it
+    (:func:`~sasha_models.lit.train_model` with the same ``resume_key``) computes the same
+    bits as one never killed, on the same machine and settings, in one process (CPU or one
+    GPU). Under DDP only rank 0's random states are kept and every rank gets them back: the
+    fit resumes at the right epoch with the right weights and optimiser, but its later draws
+    are not those of an unkilled run. Everything in the file reads back with
+    ``torch.load(weights_only=True)``.
 
     Args:
         path: the resume checkpoint (``out_dir/checkpoints/resume.ckpt``).
@@ -94,10 +99,13 @@ class ResumePoint(Callback):
             resumed from.
         every_s: seconds between resume points (0: every epoch); the first is due
             ``every_s`` after the fit starts.
+        discard: remove the point found at ``path`` when the fit starts (one of another
+            key, cut short, or not wanted: a forced re-run), on global rank 0.
     """
 
-    def __init__(self, path: Path, key: str, every_s: float) -> None:
+    def __init__(self, path: Path, key: str, every_s: float, discard: bool = False) -> None:
         self.path, self.key, self.every_s = Path(path), str(key), float(every_s)
+        self.discard = discard
         self._last = time.monotonic()
         self._restored = False  # random states put back from a resume point
         self.resumed_epoch: int | None = None  # the first epoch a resumed fit ran
@@ -106,11 +114,19 @@ class ResumePoint(Callback):
     def state_key(self) -> str:
         return "ResumePoint"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.partial.unlink(missing_ok=True)  # a point a kill cut short while writing
+            if self.discard:
+                self.path.unlink(missing_ok=True)
+
     def state_dict(self) -> dict[str, Any]:
         name, keys, *rest = cast(tuple, np.random.get_state(legacy=True))
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         return {
             "key": self.key,
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
             "python": random.getstate(),
         }
@@ -119,6 +135,9 @@ class ResumePoint(Callback):
         # put back at once: Lightning makes the next epoch's data iterator (which draws the
         # data order) after restoring the callbacks and before ``on_train_epoch_start``
         torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda") or []
+        if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
         name, keys, *rest = state_dict["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         version, internal, gauss = state_dict["python"]
@@ -145,7 +164,7 @@ class ResumePoint(Callback):
     @property
     def partial(self) -> Path:
         """Where a resume point is written before it is renamed into place (a kill while
-        writing leaves it behind; the next fit removes it)."""
+        writing leaves it behind; the next fit's :meth:`setup` removes it)."""
         return self.path.with_name(f".{self.path.name}.tmp")
 
     @staticmethod

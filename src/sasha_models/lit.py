@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from .baselines import build_baseline
@@ -432,6 +431,7 @@ def train_model(
     cpu_threads: int | None = None,
     resume_key: str | None = None,
     resume_every_s: float = 120.0,
+    restart: bool = False,
     **trainer_kw: Any,
 ) -> Path:
     """Fit ``module`` and export its best weights to ``out_dir/model.pt``.
@@ -468,6 +468,8 @@ def train_model(
             its end resumes from the last one of the same key, to the same bits; the file is
             removed when the fit ends. ``None``: every fit starts afresh.
         resume_every_s: seconds between resume points (0: every epoch).
+        restart: start afresh even where a resume point of this key exists (a forced
+            re-run: ``sasha pipeline --force``, ``sasha train``); it is removed.
         **trainer_kw: extra ``lightning.Trainer`` arguments.
 
     Returns:
@@ -505,16 +507,14 @@ def train_model(
     )
     callbacks: list[Callback] = [ckpt]
     resume_from = None
-    if resume_key is not None:
+    if resume_key is not None:  # checkpoint callbacks run in this order: the kept best first
         resume_path = out_dir / RESUME_CHECKPOINT
-        if resume_path.is_file():
-            if ResumePoint.key_of(resume_path) == resume_key:
-                resume_from = resume_path
-            elif getattr(rank_zero_only, "rank", 0) == 0:
-                resume_path.unlink()  # another run's, or cut short: not this fit's way back
-        callbacks.append(resume := ResumePoint(resume_path, resume_key, resume_every_s))
-        if getattr(rank_zero_only, "rank", 0) == 0:
-            resume.partial.unlink(missing_ok=True)  # a point a kill cut short
+        usable = (
+            not restart and resume_path.is_file() and ResumePoint.key_of(resume_path) == resume_key
+        )
+        resume_from = resume_path if usable else None
+        resume = ResumePoint(resume_path, resume_key, resume_every_s, discard=not usable)
+        callbacks.append(resume)
     trainer_args: dict[str, Any] = {
         "max_epochs": max_epochs,
         "accelerator": accelerator,

@@ -147,12 +147,13 @@ class ZoomEpisode:
         n = data.n
         self.n: int = n
         self._obs: dict[str, np.ndarray] = obs  # the env's own buffers (copy_obs=False)
-        self._stop: bool = bool(getattr(policy, "stop_action", False))
-        if self._stop != env.stop_action:
+        self._stop: bool = bool(env.stop_action)  # a learned-stop agent's environment
+        net_stop = getattr(policy, "stop_action", None)  # SASHA's network says; DQN's does not
+        if net_stop is not None and bool(net_stop) != self._stop:
             raise ValueError(
-                f"the agent's stop action ({self._stop}) and the environment's stop_action "
-                f"({env.stop_action}) differ: a learned-stop agent acts with the stop action, "
-                "any other agent without it"
+                f"the agent's stop action ({bool(net_stop)}) and the environment's stop_action "
+                f"({self._stop}) differ: a learned-stop agent acts with the stop action, any "
+                "other agent without it"
             )
         self._net: nn.Module | None = policy if hasattr(policy, "actor_outputs") else None
         self._act: Callable[[SashaWSIEnv, dict], int] | None = None
@@ -185,7 +186,7 @@ class ZoomEpisode:
             outputs = self._cache(net.actor_outputs, self._inputs, rows=rows)
             legal = torch.from_numpy(self.env.action_masks()[: self.n])
             logits = outputs[0].masked_fill(~legal, -math.inf)
-            if self._stop:  # the stop logit last: a patch of equal logit wins, as in argmax
+            if self._stop:  # the stop logit last: a patch of exactly equal logit wins
                 actor_rows, pool_scores = outputs[1][None], outputs[2][None]
                 visited = self._inputs[1][None]
                 stop = net.stop_logit(actor_rows, pool_scores, visited, torch.ones_like(visited))

@@ -287,6 +287,12 @@ def _export(path: Path) -> dict:
     return {"model": str(path), "sha256": file_sha256(path)}
 
 
+def _resume(ctx: StageContext) -> dict[str, Any]:
+    """:func:`~sasha_models.lit.train_model`'s resume arguments for a fit of this stage: a
+    killed fit resumes from its last resume point of the stage's key, unless forced."""
+    return {"resume_key": ctx.key, "restart": ctx.force}
+
+
 def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import BagDataModule  # lazy: torch, Lightning, when the stage runs
     from sasha_models.hafed import HAFEDConfig  # lazy: as above
@@ -300,9 +306,7 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     data = BagDataModule(bags, "highres")
     out = p.wd.model_dir("hafed")
     kw = p.train_kwargs()
-    return _export(
-        train_model(module, data, out, select_ties=select_ties, resume_key=ctx.key, **kw)
-    )
+    return _export(train_model(module, data, out, select_ties=select_ties, **_resume(ctx), **kw))
 
 
 def _run_distill(p: RunContext, ctx: StageContext) -> dict:
@@ -380,7 +384,7 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
             include_anchor=cfg.anchor_in_target,
             seed=p.seed,
         )
-        return _export(train_model(module, data, out, resume_key=ctx.key, **p.train_kwargs()))
+        return _export(train_model(module, data, out, **_resume(ctx), **p.train_kwargs()))
 
     stale = [path for f, path in p.wd.budget_tsus().items() if f not in configs]
     if None not in configs:
@@ -442,7 +446,7 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     module = MILModule(model, bags.feature_dim, len(bags.class_names), seed=p.seed, **section)
     data = BagDataModule(bags, kind, flatten_highres=kind == "highres")
     out = p.wd.model_dir(name)
-    return _export(train_model(module, data, out, resume_key=ctx.key, **train_kwargs))
+    return _export(train_model(module, data, out, **_resume(ctx), **train_kwargs))
 
 
 #: ``agents`` keys only the learned-stop agents depend on: the fixed-budget agents' units are
