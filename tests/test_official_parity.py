@@ -10,6 +10,7 @@ official TSU validation.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -190,6 +191,9 @@ class _Run:
         self.wd, self._section, self.seed = wd, section, 0
         self.log = log
 
+    def key(self, stage, drop=()):
+        return json.dumps({k: v for k, v in self._section.items() if k not in drop}, default=str)
+
     def section(self, stage):
         return dict(self._section)
 
@@ -221,6 +225,19 @@ def test_tsu_stage_trains_one_tsu_per_budget_and_removes_the_other_layout(tmp_pa
     assert messages == ["[tsu] f=0.1: trained earlier, kept", "[tsu] f=0.2: 2 epochs"]
     assert again["models"]["0.1"] == out["models"]["0.1"]
     assert _same_weights(load_model(wd.model("tsu-f0.2")), first)  # the same seed, the same TSU
+    # a budget added, one changed: the others are kept; a dropped budget's folder goes, even
+    # one a kill left without its model
+    (wd.tsu_dir(0.5) / "checkpoints").mkdir(parents=True)
+    (wd.tsu_dir(0.5) / "checkpoints" / "resume.ckpt").write_bytes(b"a killed fit's")
+    messages.clear()
+    more = {
+        **section,
+        "budgets": {0.1: {"max_epochs": 1}, 0.2: {"max_epochs": 3}, 0.3: {"max_epochs": 1}},
+    }
+    stage.run(_Run(wd, more, messages.append), ctx)
+    assert messages[0] == "[tsu] f=0.1: trained earlier, kept"
+    assert messages[1:] == ["[tsu] f=0.2: 3 epochs", "[tsu] f=0.3: 1 epochs"]
+    assert sorted(wd.budget_tsu_dirs()) == [0.1, 0.2, 0.3]
     out = stage.run(_Run(wd, {"max_epochs": 1}), ctx)  # back to one shared TSU
     assert wd.budget_tsus() == {} and Path(out["model"]) == wd.model("tsu")
     assert SashaWSIEnv(wd.root, split=None, frac=0.2).tsu.cfg.max_epochs == 1

@@ -63,12 +63,20 @@ class Workdir:
     def budget_tsus(self) -> dict[float, Path]:
         """The per-budget TSUs present, ``{f: models/tsu-f<f>/model.pt}`` (empty when the
         workdir has one TSU for every budget)."""
+        dirs = self.budget_tsu_dirs()
+        return {f: d / "model.pt" for f, d in dirs.items() if (d / "model.pt").is_file()}
+
+    def budget_tsu_dirs(self) -> dict[float, Path]:
+        """Every per-budget TSU folder, ``{f: models/tsu-f<f>}``, finished or not (a fit
+        killed before its export leaves one with its resume point only)."""
         out = {}
-        for path in sorted((self.root / "models").glob("tsu-f*/model.pt")):
+        for path in sorted((self.root / "models").glob("tsu-f*")):
             try:
-                out[float(path.parent.name[len("tsu-f") :])] = path
+                f = float(path.name[len("tsu-f") :])
             except ValueError:
                 continue
+            if path.is_dir():
+                out[f] = path
         return out
 
     def tsu_model(self, frac: float | None = None) -> Path:

@@ -373,7 +373,7 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
         p.log(f"[tsu] tau calibrated on training slides: {tau:.4f}")
     configs = tsu_configs(section, bags.feature_dim, float(tau))
 
-    def train(cfg: TSUConfig, out: Path) -> dict:
+    def train(cfg: TSUConfig, out: Path, key: str = ctx.key) -> dict:
         module = TSUModule(cfg, seed=p.seed)
         data = TSUPairDataModule(
             bags,
@@ -384,17 +384,18 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
             include_anchor=cfg.anchor_in_target,
             seed=p.seed,
         )
-        return _export(train_model(module, data, out, **_resume(ctx), **p.train_kwargs()))
+        resume = {**_resume(ctx), "resume_key": key}
+        return _export(train_model(module, data, out, **resume, **p.train_kwargs()))
 
-    stale = [path for f, path in p.wd.budget_tsus().items() if f not in configs]
+    stale = [path for f, path in p.wd.budget_tsu_dirs().items() if f not in configs]
     if None not in configs:
-        stale.append(p.wd.model("tsu"))
+        stale.append(p.wd.tsu_dir())
     if is_rank_zero():
-        for path in stale:  # the other layout's models
-            if path.parent.name == "tsu":
-                path.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(path.parent, ignore_errors=True)
+        for path in stale:  # the other layout's models (and a dropped budget's folder)
+            shutil.rmtree(path, ignore_errors=True)
+    # a budget's TSU depends on the section without the other budgets, and on its own
+    # settings: adding a budget, or changing one, keeps the others
+    shared = p.key(ctx.stage, drop=("budgets",))
     if None in configs:
         return {**train(configs[None], p.wd.tsu_dir()), "tau": float(tau)}
     models = {}
@@ -402,14 +403,18 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
         assert frac is not None
         out = p.wd.tsu_dir(frac)
 
-        def compute(frac: float = frac, cfg: TSUConfig = cfg, out: Path = out) -> dict:
+        key = hashlib.sha256(json.dumps([shared, cfg.to_dict()]).encode()).hexdigest()[:16]
+
+        def compute(
+            frac: float = frac, cfg: TSUConfig = cfg, out: Path = out, key: str = key
+        ) -> dict:
             p.log(f"[tsu] f={frac:g}: {cfg.max_epochs} epochs")
-            return train(cfg, out)
+            return train(cfg, out, key)
 
         def intact(outputs: dict, model: Path = out / "model.pt") -> bool:
             return model.is_file() and file_sha256(model) == outputs["sha256"]
 
-        models[f"{frac:g}"], cached = ctx.cached(out.name, compute, intact)
+        models[f"{frac:g}"], cached = ctx.cached(out.name, compute, intact, key)
         if cached:
             p.log(f"[tsu] f={frac:g}: trained earlier, kept")
     return {"models": models, "tau": float(tau)}
