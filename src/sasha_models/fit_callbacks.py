@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -85,13 +86,11 @@ class ResumePoint(Checkpoint):
     the epoch: a checkpoint callback itself, this one runs after it); this callback adds the
     random states the next epochs draw from (torch's, its CUDA generators', NumPy's and
     Python's global generators: the data order, the TSU's fresh pairs, dropout, HAFED's random
-    top-K), taken after the epoch's validation, and the run's ``key``. A fit resumed from it
-    (:func:`~sasha_models.lit.train_model` with the same ``resume_key``) computes the same
-    bits as one never killed, on the same machine and settings, in one process (CPU or one
-    GPU). Under DDP only rank 0's random states are kept and every rank gets them back: the
-    fit resumes at the right epoch with the right weights and optimiser, but its later draws
-    are not those of an unkilled run. Everything in the file reads back with
-    ``torch.load(weights_only=True)``.
+    top-K), taken after the epoch's validation, and the run's ``key``. Under DDP every rank's
+    states are gathered for rank 0 to write, and each rank gets its own back. A fit resumed
+    from it (:func:`~sasha_models.lit.train_model` with the same ``resume_key``) computes the
+    same bits as one never killed, on the same machine and settings (the same world size).
+    Everything in the file reads back with ``torch.load(weights_only=True)``.
 
     Args:
         path: the resume checkpoint (``out_dir/checkpoints/resume.ckpt``).
@@ -108,6 +107,8 @@ class ResumePoint(Checkpoint):
         self.discard = discard
         self._last = time.monotonic()
         self._restored = False  # random states put back from a resume point
+        self._rank = 0  # this process's global rank (set up by the trainer)
+        self._states: dict[str, Tensor] | None = None  # every rank's, while a point is saved
         self.resumed_epoch: int | None = None  # the first epoch a resumed fit ran
 
     @property
@@ -115,33 +116,22 @@ class ResumePoint(Checkpoint):
         return "ResumePoint"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._rank = int(trainer.global_rank)
         if trainer.is_global_zero:
             self.partial.unlink(missing_ok=True)  # a point a kill cut short while writing
             if self.discard:
                 self.path.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
-        name, keys, *rest = cast(tuple, np.random.get_state(legacy=True))
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return {
-            "key": self.key,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
-            "python": random.getstate(),
-        }
+        states = self._states if self._states is not None else _one_rank(_rng_tensors())
+        return {"key": self.key, "format": RESUME_FORMAT, **states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # put back at once: Lightning makes the next epoch's data iterator (which draws the
         # data order) after restoring the callbacks and before ``on_train_epoch_start``
-        torch.set_rng_state(state_dict["torch"])
-        cuda = state_dict.get("cuda") or []
-        if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-            torch.cuda.set_rng_state_all(cuda)
-        name, keys, *rest = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
+        states = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
+        ranks = int(states["torch"].shape[0])
+        _set_rng({k: v[self._rank if self._rank < ranks else 0] for k, v in states.items()})
         self._restored = True
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,8 +144,15 @@ class ResumePoint(Checkpoint):
             trainer.max_epochs or 0
         ):
             return  # not due, or the last epoch: the fit is about to end
+        # every rank's random states, gathered for rank 0 to write (each gets its own back)
+        states = {k: v.to(pl_module.device) for k, v in _rng_tensors().items()}
+        if trainer.world_size > 1:
+            self._states = {k: trainer.strategy.all_gather(v).cpu() for k, v in states.items()}
+        else:
+            self._states = _one_rank({k: v.cpu() for k, v in states.items()})
         tmp = self.partial
         trainer.save_checkpoint(tmp)
+        self._states = None
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier()
@@ -169,9 +166,50 @@ class ResumePoint(Checkpoint):
 
     @staticmethod
     def key_of(path: Path) -> str | None:
-        """The ``key`` a resume checkpoint was written for, or ``None`` if unreadable."""
+        """The ``key`` a resume checkpoint was written for, or ``None`` if unreadable (cut
+        short, not ours, or of another format)."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            return str(ckpt["callbacks"]["ResumePoint"]["key"])
+            state = ckpt["callbacks"]["ResumePoint"]
+            return str(state["key"]) if state.get("format") == RESUME_FORMAT else None
         except Exception:  # a file cut short by a kill, or not ours: start afresh
             return None
+
+
+#: the layout of :class:`ResumePoint`'s random states (a point of another layout is not read)
+RESUME_FORMAT = 2
+
+
+def _rng_tensors() -> dict[str, Tensor]:
+    """This process's random states as int64 / float64 tensors of fixed sizes (what the ranks
+    gather): torch's, its current CUDA device's, NumPy's and Python's global generators."""
+    _, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
+    version, internal, gauss = random.getstate()
+    out = {
+        "torch": torch.get_rng_state().to(torch.int64),
+        "numpy": torch.tensor([*keys.astype(np.int64), pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
+    return out
+
+
+def _set_rng(states: dict[str, Tensor]) -> None:
+    """Put back the random states of :func:`_rng_tensors`."""
+    torch.set_rng_state(states["torch"].to(torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8))
+    n = states["numpy"]
+    keys = n[:-2].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(n[-2]), int(n[-1]), float(states["numpy_gauss"][0])))
+    version, *internal = states["python"].tolist()
+    gauss = float(states["python_gauss"][0])
+    random.setstate((version, tuple(internal), None if math.isnan(gauss) else gauss))
+
+
+def _one_rank(states: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One process's states with the ranks' dimension, ``(1, ...)``."""
+    return {k: v[None] for k, v in states.items()}
