@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,7 +108,8 @@ class ResumePoint(Checkpoint):
         self.discard = discard
         self._last = time.monotonic()
         self._restored = False  # random states put back from a resume point
-        self._rank = 0  # this process's global rank (set up by the trainer)
+        self._rank, self._world = 0, 1  # this process's global rank, and how many (set up)
+        self._device = torch.device("cpu")  # this process's device (set up)
         self._states: dict[str, Tensor] | None = None  # every rank's, while a point is saved
         self.resumed_epoch: int | None = None  # the first epoch a resumed fit ran
 
@@ -116,14 +118,15 @@ class ResumePoint(Checkpoint):
         return "ResumePoint"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._rank = int(trainer.global_rank)
+        self._rank, self._world = int(trainer.global_rank), int(trainer.world_size)
+        self._device = trainer.strategy.root_device
         if trainer.is_global_zero:
             self.partial.unlink(missing_ok=True)  # a point a kill cut short while writing
             if self.discard:
                 self.path.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
-        states = self._states if self._states is not None else _one_rank(_rng_tensors())
+        states = self._states if self._states is not None else _one_rank(_rng_tensors(None))
         return {"key": self.key, "format": RESUME_FORMAT, **states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -131,7 +134,14 @@ class ResumePoint(Checkpoint):
         # data order) after restoring the callbacks and before ``on_train_epoch_start``
         states = {k: v for k, v in state_dict.items() if isinstance(v, Tensor)}
         ranks = int(states["torch"].shape[0])
-        _set_rng({k: v[self._rank if self._rank < ranks else 0] for k, v in states.items()})
+        if ranks != self._world:
+            warnings.warn(
+                f"{self.path} was written by {ranks} processes and is resumed by {self._world}: "
+                "the fit resumes, but its random draws are not those of an unkilled run",
+                stacklevel=2,
+            )
+        row = self._rank if self._rank < ranks else 0
+        _set_rng({k: v[row] for k, v in states.items()}, self._device)
         self._restored = True
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,14 +155,17 @@ class ResumePoint(Checkpoint):
         ):
             return  # not due, or the last epoch: the fit is about to end
         # every rank's random states, gathered for rank 0 to write (each gets its own back)
-        states = {k: v.to(pl_module.device) for k, v in _rng_tensors().items()}
-        if trainer.world_size > 1:
-            self._states = {k: trainer.strategy.all_gather(v).cpu() for k, v in states.items()}
+        states = _rng_tensors(self._device)
+        if trainer.world_size > 1:  # on the device the collectives run on (NCCL: the GPU)
+            gather = trainer.strategy.all_gather
+            self._states = {k: gather(v.to(self._device)).cpu() for k, v in states.items()}
         else:
-            self._states = _one_rank({k: v.cpu() for k, v in states.items()})
+            self._states = _one_rank(states)
         tmp = self.partial
-        trainer.save_checkpoint(tmp)
-        self._states = None
+        try:
+            trainer.save_checkpoint(tmp)
+        finally:
+            self._states = None
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier()
@@ -180,9 +193,9 @@ class ResumePoint(Checkpoint):
 RESUME_FORMAT = 2
 
 
-def _rng_tensors() -> dict[str, Tensor]:
-    """This process's random states as int64 / float64 tensors of fixed sizes (what the ranks
-    gather): torch's, its current CUDA device's, NumPy's and Python's global generators."""
+def _rng_tensors(device: torch.device | None) -> dict[str, Tensor]:
+    """This process's random states as int64 / float64 CPU tensors of fixed sizes (what the
+    ranks gather): torch's, ``device``'s when it is a GPU, NumPy's and Python's generators."""
     _, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
     version, internal, gauss = random.getstate()
     out = {
@@ -192,16 +205,16 @@ def _rng_tensors() -> dict[str, Tensor]:
         "python": torch.tensor([version, *internal], dtype=torch.int64),
         "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
+    if device is not None and device.type == "cuda":  # the same on every rank of a fit
+        out["cuda"] = torch.cuda.get_rng_state(device).to(torch.int64)
     return out
 
 
-def _set_rng(states: dict[str, Tensor]) -> None:
-    """Put back the random states of :func:`_rng_tensors`."""
+def _set_rng(states: dict[str, Tensor], device: torch.device) -> None:
+    """Put back the random states of :func:`_rng_tensors` (the GPU's on ``device``)."""
     torch.set_rng_state(states["torch"].to(torch.uint8))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8))
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
     n = states["numpy"]
     keys = n[:-2].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, int(n[-2]), int(n[-1]), float(states["numpy_gauss"][0])))

@@ -387,7 +387,8 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
         resume = {**_resume(ctx), "resume_key": key}
         return _export(train_model(module, data, out, **resume, **p.train_kwargs()))
 
-    stale = [path for f, path in p.wd.budget_tsu_dirs().items() if f not in configs]
+    wanted = {p.wd.tsu_dir(f).name for f in configs if f is not None}  # by name: f is :g-cut
+    stale = [path for path in p.wd.budget_tsu_dirs().values() if path.name not in wanted]
     if None not in configs:
         stale.append(p.wd.tsu_dir())
     if is_rank_zero():
@@ -403,7 +404,8 @@ def _run_tsu(p: RunContext, ctx: StageContext) -> dict:
         assert frac is not None
         out = p.wd.tsu_dir(frac)
 
-        key = hashlib.sha256(json.dumps([shared, cfg.to_dict()]).encode()).hexdigest()[:16]
+        own = {k: v for k, v in cfg.to_dict().items() if k != "tau"}  # tau: in shared's section
+        key = hashlib.sha256(json.dumps([shared, own]).encode()).hexdigest()[:16]
 
         def compute(
             frac: float = frac, cfg: TSUConfig = cfg, out: Path = out, key: str = key
