@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["barrier", "is_rank_zero"]
+__all__ = ["barrier", "end_process_group", "is_rank_zero"]
 
 
 def is_rank_zero() -> bool:
@@ -35,3 +35,15 @@ def barrier() -> None:
         import torch.distributed as dist  # lazy: as above
 
         dist.barrier()
+
+
+def end_process_group() -> None:
+    """Close the process group a DDP run (``--devices 2 --strategy ddp``) opened, before the
+    interpreter exits: left to the exit's destructors, gloo's threads abort the process now
+    and then ("terminate called without an active exception", exit status -6). Nothing to do
+    in a run that never imported ``torch.distributed``."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # only if this run imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

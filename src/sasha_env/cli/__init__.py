@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from .. import __version__
+from ..distributed import end_process_group
 from ..memory import keep_freed_memory
 from . import cohort, data, experiments, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
@@ -87,13 +88,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sasha {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        _end_distributed()
-
-
-def _end_distributed() -> None:
-    """Close the process group a DDP run (``--devices 2 --strategy ddp``) opened, before the
-    interpreter exits: left to the exit's destructors, gloo's threads abort the process now
-    and then ("terminate called without an active exception", exit status -6)."""
-    dist = sys.modules.get("torch.distributed")  # only if this run imported it
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        end_process_group()
