@@ -1,14 +1,14 @@
 """Denormal floats flushed to zero while a model trains on the CPU.
 
-Adam's first moment of a weight whose gradient is always zero (the first layer's weights of an
-input feature that is zero on every patch, common in ReLU/SiLU CNN features) decays by
-``beta1`` at every step until it is *denormal* (below ``torch.finfo(float32).tiny``, about
-1.2e-38), and stays there for some hundred steps more before it reaches zero. x86 CPUs compute
-with denormal operands about a hundred times slower than with normal ones, so a long fit slows
-down as they pile up: the official TSU at d = 1,280 (13 million parameters, 43 training steps
-per epoch) had about 11 % of its first layer's moments denormal after 300 epochs, and a
-training step took 2.2x as long as with them flushed to zero
-(``experiments/bench_optimizer.py``, the "denormal moments" rows).
+Adam's first moment of a weight whose gradient is rarely non-zero (a first-layer weight of an
+input feature that is zero on nearly every patch, common in ReLU/SiLU CNN features) decays by
+``beta1`` at every step after each gradient until it is *denormal* (below
+``torch.finfo(float32).tiny``, about 1.2e-38), and stays there for some hundred steps more
+before it reaches zero. x86 CPUs compute with denormal operands about a hundred times slower
+than with normal ones, so a long fit slows down as they pile up: the official TSU at
+d = 1,280 (13 million parameters, 43 training steps per epoch) had about 11 % of its first
+layer's moments denormal after 300 epochs, and a training step took 2.2x as long as with them
+flushed to zero (``experiments/bench_optimizer.py``, the "denormal moments" rows).
 
 Flushing them (x86 FTZ/DAZ; ``torch.set_flush_denormal``) changes no update that matters: a
 moment below 1.2e-38 moves a weight by at most ``lr * 1.2e-38 / eps``, far below the weight's
