@@ -10,10 +10,17 @@ d = 1,280 (13 million parameters, 43 training steps per epoch) had about 11 % of
 layer's moments denormal after 300 epochs, and a training step took 2.2x as long as with them
 flushed to zero (``experiments/bench_optimizer.py``, the "denormal moments" rows).
 
-Flushing them (x86 FTZ/DAZ; ``torch.set_flush_denormal``) changes no update that matters: a
-moment below 1.2e-38 moves a weight by at most ``lr * 1.2e-38 / eps``, far below the weight's
-last bit. The setting belongs to the thread that sets it (and the threads it starts later),
-so it covers a fit on the calling thread; torch's worker threads started before keep theirs.
+Flushing them (x86 FTZ/DAZ; ``torch.set_flush_denormal``) changes no Adam update that matters:
+a moment below 1.2e-38 moves a weight by at most ``lr * 1.2e-38 / eps``, far below the weight's
+last bit. It can change a network's bits elsewhere (a denormal pre-activation flushed to zero
+stops a ReLU's gradient), so it is a setting of the run, applied the same way every time.
+
+The setting belongs to the thread that sets it: torch's intra-op worker threads keep theirs,
+whenever they were started. With more than one torch thread, part of every parallel op would
+flush and part not, and the bits would depend on how the work was split; so
+:func:`~sasha_models.lit.train_model` flushes only a fit that runs on one thread (the demo and tiny presets'
+``train.cpu_threads: 1``). Agent training does not flush: its policy's moments are 0.3 %
+denormal on the demo, too few to matter.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sasha_models.denormals import flush_denormals
 from sasha_models.policy import SashaActorCriticPolicy, SashaPPOPolicy
 from sasha_models.ppo_config import CosineLR, PPOConfig
 from sasha_models.projection import ObsProjection
@@ -332,12 +331,11 @@ def train_agent(
             chain.append(selection)
         # SB3's A2C dumps its log every 100 rollouts by default: every rollout here, as PPO
         log_interval = 4 if cfg.algo == "dqn" else 1  # DQN: every 4 episodes (SB3's default)
-        with flush_denormals():  # Adam's decaying moments: denormal CPU steps are ~2x slower
-            model.learn(
-                total_timesteps=total,
-                callback=[*chain, FlushLog(), *callbacks],
-                log_interval=log_interval,
-            )
+        model.learn(
+            total_timesteps=total,
+            callback=[*chain, FlushLog(), *callbacks],
+            log_interval=log_interval,
+        )
     finally:
         torch.set_num_threads(threads)
         if wd is not None:  # environments we built; the caller's stay open (SB3's idiom)
