@@ -58,7 +58,7 @@ def keep_freed_memory() -> bool:
 def libc() -> ctypes.CDLL | None:
     """The C library of this process (Linux only; loaded once), or ``None``: what
     :func:`keep_freed_memory` sets ``mallopt`` through and the pipeline's workers call
-    ``prctl`` through."""
+    ``prctl`` through (:func:`sasha_env.processes.end_with_parent`)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -17,8 +17,9 @@ import sys
 from .. import __version__
 from ..distributed import end_process_group
 from ..memory import keep_freed_memory
+from ..processes import Terminated, raise_on_sigterm
 from . import cohort, data, experiments, predict, run
-from .common import EXIT_ERROR, EXIT_INTERRUPTED
+from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 EPILOG = """\
 typical use:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     :param argv: the arguments after ``sasha`` (default: ``sys.argv[1:]``).
     :return: the exit status (:mod:`sasha_env.cli.common`'s ``EXIT_*``): 0 done, 1 some slide
-        or row dropped, 2 an error (printed as ``sasha VERB: error: ...``), 130 interrupted.
+        or row dropped, 2 an error (printed as ``sasha VERB: error: ...``), 130 interrupted
+        (Ctrl-C), 143 terminated (SIGTERM).
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -80,12 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "predict":  # predict: glibc's defaults keep its peak memory lower
         keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
     try:
-        return int(args.func(args) or 0)
+        with raise_on_sigterm():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a re-run resumes", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _stopped("interrupted", EXIT_INTERRUPTED)
+    except Terminated:
+        return _stopped("terminated", EXIT_TERMINATED)
+    except SystemExit as exc:  # Lightning ends a fit interrupted by Ctrl-C with sys.exit(1)
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            return _stopped("interrupted", EXIT_INTERRUPTED)
+        raise
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"sasha {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         end_process_group()
+
+
+def _stopped(how: str, status: int) -> int:
+    print(f"{how}; finished work is kept and a re-run resumes", file=sys.stderr)
+    return status

@@ -25,6 +25,9 @@ EXIT_PARTIAL = 1
 EXIT_ERROR = 2
 #: Exit status after Ctrl-C (128 + SIGINT); finished work is kept and a re-run resumes.
 EXIT_INTERRUPTED = 130
+#: Exit status after SIGTERM (128 + SIGTERM; a batch scheduler's end of a job, ``kill``);
+#: finished work is kept and a re-run resumes.
+EXIT_TERMINATED = 143
 
 
 def zoom_budget(value: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from ..distributed import is_rank_zero
 from ..pipeline.schema import validate_config
 from ..pipeline.stages import REGISTRY, STAGES
 from ..pipeline.stages import describe as describe_stages
+from ..processes import Terminated, end_with_parent
 from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -273,6 +275,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    parent = os.environ.pop(_HELPER_OF, None)
+    if parent is not None:  # a --jobs helper: it ends when the study that started it does
+        end_with_parent(int(parent))
     helpers = _spawn_helpers(args._argv, args.jobs - 1)
     try:
         summary = Study(
@@ -285,7 +290,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
             keep_split=args.keep_split,
             progress=not args.quiet,
         ).run()
-    finally:  # never leave the helpers behind, whatever happened here
+    except (KeyboardInterrupt, Terminated):  # stopped: the helpers stop too, keeping their work
+        for proc in helpers:
+            proc.terminate()
+        raise
+    finally:  # never leave the helpers behind: on an error here they finish their seeds
         failed = [p.args for p in helpers if p.wait() != 0]
     if summary is None and helpers:  # a helper finished last and wrote the study
         study_json = args.workdir / "study.json"
@@ -304,8 +313,14 @@ def _helper_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "sasha_env.cli", *argv, "--jobs", "1"]
 
 
+#: environment variable naming a ``--jobs`` helper's study process (so it ends with it)
+_HELPER_OF = "SASHA_STUDY_HELPER_OF"
+
+
 def _spawn_helpers(argv: list[str], n: int) -> list[subprocess.Popen]:
-    """Start ``n`` more processes of the same study command, one job each."""
+    """Start ``n`` more processes of the same study command, one job each; each ends when
+    this process does (:func:`~sasha_env.processes.end_with_parent`)."""
     if n <= 0:
         return []
-    return [subprocess.Popen(_helper_command(argv)) for _ in range(n)]
+    env = {**os.environ, _HELPER_OF: str(os.getpid())}
+    return [subprocess.Popen(_helper_command(argv), env=env) for _ in range(n)]

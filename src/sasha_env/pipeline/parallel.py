@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..memory import keep_freed_memory, libc
+from ..memory import keep_freed_memory
+from ..processes import Terminated, end_with_parent
 from .stages import REGISTRY, STAGES
 
 if TYPE_CHECKING:
     from .runner import Pipeline
 
 __all__ = ["run_parallel"]
-
-_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -77,9 +75,15 @@ def _worker_started(threads: int) -> None:
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    c = libc()
-    if c is not None and hasattr(c, "prctl"):
-        c.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    end_with_parent()
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to each of ``pool``'s worker processes (the executor has no public way before
+    Python 3.14's ``terminate_workers``)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
@@ -214,6 +218,11 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
                 elif not failed:
                     finished(task)
                     promote()
+    except Terminated:  # SIGTERM to this process: its workers end too, keeping what finished
+        if running:
+            pipe.log(f"terminating the {len(running)} task(s) running")
+        _terminate_workers(pool)
+        raise
     except BaseException:  # Ctrl-C (which the workers got too) or an error here
         if running:
             pipe.log(f"waiting for the {len(running)} task(s) running to finish")
