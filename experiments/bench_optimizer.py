@@ -11,9 +11,9 @@ milliseconds per step and the ratio, and the largest difference between the two 
 after the same steps (float rounding only: the update is the same).
 
 Then the fused step of the same network with and without denormals flushed to zero
-(:mod:`sasha_models.denormals`, what every fit does): ``--dead`` of the input features zero
-on every patch (so their first-layer weights get no gradient) and those weights' first Adam
-moments denormal, as after a few hundred epochs of the official TSU (11 % of the first layer's
+(:mod:`sasha_models.denormals`, what a fit on one thread does): ``--dead`` of the input
+features zero on every patch (so their first-layer weights get no gradient) and those weights'
+first Adam moments denormal, as after a few hundred epochs of the official TSU (11 % of the first layer's
 moments were denormal at epoch 300 of the f = 0.2 TSU on the demo's features). Printed: both
 step times, their ratio, and whether the two runs' weights are bit-identical.
 """

@@ -15,10 +15,12 @@ a moment below 1.2e-38 moves a weight by at most ``lr * 1.2e-38 / eps``, far bel
 last bit. It can change a network's bits elsewhere (a denormal pre-activation flushed to zero
 stops a ReLU's gradient), so it is a setting of the run, applied the same way every time.
 
-The setting belongs to the thread that sets it: torch's intra-op worker threads keep theirs,
-whenever they were started. With more than one torch thread, part of every parallel op would
+The setting belongs to the thread that sets it: torch's intra-op worker threads keep the one
+they started with (a worker started inside a flushing block flushes from then on, outside it
+too). With more than one torch thread, part of every parallel op would
 flush and part not, and the bits would depend on how the work was split; so
-:func:`~sasha_models.lit.train_model` flushes only a fit that runs on one thread (the demo and tiny presets'
+:func:`~sasha_models.lit.train_model` flushes only a fit that runs on one thread
+(:class:`~sasha_models.fit_callbacks.FlushDenormals`; e.g. the demo and tiny presets'
 ``train.cpu_threads: 1``). Agent training does not flush: its policy's moments are 0.3 %
 denormal on the demo, too few to matter.
 """
@@ -50,9 +52,8 @@ def flush_denormals(enabled: bool = True) -> Iterator[None]:
         yield
         return
     before = denormals_flushed()
-    supported = torch.set_flush_denormal(True)
     try:
+        torch.set_flush_denormal(True)  # False: the CPU cannot; then nothing changed
         yield
     finally:
-        if supported:
-            torch.set_flush_denormal(before)
+        torch.set_flush_denormal(before)

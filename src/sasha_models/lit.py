@@ -48,8 +48,7 @@ from .checkpoint import (  # noqa: F401  (re-exported)
     save_export,
 )
 from .data import BagDataset, BagSource
-from .denormals import flush_denormals
-from .fit_callbacks import RESUME_CHECKPOINT, ResumePoint, TieBreakCheckpoint
+from .fit_callbacks import RESUME_CHECKPOINT, FlushDenormals, ResumePoint, TieBreakCheckpoint
 from .hafed import HAFED, HAFEDConfig, acmil_loss, hafed_loss
 from .metrics import classification_metrics
 from .tsu import TSU, TSUConfig
@@ -463,7 +462,7 @@ def train_model(
         cpu_threads: torch intra-op threads during the fit (restored afterwards); ``1`` is
             much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
             A fit on one thread flushes denormal floats to zero on the CPU (restored
-            afterwards; :mod:`sasha_models.denormals`).
+            afterwards; :class:`~sasha_models.fit_callbacks.FlushDenormals`).
         resume_key: what this fit is (a pipeline stage passes its cache key). With it, the fit
             leaves a resume point every ``resume_every_s`` seconds (at an epoch's end,
             :class:`~sasha_models.fit_callbacks.ResumePoint`,
@@ -508,7 +507,7 @@ def train_model(
         enable_version_counter=False,
         save_weights_only=True,  # model.pt is exported from it; optimizer state would triple the I/O
     )
-    callbacks: list[Callback] = [ckpt]
+    callbacks: list[Callback] = [ckpt, FlushDenormals()]
     resume_from = None
     if resume_key is not None:  # checkpoint callbacks run in this order: the kept best first
         resume_path = out_dir / RESUME_CHECKPOINT
@@ -544,9 +543,7 @@ def train_model(
     t0 = time.time()
     try:
         trainer = L.Trainer(**trainer_args)
-        # denormals flushed (2x faster CPU steps) only on one thread: the setting is per thread
-        with warnings.catch_warnings(), flush_denormals(torch.get_num_threads() == 1):
-            # ours: a re-run or a resumed fit finds its checkpoints
+        with warnings.catch_warnings():  # ours: a re-run or a resumed fit finds its checkpoints
             warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     finally:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 
 from .. import __version__
 from ..distributed import end_process_group
 from ..memory import keep_freed_memory
-from ..processes import Terminated, raise_on_sigterm
+from ..processes import raise_on_sigterm, stop_reason
 from . import cohort, data, experiments, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     :param argv: the arguments after ``sasha`` (default: ``sys.argv[1:]``).
     :return: the exit status (:mod:`sasha_env.cli.common`'s ``EXIT_*``): 0 done, 1 some slide
         or row dropped, 2 an error (printed as ``sasha VERB: error: ...``), 130 interrupted
-        (Ctrl-C), 143 terminated (SIGTERM).
+        (Ctrl-C), 143 terminated (SIGTERM; only run as the process's command, ``argv`` None:
+        called in-process, SIGTERM is left to the host).
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -81,24 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     args._argv = list(sys.argv[1:] if argv is None else argv)
     if args.command != "predict":  # predict: glibc's defaults keep its peak memory lower
         keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
-    try:
-        with raise_on_sigterm():
+    try:  # as the process's command, SIGTERM ends the run; in-process, the host's handling stays
+        with raise_on_sigterm() if argv is None else nullcontext():
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return _stopped("interrupted", EXIT_INTERRUPTED)
-    except Terminated:
-        return _stopped("terminated", EXIT_TERMINATED)
-    except SystemExit as exc:  # Lightning ends a fit interrupted by Ctrl-C with sys.exit(1)
-        if isinstance(exc.__context__, KeyboardInterrupt):
-            return _stopped("interrupted", EXIT_INTERRUPTED)
-        raise
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"sasha {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BaseException as exc:  # Ctrl-C or SIGTERM (stop_reason), or not ours to handle
+        how = stop_reason(exc)
+        if how is None:
+            raise
+        print(f"{how}; finished work is kept and a re-run resumes", file=sys.stderr)
+        return EXIT_TERMINATED if how == "terminated" else EXIT_INTERRUPTED
     finally:
         end_process_group()
-
-
-def _stopped(how: str, status: int) -> int:
-    print(f"{how}; finished work is kept and a re-run resumes", file=sys.stderr)
-    return status

@@ -17,7 +17,7 @@ from ..distributed import is_rank_zero
 from ..pipeline.schema import validate_config
 from ..pipeline.stages import REGISTRY, STAGES
 from ..pipeline.stages import describe as describe_stages
-from ..processes import Terminated, end_with_parent
+from ..processes import end_with_parent, stop_reason
 from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -275,8 +275,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    parent = os.environ.pop(_HELPER_OF, None)
-    if parent is not None:  # a --jobs helper: it ends when the study that started it does
+    parent = os.environ.pop(_HELPER_OF, "")
+    if parent.isdigit():  # a --jobs helper: it ends when the study that started it does
         end_with_parent(int(parent))
     helpers = _spawn_helpers(args._argv, args.jobs - 1)
     try:
@@ -290,9 +290,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
             keep_split=args.keep_split,
             progress=not args.quiet,
         ).run()
-    except (KeyboardInterrupt, Terminated):  # stopped: the helpers stop too, keeping their work
-        for proc in helpers:
-            proc.terminate()
+    except BaseException as exc:
+        if stop_reason(exc) is not None:  # stopped: the helpers stop too, keeping their work
+            for proc in helpers:
+                proc.terminate()
         raise
     finally:  # never leave the helpers behind: on an error here they finish their seeds
         failed = [p.args for p in helpers if p.wait() != 0]

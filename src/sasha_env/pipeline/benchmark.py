@@ -270,10 +270,9 @@ def run_benchmark(spec: BenchmarkSpec, out: Path, jobs: int = 1, log: Any = prin
         for job in jobs_list:
             record(job, _run(job))
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from ..processes import worker_pool  # lazy: --jobs only
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        with worker_pool(jobs) as pool:
             futures = [(job, pool.submit(_run, job)) for job in jobs_list]
             for job, fut in futures:
                 record(job, fut.result())

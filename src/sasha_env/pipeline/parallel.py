@@ -21,15 +21,14 @@ computed again by the next run.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..memory import keep_freed_memory
-from ..processes import Terminated, end_with_parent
+from ..processes import stop_reason, worker_pool
 from .stages import REGISTRY, STAGES
 
 if TYPE_CHECKING:
@@ -68,22 +67,13 @@ def _settings(pipe: Pipeline) -> dict[str, Any]:
 
 
 def _worker_started(threads: int) -> None:
-    """A worker's set-up: the parent's torch threads (stages that do not set their own compute
-    as in the parent), freed memory kept as the CLI keeps it, and, on Linux, an end when the
-    parent ends (killed, it cannot stop its workers itself)."""
+    """A worker's set-up (after :func:`~sasha_env.processes.worker_pool`'s: it ends with the
+    run): the parent's torch threads (stages that do not set their own compute as in the
+    parent), and freed memory kept as the CLI keeps it."""
     import torch  # lazy: a spawned worker loads it here
 
     torch.set_num_threads(threads)
     keep_freed_memory()
-    end_with_parent()
-
-
-def _terminate_workers(pool: ProcessPoolExecutor) -> None:
-    """SIGTERM to each of ``pool``'s worker processes (the executor has no public way before
-    Python 3.14's ``terminate_workers``)."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        if proc.is_alive():
-            proc.terminate()
 
 
 def _work(settings: dict[str, Any], task: _Task, force: bool) -> None:
@@ -184,51 +174,42 @@ def run_parallel(pipe: Pipeline, stages: list[str], force: tuple[str, ...], jobs
                 stage, collecting=True, started=started[task.stage]
             )
 
-    pool = ProcessPoolExecutor(
-        jobs,
-        mp_context=mp.get_context("spawn"),
-        initializer=_worker_started,
-        initargs=(torch.get_num_threads(),),
-    )
-    try:
-        promote()
-        while queue or running:
-            while queue and len(running) < jobs and not failed:
-                task = queue.pop(0)
-                # progress bars only for a task nothing will run beside (extraction, evaluation)
-                alone = {**settings, "progress": pipe.progress and not (queue or running)}
-                running[pool.submit(_work, alone, task, task.stage in force)] = task
-            if not running:
-                break  # a failure left queued tasks unstarted
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                task = running.pop(future)
-                exc = future.exception()
-                if exc is not None:
-                    failed.append(task.label)
-                    pipe.log(f"[{task.label}] FAILED: {type(exc).__name__}: {exc}")
-                    cause = exc.__cause__  # the worker's traceback, as text
-                    if cause is not None:
-                        print(str(cause).strip(), file=sys.stderr, flush=True)
-                    if running:
-                        pipe.log(
-                            f"waiting for the {len(running)} task(s) running to finish "
-                            "(kept); no new task starts"
-                        )
-                elif not failed:
-                    finished(task)
-                    promote()
-    except Terminated:  # SIGTERM to this process: its workers end too, keeping what finished
-        if running:
-            pipe.log(f"terminating the {len(running)} task(s) running")
-        _terminate_workers(pool)
-        raise
-    except BaseException:  # Ctrl-C (which the workers got too) or an error here
-        if running:
-            pipe.log(f"waiting for the {len(running)} task(s) running to finish")
-        raise
-    finally:  # no new task starts
-        pool.shutdown(wait=True, cancel_futures=True)
+    with worker_pool(
+        jobs, _worker_started, (torch.get_num_threads(),), cancel_on_error=True
+    ) as pool:
+        try:
+            promote()
+            while queue or running:
+                while queue and len(running) < jobs and not failed:
+                    task = queue.pop(0)
+                    # progress bars only for a task nothing will run beside (extract, evaluate)
+                    alone = {**settings, "progress": pipe.progress and not (queue or running)}
+                    running[pool.submit(_work, alone, task, task.stage in force)] = task
+                if not running:
+                    break  # a failure left queued tasks unstarted
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    exc = future.exception()
+                    if exc is not None:
+                        failed.append(task.label)
+                        pipe.log(f"[{task.label}] FAILED: {type(exc).__name__}: {exc}")
+                        cause = exc.__cause__  # the worker's traceback, as text
+                        if cause is not None:
+                            print(str(cause).strip(), file=sys.stderr, flush=True)
+                        if running:
+                            pipe.log(
+                                f"waiting for the {len(running)} task(s) running to finish "
+                                "(kept); no new task starts"
+                            )
+                    elif not failed:
+                        finished(task)
+                        promote()
+        except BaseException as exc:  # stopped: the pool ends the workers; an error: they finish
+            if running:
+                verb = "stopping" if stop_reason(exc) else "waiting for"
+                pipe.log(f"{verb} the {len(running)} task(s) running")
+            raise
     if failed:
         raise RuntimeError(
             f"stage(s) {', '.join(failed)} failed (messages above); what finished is kept, "

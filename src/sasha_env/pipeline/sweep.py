@@ -502,10 +502,9 @@ def run_sweep(
     if jobs == 1:
         failed = _work(run)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from ..processes import worker_pool  # lazy: --jobs only
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        with worker_pool(jobs) as pool:
             failed = sum(f.result() for f in [pool.submit(_work, run, i) for i in range(jobs)])
     if failed:
         log(f"[sweep] {failed} trial(s) failed: their errors are in trials.csv")

@@ -23,11 +23,9 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import repeat
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_json
 from ..memory import keep_freed_memory
+from ..processes import worker_pool
 from .manifest import stratified_split
 
 __all__ = [
@@ -957,13 +956,7 @@ def synthesize_cohort(
     )
     with ExitStack() as stack:
         if jobs > 1 and len(todo) > 1:
-            pool = stack.enter_context(
-                ProcessPoolExecutor(
-                    min(jobs, len(todo)),
-                    mp_context=get_context("spawn"),
-                    initializer=keep_freed_memory,
-                )
-            )
+            pool = stack.enter_context(worker_pool(min(jobs, len(todo)), keep_freed_memory))
             done = pool.map(_write_slide, repeat(out), repeat(cfg), repeat(seed), todo)
         else:
             done = map(_write_slide, repeat(out), repeat(cfg), repeat(seed), todo)
