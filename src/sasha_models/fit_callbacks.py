@@ -14,6 +14,7 @@ import os
 import random
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from torch import Tensor
 
-from .denormals import denormals_flushed
+from .denormals import flush_denormals
 
 __all__ = ["RESUME_CHECKPOINT", "FlushDenormals", "ResumePoint", "TieBreakCheckpoint"]
 
@@ -242,17 +243,17 @@ class FlushDenormals(Callback):
     """
 
     def __init__(self) -> None:
-        self._before: bool | None = None  # the setting before the fit, while this one flushes
+        self._flushing: ExitStack | None = None  # open while this fit flushes
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._before is None and torch.get_num_threads() == 1:
-            self._before = denormals_flushed()
-            torch.set_flush_denormal(True)
+        if stage == "fit" and self._flushing is None and torch.get_num_threads() == 1:
+            self._flushing = ExitStack()
+            self._flushing.enter_context(flush_denormals())
 
     def _restore(self) -> None:
-        if self._before is not None:
-            torch.set_flush_denormal(self._before)
-            self._before = None
+        if self._flushing is not None:
+            self._flushing.close()  # flush_denormals restores the setting before the fit
+            self._flushing = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()
