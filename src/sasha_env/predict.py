@@ -273,7 +273,10 @@ class Predictor:
                     "with 'agents: {stop: learned}' in a config file (sasha pipeline --workdir "
                     f"{self.wd.root} --config FILE), or use --adaptive (the threshold rule)"
                 )
-            agent = load_agent(self.wd, self.frac, algo, learned_stop=learned_stop)  # weights only
+            members = int((cfg.get("agents") or {}).get("ensemble") or 1)  # agents.ensemble
+            agent = load_agent(  # weights only
+                self.wd, self.frac, algo, learned_stop=learned_stop, ensemble=members
+            )
             net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
             self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
             self.projection = agent.projection

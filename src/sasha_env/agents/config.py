@@ -22,6 +22,8 @@ __all__ = [
     "VEC_ENVS",
     "AgentConfig",
     "agent_name",
+    "member_name",
+    "member_seed",
     "steps_for",
 ]
 
@@ -203,6 +205,13 @@ class AgentConfig:
     warm_start_lr: float = 1e-3
     """Adam's learning rate for ``warm_start`` (an optimizer of its own: the RL algorithm's
     starts untouched)."""
+    ensemble: int = 1
+    """Agents per budget: K > 1 trains K agents of the same settings with K seeds (the run's,
+    then ``seed + 1000·k`` for member k = 1 … K−1, in ``agents/<name>-m<k+1>/``) and they act
+    as one: each zoom is the legal patch of highest summed logit over the members
+    (:class:`~sasha_models.ensemble.PolicyEnsemble`). It averages out the seed-to-seed spread of
+    one training run at K times its cost. SASHA policies only (not ``dqn``); a learned-stop
+    agent (``stop: learned``) stays one."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
@@ -223,6 +232,10 @@ class AgentConfig:
             )
         if cfg.keep not in KEEP_RULES:
             raise ValueError(f"agents.keep {cfg.keep!r}: choose one of {', '.join(KEEP_RULES)}")
+        if cfg.ensemble > 1 and cfg.algo == "dqn":
+            raise ValueError(
+                "agents.ensemble needs a SASHA actor-critic policy, not dqn's Q-network"
+            )
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(
                 f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"
@@ -297,3 +310,15 @@ def agent_name(frac: float, algo: str = "maskable_ppo", learned_stop: bool = Fal
     a learned-stop agent (``agents.stop: learned``) adds ``-stop``: ``sasha-0.1-stop``."""
     prefix = "sasha" if algo == "maskable_ppo" else algo
     return f"{prefix}-{frac:g}" + (STOP_SUFFIX if learned_stop else "")
+
+
+def member_name(frac: float, algo: str, member: int) -> str:
+    """Folder name of member ``member`` (0-based) of an ensemble (``agents.ensemble``): the
+    first is the agent itself (``sasha-0.1``), the others ``sasha-0.1-m2``, ``sasha-0.1-m3``..."""
+    return agent_name(frac, algo) + (f"-m{member + 1}" if member else "")
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The training seed of member ``member`` (0-based) of an ensemble: the run's seed for the
+    first, ``seed + 1000·member`` for the others (distinct from every study seed below 1,000)."""
+    return seed + 1000 * member

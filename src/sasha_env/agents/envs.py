@@ -22,7 +22,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from sasha_models.projection import ObsProjection, fit_obs_projection
@@ -32,7 +31,7 @@ from ..envs.wsi import SashaWSIEnv
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..workdir import Workdir
-from .config import AgentConfig, agent_name
+from .config import AgentConfig, agent_name, member_name
 from .export import load_policy
 from .protocol import SlideSchedule
 
@@ -257,8 +256,9 @@ def agent_projection(agent: Any) -> ObsProjection | None:
 class Agent:
     """A trained agent read back from its weights-only export (:func:`load_agent`)."""
 
-    policy: BasePolicy
-    """The SB3 policy (SASHA's actor-critic, or DQN's), in eval mode; act with
+    policy: Any
+    """The SB3 policy (SASHA's actor-critic, or DQN's), in eval mode, or the members of an
+    ensemble (:class:`~sasha_models.ensemble.PolicyEnsemble`); act with
     :func:`~sasha_env.agents.episodes.agent_policy`."""
     frac: float
     """Its zoom budget f: episodes of ⌈f·N⌉ zooms."""
@@ -294,9 +294,12 @@ def load_agent(
     algo: str = "maskable_ppo",
     device: str = "cpu",
     learned_stop: bool = False,
+    ensemble: int = 1,
 ) -> Agent:
     """The trained agent of ``wd`` at budget ``frac``, from ``agents/<algo>-<f>/`` (with
-    ``learned_stop``: the learned-stop agent capped at f, ``agents/<algo>-<f>-stop/``).
+    ``learned_stop``: the learned-stop agent capped at f, ``agents/<algo>-<f>-stop/``); with
+    ``ensemble`` K > 1, that agent and its K − 1 fellow members (``agents/<algo>-<f>-m2/``...)
+    acting as one (:class:`~sasha_models.ensemble.PolicyEnsemble`; ``agents.ensemble``).
 
     Only the weights-only export is read (:func:`~sasha_env.agents.export.load_policy`):
     nothing is unpickled.
@@ -307,14 +310,25 @@ def load_agent(
         algo: the algorithm it was trained with (``agents.algo``).
         device: torch device of the policy.
         learned_stop: load the learned-stop agent (``agents.stop: learned``).
+        ensemble: members acting as one (``agents.ensemble``; a learned-stop agent is one).
 
     Raises:
-        FileNotFoundError: no such agent (run the agents stage), or a folder without an export.
+        FileNotFoundError: no such agent or member (run the agents stage), or a folder without
+            an export.
         ValueError: an export that does not describe a known policy, or weights that do not fit,
-            or an agent whose stop action is not the one asked for.
+            or an agent whose stop action is not the one asked for, or members that cannot act
+            together.
     """
     path = wd.require(wd.agent_dir(agent_name(frac, algo, learned_stop)), "agents")
     policy = load_policy(path, device)
+    if ensemble > 1 and not learned_stop:
+        from sasha_models.ensemble import PolicyEnsemble  # lazy: as load_policy's SB3
+
+        members = [
+            load_policy(wd.require(wd.agent_dir(member_name(frac, algo, k)), "agents"), device)
+            for k in range(1, ensemble)
+        ]
+        policy = PolicyEnsemble([policy, *members])
     has_stop = int(policy.action_space.n) == int(policy.observation_space["features"].shape[0]) + 1
     if has_stop != learned_stop:
         raise ValueError(

@@ -42,14 +42,19 @@ def agent_policy(agent: Any, deterministic: bool = True) -> Policy:
     """A trained agent's action (argmax by default) under the env's legal-action mask.
 
     Args:
-        agent: an exported policy (:func:`~sasha_env.agents.envs.load_agent`'s ``policy``) or an SB3
-            model; maskable policies get ``env.action_masks()``, the others mask from the
-            observation themselves (SASHA policies) or learn to avoid illegal actions (DQN).
+        agent: an exported policy (:func:`~sasha_env.agents.envs.load_agent`'s ``policy``, an
+            ensemble's too) or an SB3 model; maskable policies and ensembles get
+            ``env.action_masks()``, the others mask from the observation themselves (SASHA
+            policies) or learn to avoid illegal actions (DQN).
     """
     # lazy: sb3-contrib loads only for a trained agent, not for run_episodes or the baselines
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
-    maskable = isinstance(getattr(agent, "policy", agent), MaskableActorCriticPolicy)
+    from sasha_models.ensemble import PolicyEnsemble
+
+    maskable = isinstance(
+        getattr(agent, "policy", agent), MaskableActorCriticPolicy | PolicyEnsemble
+    )
 
     def act(env: SashaWSIEnv, obs: dict) -> int:
         if maskable:

@@ -85,7 +85,7 @@ def calibrate_workdir(
     for frac in acfg.fracs:
         if not has_agent(wd, frac, acfg.algo):
             continue
-        agent = load_agent(wd, frac, acfg.algo)
+        agent = load_agent(wd, frac, acfg.algo, ensemble=acfg.ensemble)
         env = agent.make_env(wd, split, acfg)
         episodes = run_episodes(env, agent_policy(agent.policy), ids, trace=True)
         name = method_name("sasha", frac)

@@ -272,7 +272,7 @@ def evaluate_sampling(
         methods: list[tuple[str, list]] = []
         agent = None
         if frac in acfg.fracs and has_agent(wd, frac, acfg.algo):  # weights only: no unpickling
-            agent = load_agent(wd, frac, acfg.algo)
+            agent = load_agent(wd, frac, acfg.algo, ensemble=acfg.ensemble)
             methods.append(("sasha", [agent_policy(agent.policy)]))
         # the agent's environment, which the baselines share at this budget
         env = make_env(wd, split, frac, acfg) if agent is None else agent.make_env(wd, split, acfg)

@@ -154,6 +154,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.total_timesteps": (_positive, ">= 1"),
     "agents.n_envs": (_positive, ">= 1"),
+    "agents.ensemble": (_positive, ">= 1 (agents per budget)"),
     "agents.val_every": (lambda v: v >= 0, ">= 0 (0: keep the last policy)"),
     "agents.val_start": (lambda v: 0 <= v < 1, "in [0, 1) (a share of training)"),
     "agents.keep": (lambda v: v in KEEP_RULES, "one of " + ", ".join(KEEP_RULES)),

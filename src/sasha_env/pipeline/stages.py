@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ..agents.config import AgentConfig, agent_name, steps_for
+from ..agents.config import AgentConfig, agent_name, member_name, member_seed, steps_for
 from ..atomic import write_json
 from ..distributed import is_rank_zero
 from ..slides.manifest import read_manifest
@@ -459,13 +459,28 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
 #: ``agents`` keys only the learned-stop agents depend on: the fixed-budget agents' units are
 #: keyed without them, so turning learned stopping on (or changing its cost) keeps them.
 LEARNED_STOP_KEYS = ("stop", "zoom_cost")
+#: ``agents`` keys no single agent depends on: an ensemble's size (``agents.ensemble``) says how
+#: many members train, not how each does, so growing it keeps the members trained before.
+ENSEMBLE_KEYS = ("ensemble",)
 
 
-def _agent_units(cfg: AgentConfig) -> list[tuple[float, bool]]:
-    """The agents stage's units, in training order: ``(f, learned_stop)`` for each budget f,
-    the learned-stop agent (with ``agents.stop: learned``) after the fixed-budget one."""
-    kinds = [False] + ([True] if cfg.stop == "learned" else [])
-    return [(frac, learned_stop) for frac in cfg.fracs for learned_stop in kinds]
+def _agent_units(cfg: AgentConfig) -> list[tuple[float, bool, int]]:
+    """The agents stage's units, in training order: ``(f, learned_stop, member)`` for each
+    budget f, its ensemble's members (``agents.ensemble``; member 0 is the agent itself), then
+    the learned-stop agent (with ``agents.stop: learned``; never an ensemble)."""
+    units = []
+    for frac in cfg.fracs:
+        units += [(frac, False, member) for member in range(cfg.ensemble)]
+        if cfg.stop == "learned":
+            units.append((frac, True, 0))
+    return units
+
+
+def _unit_name(cfg: AgentConfig, frac: float, learned_stop: bool, member: int) -> str:
+    """An agents-stage unit's name: its agent's folder name."""
+    if learned_stop:
+        return agent_name(frac, cfg.algo, learned_stop=True)
+    return member_name(frac, cfg.algo, member)
 
 
 def _agent_unit_names(p: RunContext) -> list[str]:
@@ -473,42 +488,58 @@ def _agent_unit_names(p: RunContext) -> list[str]:
     budget first, the longest to train (more zooms per episode; with ``equal_episodes`` more
     steps too), so that it does not start last."""
     cfg = AgentConfig.from_dict(p.section(REGISTRY["agents"]))
-    units = sorted(_agent_units(cfg), key=lambda unit: (-unit[0], unit[1]))
-    names = [agent_name(frac, cfg.algo, stop) for frac, stop in units]
+    units = sorted(_agent_units(cfg), key=lambda unit: (-unit[0], unit[1], unit[2]))
+    names = [_unit_name(cfg, *unit) for unit in units]
     return list(dict.fromkeys(names))  # a budget listed twice is one agent
 
 
 def _run_agents(p: RunContext, ctx: StageContext) -> dict:
-    """One agent per zoom budget f, and with ``agents.stop: learned`` one learned-stop agent per
-    f beside it (``agents/<name>-stop/``); each is a cached unit, so a killed run keeps finished
-    agents. The fixed-budget agents' units are keyed without :data:`LEARNED_STOP_KEYS`."""
+    """One agent per zoom budget f (with ``agents.ensemble`` K, K members per f, each its own
+    seed), and with ``agents.stop: learned`` one learned-stop agent per f beside it
+    (``agents/<name>-stop/``); each is a cached unit, so a killed run keeps finished agents.
+    The fixed-budget agents' units are keyed without :data:`LEARNED_STOP_KEYS`, and no unit
+    with :data:`ENSEMBLE_KEYS`."""
     from ..agents.export import POLICY_WEIGHTS  # lazy: torch and SB3, only when agents train
     from ..agents.train import train_agent  # lazy: as above
 
     cfg = AgentConfig.from_dict(p.section(ctx.stage))
     device = "cuda" if p.accelerator == "gpu" else "cpu"
-    fixed_key = p.key(ctx.stage, drop=LEARNED_STOP_KEYS)
+    fixed_key = p.key(ctx.stage, drop=LEARNED_STOP_KEYS + ENSEMBLE_KEYS)
+    stop_key = p.key(ctx.stage, drop=ENSEMBLE_KEYS)
     agents: dict[str, dict] = {}
     learned: dict[str, dict] = {}
-    for frac, learned_stop in _agent_units(cfg):
-        out = p.wd.agent_dir(agent_name(frac, cfg.algo, learned_stop))
+    members: dict[str, list[dict]] = {}
+    for frac, learned_stop, member in _agent_units(cfg):
+        out = p.wd.agent_dir(_unit_name(cfg, frac, learned_stop, member))
         if not ctx.wants(out.name):
             continue
         what = f"f={frac:g}" + (" learned stop" if learned_stop else "")
+        what += (
+            f" member {member + 1} of {cfg.ensemble}"
+            if cfg.ensemble > 1 and not learned_stop
+            else ""
+        )
+        seed = member_seed(p.seed, member)
 
-        def train(frac: float = frac, out: Path = out, stop: bool = learned_stop) -> dict:
+        def train(
+            frac: float = frac,
+            out: Path = out,
+            stop: bool = learned_stop,
+            seed: int = seed,
+            what: str = what,
+        ) -> dict:
             budget = (
                 f"{cfg.epochs} epochs, slide-ordered (paper protocol)"
                 if cfg.protocol == "paper"
                 else f"{steps_for(cfg, frac)} steps"
             )
             extra = f", learned stop at {cfg.zoom_cost:g} per zoom" if stop else ""
-            p.log(f"[agents] f={frac:g}: training {cfg.algo} for {budget}{extra}")
+            p.log(f"[agents] {what}: training {cfg.algo} for {budget}{extra}")
             train_agent(
                 p.wd,
                 frac,
                 cfg,
-                seed=p.seed,
+                seed=seed,
                 out_dir=out,
                 wandb=p.train_kwargs()["wandb"],
                 progress=p.progress,
@@ -524,15 +555,21 @@ def _run_agents(p: RunContext, ctx: StageContext) -> dict:
             # is another folder once the workdir has been moved or copied
             return weights.is_file() and file_sha256(weights) == outputs["sha256"]
 
-        key = None if learned_stop else fixed_key
-        (learned if learned_stop else agents)[f"{frac:g}"], cached = ctx.cached(
-            out.name, train, intact, key
-        )
+        unit, cached = ctx.cached(out.name, train, intact, stop_key if learned_stop else fixed_key)
+        if learned_stop:
+            learned[f"{frac:g}"] = unit
+        elif member == 0:
+            agents[f"{frac:g}"] = unit
+        else:
+            members.setdefault(f"{frac:g}", []).append(unit)
         if cached and not ctx.collecting:
             p.log(f"[agents] {what}: trained earlier, kept")
     outputs: dict[str, Any] = {"agents": agents, "algo": cfg.algo}
-    if learned:  # only then: the outputs (and downstream keys) of other runs stay as they were
+    # only when there are some: the outputs (and downstream keys) of other runs stay as they were
+    if learned:
         outputs["learned_stop"] = learned
+    if members:
+        outputs["members"] = members
     return outputs
 
 
