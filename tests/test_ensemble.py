@@ -145,9 +145,14 @@ def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny
     seed = int(config["seed"])
     messages: list[str] = []
     agents = {**config["agents"], "ensemble": 2}
-    Pipeline(
+    pipe = Pipeline(
         root, preset="tiny", overrides={"agents": agents}, progress=False, log=messages.append
-    ).run()
+    )
+    from sasha_env.pipeline.stages import _agent_unit_names
+
+    top = f"sasha-{max(fracs):g}"
+    assert _agent_unit_names(pipe)[:2] == [top, f"{top}-m2"]  # what --jobs spreads: members too
+    pipe.run()
     for f in fracs:
         first, second = wd.agent_dir(f"sasha-{f:g}"), wd.agent_dir(f"sasha-{f:g}-m2")
         assert (first / "policy.pt").read_bytes() == before[f]  # kept, not retrained
