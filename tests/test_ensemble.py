@@ -119,8 +119,14 @@ def test_the_config_checks_the_ensemble_size():
     assert member_name(0.1, "maskable_ppo", 0) == "sasha-0.1"
     assert member_name(0.2, "ppo", 2) == "ppo-0.2-m3"
     assert [member_seed(7, k) for k in range(3)] == [7, 1007, 2007]
-    with pytest.raises(ValueError, match="dqn"):
-        AgentConfig.from_dict({"algo": "dqn", "ensemble": 2})
+    for bad, match in (
+        ({"algo": "dqn", "ensemble": 2}, "not dqn's"),
+        ({"algo": "ppo_unmasked", "ensemble": 2}, "not ppo_unmasked's"),
+        ({"obs_dim": 4, "ensemble": 2}, "obs_dim is not supported"),
+        ({"ensemble": 0}, "at least 1"),
+    ):
+        with pytest.raises(ValueError, match=match):  # before any agent trains
+            AgentConfig.from_dict(bad)
     with pytest.raises(ConfigError, match="agents.ensemble"):
         validate_config(load_config("tiny", overrides={"agents": {"ensemble": 0}}))
 
@@ -128,6 +134,7 @@ def test_the_config_checks_the_ensemble_size():
 def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny_workdir, tmp_path):
     """``agents.ensemble: 2`` keeps the agent trained before as member 1, trains member 2 with
     its own seed, and evaluation and ``sasha predict`` zoom as the two together do."""
+    from sasha_env.agents.adaptive import read_stop_rule
     from sasha_env.agents.config import AgentConfig
     from sasha_env.agents.envs import load_agent
     from sasha_env.agents.episodes import agent_policy, run_episodes
@@ -165,12 +172,17 @@ def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny
     assert set(marker["members"]) == {f"{f:g}" for f in fracs}
     cfg = AgentConfig.from_dict(agents)
     test_ids = [r.slide_id for r in read_manifest(wd.manifest).records if r.split == "test"]
+    differs = 0
     for f in fracs:
         agent = load_agent(wd, f, ensemble=2)
         assert isinstance(agent.policy, PolicyEnsemble) and len(agent.policy) == 2
         online = run_episodes(agent.make_env(wd, "test", cfg), agent_policy(agent.policy), test_ids)
         saved = json.loads((root / "episodes" / f"sasha-{f:g}.json").read_text())
         assert [e["zoomed"] for e in saved] == [o["zoomed"] for o in online]  # evaluated as one
+        first = load_agent(wd, f)
+        alone = run_episodes(first.make_env(wd, "test", cfg), agent_policy(first.policy), test_ids)
+        differs += sum(a["zoomed"] != o["zoomed"] for a, o in zip(alone, online, strict=True))
+        assert read_stop_rule(agent.path).info["members"] == 2  # calibrated on the ensemble
         predictor = Predictor(root, frac=f)
         for record in read_manifest(wd.manifest).records:
             if record.split != "test":
@@ -179,11 +191,42 @@ def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny
             zoomed = next(e["zoomed"] for e in saved if e["slide_id"] == record.slide_id)
             coords = wd_coords(wd, record.slide_id)
             assert out["zoomed_coords"] == coords[zoomed].tolist()
+    assert differs > 0  # member 1 alone zooms elsewhere: the checks above tell them apart
     with pytest.raises(FileNotFoundError, match="sasha-.*-m3"):
         load_agent(wd, fracs[0], ensemble=3)
+    # a stop rule fitted on another ensemble size is refused, not applied to this one
+    rule_path = wd.agent_dir(f"sasha-{fracs[0]:g}") / "adaptive.json"
+    rule = json.loads(rule_path.read_text())
+    rule_path.write_text(json.dumps({**rule, "members": 1}))
+    with pytest.raises(ValueError, match="fitted on an agent of 1 member"):
+        Predictor(root, frac=fracs[0], adaptive=True)
 
 
 def wd_coords(wd, slide_id: str) -> np.ndarray:
     from sasha_env.features.store import FeatureStore
 
     return FeatureStore(wd.store).read(slide_id, "coords")
+
+
+def test_the_experiment_compares_each_member_with_the_whole(tmp_path, capsys):
+    """``experiments/agent_ensemble.py``: members evaluated alone and together; an ensemble of
+    one agent twice zooms as that agent, and the table pairs them over workdirs."""
+    from conftest import load_experiment
+    from sasha_env.testing import make_workdir
+
+    script = load_experiment("agent_ensemble")
+    outs = []
+    for seed in (0, 1):
+        made = make_workdir(tmp_path / f"wd{seed}", n_slides=8, fracs=(0.5,), seed=seed)
+        agent = str(made.root / "agents" / "sasha-0.5")
+        out = tmp_path / f"e{seed}.json"
+        assert script.main(["run", "--workdir", str(made.root), "--frac", "0.5",
+                            "--members", agent, agent, "--out", str(out)]) == 0  # fmt: skip
+        result = json.loads(out.read_text())
+        member, whole = result["member_results"][0], result["ensemble"]
+        assert whole["zoomed"] == member["zoomed"] and whole["auc"] == member["auc"]
+        outs.append(str(out))
+    assert script.main(["table", *outs]) == 0
+    table = capsys.readouterr().out
+    assert "### f = 0.5: 2 seeds, 2 members each" in table
+    assert "ensemble − mean member, paired over seeds: +0.000" in table

@@ -293,6 +293,13 @@ class Predictor:
                     f"{agent.path} has no stop rule (adaptive.json): run the calibrate stage "
                     f"(sasha pipeline --workdir {self.wd.root} --force calibrate)"
                 )
+            fitted_on = int(self.stop_rule.info.get("members", 1))
+            if fitted_on != members:
+                raise ValueError(
+                    f"{agent.path}'s stop rule was fitted on an agent of {fitted_on} member(s), "
+                    f"but the workdir's agents.ensemble is {members}: run the calibrate stage "
+                    f"(sasha pipeline --workdir {self.wd.root} --force calibrate)"
+                )
 
     @property
     def mode(self) -> str:

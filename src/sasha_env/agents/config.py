@@ -210,8 +210,8 @@ class AgentConfig:
     then ``seed + 1000·k`` for member k = 1 … K−1, in ``agents/<name>-m<k+1>/``) and they act
     as one: each zoom is the legal patch of highest summed logit over the members
     (:class:`~sasha_models.ensemble.PolicyEnsemble`). It averages out the seed-to-seed spread of
-    one training run at K times its cost. SASHA policies only (not ``dqn``); a learned-stop
-    agent (``stop: learned``) stays one."""
+    one training run at K times its cost. Masked SASHA policies only (not ``dqn`` or
+    ``ppo_unmasked``), without ``obs_dim``; a learned-stop agent (``stop: learned``) stays one."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for the SB3 algorithm."""
 
@@ -232,9 +232,17 @@ class AgentConfig:
             )
         if cfg.keep not in KEEP_RULES:
             raise ValueError(f"agents.keep {cfg.keep!r}: choose one of {', '.join(KEEP_RULES)}")
-        if cfg.ensemble > 1 and cfg.algo == "dqn":
+        if cfg.ensemble < 1:
+            raise ValueError(f"agents.ensemble {cfg.ensemble}: at least 1 agent per budget")
+        if cfg.ensemble > 1 and cfg.algo in ("dqn", "ppo_unmasked"):
             raise ValueError(
-                "agents.ensemble needs a SASHA actor-critic policy, not dqn's Q-network"
+                f"agents.ensemble needs a masked SASHA actor-critic policy, not {cfg.algo}'s: "
+                "its members act together on the legal patches"
+            )
+        if cfg.ensemble > 1 and cfg.obs_dim is not None:
+            raise ValueError(
+                "agents.ensemble with agents.obs_dim is not supported: each member would fit "
+                "its own projection; leave obs_dim unset for an ensemble"
             )
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(

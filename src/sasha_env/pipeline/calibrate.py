@@ -96,6 +96,7 @@ def calibrate_workdir(
         )
         calibration = Calibration.from_dict(fitted[name][adaptive.calibration])
         rule = fit_agent_rule(episodes, adaptive, calibration, target, frac, bags.class_names)
+        rule.info["members"] = acfg.ensemble  # the agent it was fitted on (agents.ensemble)
         write_stop_rule(agent.path, rule)
         log(
             f"[calibrate] {name}: stop when {rule.describe()} (val: mean fraction "
