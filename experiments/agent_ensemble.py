@@ -34,53 +34,27 @@ from typing import Any
 
 import numpy as np
 
-from sasha_env.agents.envs import make_env
-from sasha_env.agents.episodes import Policy, agent_policy, run_episodes
+from sasha_env.agents.episodes import agent_policy
 from sasha_env.agents.export import load_policy
-from sasha_env.features.store import FeatureStore
-from sasha_env.pipeline.evaluate import tumour_patches
-from sasha_env.slides.tumour import found_rate
 from sasha_env.workdir import Workdir
 from sasha_models.ensemble import PolicyEnsemble
-from sasha_models.metrics import classification_metrics
 from sasha_models.stats import t_interval
 
 sys.path.insert(0, str(Path(__file__).parent))
-from f02_factors import agents_config, split_ids  # noqa: E402
-
-
-def evaluate(wd: Workdir, frac: float, policy: Policy) -> dict[str, Any]:
-    """Test-split metrics of ``policy`` (argmax zooms), and tumour test slides reached."""
-    cfg = agents_config(wd)
-    env = make_env(wd, "test", frac, cfg)
-    ids = [s for s, _ in split_ids(wd, ["test"])]
-    eps = run_episodes(env, policy, ids)
-    probs = np.stack([e["probabilities"] for e in eps])
-    labels = np.array([e["label"] for e in eps])
-    tumour = tumour_patches(wd, FeatureStore(wd.store), ids)
-    pos = [e for e in eps if e["label"] == 1 and e["slide_id"] in tumour]
-    found, _ = found_rate(
-        [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
-    )
-    return {
-        **classification_metrics(probs, labels),
-        "n_slides": len(ids),
-        "tumour_found": round(found * len(pos)) if pos else 0,
-        "tumour_slides": len(pos),
-        "zoomed": {e["slide_id"]: [int(a) for a in e["zoomed"]] for e in eps},
-    }
+from f02_factors import agents_config, evaluate_policy  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> int:
     wd = Workdir(args.workdir)
+    cfg = agents_config(wd)
     policies = [load_policy(m) for m in args.members]
     out: dict[str, Any] = {
         "workdir": str(wd.root),
         "frac": args.frac,
         "members": [str(m) for m in args.members],
     }
-    out["member_results"] = [evaluate(wd, args.frac, agent_policy(p)) for p in policies]
-    out["ensemble"] = evaluate(wd, args.frac, agent_policy(PolicyEnsemble(policies)))
+    out["member_results"] = [evaluate_policy(wd, agent_policy(p), args.frac, cfg) for p in policies]
+    out["ensemble"] = evaluate_policy(wd, agent_policy(PolicyEnsemble(policies)), args.frac, cfg)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     aucs = ", ".join(f"{r['auc']:.3f}" for r in out["member_results"])

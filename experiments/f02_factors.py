@@ -452,14 +452,19 @@ class StartFrom(BaseCallback):
 def evaluate_agent(wd: Workdir, agent_dir: Path, frac: float, cfg) -> dict:
     """Test-split AUC/accuracy/F1 of the agent exported in ``agent_dir`` (argmax actions), and
     how many test slides with a tumour mask had a zoom on tumour."""
-    # lazy: SB3 policies load only here
-    from sasha_env.agents.episodes import run_episodes
-    from sasha_env.agents.export import load_policy
+    from sasha_env.agents.export import load_policy  # lazy: SB3 policies load only here
 
-    policy = load_policy(agent_dir)
+    return evaluate_policy(wd, agent_policy(load_policy(agent_dir)), frac, cfg)
+
+
+def evaluate_policy(wd: Workdir, policy, frac: float, cfg) -> dict:
+    """:func:`evaluate_agent` for any zoom policy ``policy(env, obs) -> action``; also each
+    test slide's zooms, in order (``zoomed``)."""
+    from sasha_env.agents.episodes import run_episodes  # lazy: as above
+
     env = make_env(wd, "test", frac, cfg)
     ids = [s for s, _ in split_ids(wd, ["test"])]
-    eps = run_episodes(env, agent_policy(policy), ids)
+    eps = run_episodes(env, policy, ids)
     probs = np.stack([e["probabilities"] for e in eps])
     labels = np.array([e["label"] for e in eps])
     m = classification_metrics(probs, labels)
@@ -476,6 +481,7 @@ def evaluate_agent(wd: Workdir, agent_dir: Path, frac: float, cfg) -> dict:
         "p_positive": probs[:, -1].tolist(),
         "labels": labels.tolist(),
         "slide_ids": ids,
+        "zoomed": {e["slide_id"]: [int(a) for a in e["zoomed"]] for e in eps},
     }
 
 
