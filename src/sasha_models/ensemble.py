@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 from .actor_critic import SashaActorCritic, legal_action_mask
-from .policy import _combine, _SashaPolicyMixin
+from .policy import SashaActorCriticPolicy, SashaPPOPolicy, _combine
 
 __all__ = ["ActorEnsemble", "PolicyEnsemble"]
 
@@ -115,7 +115,7 @@ class PolicyEnsemble:
         if not policies:
             raise ValueError("an ensemble needs at least one member")
         for i, p in enumerate(policies):
-            if not isinstance(p, _SashaPolicyMixin):
+            if not isinstance(p, SashaActorCriticPolicy | SashaPPOPolicy):
                 raise ValueError(
                     f"member {i + 1} is a {type(p).__name__}: an ensemble needs SASHA policies"
                 )
