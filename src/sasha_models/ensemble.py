@@ -146,14 +146,12 @@ class PolicyEnsemble:
     ) -> Tensor:
         """Summed member logits ``(B, N)`` with illegal actions at ``-inf``: ``valid & ~visited``
         from the observation, and ``action_masks`` when given."""
-        total: Tensor | None = None
+        first = self.members[0]  # the members share their spaces, so one conversion serves all
         with torch.no_grad():
-            for p in self.members:
-                obs_t, _ = p.obs_to_tensor(observation)
-                x = p._features(obs_t)
-                logits = p.net.forward_obs(x)[0]
-                total = logits if total is None else total + logits
-            assert total is not None
+            x = first._features(first.obs_to_tensor(observation)[0])
+            total = first.net.forward_obs(x)[0]
+            for p in self.members[1:]:
+                total = total + p.net.forward_obs(x)[0]
             legal = _combine(legal_action_mask(x), action_masks)
             return total.masked_fill(~legal, -torch.inf)
 
