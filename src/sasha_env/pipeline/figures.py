@@ -27,6 +27,7 @@ from .report import cap_label  # noqa: E402
 
 __all__ = [
     "adaptive_curve",
+    "agent_files",
     "episode_geojsons",
     "fraction_read_by_class",
     "learning_curves",
@@ -165,6 +166,22 @@ def has_pixels(info: SlideInfo) -> bool:
     """Whether a store slide names a slide file to draw on (imported features without a
     ``path`` column name their feature file instead)."""
     return Path(info.path or "").suffix.lower() not in (".h5", ".hdf5", "")
+
+
+def agent_files(wd: Workdir, name: str) -> dict[str, Path]:
+    """``{agent folder: its file called name}`` for the agents the workdir's agents stage
+    last trained or kept (its record's agents, ensemble members and learned-stop agents), so
+    folders left by an earlier configuration (a dropped budget, a smaller ensemble) are not
+    drawn; every folder with the file when the stage has no record."""
+    found = {p.parent.name: p for p in sorted((wd.root / "agents").glob(f"*/{name}"))}
+    marker = wd.marker("agents")
+    if not marker.is_file():
+        return found
+    outputs = json.loads(marker.read_text()).get("outputs", {})
+    units = [*outputs.get("agents", {}).values(), *outputs.get("learned_stop", {}).values()]
+    units += [u for members in outputs.get("members", {}).values() for u in members]
+    current = {Path(u["agent"]).parent.name for u in units}  # the folder: the workdir may move
+    return {folder: path for folder, path in found.items() if folder in current}
 
 
 def kept_check(timesteps: np.ndarray, scores: np.ndarray, kept: dict | None) -> int:
@@ -494,10 +511,10 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
         title = f"AUC against budget ({n} test slides; bands: 95% bootstrap CI)"
         written.append(budget_curve(points, figs / "budget_curve.png", title))
         written += write_adaptive_figures(wd, results)
-    csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
+    csvs = agent_files(wd, "episodes.csv")
     if csvs:
         written.append(learning_curves(csvs, figs / "learning_curves.png"))
-    val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
+    val = agent_files(wd, "val_curve.csv")
     if val:
         metas = {name: path.with_name("agent.json") for name, path in val.items()}
         kept = {
