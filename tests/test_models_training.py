@@ -3,6 +3,7 @@
 import copy
 import csv
 
+import lightning as L
 import pytest
 import torch
 
@@ -255,6 +256,37 @@ def test_patience_stops_after_that_many_epochs_without_improvement(tie_runs, tmp
             patience=0,
             progress=False,
         )
+
+
+def test_a_fit_stopped_early_leaves_no_resume_point_at_its_last_epoch(
+    tie_runs, tmp_path, monkeypatch
+):
+    """A resume point written at the epoch early stopping ends would not hold the stop: a fit
+    killed before its export would resume and train on, past the unkilled run's end."""
+    source, _ = tie_runs
+    saved_at: list[int] = []
+    save = L.Trainer.save_checkpoint
+
+    def spy(self, filepath, *args, **kwargs):
+        if "resume" in str(filepath):
+            saved_at.append(int(self.current_epoch))
+        return save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", spy)
+    path = train_model(
+        HAFEDModule(HAFEDConfig(d_in=D, d_hidden=32, lr=5e-3, max_epochs=12), seed=0),
+        BagDataModule(source, "highres"),
+        tmp_path / "early",
+        seed=0,
+        patience=2,
+        resume_key="k",
+        resume_every_s=0,  # a resume point after every epoch
+        progress=False,
+        cpu_threads=1,
+    )
+    trained = torch.load(path, weights_only=True)["meta"]["epochs_trained"]
+    assert trained < 12, "the toy must stop early"
+    assert saved_at == list(range(trained - 1))  # every epoch but the one it stopped at
 
 
 def test_select_ties_is_checked(tmp_path):
