@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sasha_env.pipeline.figures import agent_files
+from sasha_env.pipeline.figures import agent_files, evaluated_episodes
 from sasha_env.workdir import Workdir
 
 
@@ -39,3 +39,27 @@ def test_curves_are_drawn_for_the_agents_the_stage_kept_not_for_stale_folders(tm
     assert set(files) == {"sasha-0.1", "sasha-0.1-m2", "sasha-0.1-stop"}
     assert files["sasha-0.1"] == wd.root / "agents" / "sasha-0.1" / "episodes.csv"
     assert agent_files(wd, "val_curve.csv") == {}  # only folders that have the file
+
+
+def test_zoom_paths_are_drawn_for_the_budgets_evaluated_last(tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    (wd.root / "episodes").mkdir(parents=True)
+    for name in ("sasha-0.1", "sasha-0.2", "sasha-0.5", "sasha_adaptive-0.2", "random-0.1"):
+        (wd.root / "episodes" / f"{name}.json").write_text("[]")
+    names = [p.stem for p in evaluated_episodes(wd, "sasha")]
+    assert names == ["sasha-0.1", "sasha-0.2", "sasha-0.5"]  # no results.json: every file
+    wd.results.write_text(
+        json.dumps(
+            {
+                "methods": [
+                    {"method": "sasha", "frac": 0.2},
+                    {"method": "sasha", "frac": 0.1},
+                    {"method": "sasha_adaptive", "frac": 0.2},
+                    {"method": "random", "frac": 0.5},
+                ]
+            }
+        )
+    )
+    # sasha-0.5: a budget the last evaluation no longer had
+    assert [p.stem for p in evaluated_episodes(wd, "sasha")] == ["sasha-0.1", "sasha-0.2"]
+    assert [p.stem for p in evaluated_episodes(wd, "sasha_adaptive")] == ["sasha_adaptive-0.2"]

@@ -28,6 +28,7 @@ from .report import cap_label  # noqa: E402
 __all__ = [
     "adaptive_curve",
     "agent_files",
+    "evaluated_episodes",
     "episode_geojsons",
     "fraction_read_by_class",
     "learning_curves",
@@ -166,6 +167,20 @@ def has_pixels(info: SlideInfo) -> bool:
     """Whether a store slide names a slide file to draw on (imported features without a
     ``path`` column name their feature file instead)."""
     return Path(info.path or "").suffix.lower() not in (".h5", ".hdf5", "")
+
+
+def evaluated_episodes(wd: Workdir, method: str) -> list[Path]:
+    """``episodes/<method>-<f>.json`` for each budget f of ``method`` in ``results.json`` (the
+    evaluate stage's last run; files of budgets dropped since are left out), in order of f;
+    every such file when there is no ``results.json``."""
+    files = sorted((wd.root / "episodes").glob(f"{method}-*.json"))
+    if not wd.results.is_file():
+        return files
+    methods = json.loads(wd.results.read_text())["methods"]
+    names = {f"{method}-{m['frac']:g}" for m in methods if m["method"] == method}
+    return sorted(
+        (p for p in files if p.stem in names), key=lambda p: float(p.stem.rsplit("-", 1)[1])
+    )
 
 
 def agent_files(wd: Workdir, name: str) -> dict[str, Path]:
@@ -476,7 +491,7 @@ def write_adaptive_figures(wd: Workdir, results: dict) -> list[Path]:
     written = [adaptive_curve(points, curve, figs / "adaptive_curve.png", title)]
     episodes = {
         float(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text())
-        for p in (wd.root / "episodes").glob("sasha_adaptive-*.json")
+        for p in evaluated_episodes(wd, "sasha_adaptive")
     }
     if episodes:
         written.append(
@@ -532,7 +547,7 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
             f"[evaluate] {len(without)} slide(s) have features but no slide file (imported "
             "without a 'path' column): their zoom paths are not drawn; GeoJSON is written"
         )
-    for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
+    for episodes in evaluated_episodes(wd, "sasha"):
         written += zoom_paths(wd, episodes, figs / "paths")
         written += episode_geojsons(wd, episodes, figs / "geojson" / episodes.stem)
     return written
