@@ -8,8 +8,8 @@ copy at once, one process per copy, as ``sasha study --jobs`` runs seeds side by
 
 - ``spin``: ``SASHA_PASSIVE_THREADS=0``, OpenMP's own wait policy (idle threads spin a while
   before they sleep; what every run did before the CLI set the policy);
-- ``sleep``: ``OMP_WAIT_POLICY=PASSIVE``, what ``sasha study --jobs`` and the ``--jobs``
-  process pools set for their processes (:func:`sasha_env.threads.let_idle_threads_sleep`).
+- ``sleep``: the CLI's default, ``OMP_WAIT_POLICY=PASSIVE``
+  (:func:`sasha_env.threads.let_idle_threads_sleep`).
 
 The two alternate within each round, and the first copy's stage also runs alone once per
 mode. Printed: wall seconds per run, their means and the ratio spin / sleep, and whether the
@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import mean
 
 SASHA = [sys.executable, "-m", "sasha_env.cli"]
-MODES = {"spin": {"SASHA_PASSIVE_THREADS": "0"}, "sleep": {"OMP_WAIT_POLICY": "PASSIVE"}}
+MODES = {"spin": {"SASHA_PASSIVE_THREADS": "0"}, "sleep": {}}
 
 
 def _output_digest(wd: Path, stage: str) -> str:
@@ -48,7 +48,6 @@ def _output_digest(wd: Path, stage: str) -> str:
 def run_side_by_side(copies: list[Path], stage: str, mode: str) -> tuple[float, list[str]]:
     """The stage in every copy at once under ``mode``; wall seconds and output digests."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", *MODES["spin"])}
-    # one `sasha pipeline` each: single processes, which keep OpenMP's policy unless told
     env.update(MODES[mode])
     t0 = time.perf_counter()
     procs = [

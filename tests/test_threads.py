@@ -59,7 +59,6 @@ def test_pool_workers_start_with_idle_threads_sleeping(monkeypatch):
         monkeypatch.delenv(name)  # process's environment
     with worker_pool(1) as pool:
         assert pool.submit(_policy).result() == "PASSIVE"
-    assert "OMP_WAIT_POLICY" not in os.environ  # set in the worker, not in this process
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
     with worker_pool(1) as pool:
         assert pool.submit(_policy).result() == "ACTIVE"

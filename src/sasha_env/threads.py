@@ -13,10 +13,10 @@ computes.
 
 OpenMP reads the variable when its runtime loads (with torch), so :func:`let_idle_threads_sleep`
 sets it in the environment before torch is imported, where processes share the cores:
-``sasha study --jobs J`` (J > 1) first thing (its helper processes inherit it), and each
-worker of the process pools of :mod:`sasha_env.processes` (the pipeline's, sweeps',
-benchmarks' and synthesis's ``--jobs`` workers) as it starts, before its tasks load torch;
-the pool's own process keeps its environment. A single process keeps OpenMP's policy: alone, sleeping threads
+``sasha study --jobs J`` (J > 1) first thing, and the process pools of
+:mod:`sasha_env.processes` (the pipeline's, sweeps', benchmarks' and synthesis's ``--jobs``
+workers) before they start. It is set in the calling process's environment, so processes
+it starts later inherit it. A single process keeps OpenMP's policy: alone, sleeping threads
 were 0–12 % slower (one evaluate stage: 25.1–29.0 s against 24.3–25.9 s). A policy the user
 set is kept; ``SASHA_PASSIVE_THREADS=0`` leaves OpenMP's everywhere.
 """
