@@ -12,13 +12,10 @@ alone; the ``results.json`` files were identical byte for byte (docs/benchmarks.
 computes.
 
 OpenMP reads the variable when its runtime loads (with torch), so :func:`let_idle_threads_sleep`
-sets it in the environment before torch is imported, where processes share the cores:
-``sasha study --jobs J`` (J > 1) first thing, and the process pools of
-:mod:`sasha_env.processes` (the pipeline's, sweeps', benchmarks' and synthesis's ``--jobs``
-workers) before they start. It is set in the calling process's environment, so processes
-it starts later inherit it. A single process keeps OpenMP's policy: alone, sleeping threads
-were 0–12 % slower (one evaluate stage: 25.1–29.0 s against 24.3–25.9 s). A policy the user
-set is kept; ``SASHA_PASSIVE_THREADS=0`` leaves OpenMP's everywhere.
+sets it in the environment before torch is imported: the CLI does so first thing (but for
+``sasha predict``, one process, where it was not measured), and the process pools of
+:mod:`sasha_env.processes` before they start their workers. A policy the user set is kept;
+``SASHA_PASSIVE_THREADS=0`` leaves OpenMP's default.
 """
 
 from __future__ import annotations
