@@ -25,7 +25,6 @@ from types import FrameType
 from typing import Any
 
 from .memory import libc
-from .threads import let_idle_threads_sleep
 
 __all__ = [
     "Terminated",
@@ -151,11 +150,7 @@ def worker_pool(
         workers: processes.
         initializer, initargs: run in each worker after its own set-up.
         cancel_on_error: drop queued work when the block ends by an error.
-
-    The workers share the cores with this process and each other, so their idle OpenMP
-    threads sleep (:func:`~sasha_env.threads.let_idle_threads_sleep`, set before they start).
     """
-    let_idle_threads_sleep()
     pool = ProcessPoolExecutor(
         workers,
         mp_context=mp.get_context("spawn"),

@@ -19,7 +19,6 @@ from .. import __version__
 from ..distributed import end_process_group
 from ..memory import keep_freed_memory
 from ..processes import raise_on_sigterm, stop_reason
-from ..threads import let_idle_threads_sleep
 from . import cohort, data, experiments, predict, run
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED
 
@@ -84,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     args._argv = list(sys.argv[1:] if argv is None else argv)
     if args.command != "predict":  # predict: glibc's defaults keep its peak memory lower
         keep_freed_memory()  # torch's per-batch tensors otherwise fault their pages in every time
-        let_idle_threads_sleep()  # before torch loads: --jobs processes share the cores
     try:  # as the process's command, SIGTERM ends the run; in-process, the host's handling stays
         with raise_on_sigterm() if argv is None else nullcontext():
             return int(args.func(args) or 0)
