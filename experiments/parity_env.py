@@ -40,7 +40,7 @@ import torch
 from parity_common import Check, compare, load_fixture, run_official, save_fixture
 from sasha_env.config import load_config
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget
-from sasha_env.pipeline.stages import tsu_configs
+from sasha_env.pipeline.stages import fit_settings, tsu_configs
 from sasha_env.testing import CLASS_NAMES, SlideSpec, lattice_cells, write_workdir
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.lit import TSUModule
@@ -669,8 +669,8 @@ def paper_values(d: int = 384) -> dict[str, np.ndarray]:
     section = dict(cfg.get("tsu") or {})
     tau = float(section.get("tau", 0.95))
     tsus = tsu_configs(section, d, tau)
-    # select_ties is how the hafed stage picks its checkpoint, not a HAFEDConfig key
-    hafed_section = {k: v for k, v in (cfg.get("hafed") or {}).items() if k != "select_ties"}
+    hafed_section = dict(cfg.get("hafed") or {})
+    fit_settings(hafed_section)  # how the stage fits (select_ties, patience): not HAFEDConfig keys
     hafed = HAFEDConfig(d_in=d, n_classes=2, **hafed_section)
     tsu_batch = inspect.signature(TSUPairDataModule).parameters["batch_size"].default
     bag_batch = inspect.signature(BagDataModule).parameters["batch_size"].default

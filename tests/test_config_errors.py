@@ -34,7 +34,8 @@ def test_every_preset_is_valid(preset):
         (
             {"baselines": {"models": {"transmil": {"n_head": 2}}}},
             "unknown key 'n_head' in config section 'baselines.models.transmil'; valid keys: "
-            "cpu_threads, d_model, dropout, exact_max, landmarks, lr, max_epochs, n_heads, select_ties, "
+            "cpu_threads, d_model, dropout, exact_max, landmarks, lr, max_epochs, n_heads, patience, "
+            "select_ties, "
             "weight_decay",
         ),
         ({"baselines": {"models": {"clam": {}}}}, "unknown model 'clam' in config section"),
@@ -58,6 +59,10 @@ def test_every_preset_is_valid(preset):
             {"hafed": {"select_ties": "last"}},
             "'hafed.select_ties' = 'last' must be loss or first (the official rule)",
         ),
+        (
+            {"baselines": {"models": {"transmil": {"patience": 0}}}},
+            "'baselines.models.transmil.patience' = 0 must be >= 1 epochs without improvement",
+        ),
     ],
 )
 def test_bad_config_names_the_key_its_section_and_the_fix(override, message):
@@ -74,8 +79,8 @@ def test_good_values_of_every_kind_pass():
             "grid": {"hi_mpp": 0.5},
             "agents": {"fracs": [0.05, 1], "extra": {"vf_coef": 0.5}, "cpu_threads": None},
             "baselines": {"models": {"transmil": {"n_heads": 4, "cpu_threads": 2}}},
-            "hafed": {"select_ties": "first"},
-            "lowres": {"select_ties": "loss"},
+            "hafed": {"select_ties": "first", "patience": None},
+            "lowres": {"select_ties": "loss", "patience": 3},
             "train": {"resume_every_s": 30},
         },
     )
@@ -105,7 +110,8 @@ def test_cli_reports_config_errors_without_traceback_or_a_workdir(tiny_cohort, t
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "sasha pipeline: error: unknown key 'lrr' in config section 'hafed'; valid keys: "
-        "d_hidden, dropout, lr, mask_drop, max_epochs, n_branches, n_branches_l1, select_ties, "
+        "d_hidden, dropout, lr, mask_drop, max_epochs, n_branches, n_branches_l1, patience, "
+        "select_ties, "
         "top_k, top_k_l1, w_branch, w_div, w_slide, weight_decay"
     ]
     assert not workdir.exists()  # nothing is created for a run that cannot start

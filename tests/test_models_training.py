@@ -3,6 +3,7 @@
 import copy
 import csv
 
+import lightning as L
 import pytest
 import torch
 
@@ -212,6 +213,80 @@ def test_ties_in_val_score_go_to_the_lowest_val_loss(tie_runs):
     ids, probs, labels = predict_probs(load_model(paths["loss"]), source, "val", "highres")
     ce = -torch.log(torch.as_tensor(probs)[torch.arange(len(ids)), torch.as_tensor(labels)])
     assert float(ce.mean()) == pytest.approx(lowest_loss, rel=1e-4)
+
+
+def test_patience_stops_after_that_many_epochs_without_improvement(tie_runs, tmp_path):
+    """Early stopping: the same fit as without it up to the stop, which comes after exactly
+    ``patience`` validated epochs without a strict improvement of val AUC + F1; the kept
+    epoch is the best of those trained; the schedule still spans ``max_epochs``."""
+    source, paths = tie_runs
+    full = _val_epochs(paths["loss"])  # every epoch, no early stopping
+    patience = 2
+    path = train_model(
+        HAFEDModule(HAFEDConfig(d_in=D, d_hidden=32, lr=5e-3, max_epochs=12), seed=0),
+        BagDataModule(source, "highres"),
+        tmp_path / "early",
+        seed=0,
+        patience=patience,
+        progress=False,
+        cpu_threads=1,
+    )
+    best, since = -1.0, 0
+    expected_stop = None
+    for epoch, score, _ in full:
+        best, since = (score, 0) if score > best else (best, since + 1)
+        if since == patience:
+            expected_stop = epoch
+            break
+    assert expected_stop is not None and expected_stop < len(full) - 1, "the toy must stop early"
+    stopped = _val_epochs(path)
+    assert [e for e, _, _ in stopped] == list(range(expected_stop + 1))
+    assert stopped == full[: expected_stop + 1]  # the same training, cut short
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["patience"] == patience and meta["epochs_trained"] == expected_stop + 1
+    tied = [
+        (loss, epoch) for epoch, score, loss in stopped if score == max(s for _, s, _ in stopped)
+    ]
+    assert meta["best_epoch"] == min(tied)[1]
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        train_model(
+            HAFEDModule(HAFEDConfig(d_in=D, d_hidden=8), seed=0),
+            BagDataModule(source, "highres"),
+            tmp_path / "bad",
+            patience=0,
+            progress=False,
+        )
+
+
+def test_a_fit_stopped_early_leaves_no_resume_point_at_its_last_epoch(
+    tie_runs, tmp_path, monkeypatch
+):
+    """A resume point written at the epoch early stopping ends would not hold the stop: a fit
+    killed before its export would resume and train on, past the unkilled run's end."""
+    source, _ = tie_runs
+    saved_at: list[int] = []
+    save = L.Trainer.save_checkpoint
+
+    def spy(self, filepath, *args, **kwargs):
+        if "resume" in str(filepath):
+            saved_at.append(int(self.current_epoch))
+        return save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", spy)
+    path = train_model(
+        HAFEDModule(HAFEDConfig(d_in=D, d_hidden=32, lr=5e-3, max_epochs=12), seed=0),
+        BagDataModule(source, "highres"),
+        tmp_path / "early",
+        seed=0,
+        patience=2,
+        resume_key="k",
+        resume_every_s=0,  # a resume point after every epoch
+        progress=False,
+        cpu_threads=1,
+    )
+    trained = torch.load(path, weights_only=True)["meta"]["epochs_trained"]
+    assert trained < 12, "the toy must stop early"
+    assert saved_at == list(range(trained - 1))  # every epoch but the one it stopped at
 
 
 def test_select_ties_is_checked(tmp_path):

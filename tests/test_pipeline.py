@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import kill_when, tree_digest
 from sasha_env.agents.config import AgentConfig
@@ -167,12 +168,14 @@ def test_second_run_skips_cached_stages_and_config_change_reruns(tiny_workdir, t
     Pipeline(
         wd.root,
         preset="tiny",
-        overrides={"baselines": {"max_epochs": 2}},
+        overrides={"baselines": {"max_epochs": 2, "models": {"abmil": {"patience": 1}}}},
         progress=False,
         log=messages.append,
     ).run(["abmil"])
     assert any("[abmil] configuration or upstream changed" in m for m in messages)
     assert wd.model("abmil").stat().st_mtime > before
+    meta = torch.load(wd.model("abmil"), weights_only=True)["meta"]
+    assert (meta["max_epochs"], meta["patience"]) == (2, 1)  # the section reached the fit
     assert tree_digest(tiny_workdir) == built
 
 

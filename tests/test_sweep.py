@@ -12,7 +12,7 @@ import pytest
 
 from sasha_env.cli import main
 from sasha_env.pipeline.sweep import load_sweep
-from sasha_env.pipeline.trial import split_val, trial_wandb_mode
+from sasha_env.pipeline.trial import agent_config, split_val, trial_wandb_mode
 
 RANDOM_SWEEP = """
 name: tiny-random
@@ -92,6 +92,7 @@ def test_sweep_files_are_checked_before_anything_runs(tmp_path):
         "method: hyperopt": "method 'hyperopt'",
         "parameters: {lr: {values: [1]}}": "not agents settings",
         "parameters: {learning_rate: {distribution: normal, min: 0, max: 1}}": "not supported",
+        "parameters: {ensemble: {values: [1, 3]}}": "a trial trains and scores one agent",
     }
     base = "method: random\nmetric: {name: holdout/auc, goal: maximize}\nparameters: {ent_coef: {values: [0.0]}}\n"  # fmt: skip
     for line, message in bad.items():
@@ -103,6 +104,13 @@ def test_sweep_files_are_checked_before_anything_runs(tmp_path):
     grid = grid.replace("parameters: {ent_coef: {values: [0.0]}}", "parameters:\n  ent_coef: {values: [0.0]}")  # fmt: skip
     with pytest.raises(ValueError, match="grid sweep needs value/values"):
         load_sweep(_sweep_file(tmp_path, grid))
+
+
+def test_a_trial_of_an_ensemble_workdir_trains_one_agent():
+    """A workdir whose agents stage trains ensembles sweeps one agent per trial (with the
+    members' settings), so an algorithm an ensemble refuses can still be swept."""
+    cfg, frac, seed = agent_config({"ensemble": 3, "fracs": [0.2]}, {"algo": "dqn", "seed": 4})
+    assert (cfg.ensemble, cfg.algo, frac, seed) == (1, "dqn", 0.2, 4)
 
 
 def test_a_trial_under_wandb_agent_keeps_the_agents_mode(tiny_workdir, tmp_path, monkeypatch):

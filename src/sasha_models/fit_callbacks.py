@@ -153,6 +153,8 @@ class ResumePoint(Checkpoint):
             self.resumed_epoch, self._restored = int(trainer.current_epoch), False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.should_stop:  # stopped early (every rank agrees): the fit is about to end
+            return
         due = time.monotonic() - self._last >= self.every_s
         if not trainer.strategy.broadcast(due) or trainer.current_epoch + 1 >= (
             trainer.max_epochs or 0

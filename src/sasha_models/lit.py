@@ -33,7 +33,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 
@@ -427,6 +427,7 @@ def train_model(
     monitor: str | None = None,
     mode: str | None = None,
     select_ties: str = "loss",
+    patience: int | None = None,
     progress: bool = True,
     cpu_threads: int | None = None,
     resume_key: str | None = None,
@@ -458,6 +459,10 @@ def train_model(
         select_ties: of the epochs with the best ``monitor`` value, keep the one with the lowest
             ``val/loss`` (``"loss"``) or the first (``"first"``, the official rule); see
             :class:`TieBreakCheckpoint`. Ignored when ``monitor`` is ``val/loss`` itself.
+        patience: stop early after this many validated epochs in a row without a strict
+            improvement of ``monitor`` (Lightning's ``EarlyStopping`` on the value the kept
+            checkpoint is chosen by); the learning-rate schedule still spans ``max_epochs``.
+            ``None``: train every epoch. Without validation slides it is ignored.
         progress: show the progress bar and model summary.
         cpu_threads: torch intra-op threads during the fit (restored afterwards); ``1`` is
             much faster for small bags on a busy CPU. ``None`` leaves the setting alone.
@@ -508,6 +513,11 @@ def train_model(
         save_weights_only=True,  # model.pt is exported from it; optimizer state would triple the I/O
     )
     callbacks: list[Callback] = [ckpt, FlushDenormals()]
+    if patience is not None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 epochs (or None), got {patience}")
+        if has_val:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
     resume_from = None
     if resume_key is not None:  # checkpoint callbacks run in this order: the kept best first
         resume_path = out_dir / RESUME_CHECKPOINT
@@ -571,6 +581,7 @@ def train_model(
             "seed": int(seed),
             "init_seed": getattr(module, "seed", None),
             "max_epochs": max_epochs,
+            "patience": patience if has_val else None,
             "epochs_trained": int(trainer.current_epoch),
             "resumed_at_epoch": resume.resumed_epoch if resume_key is not None else None,
             "train_seconds": round(time.time() - t0, 3),

@@ -27,6 +27,8 @@ from .report import cap_label  # noqa: E402
 
 __all__ = [
     "adaptive_curve",
+    "agent_files",
+    "evaluated_episodes",
     "episode_geojsons",
     "fraction_read_by_class",
     "learning_curves",
@@ -165,6 +167,36 @@ def has_pixels(info: SlideInfo) -> bool:
     """Whether a store slide names a slide file to draw on (imported features without a
     ``path`` column name their feature file instead)."""
     return Path(info.path or "").suffix.lower() not in (".h5", ".hdf5", "")
+
+
+def evaluated_episodes(wd: Workdir, method: str) -> list[Path]:
+    """``episodes/<method>-<f>.json`` for each budget f of ``method`` in ``results.json`` (the
+    evaluate stage's last run; files of budgets dropped since are left out), in order of f;
+    every such file when there is no ``results.json``."""
+    files = sorted((wd.root / "episodes").glob(f"{method}-*.json"))
+    if not wd.results.is_file():
+        return files
+    methods = json.loads(wd.results.read_text())["methods"]
+    names = {f"{method}-{m['frac']:g}" for m in methods if m["method"] == method}
+    return sorted(
+        (p for p in files if p.stem in names), key=lambda p: float(p.stem.rsplit("-", 1)[1])
+    )
+
+
+def agent_files(wd: Workdir, name: str) -> dict[str, Path]:
+    """``{agent folder: its file called name}`` for the agents the workdir's agents stage
+    last trained or kept (its record's agents, ensemble members and learned-stop agents), so
+    folders left by an earlier configuration (a dropped budget, a smaller ensemble) are not
+    drawn; every folder with the file when the stage has no record."""
+    found = {p.parent.name: p for p in sorted((wd.root / "agents").glob(f"*/{name}"))}
+    marker = wd.marker("agents")
+    if not marker.is_file():
+        return found
+    outputs = json.loads(marker.read_text()).get("outputs", {})
+    units = [*outputs.get("agents", {}).values(), *outputs.get("learned_stop", {}).values()]
+    units += [u for members in outputs.get("members", {}).values() for u in members]
+    current = {Path(u["agent"]).parent.name for u in units}  # the folder: the workdir may move
+    return {folder: path for folder, path in found.items() if folder in current}
 
 
 def kept_check(timesteps: np.ndarray, scores: np.ndarray, kept: dict | None) -> int:
@@ -459,7 +491,7 @@ def write_adaptive_figures(wd: Workdir, results: dict) -> list[Path]:
     written = [adaptive_curve(points, curve, figs / "adaptive_curve.png", title)]
     episodes = {
         float(p.stem.rsplit("-", 1)[1]): json.loads(p.read_text())
-        for p in (wd.root / "episodes").glob("sasha_adaptive-*.json")
+        for p in evaluated_episodes(wd, "sasha_adaptive")
     }
     if episodes:
         written.append(
@@ -494,10 +526,10 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
         title = f"AUC against budget ({n} test slides; bands: 95% bootstrap CI)"
         written.append(budget_curve(points, figs / "budget_curve.png", title))
         written += write_adaptive_figures(wd, results)
-    csvs = {p.parent.name: p for p in (wd.root / "agents").glob("*/episodes.csv")}
+    csvs = agent_files(wd, "episodes.csv")
     if csvs:
         written.append(learning_curves(csvs, figs / "learning_curves.png"))
-    val = {p.parent.name: p for p in (wd.root / "agents").glob("*/val_curve.csv")}
+    val = agent_files(wd, "val_curve.csv")
     if val:
         metas = {name: path.with_name("agent.json") for name, path in val.items()}
         kept = {
@@ -515,7 +547,7 @@ def write_figures(wd: Workdir, log: Callable[[str], None] | None = None) -> list
             f"[evaluate] {len(without)} slide(s) have features but no slide file (imported "
             "without a 'path' column): their zoom paths are not drawn; GeoJSON is written"
         )
-    for episodes in sorted((wd.root / "episodes").glob("sasha-*.json")):
+    for episodes in evaluated_episodes(wd, "sasha"):
         written += zoom_paths(wd, episodes, figs / "paths")
         written += episode_geojsons(wd, episodes, figs / "geojson" / episodes.stem)
     return written

@@ -63,7 +63,8 @@ def _extract() -> dict[str, Any]:
 def _hafed() -> dict[str, Any]:
     from sasha_models.hafed import HAFEDConfig  # lazy: torch (as above)
 
-    return {**_dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes")), "select_ties": str}
+    keys = _dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes"))
+    return {**keys, "select_ties": str, "patience": int | None}
 
 
 def _tsu() -> dict[str, Any]:
@@ -84,6 +85,7 @@ def _mil(name: str) -> dict[str, Any]:
         "max_epochs": int,
         "cpu_threads": int,
         "select_ties": str,
+        "patience": int | None,
         **_signature_keys(MIL_MODELS[name], drop=("self", "d_in", "n_classes")),
     }
 
@@ -150,6 +152,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.resume_every_s": (lambda v: v >= 0, ">= 0 (seconds; 0: every epoch)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "select_ties": (lambda v: v in ("loss", "first"), "loss or first (the official rule)"),
+    "patience": (_positive, ">= 1 epochs without improvement (or null: every epoch)"),
     "agents.fracs": (lambda v: len(v) > 0 and all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.total_timesteps": (_positive, ">= 1"),

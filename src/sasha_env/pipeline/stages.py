@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "distill_store",
     "file_sha256",
+    "fit_settings",
 ]
 
 
@@ -300,13 +301,27 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
 
     bags = p.bags()
     section = p.section(ctx.stage)
-    select_ties = section.pop("select_ties", "loss")
+    fit = fit_settings(section)
     cfg = HAFEDConfig(d_in=bags.feature_dim, n_classes=len(bags.class_names), **section)
     module = HAFEDModule(cfg, seed=p.seed)
     data = BagDataModule(bags, "highres")
     out = p.wd.model_dir("hafed")
-    kw = p.train_kwargs()
-    return _export(train_model(module, data, out, select_ties=select_ties, **_resume(ctx), **kw))
+    kw = {**p.train_kwargs(), **fit}
+    return _export(train_model(module, data, out, **_resume(ctx), **kw))
+
+
+def fit_settings(section: dict) -> dict[str, Any]:
+    """Pop the keys of a classifier's section (``hafed``, ``lowres``, ``baselines``) that go to
+    :func:`~sasha_models.lit.train_model` rather than to the model: ``select_ties`` (default
+    ``"loss"``), ``patience`` (early stopping; default none) and, where a MIL section sets
+    it, ``cpu_threads`` (otherwise the ``train`` section's applies)."""
+    fit: dict[str, Any] = {
+        "select_ties": section.pop("select_ties", "loss"),
+        "patience": section.pop("patience", None),
+    }
+    if "cpu_threads" in section:  # e.g. a transformer wants every core, small bags one
+        fit["cpu_threads"] = section.pop("cpu_threads")
+    return fit
 
 
 def _run_distill(p: RunContext, ctx: StageContext) -> dict:
@@ -444,10 +459,7 @@ def _run_mil(p: RunContext, ctx: StageContext) -> dict:
     name = ctx.stage.name
     bags = p.bags()
     section = p.section(ctx.stage)
-    train_kwargs = p.train_kwargs()
-    if "cpu_threads" in section:  # e.g. a transformer wants every core, small bags one
-        train_kwargs["cpu_threads"] = section.pop("cpu_threads")
-    train_kwargs["select_ties"] = section.pop("select_ties", "loss")
+    train_kwargs = {**p.train_kwargs(), **fit_settings(section)}
     model = "attention_mil" if name == "lowres" else name
     kind = "lowres" if name == "lowres" else "highres"
     module = MILModule(model, bags.feature_dim, len(bags.class_names), seed=p.seed, **section)

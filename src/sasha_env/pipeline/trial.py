@@ -55,8 +55,12 @@ def agent_config(
     """``(AgentConfig, frac, seed)`` of a trial: the ``agents`` section ``base`` with the
     trial's ``params`` applied (``frac`` default: ``base``'s first f; ``seed`` default 0).
 
+    A trial trains and scores one agent: ``base``'s ``agents.ensemble`` is set to 1 (a
+    workdir that trains ensembles sweeps the settings of their members).
+
     Raises:
-        ValueError: a parameter that is neither an ``agents`` field nor ``frac``/``seed``.
+        ValueError: a parameter that is neither an ``agents`` field nor ``frac``/``seed``,
+            or ``ensemble`` (not a setting one trial can score).
     """
     names = {f.name for f in fields(AgentConfig)}
     unknown = sorted(set(params) - names - set(SWEEP_KEYS))
@@ -65,11 +69,16 @@ def agent_config(
             f"sweep parameter(s) {unknown} are not agents settings: use fields of the agents "
             f"section ({', '.join(sorted(names))}) or {', '.join(SWEEP_KEYS)}"
         )
+    if "ensemble" in params:
+        raise ValueError(
+            "sweep parameter 'ensemble': a trial trains and scores one agent; compare ensemble "
+            "sizes with 'sasha study --config' (experiments/ablations/ensemble-3.yaml)"
+        )
     fracs = list(base.get("fracs") or AgentConfig().fracs)
     frac = float(params.get("frac", fracs[0]))
     seed = int(params.get("seed", 0))
     own = {k: v for k, v in params.items() if k not in SWEEP_KEYS}
-    cfg = AgentConfig.from_dict({**dict(base), **own, "fracs": [frac]})
+    cfg = AgentConfig.from_dict({**dict(base), **own, "fracs": [frac], "ensemble": 1})
     if cfg.val_every == 0:
         cfg.val_every = 1  # a trial selects a checkpoint, so it validates
     return cfg, frac, seed
