@@ -76,8 +76,17 @@ def _all_end(pids: list[int], within: float = STOPS_WITHIN_S) -> bool:
     return not any(_alive(p) for p in pids)
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default action in the child, as in a terminal's foreground job: started from a
+    shell's background job (``make test &``, ``nohup``), the test run ignores SIGINT, every
+    process it starts inherits that, and Python then leaves Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(cmd, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd, text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal, **kw
+    )
 
 
 def _cleanup(proc: subprocess.Popen) -> None:
