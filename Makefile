@@ -15,7 +15,7 @@ TORCH_VERSION ?= 2.13.0
 LOCK_FIND_LINKS ?= /opt/wheels
 UV_VERSION := 0.13.9
 
-.PHONY: install lock demo test test-fast docs bench bench-scale bench-agents bench-predict bench-demo bench-official lint format clean
+.PHONY: install lock demo test test-fast docs bench bench-scale bench-threads bench-agents bench-predict bench-demo bench-official lint format clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,7 +62,7 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
 docs: $(DOCS_STAMP)
 	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
-bench: $(STAMP) bench-scale  # bench_predict builds its own cohort under bench-predict-run/ (resumable)
+bench: $(STAMP) bench-scale bench-threads  # bench_predict builds its own cohort under bench-predict-run/ (resumable)
 	$(PY) experiments/bench_extract.py
 	$(PY) experiments/bench_predict.py --out bench-predict-run
 
@@ -76,6 +76,12 @@ bench-scale: $(STAMP)
 	$(PY) experiments/bench_predict_process.py --workdir $(DEMO_DIR) --slides-from bench-large/manifest.csv --rounds 1
 	$(PY) experiments/bench_env.py
 	$(PY) experiments/bench_agent_speed.py
+
+# Two processes sharing the cores (as `sasha study --jobs 2` runs seeds): the evaluate stage of
+# two copies of the demo workdir at once, OpenMP's spinning idle threads against sleeping ones.
+bench-threads: $(STAMP)
+	test -f $(DEMO_DIR)/results.json || $(VENV)/bin/sasha demo $(DEMO_DIR)
+	$(PY) experiments/bench_idle_threads.py $(DEMO_DIR) $(DEMO_DIR)
 
 # SashaVecEnv against 8 DummyVecEnvs (training steps/s, side by side; no workdir needed), then
 # the RL algorithms on the demo workdir (needs a finished `make demo`).

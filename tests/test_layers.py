@@ -22,7 +22,7 @@ from sasha_env.workdir import Workdir
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: Rank of each room of sasha_env: a module may import modules of its own rank or lower.
-BASE = ("atomic", "config", "distributed", "lru", "memory", "processes", "workdir")
+BASE = ("atomic", "config", "distributed", "lru", "memory", "processes", "threads", "workdir")
 WINGS = ("slides", "features", "envs", "agents", "pipeline")
 TOP = ("predict", "cli", "testing")
 

@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from .memory import libc
+from .threads import let_idle_threads_sleep
 
 __all__ = [
     "Terminated",
@@ -118,6 +119,7 @@ def _worker_started(
     """A :func:`worker_pool` worker's set-up: it ends with ``parent`` and dies at once on
     SIGTERM (Lightning chains its own handler to this one; a task raising in a worker would
     only fail the task), then the pool's own ``initializer``."""
+    let_idle_threads_sleep()  # before the worker's tasks load torch: workers share the cores
     end_with_parent(parent)
     signal.signal(signal.SIGTERM, _die_now)
     if initializer is not None:
@@ -150,6 +152,10 @@ def worker_pool(
         workers: processes.
         initializer, initargs: run in each worker after its own set-up.
         cancel_on_error: drop queued work when the block ends by an error.
+
+    The workers share the cores with each other, so their idle OpenMP threads sleep
+    (:func:`~sasha_env.threads.let_idle_threads_sleep`, in each worker before it loads
+    torch; this process's environment is left as it is).
     """
     pool = ProcessPoolExecutor(
         workers,

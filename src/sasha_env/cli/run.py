@@ -18,6 +18,7 @@ from ..pipeline.schema import validate_config
 from ..pipeline.stages import REGISTRY, STAGES
 from ..pipeline.stages import describe as describe_stages
 from ..processes import end_with_parent, stop_reason
+from ..threads import let_idle_threads_sleep
 from .common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -271,6 +272,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     from ..pipeline.study import Study, format_study  # lazy: zarr
 
+    if args.jobs > 1:  # before torch loads: the J processes share the cores
+        let_idle_threads_sleep()
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
