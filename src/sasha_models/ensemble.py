@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical
 
 from .actor_critic import SashaActorCritic, legal_action_mask
-from .policy import SashaActorCriticPolicy, SashaPPOPolicy, _combine
+from .policy import SashaActorCriticPolicy, SashaPPOPolicy, combine_masks
 
 __all__ = ["ActorEnsemble", "PolicyEnsemble"]
 
@@ -152,7 +152,7 @@ class PolicyEnsemble:
             total = first.net.forward_obs(x)[0]
             for p in self.members[1:]:
                 total = total + p.net.forward_obs(x)[0]
-            legal = _combine(legal_action_mask(x), action_masks)
+            legal = combine_masks(legal_action_mask(x), action_masks)
             return total.masked_fill(~legal, -torch.inf)
 
     def predict(

@@ -49,13 +49,15 @@ __all__ = [
     "DictPassthroughExtractor",
     "SashaActorCriticPolicy",
     "SashaPPOPolicy",
+    "combine_masks",
 ]
 
 MaskLike = Tensor | np.ndarray
 
 
-def _combine(legal: Tensor, action_masks: MaskLike | None) -> Tensor:
-    """``legal & action_masks`` (the latter reshaped to ``legal``'s shape), or ``legal``."""
+def combine_masks(legal: Tensor, action_masks: MaskLike | None) -> Tensor:
+    """The patches a policy may zoom: ``legal & action_masks`` (the latter, ``(B, A)`` or
+    ``(B * A,)`` as SB3 hands it over, reshaped to ``legal``'s ``(B, A)``), or ``legal``."""
     if action_masks is None:
         return legal
     given = torch.as_tensor(action_masks, device=legal.device).reshape(legal.shape)
@@ -192,7 +194,7 @@ class _SashaPolicyMixin:
         if ROW_INDEX in x:
             legal = legal[x[ROW_INDEX]]
         legal = with_stop(legal) if self.stop_action else legal
-        return masked_distribution(logits, _combine(legal, action_masks)), values
+        return masked_distribution(logits, combine_masks(legal, action_masks)), values
 
     def _features(self, obs: Any) -> dict[str, Tensor]:
         """SB3's preprocessing, or for a row-pooled batch the rows as float and the index."""
