@@ -200,6 +200,16 @@ def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny
     rule_path.write_text(json.dumps({**rule, "members": 1}))
     with pytest.raises(ValueError, match="fitted on an agent of 1 member"):
         Predictor(root, frac=fracs[0], adaptive=True)
+    # so is a calibration (temperature and bias) fitted on another ensemble size
+    rule_path.write_text(json.dumps(rule))
+    calibration = json.loads(wd.calibration.read_text())
+    for f in fracs:
+        assert calibration["methods"][f"sasha@{f:g}"]["members"] == 2
+    calibration["methods"][f"sasha@{fracs[0]:g}"]["members"] = 1
+    wd.calibration.write_text(json.dumps(calibration))
+    with pytest.raises(ValueError, match="calibration of sasha@.* fitted on an agent of 1 member"):
+        Predictor(root, frac=fracs[0])
+    assert Predictor(root, frac=fracs[0], calibration=None).calibration is None  # uncalibrated
 
 
 def wd_coords(wd, slide_id: str) -> np.ndarray:

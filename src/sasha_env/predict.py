@@ -25,7 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
-from sasha_models.calibration import read_calibrations
+from sasha_models.calibration import fitted_members, read_calibrations
 from sasha_models.checkpoint import load_model
 from sasha_models.projection import ObsProjection
 
@@ -280,6 +280,14 @@ class Predictor:
             net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
             self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
             self.projection = agent.projection
+            fitted_on = fitted_members(self.wd.calibration, f"sasha@{self.frac:g}")
+            if self.calibration is not None and not learned_stop and fitted_on != members:
+                raise ValueError(
+                    f"{self.wd.calibration}: the calibration of sasha@{self.frac:g} was fitted "
+                    f"on an agent of {fitted_on} member(s), but the workdir's agents.ensemble "
+                    f"is {members}: run the calibrate stage (sasha pipeline --workdir "
+                    f"{self.wd.root} --force calibrate), or predict with --calibration none"
+                )
             if self.policy is agent.policy:  # another network (DQN's): a fixed-size input
                 space = agent.policy.observation_space["features"]  # type: ignore[index]
                 self.fixed_patches = int(space.shape[0])

@@ -24,11 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["KINDS", "Calibration", "fit_calibration", "read_calibrations"]
+__all__ = [
+    "KINDS",
+    "MEMBERS",
+    "Calibration",
+    "fit_calibration",
+    "fitted_members",
+    "read_calibrations",
+]
 
 #: The two calibrations fitted per method: a temperature alone (keeps every argmax decision),
 #: and a temperature with a class bias (moves the decision threshold too).
 KINDS = ("temperature", "temperature+bias")
+
+#: The key of a method's entry in ``calibration.json`` that records how many agents acted
+#: together (``agents.ensemble``) in the episodes its calibration was fitted on.
+MEMBERS = "members"
 
 #: Prior standard deviations of log T and of each bias entry (see the module docstring).
 PRIOR_SD_LOG_T = 1.0
@@ -146,3 +157,18 @@ def read_calibrations(path: str | os.PathLike, kind: str = "temperature") -> dic
             f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "
             "(sasha pipeline --workdir DIR --force calibrate)"
         ) from exc
+
+
+def fitted_members(path: str | os.PathLike, name: str) -> int:
+    """How many agents acted together (an ensemble's size) in the episodes method ``name``'s
+    calibration in ``calibration.json`` was fitted on; ``1`` when the entry does not say (a
+    single agent, or a file from before ensembles).
+
+    A probability calibrated with another ensemble's temperature and bias is miscalibrated, so
+    :class:`~sasha_env.predict.Predictor` refuses the pair. A missing file or method is ``1``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 1
+    entry = json.loads(path.read_text()).get("methods", {}).get(name) or {}
+    return int(entry.get(MEMBERS, 1))

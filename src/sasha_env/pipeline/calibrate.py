@@ -49,6 +49,7 @@ def calibrate_workdir(
     agents included), and each fixed-budget agent's stop rule."""
     from sasha_models.calibration import (  # lazy: torch, when the stage runs
         KINDS,
+        MEMBERS,
         Calibration,
         fit_calibration,
     )
@@ -94,6 +95,7 @@ def calibrate_workdir(
             np.stack([e["probabilities"] for e in episodes]),
             np.array([e["label"] for e in episodes]),
         )
+        fitted[name][MEMBERS] = acfg.ensemble  # the agent it was fitted on (agents.ensemble)
         calibration = Calibration.from_dict(fitted[name][adaptive.calibration])
         rule = fit_agent_rule(episodes, adaptive, calibration, target, frac, bags.class_names)
         rule.info["members"] = acfg.ensemble  # the agent it was fitted on (agents.ensemble)
