@@ -76,17 +76,25 @@ def _all_end(pids: list[int], within: float = STOPS_WITHIN_S) -> bool:
     return not any(_alive(p) for p in pids)
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT's default action in the child, as in a terminal's foreground job: started from a
-    shell's background job (``make test &``, ``nohup``), the test run ignores SIGINT, every
-    process it starts inherits that, and Python then leaves Ctrl-C ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start(cmd: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal, **kw
-    )
+    return subprocess.Popen(cmd, text=True, start_new_session=True, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ctrl_c_reaches_the_commands():
+    """SIGINT at its default action in the commands started here, as in a terminal's foreground
+    job. Started from a shell's background job (``make test &``, ``nohup``), the test run
+    ignores SIGINT, every process it starts inherits that, and Python then keeps Ctrl-C
+    ignored. A signal with a handler is reset to its default action in a started program, so
+    this process handles SIGINT (as Python does by default) while the module runs."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cleanup(proc: subprocess.Popen) -> None:
