@@ -210,6 +210,12 @@ def test_the_agents_stage_trains_the_members_and_every_stage_acts_with_them(tiny
     with pytest.raises(ValueError, match="calibration of sasha@.* fitted on an agent of 1 member"):
         Predictor(root, frac=fracs[0])
     assert Predictor(root, frac=fracs[0], calibration=None).calibration is None  # uncalibrated
+    del calibration["methods"][f"sasha@{fracs[0]:g}"]["members"]  # a file from before the key
+    wd.calibration.write_text(json.dumps(calibration))
+    with pytest.raises(ValueError, match="does not record the ensemble size"):
+        Predictor(root, frac=fracs[0])
+    with pytest.raises(ValueError, match=r"--force calibrate\)$"):  # no --calibration none advice
+        Predictor(root, frac=fracs[0], adaptive=True)
 
 
 def wd_coords(wd, slide_id: str) -> np.ndarray:

@@ -280,17 +280,8 @@ class Predictor:
             net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
             self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
             self.projection = agent.projection
-            fitted_on = fitted_members(self.wd.calibration, f"sasha@{self.frac:g}")
-            if self.calibration is not None and not learned_stop and fitted_on != members:
-                raise ValueError(
-                    f"{self.wd.calibration}: the calibration of sasha@{self.frac:g} was fitted "
-                    f"on an agent of {fitted_on} member(s), but the workdir's agents.ensemble "
-                    f"is {members}: run the calibrate stage (sasha pipeline --workdir "
-                    f"{self.wd.root} --force calibrate), or predict with --calibration none"
-                )
-            if self.policy is agent.policy:  # another network (DQN's): a fixed-size input
-                space = agent.policy.observation_space["features"]  # type: ignore[index]
-                self.fixed_patches = int(space.shape[0])
+            if self.calibration is not None and not learned_stop:
+                self._check_calibration_members(members, adaptive)
         self.stop_rule = None
         if adaptive:
             from .agents.adaptive import read_stop_rule  # lazy: as above
@@ -308,6 +299,25 @@ class Predictor:
                     f"but the workdir's agents.ensemble is {members}: run the calibrate stage "
                     f"(sasha pipeline --workdir {self.wd.root} --force calibrate)"
                 )
+
+    def _check_calibration_members(self, members: int, adaptive: bool) -> None:
+        """Refuse a calibration fitted on an agent of another ensemble size than ``members``
+        (the workdir's ``agents.ensemble``), or one that does not say which it was fitted on
+        while the agent is an ensemble."""
+        fitted_on = fitted_members(self.wd.calibration, f"sasha@{self.frac:g}")
+        if (fitted_on or 1) == members:
+            return
+        what = (
+            f"was fitted on an agent of {fitted_on} member(s)"
+            if fitted_on is not None
+            else "does not record the ensemble size it was fitted on"
+        )
+        instead = "" if adaptive else ", or predict with --calibration none"
+        raise ValueError(
+            f"{self.wd.calibration}: the calibration of sasha@{self.frac:g} {what}, but the "
+            f"workdir's agents.ensemble is {members}: run the calibrate stage (sasha pipeline "
+            f"--workdir {self.wd.root} --force calibrate){instead}"
+        )
 
     @property
     def mode(self) -> str:

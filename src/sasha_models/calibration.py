@@ -159,16 +159,23 @@ def read_calibrations(path: str | os.PathLike, kind: str = "temperature") -> dic
         ) from exc
 
 
-def fitted_members(path: str | os.PathLike, name: str) -> int:
+def fitted_members(path: str | os.PathLike, name: str) -> int | None:
     """How many agents acted together (an ensemble's size) in the episodes method ``name``'s
-    calibration in ``calibration.json`` was fitted on; ``1`` when the entry does not say (a
-    single agent, or a file from before ensembles).
+    calibration in ``calibration.json`` was fitted on; ``None`` when the file, the method or
+    the record is missing (a file written before calibrations recorded it).
 
     A probability calibrated with another ensemble's temperature and bias is miscalibrated, so
-    :class:`~sasha_env.predict.Predictor` refuses the pair. A missing file or method is ``1``.
+    :class:`~sasha_env.predict.Predictor` refuses the pair. A malformed file is a
+    ``ValueError`` naming it.
     """
     path = Path(path)
     if not path.is_file():
-        return 1
-    entry = json.loads(path.read_text()).get("methods", {}).get(name) or {}
-    return int(entry.get(MEMBERS, 1))
+        return None
+    try:
+        entry = json.loads(path.read_text())["methods"].get(name) or {}
+        return None if entry.get(MEMBERS) is None else int(entry[MEMBERS])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "
+            "(sasha pipeline --workdir DIR --force calibrate)"
+        ) from exc

@@ -7,7 +7,9 @@ alone, and a temperature with a class bias — and written to ``WORKDIR/calibrat
 
     {"split": "val", "n_slides": 15, "kinds": ["temperature", "temperature+bias"],
      "methods": {"hafed@1": {"temperature": {"temperature", "bias", "n_fit", "nll_before",
-     "nll_after"}, "temperature+bias": {...}}, "sasha@0.1": {...}, ...}}
+     "nll_after"}, "temperature+bias": {...}}, "sasha@0.1": {..., "members": 1}, ...}}
+
+(``members``: the agents that acted together in the episodes, ``agents.ensemble``.)
 
 Evaluation reports every calibrated method's accuracy, F1 and ECE before and after each, and
 ``sasha predict`` returns calibrated probabilities (temperature and bias by default).
