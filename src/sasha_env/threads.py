@@ -16,9 +16,12 @@ sets it in the environment before torch is imported, where processes share the c
 ``sasha study --jobs J`` (J > 1) first thing (its helper processes inherit it), and each
 worker of the process pools of :mod:`sasha_env.processes` (the pipeline's, sweeps',
 benchmarks' and synthesis's ``--jobs`` workers) as it starts, before its tasks load torch;
-the pool's own process keeps its environment. A single process keeps OpenMP's policy: alone, sleeping threads
-were 0–12 % slower (one evaluate stage: 25.1–29.0 s against 24.3–25.9 s). A policy the user
-set is kept; ``SASHA_PASSIVE_THREADS=0`` leaves OpenMP's everywhere.
+the pool's own process keeps its environment. A single process keeps OpenMP's policy (alone,
+sleeping threads were 0–12 % slower: one evaluate stage took 25.1–29.0 s against
+24.3–25.9 s), except ``sasha predict``, which reads tiles and steps environments on one thread
+between two backbone forwards (spinning threads took the cores those need, 10–35x slower on a
+shared CPU). A policy the user set is kept; ``SASHA_PASSIVE_THREADS=0`` leaves OpenMP's
+everywhere.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ..slides.manifest import read_manifest
+from ..threads import let_idle_threads_sleep
 from .common import EXIT_OK, EXIT_PARTIAL, SubParsers, add_mpp, zoom_budget
 
 #: ``--adaptive``'s and ``--learned-stop``'s default cap: the budget of the agent that reads at most this much.
@@ -135,8 +135,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # OpenMP threads that finish a parallel region wait passively, not spinning: between two
     # backbone forwards predict reads tiles and steps environments on one thread, and on a
     # shared CPU spinning threads took the cores those need (10-35x slower, docs/benchmarks.md).
-    # Read when torch loads its OpenMP, below; OMP_WAIT_POLICY=ACTIVE in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Read when torch loads its OpenMP, below; OMP_WAIT_POLICY=ACTIVE in the environment wins,
+    # and SASHA_PASSIVE_THREADS=0 leaves OpenMP's policy.
+    let_idle_threads_sleep()
     from ..predict import BATCH_SLIDES, Predictor, SlideRequest, unique_slide_ids  # lazy: torch
 
     slides: list[Path] = [Path(s) for s in args.slides]
