@@ -49,17 +49,27 @@ def test_a_study_on_several_processes_lets_idle_threads_sleep(argv, env, policy,
     assert torch_loaded_by_import == "False"  # so the CLI sets it before torch (and OpenMP) load
 
 
-def _policy() -> str | None:
-    return os.environ.get("OMP_WAIT_POLICY")
+#: In a pool worker: whether torch was loaded when the pool's own initializer ran, which is
+#: after the worker's set-up made its policy (OpenMP reads it when torch loads).
+_TORCH_AT_START: list[bool] = []
+
+
+def _note_torch() -> None:
+    _TORCH_AT_START.append("torch" in sys.modules)
+
+
+def _policy() -> tuple[str | None, list[bool]]:
+    return os.environ.get("OMP_WAIT_POLICY"), _TORCH_AT_START
 
 
 def test_pool_workers_start_with_idle_threads_sleeping(monkeypatch):
     for name in ("OMP_WAIT_POLICY", "SASHA_PASSIVE_THREADS"):  # restored after the test,
         monkeypatch.setenv(name, "x")  # as it was (set or not): the pool sets it in this
         monkeypatch.delenv(name)  # process's environment
-    with worker_pool(1) as pool:
-        assert pool.submit(_policy).result() == "PASSIVE"
+    with worker_pool(1, initializer=_note_torch) as pool:
+        # set before torch loaded in the worker, so its OpenMP runtime reads it
+        assert pool.submit(_policy).result() == ("PASSIVE", [False])
     assert "OMP_WAIT_POLICY" not in os.environ  # set in the worker, not in this process
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
     with worker_pool(1) as pool:
-        assert pool.submit(_policy).result() == "ACTIVE"
+        assert pool.submit(_policy).result()[0] == "ACTIVE"
