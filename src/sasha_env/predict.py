@@ -280,6 +280,9 @@ class Predictor:
             net = getattr(agent.policy, "net", None)  # SASHA's network: its outputs row by row
             self.policy = net.eval() if hasattr(net, "actor_outputs") else agent.policy
             self.projection = agent.projection
+            if self.policy is agent.policy:  # another network (DQN's): a fixed-size input
+                space = agent.policy.observation_space["features"]  # type: ignore[index]
+                self.fixed_patches = int(space.shape[0])
             if self.calibration is not None and not learned_stop:
                 self._check_calibration_members(members, adaptive)
         self.stop_rule = None
