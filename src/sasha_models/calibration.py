@@ -138,6 +138,27 @@ def fit_calibration(probs: np.ndarray, labels: np.ndarray, bias: bool = True) ->
     )
 
 
+def _methods(path: Path) -> dict[str, dict]:
+    """``calibration.json``'s per-method entries; ``{}`` for a missing file, a ``ValueError``
+    naming a malformed one."""
+    if not path.is_file():
+        return {}
+    try:
+        methods = json.loads(path.read_text())["methods"]
+        if not isinstance(methods, dict):
+            raise TypeError(f"'methods' is a {type(methods).__name__}, not a mapping")
+        return methods
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _invalid(path, exc) from exc
+
+
+def _invalid(path: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "
+        "(sasha pipeline --workdir DIR --force calibrate)"
+    )
+
+
 def read_calibrations(path: str | os.PathLike, kind: str = "temperature") -> dict[str, Calibration]:
     """``{"hafed@1": Calibration, "sasha@0.1": ...}`` of one of :data:`KINDS` from a workdir's
     ``calibration.json``.
@@ -147,16 +168,11 @@ def read_calibrations(path: str | os.PathLike, kind: str = "temperature") -> dic
     if kind not in KINDS:
         raise ValueError(f"calibration kind {kind!r}: choose one of {', '.join(KINDS)}")
     path = Path(path)
-    if not path.is_file():
-        return {}
+    methods = _methods(path)
     try:
-        raw = json.loads(path.read_text())
-        return {name: Calibration.from_dict(d[kind]) for name, d in raw["methods"].items()}
+        return {name: Calibration.from_dict(d[kind]) for name, d in methods.items()}
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "
-            "(sasha pipeline --workdir DIR --force calibrate)"
-        ) from exc
+        raise _invalid(path, exc) from exc
 
 
 def fitted_members(path: str | os.PathLike, name: str) -> int | None:
@@ -169,13 +185,9 @@ def fitted_members(path: str | os.PathLike, name: str) -> int | None:
     ``ValueError`` naming it.
     """
     path = Path(path)
-    if not path.is_file():
-        return None
+    entry = _methods(path).get(name) or {}
     try:
-        entry = json.loads(path.read_text())["methods"].get(name) or {}
-        return None if entry.get(MEMBERS) is None else int(entry[MEMBERS])
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{path}: not a valid calibration file ({exc!r}); re-run the calibrate stage "
-            "(sasha pipeline --workdir DIR --force calibrate)"
-        ) from exc
+        members = entry.get(MEMBERS)
+        return None if members is None else int(members)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise _invalid(path, exc) from exc
