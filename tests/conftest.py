@@ -32,6 +32,17 @@ def _torch_threads_kept():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def thread_policy_unset(monkeypatch):
+    """``OMP_WAIT_POLICY`` and ``SASHA_PASSIVE_THREADS`` unset for the test and put back as they
+    were (set or not) after it, so that a policy the code under test sets in this process does
+    not reach the processes of later tests. Returns the ``monkeypatch``."""
+    for name in ("OMP_WAIT_POLICY", "SASHA_PASSIVE_THREADS"):
+        monkeypatch.setenv(name, "x")  # recorded as it was before, then removed
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
 def tissue_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """An RGB image with a pink-purple tissue blob on white glass, (h, w, 3) uint8."""
     rng = np.random.default_rng(seed)

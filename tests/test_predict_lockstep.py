@@ -252,17 +252,15 @@ def test_frozen_steps_read_nothing_and_a_failed_read_stops_one_slide(tmp_path):
         assert out[sid].zoomed == alone[sid].zoomed
 
 
-def test_predict_makes_openmp_threads_wait_passively_unless_told(tmp_path, monkeypatch):
+def test_predict_makes_openmp_threads_wait_passively_unless_told(tmp_path, thread_policy_unset):
     """Set before torch loads OpenMP (a spinning wait made predict 10-35x slower on a shared
     CPU); a value the user set is kept, and ``SASHA_PASSIVE_THREADS=0`` turns it off."""
     import os
 
     from sasha_env.cli import main
 
+    monkeypatch = thread_policy_unset
     args = ["predict", "--workdir", str(tmp_path / "none"), "slide.tiff"]
-    for name in ("OMP_WAIT_POLICY", "SASHA_PASSIVE_THREADS"):  # put back as they were (set or
-        monkeypatch.setenv(name, "x")  # not) after the test, so that the setting made here
-        monkeypatch.delenv(name)  # does not reach the later tests' processes
     assert main(args) == 2  # no workdir: a usage error, after the setting
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")

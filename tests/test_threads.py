@@ -62,10 +62,8 @@ def _policy() -> tuple[str | None, list[bool]]:
     return os.environ.get("OMP_WAIT_POLICY"), _TORCH_AT_START
 
 
-def test_pool_workers_start_with_idle_threads_sleeping(monkeypatch):
-    for name in ("OMP_WAIT_POLICY", "SASHA_PASSIVE_THREADS"):  # restored after the test,
-        monkeypatch.setenv(name, "x")  # as it was (set or not): the pool sets it in this
-        monkeypatch.delenv(name)  # process's environment
+def test_pool_workers_start_with_idle_threads_sleeping(thread_policy_unset):
+    monkeypatch = thread_policy_unset
     with worker_pool(1, initializer=_note_torch) as pool:
         # set before torch loaded in the worker, so its OpenMP runtime reads it
         assert pool.submit(_policy).result() == ("PASSIVE", [False])
