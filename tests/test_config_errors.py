@@ -60,6 +60,14 @@ def test_every_preset_is_valid(preset):
             "'hafed.select_ties' = 'last' must be loss or first (the official rule)",
         ),
         (
+            {"hafed": {"temperature": 0}},
+            "'hafed.temperature' = 0 must be val (fitted on the val split) or a number > 0",
+        ),
+        (
+            {"hafed": {"temperature": "auto"}},
+            "'hafed.temperature' = 'auto' must be val (fitted on the val split) or a number > 0",
+        ),
+        (
             {"baselines": {"models": {"transmil": {"patience": 0}}}},
             "'baselines.models.transmil.patience' = 0 must be >= 1 epochs without improvement",
         ),
@@ -111,7 +119,7 @@ def test_cli_reports_config_errors_without_traceback_or_a_workdir(tiny_cohort, t
     assert proc.stderr.strip().splitlines() == [
         "sasha pipeline: error: unknown key 'lrr' in config section 'hafed'; valid keys: "
         "d_hidden, dropout, lr, mask_drop, max_epochs, n_branches, n_branches_l1, patience, "
-        "select_ties, "
+        "select_ties, temperature, "
         "top_k, top_k_l1, w_branch, w_div, w_slide, weight_decay"
     ]
     assert not workdir.exists()  # nothing is created for a run that cannot start

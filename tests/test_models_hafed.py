@@ -156,3 +156,21 @@ def test_three_classes_batched_loss():
     assert out["slide_logits"].shape == (4, 3) and out["branch_logits"].shape == (4, 2, 3)
     loss, _ = hafed_loss(out, torch.tensor([0, 1, 2, 1]), model.cfg)
     assert torch.isfinite(loss)
+
+
+def test_fold_temperature_divides_the_slide_logits_and_keeps_attention_and_distillation(model):
+    model.eval()
+    torch.manual_seed(1)
+    hi, S = torch.randn(12, 4, D), torch.randn(12, D)
+    before = model(hi)
+    logits, attention = model.classify(S), model.instance_scores(S)[0]
+    model.fold_temperature(0.25)
+    after = model(hi)
+    torch.testing.assert_close(model.classify(S), logits / 0.25)
+    torch.testing.assert_close(after["slide_logits"], before["slide_logits"] / 0.25)
+    torch.testing.assert_close(after["branch_logits"], before["branch_logits"] / 0.25)
+    torch.testing.assert_close(model.instance_scores(S)[0], attention)  # attention untouched
+    torch.testing.assert_close(after["v"], before["v"])  # level 1 untouched
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            model.fold_temperature(bad)

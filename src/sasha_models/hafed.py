@@ -199,6 +199,20 @@ class AttentionMILClassifier(nn.Module):
         """Slide logits ``(..., C)`` of state ``S (..., N, d)``: ``pool(*instance_scores(S))``."""
         return self.pool(*self.instance_scores(S), valid)[0]
 
+    @torch.no_grad()
+    def fold_temperature(self, temperature: float) -> None:
+        """Temperature scaling folded into the model: divide every head's weight and bias by
+        ``temperature`` T in place, so that :meth:`classify` returns the logits / T.
+
+        The attention is untouched, so the ranking of slides (AUC) and the attention over
+        patches stay the same; T < 1 sharpens the probabilities, T > 1 softens them.
+        """
+        if not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        for head in (self.slide_head, *self.branch_heads):
+            head.weight.div_(temperature)
+            head.bias.div_(temperature)
+
     def forward(self, S: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
         """Everything :func:`acmil_loss` needs.
 
@@ -283,6 +297,11 @@ class HAFED(nn.Module):
     def classify(self, S: Tensor, valid: Tensor | None = None) -> Tensor:
         """Slide logits ``(..., C)`` of a state ``S (..., N, d)`` (rows of z and/or v)."""
         return self.level2.classify(S, valid)
+
+    def fold_temperature(self, temperature: float) -> None:
+        """See :meth:`AttentionMILClassifier.fold_temperature` (level 1 is untouched, so the
+        distilled features ``v`` stay the same)."""
+        self.level2.fold_temperature(temperature)
 
     def forward(
         self, hi: Tensor, valid: Tensor | None = None, sub_mask: Tensor | None = None

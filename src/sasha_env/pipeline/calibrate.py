@@ -20,11 +20,17 @@ agent (``agents/<algo>-<f>/adaptive.json``). With ``agents.stop: learned`` each 
 agent's final states (where it stopped on val) get their calibration too
 (``sasha_learned_stop@<f>``); it has no threshold rule (it stops by itself). The test split is
 never looked at here.
+
+:func:`fold_hafed_temperature` is the HAFED stage's own calibration (``hafed.temperature``):
+a temperature fitted on the same val slides and folded into HAFED's heads before any later
+stage reads it, so the agents' reward is the log-loss of calibrated probabilities.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -36,12 +42,81 @@ from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
 from ..workdir import Workdir
 
-__all__ = ["calibrate_workdir", "method_name"]
+if TYPE_CHECKING:
+    from sasha_models.hafed import HAFED
+
+__all__ = ["calibrate_workdir", "fold_hafed_temperature", "method_name"]
 
 
 def method_name(method: str, frac: float) -> str:
     """``sasha@0.1``: a method at a budget (as ``results.json``'s ``paired`` names them)."""
     return f"{method}@{frac:g}"
+
+
+def fold_hafed_temperature(
+    path: Path,
+    bags: Any,
+    setting: float | str,
+    split: str = "val",
+    log: Callable[[str], None] = say,
+) -> float:
+    """Fold a temperature into the exported HAFED at ``path`` (rewritten in place, whole or
+    not at all), ``hafed.temperature``.
+
+    HAFED's probabilities are the agents' reward (``−CE`` on each state); trained to separate
+    full high-res bags, they can sit near 0.5, where a zoom into tumour moves the reward by
+    little (docs/budget-f02.md). With ``setting="val"`` a temperature T is fitted on the
+    ``split`` slides' full high-res bags (:func:`~sasha_models.calibration.fit_calibration`,
+    temperature alone: what the calibrate stage fits as ``hafed@1``) and the heads are divided
+    by it (:meth:`~sasha_models.hafed.HAFED.fold_temperature`); a number is used as T as
+    given; ``1`` leaves the model as it is. The attention, the distillation and so every
+    ranking (AUC) are unchanged. The export's ``meta["temperature"]`` records T and its fit.
+
+    Args:
+        path: HAFED's ``model.pt`` (the stage's fresh export; one already folded is left as
+            it is, so a re-run never folds twice).
+        bags: the workdir's slides (a :class:`~sasha_models.data.BagSource`).
+        setting: ``"val"``, or T > 0.
+        split: the split T is fitted on.
+
+    Returns:
+        T (1.0 when nothing was folded).
+    """
+    from sasha_models.calibration import fit_calibration  # lazy: torch, when the stage runs
+    from sasha_models.checkpoint import build_model, load_checkpoint, save_export
+    from sasha_models.lit import predict_probs
+
+    if setting == 1:
+        return 1.0
+    blob = load_checkpoint(path)
+    meta = dict(blob.get("meta") or {})
+    if "temperature" in meta:  # folded when this export was written
+        return float(meta["temperature"]["value"])
+    model = cast("HAFED", build_model(blob["kind"], blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    if setting == "val":
+        _, probs, labels = predict_probs(model, bags, split, "highres")
+        fitted = fit_calibration(probs, labels, bias=False)
+        temperature = fitted.temperature
+        record = {
+            "value": temperature,
+            "fitted_on": split,
+            "n_fit": fitted.n_fit,
+            "nll_before": fitted.nll_before,
+            "nll_after": fitted.nll_after,
+        }
+        log(
+            f"[hafed] temperature T = {temperature:.3f} fitted on {fitted.n_fit} {split} slides "
+            f"(NLL {fitted.nll_before:.3f} -> {fitted.nll_after:.3f}), folded into the heads"
+        )
+    else:
+        temperature = float(setting)
+        record = {"value": temperature, "fitted_on": None}
+        log(f"[hafed] temperature T = {temperature:g} (hafed.temperature), folded into the heads")
+    model.fold_temperature(temperature)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_export(path, {**blob, "state_dict": state, "meta": {**meta, "temperature": record}})
+    return temperature
 
 
 def calibrate_workdir(

@@ -64,7 +64,7 @@ def _hafed() -> dict[str, Any]:
     from sasha_models.hafed import HAFEDConfig  # lazy: torch (as above)
 
     keys = _dataclass_keys(HAFEDConfig, drop=("d_in", "n_classes"))
-    return {**keys, "select_ties": str, "patience": int | None}
+    return {**keys, "select_ties": str, "patience": int | None, "temperature": float | str}
 
 
 def _tsu() -> dict[str, Any]:
@@ -152,6 +152,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.resume_every_s": (lambda v: v >= 0, ">= 0 (seconds; 0: every epoch)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "select_ties": (lambda v: v in ("loss", "first"), "loss or first (the official rule)"),
+    "hafed.temperature": (
+        lambda v: v == "val" or (not isinstance(v, str) and 0 < v < float("inf")),
+        "val (fitted on the val split) or a number > 0 (1: HAFED as trained)",
+    ),
     "patience": (_positive, ">= 1 epochs without improvement (or null: every epoch)"),
     "agents.fracs": (lambda v: len(v) > 0 and all(_fraction(f) for f in v), "fractions in (0, 1]"),
     "agents.curve_fracs": (lambda v: all(_fraction(f) for f in v), "fractions in (0, 1]"),

@@ -299,15 +299,26 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.hafed import HAFEDConfig  # lazy: as above
     from sasha_models.lit import HAFEDModule, train_model  # lazy: as above
 
+    from .calibrate import fold_hafed_temperature  # lazy: as above
+
     bags = p.bags()
     section = p.section(ctx.stage)
     fit = fit_settings(section)
+    temperature = section.pop("temperature", HAFED_TEMPERATURE)
     cfg = HAFEDConfig(d_in=bags.feature_dim, n_classes=len(bags.class_names), **section)
     module = HAFEDModule(cfg, seed=p.seed)
     data = BagDataModule(bags, "highres")
     out = p.wd.model_dir("hafed")
     kw = {**p.train_kwargs(), **fit}
-    return _export(train_model(module, data, out, **_resume(ctx), **kw))
+    path = train_model(module, data, out, **_resume(ctx), **kw)
+    folded = fold_hafed_temperature(path, bags, temperature, log=p.log)
+    return {**_export(path), "temperature": folded}
+
+
+#: ``hafed.temperature`` when a config does not set it: ``"val"`` (a temperature fitted on the
+#: val split, folded into HAFED's heads: :func:`~sasha_env.pipeline.calibrate.fold_hafed_temperature`)
+#: or a number (1: HAFED as trained, the official code's).
+HAFED_TEMPERATURE: float | str = 1.0
 
 
 def fit_settings(section: dict) -> dict[str, Any]:
