@@ -18,7 +18,6 @@ from sasha_models.checkpoint import export_dict, load_checkpoint, load_model, sa
 from sasha_models.data import InMemoryBags
 from sasha_models.hafed import HAFED, HAFEDConfig
 from sasha_models.lit import predict_probs
-from sasha_models.metrics import classification_metrics
 
 D, K = 8, 4
 
@@ -60,11 +59,8 @@ def test_val_temperature_is_the_calibration_fit_folded_into_the_heads(exported):
     logits = np.log(before) / t
     shifted = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(after, shifted / shifted.sum(1, keepdims=True), atol=1e-5)
-    auc = classification_metrics(before, labels)["auc"]
-    assert classification_metrics(after, labels)["auc"] == pytest.approx(auc)  # same ranking
     nll_after = -np.log(after[np.arange(len(labels)), labels]).mean()
-    assert nll_after == pytest.approx(expected.nll_after, abs=1e-4)
-    assert nll_after < expected.nll_before
+    assert nll_after == pytest.approx(expected.nll_after, abs=1e-4)  # the fit's optimum
     meta = load_checkpoint(path)["meta"]["temperature"]
     assert meta["value"] == pytest.approx(t) and meta["fitted_on"] == "val"
     assert meta["n_fit"] == 12
@@ -92,6 +88,9 @@ def test_a_number_is_folded_as_given_and_one_leaves_the_export_alone(exported):
 
 
 def test_the_hafed_stage_folds_the_configured_temperature(tiny_workdir, tmp_path):
+    default = Workdir(tiny_workdir)  # the tiny preset sets none: HAFED as trained
+    assert "temperature" not in load_checkpoint(default.model("hafed"))["meta"]
+    assert "temperature" not in default.marker("hafed").read_text()
     wd = Workdir(tmp_path / "wd")  # a copy: the session's workdir stays as it is
     shutil.copytree(tiny_workdir, wd.root)
     messages: list[str] = []

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from ..slides.manifest import read_manifest
 from ..workdir import Workdir
 
 if TYPE_CHECKING:
+    from sasha_models.data import BagSource
     from sasha_models.hafed import HAFED
 
 __all__ = ["calibrate_workdir", "fold_hafed_temperature", "method_name"]
@@ -55,7 +56,7 @@ def method_name(method: str, frac: float) -> str:
 
 def fold_hafed_temperature(
     path: Path,
-    bags: Any,
+    bags: BagSource,
     setting: float | str,
     split: str = "val",
     log: Callable[[str], None] = say,
@@ -69,33 +70,34 @@ def fold_hafed_temperature(
     ``split`` slides' full high-res bags (:func:`~sasha_models.calibration.fit_calibration`,
     temperature alone: what the calibrate stage fits as ``hafed@1``) and the heads are divided
     by it (:meth:`~sasha_models.hafed.HAFED.fold_temperature`); a number is used as T as
-    given; ``1`` leaves the model as it is. The attention, the distillation and so every
-    ranking (AUC) are unchanged. The export's ``meta["temperature"]`` records T and its fit.
+    given; ``1`` leaves the model as it is. The attention and the distillation are unchanged,
+    and so are HAFED's own ranking of slides (its AUC) and every state the TSU produces; what
+    changes is the probabilities, hence the agents' reward. The export's
+    ``meta["temperature"]`` records T and its fit.
 
     Args:
         path: HAFED's ``model.pt`` (the stage's fresh export; one already folded is left as
-            it is, so a re-run never folds twice).
-        bags: the workdir's slides (a :class:`~sasha_models.data.BagSource`).
+            it is, so a second call never folds twice).
+        bags: the workdir's slides.
         setting: ``"val"``, or T > 0.
-        split: the split T is fitted on.
+        split: the split T is fitted on (with no slide there, T = 1).
+        log: where the fitted T is reported.
 
     Returns:
         T (1.0 when nothing was folded).
     """
     from sasha_models.calibration import fit_calibration  # lazy: torch, when the stage runs
-    from sasha_models.checkpoint import build_model, load_checkpoint, save_export
+    from sasha_models.checkpoint import export_dict, load_checkpoint, load_export, save_export
     from sasha_models.lit import predict_probs
 
     if setting == 1:
         return 1.0
-    blob = load_checkpoint(path)
-    meta = dict(blob.get("meta") or {})
+    model, meta = load_export(path, ("hafed",))
     if "temperature" in meta:  # folded when this export was written
         return float(meta["temperature"]["value"])
-    model = cast("HAFED", build_model(blob["kind"], blob["config"]))
-    model.load_state_dict(blob["state_dict"])
+    hafed = cast("HAFED", model)
     if setting == "val":
-        _, probs, labels = predict_probs(model, bags, split, "highres")
+        _, probs, labels = predict_probs(hafed, bags, split, "highres")
         fitted = fit_calibration(probs, labels, bias=False)
         temperature = fitted.temperature
         record = {
@@ -113,9 +115,11 @@ def fold_hafed_temperature(
         temperature = float(setting)
         record = {"value": temperature, "fitted_on": None}
         log(f"[hafed] temperature T = {temperature:g} (hafed.temperature), folded into the heads")
-    model.fold_temperature(temperature)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    save_export(path, {**blob, "state_dict": state, "meta": {**meta, "temperature": record}})
+    hafed.fold_temperature(temperature)
+    blob = load_checkpoint(path)
+    save_export(
+        path, export_dict(hafed, blob["kind"], blob["config"], {**meta, "temperature": record})
+    )
     return temperature
 
 

@@ -294,6 +294,12 @@ def _resume(ctx: StageContext) -> dict[str, Any]:
     return {"resume_key": ctx.key, "restart": ctx.force}
 
 
+#: ``hafed.temperature`` when a config does not set it: ``"val"`` (a temperature fitted on the
+#: val split, folded into HAFED's heads: :func:`~sasha_env.pipeline.calibrate.fold_hafed_temperature`)
+#: or a number (1: HAFED as trained, the official code's).
+HAFED_TEMPERATURE: float | str = 1.0
+
+
 def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     from sasha_models.data import BagDataModule  # lazy: torch, Lightning, when the stage runs
     from sasha_models.hafed import HAFEDConfig  # lazy: as above
@@ -312,13 +318,10 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     kw = {**p.train_kwargs(), **fit}
     path = train_model(module, data, out, **_resume(ctx), **kw)
     folded = fold_hafed_temperature(path, bags, temperature, log=p.log)
-    return {**_export(path), "temperature": folded}
-
-
-#: ``hafed.temperature`` when a config does not set it: ``"val"`` (a temperature fitted on the
-#: val split, folded into HAFED's heads: :func:`~sasha_env.pipeline.calibrate.fold_hafed_temperature`)
-#: or a number (1: HAFED as trained, the official code's).
-HAFED_TEMPERATURE: float | str = 1.0
+    outputs: dict[str, Any] = _export(path)  # the folded file's digest: later stages key on it
+    if folded != 1.0:  # recorded only when folded: a default run's outputs stay as before
+        outputs["temperature"] = folded
+    return outputs
 
 
 def fit_settings(section: dict) -> dict[str, Any]:
