@@ -87,7 +87,7 @@ def fold_hafed_temperature(
         T (1.0 when nothing was folded).
     """
     from sasha_models.calibration import fit_calibration  # lazy: torch, when the stage runs
-    from sasha_models.checkpoint import export_dict, load_checkpoint, load_export, save_export
+    from sasha_models.checkpoint import export_dict, load_export, save_export
     from sasha_models.lit import predict_probs
 
     if setting == 1:
@@ -116,10 +116,8 @@ def fold_hafed_temperature(
         record = {"value": temperature, "fitted_on": None}
         log(f"[hafed] temperature T = {temperature:g} (hafed.temperature), folded into the heads")
     hafed.fold_temperature(temperature)
-    blob = load_checkpoint(path)
-    save_export(
-        path, export_dict(hafed, blob["kind"], blob["config"], {**meta, "temperature": record})
-    )
+    meta["temperature"] = record
+    save_export(path, export_dict(hafed, "hafed", hafed.cfg.to_dict(), meta))
     return temperature
 
 
