@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,9 +170,36 @@ def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_s
     for seed in (0, 1):
         assert text.count(f"[seed {seed}] [hafed] running") == 1, text[-3000:]
         assert text.count(f"[seed {seed}] [agents] f=0.1: training") == 1
-        assert f"[study] seed {seed}: " in text and "is running it; skipped" in text
+    # a seed the other process of the same command held is said to be left to it (at least
+    # one: which seeds overlap depends on timing), never reported as another command's
+    assert "left to process " in text and "another --jobs process of this study" in text
+    assert "another command on this study folder" not in text
     assert json.loads((root / "study.json").read_text())["seeds"] == [0, 1]
     assert "| method |" in text  # the summary table, whichever process finished last
+
+
+def test_a_claim_held_by_another_command_is_reported_with_what_to_do(tmp_path):
+    """A seed claimed by this study's own ``--jobs`` process is logged as left to it; one
+    claimed by another command (another study on the same folder, or a claim written before
+    claims named their command) is named, with the file to delete if that process is gone;
+    a claim file not yet written is being claimed this moment."""
+    from sasha_env.pipeline.study import _Claim
+
+    path = tmp_path / "seed-0" / ".claim"
+    holder = _Claim(path, group=111)
+    assert holder.acquire()
+    assert not _Claim(path, group=111).acquire()
+    same = _Claim(path, group=111).describe_holder()
+    assert same == f"left to process {os.getpid()}, another --jobs process of this study"
+    other = _Claim(path, group=222).describe_holder()
+    assert f"process {os.getpid()} on " in other and "skipped" in other and str(path) in other
+    holder.release()
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 7}))  # an older claim: no group
+    assert "process 7 on elsewhere is running it (another command" in _Claim(path).describe_holder()
+    path.write_text("")  # created, its holder not yet written
+    assert "being claimed by another process right now" in _Claim(path).describe_holder()
+    path.unlink()
+    assert _Claim(path, group=222).acquire()
 
 
 def test_jobs_helpers_run_one_job_each_even_with_an_abbreviated_option():

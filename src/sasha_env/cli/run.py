@@ -279,8 +279,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     parent = os.environ.pop(_HELPER_OF, "")
+    group = int(parent) if parent.isdigit() else os.getpid()
     if parent.isdigit():  # a --jobs helper: it ends when the study that started it does
-        end_with_parent(int(parent))
+        end_with_parent(group)
     helpers = _spawn_helpers(args._argv, args.jobs - 1)
     try:
         summary = Study(
@@ -292,6 +293,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             overrides=_overrides(args),
             keep_split=args.keep_split,
             progress=not args.quiet,
+            group=group,
         ).run()
     except BaseException as exc:
         if stop_reason(exc) is not None:  # stopped: the helpers stop too, keeping their work

@@ -72,6 +72,10 @@ class Study:
         seeds: the seeds (default ``0 … 4``).
         preset, config_path, overrides: the configuration of every seed's pipeline.
         progress, log: progress bars and where messages go.
+        group: the process id of the ``sasha study`` command this process belongs to (its
+            own, or the one that started it as a ``--jobs`` helper), written into each seed's
+            claim, so a seed another process of the same command is running is reported as
+            shared out, not as taken by someone else. ``None``: this process's own id.
     """
 
     workdir: Path
@@ -83,6 +87,7 @@ class Study:
     keep_split: bool = False
     progress: bool = True
     log: Callable[[str], None] = say
+    group: int | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.workdir)
@@ -90,6 +95,7 @@ class Study:
             raise ValueError("a study needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
+        self._group = os.getpid() if self.group is None else int(self.group)
 
     # ------------------------------------------------------------------ running
     def run(self) -> dict | None:
@@ -103,9 +109,9 @@ class Study:
         cohort = self._cohort_manifest()
         for seed in self.seeds:
             wd = self.seed_dir(seed)
-            claim = _Claim(wd.root / ".claim")
+            claim = _Claim(wd.root / ".claim", group=self._group)
             if not claim.acquire():
-                self.log(f"[study] seed {seed}: {claim.holder()} is running it; skipped")
+                self.log(f"[study] seed {seed}: {claim.describe_holder()}")
                 continue
             try:
                 self._share_features(wd, cohort)
@@ -228,10 +234,12 @@ def _results(wd: Workdir) -> dict:
 
 
 class _Claim:
-    """A lock file naming its holder; a holder on this host whose process is gone is stale."""
+    """A lock file naming its holder (host, process id and the study command it belongs to);
+    a holder on this host whose process is gone is stale."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, group: int | None = None) -> None:
         self.path = path
+        self.group = os.getpid() if group is None else group
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +252,7 @@ class _Claim:
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"host": _HOST, "pid": os.getpid()}))
+                f.write(json.dumps({"host": _HOST, "pid": os.getpid(), "group": self.group}))
             return True
         return False
 
@@ -254,6 +262,24 @@ class _Claim:
             return f"process {h['pid']} on {h['host']}"
         except (OSError, ValueError, KeyError):
             return "another process"
+
+    def describe_holder(self) -> str:
+        """Why this process leaves the claimed item alone, for the log: another ``--jobs``
+        process of the same command has it (expected), another command does, or a process
+        is claiming it this moment (the file is created before its holder is written)."""
+        try:
+            h = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            h = None
+        if not isinstance(h, dict) or "pid" not in h:
+            return "being claimed by another process right now; left to it"
+        if h.get("host") == _HOST and h.get("group") == self.group:
+            return f"left to process {h['pid']}, another --jobs process of this study"
+        return (
+            f"process {h['pid']} on {h.get('host')} is running it (another command on this "
+            "study folder); skipped. "
+            f"If that process is gone, delete {self.path} and run the study again"
+        )
 
     def _stale(self) -> bool:
         try:
