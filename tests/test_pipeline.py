@@ -16,7 +16,7 @@ from conftest import kill_when, tree_digest
 from sasha_env.agents.config import AgentConfig
 from sasha_env.config import load_config
 from sasha_env.features.store import FeatureStore
-from sasha_env.pipeline.evaluate import tumour_patches
+from sasha_env.pipeline.evaluate import tumour_fractions, tumour_patches
 from sasha_env.pipeline.runner import STAGES, Pipeline
 from sasha_env.workdir import Workdir
 
@@ -141,6 +141,7 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
         if m["method"] in ("sasha", *SAMPLERS):  # synthetic cohort: masks known
             assert 0.0 <= m["tumour_hit_rate"] <= 1.0 and 0.0 < m["chance_hit_rate"] < 1.0
             assert 0.0 <= m["tumour_found"] <= 1.0 and 0.0 < m["chance_found"] <= 1.0
+            assert 0.0 <= m["tumour_area_read"] <= 1.0 and 0.0 < m["chance_area_read"] < 1.0
     # tumour found: the test slides with tumour on which a zoom of the agent landed on it
     episodes = json.loads((wd.root / "episodes" / "sasha-0.1.json").read_text())
     tumour = tumour_patches(wd, FeatureStore(wd.store), [e["slide_id"] for e in episodes])
@@ -148,6 +149,14 @@ def test_pipeline_writes_every_stage_and_results_contract(tiny_workdir):
     sasha = next(m for m in results["methods"] if m["method"] == "sasha" and m["frac"] == 0.1)
     assert on_tumour and sasha["tumour_slides"] == len(on_tumour)
     assert sasha["tumour_found"] == pytest.approx(np.mean(on_tumour))
+    # tumour area read: the share of each tumour slide's tumour area in its zoomed patches
+    fractions = tumour_fractions(wd, FeatureStore(wd.store), [e["slide_id"] for e in episodes])
+    read = [
+        fractions[e["slide_id"]][np.unique(e["zoomed"])].sum() / fractions[e["slide_id"]].sum()
+        for e in episodes
+        if e["label"]
+    ]
+    assert sasha["tumour_area_read"] == pytest.approx(np.mean(read))
     assert (wd.root / "figures" / "learning_curves.png").is_file()
     assert list((wd.root / "figures" / "paths").glob("*-sasha-0.1.png"))
     check_results_values(results, AgentConfig.from_dict(load_config("tiny")["agents"]))

@@ -59,19 +59,23 @@ def test_calibrated_numbers_are_aggregated_over_seeds():
 
 
 def test_tumour_slides_found_are_counted_over_seeds():
-    def results(found, hit):
+    def results(found, hit, area):
         row = {"method": "sasha", "frac": 0.2, "auc": 1.0, "accuracy": 1.0, "f1": 1.0, "ece": 0.1}
         tumour = {"tumour_found": found, "tumour_slides": 7, "tumour_hit_rate": hit}
+        tumour["tumour_area_read"] = area
         return {"n_slides": 14, "paired": [], "methods": [row | tumour, {**row, "method": "hafed"}]}
 
-    summary = aggregate({0: results(6 / 7, 0.2), 1: results(1.0, 0.4)}, "demo")
+    summary = aggregate({0: results(6 / 7, 0.2, 0.5), 1: results(1.0, 0.4, 0.7)}, "demo")
     sasha, hafed = summary["methods"]
     assert sasha["tumour_slides_total"] == 14 and sasha["tumour_missed_total"] == 1
     assert sasha["tumour_found_mean"] == pytest.approx(13 / 14)
     assert sasha["tumour_hit_rate_mean"] == pytest.approx(0.3)
     assert [e["tumour_found"] for e in sasha["per_seed"]] == [6 / 7, 1.0]
     assert "tumour_found_mean" not in hafed  # reads everything: nothing to find
-    assert "| sasha | 0.20 | 13 of 14 | 0.929 ± 0.101 | 0.300 |" in format_study(summary)
+    assert sasha["tumour_area_read_mean"] == pytest.approx(0.6)
+    assert [e["tumour_area_read"] for e in sasha["per_seed"]] == [0.5, 0.7]
+    row = "| sasha | 0.20 | 13 of 14 | 0.929 ± 0.101 | 0.300 | 0.600 ± 0.141 |"
+    assert row in format_study(summary)
 
 
 def _study_dir(tmp_path, tiny_store):

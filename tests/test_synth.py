@@ -291,6 +291,29 @@ def test_found_rate_counts_slides_with_a_zoom_on_tumour_and_its_chance():
     assert all(np.isnan(found_rate([], [])))
 
 
+def test_area_read_weighs_each_zoom_by_the_tumour_it_read():
+    """A zoom on a focus's rim counts as found but reads little of it; the core reads most."""
+    from sasha_env.slides.tumour import area_read, found_rate
+
+    # one focus: a core patch (fully tumour) and four rim patches (5-10 %), N = 10
+    f = np.array([0.0, 0.05, 0.1, 1.0, 0.05, 0.1, 0.0, 0.0, 0.0, 0.0])
+    rim, core = np.array([1, 2, 8]), np.array([3, 9])
+    assert found_rate([rim], [f > 0])[0] == found_rate([core], [f > 0])[0] == 1.0
+    read_rim, chance = area_read([rim], [f])
+    assert read_rim == pytest.approx(0.15 / 1.3) and chance == pytest.approx(3 / 10)
+    read_core, chance = area_read([core], [f])
+    assert read_core == pytest.approx(1.0 / 1.3) and chance == pytest.approx(2 / 10)
+    # slides without tumour area are skipped; repeated indices count once
+    normal = np.zeros(4)
+    assert area_read([core, np.array([0])], [f, normal]) == (read_core, pytest.approx(0.2))
+    assert area_read([np.array([3, 3])], [f])[0] == pytest.approx(1.0 / 1.3)
+    assert all(np.isnan(area_read([np.array([0])], [normal])))
+    # chance: the mean share a uniform random choice of k patches reads is k / N
+    rng = np.random.default_rng(0)
+    draws = [area_read([rng.choice(10, 3, replace=False)], [f])[0] for _ in range(4000)]
+    assert np.mean(draws) == pytest.approx(0.3, abs=0.01)
+
+
 def test_a_mosaic_slide_reuses_its_sections_and_keeps_tumour_in_one():
     """``--preset large``'s construction, small: the sections are symmetries of
     ``distinct_sections`` rendered ones, and a positive slide's tumour is in one place."""

@@ -24,7 +24,7 @@ from ..config import say
 from ..features.bags import StoreBags
 from ..features.store import FeatureStore
 from ..slides.manifest import read_manifest
-from ..slides.tumour import found_rate, hit_rate, patch_tumour_fraction
+from ..slides.tumour import area_read, found_rate, hit_rate, patch_tumour_fraction
 from ..workdir import Workdir
 from .adaptive import LEARNED_METHOD, METHOD, adaptive_results, nearest, reading_stats
 from .calibrate import method_name
@@ -111,19 +111,26 @@ def evaluate_workdir(
     return results
 
 
-def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
-    """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
+def tumour_fractions(
+    wd: Workdir, store: FeatureStore, slide_ids: list[str]
+) -> dict[str, np.ndarray]:
+    """Per slide with a tumour mask in the manifest: ``(N,)`` float32, the share of each
+    low-res patch's area that is tumour."""
     masks = {r.slide_id: r.mask for r in read_manifest(wd.manifest).records if r.mask}
     out = {}
     for sid in slide_ids:
         if sid in masks and Path(masks[sid]).is_file():
             info = store.slide_info(sid)
             cell = store.cell_px(sid)
-            frac = patch_tumour_fraction(
+            out[sid] = patch_tumour_fraction(
                 masks[sid], info.dimensions, store.read(sid, "coords"), cell
             )
-            out[sid] = frac > 0
     return out
+
+
+def tumour_patches(wd: Workdir, store: FeatureStore, slide_ids: list[str]) -> dict[str, np.ndarray]:
+    """Per slide with a tumour mask in the manifest: ``(N,)`` bool, the patch overlaps tumour."""
+    return {sid: frac > 0 for sid, frac in tumour_fractions(wd, store, slide_ids).items()}
 
 
 def add_uncertainty(
@@ -260,7 +267,7 @@ def evaluate_sampling(
 
     acfg = AgentConfig.from_dict(cfg.get("agents"))
     ids = bags.slide_ids(split)
-    tumour = tumour_patches(wd, bags.store, ids)
+    tumour = tumour_fractions(wd, bags.store, ids)
     lowres = None
     if wd.model("lowres").is_file():  # optional: the low-res classifier's choice of patches
         from sasha_models.checkpoint import load_model  # lazy: torch
@@ -321,7 +328,8 @@ def _sampling_row(
 ) -> dict[str, Any]:
     """The row of a zoom policy at budget ``frac`` from its runs (one per seed) of
     :func:`~sasha_env.agents.episodes.run_episodes` over the test slides: metrics (averaged over
-    runs), tumour-hit rates when masks are known; its probabilities go to ``predictions`` and
+    runs), tumour-hit, found and area-read rates when masks are known (``tumour``: per slide,
+    each patch's tumour share); its probabilities go to ``predictions`` and
     its first run to ``WORKDIR/episodes/<method>-<f>.json``."""
     from sasha_models.metrics import classification_metrics  # lazy: torchmetrics
 
@@ -354,11 +362,14 @@ def _sampling_row(
             if e["slide_id"] in tumour and bags.class_names[e["label"]] == positive
         ]
         zooms = [np.array(e["zoomed"]) for e in pos]
-        masks = [tumour[e["slide_id"]] for e in pos]
+        fractions = [tumour[e["slide_id"]] for e in pos]
+        masks = [f > 0 for f in fractions]
         hit, chance = hit_rate(zooms, masks)
         row["tumour_hit_rate"], row["chance_hit_rate"] = _nan_none(hit), _nan_none(chance)
         found, chance_found = found_rate(zooms, masks)
         row["tumour_found"], row["chance_found"] = _nan_none(found), _nan_none(chance_found)
+        area, chance_area = area_read(zooms, fractions)
+        row["tumour_area_read"], row["chance_area_read"] = _nan_none(area), _nan_none(chance_area)
         row["tumour_slides"] = len(pos) // len(runs)
     _save_episodes(wd.root / "episodes" / f"{method}-{frac:g}.json", runs[0])
     log(

@@ -58,7 +58,7 @@ ADAPTIVE_KEYS = (
     "max_frac",
 )
 #: Sampling rows' tumour measures (when the manifest has masks): mean and sd over seeds.
-TUMOUR_KEYS = ("tumour_hit_rate", "tumour_found")
+TUMOUR_KEYS = ("tumour_hit_rate", "tumour_found", "tumour_area_read")
 
 
 @dataclass
@@ -482,6 +482,9 @@ def format_study(summary: dict[str, Any]) -> str:
                 "n/a"
                 if r.get("tumour_hit_rate_mean") is None
                 else f"{r['tumour_hit_rate_mean']:.3f}",
+                "n/a"
+                if r.get("tumour_area_read_mean") is None
+                else f"{r['tumour_area_read_mean']:.3f} ± {r['tumour_area_read_sd']:.3f}",
             ]
             for r in found
         ]
@@ -493,11 +496,13 @@ def format_study(summary: dict[str, Any]) -> str:
                     "tumour slides found",
                     "share found per seed",
                     "zooms on tumour",
+                    "tumour area read",
                 ],
                 rows,
                 "Where the zooms landed on the test slides with tumour masks: slides with at "
-                "least one zoom on tumour (over every seed; random: the mean of its draws), "
-                "and the share of zooms on tumour (mean over seeds):",
+                "least one zoom overlapping tumour, however little (over every seed; random: "
+                "the mean of its draws), the share of zooms on tumour (mean over seeds), and "
+                "the share of each slide's tumour area the zooms read (mean ± sd over seeds):",
             )
         )
     if summary["paired"]:

@@ -1,4 +1,5 @@
-"""Tumour annotations for analysis: which patches overlap tumour, tumour-hit and found rates.
+"""Tumour annotations for analysis: which patches overlap tumour; tumour-hit, found and
+area-read rates.
 
 Masks are images (any downsample of level 0; nonzero = tumour) named in the manifest's
 optional ``mask`` column. They are used to *measure* where an agent looks — never to train.
@@ -13,7 +14,7 @@ from PIL import Image
 
 from .grid import box_fraction
 
-__all__ = ["patch_tumour_fraction", "hit_rate", "found_rate"]
+__all__ = ["area_read", "found_rate", "hit_rate", "patch_tumour_fraction"]
 
 
 def patch_tumour_fraction(
@@ -82,3 +83,36 @@ def found_rate(zoomed: list[np.ndarray], tumour: list[np.ndarray]) -> tuple[floa
         miss = float(np.prod((n - n_tumour - i) / (n - i))) if k <= n - n_tumour else 0.0
         chance += 1.0 - miss
     return found / len(zoomed), chance / len(zoomed)
+
+
+def area_read(zoomed: list[np.ndarray], fraction: list[np.ndarray]) -> tuple[float, float]:
+    """Mean share of each slide's tumour area that lies in its zoomed patches, and that share
+    for uniform random zooms (as many, without replacement).
+
+    Unlike :func:`found_rate`, which counts a slide as found when any zoom overlaps its
+    tumour at all, this weighs each zoom by how much tumour it read: a zoom on the rim of a
+    focus (a patch 5 % tumour) adds 5 % of a patch, one on its core a whole patch. For
+    uniform random zooms the expected share is ``k / N`` on every slide, whatever the
+    tumour's shape.
+
+    Args:
+        zoomed: per slide, the indices of the zoomed patches.
+        fraction: per slide, ``(N,)`` float in [0, 1] — the share of each patch's area that is
+            tumour (:func:`patch_tumour_fraction`); slides without tumour area are skipped.
+
+    Returns:
+        ``(read, chance)``: means over the slides with tumour, both ``nan`` without any.
+    """
+    read: list[float] = []
+    chance: list[float] = []
+    for z, f in zip(zoomed, fraction, strict=True):
+        f = np.asarray(f, dtype=np.float64)
+        total = float(f.sum())
+        if total <= 0.0:
+            continue
+        idx = np.unique(np.asarray(z, dtype=int))
+        read.append(float(f[idx].sum()) / total)
+        chance.append(len(idx) / len(f))
+    if not read:
+        return float("nan"), float("nan")
+    return float(np.mean(read)), float(np.mean(chance))
