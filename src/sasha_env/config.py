@@ -61,21 +61,29 @@ def load_config(
     cfg = _preset(preset)
     cfg["preset"] = preset
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(user, dict):
-            raise ValueError(
-                f"{path}: a config file must hold a mapping of sections, got {type(user).__name__}"
-            )
-        cfg = deep_merge(cfg, user)
+        cfg = deep_merge(cfg, read_config_file(path))
     if overrides:
         cfg = deep_merge(cfg, overrides)
     return cfg
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML config file (a mapping; empty file: ``{}``); a missing,
+    unreadable or malformed file raises an error naming it, on one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(user, dict):
+        raise ValueError(
+            f"{path}: a config file must hold a mapping of sections, got {type(user).__name__}"
+        )
+    return user
 
 
 def _preset(name: str) -> dict[str, Any]:

@@ -80,24 +80,36 @@ def mpp_overrides(args: argparse.Namespace) -> dict:
     return {} if args.mpp is None else {"extract": {"mpp": args.mpp}}
 
 
-def add_preset(p: argparse.ArgumentParser, default: str = "demo") -> None:
+def add_preset(
+    p: argparse.ArgumentParser, default: str = "demo", workdir_config: bool = False
+) -> None:
     """Add ``--preset NAME`` (a settings bundle of :data:`sasha_env.config.PRESETS`) and
-    ``--config YAML`` (sections that override it)."""
+    ``--config YAML`` (sections that override it).
+
+    With ``workdir_config`` (verbs that run on an existing workdir) ``--preset`` defaults to
+    ``None``: :func:`~sasha_env.cli.run.resolve_settings` then takes the workdir's own
+    ``config.yaml`` when it has one, and ``default`` otherwise."""
+    when = (
+        f"the workdir's own config.yaml when it has one, else {default}"
+        if workdir_config
+        else default
+    )
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        default=default,
+        default=None if workdir_config else default,
         help=f"settings bundle: tiny (seconds, tests), demo (the synthetic cohort's), he-cpu "
         f"(real H&E on a CPU: 64-px sub-patches at 0.5 um/px), paper (SASHA's CAMELYON16 "
         f"settings, for a GPU), large (the demo's settings on CAMELYON-sized synthetic "
-        f"slides, >= 8,000 patches) (default: {default})",
+        f"slides, >= 8,000 patches) (default: {when})",
     )
     p.add_argument(
         "--config",
         type=Path,
         default=None,
         metavar="YAML",
-        help="YAML file whose sections (synth, grid, extract, ...) override the preset",
+        help="YAML file whose sections (synth, grid, extract, ...) override the preset"
+        + (" (without --preset: the workdir's own settings)" if workdir_config else ""),
     )
 
 

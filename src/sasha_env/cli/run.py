@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import load_config
+from ..config import deep_merge, load_config, read_config_file, say
 from ..distributed import is_rank_zero
 from ..pipeline.schema import validate_config
 from ..pipeline.stages import REGISTRY, STAGES
@@ -76,7 +76,7 @@ def add_pipeline(sub: SubParsers) -> None:
         "Refused onto a workdir whose store was extracted from its slides, unless --force "
         "extract.",
     )
-    add_preset(p)
+    add_preset(p, workdir_config=True)
     add_mpp(p)
     p.add_argument(
         "--stages",
@@ -111,7 +111,7 @@ def add_train(sub: SubParsers) -> None:
     )
     p.add_argument("stage", choices=retrainable)
     p.add_argument("--workdir", type=Path, required=True, metavar="DIR")
-    add_preset(p)
+    add_preset(p, workdir_config=True)
     add_run_options(p)
     p.set_defaults(func=_cmd_train)
 
@@ -190,19 +190,62 @@ def _pipeline(
     scale-out options default to one CPU process for verbs without them)."""
     from ..pipeline.runner import Pipeline  # lazy: zarr
 
+    preset, config, extra = resolve_settings(args.preset, args.config, workdir)
     return Pipeline(
         workdir=workdir,
         manifest=manifest,
         features=features,
-        preset=args.preset,
-        config_path=args.config,
-        overrides=_overrides(args),
+        preset=preset,
+        config_path=config,
+        overrides=deep_merge(extra, _overrides(args)),
         devices=parse_devices(getattr(args, "devices", "1")),
         strategy=getattr(args, "strategy", "auto"),
         accelerator=getattr(args, "accelerator", "cpu"),
         num_nodes=getattr(args, "num_nodes", 1),
         progress=not args.quiet,
     )
+
+
+def resolve_settings(
+    preset: str | None, config: Path | None, workdir: Path, default: str = "demo"
+) -> tuple[str, Path | None, dict]:
+    """The settings of a run on ``workdir``: a preset, a config file and overrides.
+
+    A workdir an earlier run wrote holds its resolved settings in ``config.yaml`` (seed
+    included: a study's ``seed-<s>/`` has its own). Without ``--preset``, a run on it
+    (``sasha pipeline --workdir W --force evaluate``, ``sasha train tsu --workdir W``) starts
+    from those settings instead of the default preset's, which would differ (another seed,
+    say) and so re-run every stage and replace what was trained; a ``--config`` given then
+    changes them section by section, as it would change a preset. With ``--preset`` (or on a
+    workdir without ``config.yaml``) the run uses the preset and ``--config`` alone.
+
+    Returns:
+        ``(preset, config_path, overrides)`` for
+        :class:`~sasha_env.pipeline.runner.Pipeline` (``overrides``: ``--config``'s sections
+        when they go over the workdir's own settings; to be merged under the command line's).
+    """
+    if preset is not None:
+        return preset, config, {}
+    from ..workdir import Workdir  # lazy: as Pipeline
+
+    saved = Workdir(workdir).config
+    if not saved.is_file():
+        return default, config, {}
+    try:
+        data = read_config_file(saved)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}; give --preset (and --config) to run on this workdir with other settings"
+        ) from None
+    kept = str(data.get("preset", default))
+    extra = read_config_file(config) if config is not None else {}
+    if is_rank_zero():
+        also = f", changed by {config}" if config is not None else ""
+        say(
+            f"[settings] {saved} (preset {kept}, seed {data.get('seed', 0)}): the workdir's "
+            f"own{also}; give --preset to start from a preset instead"
+        )
+    return kept, saved, extra
 
 
 def _overrides(args: argparse.Namespace) -> dict:
