@@ -45,13 +45,17 @@ Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentCo
   for f (0.2 / 0.94 at f = 0.1, 0.1 / 0.95 at f = 0.2);
 * ``delta-reward``: ``reward: delta`` (the CE change per step; its sum does not grow with the
   episode length as ``−Σ CE_t`` does);
+* ``gamma-0.9``: discount γ = 0.9 instead of 1 (a horizon of about ten zooms): the return of a
+  zoom weighs the next few steps' rewards, so finding tumour soon counts more than the tail
+  of a long f = 0.2 episode does;
 * ``start-from-f0.1``: the same config, but PPO starts from the workdir's trained f = 0.1
   agent's weights (``agents/<algo>-0.1/policy.pt``) instead of random ones (fresh optimiser):
   on the demo the f = 0.1 agent is the better searcher (``drift``), so this asks whether the
   f = 0.2 agent's weakness is where its training starts.
 
 ``train``'s ``eval.json`` also counts the test slides with tumour on which a zoom read tumour
-(``tumour_found`` of ``tumour_slides``, from the manifest's masks).
+(``tumour_found`` of ``tumour_slides``, from the manifest's masks), and the mean share of
+their tumour area the zooms read (``tumour_area_read``; ``table`` shows it per seed).
 
 Examples (a copy of a demo workdir in ``W``)::
 
@@ -83,9 +87,9 @@ from sasha_env.agents.envs import load_agent, make_env
 from sasha_env.agents.episodes import agent_policy, greedy_attention_policy, random_policy
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget, mean_attention
 from sasha_env.features.store import FeatureStore
-from sasha_env.pipeline.evaluate import tumour_patches
+from sasha_env.pipeline.evaluate import tumour_fractions, tumour_patches
 from sasha_env.slides.manifest import read_manifest
-from sasha_env.slides.tumour import found_rate
+from sasha_env.slides.tumour import area_read, found_rate
 from sasha_env.workdir import Workdir
 from sasha_models.metrics import classification_metrics
 from sasha_models.ppo_config import PAPER_PER_FRAC
@@ -103,6 +107,7 @@ FACTORS = (
     "double-episodes",
     "paper-clip-lambda",
     "delta-reward",
+    "gamma-0.9",
     START_FROM_F01,
 )
 
@@ -132,6 +137,10 @@ def factor_config(cfg: agent_config.AgentConfig, factor: str, frac: float):
         return replace(cfg, clip_range=clip, gae_lambda=lam)
     if factor == "delta-reward":
         return replace(cfg, reward="delta")
+    if factor == "gamma-0.9":
+        if cfg.protocol == "paper":  # PPOConfig.paper(f) sets γ itself: nothing would change
+            raise ValueError("gamma-0.9 changes agents.gamma, which protocol 'paper' ignores")
+        return replace(cfg, gamma=0.9)
     raise ValueError(f"unknown factor {factor!r}; choose one of {', '.join(FACTORS)}")
 
 
@@ -468,21 +477,33 @@ def evaluate_policy(wd: Workdir, policy, frac: float, cfg) -> dict:
     probs = np.stack([e["probabilities"] for e in eps])
     labels = np.array([e["label"] for e in eps])
     m = classification_metrics(probs, labels)
-    tumour = tumour_patches(wd, FeatureStore(wd.store), ids)
-    pos = [e for e in eps if e["label"] == 1 and e["slide_id"] in tumour]
-    found, _ = found_rate(
-        [np.array(e["zoomed"]) for e in pos], [tumour[e["slide_id"]] for e in pos]
-    )
+    zoomed = {e["slide_id"]: [int(a) for a in e["zoomed"]] for e in eps}
+    found, n_pos, area = tumour_read(wd, [e["slide_id"] for e in eps if e["label"] == 1], zoomed)
     return {
         **m,
         "n_slides": len(ids),
-        "tumour_found": round(found * len(pos)) if pos else 0,
-        "tumour_slides": len(pos),
+        "tumour_found": found,
+        "tumour_slides": n_pos,
+        "tumour_area_read": area,
         "p_positive": probs[:, -1].tolist(),
         "labels": labels.tolist(),
         "slide_ids": ids,
-        "zoomed": {e["slide_id"]: [int(a) for a in e["zoomed"]] for e in eps},
+        "zoomed": zoomed,
     }
+
+
+def tumour_read(
+    wd: Workdir, positives: list[str], zoomed: dict[str, list[int]]
+) -> tuple[int, int, float | None]:
+    """``(found, slides, area read)`` over the tumour slides ``positives`` that have a mask:
+    how many had a zoom on tumour, how many there are, and the mean share of their tumour
+    area the zooms read (``None`` without any)."""
+    fractions = tumour_fractions(wd, FeatureStore(wd.store), positives)
+    pos = [s for s in positives if s in fractions]
+    zooms = [np.array(zoomed[s]) for s in pos]
+    found, _ = found_rate(zooms, [fractions[s] > 0 for s in pos])
+    area, _ = area_read(zooms, [fractions[s] for s in pos])
+    return (round(found * len(pos)) if pos else 0), len(pos), None if math.isnan(area) else area
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -527,7 +548,14 @@ def run_train(args: argparse.Namespace) -> int:
         agent_dir = dest
     info["config"] = {
         k: getattr(cfg, k)
-        for k in ("total_timesteps", "equal_episodes", "clip_range", "gae_lambda", "reward")
+        for k in (
+            "total_timesteps",
+            "equal_episodes",
+            "clip_range",
+            "gae_lambda",
+            "gamma",
+            "reward",
+        )
     }
     info["test"] = evaluate_agent(wd, agent_dir, args.frac, base)
     (dest / "eval.json").write_text(json.dumps(info, indent=1))
@@ -552,8 +580,8 @@ def run_table(args: argparse.Namespace) -> int:
         groups.setdefault((e["workdir"], e["frac"], e["factor"]), []).append(e)
     lines = [
         "| workdir | f | factor | test slides | seeds | AUC per seed | accuracy per seed "
-        "| ΔAUC vs base | steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ΔAUC vs base | tumour area read per seed | steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {f: i for i, f in enumerate(FACTORS)}
     for (wd, frac, factor), es in sorted(
@@ -569,6 +597,7 @@ def run_table(args: argparse.Namespace) -> int:
             f"| {', '.join(str(e['seed']) for e in es)} "
             f"| {', '.join(f'{a:.3f}' for a in aucs)} "
             f"| {', '.join(f'{a:.3f}' for a in accs)} | {diff} "
+            f"| {', '.join(_area(e) for e in es)} "
             f"| {int(np.mean([e['timesteps'] for e in es]))} "
             f"| {np.mean([e['train_seconds'] or 0 for e in es]):.0f} |"
         )
@@ -577,6 +606,17 @@ def run_table(args: argparse.Namespace) -> int:
     if args.md:
         Path(args.md).write_text(text)
     return 0
+
+
+def _area(e: dict) -> str:
+    """An ``eval.json``'s tumour area read, computed from its zooms when it predates the key."""
+    t = e["test"]
+    if "tumour_area_read" not in t:
+        if "zoomed" not in t or not Path(e["workdir"]).is_dir():
+            return "–"  # an eval.json from before the zooms were kept, or its workdir is gone
+        pos = [s for s, y in zip(t["slide_ids"], t["labels"], strict=True) if y == 1]
+        t["tumour_area_read"] = tumour_read(Workdir(e["workdir"]), pos, t["zoomed"])[2]
+    return "–" if t["tumour_area_read"] is None else f"{t['tumour_area_read']:.2f}"
 
 
 def _ms(x: list[float], signed: bool = False) -> str:

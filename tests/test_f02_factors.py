@@ -99,11 +99,14 @@ def test_each_factor_changes_one_thing(f02):
         "double-episodes": {"total_timesteps"},
         "paper-clip-lambda": {"clip_range"},  # λ is 0.95 in both
         "delta-reward": {"reward"},
+        "gamma-0.9": {"gamma"},
         "start-from-f0.1": set(),  # the start changes (StartFrom), not the config
     }
     assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
     assert steps_for(base, 0.2) == 20_000
     assert f02.factor_config(base, "paper-clip-lambda", 0.1).gae_lambda == 0.94
+    with pytest.raises(ValueError, match="protocol 'paper' ignores"):
+        f02.factor_config(AgentConfig(protocol="paper"), "gamma-0.9", 0.2)
 
 
 def test_start_from_loads_the_f01_agent_before_the_first_rollout(f02, wd):
@@ -154,3 +157,16 @@ def test_train_from_the_f01_agent_records_its_start_and_the_tumours_found(f02, t
     assert (weights(made.agents[0.2]) - f01).abs().max() > 0.5  # which no other start is near
     test = info["test"]
     assert 0 <= test["tumour_found"] <= test["tumour_slides"] <= sum(test["labels"])
+    # no test slide of this workdir has a mask: no area read (None, not 0 or nan)
+    assert test["tumour_slides"] == 0 and test["tumour_area_read"] is None
+    # the table reads it, and an older eval.json without it or its zooms shows "–"
+    older = json.loads((out / "start-from-f0.1/seed-0/sasha-0.2/eval.json").read_text())
+    del older["test"]["tumour_area_read"], older["test"]["zoomed"]
+    (out / "older").mkdir()
+    (out / "older" / "eval.json").write_text(json.dumps({**older, "factor": "retrain"}))
+    md = tmp_path / "table.md"
+    assert f02.main(["table", str(out), "--md", str(md)]) == 0
+    lines = md.read_text().splitlines()
+    column = [c.strip() for c in lines[0].split("|")].index("tumour area read per seed")
+    rows = [[c.strip() for c in r.split("|")] for r in lines if "| 0.2 |" in r]
+    assert len(rows) == 2 and all(r[column] == "–" for r in rows)
