@@ -243,6 +243,25 @@ def test_study_bars_script_reads_study_json(tmp_path):
     assert mod.main([str(tmp_path / "bad.json")]) == 1
     met = {name: ok for name, ok, _ in mod.bars(bad)}
     assert not met["SASHA-0.2 >= HAFED - 0.02"] and met["SASHA-0.1 >= attention_topk-0.1"]
+    assert mod.area_pairs(good) == []  # no masks: no area read
+
+    def with_area(s1, s2, r1):  # the tumour area the zooms read, per budget
+        res = results(0.9, 0.95, 0.6, 0.96)
+        area = {("sasha", 0.1): s1, ("sasha", 0.2): s2, ("random", 0.1): r1}
+        for m in res["methods"]:
+            if (m["method"], m["frac"]) in area:
+                m["tumour_area_read"] = area[(m["method"], m["frac"])]
+        return res
+
+    study = aggregate({0: with_area(0.5, 0.6, 0.1), 1: with_area(0.7, 0.6, 0.2)}, "demo")
+    pairs = {name: (diff, ci, n) for name, diff, ci, n in mod.area_pairs(study)}
+    assert set(pairs) == {"sasha-0.1 − random-0.1", "sasha-0.2 − sasha-0.1"}
+    diff, ci, n = pairs["sasha-0.1 − random-0.1"]
+    half = stats.t.ppf(0.975, 1) * np.std([0.4, 0.5], ddof=1) / np.sqrt(2)
+    assert (
+        diff == pytest.approx(0.45) and ci == pytest.approx((0.45 - half, 0.45 + half)) and n == 2
+    )
+    assert pairs["sasha-0.2 − sasha-0.1"][0] == pytest.approx(0.0)
 
 
 def test_ablation_table_pairs_seeds(tmp_path):
