@@ -14,6 +14,10 @@ CONSTRAINTS := requirements/constraints.txt
 TORCH_VERSION ?= 2.13.0
 LOCK_FIND_LINKS ?= /opt/wheels
 UV_VERSION := 0.13.9
+# pytest-xdist workers for `make test` / `make test-fast`: one per core (at most 4), each
+# computing with one thread (tests/conftest.py); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4
 
 .PHONY: install lock demo test test-fast docs bench bench-scale bench-threads bench-agents bench-predict bench-demo bench-official lint format clean
 
@@ -48,10 +52,10 @@ demo: $(STAMP)
 	$(VENV)/bin/sasha demo $(DEMO_DIR)
 
 test: $(STAMP)  # the whole suite, as CI runs it
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)  # without the heavier end-to-end tests (marked slow)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 $(DOCS_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[docs]"

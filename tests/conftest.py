@@ -14,6 +14,11 @@ import tifffile
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite on one pytest-xdist worker per core: each worker, and the
+    # processes its tests start, compute with one thread, so the workers do not oversubscribe
+    # the cores (torch's default is a thread per core in every process)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 DATA = Path(__file__).parent / "data"
 CMU_SVS = DATA / "cmu_small_region.svs"
