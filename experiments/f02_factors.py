@@ -48,6 +48,9 @@ Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentCo
 * ``gamma-0.9``: discount γ = 0.9 instead of 1 (a horizon of about ten zooms): the return of a
   zoom weighs the next few steps' rewards, so finding tumour soon counts more than the tail
   of a long f = 0.2 episode does;
+* ``time-aware-critic``: ``time_aware_critic: true``: the value head also reads the share of
+  the slide zoomed so far, so the critic knows how many of the episode's per-zoom rewards
+  are still to come (twice as many at the start of an f = 0.2 episode as at f = 0.1);
 * ``start-from-f0.1``: the same config, but PPO starts from the workdir's trained f = 0.1
   agent's weights (``agents/<algo>-0.1/policy.pt``) instead of random ones (fresh optimiser):
   on the demo the f = 0.1 agent is the better searcher (``drift``), so this asks whether the
@@ -108,6 +111,7 @@ FACTORS = (
     "paper-clip-lambda",
     "delta-reward",
     "gamma-0.9",
+    "time-aware-critic",
     START_FROM_F01,
 )
 
@@ -141,6 +145,8 @@ def factor_config(cfg: agent_config.AgentConfig, factor: str, frac: float):
         if cfg.protocol == "paper":  # PPOConfig.paper(f) sets γ itself: nothing would change
             raise ValueError("gamma-0.9 changes agents.gamma, which protocol 'paper' ignores")
         return replace(cfg, gamma=0.9)
+    if factor == "time-aware-critic":
+        return replace(cfg, time_aware_critic=True)
     raise ValueError(f"unknown factor {factor!r}; choose one of {', '.join(FACTORS)}")
 
 

@@ -130,11 +130,12 @@ def test_agents_trained_with_and_without_row_pooling_agree(workdir, over):
     assert all(m._n_updates > 0 for m in models)  # both were trained
 
 
-def test_forward_pooled_equals_forward_on_the_expanded_batch():
+@pytest.mark.parametrize("time_aware", [False, True])
+def test_forward_pooled_equals_forward_on_the_expanded_batch(time_aware):
     from sasha_models.actor_critic import SashaActorCritic
 
     torch.manual_seed(0)
-    net = SashaActorCritic(D, d_hidden=16)
+    net = SashaActorCritic(D, d_hidden=16, time_aware_critic=time_aware)
     torch.nn.init.normal_(net.actor_attn.w.weight)
     u = 7
     rows = {

@@ -226,7 +226,7 @@ ABLATIONS = sorted(ABLATION_DIR.glob("*.yaml"))
 #: What the agents stage reads under ``protocol: paper`` (the SB3 settings are unused there).
 PAPER_FIELDS = (
     "protocol", "algo", "fracs", "epochs", "episodes_per_slide", "learning_rate",
-    "lr_schedule", "policy_arch", "masked_update", "two_optimizers", "use_coords", "reward",
+    "lr_schedule", "policy_arch", "masked_update", "two_optimizers", "time_aware_critic", "use_coords", "reward",
     "d_hidden", "val_every", "val_start", "equal_episodes", "stop", "keep", "warm_start",
 )  # fmt: skip
 

@@ -100,6 +100,7 @@ def test_each_factor_changes_one_thing(f02):
         "paper-clip-lambda": {"clip_range"},  # λ is 0.95 in both
         "delta-reward": {"reward"},
         "gamma-0.9": {"gamma"},
+        "time-aware-critic": {"time_aware_critic"},
         "start-from-f0.1": set(),  # the start changes (StartFrom), not the config
     }
     assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
@@ -107,6 +108,8 @@ def test_each_factor_changes_one_thing(f02):
     assert f02.factor_config(base, "paper-clip-lambda", 0.1).gae_lambda == 0.94
     with pytest.raises(ValueError, match="protocol 'paper' ignores"):
         f02.factor_config(AgentConfig(protocol="paper"), "gamma-0.9", 0.2)
+    with pytest.raises(ValueError, match="dqn has no critic"):
+        AgentConfig.from_dict({"algo": "dqn", "time_aware_critic": True})
 
 
 def test_start_from_loads_the_f01_agent_before_the_first_rollout(f02, wd):

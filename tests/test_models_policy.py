@@ -278,11 +278,15 @@ def test_learns_to_zoom_on_targets(algo, cls) -> None:
 # ----------------------------------------------------------------------------- (f) save/load
 
 
+@pytest.mark.parametrize("time_aware", [False, True])
 @pytest.mark.parametrize(
     ("algo", "cls"), [(MaskablePPO, SashaActorCriticPolicy), (PPO, SashaPPOPolicy)]
 )
-def test_save_load_round_trip(algo, cls, tmp_path: Path) -> None:
-    model = algo(cls, ZoomEnv(), seed=0, n_steps=32, batch_size=32, n_epochs=1)
+def test_save_load_round_trip(algo, cls, time_aware, tmp_path: Path) -> None:
+    kwargs = {"time_aware_critic": True} if time_aware else {}
+    model = algo(
+        cls, ZoomEnv(), seed=0, n_steps=32, batch_size=32, n_epochs=1, policy_kwargs=kwargs
+    )
     model.learn(32)
     model.save(tmp_path / "agent")
     loaded = algo.load(tmp_path / "agent", device="cpu")
@@ -294,6 +298,41 @@ def test_save_load_round_trip(algo, cls, tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, b)
     for k, v in model.policy.state_dict().items():
         torch.testing.assert_close(loaded.policy.state_dict()[k], v)
+    assert loaded.policy.net.time_aware_critic is time_aware  # the flag is saved with it
+
+
+@pytest.mark.parametrize("arch", ["sasha", "official"])
+def test_a_time_aware_critic_reads_the_share_of_the_slide_zoomed(arch) -> None:
+    """The value head reads ``[pooled critic rows, zoomed / real patches]``; the actor and the
+    default critic do not depend on the option."""
+    features, visited, valid, coords = random_inputs(3, 10)
+    valid[:] = 1
+    valid[2, 7:] = 0  # a padded slide: the share counts its real patches only
+    visited[:] = 0
+    visited[0, :2], visited[1, :5], visited[2, [0, 3, 6, 8]] = 1, 1, 1  # 8 is padding
+    use = None if arch == "official" else coords
+    torch.manual_seed(0)
+    plain = SashaActorCritic(D, d_hidden=16, arch=arch, use_coords=arch == "sasha")
+    torch.manual_seed(0)
+    aware = SashaActorCritic(
+        D, d_hidden=16, arch=arch, use_coords=arch == "sasha", time_aware_critic=True
+    )
+    assert plain.value_head.in_features + 1 == aware.value_head.in_features
+    with torch.no_grad():
+        aware.load_state_dict(
+            {k: v for k, v in plain.state_dict().items() if not k.startswith("value_head")},
+            strict=False,
+        )
+        logits_p, value_p = plain(features, visited, valid, use)
+        logits_a, value_a = aware(features, visited, valid, use)
+        torch.testing.assert_close(logits_a, logits_p)  # the actor is the same network
+        # the same pooled rows as the plain critic's, by hand, and the share read
+        aware.value_head.weight[:, :-1] = plain.value_head.weight
+        aware.value_head.bias[:] = plain.value_head.bias
+        aware.value_head.weight[:, -1] = 2.0
+        _, value_a = aware(features, visited, valid, use)
+    read = torch.tensor([2 / 10, 5 / 10, 3 / 7])
+    torch.testing.assert_close(value_a[:, 0], value_p[:, 0] + 2.0 * read)
 
 
 # ----------------------------------------------------------------------------- config, misc

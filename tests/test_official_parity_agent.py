@@ -122,6 +122,20 @@ def test_paper_learning_rate_is_constant_and_cosine_is_an_option():
     assert type(sb3.policy.optimizer) is torch.optim.Adam  # SB3's own, as before
 
 
+def test_the_agents_stage_builds_a_time_aware_critic_on_request_under_both_protocols():
+    from sasha_env.agents.train import _algorithm
+
+    for protocol in ("sb3", "paper"):
+        cfg = {"protocol": protocol, "d_hidden": 8}
+        default = _algorithm(AgentConfig.from_dict(cfg), _SpacesEnv(), 0, "cpu", 0.2)
+        aware = AgentConfig.from_dict({**cfg, "time_aware_critic": True})
+        model = _algorithm(aware, _SpacesEnv(), 0, "cpu", 0.2)
+        assert not default.policy.net.time_aware_critic and model.policy.net.time_aware_critic
+        assert (
+            model.policy.net.value_head.in_features == default.policy.net.value_head.in_features + 1
+        )
+
+
 def test_official_network_masks_padding():
     torch.manual_seed(0)
     net = SashaActorCritic(8, d_hidden=16, use_coords=False, arch="official").eval()

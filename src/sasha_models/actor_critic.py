@@ -33,6 +33,14 @@ a linear layer (small gain, like the patch logits: a near-uniform first policy o
 patches and stop). The stop logit is invariant to the order of the rows. It is part of the
 actor (its parameters start with ``actor_``); actor and critic still share nothing.
 
+Time-aware critic. With ``time_aware_critic=True`` the value head also reads the fraction of
+the real patches zoomed so far, ``[pooled rows, read]`` (the stop logit's input, on the
+critic's side). An agent trained at one budget f stops at ⌈f·N⌉ zooms, so ``read`` tells the
+critic how many of the episode's rewards are still to come: with γ = 1 and a reward at every
+zoom the return to go is mostly that count, and a critic pooling the rows by a softmax sees
+it only blurred (the partial observability of the time left, Pardo et al., "Time Limits in
+Reinforcement Learning", ICML 2018). Off by default; the actor is the same either way.
+
 Row pooling. The network also reads row-pooled batches (:data:`~sasha_models.spaces.ROW_INDEX`,
 from the agents' rollout buffers): the per-row layers then run once per distinct row of the
 batch (:meth:`SashaActorCritic.forward_pooled`), which is most of PPO's update at real N.
@@ -220,6 +228,8 @@ class SashaActorCritic(nn.Module):
         arch: ``"sasha"`` (ours) or ``"official"`` (:data:`ARCHS`).
         stop_action: one more logit, for the stop action (learned stopping; see the module
             docstring).
+        time_aware_critic: the value head also reads the fraction of real patches zoomed
+            (see the module docstring).
 
     Acting (``eval()`` mode under ``torch.no_grad``, as SB3 collects rollouts and predicts),
     the network keeps the last call's inputs and per-row outputs (a :class:`RowCache`) and
@@ -248,6 +258,7 @@ class SashaActorCritic(nn.Module):
         project_from: int | None = None,
         arch: str = "sasha",
         stop_action: bool = False,
+        time_aware_critic: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -257,20 +268,22 @@ class SashaActorCritic(nn.Module):
         self.d_features, self.d_hidden, self.use_coords = d_features, d_hidden, use_coords
         self.arch = arch
         self.project_from = project_from
+        self.time_aware_critic = bool(time_aware_critic)
+        d_time = 1 if self.time_aware_critic else 0
         if project_from is not None:
             self.register_buffer("obs_mean", torch.zeros(project_from))
             self.register_buffer("obs_basis", torch.zeros(project_from, d_features))
         if arch == "official":  # rl_algorithms/ppo.py: Actor, Critic (PyTorch's default init)
             self.actor_attn = GatedAttention(d_features, d_hidden, 1, dropout)
             self.critic_attn = GatedAttention(d_features, d_hidden, 1, dropout)
-            self.value_head = nn.Linear(d_features, 1)
+            self.value_head = nn.Linear(d_features + d_time, 1)
         else:
             d_in = d_features + 1 + (2 if use_coords else 0)
             self.actor_mlp = self._row_mlp(d_in, d_hidden, dropout)
             self.actor_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
             self.critic_mlp = self._row_mlp(d_in, d_hidden, dropout)
             self.critic_attn = GatedAttention(d_hidden, d_hidden, 1, dropout)
-            self.value_head = nn.Linear(d_hidden, 1)
+            self.value_head = nn.Linear(d_hidden + d_time, 1)
             # Near-uniform initial policy (SB3 uses gain 0.01 on its action head likewise).
             nn.init.orthogonal_(self.actor_attn.w.weight, gain=0.01)
             nn.init.zeros_(self.actor_attn.w.bias)
@@ -463,13 +476,28 @@ class SashaActorCritic(nn.Module):
         per_row = weights.new_zeros(row_index.shape[0], rows.shape[0])
         return per_row.scatter_add(1, row_index, weights) @ rows
 
+    @staticmethod
+    def _read_fraction(visited: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+        """The fraction of real patches zoomed, ``(B, 1)``, from ``visited`` and ``valid``
+        ``(B, N)``."""
+        real = (valid > 0.5).to(dtype)
+        zoomed = ((visited > 0.5).to(dtype) * real).sum(-1)
+        return (zoomed / real.sum(-1).clamp(min=1.0))[:, None]
+
     def _stop_logit(self, pooled: Tensor, visited: Tensor, valid: Tensor) -> Tensor:
         """The stop logit ``(B, 1)`` from the pooled actor rows ``(B, H_a)`` and the fraction
         of real patches zoomed (``visited``, ``valid`` ``(B, N)``)."""
-        real = (valid > 0.5).to(pooled.dtype)
-        zoomed = ((visited > 0.5).to(pooled.dtype) * real).sum(-1)
-        read = zoomed / real.sum(-1).clamp(min=1.0)  # (B,)
-        return self.actor_stop(torch.cat([pooled, read[:, None]], dim=-1))
+        read = self._read_fraction(visited, valid, pooled.dtype)
+        return self.actor_stop(torch.cat([pooled, read], dim=-1))
+
+    def _value(self, pooled: Tensor, visited: Tensor, valid: Tensor) -> Tensor:
+        """The value ``(B, 1)`` from the pooled critic rows ``(B, H)``, and with
+        ``time_aware_critic`` the fraction of real patches zoomed (``visited``, ``valid``
+        ``(B, N)``)."""
+        if not self.time_aware_critic:
+            return self.value_head(pooled)
+        read = self._read_fraction(visited, valid, pooled.dtype)
+        return self.value_head(torch.cat([pooled, read], dim=-1))
 
     def _cached_row_outputs(
         self, features: Tensor, visited: Tensor, coords: Tensor | None
@@ -490,7 +518,7 @@ class SashaActorCritic(nn.Module):
         else:  # acting: most rows are the last call's
             outputs = self._cached_row_outputs(features, visited, coords)
         logits, h, scores = outputs[:3]
-        value = self.value_head(self._pool(scores, valid, h))  # (B, 1)
+        value = self._value(self._pool(scores, valid, h), visited, valid)  # (B, 1)
         if self.stop_action:
             rows, stop_scores = outputs[3:]
             pooled = self._pool(stop_scores, valid, rows)
@@ -518,7 +546,8 @@ class SashaActorCritic(nn.Module):
         """
         outputs = self._row_outputs(features, visited, coords)
         logits, h, scores = outputs[:3]
-        value = self.value_head(self._pool(scores, valid, h, row_index))
+        pooled = self._pool(scores, valid, h, row_index)
+        value = self._value(pooled, visited[row_index], valid[row_index])
         logits = logits[row_index]
         if self.stop_action:
             rows, stop_scores = outputs[3:]

@@ -114,12 +114,14 @@ class _SashaPolicyMixin:
         arch: str = "sasha",
         masked_update: bool = True,
         two_optimizers: bool = False,
+        time_aware_critic: bool = False,
         **kwargs: Any,
     ) -> None:
         self._d_features = _check_obs_space(observation_space, use_coords)
         self.project_from = project_from
         self.mask_actions = bool(mask_actions)
         self.arch, self.masked_update, self.two_optimizers = arch, masked_update, two_optimizers
+        self.time_aware_critic = bool(time_aware_critic)
         if not isinstance(action_space, spaces.Discrete):
             raise ValueError(f"SASHA policies need a Discrete action space, got {action_space}")
         n_slots = int(observation_space["features"].shape[0])  # type: ignore[index]
@@ -144,6 +146,7 @@ class _SashaPolicyMixin:
             self.project_from,
             self.arch,
             stop_action=self.stop_action,
+            time_aware_critic=self.time_aware_critic,
         )
         if self.two_optimizers:
             optimizer: Any = PerNetworkOptimizer(  # used by SB3 as an Optimizer, quacks like one
@@ -171,6 +174,7 @@ class _SashaPolicyMixin:
             arch=self.arch,
             masked_update=self.masked_update,
             two_optimizers=self.two_optimizers,
+            time_aware_critic=self.time_aware_critic,
         )
         return data
 

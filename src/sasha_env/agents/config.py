@@ -158,6 +158,12 @@ class AgentConfig:
     """Train actor and critic with one optimiser each, the gradient norm clipped per network
     (official, ``protocol: paper`` only); ``false``: one optimiser, one joint clip (ours).
     ``None``: the protocol's own (``sb3``: false; ``paper``: true)."""
+    time_aware_critic: bool = False
+    """The SASHA policy's value head also reads the fraction of the slide's patches zoomed so
+    far (:class:`~sasha_models.actor_critic.SashaActorCritic`): at one budget f it tells the
+    critic how many zooms, and so how many rewards, are left (``gamma: 1`` sums a reward per
+    zoom). ``false`` (ours and the official): the critic sees the pooled rows only. Not with
+    ``dqn``, which has no critic."""
     use_coords: bool | None = None
     """Feed each patch's grid position to the SASHA policy (``policy_arch: sasha`` only: the
     official actor and critic see the state rows alone); see the ablations in the docs'
@@ -247,6 +253,10 @@ class AgentConfig:
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(
                 f"agents.protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}"
+            )
+        if cfg.time_aware_critic and cfg.algo == "dqn":
+            raise ValueError(
+                "agents.time_aware_critic: dqn has no critic; use maskable_ppo, ppo or a2c"
             )
         if cfg.obs_dim is not None and cfg.algo == "dqn":
             raise ValueError(

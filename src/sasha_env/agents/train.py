@@ -70,6 +70,8 @@ def _algorithm(
         policy_kwargs["masked_update"] = False
     if cfg.two_optimizers:
         policy_kwargs["two_optimizers"] = True
+    if cfg.time_aware_critic:
+        policy_kwargs["time_aware_critic"] = True
     if projection is not None:
         if cfg.algo == "dqn":
             raise ValueError("observations with obs_projection need a SASHA policy, not dqn's")
