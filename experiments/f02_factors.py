@@ -28,7 +28,9 @@ CE on the full high-res state of the same slides).
 
 ``train`` — retrain one agent with one change to the workdir's ``agents`` config (a named
 factor, below) and evaluate it on the test split; ``--factor base`` evaluates the workdir's
-own agent without training. Writes ``--out/<factor>/seed-<s>/sasha-<f>/`` (the agent, as
+own agent without training. ``--seed`` defaults to the workdir's ``seed`` (the one its own
+agents were trained with); ``base`` is filed under its agent's seed and refuses another.
+Writes ``--out/<factor>/seed-<s>/sasha-<f>/`` (the agent, as
 ``train_agent`` writes it) and ``eval.json`` there (test AUC, accuracy, F1, number of slides,
 the selected validation point, training seconds). ``table`` collects the ``eval.json`` files
 under one or more folders into a Markdown table, paired by (workdir, f, seed) with ``base``.
@@ -121,6 +123,13 @@ def agents_config(wd: Workdir) -> agent_config.AgentConfig:
     """The workdir's ``agents`` section (its ``config.yaml``; defaults without one)."""
     cfg = yaml.safe_load(wd.config.read_text()) or {} if wd.config.is_file() else {}
     return agent_config.AgentConfig.from_dict(cfg.get("agents"))
+
+
+def workdir_seed(wd: Workdir) -> int:
+    """The workdir's ``seed`` (its ``config.yaml``; 0 without one), which its own agents were
+    trained with."""
+    cfg = yaml.safe_load(wd.config.read_text()) or {} if wd.config.is_file() else {}
+    return int(cfg.get("seed", 0))
 
 
 def split_ids(wd: Workdir, splits: list[str]) -> list[tuple[str, str]]:
@@ -516,22 +525,31 @@ def run_train(args: argparse.Namespace) -> int:
     wd = Workdir(args.workdir)
     base = agents_config(wd)
     cfg = factor_config(base, args.factor, args.frac)
-    dest = Path(args.out) / args.factor / f"seed-{args.seed}" / f"sasha-{args.frac:g}"
+    seed = workdir_seed(wd) if args.seed is None else args.seed
+    meta: dict[str, Any] = {}
+    if args.factor == "base":
+        agent_dir = wd.agent_dir(agent_config.agent_name(args.frac, base.algo))
+        meta = json.loads((agent_dir / "agent.json").read_text())
+        trained = meta.get("seed", seed)
+        if args.seed is not None and args.seed != trained:
+            raise SystemExit(
+                f"--factor base evaluates {agent_dir}, trained with seed {trained}: "
+                f"drop --seed or pass --seed {trained}"
+            )
+        seed = trained
+    dest = Path(args.out) / args.factor / f"seed-{seed}" / f"sasha-{args.frac:g}"
     dest.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "workdir": str(wd.root),
         "factor": args.factor,
         "frac": args.frac,
-        "seed": args.seed,
+        "seed": seed,
     }
     if args.factor == "base":
-        agent_dir = wd.agent_dir(agent_config.agent_name(args.frac, base.algo))
-        meta = json.loads((agent_dir / "agent.json").read_text())
         info |= {
             "train_seconds": meta.get("train_seconds"),
             "timesteps": meta.get("timesteps"),
             "selected_on_val": meta.get("selected_on_val"),
-            "seed": meta.get("seed"),
         }
     else:
         from sasha_env.agents.train import train_agent  # lazy: SB3 training
@@ -543,7 +561,7 @@ def run_train(args: argparse.Namespace) -> int:
             info["start_from"] = str(start)
         t0 = time.perf_counter()
         model = train_agent(
-            wd, args.frac, cfg, seed=args.seed, out_dir=dest, progress=False, callbacks=callbacks
+            wd, args.frac, cfg, seed=seed, out_dir=dest, progress=False, callbacks=callbacks
         )
         meta = json.loads((dest / "agent.json").read_text())
         info |= {
@@ -567,7 +585,7 @@ def run_train(args: argparse.Namespace) -> int:
     (dest / "eval.json").write_text(json.dumps(info, indent=1))
     t = info["test"]
     print(
-        f"{args.factor} f={args.frac:g} seed={args.seed}: test AUC {t['auc']:.3f} "
+        f"{args.factor} f={args.frac:g} seed={seed}: test AUC {t['auc']:.3f} "
         f"acc {t['accuracy']:.3f} ({t['n_slides']} slides; tumour found on "
         f"{t['tumour_found']} of {t['tumour_slides']}), {info['train_seconds']} s"
     )
@@ -657,7 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="folder for <factor>/seed-<s>/sasha-<f>/")
     t.add_argument("--frac", type=float, required=True)
     t.add_argument("--factor", choices=FACTORS, required=True)
-    t.add_argument("--seed", type=int, default=0, help="training seed (base: the workdir's)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed (default: the workdir's seed; base: the seed its agent was "
+        "trained with, and another --seed is an error)",
+    )
     tb = sub.add_parser("table", help="Markdown table of the eval.json files under FOLDERS")
     tb.add_argument("folders", nargs="+")
     tb.add_argument("--md", help="also write the table here")

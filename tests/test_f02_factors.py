@@ -173,3 +173,24 @@ def test_train_from_the_f01_agent_records_its_start_and_the_tumours_found(f02, t
     column = [c.strip() for c in lines[0].split("|")].index("tumour area read per seed")
     rows = [[c.strip() for c in r.split("|")] for r in lines if "| 0.2 |" in r]
     assert len(rows) == 2 and all(r[column] == "–" for r in rows)
+
+
+def test_base_is_filed_under_the_seed_its_agent_was_trained_with(f02, tmp_path):
+    """``train --factor base`` evaluates the workdir's agent: without ``--seed`` it is filed
+    under that agent's seed (not 0), and another ``--seed`` is refused rather than mislabelled;
+    other factors train with the workdir's seed by default."""
+    root = tmp_path / "wd"
+    made = make_workdir(root, n_slides=8, n_patches=(10, 20), fracs=(0.2,), timesteps=32)
+    (root / "config.yaml").write_text(yaml.safe_dump({**made.config, "seed": 3}))
+    meta = json.loads((made.agents[0.2] / "agent.json").read_text())
+    meta["seed"] = 3  # as the pipeline trains a seed-3 workdir's agent
+    (made.agents[0.2] / "agent.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    args = ["train", "--workdir", str(root), "--out", str(out), "--frac", "0.2"]
+    assert f02.main([*args, "--factor", "base"]) == 0
+    info = json.loads((out / "base/seed-3/sasha-0.2/eval.json").read_text())
+    assert info["seed"] == 3 and not (out / "base/seed-0").exists()
+    with pytest.raises(SystemExit, match="trained with seed 3: drop --seed or pass --seed 3"):
+        f02.main([*args, "--factor", "base", "--seed", "1"])
+    assert f02.main([*args, "--factor", "retrain"]) == 0  # the workdir's seed: 3
+    assert json.loads((out / "retrain/seed-3/sasha-0.2/eval.json").read_text())["seed"] == 3
