@@ -84,12 +84,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sasha_env.agents import config as agent_config
 from sasha_env.agents.envs import load_agent, make_env
 from sasha_env.agents.episodes import agent_policy, greedy_attention_policy, random_policy
+from sasha_env.config import read_config_file
 from sasha_env.envs.wsi import SashaWSIEnv, episode_budget, mean_attention
 from sasha_env.features.store import FeatureStore
 from sasha_env.pipeline.evaluate import tumour_fractions, tumour_patches
@@ -119,17 +119,20 @@ FACTORS = (
 
 
 # --------------------------------------------------------------------------- shared helpers
+def workdir_settings(wd: Workdir) -> dict[str, Any]:
+    """The workdir's resolved settings (its ``config.yaml``; ``{}`` without one)."""
+    return read_config_file(wd.config) if wd.config.is_file() else {}
+
+
 def agents_config(wd: Workdir) -> agent_config.AgentConfig:
-    """The workdir's ``agents`` section (its ``config.yaml``; defaults without one)."""
-    cfg = yaml.safe_load(wd.config.read_text()) or {} if wd.config.is_file() else {}
-    return agent_config.AgentConfig.from_dict(cfg.get("agents"))
+    """The workdir's ``agents`` section (defaults without a ``config.yaml``)."""
+    return agent_config.AgentConfig.from_dict(workdir_settings(wd).get("agents"))
 
 
 def workdir_seed(wd: Workdir) -> int:
     """The workdir's ``seed`` (its ``config.yaml``; 0 without one), which its own agents were
     trained with."""
-    cfg = yaml.safe_load(wd.config.read_text()) or {} if wd.config.is_file() else {}
-    return int(cfg.get("seed", 0))
+    return int(workdir_settings(wd).get("seed", 0))
 
 
 def split_ids(wd: Workdir, splits: list[str]) -> list[tuple[str, str]]:
