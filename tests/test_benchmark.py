@@ -76,6 +76,16 @@ def test_runs_are_keyed_on_hyper_parameters_preset_and_budget(tmp_path):
     assert run_key("t", cfg, 0.1, "tiny", 1) != base
     other = type(cfg).from_dict({**asdict(cfg), "learning_rate": 1e-3})
     assert run_key("t", other, 0.1, "tiny", 0) != base
+    # new training code (the agents stage's version raised) retrains instead of reusing
+    from dataclasses import replace as dc_replace
+
+    from sasha_env.pipeline import stages
+
+    agents = stages.REGISTRY["agents"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(stages.REGISTRY, "agents", dc_replace(agents, version=agents.version + 1))
+        assert run_key("t", cfg, 0.1, "tiny", 0) != base
+    assert run_key("t", cfg, 0.1, "tiny", 0) == base
     # RL-Zoo files: agents fields set, SB3 arguments go to extra, wrappers are refused
     folder = tmp_path / "hp"
     folder.mkdir()

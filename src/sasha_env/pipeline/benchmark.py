@@ -10,8 +10,9 @@ stratified-bootstrap intervals, performance profiles, and the probability of imp
 each algorithm over the others.
 
 Runs are keyed on everything that defines them: the algorithm, its full resolved settings
-(preset, hyper-parameter file, budget), f, the seed and the task's models (hashes of HAFED,
-TSU and the manifest). A run's folder is ``OUT/runs/<task>/<algo>-s<seed>-<key>/`` and it is
+(preset, hyper-parameter file, budget), f, the seed, the task's models (hashes of HAFED,
+TSU and the manifest) and the version of the agents stage's code (the pipeline's own cache
+marker, raised when training changes what it produces). A run's folder is ``OUT/runs/<task>/<algo>-s<seed>-<key>/`` and it is
 reused only when its ``result.json`` holds the same key: nothing stale is ever reported.
 
 Hyper-parameters come from RL-Zoo-format files ``<algo>.yml`` (``Sasha-WSI-v0: {...}``), by
@@ -174,8 +175,18 @@ def task_identity(wd: Workdir) -> str:
 
 def run_key(task: str, cfg: AgentConfig, frac: float, preset: str, seed: int) -> str:
     """The key of a run: every setting that defines it (``cfg`` holds the algorithm, its
-    hyper-parameters and the budget)."""
-    desc = {"task": task, "agents": asdict(cfg), "frac": frac, "preset": preset, "seed": seed}
+    hyper-parameters and the budget), and the agents stage's code version, so runs trained
+    by older training code are retrained rather than reported."""
+    from .stages import REGISTRY
+
+    desc = {
+        "task": task,
+        "agents": asdict(cfg),
+        "frac": frac,
+        "preset": preset,
+        "seed": seed,
+        "code": REGISTRY["agents"].version,
+    }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
