@@ -53,6 +53,10 @@ Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentCo
 * ``time-aware-critic``: ``time_aware_critic: true``: the value head also reads the share of
   the slide zoomed so far, so the critic knows how many of the episode's per-zoom rewards
   are still to come (twice as many at the start of an f = 0.2 episode as at f = 0.1);
+* ``cosine-lr``: ``lr_schedule: cosine``: the learning rate decays from the protocol's own to
+  0 over training instead of staying constant, so the late policies that validation chooses
+  among stop moving (with a constant rate the demo's f = 0.2 val AUC still swings by 0.1–0.2
+  between neighbouring checks in the second half of training);
 * ``start-from-f0.1``: the same config, but PPO starts from the workdir's trained f = 0.1
   agent's weights (``agents/<algo>-0.1/policy.pt``) instead of random ones (fresh optimiser):
   on the demo the f = 0.1 agent is the better searcher (``drift``), so this asks whether the
@@ -114,6 +118,7 @@ FACTORS = (
     "delta-reward",
     "gamma-0.9",
     "time-aware-critic",
+    "cosine-lr",
     START_FROM_F01,
 )
 
@@ -159,6 +164,8 @@ def factor_config(cfg: agent_config.AgentConfig, factor: str, frac: float):
         return replace(cfg, gamma=0.9)
     if factor == "time-aware-critic":
         return replace(cfg, time_aware_critic=True)
+    if factor == "cosine-lr":
+        return replace(cfg, lr_schedule="cosine")
     raise ValueError(f"unknown factor {factor!r}; choose one of {', '.join(FACTORS)}")
 
 

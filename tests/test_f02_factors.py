@@ -101,6 +101,7 @@ def test_each_factor_changes_one_thing(f02):
         "delta-reward": {"reward"},
         "gamma-0.9": {"gamma"},
         "time-aware-critic": {"time_aware_critic"},
+        "cosine-lr": {"lr_schedule"},
         "start-from-f0.1": set(),  # the start changes (StartFrom), not the config
     }
     assert steps_for(f02.factor_config(base, "half-episodes", 0.2), 0.2) == 10_000
