@@ -71,11 +71,26 @@ def test_paper_preset_resolves_to_the_official_agent():
     assert (cfg.lr_schedule, cfg.use_coords, cfg.learning_rate) == ("constant", False, None)
 
 
-@pytest.mark.parametrize("preset", ["demo", "tiny"])
-def test_other_presets_keep_our_agent(preset):
+@pytest.mark.parametrize(
+    ("preset", "schedule"),
+    [("demo", "cosine"), ("tiny", "constant"), ("he-cpu", "constant"), ("large", "cosine")],
+)
+def test_other_presets_keep_our_agent(preset, schedule):
     cfg = AgentConfig.from_dict(load_config(preset)["agents"]).resolved()
     assert (cfg.policy_arch, cfg.masked_update, cfg.two_optimizers) == ("sasha", True, False)
-    assert (cfg.lr_schedule, cfg.use_coords) == ("constant", True)
+    assert (cfg.lr_schedule, cfg.use_coords) == (schedule, True)
+
+
+def test_demo_agents_learning_rate_decays_to_zero():
+    """The demo preset's agents start at 3e-4 and end at 0 (a cosine), so the late policies
+    validation chooses among stop moving (docs/budget-f02.md, "A cosine learning rate")."""
+    from sasha_env.agents.train import _algorithm
+
+    cfg = AgentConfig.from_dict({**load_config("demo")["agents"], "d_hidden": 8})
+    model = _algorithm(cfg, _SpacesEnv(), 0, "cpu", 0.2)
+    assert model.lr_schedule(1.0) == pytest.approx(3e-4)
+    assert model.lr_schedule(0.5) == pytest.approx(1.5e-4)
+    assert model.lr_schedule(0.0) == pytest.approx(0.0)
 
 
 def test_options_that_do_not_go_together_are_refused():
