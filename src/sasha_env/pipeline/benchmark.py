@@ -12,8 +12,9 @@ each algorithm over the others.
 Runs are keyed on everything that defines them: the algorithm, its full resolved settings
 (preset, hyper-parameter file, budget), f, the seed, the task's models (hashes of HAFED,
 TSU and the manifest) and the version of the agents stage's code (the pipeline's own cache
-marker, raised when training changes what it produces). A run's folder is ``OUT/runs/<task>/<algo>-s<seed>-<key>/`` and it is
-reused only when its ``result.json`` holds the same key: nothing stale is ever reported.
+marker, raised when training changes what it produces). A run's folder is
+``OUT/runs/<task>/<algo>-s<seed>-<key>/`` and it is reused only when its ``result.json``
+holds the same key: nothing stale is ever reported.
 
 Hyper-parameters come from RL-Zoo-format files ``<algo>.yml`` (``Sasha-WSI-v0: {...}``), by
 default the package's (:data:`HYPERPARAMS`).
