@@ -35,6 +35,15 @@ Writes ``--out/<factor>/seed-<s>/sasha-<f>/`` (the agent, as
 the selected validation point, training seconds). ``table`` collects the ``eval.json`` files
 under one or more folders into a Markdown table, paired by (workdir, f, seed) with ``base``.
 
+``nested`` — read at f = 0.2 as a continuation of the f = 0.1 reading, no training. On each
+workdir's test split it runs, besides the two agents at their own budgets, three ⌈0.2·N⌉-zoom
+readings that begin with the f = 0.1 agent's ⌈0.1·N⌉ zooms (so they read everything
+SASHA-0.1 reads) and go on with the f = 0.2 agent (``0.1-then-0.2``), the f = 0.1 agent itself
+(``0.1-run-on``) or ``greedy_attention`` (``0.1-then-greedy``). Writes ``nested.json`` (per
+workdir and reading: test AUC, tumours found, area read, each slide's probability) and
+``nested.md`` (AUC per workdir, mean ± sd, and each reading's paired difference from
+SASHA-0.2 and SASHA-0.1 over the workdirs with a 95 % t-interval).
+
 Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentConfig`):
 
 * ``base``: none (the workdir's agent, not retrained);
@@ -102,6 +111,7 @@ from sasha_env.slides.tumour import area_read, found_rate
 from sasha_env.workdir import Workdir
 from sasha_models.metrics import classification_metrics
 from sasha_models.ppo_config import PAPER_PER_FRAC
+from sasha_models.stats import t_interval
 
 CHECKPOINTS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2)
 """Read fractions c at which ``drift`` summarises: step ``⌈c·N⌉`` of each slide."""
@@ -660,6 +670,87 @@ def _ms(x: list[float], signed: bool = False) -> str:
     return f"{fmt.format(np.mean(x))} ± {np.std(x, ddof=1):.3f}"
 
 
+# --------------------------------------------------------------------------- nested readings
+#: The readings of ``nested``: name -> (budget f, how it is built from the two agents).
+NESTED = ("sasha-0.1", "sasha-0.2", "0.1-then-0.2", "0.1-run-on", "0.1-then-greedy")
+
+
+def continue_after(first, then, frac: float):
+    """A zoom policy that acts as ``first`` for the episode's first ``⌈frac·N⌉`` zooms and as
+    ``then`` afterwards (N: the slide's patches), so a longer episode reads everything the
+    ``frac`` reading of ``first`` does, in the same order, before it goes on."""
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        head = episode_budget(frac, env.slide.n)
+        return first(env, obs) if len(env.zoomed) < head else then(env, obs)
+
+    return act
+
+
+def nested_readings(wd: Workdir, cfg) -> dict[str, dict]:
+    """Test-split :func:`evaluate_policy` of each reading in :data:`NESTED` on one workdir."""
+    from sasha_env.agents.export import load_policy  # lazy: as in evaluate_agent
+
+    agent = {
+        f: agent_policy(load_policy(wd.agent_dir(agent_config.agent_name(f, cfg.algo))))
+        for f in (0.1, 0.2)
+    }
+    policies = {
+        "sasha-0.1": (0.1, agent[0.1]),
+        "sasha-0.2": (0.2, agent[0.2]),
+        "0.1-then-0.2": (0.2, continue_after(agent[0.1], agent[0.2], 0.1)),
+        "0.1-run-on": (0.2, agent[0.1]),
+        "0.1-then-greedy": (0.2, continue_after(agent[0.1], greedy_attention_policy(), 0.1)),
+    }
+    return {name: evaluate_policy(wd, pol, f, cfg) for name, (f, pol) in policies.items()}
+
+
+def run_nested(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict]] = {}
+    for w in args.workdirs:
+        wd = Workdir(w)
+        results[str(wd.root)] = nested_readings(wd, agents_config(wd))
+        r = results[str(wd.root)]
+        print(f"{wd.root.name}: " + ", ".join(f"{k} {r[k]['auc']:.3f}" for k in NESTED))
+    (out / "nested.json").write_text(json.dumps(results, indent=1))
+    text = nested_table(results)
+    (out / "nested.md").write_text(text)
+    print(text)
+    return 0
+
+
+def nested_table(results: dict[str, dict[str, dict]]) -> str:
+    """Markdown: test AUC per workdir and reading, mean ± sd, and paired differences from
+    SASHA-0.2 and SASHA-0.1 over the workdirs (mean [95 % t-interval])."""
+    names = [Path(w).name for w in results]
+    lines = [
+        "| reading | f | " + " | ".join(names) + " | mean ± sd | tumours found "
+        "| − SASHA-0.2 | − SASHA-0.1 |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|---|",
+    ]
+    auc = {k: [r[k]["auc"] for r in results.values()] for k in NESTED}
+    for k in NESTED:
+        found = sum(r[k]["tumour_found"] for r in results.values())
+        slides = sum(r[k]["tumour_slides"] for r in results.values())
+        diffs = []
+        for ref in ("sasha-0.2", "sasha-0.1"):
+            d = [a - b for a, b in zip(auc[k], auc[ref], strict=True)]
+            ci = t_interval(d, bounds=(-1.0, 1.0))
+            diffs.append(
+                "–"
+                if k == ref
+                else f"{np.mean(d):+.3f}" + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+            )
+        f = "0.1" if k == "sasha-0.1" else "0.2"
+        lines.append(
+            f"| {k} | {f} | " + " | ".join(f"{a:.3f}" for a in auc[k]) + f" | {_ms(auc[k])} "
+            f"| {found} of {slides} | {diffs[0]} | {diffs[1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -692,13 +783,20 @@ def main(argv: list[str] | None = None) -> int:
         help="training seed (default: the workdir's seed; base: the seed its agent was "
         "trained with, and another --seed is an error)",
     )
+    n = sub.add_parser(
+        "nested", help="f = 0.2 read as a continuation of the f = 0.1 reading (no training)"
+    )
+    n.add_argument("--workdirs", nargs="+", required=True, help="finished workdirs (read only)")
+    n.add_argument("--out", required=True, help="folder for nested.json and nested.md")
     tb = sub.add_parser("table", help="Markdown table of the eval.json files under FOLDERS")
     tb.add_argument("folders", nargs="+")
     tb.add_argument("--md", help="also write the table here")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()  # run_drift measures on one thread; an in-process caller
     try:  # (the tests) keeps its own count
-        return {"drift": run_drift, "train": run_train, "table": run_table}[args.cmd](args)
+        return {"drift": run_drift, "train": run_train, "nested": run_nested, "table": run_table}[
+            args.cmd
+        ](args)
     finally:
         torch.set_num_threads(threads)
 

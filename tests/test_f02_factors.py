@@ -195,3 +195,44 @@ def test_base_is_filed_under_the_seed_its_agent_was_trained_with(f02, tmp_path):
         f02.main([*args, "--factor", "base", "--seed", "1"])
     assert f02.main([*args, "--factor", "retrain"]) == 0  # the workdir's seed: 3
     assert json.loads((out / "retrain/seed-3/sasha-0.2/eval.json").read_text())["seed"] == 3
+
+
+def test_continue_after_hands_over_after_the_first_budget(f02, wd):
+    """The first ⌈0.1·N⌉ zooms are the first policy's, the rest the second's, on every slide."""
+
+    def lowest(env, obs):
+        return int(np.flatnonzero(env.action_masks())[0])
+
+    def highest(env, obs):
+        return int(np.flatnonzero(env.action_masks())[-1])
+
+    env = SashaWSIEnv(wd, split=None, frac=0.2)
+    act = f02.continue_after(lowest, highest, 0.1)
+    for slide_id in env.slide_ids:
+        obs, _ = env.reset(options={"slide_id": slide_id})
+        done = False
+        while not done:
+            obs, _, done, _, _ = env.step(act(env, obs))
+        n, head = env.slide.n, episode_budget(0.1, env.slide.n)
+        want = list(range(head)) + list(range(n - 1, n - 1 - (episode_budget(0.2, n) - head), -1))
+        assert env.zoomed == want
+
+
+def test_nested_readings_begin_with_the_f01_agents_zooms(f02, wd, tmp_path):
+    assert f02.main(["nested", "--workdirs", str(wd), "--out", str(tmp_path)]) == 0
+    (got,) = json.loads((tmp_path / "nested.json").read_text()).values()
+    assert list(got) == list(f02.NESTED)
+    env = SashaWSIEnv(wd, split=None, frac=0.2)
+    first = got["sasha-0.1"]["zoomed"]
+    for name in ("0.1-then-0.2", "0.1-run-on", "0.1-then-greedy"):
+        for slide_id, zooms in got[name]["zoomed"].items():
+            assert zooms[: len(first[slide_id])] == first[slide_id]  # SASHA-0.1's, in order
+            assert len(zooms) == episode_budget(0.2, env.load_slide(slide_id).n)
+    # the table pairs each reading with both agents (one workdir: no interval)
+    md = (tmp_path / "nested.md").read_text().splitlines()
+    row = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")] for r in md[2:]}
+    assert set(row) == set(f02.NESTED)
+    assert row["sasha-0.2"][-3] == "–" and row["sasha-0.1"][-2] == "–"
+    d = got["0.1-then-0.2"]["auc"] - got["sasha-0.1"]["auc"]
+    assert row["0.1-then-0.2"][-2] == f"{d:+.3f}"
+    assert row["0.1-then-0.2"][3] == f"{got['0.1-then-0.2']['auc']:.3f}"
