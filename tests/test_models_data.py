@@ -81,3 +81,21 @@ def test_metrics_multiclass():
     m = classification_metrics(probs, labels)
     assert set(m) == {"accuracy", "auc", "f1", "ece"} and all(0 <= v <= 1 for v in m.values())
     assert classification_metrics(torch.eye(3)[labels], labels)["auc"] == 1.0
+
+
+def test_bags_carry_their_low_res_rows_for_partial_states(source):
+    """``with_lowres`` adds each slide's (N, d) low-res rows, padded like the bag; the data
+    module adds them to the train split only (validation scores full high-res bags)."""
+    ds = BagDataset(source, "train", "highres", with_lowres=True)
+    x, y, z = ds[1]
+    assert x.shape == (5, 4, 8) and torch.equal(
+        z, torch.from_numpy(source.features("s1", "lowres"))
+    )
+    xb, mask, yb, zb = pad_collate([ds[0], ds[1]])
+    assert zb.shape == (2, 5, 8) and torch.equal(zb[0, :3], ds[0][2])
+    assert (
+        torch.equal(zb[0, 3:], torch.zeros(2, 8)) and mask[0].tolist() == [True] * 3 + [False] * 2
+    )
+    dm = BagDataModule(source, "highres", train_lowres=True)
+    assert all(len(b) == 4 for b in dm.train_dataloader())
+    assert all(len(b) == 3 for b in dm.val_dataloader())

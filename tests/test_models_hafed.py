@@ -10,6 +10,7 @@ from sasha_models.hafed import (
     acmil_loss,
     diversity_loss,
     hafed_loss,
+    partial_state,
 )
 
 D = 16
@@ -174,3 +175,46 @@ def test_fold_temperature_divides_the_slide_logits_and_keeps_attention_and_disti
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             model.fold_temperature(bad)
+
+
+def test_partial_state_keeps_v_on_a_random_share_of_rows_per_bag():
+    g = torch.Generator().manual_seed(0)
+    v, z = torch.randn(400, 60, 4), torch.randn(400, 60, 4)
+    state = partial_state(v, z, 1.0, generator=g)
+    from_v, from_z = (state == v).all(-1), (state == z).all(-1)
+    assert bool((from_v | from_z).all())  # every row is its v or its z, whole
+    share = from_v.float().mean(-1)  # per bag: c ~ U(0, 1)
+    assert 0.4 < float(share.mean()) < 0.6 and float(share.min()) < 0.1 and float(share.max()) > 0.9
+    assert torch.equal(partial_state(v, z, 0.0), v)
+    half = partial_state(v, z, 0.5, generator=g)
+    untouched = float((half == v).all(-1).all(-1).float().mean())
+    assert 0.4 < untouched < 0.6  # about half the bags stay full high-res
+    with pytest.raises(ValueError, match="same shape"):
+        partial_state(v, z[:, :10])
+    with pytest.raises(ValueError, match="partial_states"):
+        HAFEDConfig(partial_states=1.5)
+
+
+def test_training_classifies_partial_states_and_evaluation_full_ones():
+    """With ``partial_states`` level 2 sees rows of z in training (when given them), never in
+    evaluation or without them, and the returned v is the full distillation either way."""
+    torch.manual_seed(0)
+    model = HAFED(HAFEDConfig(d_in=D, d_hidden=8, n_branches=3, partial_states=1.0))
+    seen: list[torch.Tensor] = []
+    model.level2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    hi, z = torch.randn(2, 40, 4, D), torch.randn(2, 40, D)
+    out = model(hi, lowres=z)
+    v = model.distill(hi)
+    assert torch.equal(out["v"], v)
+    rows_z = (seen[-1] == z).all(-1)
+    assert bool(((seen[-1] == v).all(-1) | rows_z).all()) and bool(rows_z.any())
+    model(hi)  # no low-res rows: v
+    assert torch.equal(seen[-1], v)
+    model.eval()
+    model(hi, lowres=z)
+    assert torch.equal(seen[-1], v)
+    # official default: never partial
+    plain = HAFED(HAFEDConfig(d_in=D, d_hidden=8, n_branches=3))
+    plain.level2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    plain(hi, lowres=z)
+    assert torch.equal(seen[-1], plain.distill(hi))

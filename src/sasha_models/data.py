@@ -125,37 +125,59 @@ class BagDataset(Dataset):
         kind: ``'lowres' | 'highres' | 'distilled'``.
         flatten_highres: turn ``(N, k, d)`` into ``(N·k, d)`` (MIL baselines on all
             high-resolution sub-patches).
+        with_lowres: items are ``(features, label, low-res rows (N, d))``, for HAFED's
+            partial states (:func:`~sasha_models.hafed.partial_state`).
     """
 
     def __init__(
-        self, source: BagSource, split: str | None, kind: str, flatten_highres: bool = False
+        self,
+        source: BagSource,
+        split: str | None,
+        kind: str,
+        flatten_highres: bool = False,
+        with_lowres: bool = False,
     ) -> None:
         if kind not in FEATURE_KINDS:
             raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
         self.source, self.split, self.kind = source, split, kind
-        self.flatten_highres = flatten_highres
+        self.flatten_highres, self.with_lowres = flatten_highres, with_lowres
         self.slide_ids = list(source.slide_ids(split))
 
     def __len__(self) -> int:
         return len(self.slide_ids)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
         sid = self.slide_ids[i]
-        x = torch.as_tensor(np.asarray(self.source.features(sid, self.kind)), dtype=torch.float32)
+        x = _float_tensor(self.source.features(sid, self.kind))
         if self.flatten_highres and x.ndim == 3:
             x = x.reshape(-1, x.shape[-1])
-        return x, torch.tensor(self.source.label(sid), dtype=torch.long)
+        y = torch.tensor(self.source.label(sid), dtype=torch.long)
+        if self.with_lowres:
+            return x, y, _float_tensor(self.source.features(sid, "lowres"))
+        return x, y
 
 
-def pad_collate(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Pad bags along their first axis: ``-> (x (B, N_max, ...), mask (B, N_max), y (B,))``."""
-    n_max = max(x.shape[0] for x, _ in batch)
-    xs = torch.zeros((len(batch), n_max, *batch[0][0].shape[1:]), dtype=batch[0][0].dtype)
+def _float_tensor(a: np.ndarray) -> Tensor:
+    return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+
+
+def pad_collate(batch: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Pad bags along their first axis: ``-> (x (B, N_max, ...), mask (B, N_max), y (B,))``,
+    and ``z (B, N_max, d)`` after them when the items carry low-res rows (``with_lowres``)."""
+    n_max = max(item[0].shape[0] for item in batch)
+
+    def pad(i: int) -> Tensor:
+        first = batch[0][i]
+        out = torch.zeros((len(batch), n_max, *first.shape[1:]), dtype=first.dtype)
+        for b, item in enumerate(batch):
+            out[b, : item[i].shape[0]] = item[i]
+        return out
+
     mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
-    for i, (x, _) in enumerate(batch):
-        xs[i, : x.shape[0]] = x
-        mask[i, : x.shape[0]] = True
-    return xs, mask, torch.stack([y for _, y in batch])
+    for b, item in enumerate(batch):
+        mask[b, : item[0].shape[0]] = True
+    y = torch.stack([item[1] for item in batch])
+    return (pad(0), mask, y, pad(2)) if len(batch[0]) > 2 else (pad(0), mask, y)
 
 
 class TSUPairDataset(Dataset):
@@ -266,6 +288,8 @@ class BagDataModule(_SplitDataModule):
         batch_size: slides per batch (paper: 1).
         num_workers: DataLoader workers.
         flatten_highres: see :class:`BagDataset`.
+        train_lowres: the train split's items carry low-res rows too (``with_lowres``; val
+            and test do not).
     """
 
     def __init__(
@@ -275,12 +299,14 @@ class BagDataModule(_SplitDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         flatten_highres: bool = False,
+        train_lowres: bool = False,
     ) -> None:
         super().__init__(source, batch_size, num_workers)
-        self.kind, self.flatten_highres = kind, flatten_highres
+        self.kind, self.flatten_highres, self.train_lowres = kind, flatten_highres, train_lowres
 
     def make_dataset(self, split: str) -> Dataset:
-        return BagDataset(self.source, split, self.kind, self.flatten_highres)
+        lowres = self.train_lowres and split == "train"
+        return BagDataset(self.source, split, self.kind, self.flatten_highres, lowres)
 
 
 class TSUPairDataModule(_SplitDataModule):

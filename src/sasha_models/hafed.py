@@ -48,6 +48,7 @@ __all__ = [
     "acmil_loss",
     "diversity_loss",
     "hafed_loss",
+    "partial_state",
 ]
 
 
@@ -75,6 +76,11 @@ class HAFEDConfig:
         lr: AdamW learning rate (``lr: 0.000414``; TCGA 0.0004), half-cycle cosine to 0.
         weight_decay: AdamW weight decay (``wd: 0.00001``; TCGA 0.0001).
         max_epochs: training epochs (``train_epoch: 50``), batch size 1 slide.
+        partial_states: probability that a training bag's level-2 input is a *partial state*
+            (:func:`partial_state`: a share c ~ U(0, 1) of its rows keep their distilled v, the
+            others are the slide's low-res rows z), the kind of state a reading leaves and
+            the agents' reward and final prediction are computed on. 0 (the official setting):
+            level 2 sees only full high-resolution bags. Not in the paper.
     """
 
     d_in: int = 384
@@ -92,8 +98,11 @@ class HAFEDConfig:
     lr: float = 4.14e-4
     weight_decay: float = 1e-5
     max_epochs: int = 50
+    partial_states: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.partial_states <= 1.0:
+            raise ValueError(f"partial_states must be in [0, 1], got {self.partial_states}")
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if self.n_branches < 1 or self.n_branches_l1 < 1:
@@ -304,12 +313,20 @@ class HAFED(nn.Module):
         self.level2.fold_temperature(temperature)
 
     def forward(
-        self, hi: Tensor, valid: Tensor | None = None, sub_mask: Tensor | None = None
+        self,
+        hi: Tensor,
+        valid: Tensor | None = None,
+        sub_mask: Tensor | None = None,
+        lowres: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Distil then classify, for training on full high-resolution features.
 
         Args:
             hi: ``(..., N, k, d)``; valid: ``(..., N)`` bool; sub_mask: ``(..., N, k)`` bool.
+            lowres: the slides' low-res rows ``z (..., N, d)``; in training mode with
+                ``cfg.partial_states > 0``, level 2 classifies a :func:`partial_state` of
+                ``v`` and ``z`` instead of ``v`` for that share of the bags (``v`` returned
+                is always the full distillation).
 
         Returns:
             dict with ``v (..., N, d)``, ``attention_l1 (..., N, M1, k)``,
@@ -317,9 +334,39 @@ class HAFED(nn.Module):
             ``attention (..., M, N)``.
         """
         v, attn1 = self.distill_with_attention(hi, sub_mask)
-        out = self.level2(v, valid)
+        S = v
+        if self.training and lowres is not None and self.cfg.partial_states > 0:
+            S = partial_state(v, lowres, self.cfg.partial_states)
+        out = self.level2(S, valid)
         out.update(v=v, attention_l1=attn1)
         return out
+
+
+def partial_state(
+    v: Tensor, z: Tensor, p: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """A random state of the kind a partial reading leaves: per bag, with probability ``p``,
+    each row keeps its distilled ``v`` with probability c ~ U(0, 1) (one c per bag) and is the
+    low-res ``z`` otherwise; the other bags stay ``v``.
+
+    Args:
+        v: distilled high-res rows ``(..., N, d)``; z: low-res rows, the same shape.
+        p: share of the bags made partial.
+        generator: torch RNG (default: the global one).
+
+    Returns:
+        ``S (..., N, d)``: rows of ``v`` and ``z``.
+    """
+    if v.shape != z.shape:
+        raise ValueError(
+            f"v and z must have the same shape, got {tuple(v.shape)} and {tuple(z.shape)}"
+        )
+    lead, dev = v.shape[:-2], v.device
+    partial = torch.rand(lead, device=dev, generator=generator) < p  # (...)
+    share = torch.rand(lead, device=dev, generator=generator)  # (...)
+    keep = torch.rand(v.shape[:-1], device=dev, generator=generator) < share.unsqueeze(-1)
+    keep = keep | ~partial.unsqueeze(-1)
+    return torch.where(keep.unsqueeze(-1), v, z.to(v.dtype))
 
 
 # --------------------------------------------------------------------- losses

@@ -176,16 +176,18 @@ class _ClassifierModule(_SashaModule):
         self._val_labels: list[Tensor] = []
 
     @abc.abstractmethod
-    def training_loss(self, x: Tensor, mask: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(total loss, named parts)`` of a batch."""
+    def training_loss(
+        self, x: Tensor, mask: Tensor, y: Tensor, *extra: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total loss, named parts)`` of a batch (``extra``: what the data module adds)."""
 
     @abc.abstractmethod
     def slide_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Slide logits ``(B, C)`` of a batch."""
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, mask, y = batch
-        loss, parts = self.training_loss(x, mask, y)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, mask, y, *extra = batch  # extra: low-res rows for HAFED's partial states
+        loss, parts = self.training_loss(x, mask, y, *extra)
         self.log("train/loss", loss, batch_size=len(y), prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=len(y))
@@ -244,8 +246,9 @@ class HAFEDModule(_ClassifierModule):
     def model_config(self) -> dict[str, Any]:
         return self.cfg.to_dict()
 
-    def training_loss(self, x, mask, y):
-        return hafed_loss(self.model(x, mask), y, self.cfg)
+    def training_loss(self, x, mask, y, *extra):
+        lowres = extra[0] if extra else None  # partial states (cfg.partial_states) need it
+        return hafed_loss(self.model(x, mask, lowres=lowres), y, self.cfg)
 
     def slide_logits(self, x, mask=None):
         return self.model(x, mask)["slide_logits"]

@@ -313,7 +313,7 @@ def _run_hafed(p: RunContext, ctx: StageContext) -> dict:
     temperature = section.pop("temperature", HAFED_TEMPERATURE)
     cfg = HAFEDConfig(d_in=bags.feature_dim, n_classes=len(bags.class_names), **section)
     module = HAFEDModule(cfg, seed=p.seed)
-    data = BagDataModule(bags, "highres")
+    data = BagDataModule(bags, "highres", train_lowres=cfg.partial_states > 0)
     out = p.wd.model_dir("hafed")
     kw = {**p.train_kwargs(), **fit}
     path = train_model(module, data, out, **_resume(ctx), **kw)
