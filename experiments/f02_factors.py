@@ -42,7 +42,9 @@ SASHA-0.1 reads) and go on with the f = 0.2 agent (``0.1-then-0.2``), the f = 0.
 (``0.1-run-on``) or ``greedy_attention`` (``0.1-then-greedy``). Writes ``nested.json`` (per
 workdir and reading: test AUC, tumours found, area read, each slide's probability) and
 ``nested.md`` (AUC per workdir, mean ± sd, and each reading's paired difference from
-SASHA-0.2 and SASHA-0.1 over the workdirs with a 95 % t-interval).
+SASHA-0.2 and SASHA-0.1 over the workdirs with a 95 % t-interval). ``--zooms-from`` an
+earlier ``nested.json`` repeats its zooms on other workdirs of the same slides and splits
+(matched by folder name): the same reading scored by another HAFED and TSU.
 
 Factors (changes to the ``agents`` section; see :class:`sasha_env.agents.AgentConfig`):
 
@@ -687,10 +689,28 @@ def continue_after(first, then, frac: float):
     return act
 
 
-def nested_readings(wd: Workdir, cfg) -> dict[str, dict]:
-    """Test-split :func:`evaluate_policy` of each reading in :data:`NESTED` on one workdir."""
+def replay(zooms: dict[str, list[int]]):
+    """A zoom policy that repeats recorded zooms: slide id -> patches in order."""
+
+    def act(env: SashaWSIEnv, obs: dict) -> int:
+        return zooms[env.slide.slide_id][len(env.zoomed)]
+
+    return act
+
+
+def nested_readings(wd: Workdir, cfg, zooms: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Test-split :func:`evaluate_policy` of each reading in :data:`NESTED` on one workdir;
+    with ``zooms`` (reading -> a ``nested.json`` entry of the same slides) each reading
+    repeats those zooms instead, on this workdir's HAFED and TSU."""
     from sasha_env.agents.export import load_policy  # lazy: as in evaluate_agent
 
+    if zooms is not None:
+        return {
+            name: evaluate_policy(
+                wd, replay(zooms[name]["zoomed"]), 0.1 if name == "sasha-0.1" else 0.2, cfg
+            )
+            for name in NESTED
+        }
     agent = {
         f: agent_policy(load_policy(wd.agent_dir(agent_config.agent_name(f, cfg.algo))))
         for f in (0.1, 0.2)
@@ -709,9 +729,17 @@ def run_nested(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict]] = {}
+    recorded = None
+    if args.zooms_from:
+        recorded = {
+            Path(w).name: r for w, r in json.loads(Path(args.zooms_from).read_text()).items()
+        }
     for w in args.workdirs:
         wd = Workdir(w)
-        results[str(wd.root)] = nested_readings(wd, agents_config(wd))
+        if recorded is not None and wd.root.name not in recorded:
+            raise SystemExit(f"{args.zooms_from} has no workdir named {wd.root.name!r}")
+        zooms = None if recorded is None else recorded[wd.root.name]
+        results[str(wd.root)] = nested_readings(wd, agents_config(wd), zooms)
         r = results[str(wd.root)]
         print(f"{wd.root.name}: " + ", ".join(f"{k} {r[k]['auc']:.3f}" for k in NESTED))
     (out / "nested.json").write_text(json.dumps(results, indent=1))
@@ -788,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     n.add_argument("--workdirs", nargs="+", required=True, help="finished workdirs (read only)")
     n.add_argument("--out", required=True, help="folder for nested.json and nested.md")
+    n.add_argument(
+        "--zooms-from",
+        help="an earlier nested.json: repeat its readings' zooms (matched by workdir folder "
+        "name) on these workdirs' HAFED and TSU instead of running the agents",
+    )
     tb = sub.add_parser("table", help="Markdown table of the eval.json files under FOLDERS")
     tb.add_argument("folders", nargs="+")
     tb.add_argument("--md", help="also write the table here")

@@ -236,3 +236,35 @@ def test_nested_readings_begin_with_the_f01_agents_zooms(f02, wd, tmp_path):
     d = got["0.1-then-0.2"]["auc"] - got["sasha-0.1"]["auc"]
     assert row["0.1-then-0.2"][-2] == f"{d:+.3f}"
     assert row["0.1-then-0.2"][3] == f"{got['0.1-then-0.2']['auc']:.3f}"
+
+
+def test_nested_zooms_from_repeats_a_recorded_reading(f02, wd, tmp_path):
+    """Repeating a workdir's own recorded zooms gives back its readings, probabilities too."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert f02.main(["nested", "--workdirs", str(wd), "--out", str(first)]) == 0
+    recorded = first / "nested.json"
+    assert (
+        f02.main(
+            ["nested", "--workdirs", str(wd), "--out", str(again), "--zooms-from", str(recorded)]
+        )
+        == 0
+    )
+    (want,) = json.loads(recorded.read_text()).values()
+    (got,) = json.loads((again / "nested.json").read_text()).values()
+    for name in f02.NESTED:
+        assert got[name]["zoomed"] == want[name]["zoomed"]
+        assert got[name]["p_positive"] == pytest.approx(want[name]["p_positive"], abs=1e-6)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(SystemExit, match="no workdir named 'other'"):
+        f02.main(
+            [
+                "nested",
+                "--workdirs",
+                str(other),
+                "--out",
+                str(tmp_path / "x"),
+                "--zooms-from",
+                str(recorded),
+            ]
+        )
