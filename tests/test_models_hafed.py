@@ -218,3 +218,37 @@ def test_training_classifies_partial_states_and_evaluation_full_ones():
     plain.level2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     plain(hi, lowres=z)
     assert torch.equal(seen[-1], plain.distill(hi))
+
+
+def test_attended_partial_states_keep_the_highest_scored_rows():
+    g = torch.Generator().manual_seed(0)
+    v, z = torch.randn(50, 12, 4), torch.randn(50, 12, 4)
+    scores = torch.randn(50, 12)
+    scores[:, 9:] = float("-inf")  # padding: never kept, not counted in n
+    keep = (partial_state(v, z, 1.0, generator=g, scores=scores) == v).all(-1)
+    order = scores.argsort(-1, descending=True)
+    for b in range(50):
+        m = int(keep[b].sum())
+        assert m <= 9 and set(order[b, :m].tolist()) == set(
+            torch.nonzero(keep[b]).flatten().tolist()
+        )
+    assert 0 < float(keep.float().sum(-1).mean()) / 9 < 1
+    with pytest.raises(ValueError, match="partial_rows"):
+        HAFEDConfig(partial_rows="tumour")
+
+
+def test_attended_partial_states_in_training_keep_level_twos_most_attended_rows():
+    torch.manual_seed(0)
+    cfg = HAFEDConfig(d_in=D, d_hidden=8, n_branches=3, partial_states=1.0, partial_rows="attended")
+    model = HAFED(cfg)
+    seen: list[torch.Tensor] = []
+    model.level2.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    hi, z = torch.randn(4, 30, 4, D), torch.randn(4, 30, D)
+    model(hi, lowres=z)
+    v = model.distill(hi)
+    with torch.no_grad():
+        attended = model.level2.instance_scores(v)[0].mean(-1).argsort(-1, descending=True)
+    kept = (seen[-1] == v).all(-1)
+    for b in range(4):
+        m = int(kept[b].sum())
+        assert set(attended[b, :m].tolist()) == set(torch.nonzero(kept[b]).flatten().tolist())

@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 
+#: Which rows of a partial state keep their distilled v (:attr:`HAFEDConfig.partial_rows`).
+PARTIAL_ROWS = ("random", "attended")
+
+
 @dataclass
 class HAFEDConfig:
     """HAFED architecture, loss and optimisation settings.
@@ -81,6 +85,9 @@ class HAFEDConfig:
             others are the slide's low-res rows z), the kind of state a reading leaves and
             the agents' reward and final prediction are computed on. 0 (the official setting):
             level 2 sees only full high-resolution bags. Not in the paper.
+        partial_rows: which rows of a partial state keep v: ``"random"`` (each with
+            probability c) or ``"attended"`` (the ⌈c·N⌉ rows level 2 attends to most on the
+            full bag, as a reader guided by HAFED's attention would zoom them).
     """
 
     d_in: int = 384
@@ -99,8 +106,13 @@ class HAFEDConfig:
     weight_decay: float = 1e-5
     max_epochs: int = 50
     partial_states: float = 0.0
+    partial_rows: str = "random"
 
     def __post_init__(self) -> None:
+        if self.partial_rows not in PARTIAL_ROWS:
+            raise ValueError(
+                f"partial_rows must be one of {', '.join(PARTIAL_ROWS)}, got {self.partial_rows!r}"
+            )
         if not 0.0 <= self.partial_states <= 1.0:
             raise ValueError(f"partial_states must be in [0, 1], got {self.partial_states}")
         if self.n_classes < 2:
@@ -336,23 +348,35 @@ class HAFED(nn.Module):
         v, attn1 = self.distill_with_attention(hi, sub_mask)
         S = v
         if self.training and lowres is not None and self.cfg.partial_states > 0:
-            S = partial_state(v, lowres, self.cfg.partial_states)
+            scores = None
+            if self.cfg.partial_rows == "attended":
+                with torch.no_grad():  # the full bag's mean attention logit per row
+                    scores = self.level2.instance_scores(v)[0].mean(-1)
+                    if valid is not None:
+                        scores = scores.masked_fill(~valid.to(torch.bool), float("-inf"))
+            S = partial_state(v, lowres, self.cfg.partial_states, scores=scores)
         out = self.level2(S, valid)
         out.update(v=v, attention_l1=attn1)
         return out
 
 
 def partial_state(
-    v: Tensor, z: Tensor, p: float = 1.0, generator: torch.Generator | None = None
+    v: Tensor,
+    z: Tensor,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+    scores: Tensor | None = None,
 ) -> Tensor:
     """A random state of the kind a partial reading leaves: per bag, with probability ``p``,
     each row keeps its distilled ``v`` with probability c ~ U(0, 1) (one c per bag) and is the
-    low-res ``z`` otherwise; the other bags stay ``v``.
+    low-res ``z`` otherwise; the other bags stay ``v``. With ``scores``, the rows kept are
+    instead the ⌈c·n⌉ highest-scored (n: the bag's rows with a finite score).
 
     Args:
         v: distilled high-res rows ``(..., N, d)``; z: low-res rows, the same shape.
         p: share of the bags made partial.
         generator: torch RNG (default: the global one).
+        scores: ``(..., N)`` per-row scores (``-inf`` for padding), or ``None``.
 
     Returns:
         ``S (..., N, d)``: rows of ``v`` and ``z``.
@@ -364,7 +388,12 @@ def partial_state(
     lead, dev = v.shape[:-2], v.device
     partial = torch.rand(lead, device=dev, generator=generator) < p  # (...)
     share = torch.rand(lead, device=dev, generator=generator)  # (...)
-    keep = torch.rand(v.shape[:-1], device=dev, generator=generator) < share.unsqueeze(-1)
+    if scores is None:
+        keep = torch.rand(v.shape[:-1], device=dev, generator=generator) < share.unsqueeze(-1)
+    else:
+        rank = scores.argsort(-1, descending=True).argsort(-1)  # 0 = the highest score
+        n = torch.isfinite(scores).sum(-1)
+        keep = rank < torch.ceil(share * n).unsqueeze(-1)
     keep = keep | ~partial.unsqueeze(-1)
     return torch.where(keep.unsqueeze(-1), v, z.to(v.dtype))
 
