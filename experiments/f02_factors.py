@@ -673,8 +673,15 @@ def _ms(x: list[float], signed: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- nested readings
-#: The readings of ``nested``: name -> (budget f, how it is built from the two agents).
-NESTED = ("sasha-0.1", "sasha-0.2", "0.1-then-0.2", "0.1-run-on", "0.1-then-greedy")
+#: The readings of ``nested``, in table order: name -> its budget f (built in
+#: :func:`nested_readings`).
+NESTED = {
+    "sasha-0.1": 0.1,
+    "sasha-0.2": 0.2,
+    "0.1-then-0.2": 0.2,
+    "0.1-run-on": 0.2,
+    "0.1-then-greedy": 0.2,
+}
 
 
 def continue_after(first, then, frac: float):
@@ -706,23 +713,21 @@ def nested_readings(wd: Workdir, cfg, zooms: dict[str, dict] | None = None) -> d
 
     if zooms is not None:
         return {
-            name: evaluate_policy(
-                wd, replay(zooms[name]["zoomed"]), 0.1 if name == "sasha-0.1" else 0.2, cfg
-            )
-            for name in NESTED
+            name: evaluate_policy(wd, replay(zooms[name]["zoomed"]), f, cfg)
+            for name, f in NESTED.items()
         }
     agent = {
         f: agent_policy(load_policy(wd.agent_dir(agent_config.agent_name(f, cfg.algo))))
         for f in (0.1, 0.2)
     }
     policies = {
-        "sasha-0.1": (0.1, agent[0.1]),
-        "sasha-0.2": (0.2, agent[0.2]),
-        "0.1-then-0.2": (0.2, continue_after(agent[0.1], agent[0.2], 0.1)),
-        "0.1-run-on": (0.2, agent[0.1]),
-        "0.1-then-greedy": (0.2, continue_after(agent[0.1], greedy_attention_policy(), 0.1)),
+        "sasha-0.1": agent[0.1],
+        "sasha-0.2": agent[0.2],
+        "0.1-then-0.2": continue_after(agent[0.1], agent[0.2], 0.1),
+        "0.1-run-on": agent[0.1],
+        "0.1-then-greedy": continue_after(agent[0.1], greedy_attention_policy(), 0.1),
     }
-    return {name: evaluate_policy(wd, pol, f, cfg) for name, (f, pol) in policies.items()}
+    return {name: evaluate_policy(wd, policies[name], f, cfg) for name, f in NESTED.items()}
 
 
 def run_nested(args: argparse.Namespace) -> int:
@@ -771,9 +776,10 @@ def nested_table(results: dict[str, dict[str, dict]]) -> str:
                 if k == ref
                 else f"{np.mean(d):+.3f}" + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
             )
-        f = "0.1" if k == "sasha-0.1" else "0.2"
         lines.append(
-            f"| {k} | {f} | " + " | ".join(f"{a:.3f}" for a in auc[k]) + f" | {_ms(auc[k])} "
+            f"| {k} | {NESTED[k]:g} | "
+            + " | ".join(f"{a:.3f}" for a in auc[k])
+            + f" | {_ms(auc[k])} "
             f"| {found} of {slides} | {diffs[0]} | {diffs[1]} |"
         )
     return "\n".join(lines) + "\n"
