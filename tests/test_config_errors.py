@@ -119,7 +119,7 @@ def test_cli_reports_config_errors_without_traceback_or_a_workdir(tiny_cohort, t
     assert proc.stderr.strip().splitlines() == [
         "sasha pipeline: error: unknown key 'lrr' in config section 'hafed'; valid keys: "
         "d_hidden, dropout, lr, mask_drop, max_epochs, n_branches, n_branches_l1, "
-        "partial_rows, partial_states, patience, select_ties, temperature, "
+        "partial_rows, partial_states, patience, row_norm, select_ties, temperature, "
         "top_k, top_k_l1, w_branch, w_div, w_slide, weight_decay"
     ]
     assert not workdir.exists()  # nothing is created for a run that cannot start

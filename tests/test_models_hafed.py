@@ -252,3 +252,44 @@ def test_attended_partial_states_in_training_keep_level_twos_most_attended_rows(
     for b in range(4):
         m = int(kept[b].sum())
         assert set(attended[b, :m].tolist()) == set(torch.nonzero(kept[b]).flatten().tolist())
+
+
+def test_row_norm_makes_level_two_blind_to_a_rows_scale():
+    """With ``row_norm`` a row scaled up (a large-norm distilled row) keeps its attention and
+    value, so the slide logits do not move; level 2 on raw rows moves."""
+    torch.manual_seed(0)
+    S = torch.randn(12, D)
+    big = S.clone()
+    big[3] *= 8.0
+    raw = AttentionMILClassifier(D, 2, d_hidden=8, n_branches=3).eval()
+    torch.manual_seed(0)
+    normed = AttentionMILClassifier(D, 2, d_hidden=8, n_branches=3, row_norm=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(normed.classify(big), normed.classify(S), atol=1e-4, rtol=0)
+        assert (raw.classify(big) - raw.classify(S)).abs().max() > 1e-2
+        # Rows stay local: the values are each row layer-normalised, the attention scores them.
+        a, h = normed.instance_scores(S)
+        torch.testing.assert_close(h, torch.nn.functional.layer_norm(S, (D,)))
+        torch.testing.assert_close(a, normed.attention(h))
+
+
+def test_row_norm_round_trips_through_an_export_and_old_exports_still_load(tmp_path):
+    from sasha_models.checkpoint import export_dict, load_model, save_export
+
+    torch.manual_seed(0)
+    cfg = HAFEDConfig(d_in=D, d_hidden=8, n_branches=3, row_norm=True)
+    model = HAFED(cfg).eval()
+    with torch.no_grad():
+        model.level2.row_norm.weight.mul_(2.0)  # a trained gain, not the initial one
+    save_export(tmp_path / "new.pt", export_dict(model, "hafed", cfg.to_dict()))
+    back = load_model(tmp_path / "new.pt")
+    S = torch.randn(9, D)
+    torch.testing.assert_close(back.classify(S), model.classify(S))
+    # An export written before the option existed (no row_norm key) reads back as raw rows.
+    old_cfg = HAFEDConfig(d_in=D, d_hidden=8, n_branches=3).to_dict()
+    del old_cfg["row_norm"]
+    old = HAFED(HAFEDConfig(**old_cfg)).eval()
+    save_export(tmp_path / "old.pt", export_dict(old, "hafed", old_cfg))
+    back_old = load_model(tmp_path / "old.pt")
+    assert isinstance(back_old.level2.row_norm, torch.nn.Identity)
+    torch.testing.assert_close(back_old.classify(S), old.classify(S))

@@ -88,6 +88,10 @@ class HAFEDConfig:
         partial_rows: which rows of a partial state keep v: ``"random"`` (each with
             probability c) or ``"attended"`` (the ⌈c·N⌉ rows level 2 attends to most on the
             full bag, as a reader guided by HAFED's attention would zoom them).
+        row_norm: layer-normalise each state row (learned gain and bias) before level 2's
+            attention and values, so that a row's norm cannot outweigh the rest of a state
+            (a distilled v row among low-res z rows). False (the official setting): level 2
+            reads the raw rows. Not in the paper.
     """
 
     d_in: int = 384
@@ -107,6 +111,7 @@ class HAFEDConfig:
     max_epochs: int = 50
     partial_states: float = 0.0
     partial_rows: str = "random"
+    row_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.partial_rows not in PARTIAL_ROWS:
@@ -135,7 +140,9 @@ class HAFEDConfig:
 class AttentionMILClassifier(nn.Module):
     """M-branch gated-attention MIL classifier: HAFED's level 2, also usable on its own.
 
-    Per-row values are the raw rows (official ``dim_reduction: False``), so ``D_h = d_in``.
+    Per-row values are the raw rows (official ``dim_reduction: False``), so ``D_h = d_in``;
+    with ``row_norm`` each row is layer-normalised first and the attention and values are
+    computed on the normalised row.
 
     Args:
         d_in: row feature size d.
@@ -145,6 +152,7 @@ class AttentionMILClassifier(nn.Module):
             head and no extra branch head is built.
         top_k, mask_drop: ACMIL random top-K masking, applied only in training mode.
         dropout: dropout in the attention gate and before the heads.
+        row_norm: layer-normalise each row (``nn.LayerNorm(d_in)``) before attention and values.
 
     Shapes (a leading batch axis ``B`` is optional everywhere, with ``valid`` as padding mask):
         ``instance_scores(S: (B, N, d)) -> a (B, N, M), h (B, N, d)``
@@ -160,12 +168,14 @@ class AttentionMILClassifier(nn.Module):
         top_k: int = 20,
         mask_drop: float = 0.24,
         dropout: float = 0.0,
+        row_norm: bool = False,
     ) -> None:
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}")
         self.d_in, self.n_classes, self.n_branches = d_in, n_classes, n_branches
         self.top_k, self.mask_drop = top_k, mask_drop
+        self.row_norm: nn.Module = nn.LayerNorm(d_in) if row_norm else nn.Identity()
         self.attention = GatedAttention(d_in, d_hidden, n_branches, dropout)
         self.head_dropout = nn.Dropout(dropout)
         self.slide_head = nn.Linear(d_in, n_classes)
@@ -183,7 +193,8 @@ class AttentionMILClassifier(nn.Module):
             ``a``: attention logits ``(..., N, M)``; ``h``: per-row values ``(..., N, d)``.
             Row i of both depends on row i of ``S`` only.
         """
-        return self.attention(S), S
+        h = self.row_norm(S)
+        return self.attention(h), h
 
     def pool(
         self, a: Tensor, h: Tensor, valid: Tensor | None = None
@@ -271,6 +282,7 @@ class HAFED(nn.Module):
             top_k=cfg.top_k,
             mask_drop=cfg.mask_drop,
             dropout=cfg.dropout,
+            row_norm=cfg.row_norm,
         )
 
     @property
