@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..atomic import replace_atomically, write_json
-from ..config import dataclass_from_dict, quiet_lightning
+from ..config import quiet_lightning
 from ..distributed import is_rank_zero
 from ..slides.grid import GridConfig, PatchGrid, build_grid
 from ..slides.manifest import SlideRecord, file_identity, read_manifest_lenient
@@ -39,30 +39,11 @@ from ..slides.patches import LowResRows, read_patch
 from ..slides.slide import Slide
 from .backbones import Backbone, build_backbone
 from .embed import embed_patches
+from .extract_config import ExtractConfig
 from .records import SlideInfo, StoreInfo
 from .store import FeatureStore
 
 __all__ = ["ExtractConfig", "ExtractReport", "extract_cohort", "store_info"]
-
-
-@dataclass
-class ExtractConfig:
-    """How features are computed (see the presets)."""
-
-    backbone: str = "efficientnet-lite0"
-    backbone_checkpoint: str | None = None
-    input_px: int | None = None
-    """Side the patches are resized to before the backbone; ``None``: the backbone's own."""
-    batch_size: int = 256
-    """Images per backbone forward (a patch brings 1 low-res + k high-res images)."""
-    num_workers: int = 1
-    mpp: float | None = None
-    """Level-0 µm/px assumed for slides whose metadata has no usable mpp (``--mpp``); without
-    it such a slide fails with a message naming ``--mpp``. A manifest's ``mpp`` column wins."""
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> ExtractConfig:
-        return dataclass_from_dict(cls, d, "extract")
 
 
 @dataclass

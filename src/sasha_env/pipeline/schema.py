@@ -55,7 +55,7 @@ def _grid() -> dict[str, Any]:
 
 
 def _extract() -> dict[str, Any]:
-    from ..features.extract import ExtractConfig  # lazy: torch, Lightning (as above)
+    from ..features.extract_config import ExtractConfig
 
     return _dataclass_keys(ExtractConfig)
 
