@@ -164,6 +164,30 @@ def test_cli_user_errors_are_one_line(tiny_cohort, tmp_path, args, message):
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ("pipeline", "--workdir", "{tmp}/none"),
+        ("pipeline", "--workdir", "{tmp}/none", "--config", "{tmp}/bad.yaml"),
+        ("extract", "{tmp}/missing.csv", "--out", "{tmp}/s.zarr"),
+    ],
+    ids=["no-manifest", "bad-config", "extract-no-manifest"],
+)
+def test_a_bad_option_is_reported_before_lightning_loads(tmp_path, args):
+    """A typo costs a second, not Lightning's import (which took 10-20 s of every such error
+    on the 2-core machine): the command checks its options, config and files first."""
+    (tmp_path / "bad.yaml").write_text("hafed:\n  top_kk: 3\n")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    code = (
+        "import sys\nfrom sasha_env.cli import main\n"
+        f"status = main({argv!r})\n"
+        "print(status, 'lightning' in sys.modules, 'torchmetrics' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-2000:]
+    assert "error:" in proc.stderr
+
+
+@pytest.mark.parametrize(
     "csv_text",
     ["slide_id,path,label\n", "slide_id,path,label\nbad/id,missing.tiff,tumor\n"],
     ids=["no-rows", "no-usable-row"],

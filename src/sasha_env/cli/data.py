@@ -225,8 +225,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from ..features.extract import ExtractConfig, extract_cohort  # lazy: torch, Lightning
+    from ..features.extract_config import ExtractConfig
     from ..slides.grid import GridConfig  # lazy: scipy, scikit-image
+    from ..slides.manifest import read_manifest_lenient
 
     overrides = {
         k: v
@@ -244,6 +245,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cfg = validate_config(
         load_config(args.preset, args.config, {"extract": overrides}), ["grid", "extract"]
     )
+    read_manifest_lenient(args.manifest)  # an unusable manifest is reported before torch loads
+    from ..features.extract import extract_cohort  # lazy: torch, Lightning
+
     report = extract_cohort(
         args.manifest,
         args.out,

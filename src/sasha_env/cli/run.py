@@ -255,8 +255,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from ..pipeline.evaluate import format_table  # lazy: zarr
-
     pipe = _pipeline(args, args.workdir, args.manifest, args.features)
     pipe.run(args.stages, force=tuple(args.force), jobs=args.jobs)
     if (
@@ -264,6 +262,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         and pipe.wd.results.is_file()
         and (args.stages is None or "evaluate" in args.stages)
     ):
+        from ..pipeline.evaluate import format_table  # lazy: torch, when there is a table
+
         print(format_table(pipe.wd.results))
     return _dropped_status(pipe)
 

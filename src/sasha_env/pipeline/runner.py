@@ -85,7 +85,6 @@ class Pipeline:
         self.wd = Workdir(self.workdir)
         self.cfg = validate_config(load_config(self.preset, self.config_path, self.overrides))
         self.seed = int(self.cfg.get("seed", 0))
-        quiet_lightning()
 
     # ------------------------------------------------------------------ running
     def run(
@@ -288,6 +287,7 @@ class Pipeline:
             self.log(f"[{name}] running")
         t0 = time.perf_counter() if started is None else started
         ctx = StageContext(stage, key, self.units_dir(stage), force=force, collecting=collecting)
+        quiet_lightning()  # here, not earlier: a bad option is reported before Lightning loads
         outputs = stage.run(self, ctx)
         marker = {
             "stage": name,
@@ -333,6 +333,7 @@ class Pipeline:
             raise ValueError(f"stage '{stage.name}' has no unit {unit!r}; its units: {units}")
         key = self._checked_key(stage)
         ctx = StageContext(stage, key, self.units_dir(stage), force=force, only=unit)
+        quiet_lightning()
         stage.run(self, ctx)
 
     def _cohort_files(self) -> list:
