@@ -85,10 +85,11 @@ def _study_dir(tmp_path, tiny_store):
     return root
 
 
-def test_study_runs_each_seed_on_its_own_split_with_shared_features(
-    tiny_cohort, tiny_store, tmp_path
-):
-    root = _study_dir(tmp_path, tiny_store)
+def _check_each_seed_on_its_own_split_with_shared_features(root, tiny_cohort):
+    """A finished 2-seed tiny study in ``root``: the Python API gives study.json's summary
+    (every seed found done), with each method's per-seed rows, the paired baselines and the
+    budget curve; each seed drew its own split; the seeds share the extracted features (hard
+    links) and distil into their own stores."""
     study = Study(
         root, tiny_cohort, seeds=(0, 1), preset="tiny", progress=False, log=lambda m: None
     )
@@ -164,7 +165,8 @@ def test_a_killed_study_resumes_at_the_seed_it_was_on(tiny_cohort, tiny_store, t
 
 def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_store, tmp_path):
     """``--jobs 2``: a second process of the same command shares the folder through the claims
-    (as processes on other machines would), and the first prints the study at the end."""
+    (as processes on other machines would), and the first prints the study at the end; then
+    what the study holds (:func:`_check_each_seed_on_its_own_split_with_shared_features`)."""
     root = _study_dir(tmp_path, tiny_store)
     proc = subprocess.run(
         [*_cmd(root, tiny_cohort), "--jobs", "2"], capture_output=True, text=True, timeout=900
@@ -180,6 +182,8 @@ def test_two_processes_on_one_study_never_train_a_seed_twice(tiny_cohort, tiny_s
     assert "another command on this study folder" not in text
     assert json.loads((root / "study.json").read_text())["seeds"] == [0, 1]
     assert "| method |" in text  # the summary table, whichever process finished last
+    # the same study, read through the Python API (one tiny study fewer for the suite)
+    _check_each_seed_on_its_own_split_with_shared_features(root, tiny_cohort)
 
 
 def test_a_claim_held_by_another_command_is_reported_with_what_to_do(tmp_path):
